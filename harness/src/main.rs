@@ -1,1 +1,8 @@
+mod cleanup;
+mod delay_proxy;
+mod guest_output;
+mod histogram;
+mod limits;
+mod netns;
+
 fn main() {}

@@ -1,1 +1,11 @@
-//! Migration.
+//! Live migration: the wire protocol, authentication, the two-channel transport, the source and
+//! destination protocol drivers, and (in `postcopy`) the destination's userfaultfd memory engine.
+
+pub mod auth;
+pub mod types;
+pub mod wire;
+
+pub use types::{
+    DirtyLog, FetchError, Granularity, MemoryKind, MemslotSwap, Mode, PageFetcher, RamRegion,
+    VcpuControl, PAGE_SIZE,
+};

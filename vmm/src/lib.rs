@@ -1,1 +1,19 @@
-//! VMM library.
+//! A minimal KVM VMM whose guest RAM can live on 1 GiB or 2 MiB hugetlb pages, shmem, anonymous
+//! memory or guest_memfd, and which live-migrates guests by userfaultfd postcopy at 4 KiB
+//! granularity.
+//!
+//! Rooms (one module each): [`memory`] (guest RAM backends and layout), [`boot`] (Linux boot
+//! protocol and the workload guest), [`vcpu`] (vCPU threads and state), [`devices`] (serial,
+//! reset, exit port, MMIO debug device), [`vm`] (the VM and its VM-wide state), [`api`] (the
+//! control socket), [`launcher`] (what `vmm run` does), [`probe`] (what the host offers).
+
+pub mod api;
+pub mod boot;
+pub mod devices;
+pub mod launcher;
+pub mod memory;
+pub mod probe;
+pub mod signals;
+pub mod size;
+pub mod vcpu;
+pub mod vm;

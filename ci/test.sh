@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317 # the functions below run indirectly, through step()
+# The project's one test command (CI runs it through .ci/run), from any directory:
+#
+#   bash ci/test.sh
+#
+# 1. installs what is missing (ci/install-deps.sh)
+# 2. builds the guest images (guest-images/build-all.sh)
+# 3. cargo build --workspace --release
+# 4. cargo fmt --all --check
+# 5. cargo clippy --workspace --all-targets -- -D warnings
+# 6. cargo nextest run --workspace --release --profile ci (every test, no fail-fast)
+# 7. checks the huge page pools are as the run found them (a test leaking pages is a failure)
+#
+# Steps 1-3 stop the run when they fail; 4-7 all run and every failure is reported. Tests are
+# built in release mode: the same artifacts as the demo, and VM/latency tests run at real speed.
+# The last line printed is nextest's summary line. Exits non-zero if anything failed.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log() { printf '\n[test] === %s\n' "$*" >&2; }
+die() { printf '[test] error: %s\n' "$*" >&2; exit 1; }
+
+run_start=$(date +%s)
+results=()
+failed=0
+
+# Runs "$@" as step $1 (name), records its status and duration.
+step() {
+    local name=$1 start rc
+    shift
+    log "$name: $*"
+    start=$(date +%s)
+    set +e
+    "$@"
+    rc=$?
+    set -e
+    results+=("$(printf '%-34s %-4s %5ss' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo FAIL)" "$(($(date +%s) - start))")")
+    if [ "$rc" -ne 0 ]; then
+        failed=1
+        printf '[test] %s failed with status %s\n' "$name" "$rc" >&2
+    fi
+    return "$rc"
+}
+
+print_summary() {
+    printf '\n[test] ===== summary (%ss in all) =====\n' "$(($(date +%s) - run_start))"
+    local line
+    for line in "${results[@]}"; do
+        printf '[test]   %s\n' "$line"
+    done
+}
+
+# The huge page pools before the tests, to check the tests gave back every page.
+pools_before=()
+for f in /sys/kernel/mm/hugepages/hugepages-*/nr_hugepages; do
+    [ -e "$f" ] && pools_before+=("$f=$(cat "$f")")
+done
+
+check_pools_restored() {
+    local entry f want now bad=0
+    for entry in "${pools_before[@]}"; do
+        f=${entry%=*}
+        want=${entry##*=}
+        now=$(cat "$f")
+        if [ "$now" != "$want" ]; then
+            printf '[test] %s is %s after the tests, was %s: a test did not give its huge pages back; restoring\n' \
+                "$f" "$now" "$want" >&2
+            echo "$want" >"$f" 2>/dev/null || true
+            bad=1
+        fi
+    done
+    if pgrep -x vmm >/dev/null 2>&1; then
+        printf '[test] vmm processes left running after the tests:\n' >&2
+        pgrep -a -x vmm >&2 || true
+        bad=1
+    fi
+    return "$bad"
+}
+
+fatal_step() {
+    if ! step "$@"; then
+        print_summary
+        die "$1 failed; stopping"
+    fi
+}
+
+fatal_step "install dependencies" bash ci/install-deps.sh
+fatal_step "build guest images" bash guest-images/build-all.sh
+fatal_step "cargo build (release)" cargo build --workspace --release
+
+step "cargo fmt --check" cargo fmt --all --check || true
+step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings || true
+
+nextest_log=$(mktemp /tmp/vmm-nextest.XXXXXX.log)
+trap 'rm -f "$nextest_log"' EXIT
+run_nextest() {
+    cargo nextest run --workspace --release --profile ci --no-fail-fast 2>&1 | tee "$nextest_log"
+}
+step "cargo nextest run (release)" run_nextest || true
+step "huge page pools restored" check_pools_restored || true
+
+print_summary
+if [ "$failed" -ne 0 ]; then
+    printf '[test] FAILED\n'
+else
+    printf '[test] all steps passed\n'
+fi
+# Close with the test runner's own summary line.
+summary_line=$(grep -E '^ *Summary \[' "$nextest_log" | tail -n 1 || true)
+if [ -n "$summary_line" ]; then
+    printf '%s\n' "$summary_line"
+else
+    printf 'nextest printed no summary line (the tests did not run)\n'
+fi
+exit "$failed"

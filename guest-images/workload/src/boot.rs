@@ -1,0 +1,465 @@
+//! The ring-0 stub: everything the guest runs in ring 0, in assembly.
+//!
+//! Under PVM, ring-0 code runs in KVM's instruction emulator (~1M instructions/s), so this
+//! stub does as little as it can and touches no SSE:
+//!
+//! 1. every vCPU: enable SSE (CR0.MP, clear CR0.EM, CR4.OSFXSR|OSXMMEXCPT), clear
+//!    CR4.SMEP/SMAP, take its own ring-0 stack;
+//! 2. vCPU 0: build identity page tables with U/S=1 over all e820 RAM (at least 4 GiB, so
+//!    the MMIO debug page at 0xD000_0000 is mapped), 1 GiB pages if CPUID says pdpe1gb,
+//!    else 2 MiB pages in page directories placed right after the image; fill the IDT;
+//!    then release the other vCPUs;
+//! 3. every vCPU: load CR3, the GDT (with its own TSS descriptor, rsp0 = its ring-0 stack),
+//!    the task register and the IDT, then `iretq` to ring 3 at [`crate::workload_entry`]
+//!    with rdi = vCPU index, rsi = boot_params, rdx = vCPU count.
+//!
+//! Exceptions (vectors 0-31) print one line on the UART
+//! (`WORKLOAD EXCEPTION vector=.. error=.. rip=.. cr2=.. rsp=.. vcpu=..`) and end the VM
+//! with exit code [`EXCEPTION_EXIT_CODE`] (exit port 0xf4, then the MMIO exit register).
+
+use core::sync::atomic::AtomicU64;
+
+/// Most vCPUs the guest supports (GDT, TSS and stack slots are sized for this).
+pub const MAX_VCPUS: u64 = 64;
+/// Exit code after a CPU exception.
+pub const EXCEPTION_EXIT_CODE: u8 = 3;
+/// Exit code when the guest is started with more vCPUs than [`MAX_VCPUS`].
+pub const TOO_MANY_VCPUS_EXIT_CODE: u8 = 4;
+/// Ring-3 stack size per vCPU.
+pub const USER_STACK_SIZE: u64 = 64 * 1024;
+/// Ring-0 stack size per vCPU (exception handler only).
+pub const KERNEL_STACK_SIZE: u64 = 4096;
+
+/// First guest physical address after the image and the page tables (written by vCPU 0's
+/// ring-0 stub before any vCPU enters ring 3).
+pub static FREE_START: AtomicU64 = AtomicU64::new(0);
+/// End of the identity map built by the stub (guest physical address, exclusive).
+pub static MAPPED_LIMIT: AtomicU64 = AtomicU64::new(0);
+/// 1 when the stub used 1 GiB pages, 0 for 2 MiB pages.
+pub static USED_1G_PAGES: AtomicU64 = AtomicU64::new(0);
+
+core::arch::global_asm!(
+    r#"
+    .section .note.vmm, "a", @note
+    .balign 4
+    .long 13
+    .long 4
+    .long 1
+    .asciz "VMM-WORKLOAD"
+    .balign 4
+    .long 1
+    .balign 4
+
+    .section .bss.boot, "aw", @nobits
+    .balign 4096
+boot_pml4:
+    .space 4096
+boot_pdpt:
+    .space 4096
+boot_idt:
+    .space 32 * 16
+    .balign 64
+boot_tss:
+    .space {max_vcpus} * 128
+    .balign 4096
+boot_kernel_stacks:
+    .space {max_vcpus} * {kstack}
+    .balign 4096
+boot_user_stacks:
+    .space {max_vcpus} * {ustack}
+boot_ready:
+    .quad 0
+
+    .section .data.boot, "aw"
+    .balign 16
+boot_gdt:
+    .quad 0
+    .quad 0x00cf92000000ffff
+    .quad 0x00af9a000000ffff
+    .quad 0x00cf92000000ffff
+    .quad 0x00cff2000000ffff
+    .quad 0x00affa000000ffff
+    .space {max_vcpus} * 16
+boot_gdt_end:
+    .balign 16
+    .word 0
+    .word 0
+    .word 0
+boot_gdt_ptr:
+    .word boot_gdt_end - boot_gdt - 1
+    .quad boot_gdt
+    .balign 16
+    .word 0
+    .word 0
+    .word 0
+boot_idt_ptr:
+    .word 32 * 16 - 1
+    .quad boot_idt
+boot_exc_table:
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad boot_exc_\v
+    .endr
+
+    .section .rodata.boot, "a"
+boot_msg_exc:
+    .asciz "WORKLOAD EXCEPTION vector="
+boot_msg_err:
+    .asciz " error="
+boot_msg_rip:
+    .asciz " rip="
+boot_msg_cr2:
+    .asciz " cr2="
+boot_msg_rsp:
+    .asciz " rsp="
+boot_msg_vcpu:
+    .asciz " vcpu="
+boot_msg_many:
+    .asciz "WORKLOAD ERROR vcpu index too large, max vcpus=64\n"
+
+    .section .text.boot, "ax"
+    .code64
+    .global _start
+_start:
+    cli
+    cld
+    mov rax, cr0
+    and rax, -5
+    or rax, 2
+    mov cr0, rax
+    mov rax, cr4
+    or rax, 0x600
+    and rax, -0x300001
+    mov cr4, rax
+
+    mov r12, rdi
+    mov r13, rsi
+    mov r14, rdx
+    cmp rdi, {max_vcpus}
+    jae boot_too_many
+
+    lea rsp, [rip + boot_kernel_stacks]
+    mov rax, rdi
+    inc rax
+    imul rax, rax, {kstack}
+    add rsp, rax
+
+    test r12, r12
+    jnz 2f
+    call boot_build_page_tables
+    call boot_build_idt
+    mov qword ptr [rip + boot_ready], 1
+    jmp 3f
+2:
+    pause
+    cmp qword ptr [rip + boot_ready], 1
+    jne 2b
+3:
+    lea rax, [rip + boot_pml4]
+    mov cr3, rax
+
+    mov rbx, r12
+    shl rbx, 7
+    lea rax, [rip + boot_tss]
+    add rbx, rax
+    mov [rbx + 4], rsp
+    mov word ptr [rbx + 102], 104
+
+    mov rax, rbx
+    and eax, 0xffff
+    shl rax, 16
+    or rax, 103
+    mov rdx, rbx
+    shr rdx, 16
+    and edx, 0xff
+    shl rdx, 32
+    or rax, rdx
+    mov rdx, 0x89
+    shl rdx, 40
+    or rax, rdx
+    mov rdx, rbx
+    shr rdx, 24
+    and edx, 0xff
+    shl rdx, 56
+    or rax, rdx
+    lea rdx, [rip + boot_gdt]
+    mov rcx, r12
+    shl rcx, 4
+    add rdx, rcx
+    mov [rdx + 0x30], rax
+    mov rax, rbx
+    shr rax, 32
+    mov [rdx + 0x38], rax
+
+    lgdt [rip + boot_gdt_ptr]
+    mov ax, 0x18
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor eax, eax
+    mov fs, ax
+    mov gs, ax
+    mov rax, r12
+    shl rax, 4
+    add rax, 0x30
+    ltr ax
+    lidt [rip + boot_idt_ptr]
+
+    mov rax, r12
+    inc rax
+    imul rax, rax, {ustack}
+    lea rcx, [rip + boot_user_stacks]
+    add rax, rcx
+    sub rax, 8
+    push 0x23
+    push rax
+    push 0x2
+    push 0x2b
+    lea rax, [rip + {entry}]
+    push rax
+    mov rdi, r12
+    mov rsi, r13
+    mov rdx, r14
+    xor eax, eax
+    xor ebx, ebx
+    xor ecx, ecx
+    xor ebp, ebp
+    iretq
+
+boot_too_many:
+    lea rsi, [rip + boot_msg_many]
+    call boot_puts
+    mov al, {too_many}
+    out 0xf4, al
+4:
+    cli
+    hlt
+    jmp 4b
+
+# vCPU 0 only. In: r13 = boot_params. Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8-r10.
+boot_build_page_tables:
+    movzx ecx, byte ptr [r13 + 0x1e8]
+    lea rsi, [r13 + 0x2d0]
+    xor r8d, r8d
+5:
+    test ecx, ecx
+    jz 6f
+    cmp dword ptr [rsi + 16], 1
+    jne 7f
+    mov rax, [rsi]
+    add rax, [rsi + 8]
+    cmp rax, r8
+    jbe 7f
+    mov r8, rax
+7:
+    add rsi, 20
+    dec ecx
+    jmp 5b
+6:
+    mov rax, 0x3fffffff
+    add r8, rax
+    shr r8, 30
+    cmp r8, 4
+    jae 8f
+    mov r8, 4
+8:
+    cmp r8, 512
+    jbe 9f
+    mov r8, 512
+9:
+    mov r9, r8
+    mov rax, r9
+    shl rax, 30
+    mov [rip + {mapped_limit}], rax
+
+    lea rax, [rip + boot_pdpt]
+    or rax, 7
+    mov [rip + boot_pml4], rax
+
+    mov eax, 0x80000001
+    cpuid
+    bt edx, 26
+    jnc 12f
+
+    mov qword ptr [rip + {used_1g}], 1
+    lea rdi, [rip + boot_pdpt]
+    xor ecx, ecx
+10:
+    mov rax, rcx
+    shl rax, 30
+    or rax, 0x87
+    mov [rdi + rcx * 8], rax
+    inc rcx
+    cmp rcx, r9
+    jb 10b
+    lea rax, [rip + __image_end]
+    mov [rip + {free_start}], rax
+    ret
+
+12:
+    lea rdi, [rip + __image_end]
+    lea rsi, [rip + boot_pdpt]
+    xor ecx, ecx
+13:
+    mov rax, rcx
+    shl rax, 12
+    add rax, rdi
+    or rax, 7
+    mov [rsi + rcx * 8], rax
+    inc rcx
+    cmp rcx, r9
+    jb 13b
+    mov r10, r9
+    shl r10, 9
+    xor ecx, ecx
+    mov rax, 0x87
+    mov rdx, 0x200000
+14:
+    mov [rdi + rcx * 8], rax
+    add rax, rdx
+    inc rcx
+    cmp rcx, r10
+    jb 14b
+    mov rax, r9
+    shl rax, 12
+    add rax, rdi
+    mov [rip + {free_start}], rax
+    ret
+
+# vCPU 0 only: 32 interrupt gates, selector 0x10, DPL 0, IST 0.
+boot_build_idt:
+    lea rdi, [rip + boot_idt]
+    lea rsi, [rip + boot_exc_table]
+    xor ecx, ecx
+15:
+    mov rax, [rsi + rcx * 8]
+    mov rdx, rax
+    and edx, 0xffff
+    mov r8, 0x8e0000100000
+    or rdx, r8
+    mov r8, rax
+    shr r8, 16
+    and r8d, 0xffff
+    shl r8, 48
+    or rdx, r8
+    mov r8, rcx
+    shl r8, 4
+    mov [rdi + r8], rdx
+    shr rax, 32
+    mov [rdi + r8 + 8], rax
+    inc ecx
+    cmp ecx, 32
+    jb 15b
+    ret
+
+# Exception entry points: each pushes (a dummy error code and) its vector.
+    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+    .balign 16
+boot_exc_\v:
+    push 0
+    push \v
+    jmp boot_exc_common
+    .endr
+    .irp v, 8,10,11,12,13,14,17,21,29,30
+    .balign 16
+boot_exc_\v:
+    push \v
+    jmp boot_exc_common
+    .endr
+
+# Stack: vector, error, rip, cs, rflags, rsp, ss.
+boot_exc_common:
+    mov r15, rsp
+    lea rsi, [rip + boot_msg_exc]
+    call boot_puts
+    mov rax, [r15]
+    call boot_puthex
+    lea rsi, [rip + boot_msg_err]
+    call boot_puts
+    mov rax, [r15 + 8]
+    call boot_puthex
+    lea rsi, [rip + boot_msg_rip]
+    call boot_puts
+    mov rax, [r15 + 16]
+    call boot_puthex
+    lea rsi, [rip + boot_msg_cr2]
+    call boot_puts
+    mov rax, cr2
+    call boot_puthex
+    lea rsi, [rip + boot_msg_rsp]
+    call boot_puts
+    mov rax, [r15 + 40]
+    call boot_puthex
+    lea rsi, [rip + boot_msg_vcpu]
+    call boot_puts
+    mov rax, r15
+    lea rcx, [rip + boot_kernel_stacks]
+    sub rax, rcx
+    shr rax, 12
+    call boot_puthex
+    mov al, 10
+    mov dx, 0x3f8
+    out dx, al
+    mov al, {exc_code}
+    out 0xf4, al
+    mov eax, 0xd0000008
+    mov dword ptr [rax], {exc_code}
+16:
+    cli
+    hlt
+    jmp 16b
+
+# In: rsi = NUL-terminated string. Clobbers rax, rdx, rsi.
+boot_puts:
+    mov dx, 0x3f8
+17:
+    mov al, [rsi]
+    test al, al
+    jz 18f
+    out dx, al
+    inc rsi
+    jmp 17b
+18:
+    ret
+
+# In: rax = value; prints 0x and the hex digits without leading zeros. Clobbers rax, rcx, rdx, rdi.
+boot_puthex:
+    mov rdi, rax
+    mov dx, 0x3f8
+    mov al, 0x30
+    out dx, al
+    mov al, 0x78
+    out dx, al
+    mov ecx, 60
+19:
+    cmp ecx, 0
+    je 20f
+    mov rax, rdi
+    shr rax, cl
+    test rax, rax
+    jnz 20f
+    sub ecx, 4
+    jmp 19b
+20:
+    mov rax, rdi
+    shr rax, cl
+    and eax, 15
+    cmp eax, 10
+    jb 21f
+    add eax, 0x27
+21:
+    add eax, 0x30
+    out dx, al
+    sub ecx, 4
+    jns 20b
+    ret
+"#,
+    max_vcpus = const MAX_VCPUS,
+    kstack = const KERNEL_STACK_SIZE,
+    ustack = const USER_STACK_SIZE,
+    too_many = const TOO_MANY_VCPUS_EXIT_CODE,
+    exc_code = const EXCEPTION_EXIT_CODE,
+    entry = sym crate::workload_entry,
+    free_start = sym FREE_START,
+    mapped_limit = sym MAPPED_LIMIT,
+    used_1g = sym USED_1G_PAGES,
+);

@@ -1,0 +1,431 @@
+//! Parsers for what the processes under test print: the workload guest's console lines, the
+//! source's `vmm migrate --json` summary, and the destination's `--stats-json` file.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Errors from parsing process output.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("line {line}: `WORKLOAD {kind}` lacks field `{field}`: {text:?}")]
+    MissingField {
+        line: usize,
+        kind: &'static str,
+        field: &'static str,
+        text: String,
+    },
+    #[error("line {line}: field `{field}` has bad value {value:?}: {text:?}")]
+    BadValue {
+        line: usize,
+        field: String,
+        value: String,
+        text: String,
+    },
+    #[error("no JSON object found in {what} ({len} bytes of output)")]
+    NoJson { what: &'static str, len: usize },
+    #[error("{what} is not the expected JSON object: {source}")]
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// `WORKLOAD start ...`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadStart {
+    pub vcpus: u64,
+    pub span_bytes: u64,
+    pub pages: u64,
+    pub pattern: String,
+    pub writes: String,
+    pub passes: u64,
+    pub seed: u64,
+    pub tsc_khz: u64,
+}
+
+/// `WORKLOAD pass ...`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadPass {
+    pub n: u64,
+    pub pages: u64,
+    pub mismatches: u64,
+    pub elapsed_ms: u64,
+    pub slow_accesses: u64,
+}
+
+/// `WORKLOAD MISMATCH ...`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub gpa: u64,
+    pub expected: u64,
+    pub found: u64,
+    pub vcpu: u64,
+}
+
+/// `WORKLOAD HIST ...`: a guest-side bucketed histogram.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestHist {
+    pub name: String,
+    pub unit: String,
+    /// `(lower bound, count)` per bucket, as printed.
+    pub buckets: Vec<(u64, u64)>,
+    /// How many `WORKLOAD pass` lines preceded this line in the same output.
+    pub after_passes: usize,
+}
+
+/// `WORKLOAD RESULT ...`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadResult {
+    pub ok: bool,
+    pub passes: u64,
+    pub pages: u64,
+    pub mismatches: u64,
+    pub ft_count: u64,
+    pub ft_p50_ns: u64,
+    pub ft_p99_ns: u64,
+    pub ft_max_ns: u64,
+}
+
+/// Everything recognised in one process's console output, in order of appearance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestOutput {
+    pub start: Option<WorkloadStart>,
+    pub passes: Vec<WorkloadPass>,
+    pub mismatches: Vec<Mismatch>,
+    pub hists: Vec<GuestHist>,
+    pub result: Option<WorkloadResult>,
+}
+
+/// One recognised console line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GuestLine {
+    Start(WorkloadStart),
+    Pass(WorkloadPass),
+    Mismatch(Mismatch),
+    Hist(GuestHist),
+    Result(WorkloadResult),
+}
+
+/// `key=value` fields of one line.
+struct Fields<'a> {
+    line: usize,
+    text: &'a str,
+    kind: &'static str,
+    map: BTreeMap<&'a str, &'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(line: usize, text: &'a str, kind: &'static str, rest: &'a str) -> Self {
+        let map = rest
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        Self {
+            line,
+            text,
+            kind,
+            map,
+        }
+    }
+
+    fn str(&self, field: &'static str) -> Result<&'a str, ParseError> {
+        self.map
+            .get(field)
+            .copied()
+            .ok_or_else(|| ParseError::MissingField {
+                line: self.line,
+                kind: self.kind,
+                field,
+                text: self.text.to_string(),
+            })
+    }
+
+    fn bad(&self, field: &str, value: &str) -> ParseError {
+        ParseError::BadValue {
+            line: self.line,
+            field: field.to_string(),
+            value: value.to_string(),
+            text: self.text.to_string(),
+        }
+    }
+
+    fn num(&self, field: &'static str) -> Result<u64, ParseError> {
+        let v = self.str(field)?;
+        parse_u64(v).ok_or_else(|| self.bad(field, v))
+    }
+}
+
+/// Decimal or `0x` hexadecimal.
+fn parse_u64(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// Parses one console line (1-based `line` number for messages). Lines that are not
+/// `WORKLOAD` lines, or `WORKLOAD` lines of an unknown kind, give `Ok(None)`; a known kind with
+/// a missing or malformed field is an error. The `WORKLOAD` marker may be preceded by other text
+/// (a console prefix).
+pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseError> {
+    let Some(pos) = text.find("WORKLOAD ") else {
+        return Ok(None);
+    };
+    let body = text[pos + "WORKLOAD ".len()..].trim();
+    let (kind, rest) = body.split_once(' ').unwrap_or((body, ""));
+    let parsed = match kind {
+        "start" => {
+            let f = Fields::new(line, text, "start", rest);
+            GuestLine::Start(WorkloadStart {
+                vcpus: f.num("vcpus")?,
+                span_bytes: f.num("span_bytes")?,
+                pages: f.num("pages")?,
+                pattern: f.str("pattern")?.to_string(),
+                writes: f.str("writes")?.to_string(),
+                passes: f.num("passes")?,
+                seed: f.num("seed")?,
+                tsc_khz: f.num("tsc_khz")?,
+            })
+        }
+        "pass" => {
+            let f = Fields::new(line, text, "pass", rest);
+            GuestLine::Pass(WorkloadPass {
+                n: f.num("n")?,
+                pages: f.num("pages")?,
+                mismatches: f.num("mismatches")?,
+                elapsed_ms: f.num("elapsed_ms")?,
+                slow_accesses: f.num("slow_accesses")?,
+            })
+        }
+        "MISMATCH" => {
+            let f = Fields::new(line, text, "MISMATCH", rest);
+            GuestLine::Mismatch(Mismatch {
+                gpa: f.num("gpa")?,
+                expected: f.num("expected")?,
+                found: f.num("found")?,
+                vcpu: f.num("vcpu")?,
+            })
+        }
+        "HIST" => {
+            let f = Fields::new(line, text, "HIST", rest);
+            let raw = f.str("buckets")?;
+            let mut buckets = Vec::new();
+            for item in raw.split(',').filter(|s| !s.is_empty()) {
+                let (lo, count) = item
+                    .split_once(':')
+                    .and_then(|(l, c)| Some((parse_u64(l)?, parse_u64(c)?)))
+                    .ok_or_else(|| f.bad("buckets", item))?;
+                buckets.push((lo, count));
+            }
+            GuestLine::Hist(GuestHist {
+                name: f.str("name")?.to_string(),
+                unit: f.str("unit")?.to_string(),
+                buckets,
+                after_passes: 0,
+            })
+        }
+        "RESULT" => {
+            let f = Fields::new(line, text, "RESULT", rest);
+            let status = f.str("status")?;
+            let ok = match status {
+                "ok" => true,
+                "fail" => false,
+                other => return Err(f.bad("status", other)),
+            };
+            GuestLine::Result(WorkloadResult {
+                ok,
+                passes: f.num("passes")?,
+                pages: f.num("pages")?,
+                mismatches: f.num("mismatches")?,
+                ft_count: f.num("ft_count")?,
+                ft_p50_ns: f.num("ft_p50_ns")?,
+                ft_p99_ns: f.num("ft_p99_ns")?,
+                ft_max_ns: f.num("ft_max_ns")?,
+            })
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(parsed))
+}
+
+impl GuestOutput {
+    /// Adds one recognised line.
+    pub fn push(&mut self, line: GuestLine) {
+        match line {
+            GuestLine::Start(s) => self.start = Some(s),
+            GuestLine::Pass(p) => self.passes.push(p),
+            GuestLine::Mismatch(m) => self.mismatches.push(m),
+            GuestLine::Hist(mut h) => {
+                h.after_passes = self.passes.len();
+                self.hists.push(h);
+            }
+            GuestLine::Result(r) => self.result = Some(r),
+        }
+    }
+
+    /// Parses a whole console transcript.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let mut out = Self::default();
+        for (i, line) in text.lines().enumerate() {
+            if let Some(l) = parse_line(i + 1, line)? {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The histograms named `name` (e.g. `access_slow`), in order.
+    pub fn hists_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a GuestHist> + 'a {
+        self.hists.iter().filter(move |h| h.name == name)
+    }
+}
+
+/// Summary printed by `vmm migrate --json` on the source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateSummary {
+    pub blackout_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    pub bytes_sent: Option<u64>,
+    pub pages_sent: Option<u64>,
+    pub faults_served: Option<u64>,
+    pub pages_pushed: Option<u64>,
+    pub collapses: Option<u64>,
+    /// Every other field, kept for the raw record.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Statistics the destination writes with `--stats-json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationStats {
+    pub faults_served: Option<u64>,
+    pub pages_fetched_local: Option<u64>,
+    pub collapses: Option<u64>,
+    #[serde(default)]
+    pub collapse_stall_ns: Vec<u64>,
+    /// VMM-side latency of each fault (fault read to CONTINUE done), in ns.
+    #[serde(default)]
+    pub fault_ns: Vec<u64>,
+    /// Optional: when each fault of `fault_ns` was read, ns since the destination started
+    /// the vCPUs. Without it the latency-over-time plot uses the fault's sequence number.
+    #[serde(default)]
+    pub fault_at_ns: Vec<u64>,
+    pub staging_peak_bytes: Option<u64>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Finds the JSON object in a process's stdout: the whole text if it is one object, else the
+/// last line that parses as an object.
+fn json_object<T: serde::de::DeserializeOwned>(
+    text: &str,
+    what: &'static str,
+) -> Result<T, ParseError> {
+    let t = text.trim();
+    if t.starts_with('{') {
+        if let Ok(v) = serde_json::from_str::<T>(t) {
+            return Ok(v);
+        }
+    }
+    let last = t
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('{') && l.ends_with('}'))
+        .ok_or(ParseError::NoJson {
+            what,
+            len: text.len(),
+        })?;
+    serde_json::from_str(last).map_err(|source| ParseError::Json { what, source })
+}
+
+impl MigrateSummary {
+    /// Parses the stdout of `vmm migrate --json`.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        json_object(text, "the `vmm migrate --json` output")
+    }
+}
+
+impl DestinationStats {
+    /// Parses the destination's stats file.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        json_object(text, "the destination's --stats-json file")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRANSCRIPT: &str = "\
+vmm: guest starting
+WORKLOAD start vcpus=2 span_bytes=268435456 pages=65536 pattern=random writes=on passes=0 seed=7 tsc_khz=2100000
+WORKLOAD pass n=1 pages=65536 mismatches=0 elapsed_ms=812 slow_accesses=3
+WORKLOAD HIST name=access_slow unit=ns buckets=16384:2,32768:1
+[serial] WORKLOAD pass n=2 pages=65536 mismatches=1 elapsed_ms=900 slow_accesses=0
+WORKLOAD MISMATCH gpa=0x1000 expected=0xdeadbeef found=0x0 vcpu=1
+WORKLOAD HIST name=first_touch unit=ns buckets=1024:10,2048:5,4096:0
+WORKLOAD FUTURE something=1
+WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50_ns=1500 ft_p99_ns=3000 ft_max_ns=3500
+";
+
+    #[test]
+    fn parses_every_line_kind() {
+        let out = GuestOutput::parse(TRANSCRIPT).unwrap();
+        let s = out.start.as_ref().unwrap();
+        assert_eq!((s.vcpus, s.pages, s.tsc_khz), (2, 65536, 2_100_000));
+        assert_eq!(s.pattern, "random");
+        assert_eq!(out.passes.len(), 2);
+        assert_eq!(out.passes[1].mismatches, 1);
+        assert_eq!(out.passes[0].slow_accesses, 3);
+        assert_eq!(
+            out.mismatches,
+            vec![Mismatch {
+                gpa: 0x1000,
+                expected: 0xdead_beef,
+                found: 0,
+                vcpu: 1
+            }]
+        );
+        assert_eq!(out.hists.len(), 2);
+        let slow: Vec<_> = out.hists_named("access_slow").collect();
+        assert_eq!(slow.len(), 1);
+        assert_eq!(slow[0].buckets, vec![(16384, 2), (32768, 1)]);
+        assert_eq!(slow[0].after_passes, 1);
+        assert_eq!(out.hists[1].after_passes, 2);
+        let r = out.result.unwrap();
+        assert!(!r.ok);
+        assert_eq!((r.ft_count, r.ft_p50_ns, r.ft_max_ns), (15, 1500, 3500));
+    }
+
+    #[test]
+    fn rejects_malformed_known_lines() {
+        assert!(parse_line(1, "WORKLOAD pass n=1 pages=x mismatches=0 elapsed_ms=1 slow_accesses=0").is_err());
+        assert!(parse_line(1, "WORKLOAD pass n=1").is_err());
+        assert!(parse_line(1, "WORKLOAD HIST name=a unit=ns buckets=1:2,3").is_err());
+        assert!(parse_line(1, "WORKLOAD RESULT status=maybe passes=1 pages=1 mismatches=0 ft_count=0 ft_p50_ns=0 ft_p99_ns=0 ft_max_ns=0").is_err());
+        assert_eq!(parse_line(1, "hello").unwrap(), None);
+    }
+
+    #[test]
+    fn parses_migrate_summary_and_stats() {
+        let m = MigrateSummary::parse(
+            "connecting\n{\"blackout_ms\": 3.5, \"total_ms\": 1200, \"bytes_sent\": 1073741824, \"pages_sent\": 262144, \"faults_served\": 90, \"pages_pushed\": 262054, \"collapses\": 1, \"mode\": \"postcopy\"}\n",
+        )
+        .unwrap();
+        assert_eq!(m.blackout_ms, Some(3.5));
+        assert_eq!(m.total_ms, Some(1200.0));
+        assert_eq!(m.pages_pushed, Some(262_054));
+        assert_eq!(m.extra["mode"], "postcopy");
+        assert!(MigrateSummary::parse("no json here").is_err());
+
+        let s = DestinationStats::parse(
+            "{\"faults_served\": 3, \"pages_fetched_local\": 1, \"collapses\": 1,\n \"collapse_stall_ns\": [400000], \"fault_ns\": [20000, 30000, 25000], \"staging_peak_bytes\": 12288}",
+        )
+        .unwrap();
+        assert_eq!(s.fault_ns, vec![20_000, 30_000, 25_000]);
+        assert_eq!(s.collapse_stall_ns, vec![400_000]);
+        assert_eq!(s.staging_peak_bytes, Some(12288));
+        assert!(s.fault_at_ns.is_empty());
+    }
+}

@@ -1,0 +1,276 @@
+//! Latency histograms: construction, percentile summaries, merging, convolution (sum of two
+//! independent latencies) and V2 serialization (binary, or base64 text for files and JSON).
+//!
+//! Every histogram the harness records holds nanoseconds.
+
+use base64::Engine;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Largest value a histogram tracks: 100 s in nanoseconds (larger values are clamped).
+pub const MAX_TRACKED_NS: u64 = 100_000_000_000;
+/// Significant decimal digits kept by every histogram.
+pub const SIGFIG: u8 = 3;
+
+/// Errors from histogram handling.
+#[derive(Debug, thiserror::Error)]
+pub enum HistogramError {
+    #[error("creating a histogram (1..={max} ns, {sigfig} significant digits) failed: {source}")]
+    Create {
+        max: u64,
+        sigfig: u8,
+        source: hdrhistogram::CreationError,
+    },
+    #[error("merging histograms failed: {0}")]
+    Merge(#[from] hdrhistogram::AdditionError),
+    #[error("serializing a histogram ({count} samples) failed: {source}")]
+    Serialize {
+        count: u64,
+        source: hdrhistogram::serialization::V2SerializeError,
+    },
+    #[error("decoding base64 histogram text ({len} characters) failed: {source}")]
+    Base64 {
+        len: usize,
+        source: base64::DecodeError,
+    },
+    #[error("deserializing a V2 histogram ({len} bytes) failed: {source}")]
+    Deserialize {
+        len: usize,
+        source: hdrhistogram::serialization::DeserializeError,
+    },
+}
+
+/// A latency histogram in nanoseconds.
+pub type LatencyHistogram = Histogram<u64>;
+
+/// A new empty histogram covering 1 ns ..= [`MAX_TRACKED_NS`].
+pub fn new_histogram() -> Result<LatencyHistogram, HistogramError> {
+    Histogram::new_with_bounds(1, MAX_TRACKED_NS, SIGFIG).map_err(|source| {
+        HistogramError::Create {
+            max: MAX_TRACKED_NS,
+            sigfig: SIGFIG,
+            source,
+        }
+    })
+}
+
+/// Builds a histogram from raw nanosecond samples (values above the range are clamped).
+pub fn from_samples(samples: &[u64]) -> Result<LatencyHistogram, HistogramError> {
+    let mut h = new_histogram()?;
+    for &s in samples {
+        h.saturating_record(s.max(1));
+    }
+    Ok(h)
+}
+
+/// Percentile summary of a latency distribution, in the unit named by the field holding it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl Percentiles {
+    /// Summary of a nanosecond histogram, expressed in units of `divisor` ns
+    /// (1.0 = ns, 1e3 = us, 1e6 = ms). An empty histogram gives all zeros and count 0.
+    pub fn of(h: &LatencyHistogram, divisor: f64) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let q = |q: f64| h.value_at_quantile(q) as f64 / divisor;
+        Self {
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: h.max() as f64 / divisor,
+            count: h.len(),
+        }
+    }
+
+    /// Summary in microseconds.
+    pub fn us(h: &LatencyHistogram) -> Self {
+        Self::of(h, 1e3)
+    }
+}
+
+/// Short summary (median, maximum, count) used for collapse stalls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShortSummary {
+    pub p50: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl ShortSummary {
+    /// Summary of a nanosecond histogram in microseconds.
+    pub fn us(h: &LatencyHistogram) -> Self {
+        let p = Percentiles::us(h);
+        Self {
+            p50: p.p50,
+            max: p.max,
+            count: p.count,
+        }
+    }
+}
+
+/// Adds every histogram of `parts` into a new one.
+pub fn merge<'a, I>(parts: I) -> Result<LatencyHistogram, HistogramError>
+where
+    I: IntoIterator<Item = &'a LatencyHistogram>,
+{
+    let mut total = new_histogram()?;
+    for p in parts {
+        total.add(p)?;
+    }
+    Ok(total)
+}
+
+/// Distribution of `A + B` for independent `A ~ a` and `B ~ b`: every pair of recorded buckets
+/// (values va, vb with counts ca, cb) contributes ca*cb samples at va+vb. The result's count is
+/// the product of the counts, so percentiles are exact up to the histograms' bucket precision.
+/// Empty inputs give an empty result.
+pub fn convolve(
+    a: &LatencyHistogram,
+    b: &LatencyHistogram,
+) -> Result<LatencyHistogram, HistogramError> {
+    let mut out = new_histogram()?;
+    let bs: Vec<(u64, u64)> = b
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect();
+    for va in a.iter_recorded() {
+        let (x, cx) = (va.value_iterated_to(), va.count_at_value());
+        for &(y, cy) in &bs {
+            // Saturating: a clamped value is still "slower than the tracked range".
+            let v = x.saturating_add(y).min(MAX_TRACKED_NS);
+            out.saturating_record_n(v, cx.saturating_mul(cy));
+        }
+    }
+    Ok(out)
+}
+
+/// V2 binary serialization (uncompressed).
+pub fn to_v2_bytes(h: &LatencyHistogram) -> Result<Vec<u8>, HistogramError> {
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .map_err(|source| HistogramError::Serialize {
+            count: h.len(),
+            source,
+        })?;
+    Ok(buf)
+}
+
+/// V2 serialization as standard base64 text.
+pub fn to_base64(h: &LatencyHistogram) -> Result<String, HistogramError> {
+    Ok(base64::engine::general_purpose::STANDARD.encode(to_v2_bytes(h)?))
+}
+
+/// Reads a V2 (plain or deflate-compressed) serialized histogram.
+pub fn from_v2_bytes(bytes: &[u8]) -> Result<LatencyHistogram, HistogramError> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    Deserializer::new()
+        .deserialize(&mut cursor)
+        .map_err(|source| HistogramError::Deserialize {
+            len: bytes.len(),
+            source,
+        })
+}
+
+/// Reads base64 text of a V2 serialized histogram (surrounding whitespace is ignored).
+pub fn from_base64(text: &str) -> Result<LatencyHistogram, HistogramError> {
+    let t = text.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(t)
+        .map_err(|source| HistogramError::Base64 {
+            len: t.len(),
+            source,
+        })?;
+    from_v2_bytes(&bytes)
+}
+
+/// Builds a histogram from a guest's bucketed histogram (`(lower_bound_ns, count)` pairs,
+/// ascending). Each bucket's samples are recorded at the bucket's midpoint (halfway to the next
+/// bucket's lower bound; the last bucket at its lower bound), so a percentile read from the
+/// result is off by at most half a bucket width.
+pub fn from_buckets(buckets: &[(u64, u64)]) -> Result<LatencyHistogram, HistogramError> {
+    let mut h = new_histogram()?;
+    for (i, &(lo, count)) in buckets.iter().enumerate() {
+        if count == 0 {
+            continue;
+        }
+        let v = match buckets.get(i + 1) {
+            Some(&(next, _)) if next > lo => lo + (next - lo) / 2,
+            _ => lo,
+        };
+        h.saturating_record_n(v.max(1), count);
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_uniform_samples() {
+        let samples: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let h = from_samples(&samples).unwrap();
+        let p = Percentiles::us(&h);
+        assert_eq!(p.count, 1000);
+        assert!((p.p50 - 500.0).abs() <= 1.0, "p50 {}", p.p50);
+        assert!((p.p99 - 990.0).abs() <= 1.0, "p99 {}", p.p99);
+        assert!((p.max - 1000.0).abs() <= 1.0, "max {}", p.max);
+        assert_eq!(Percentiles::us(&new_histogram().unwrap()).count, 0);
+    }
+
+    #[test]
+    fn merge_adds_counts_and_keeps_extremes() {
+        let a = from_samples(&[10, 20, 30]).unwrap();
+        let b = from_samples(&[5_000, 6_000]).unwrap();
+        let m = merge([&a, &b]).unwrap();
+        assert_eq!(m.len(), 5);
+        assert_eq!(m.min(), 10);
+        assert!(m.max() >= 6_000 && m.max() < 6_010);
+        assert_eq!(m.value_at_quantile(0.5), 30);
+    }
+
+    #[test]
+    fn convolution_is_distribution_of_sums() {
+        // a in {10, 20} us, b in {100, 300} us, equally likely: sums 110, 120, 310, 320.
+        let a = from_samples(&[10_000, 20_000]).unwrap();
+        let b = from_samples(&[100_000, 300_000]).unwrap();
+        let c = convolve(&a, &b).unwrap();
+        assert_eq!(c.len(), 4);
+        let p = Percentiles::us(&c);
+        assert!((p.p50 - 120.0).abs() < 0.5, "p50 {}", p.p50);
+        assert!((p.max - 320.0).abs() < 0.5, "max {}", p.max);
+        assert!((c.min() as f64 / 1e3 - 110.0).abs() < 0.5);
+    }
+
+    #[test]
+    fn v2_base64_round_trip() {
+        let h = from_samples(&[1, 2, 3, 1_000, 1_000_000, 50_000_000]).unwrap();
+        let text = to_base64(&h).unwrap();
+        let back = from_base64(&format!("  {text}\n")).unwrap();
+        assert_eq!(back.len(), h.len());
+        assert_eq!(back.max(), h.max());
+        assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
+        assert!(from_base64("not base64!").is_err());
+        assert!(from_v2_bytes(&[0, 1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn buckets_are_recorded_at_midpoints() {
+        let h = from_buckets(&[(1024, 3), (2048, 0), (4096, 1)]).unwrap();
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.value_at_quantile(0.5), h.lowest_equivalent(1536));
+        assert_eq!(h.max(), h.highest_equivalent(4096));
+    }
+}

@@ -1,0 +1,15 @@
+//! The postcopy latency-measurement harness: it runs real source and destination VMM processes
+//! over real links, measures the physical limits in the same run, and writes results.json, raw
+//! histograms, a report and plots. See docs/measuring.md.
+
+pub mod cleanup;
+pub mod delay_proxy;
+pub mod guest_output;
+pub mod histogram;
+pub mod hugepool;
+pub mod limits;
+pub mod netns;
+pub mod process;
+pub mod report;
+pub mod results;
+pub mod scenario;

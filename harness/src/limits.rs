@@ -1,0 +1,410 @@
+//! The physical limits a postcopy fault is compared against, measured by the harness itself in
+//! the same run: (a) the raw userfaultfd round trip with the page already local (shmem MINOR +
+//! `UFFDIO_CONTINUE` of 4 KiB, served by another thread), (b) the raw 4 KiB request/reply round
+//! trip over TCP on the link, (c) raw TCP bulk throughput over the link.
+
+use crate::histogram::{self, HistogramError, LatencyHistogram};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use userfaultfd::{Event, RegisterMode, UffdBuilder};
+
+/// Size of a page request on the wire in the round-trip measurement (a header-sized message).
+pub const REQUEST_BYTES: usize = 16;
+/// Size of the reply: one 4 KiB page.
+pub const REPLY_BYTES: usize = 4096;
+const PAGE: usize = 4096;
+const MODE_ECHO: u8 = b'E';
+const MODE_SINK: u8 = b'S';
+
+/// Errors from limit measurements.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("{what} failed: {source}")]
+    Os {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("userfaultfd {what} failed: {source}")]
+    Uffd {
+        what: &'static str,
+        source: userfaultfd::Error,
+    },
+    #[error("the userfaultfd server thread failed: {0}")]
+    Server(String),
+    #[error("{what} with {addr} failed: {source}")]
+    Net {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Histogram(#[from] HistogramError),
+}
+
+fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LimitError {
+    let what = what.into();
+    move |source| LimitError::Os { what, source }
+}
+
+/// A shared mapping of a memfd, unmapped on drop.
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn shared(fd: &OwnedFd, len: usize) -> Result<Self, LimitError> {
+        // SAFETY: a fresh shared mapping of `len` bytes of a memfd we own; the kernel picks the
+        // address, nothing else refers to it, and it is unmapped exactly once in Drop.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(LimitError::Os {
+                what: format!("mmap of a {len}-byte shmem memfd"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` are exactly what mmap returned; no reference into the mapping
+        // outlives the Mapping.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// (a) Raw userfault round trip with the page already local: one thread reads a byte of a
+/// MINOR-registered shmem page whose page cache is filled; another thread, blocked in poll() on
+/// the userfaultfd, reads the fault and `UFFDIO_CONTINUE`s those 4 KiB. Each sample is the
+/// reader's time from just before the access to just after it returns, in ns. Between samples
+/// the page table entry is dropped with `MADV_DONTNEED` (shmem keeps the page cache), so every
+/// access faults again.
+pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
+    const PAGES: usize = 64;
+    let len = PAGES * PAGE;
+    // SAFETY: memfd_create with a static NUL-terminated name; the returned fd is owned below.
+    let raw = unsafe { libc::memfd_create(c"harness-uffd-limit".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(os("memfd_create for the userfault limit")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on an fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(os(format!("ftruncate of the limit memfd to {len} bytes"))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // Fill the page cache through an alias that is never registered.
+    let alias = Mapping::shared(&fd, len)?;
+    // SAFETY: the alias mapping is `len` bytes, writable, and only this thread touches it now.
+    unsafe { std::ptr::write_bytes(alias.addr as *mut u8, 0x5a, len) };
+    let target = Mapping::shared(&fd, len)?;
+
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true)
+        .create()
+        .map_err(|source| LimitError::Uffd {
+            what: "creation",
+            source,
+        })?;
+    uffd.register_with_mode(target.addr, len, RegisterMode::MINOR)
+        .map_err(|source| LimitError::Uffd {
+            what: "MINOR registration of a shmem mapping (needs UFFD_FEATURE_MINOR_SHMEM)",
+            source,
+        })?;
+    let uffd = Arc::new(uffd);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let server = {
+        let uffd = Arc::clone(&uffd);
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("uffd-limit-server".into())
+            .spawn(move || -> Result<u64, String> {
+                let mut served = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pfd = libc::pollfd {
+                        fd: uffd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, count 1.
+                    let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.kind() == std::io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(format!("poll on the userfaultfd: {e}"));
+                    }
+                    if n == 0 {
+                        continue;
+                    }
+                    while let Some(ev) = uffd.read_event().map_err(|e| format!("read: {e}"))? {
+                        if let Event::Pagefault { addr, .. } = ev {
+                            let page = (addr as usize) & !(PAGE - 1);
+                            uffd.r#continue(page as *mut libc::c_void, PAGE, true)
+                                .map_err(|e| format!("UFFDIO_CONTINUE at {page:#x}: {e}"))?;
+                            served += 1;
+                        }
+                    }
+                }
+                Ok(served)
+            })
+            .map_err(os("spawning the userfault server thread"))?
+    };
+
+    let mut h = histogram::new_histogram()?;
+    let base = target.addr as *mut u8;
+    let mut result = Ok(());
+    for i in 0..samples {
+        let p = (i % PAGES) * PAGE;
+        // SAFETY: `p` is inside the `len`-byte target mapping; the read faults and is served by
+        // the server thread (the page cache holds the page, so CONTINUE maps it).
+        let t0 = Instant::now();
+        let v = unsafe { std::ptr::read_volatile(base.add(p)) };
+        let dt = t0.elapsed();
+        std::hint::black_box(v);
+        h.saturating_record((dt.as_nanos() as u64).max(1));
+        // SAFETY: MADV_DONTNEED of one page of our own shared mapping: it drops the PTE only;
+        // the shmem page cache keeps the data, so the next access is a MINOR fault again.
+        if unsafe { libc::madvise(base.add(p) as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) }
+            != 0
+        {
+            result = Err(os("madvise(MADV_DONTNEED) of a limit page")(
+                std::io::Error::last_os_error(),
+            ));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = server
+        .join()
+        .map_err(|_| LimitError::Server("the thread panicked".into()))?
+        .map_err(LimitError::Server)?;
+    result?;
+    if served < samples as u64 {
+        return Err(LimitError::Server(format!(
+            "served {served} faults for {samples} accesses: the accesses did not fault"
+        )));
+    }
+    Ok(h)
+}
+
+/// A tiny TCP server for the link limits: on each connection the first byte selects echo
+/// mode (read a [`REQUEST_BYTES`] request, reply [`REPLY_BYTES`], repeat) or sink mode (read to
+/// EOF, then reply the byte count as a little-endian u64). Stops when dropped.
+pub struct EchoServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Binds `addr` (port 0 picks one) and serves in background threads. Threads inherit the
+    /// caller thread's network namespace.
+    pub fn start(addr: SocketAddr) -> Result<Self, LimitError> {
+        let listener = TcpListener::bind(addr).map_err(|source| LimitError::Net {
+            what: "binding the echo server",
+            addr,
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| LimitError::Net {
+            what: "reading the echo server address",
+            addr,
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(os("set_nonblocking on the echo listener"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("echo-accept".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let _ = std::thread::Builder::new()
+                                .name("echo-conn".into())
+                                .spawn(move || serve_conn(s));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+            .map_err(os("spawning the echo server thread"))?;
+        Ok(Self {
+            addr: local,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_conn(mut s: TcpStream) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_nodelay(true);
+    let mut mode = [0u8; 1];
+    if s.read_exact(&mut mode).is_err() {
+        return;
+    }
+    match mode[0] {
+        MODE_ECHO => {
+            let mut req = [0u8; REQUEST_BYTES];
+            let reply = [0xa5u8; REPLY_BYTES];
+            while s.read_exact(&mut req).is_ok() {
+                if s.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+        }
+        MODE_SINK => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = s.write_all(&total.to_le_bytes());
+        }
+        _ => {}
+    }
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream, LimitError> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+        LimitError::Net {
+            what: "connecting to the echo server",
+            addr,
+            source,
+        }
+    })?;
+    s.set_nodelay(true).map_err(os("TCP_NODELAY"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(os("SO_RCVTIMEO"))?;
+    Ok(s)
+}
+
+/// (b) Raw request/reply round trip: `samples` times send a [`REQUEST_BYTES`] request and read
+/// a [`REPLY_BYTES`] reply on one TCP connection (TCP_NODELAY), in ns. The first 10 exchanges
+/// warm the connection up and are not recorded.
+pub fn tcp_round_trip(addr: SocketAddr, samples: usize) -> Result<LatencyHistogram, LimitError> {
+    let mut s = connect(addr)?;
+    let net = |what: &'static str| move |source| LimitError::Net { what, addr, source };
+    s.write_all(&[MODE_ECHO]).map_err(net("sending the mode"))?;
+    let req = [0x11u8; REQUEST_BYTES];
+    let mut reply = vec![0u8; REPLY_BYTES];
+    let mut h = histogram::new_histogram()?;
+    for i in 0..samples + 10 {
+        let t0 = Instant::now();
+        s.write_all(&req).map_err(net("sending a request"))?;
+        s.read_exact(&mut reply).map_err(net("reading a reply"))?;
+        if i >= 10 {
+            h.saturating_record((t0.elapsed().as_nanos() as u64).max(1));
+        }
+    }
+    Ok(h)
+}
+
+/// (c) Raw TCP throughput: send 1 MiB writes for `duration` on one connection, then half-close
+/// and wait for the server's byte count. Returns Gbit/s (10^9 bit/s) over the whole exchange,
+/// counting only bytes the server confirmed reading.
+pub fn tcp_throughput(addr: SocketAddr, duration: Duration) -> Result<f64, LimitError> {
+    let mut s = connect(addr)?;
+    let net = |what: &'static str| move |source| LimitError::Net { what, addr, source };
+    s.write_all(&[MODE_SINK]).map_err(net("sending the mode"))?;
+    let buf = vec![0x3cu8; 1 << 20];
+    let t0 = Instant::now();
+    while t0.elapsed() < duration {
+        s.write_all(&buf).map_err(net("bulk sending"))?;
+    }
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(net("half-closing"))?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count)
+        .map_err(net("reading the byte count"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(u64::from_le_bytes(count) as f64 * 8.0 / secs / 1e9)
+}
+
+/// The limits of one link.
+#[derive(Clone, Debug)]
+pub struct LinkLimits {
+    pub tcp_rtt: LatencyHistogram,
+    pub throughput_gbps: f64,
+}
+
+/// (b) and (c) against a running [`EchoServer`] at `addr`.
+pub fn measure_link(
+    addr: SocketAddr,
+    rtt_samples: usize,
+    throughput_for: Duration,
+) -> Result<LinkLimits, LimitError> {
+    Ok(LinkLimits {
+        tcp_rtt: tcp_round_trip(addr, rtt_samples)?,
+        throughput_gbps: tcp_throughput(addr, throughput_for)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::histogram::Percentiles;
+
+    #[test]
+    fn uffd_round_trip_is_plausible() {
+        let h = uffd_round_trip(500).unwrap();
+        let p = Percentiles::us(&h);
+        assert_eq!(p.count, 500);
+        // A real fault costs at least a microsecond; under a millisecond at the median.
+        assert!(p.p50 > 0.5 && p.p50 < 1000.0, "p50 {} us", p.p50);
+    }
+
+    #[test]
+    fn loopback_round_trip_and_throughput() {
+        let server = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = measure_link(server.addr(), 200, Duration::from_millis(300)).unwrap();
+        assert_eq!(l.tcp_rtt.len(), 200);
+        assert!(Percentiles::us(&l.tcp_rtt).p50 > 0.0);
+        assert!(l.throughput_gbps > 0.05, "{} Gbit/s", l.throughput_gbps);
+    }
+}

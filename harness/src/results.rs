@@ -1,0 +1,405 @@
+//! The results data model (what `DIR/results.json` holds), its reading and writing, and the raw
+//! histogram files (`DIR/hist/<scenario>.<kind>.hdr.b64`: HdrHistogram V2, base64) that let
+//! runs be merged and compared later.
+
+use crate::histogram::{self, HistogramError, LatencyHistogram, Percentiles, ShortSummary};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Version of the results.json layout.
+pub const RESULTS_VERSION: u32 = 1;
+
+/// Histogram kinds stored per scenario.
+pub mod kind {
+    /// Guest-seen fault latency (access_slow after switchover).
+    pub const GUEST_FAULT: &str = "guest_fault";
+    /// VMM-side fault latency (fault read to CONTINUE done).
+    pub const VMM_FAULT: &str = "vmm_fault";
+    /// The limit: uffd round trip convolved with the 4 KiB TCP round trip.
+    pub const LIMIT: &str = "limit";
+    /// Raw uffd round trip, page local.
+    pub const UFFD: &str = "uffd_rtt";
+    /// Raw 4 KiB request/reply round trip on the link.
+    pub const TCP_RTT: &str = "tcp_rtt";
+    /// Collapse vCPU stalls.
+    pub const COLLAPSE_STALL: &str = "collapse_stall";
+    /// Guest first-touch latency before migration (source side).
+    pub const FIRST_TOUCH: &str = "first_touch";
+}
+
+/// Errors reading or writing results.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid results file: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("histogram file {path}: {source}")]
+    Histogram {
+        path: PathBuf,
+        source: HistogramError,
+    },
+}
+
+/// Outcome of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Failed,
+}
+
+/// One scenario's results. Absent measurements are `null`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub backing: String,
+    pub strategy: String,
+    pub link: String,
+    pub pattern: String,
+    pub status: Status,
+    pub error: Option<String>,
+    /// Guest-seen fault latency, us.
+    pub fault_us: Percentiles,
+    /// VMM-side fault latency, us.
+    pub vmm_fault_us: Percentiles,
+    /// The limit (uffd round trip + 4 KiB TCP round trip), us.
+    pub limit_us: Percentiles,
+    pub uffd_rtt_us: Percentiles,
+    pub tcp_rtt_us: Percentiles,
+    pub blackout_ms: Option<f64>,
+    pub total_s: Option<f64>,
+    /// Migration payload rate: bytes sent / total time.
+    pub throughput_gbps: Option<f64>,
+    /// Raw TCP throughput on the same link.
+    pub raw_throughput_gbps: Option<f64>,
+    /// Peak link rate seen by the interface sampler during the migration.
+    pub peak_link_gbps: Option<f64>,
+    pub collapse_stall_us: ShortSummary,
+    pub staging_peak_mib: Option<f64>,
+    pub faults_served: Option<u64>,
+    pub pages_pushed: Option<u64>,
+    pub pages_sent: Option<u64>,
+    pub bytes_sent: Option<u64>,
+    pub pages_fetched_local: Option<u64>,
+    pub guest_mismatches: Option<u64>,
+    pub guest_ok: Option<bool>,
+    /// Histogram kind -> file name relative to `DIR/hist/`.
+    #[serde(default)]
+    pub histograms: BTreeMap<String, String>,
+    /// (seconds since migrate started, Gbit/s) from the link's transmit counter.
+    #[serde(default)]
+    pub throughput_series: Vec<(f64, f64)>,
+    /// (x, VMM-side fault latency us); x per `fault_series_x`.
+    #[serde(default)]
+    pub fault_series: Vec<(f64, f64)>,
+    /// "ms since vCPUs started" or "fault number".
+    #[serde(default)]
+    pub fault_series_x: String,
+    /// How many runs were merged into this entry (1 for a plain run).
+    #[serde(default = "one")]
+    pub runs: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ScenarioResult {
+    /// An entry with only the identity filled in.
+    pub fn new(name: &str, backing: &str, strategy: &str, link: &str, pattern: &str) -> Self {
+        Self {
+            name: name.into(),
+            backing: backing.into(),
+            strategy: strategy.into(),
+            link: link.into(),
+            pattern: pattern.into(),
+            status: Status::Failed,
+            error: None,
+            fault_us: Percentiles::default(),
+            vmm_fault_us: Percentiles::default(),
+            limit_us: Percentiles::default(),
+            uffd_rtt_us: Percentiles::default(),
+            tcp_rtt_us: Percentiles::default(),
+            blackout_ms: None,
+            total_s: None,
+            throughput_gbps: None,
+            raw_throughput_gbps: None,
+            peak_link_gbps: None,
+            collapse_stall_us: ShortSummary::default(),
+            staging_peak_mib: None,
+            faults_served: None,
+            pages_pushed: None,
+            pages_sent: None,
+            bytes_sent: None,
+            pages_fetched_local: None,
+            guest_mismatches: None,
+            guest_ok: None,
+            histograms: BTreeMap::new(),
+            throughput_series: Vec::new(),
+            fault_series: Vec::new(),
+            fault_series_x: String::new(),
+            runs: 1,
+        }
+    }
+}
+
+/// The whole results.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub version: u32,
+    pub quick: bool,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+/// The histogram directory of a results directory.
+pub fn hist_dir(dir: &Path) -> PathBuf {
+    dir.join("hist")
+}
+
+impl Results {
+    /// Writes `dir/results.json` (pretty-printed).
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, ResultsError> {
+        let path = dir.join("results.json");
+        let text = serde_json::to_string_pretty(self).map_err(|source| ResultsError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&path, text + "\n").map_err(|source| ResultsError::Io {
+            what: "writing",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// Reads `dir/results.json`.
+    pub fn load(dir: &Path) -> Result<Self, ResultsError> {
+        let path = dir.join("results.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ResultsError::Io {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ResultsError::Json { path, source })
+    }
+}
+
+/// Writes one histogram to `dir/hist/<scenario>.<kind>.hdr.b64` and records it in `r`.
+pub fn save_histogram(
+    dir: &Path,
+    r: &mut ScenarioResult,
+    kind: &str,
+    h: &LatencyHistogram,
+) -> Result<(), ResultsError> {
+    let hd = hist_dir(dir);
+    std::fs::create_dir_all(&hd).map_err(|source| ResultsError::Io {
+        what: "creating",
+        path: hd.clone(),
+        source,
+    })?;
+    let file = format!("{}.{kind}.hdr.b64", r.name);
+    let path = hd.join(&file);
+    let text = histogram::to_base64(h).map_err(|source| ResultsError::Histogram {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::write(&path, text + "\n").map_err(|source| ResultsError::Io {
+        what: "writing",
+        path: path.clone(),
+        source,
+    })?;
+    r.histograms.insert(kind.to_string(), file);
+    Ok(())
+}
+
+/// Reads the histogram of `kind` recorded for `r` under `dir`, if it has one.
+pub fn load_histogram(
+    dir: &Path,
+    r: &ScenarioResult,
+    kind: &str,
+) -> Result<Option<LatencyHistogram>, ResultsError> {
+    let Some(file) = r.histograms.get(kind) else {
+        return Ok(None);
+    };
+    let path = hist_dir(dir).join(file);
+    let text = std::fs::read_to_string(&path).map_err(|source| ResultsError::Io {
+        what: "reading",
+        path: path.clone(),
+        source,
+    })?;
+    histogram::from_base64(&text)
+        .map(Some)
+        .map_err(|source| ResultsError::Histogram { path, source })
+}
+
+/// Recomputes the percentile fields of `r` from its histograms in `dir` (after a merge).
+pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(), ResultsError> {
+    if let Some(h) = load_histogram(dir, r, kind::GUEST_FAULT)? {
+        r.fault_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::VMM_FAULT)? {
+        r.vmm_fault_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::LIMIT)? {
+        r.limit_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::UFFD)? {
+        r.uffd_rtt_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::TCP_RTT)? {
+        r.tcp_rtt_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::COLLAPSE_STALL)? {
+        r.collapse_stall_us = ShortSummary::us(&h);
+    }
+    Ok(())
+}
+
+fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Merges several result directories into `out`: scenarios with the same name have their
+/// histograms added (percentiles recomputed from the merged histograms), scalar figures
+/// averaged over the runs that measured them, counters summed, and `runs` counts the inputs.
+/// The time series of the first run are kept.
+pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsError> {
+    let mut merged: Vec<ScenarioResult> = Vec::new();
+    let mut groups: BTreeMap<String, Vec<(PathBuf, ScenarioResult)>> = BTreeMap::new();
+    let mut quick = true;
+    for dir in inputs {
+        let res = Results::load(dir)?;
+        quick &= res.quick;
+        for s in res.scenarios {
+            groups
+                .entry(s.name.clone())
+                .or_default()
+                .push((dir.clone(), s));
+        }
+    }
+    for (_, runs) in groups {
+        let mut m = runs[0].1.clone();
+        m.histograms.clear();
+        m.runs = runs.iter().map(|(_, s)| s.runs).sum();
+        let ok: Vec<&ScenarioResult> = runs
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.status == Status::Ok)
+            .collect();
+        m.status = if ok.is_empty() {
+            Status::Failed
+        } else {
+            Status::Ok
+        };
+        let pick = |f: fn(&ScenarioResult) -> Option<f64>| mean(ok.iter().map(|s| f(s)));
+        m.blackout_ms = pick(|s| s.blackout_ms);
+        m.total_s = pick(|s| s.total_s);
+        m.throughput_gbps = pick(|s| s.throughput_gbps);
+        m.raw_throughput_gbps = pick(|s| s.raw_throughput_gbps);
+        m.peak_link_gbps = pick(|s| s.peak_link_gbps);
+        m.staging_peak_mib = ok
+            .iter()
+            .filter_map(|s| s.staging_peak_mib)
+            .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+        let sum = |f: fn(&ScenarioResult) -> Option<u64>| {
+            let v: Vec<u64> = ok.iter().filter_map(|s| f(s)).collect();
+            (!v.is_empty()).then(|| v.iter().sum())
+        };
+        m.faults_served = sum(|s| s.faults_served);
+        m.pages_pushed = sum(|s| s.pages_pushed);
+        m.pages_sent = sum(|s| s.pages_sent);
+        m.bytes_sent = sum(|s| s.bytes_sent);
+        m.pages_fetched_local = sum(|s| s.pages_fetched_local);
+        m.guest_mismatches = sum(|s| s.guest_mismatches);
+        let kinds: std::collections::BTreeSet<String> = runs
+            .iter()
+            .flat_map(|(_, s)| s.histograms.keys().cloned())
+            .collect();
+        for k in kinds {
+            let mut parts = Vec::new();
+            for (dir, s) in &runs {
+                if let Some(h) = load_histogram(dir, s, &k)? {
+                    parts.push(h);
+                }
+            }
+            let h = histogram::merge(parts.iter()).map_err(|source| ResultsError::Histogram {
+                path: out.to_path_buf(),
+                source,
+            })?;
+            save_histogram(out, &mut m, &k, &h)?;
+        }
+        summarize_from_histograms(out, &mut m)?;
+        merged.push(m);
+    }
+    let res = Results {
+        version: RESULTS_VERSION,
+        quick,
+        scenarios: merged,
+    };
+    res.save(out)?;
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_dir(samples: &[u64], blackout: f64) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = ScenarioResult::new("s", "shmem", "4k-staged", "loopback", "random");
+        r.status = Status::Ok;
+        r.blackout_ms = Some(blackout);
+        r.faults_served = Some(samples.len() as u64);
+        let h = histogram::from_samples(samples).unwrap();
+        r.fault_us = Percentiles::us(&h);
+        save_histogram(d.path(), &mut r, kind::GUEST_FAULT, &h).unwrap();
+        Results {
+            version: RESULTS_VERSION,
+            quick: true,
+            scenarios: vec![r],
+        }
+        .save(d.path())
+        .unwrap();
+        d
+    }
+
+    #[test]
+    fn save_load_round_trip_keeps_every_field() {
+        let d = run_dir(&[10_000, 20_000], 3.0);
+        let r = Results::load(d.path()).unwrap();
+        assert_eq!(r.scenarios.len(), 1);
+        let h = load_histogram(d.path(), &r.scenarios[0], kind::GUEST_FAULT)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.len(), 2);
+        assert!(load_histogram(d.path(), &r.scenarios[0], kind::LIMIT)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn merge_adds_histograms_and_averages_scalars() {
+        let a = run_dir(&[10_000, 20_000], 2.0);
+        let b = run_dir(&[30_000, 40_000, 50_000], 4.0);
+        let out = tempfile::tempdir().unwrap();
+        let m = merge_dirs(&[a.path().into(), b.path().into()], out.path()).unwrap();
+        let s = &m.scenarios[0];
+        assert_eq!(s.runs, 2);
+        assert_eq!(s.fault_us.count, 5);
+        assert!((s.fault_us.p50 - 30.0).abs() < 0.1, "p50 {}", s.fault_us.p50);
+        assert_eq!(s.blackout_ms, Some(3.0));
+        assert_eq!(s.faults_served, Some(5));
+        let again = Results::load(out.path()).unwrap();
+        assert_eq!(again.scenarios[0].fault_us.count, 5);
+    }
+}

@@ -1,0 +1,615 @@
+//! The engine object: regions, their plans and state, the userfaultfd, the worker threads, and
+//! the public API the protocol driver and the VMM use.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+
+use super::collapse::{self, CollapseJob};
+use super::fault_service;
+use super::region_tracker::RegionTracker;
+use super::staging::Staging;
+use super::stats::{PostcopyStats, StatsCollector};
+use super::strategy::{plan_region, FinalBacking, RegionPlan, ServeMode, Strategy};
+use super::sys;
+use super::wp_dirty_log::UffdWpDirtyLog;
+use super::PostcopyError;
+use crate::types::{
+    DirtyLog, MemoryKind, MemslotSwap, PageFetcher, RamRegion, VcpuControl, PAGE_SIZE,
+};
+
+/// Size of the fault worker pool (page fetches for different faults proceed in parallel).
+const FAULT_WORKERS: usize = 4;
+
+/// The state of one region while postcopy runs.
+pub(crate) struct RegionState {
+    pub region: RamRegion,
+    pub plan: RegionPlan,
+    pub tracker: RegionTracker,
+    /// Staging (staged modes only); taken (freed) when the whole region collapsed.
+    pub staging: RwLock<Option<Staging>>,
+    /// Per unit: collapsed? Workers hold it shared around a staging write + CONTINUE; the
+    /// collapse holds it exclusively around the final delta and the swap.
+    pub units: Vec<RwLock<bool>>,
+    pub units_done: AtomicU64,
+    pub finalized: AtomicBool,
+    pub dirty_enabled: Mutex<bool>,
+    /// Dirty bits fetched for the whole memslot but not yet consumed by a unit collapse.
+    pub dirty_acc: Mutex<Vec<u64>>,
+}
+
+impl RegionState {
+    /// Primary address of page `page`.
+    pub fn host_page(&self, page: u64) -> usize {
+        self.region.host_addr + (page * PAGE_SIZE) as usize
+    }
+
+    /// Final-backing alias address of page `page` (shmem page cache, hugetlb page, guest_memfd).
+    pub fn alias_page(&self, page: u64) -> Option<usize> {
+        self.region
+            .alias_addr
+            .map(|a| a + (page * PAGE_SIZE) as usize)
+    }
+
+    /// Whether this region's completion needs collapses.
+    pub fn needs_collapse(&self) -> bool {
+        matches!(self.plan.mode, ServeMode::ShmemContinue | ServeMode::Staged(_))
+    }
+
+    /// Whether the region is done (all pages arrived and, if needed, collapsed and cleaned up).
+    pub fn done(&self) -> bool {
+        self.tracker.complete()
+            && (!self.needs_collapse() || self.finalized.load(Ordering::Acquire))
+    }
+}
+
+/// State shared by the engine's threads.
+pub(crate) struct Shared {
+    pub regions: Vec<RegionState>,
+    pub uffd: Uffd,
+    pub fetcher: Arc<dyn PageFetcher>,
+    pub vcpus: Arc<dyn VcpuControl>,
+    pub dirty: Arc<dyn DirtyLog>,
+    pub memslots: Arc<dyn MemslotSwap>,
+    pub stats: StatsCollector,
+    /// Faults being served: (region, page) for 4 KiB modes, (region, huge index | HUGE_KEY) for
+    /// whole-page mode. A second fault on the same key is left to the first one's wake.
+    pub inflight: Mutex<HashSet<(usize, u64)>>,
+    pub collapse_tx: Mutex<Option<mpsc::Sender<CollapseJob>>>,
+    pub shutdown: AtomicBool,
+    pub fatal: Mutex<Option<String>>,
+    pub progress: Mutex<()>,
+    pub progress_cv: Condvar,
+}
+
+impl Shared {
+    /// Region index and page index of `gpa`.
+    pub fn locate_gpa(&self, gpa: u64) -> Option<(usize, u64)> {
+        if gpa % PAGE_SIZE != 0 {
+            return None;
+        }
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            (gpa >= r.region.gpa && gpa - r.region.gpa < r.region.size)
+                .then(|| (i, (gpa - r.region.gpa) / PAGE_SIZE))
+        })
+    }
+
+    /// Region index of primary address `addr`.
+    pub fn locate_host(&self, addr: usize) -> Option<usize> {
+        self.regions.iter().position(|r| {
+            addr >= r.region.host_addr && addr - r.region.host_addr < r.region.size as usize
+        })
+    }
+
+    /// Record the first fatal error.
+    pub fn fail(&self, msg: String) {
+        tracing::error!("postcopy engine: {msg}");
+        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(msg);
+        }
+        drop(f);
+        self.notify_progress();
+    }
+
+    /// Wake wait_complete().
+    pub fn notify_progress(&self) {
+        let _g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        self.progress_cv.notify_all();
+    }
+
+    /// A page arrived and completed unit `unit` of region `ri`: schedule what the unit needs.
+    pub fn unit_arrived(&self, ri: usize, unit: u64) {
+        let r = &self.regions[ri];
+        if r.needs_collapse() {
+            let tx = self.collapse_tx.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(tx) = tx.as_ref() {
+                if tx.send(CollapseJob { region: ri, unit }).is_err() {
+                    drop(tx);
+                    self.fail(format!(
+                        "collapse thread is gone; unit {unit} of slot {} cannot collapse",
+                        r.region.slot
+                    ));
+                }
+            }
+        }
+        self.notify_progress();
+    }
+
+    /// Enable dirty logging of region `ri` once, before its first staging page is CONTINUEd.
+    pub fn ensure_dirty_enabled(&self, ri: usize) -> Result<(), PostcopyError> {
+        let r = &self.regions[ri];
+        let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());
+        if !*on {
+            self.dirty
+                .enable(r.region.slot)
+                .map_err(|reason| PostcopyError::DirtyLog {
+                    slot: r.region.slot,
+                    what: "enable",
+                    reason,
+                })?;
+            *on = true;
+        }
+        Ok(())
+    }
+
+    /// Write a background or fetched page into its final place unless it already arrived.
+    /// Returns true if written. Must be called with the page lock held.
+    pub fn store_final_locked(
+        &self,
+        ri: usize,
+        page: u64,
+        data: &[u8; 4096],
+    ) -> Result<bool, PostcopyError> {
+        let r = &self.regions[ri];
+        if r.tracker.arrived(page) {
+            return Ok(false);
+        }
+        match r.plan.mode {
+            ServeMode::AnonCopy => {
+                let dst = r.host_page(page);
+                // SAFETY: `dst` is a page of the MISSING-registered anonymous region the engine
+                // manages; `data` is a live 4 KiB buffer; UFFDIO_COPY does not overwrite a
+                // present page (EEXIST).
+                let res = unsafe {
+                    self.uffd.copy(
+                        data.as_ptr() as *const libc::c_void,
+                        dst as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        true,
+                    )
+                };
+                match res {
+                    Ok(_) => {}
+                    Err(userfaultfd::Error::CopyFailed(nix::errno::Errno::EEXIST)) => {
+                        let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
+                    }
+                    Err(source) => {
+                        return Err(PostcopyError::UffdRange {
+                            slot: r.region.slot,
+                            what: "UFFDIO_COPY",
+                            addr: dst,
+                            len: PAGE_SIZE as usize,
+                            source,
+                        })
+                    }
+                }
+            }
+            ServeMode::ShmemContinue | ServeMode::Staged(_) | ServeMode::HugeWhole => {
+                let dst = r.alias_page(page).ok_or_else(|| PostcopyError::BadRegion {
+                    slot: r.region.slot,
+                    kind: r.region.kind,
+                    gpa: r.region.gpa,
+                    size: r.region.size,
+                    reason: "no alias mapping".into(),
+                })?;
+                // SAFETY: the alias mapping covers the whole region (checked in new()) and
+                // nothing faults on it; `data` is 4 KiB.
+                unsafe { sys::write_page(dst, data) };
+            }
+        }
+        if let Some(unit) = r.tracker.mark_arrived(page) {
+            self.unit_arrived(ri, unit);
+        } else if r.tracker.complete() {
+            self.notify_progress();
+        }
+        Ok(true)
+    }
+
+    /// `UFFDIO_CONTINUE` `[addr, addr + len)`; EEXIST / ENOENT (already mapped, or the range was
+    /// collapsed under us) are "wake only".
+    pub fn continue_or_wake(&self, slot: u32, addr: usize, len: usize) -> Result<(), PostcopyError> {
+        match self.uffd.r#continue(addr as *mut libc::c_void, len, true) {
+            Ok(_) => Ok(()),
+            Err(userfaultfd::Error::SystemError(
+                nix::errno::Errno::EEXIST | nix::errno::Errno::ENOENT,
+            )) => {
+                let _ = self.uffd.wake(addr as *mut libc::c_void, len);
+                Ok(())
+            }
+            Err(source) => Err(PostcopyError::UffdRange {
+                slot,
+                what: "UFFDIO_CONTINUE",
+                addr,
+                len,
+                source,
+            }),
+        }
+    }
+
+    /// Whether every region is done.
+    pub fn all_done(&self) -> bool {
+        self.regions.iter().all(|r| r.done())
+    }
+}
+
+/// What prepare() decided for one region.
+#[derive(Clone, Debug)]
+pub struct RegionReport {
+    pub slot: u32,
+    pub kind: MemoryKind,
+    pub mode: ServeMode,
+    pub unit_size: u64,
+    /// Fallback reason (e.g. "native strategy unavailable ...").
+    pub note: Option<String>,
+}
+
+/// What prepare() decided.
+#[derive(Clone, Debug)]
+pub struct PrepareReport {
+    pub regions: Vec<RegionReport>,
+}
+
+struct Config {
+    regions: Vec<RamRegion>,
+    plans: Vec<RegionPlan>,
+    fetcher: Arc<dyn PageFetcher>,
+    vcpus: Arc<dyn VcpuControl>,
+    dirty: Arc<dyn DirtyLog>,
+    memslots: Arc<dyn MemslotSwap>,
+    wp_log: Option<Arc<UffdWpDirtyLog>>,
+}
+
+struct Running {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+enum State {
+    Configured(Box<Config>),
+    Running(Running),
+    Stopped,
+}
+
+/// The destination postcopy memory engine.
+pub struct PostcopyEngine {
+    state: State,
+}
+
+fn bad(region: &RamRegion, reason: impl Into<String>) -> PostcopyError {
+    PostcopyError::BadRegion {
+        slot: region.slot,
+        kind: region.kind,
+        gpa: region.gpa,
+        size: region.size,
+        reason: reason.into(),
+    }
+}
+
+fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> {
+    if region.size == 0 || region.size % PAGE_SIZE != 0 || region.gpa % PAGE_SIZE != 0 {
+        return Err(bad(region, "size and gpa must be non-zero multiples of 4 KiB"));
+    }
+    if region.host_addr % PAGE_SIZE as usize != 0 {
+        return Err(bad(region, "host_addr is not 4 KiB-aligned"));
+    }
+    let needs_alias = !matches!(plan.mode, ServeMode::AnonCopy);
+    if needs_alias && region.alias_addr.is_none() {
+        return Err(bad(region, "an alias mapping is required for this backing"));
+    }
+    if matches!(plan.mode, ServeMode::Staged(FinalBacking::Hugetlb) | ServeMode::HugeWhole) {
+        let ps = region.page_size;
+        if ps == 0 || !ps.is_power_of_two() || ps < PAGE_SIZE {
+            return Err(bad(region, format!("page_size {ps:#x} is not a power of two ≥ 4 KiB")));
+        }
+        if region.size % ps != 0 || region.host_addr as u64 % ps != 0 || region.fd_offset % ps != 0 {
+            return Err(bad(
+                region,
+                format!("size, host_addr and fd_offset must be multiples of the huge page size {ps:#x}"),
+            ));
+        }
+        if region.fd.is_none() {
+            return Err(bad(region, "the hugetlb fd is required"));
+        }
+    }
+    if matches!(plan.mode, ServeMode::Staged(FinalBacking::GuestMemfd)) && region.fd.is_none() {
+        return Err(bad(region, "the guest_memfd fd is required"));
+    }
+    Ok(())
+}
+
+impl PostcopyEngine {
+    /// Plan the regions for `strategy` and check they are usable. Nothing is mapped or
+    /// registered yet (see [`PostcopyEngine::prepare`]).
+    pub fn new(
+        regions: Vec<RamRegion>,
+        strategy: Strategy,
+        fetcher: Arc<dyn PageFetcher>,
+        vcpus: Arc<dyn VcpuControl>,
+        dirty: Arc<dyn DirtyLog>,
+        memslots: Arc<dyn MemslotSwap>,
+    ) -> Result<Self, PostcopyError> {
+        let mut plans = Vec::with_capacity(regions.len());
+        for r in &regions {
+            let plan = plan_region(r, strategy);
+            validate(r, &plan)?;
+            if let Some(note) = &plan.note {
+                tracing::info!("postcopy slot {}: {note}", r.slot);
+            }
+            plans.push(plan);
+        }
+        Ok(PostcopyEngine {
+            state: State::Configured(Box::new(Config {
+                regions,
+                plans,
+                fetcher,
+                vcpus,
+                dirty,
+                memslots,
+                wp_log: None,
+            })),
+        })
+    }
+
+    /// Use `log` (userfaultfd WP_ASYNC + PAGEMAP_SCAN) as the dirty tracker of the staged
+    /// regions: prepare() then registers staging ranges for write-protect too and tells `log`
+    /// where each slot lives. Pass the same log as the engine's `DirtyLog`. Call before prepare().
+    pub fn use_uffd_wp_dirty_log(&mut self, log: Arc<UffdWpDirtyLog>) -> Result<(), PostcopyError> {
+        match &mut self.state {
+            State::Configured(cfg) => {
+                cfg.wp_log = Some(log);
+                Ok(())
+            }
+            _ => Err(PostcopyError::AlreadyPrepared),
+        }
+    }
+
+    /// The per-region plans (valid before and after prepare()).
+    pub fn plans(&self) -> Vec<RegionPlan> {
+        match &self.state {
+            State::Configured(cfg) => cfg.plans.clone(),
+            State::Running(run) => run.shared.regions.iter().map(|r| r.plan.clone()).collect(),
+            State::Stopped => Vec::new(),
+        }
+    }
+
+    /// Before the vCPUs start: map staging where needed, register every region with
+    /// userfaultfd, and start the fault service and the collapse thread.
+    pub fn prepare(&mut self) -> Result<PrepareReport, PostcopyError> {
+        let cfg = match std::mem::replace(&mut self.state, State::Stopped) {
+            State::Configured(cfg) => cfg,
+            other => {
+                self.state = other;
+                return Err(PostcopyError::AlreadyPrepared);
+            }
+        };
+        let wp = cfg.wp_log.is_some();
+        let mut builder = UffdBuilder::new();
+        builder.close_on_exec(true).non_blocking(true).user_mode_only(false);
+        if wp {
+            builder.require_features(FeatureFlags::from_bits_retain(
+                sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            ));
+        }
+        let uffd = builder.create().map_err(PostcopyError::Uffd)?;
+
+        let mut states = Vec::with_capacity(cfg.regions.len());
+        let mut report = Vec::new();
+        for (region, plan) in cfg.regions.iter().zip(cfg.plans.iter()) {
+            let len = region.size as usize;
+            let staging = match plan.mode {
+                ServeMode::Staged(_) => Some(Staging::create_over(region.slot, region.host_addr, len)?),
+                _ => None,
+            };
+            let mut mode = match plan.mode {
+                ServeMode::AnonCopy => RegisterMode::MISSING,
+                _ => RegisterMode::MISSING | RegisterMode::MINOR,
+            };
+            if wp && matches!(plan.mode, ServeMode::Staged(_)) {
+                mode |= RegisterMode::from_bits_retain(sys::UFFDIO_REGISTER_MODE_WP);
+            }
+            uffd.register_with_mode(region.host_addr as *mut libc::c_void, len, mode)
+                .map_err(|source| PostcopyError::UffdRange {
+                    slot: region.slot,
+                    what: "UFFDIO_REGISTER",
+                    addr: region.host_addr,
+                    len,
+                    source,
+                })?;
+            if let (Some(log), ServeMode::Staged(_)) = (&cfg.wp_log, plan.mode) {
+                log.add_slot(region.slot, region.host_addr, len);
+            }
+            let ppu = (plan.unit_size / PAGE_SIZE).max(1);
+            let tracker = RegionTracker::new(region.size / PAGE_SIZE, ppu);
+            let units = (0..tracker.units()).map(|_| RwLock::new(false)).collect();
+            let words = (region.size / PAGE_SIZE).div_ceil(64) as usize;
+            report.push(RegionReport {
+                slot: region.slot,
+                kind: region.kind,
+                mode: plan.mode,
+                unit_size: plan.unit_size,
+                note: plan.note.clone(),
+            });
+            states.push(RegionState {
+                region: region.clone(),
+                plan: plan.clone(),
+                tracker,
+                staging: RwLock::new(staging),
+                units,
+                units_done: AtomicU64::new(0),
+                finalized: AtomicBool::new(false),
+                dirty_enabled: Mutex::new(false),
+                dirty_acc: Mutex::new(vec![0; words]),
+            });
+        }
+
+        let (collapse_tx, collapse_rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            regions: states,
+            uffd,
+            fetcher: cfg.fetcher,
+            vcpus: cfg.vcpus,
+            dirty: cfg.dirty,
+            memslots: cfg.memslots,
+            stats: StatsCollector::default(),
+            inflight: Mutex::new(HashSet::new()),
+            collapse_tx: Mutex::new(Some(collapse_tx)),
+            shutdown: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            progress: Mutex::new(()),
+            progress_cv: Condvar::new(),
+        });
+        let mut threads = fault_service::spawn(&shared, FAULT_WORKERS)?;
+        let s = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("postcopy-collapse".into())
+                .spawn(move || collapse::run(s, collapse_rx))
+                .map_err(|source| PostcopyError::Spawn { what: "collapse", source })?,
+        );
+        self.state = State::Running(Running { shared, threads });
+        Ok(PrepareReport { regions: report })
+    }
+
+    fn shared(&self) -> Result<&Arc<Shared>, PostcopyError> {
+        match &self.state {
+            State::Running(run) => Ok(&run.shared),
+            _ => Err(PostcopyError::NotPrepared),
+        }
+    }
+
+    /// A background page from the source. Ignored (Ok(false)) if the page already arrived (the
+    /// fault service fetched it, or an earlier copy): the guest may have written it since.
+    pub fn bulk_page(&self, gpa: u64, data: &[u8; 4096]) -> Result<bool, PostcopyError> {
+        let shared = self.shared()?;
+        let (ri, page) = shared.locate_gpa(gpa).ok_or(PostcopyError::BadGpa { gpa })?;
+        let r = &shared.regions[ri];
+        let written = {
+            let _g = r.tracker.lock_page(page);
+            shared.store_final_locked(ri, page, data)?
+        };
+        let counter = if written {
+            &shared.stats.bulk_pages_applied
+        } else {
+            &shared.stats.bulk_pages_ignored
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// Whether the page at `gpa` has arrived.
+    pub fn page_arrived(&self, gpa: u64) -> Result<bool, PostcopyError> {
+        let shared = self.shared()?;
+        let (ri, page) = shared.locate_gpa(gpa).ok_or(PostcopyError::BadGpa { gpa })?;
+        Ok(shared.regions[ri].tracker.arrived(page))
+    }
+
+    /// Guest physical addresses of the pages that have not arrived yet (for resuming after a
+    /// reconnect, or to ask the source for what is left).
+    pub fn missing_pages(&self) -> Result<Vec<u64>, PostcopyError> {
+        let shared = self.shared()?;
+        Ok(shared
+            .regions
+            .iter()
+            .flat_map(|r| {
+                r.tracker
+                    .missing_in(0, r.tracker.pages())
+                    .into_iter()
+                    .map(move |p| r.region.gpa + p * PAGE_SIZE)
+            })
+            .collect())
+    }
+
+    /// Block until every page arrived and every unit collapsed (and the staging was freed).
+    pub fn wait_complete(&self) -> Result<(), PostcopyError> {
+        self.wait_complete_timeout(None)
+    }
+
+    /// [`PostcopyEngine::wait_complete`] with an optional deadline.
+    pub fn wait_complete_timeout(&self, timeout: Option<Duration>) -> Result<(), PostcopyError> {
+        let shared = self.shared()?;
+        let start = Instant::now();
+        let mut guard = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(msg) = shared.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return Err(PostcopyError::Failed(msg));
+            }
+            if shared.all_done() {
+                return Ok(());
+            }
+            if let Some(t) = timeout {
+                if start.elapsed() >= t {
+                    let (mut arrived, mut total, mut collapsed, mut units) = (0, 0, 0, 0);
+                    for r in &shared.regions {
+                        arrived += r.tracker.arrived_count();
+                        total += r.tracker.pages();
+                        if r.needs_collapse() {
+                            collapsed += r.units_done.load(Ordering::Acquire);
+                            units += r.tracker.units();
+                        }
+                    }
+                    return Err(PostcopyError::Timeout {
+                        ms: t.as_millis() as u64,
+                        arrived,
+                        total,
+                        collapsed,
+                        units,
+                    });
+                }
+            }
+            guard = shared
+                .progress_cv
+                .wait_timeout(guard, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> PostcopyStats {
+        match &self.state {
+            State::Running(run) => run.shared.stats.snapshot(),
+            _ => PostcopyStats::default(),
+        }
+    }
+
+    /// Stop the fault service and the collapse thread. The regions stay registered with the
+    /// userfaultfd until it closes (when the engine is dropped); collapsed ranges are plain
+    /// huge mappings.
+    pub fn shutdown(&mut self) {
+        if let State::Running(run) = std::mem::replace(&mut self.state, State::Stopped) {
+            run.shared.shutdown.store(true, Ordering::Release);
+            run.shared
+                .collapse_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            for t in run.threads {
+                if t.join().is_err() {
+                    tracing::error!("a postcopy engine thread panicked");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PostcopyEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,98 @@
+//! The destination-side postcopy memory engine: userfaultfd fault service at 4 KiB, staging
+//! over huge-page and guest_memfd regions, and the collapse back to huge mappings.
+//!
+//! Entry point: [`PostcopyEngine`]. Build it with the regions and the VMM's hooks, call
+//! [`PostcopyEngine::prepare`] before the vCPUs run, feed background pages with
+//! [`PostcopyEngine::bulk_page`], and wait with [`PostcopyEngine::wait_complete`].
+
+pub mod collapse;
+pub mod engine;
+pub mod fault_service;
+pub mod region_tracker;
+pub mod staging;
+pub mod stats;
+pub mod strategy;
+pub mod sys;
+pub mod wp_dirty_log;
+
+pub use engine::{PostcopyEngine, PrepareReport, RegionReport};
+pub use stats::{CollapseRecord, PostcopyStats};
+pub use strategy::{FinalBacking, RegionPlan, ServeMode, Strategy};
+pub use wp_dirty_log::UffdWpDirtyLog;
+
+/// Errors of the postcopy engine.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("region slot {slot} ({kind:?}, gpa {gpa:#x}, size {size:#x}) is unusable: {reason}")]
+    BadRegion {
+        slot: u32,
+        kind: crate::types::MemoryKind,
+        gpa: u64,
+        size: u64,
+        reason: String,
+    },
+    #[error("creating the userfaultfd failed: {0}")]
+    Uffd(userfaultfd::Error),
+    #[error("userfaultfd {what} of slot {slot} range {addr:#x}+{len:#x} failed: {source}")]
+    UffdRange {
+        slot: u32,
+        what: &'static str,
+        addr: usize,
+        len: usize,
+        source: userfaultfd::Error,
+    },
+    #[error("staging for slot {slot}: {what} failed: {source}")]
+    Staging {
+        slot: u32,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("gpa {gpa:#x} is not a page-aligned address in any postcopy region")]
+    BadGpa { gpa: u64 },
+    #[error("the engine is not prepared (call prepare() first)")]
+    NotPrepared,
+    #[error("the engine was already prepared")]
+    AlreadyPrepared,
+    #[error("spawning the {what} thread failed: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("dirty log of slot {slot}: {what} failed: {reason}")]
+    DirtyLog {
+        slot: u32,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("pausing the vCPUs for the collapse of slot {slot} failed: {reason}")]
+    Pause { slot: u32, reason: String },
+    #[error("collapse of slot {slot} unit at offset {offset:#x}: {what} failed: {source}")]
+    Collapse {
+        slot: u32,
+        offset: u64,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("memslot swap of slot {slot} to its guest_memfd failed: {reason}")]
+    MemslotSwap { slot: u32, reason: String },
+    #[error("fetching gpa {gpa:#x} failed for good: {source}")]
+    Fetch {
+        gpa: u64,
+        source: crate::types::FetchError,
+    },
+    #[error("postcopy engine failed earlier: {0}")]
+    Failed(String),
+    #[error("timed out after {ms} ms waiting for postcopy to complete ({arrived}/{total} pages arrived, {collapsed}/{units} units collapsed)")]
+    Timeout {
+        ms: u64,
+        arrived: u64,
+        total: u64,
+        collapsed: u64,
+        units: u64,
+    },
+    #[error("dirty tracker: {what} failed: {source}")]
+    Tracker {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}

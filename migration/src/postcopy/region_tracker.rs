@@ -1,0 +1,212 @@
+//! Per-region page arrival tracking: which 4 KiB pages have arrived in their final place, which
+//! went through the staging mapping, and how many pages of each collapse unit are complete.
+//!
+//! The arrival bit is the single source of truth for "this page must never be overwritten by a
+//! later copy": once it is set, the guest may have written the page.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// Number of page locks per region; a page's lock serialises "check arrival, write, set arrival".
+const PAGE_LOCK_STRIPES: usize = 256;
+
+/// An atomic bitmap of `len` bits.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    len: u64,
+}
+
+impl AtomicBitmap {
+    /// A bitmap of `len` clear bits.
+    pub fn new(len: u64) -> Self {
+        let words = (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        AtomicBitmap { words, len }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the bitmap has no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether bit `i` is set (false when out of range).
+    pub fn get(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Set bit `i`; returns true if this call changed it from clear to set.
+    pub fn set(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let mask = 1u64 << (i % 64);
+        self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask == 0
+    }
+
+    /// Clear bit `i`; returns true if it was set.
+    pub fn clear(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let mask = 1u64 << (i % 64);
+        self.words[(i / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
+    }
+
+    /// Number of set bits in `[start, end)`.
+    pub fn count_range(&self, start: u64, end: u64) -> u64 {
+        (start..end.min(self.len)).filter(|&i| self.get(i)).count() as u64
+    }
+}
+
+/// Arrival state of one region.
+#[derive(Debug)]
+pub struct RegionTracker {
+    pages: u64,
+    pages_per_unit: u64,
+    arrived: AtomicBitmap,
+    staged: AtomicBitmap,
+    unit_arrived: Vec<AtomicU32>,
+    arrived_total: AtomicU64,
+    page_locks: Vec<Mutex<()>>,
+}
+
+impl RegionTracker {
+    /// A tracker for `pages` 4 KiB pages grouped in units of `pages_per_unit` pages (the last
+    /// unit may be shorter).
+    pub fn new(pages: u64, pages_per_unit: u64) -> Self {
+        let ppu = pages_per_unit.max(1);
+        let units = pages.div_ceil(ppu);
+        RegionTracker {
+            pages,
+            pages_per_unit: ppu,
+            arrived: AtomicBitmap::new(pages),
+            staged: AtomicBitmap::new(pages),
+            unit_arrived: (0..units).map(|_| AtomicU32::new(0)).collect(),
+            arrived_total: AtomicU64::new(0),
+            page_locks: (0..PAGE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Number of 4 KiB pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Pages per collapse unit.
+    pub fn pages_per_unit(&self) -> u64 {
+        self.pages_per_unit
+    }
+
+    /// Number of units.
+    pub fn units(&self) -> u64 {
+        self.unit_arrived.len() as u64
+    }
+
+    /// Unit holding page `page`.
+    pub fn unit_of(&self, page: u64) -> u64 {
+        page / self.pages_per_unit
+    }
+
+    /// Page range `[first, end)` of unit `unit`.
+    pub fn unit_pages(&self, unit: u64) -> (u64, u64) {
+        let first = unit * self.pages_per_unit;
+        (first, (first + self.pages_per_unit).min(self.pages))
+    }
+
+    /// Whether page `page` has arrived.
+    pub fn arrived(&self, page: u64) -> bool {
+        self.arrived.get(page)
+    }
+
+    /// Mark page `page` arrived. Returns `Some(unit)` when this call completed that unit.
+    pub fn mark_arrived(&self, page: u64) -> Option<u64> {
+        if !self.arrived.set(page) {
+            return None;
+        }
+        self.arrived_total.fetch_add(1, Ordering::AcqRel);
+        let unit = self.unit_of(page);
+        let (first, end) = self.unit_pages(unit);
+        let done = self.unit_arrived[unit as usize].fetch_add(1, Ordering::AcqRel) as u64 + 1;
+        (done == end - first).then_some(unit)
+    }
+
+    /// Whether every page of unit `unit` arrived.
+    pub fn unit_complete(&self, unit: u64) -> bool {
+        let (first, end) = self.unit_pages(unit);
+        self.unit_arrived
+            .get(unit as usize)
+            .is_some_and(|c| c.load(Ordering::Acquire) as u64 == end - first)
+    }
+
+    /// Pages arrived so far.
+    pub fn arrived_count(&self) -> u64 {
+        self.arrived_total.load(Ordering::Acquire)
+    }
+
+    /// Whether every page of the region arrived.
+    pub fn complete(&self) -> bool {
+        self.arrived_count() == self.pages
+    }
+
+    /// Whether page `page` went through the staging mapping (and was CONTINUEd there).
+    pub fn staged(&self, page: u64) -> bool {
+        self.staged.get(page)
+    }
+
+    /// Mark page `page` staged; true if it was not staged before.
+    pub fn mark_staged(&self, page: u64) -> bool {
+        self.staged.set(page)
+    }
+
+    /// Staged pages in `[first, end)`.
+    pub fn staged_in(&self, first: u64, end: u64) -> u64 {
+        self.staged.count_range(first, end)
+    }
+
+    /// The lock serialising writes of page `page` against arrival checks.
+    pub fn lock_page(&self, page: u64) -> MutexGuard<'_, ()> {
+        let stripe = (page as usize) % PAGE_LOCK_STRIPES;
+        // A poisoned stripe only means another thread panicked while holding it; the bitmap
+        // state is atomic and stays consistent, so go on.
+        self.page_locks[stripe]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Missing pages in `[first, end)`.
+    pub fn missing_in(&self, first: u64, end: u64) -> Vec<u64> {
+        (first..end.min(self.pages))
+            .filter(|&p| !self.arrived(p))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_completes_once() {
+        let t = RegionTracker::new(10, 4);
+        assert_eq!(t.units(), 3);
+        for p in 0..3 {
+            assert_eq!(t.mark_arrived(p), None);
+        }
+        assert_eq!(t.mark_arrived(3), Some(0));
+        assert_eq!(t.mark_arrived(3), None);
+        assert_eq!(t.mark_arrived(8), None);
+        assert_eq!(t.mark_arrived(9), Some(2));
+        assert!(t.unit_complete(2));
+        assert!(!t.unit_complete(1));
+        assert_eq!(t.missing_in(0, 10), vec![4, 5, 6, 7]);
+        assert_eq!(t.arrived_count(), 6);
+    }
+}

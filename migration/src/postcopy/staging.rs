@@ -1,0 +1,86 @@
+//! 4 KiB staging for regions whose final backing cannot be served at 4 KiB by userfaultfd
+//! (hugetlb without HGM, guest_memfd): a shmem memfd mapped at the guest's address (the
+//! memslot's userspace_addr, so KVM needs no change) plus an alias mapping the engine writes
+//! through. Freed unit by unit as the region collapses.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use super::sys;
+use super::PostcopyError;
+
+/// The staging memfd of one region and its alias mapping.
+#[derive(Debug)]
+pub struct Staging {
+    fd: OwnedFd,
+    alias: usize,
+    len: usize,
+}
+
+impl Staging {
+    /// Create a staging memfd of `len` bytes, map it over the primary range
+    /// `[host_addr, host_addr + len)` (MAP_FIXED) and map an alias of it.
+    pub fn create_over(slot: u32, host_addr: usize, len: usize) -> Result<Self, PostcopyError> {
+        let name = c"postcopy-staging";
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(PostcopyError::Staging {
+                slot,
+                what: "memfd_create",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd; the result is checked.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(PostcopyError::Staging {
+                slot,
+                what: "ftruncate",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let alias = sys::map_shared(len, fd.as_raw_fd(), 0).map_err(|source| {
+            PostcopyError::Staging { slot, what: "mmap staging alias", source }
+        })?;
+        let staging = Staging { fd, alias, len };
+        sys::map_shared_fixed(host_addr, len, staging.fd.as_raw_fd(), 0).map_err(|source| {
+            PostcopyError::Staging { slot, what: "mmap staging over the primary range", source }
+        })?;
+        Ok(staging)
+    }
+
+    /// The staging memfd.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Address of byte `offset` of the staging alias.
+    pub fn alias_at(&self, offset: u64) -> usize {
+        self.alias + offset as usize
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the staging is zero-sized.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Free the staging pages of `[offset, offset + len)` (off the critical path: slow for big
+    /// ranges).
+    pub fn free_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        sys::punch_hole(self.fd.as_raw_fd(), offset, len)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = sys::unmap(self.alias, self.len) {
+            tracing::warn!("unmapping the staging alias at {:#x} failed: {e}", self.alias);
+        }
+    }
+}

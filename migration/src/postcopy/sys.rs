@@ -1,0 +1,112 @@
+//! Thin, checked wrappers over the mapping syscalls the postcopy engine uses, and the kernel
+//! constants that no crate in the workspace exports (each defined once, with its header).
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` from include/uapi/linux/userfaultfd.h.
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// `UFFD_FEATURE_WP_ASYNC` from include/uapi/linux/userfaultfd.h.
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFDIO_REGISTER_MODE_WP` from include/uapi/linux/userfaultfd.h (the userfaultfd crate only
+/// exports it behind its `linux5_7` feature, which the workspace does not enable).
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+/// Pointer to `addr` for the syscalls.
+fn ptr(addr: usize) -> *mut libc::c_void {
+    addr as *mut libc::c_void
+}
+
+/// `mmap(addr, len, RW, MAP_SHARED | MAP_FIXED, fd, offset)`: replace whatever is mapped at
+/// `[addr, addr + len)` with a shared mapping of `fd`.
+pub fn map_shared_fixed(addr: usize, len: usize, fd: RawFd, offset: u64) -> io::Result<()> {
+    // SAFETY: the caller owns the address range (it is one of the engine's region ranges, which
+    // the engine was handed to manage); MAP_FIXED replaces it atomically; the result is checked.
+    let got = unsafe {
+        libc::mmap(
+            ptr(addr),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if got == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `mmap(NULL, len, RW, MAP_SHARED, fd, offset)`: a new shared mapping of `fd`.
+pub fn map_shared(len: usize, fd: RawFd, offset: u64) -> io::Result<usize> {
+    // SAFETY: a fresh mapping chosen by the kernel; nothing else is touched; result checked.
+    let got = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if got == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(got as usize)
+}
+
+/// `munmap(addr, len)`.
+pub fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller passes a mapping it created and no longer uses.
+    if unsafe { libc::munmap(ptr(addr), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `madvise(addr, len, advice)`.
+pub fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: madvise on a range the engine manages; DONTNEED on shared memory keeps the data
+    // in the page cache and COLLAPSE does not change contents; the result is checked.
+    if unsafe { libc::madvise(ptr(addr), len, advice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Free `[offset, offset + len)` of a shmem file (`fallocate(PUNCH_HOLE | KEEP_SIZE)`).
+pub fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a file descriptor the engine owns; the result is checked.
+    let rc = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Copy one 4 KiB page between two mappings the engine owns.
+///
+/// # Safety
+/// `src` and `dst` must each be valid for 4096 bytes (inside live mappings) and not overlap.
+pub unsafe fn copy_page(src: usize, dst: usize) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, 4096) };
+}
+
+/// Write a 4 KiB buffer into a mapping the engine owns.
+///
+/// # Safety
+/// `dst` must be valid for 4096 bytes of writes (inside a live mapping).
+pub unsafe fn write_page(dst: usize, data: &[u8; 4096]) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, 4096) };
+}

@@ -1,0 +1,1095 @@
+//! The migration wire format: length-prefixed, versioned frames carrying plain little-endian
+//! structs, and the checks every received frame passes before any field is used.
+//!
+//! A frame is a 16-byte [`FrameHeader`] (magic, version, kind, payload length, reserved = 0)
+//! followed by `len` payload bytes. Each kind has a fixed body struct, optionally followed by
+//! variable data whose size the body announces; see `docs/protocol.md`.
+
+use std::io::{self, Read, Write};
+use std::mem::size_of;
+use std::time::{Duration, Instant};
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::types::{LayoutError, MemoryKind, Mode, RamLayout, RegionLayout, PAGE_SIZE};
+
+/// "VMMG" read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"VMMG");
+/// Protocol version this code speaks. Peers must match exactly.
+pub const VERSION: u16 = 1;
+/// Most RAM regions a Config may announce.
+pub const MAX_REGIONS: usize = 512;
+/// Most vCPUs a Config may announce.
+pub const MAX_VCPUS: u32 = 1024;
+/// Most 4 KiB pages one Pages frame carries (1 MiB of data).
+pub const MAX_PAGES_PER_FRAME: u32 = 256;
+/// Most pages one ZeroPages or Discard run names (the run must also fit one region).
+pub const MAX_RUN_PAGES: u32 = 1 << 20;
+/// Largest device + vCPU state blob.
+pub const MAX_STATE_BYTES: u32 = 64 << 20;
+/// Longest error message text.
+pub const MAX_ERROR_MESSAGE: u32 = 1024;
+/// Size of an authentication nonce and of an HMAC-SHA256 proof.
+pub const NONCE_LEN: usize = 32;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Frame header. All integers little-endian.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct FrameHeader {
+    pub magic: U32,
+    pub version: U16,
+    pub kind: U16,
+    /// Payload length in bytes (excluding this header).
+    pub len: U32,
+    /// Must be zero.
+    pub reserved: U32,
+}
+const _: () = assert!(size_of::<FrameHeader>() == 16);
+
+/// Which connection of a session a Hello opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// Control and bulk pages.
+    Main = 1,
+    /// Page requests and replies.
+    Urgent = 2,
+}
+
+impl ChannelKind {
+    fn from_wire(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ChannelKind::Main),
+            2 => Some(ChannelKind::Urgent),
+            _ => None,
+        }
+    }
+}
+
+/// Body of Hello (source → destination, first frame on each connection).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct HelloBody {
+    pub nonce: [u8; NONCE_LEN],
+    /// 0 on the main channel; the session id from AuthOk on the urgent channel.
+    pub session_id: U64,
+    /// [`ChannelKind`] code.
+    pub channel: u8,
+    pub reserved: [u8; 7],
+}
+const _: () = assert!(size_of::<HelloBody>() == 48);
+
+/// Body of Challenge (destination → source).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct ChallengeBody {
+    pub nonce: [u8; NONCE_LEN],
+    /// HMAC proving the destination holds the secret (role label "destination").
+    pub proof: [u8; NONCE_LEN],
+    /// The session this connection belongs to (new on main, echoed on urgent).
+    pub session_id: U64,
+}
+const _: () = assert!(size_of::<ChallengeBody>() == 72);
+
+/// Body of Response (source → destination).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct ResponseBody {
+    /// HMAC proving the source holds the secret (role label "source").
+    pub proof: [u8; NONCE_LEN],
+}
+const _: () = assert!(size_of::<ResponseBody>() == 32);
+
+/// Body of AuthOk, Started and other frames carrying one u64.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct U64Body {
+    pub value: U64,
+}
+const _: () = assert!(size_of::<U64Body>() == 8);
+
+/// Fixed head of Config (source → destination); followed by `region_count` [`RegionEntry`].
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct ConfigHead {
+    pub ram_bytes: U64,
+    pub vcpu_count: U32,
+    pub region_count: U32,
+    pub mode: u8,
+    pub memory_kind: u8,
+    pub reserved: [u8; 6],
+}
+const _: () = assert!(size_of::<ConfigHead>() == 24);
+
+/// One RAM region in Config.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct RegionEntry {
+    pub gpa: U64,
+    pub size: U64,
+    pub slot: U32,
+    pub reserved: U32,
+}
+const _: () = assert!(size_of::<RegionEntry>() == 24);
+
+/// Head of Pages / ZeroPages / Discard: a run of `count` pages from `gpa`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct RunHead {
+    pub gpa: U64,
+    pub count: U32,
+    pub reserved: U32,
+}
+const _: () = assert!(size_of::<RunHead>() == 16);
+
+/// Body of RoundEnd.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct RoundEndBody {
+    pub pages: U64,
+    pub round: U32,
+    pub reserved: U32,
+}
+const _: () = assert!(size_of::<RoundEndBody>() == 16);
+
+/// Head of PageRequest (whole body) and PageReply (followed by 4096 bytes).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PageHead {
+    pub id: U64,
+    pub gpa: U64,
+}
+const _: () = assert!(size_of::<PageHead>() == 16);
+
+/// Body of Done (destination → source): what the destination saw.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct DoneBody {
+    pub pages_received: U64,
+    pub bulk_pages: U64,
+    pub urgent_pages: U64,
+    pub zero_pages: U64,
+    pub collapses: U64,
+    pub faults: U64,
+}
+const _: () = assert!(size_of::<DoneBody>() == 48);
+
+/// Head of Error; followed by `len` bytes of UTF-8 text.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct ErrorHead {
+    pub code: U32,
+    pub len: U32,
+}
+const _: () = assert!(size_of::<ErrorHead>() == 8);
+
+/// Message kinds and their codes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    Challenge = 2,
+    Response = 3,
+    AuthOk = 4,
+    Config = 5,
+    Ready = 6,
+    Pages = 7,
+    ZeroPages = 8,
+    Discard = 9,
+    RoundEnd = 10,
+    State = 11,
+    Switchover = 12,
+    PostcopyStart = 13,
+    Started = 14,
+    PageRequest = 15,
+    PageReply = 16,
+    Complete = 17,
+    Done = 18,
+    Error = 19,
+}
+
+impl Kind {
+    /// The kind with wire code `code`, if any.
+    pub fn from_wire(code: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match code {
+            1 => Hello,
+            2 => Challenge,
+            3 => Response,
+            4 => AuthOk,
+            5 => Config,
+            6 => Ready,
+            7 => Pages,
+            8 => ZeroPages,
+            9 => Discard,
+            10 => RoundEnd,
+            11 => State,
+            12 => Switchover,
+            13 => PostcopyStart,
+            14 => Started,
+            15 => PageRequest,
+            16 => PageReply,
+            17 => Complete,
+            18 => Done,
+            19 => Error,
+            _ => return None,
+        })
+    }
+
+    /// Smallest and largest payload length allowed for this kind.
+    pub fn len_bounds(self) -> (u32, u32) {
+        const fn exact(n: usize) -> (u32, u32) {
+            (n as u32, n as u32)
+        }
+        match self {
+            Kind::Hello => exact(size_of::<HelloBody>()),
+            Kind::Challenge => exact(size_of::<ChallengeBody>()),
+            Kind::Response => exact(size_of::<ResponseBody>()),
+            Kind::AuthOk | Kind::Started | Kind::Complete => exact(size_of::<U64Body>()),
+            Kind::Config => (
+                (size_of::<ConfigHead>() + size_of::<RegionEntry>()) as u32,
+                (size_of::<ConfigHead>() + MAX_REGIONS * size_of::<RegionEntry>()) as u32,
+            ),
+            Kind::Ready | Kind::Switchover | Kind::PostcopyStart => (0, 0),
+            Kind::Pages => (
+                (size_of::<RunHead>() + PAGE) as u32,
+                size_of::<RunHead>() as u32 + MAX_PAGES_PER_FRAME * PAGE_SIZE as u32,
+            ),
+            Kind::ZeroPages | Kind::Discard => exact(size_of::<RunHead>()),
+            Kind::RoundEnd => exact(size_of::<RoundEndBody>()),
+            Kind::State => (0, MAX_STATE_BYTES),
+            Kind::PageRequest => exact(size_of::<PageHead>()),
+            Kind::PageReply => exact(size_of::<PageHead>() + PAGE),
+            Kind::Done => exact(size_of::<DoneBody>()),
+            Kind::Error => (
+                size_of::<ErrorHead>() as u32,
+                size_of::<ErrorHead>() as u32 + MAX_ERROR_MESSAGE,
+            ),
+        }
+    }
+}
+
+/// Error codes carried by an Error frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The peer's proof did not verify.
+    AuthFailed,
+    /// A frame broke the protocol (bad field, unexpected message).
+    Protocol,
+    /// The peer cannot run this configuration (layout, memory, resources).
+    Rejected,
+    /// The sender hit a local failure and gives up.
+    Internal,
+    /// An unknown code (kept for the message text).
+    Other(u32),
+}
+
+impl ErrorCode {
+    pub fn to_wire(self) -> u32 {
+        match self {
+            ErrorCode::AuthFailed => 1,
+            ErrorCode::Protocol => 2,
+            ErrorCode::Rejected => 3,
+            ErrorCode::Internal => 4,
+            ErrorCode::Other(c) => c,
+        }
+    }
+
+    pub fn from_wire(code: u32) -> Self {
+        match code {
+            1 => ErrorCode::AuthFailed,
+            2 => ErrorCode::Protocol,
+            3 => ErrorCode::Rejected,
+            4 => ErrorCode::Internal,
+            c => ErrorCode::Other(c),
+        }
+    }
+}
+
+/// What the source announces about the VM (the Config message, validated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationConfig {
+    pub mode: Mode,
+    /// How the source backs its RAM (informational; the destination chooses its own backing).
+    pub memory_kind: MemoryKind,
+    pub vcpu_count: u32,
+    pub layout: RamLayout,
+}
+
+/// Statistics the destination reports in Done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DoneStats {
+    /// Pages the destination holds at the end (bulk + urgent + zero, de-duplicated).
+    pub pages_received: u64,
+    /// Pages that came as data on the main channel.
+    pub bulk_pages: u64,
+    /// Pages that came as urgent replies.
+    pub urgent_pages: u64,
+    /// Pages announced as zero runs.
+    pub zero_pages: u64,
+    /// Huge-page collapses the postcopy engine did.
+    pub collapses: u64,
+    /// Guest faults the postcopy engine served (local or remote).
+    pub faults: u64,
+}
+
+/// A decoded message. Data-carrying variants borrow the reader's buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    Hello { channel: ChannelKind, session_id: u64, nonce: [u8; NONCE_LEN] },
+    Challenge { session_id: u64, nonce: [u8; NONCE_LEN], proof: [u8; NONCE_LEN] },
+    Response { proof: [u8; NONCE_LEN] },
+    AuthOk { session_id: u64 },
+    Config(MigrationConfig),
+    Ready,
+    /// `data.len()` is a non-zero multiple of 4096; pages are contiguous from `gpa`.
+    Pages { gpa: u64, data: &'a [u8] },
+    ZeroPages { gpa: u64, count: u32 },
+    Discard { gpa: u64, count: u32 },
+    RoundEnd { round: u32, pages: u64 },
+    State(&'a [u8]),
+    Switchover,
+    PostcopyStart,
+    Started,
+    PageRequest { id: u64, gpa: u64 },
+    PageReply { id: u64, gpa: u64, data: &'a [u8] },
+    Complete { pages: u64 },
+    Done(DoneStats),
+    Error { code: ErrorCode, message: String },
+}
+
+impl Message<'_> {
+    /// The kind of this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello { .. } => Kind::Hello,
+            Message::Challenge { .. } => Kind::Challenge,
+            Message::Response { .. } => Kind::Response,
+            Message::AuthOk { .. } => Kind::AuthOk,
+            Message::Config(_) => Kind::Config,
+            Message::Ready => Kind::Ready,
+            Message::Pages { .. } => Kind::Pages,
+            Message::ZeroPages { .. } => Kind::ZeroPages,
+            Message::Discard { .. } => Kind::Discard,
+            Message::RoundEnd { .. } => Kind::RoundEnd,
+            Message::State(_) => Kind::State,
+            Message::Switchover => Kind::Switchover,
+            Message::PostcopyStart => Kind::PostcopyStart,
+            Message::Started => Kind::Started,
+            Message::PageRequest { .. } => Kind::PageRequest,
+            Message::PageReply { .. } => Kind::PageReply,
+            Message::Complete { .. } => Kind::Complete,
+            Message::Done(_) => Kind::Done,
+            Message::Error { .. } => Kind::Error,
+        }
+    }
+}
+
+/// Why a frame could not be read, written or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{during}: I/O error: {source}")]
+    Io {
+        during: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{during}: peer closed the connection")]
+    Closed { during: &'static str },
+    #[error("{during}: truncated frame: connection ended after {got} of {expected} bytes")]
+    Truncated { during: &'static str, got: usize, expected: usize },
+    #[error("{during}: peer stalled: no data for {waited_ms} ms (timeout)")]
+    Timeout { during: &'static str, waited_ms: u64 },
+    #[error("bad frame magic {got:#010x} (expected {MAGIC:#010x}): not a migration peer or garbage on the stream")]
+    BadMagic { got: u32 },
+    #[error("protocol version mismatch: peer speaks version {theirs}, we speak {ours}")]
+    VersionMismatch { ours: u16, theirs: u16 },
+    #[error("unknown message kind {kind}")]
+    UnknownKind { kind: u16 },
+    #[error("bad frame: {kind:?} with payload length {len} (allowed {min}..={max})")]
+    BadLength { kind: Kind, len: u32, min: u32, max: u32 },
+    #[error("bad {kind:?} frame: {what}")]
+    BadField { kind: Kind, what: String },
+    #[error("bad Config frame: {0}")]
+    BadLayout(#[from] LayoutError),
+    #[error("{kind:?} names {count} page(s) at gpa {gpa:#x}, outside the announced RAM layout")]
+    OutsideLayout { kind: Kind, gpa: u64, count: u64 },
+    #[error("{during}: expected {expected}, got {got:?}")]
+    Unexpected { during: &'static str, expected: &'static str, got: Kind },
+    #[error("peer reported an error ({code:?}): {message}")]
+    Remote { code: ErrorCode, message: String },
+}
+
+impl WireError {
+    /// Whether the error is a read/write timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, WireError::Timeout { .. })
+    }
+}
+
+fn bad(kind: Kind, what: impl Into<String>) -> WireError {
+    WireError::BadField { kind, what: what.into() }
+}
+
+/// Check a frame header; returns the kind and payload length.
+pub fn check_header(h: &FrameHeader) -> Result<(Kind, u32), WireError> {
+    if h.magic.get() != MAGIC {
+        return Err(WireError::BadMagic { got: h.magic.get() });
+    }
+    if h.version.get() != VERSION {
+        return Err(WireError::VersionMismatch { ours: VERSION, theirs: h.version.get() });
+    }
+    let kind = Kind::from_wire(h.kind.get()).ok_or(WireError::UnknownKind { kind: h.kind.get() })?;
+    let len = h.len.get();
+    let (min, max) = kind.len_bounds();
+    if len < min || len > max {
+        return Err(WireError::BadLength { kind, len, min, max });
+    }
+    if h.reserved.get() != 0 {
+        return Err(bad(kind, format!("reserved header field is {:#x}, not 0", h.reserved.get())));
+    }
+    Ok((kind, len))
+}
+
+fn read_body<T: FromBytes + KnownLayout + Immutable>(kind: Kind, payload: &[u8]) -> Result<(T, &[u8]), WireError> {
+    T::read_from_prefix(payload)
+        .map_err(|_| bad(kind, format!("payload of {} bytes is shorter than its {}-byte body", payload.len(), size_of::<T>())))
+}
+
+fn run_count(kind: Kind, count: u32, max: u32) -> Result<(), WireError> {
+    if count == 0 || count > max {
+        return Err(bad(kind, format!("page count {count} outside 1..={max}")));
+    }
+    Ok(())
+}
+
+fn aligned(kind: Kind, gpa: u64) -> Result<(), WireError> {
+    if gpa % PAGE_SIZE != 0 {
+        return Err(bad(kind, format!("gpa {gpa:#x} is not 4 KiB-aligned")));
+    }
+    Ok(())
+}
+
+/// Decode a payload whose header passed [`check_header`].
+pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
+    Ok(match kind {
+        Kind::Hello => {
+            let (b, _) = read_body::<HelloBody>(kind, payload)?;
+            let channel = ChannelKind::from_wire(b.channel)
+                .ok_or_else(|| bad(kind, format!("unknown channel {}", b.channel)))?;
+            if b.reserved != [0; 7] {
+                return Err(bad(kind, "reserved bytes are not zero"));
+            }
+            Message::Hello { channel, session_id: b.session_id.get(), nonce: b.nonce }
+        }
+        Kind::Challenge => {
+            let (b, _) = read_body::<ChallengeBody>(kind, payload)?;
+            if b.session_id.get() == 0 {
+                return Err(bad(kind, "session id 0"));
+            }
+            Message::Challenge { session_id: b.session_id.get(), nonce: b.nonce, proof: b.proof }
+        }
+        Kind::Response => Message::Response { proof: read_body::<ResponseBody>(kind, payload)?.0.proof },
+        Kind::AuthOk => {
+            let session_id = read_body::<U64Body>(kind, payload)?.0.value.get();
+            if session_id == 0 {
+                return Err(bad(kind, "session id 0"));
+            }
+            Message::AuthOk { session_id }
+        }
+        Kind::Config => {
+            let (head, rest) = read_body::<ConfigHead>(kind, payload)?;
+            let count = head.region_count.get() as usize;
+            if count == 0 || count > MAX_REGIONS || rest.len() != count * size_of::<RegionEntry>() {
+                return Err(bad(
+                    kind,
+                    format!("region count {count} (max {MAX_REGIONS}) does not match {} bytes of entries", rest.len()),
+                ));
+            }
+            let mode = Mode::from_wire(head.mode).ok_or_else(|| bad(kind, format!("unknown mode {}", head.mode)))?;
+            let memory_kind = MemoryKind::from_wire(head.memory_kind)
+                .ok_or_else(|| bad(kind, format!("unknown memory kind {}", head.memory_kind)))?;
+            let vcpu_count = head.vcpu_count.get();
+            if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
+                return Err(bad(kind, format!("vCPU count {vcpu_count} outside 1..={MAX_VCPUS}")));
+            }
+            let entries = <[RegionEntry]>::ref_from_bytes(rest)
+                .map_err(|_| bad(kind, "region entries are malformed"))?;
+            let regions = entries
+                .iter()
+                .map(|e| RegionLayout { slot: e.slot.get(), gpa: e.gpa.get(), size: e.size.get() })
+                .collect();
+            let layout = RamLayout::new(regions)?;
+            if layout.total_bytes() != head.ram_bytes.get() {
+                return Err(bad(
+                    kind,
+                    format!("regions add up to {} bytes but the head says {}", layout.total_bytes(), head.ram_bytes.get()),
+                ));
+            }
+            Message::Config(MigrationConfig { mode, memory_kind, vcpu_count, layout })
+        }
+        Kind::Ready => Message::Ready,
+        Kind::Pages => {
+            let (head, data) = read_body::<RunHead>(kind, payload)?;
+            let count = head.count.get();
+            run_count(kind, count, MAX_PAGES_PER_FRAME)?;
+            aligned(kind, head.gpa.get())?;
+            if data.len() != count as usize * PAGE {
+                return Err(bad(kind, format!("{count} pages announced but {} data bytes follow", data.len())));
+            }
+            Message::Pages { gpa: head.gpa.get(), data }
+        }
+        Kind::ZeroPages | Kind::Discard => {
+            let (head, _) = read_body::<RunHead>(kind, payload)?;
+            run_count(kind, head.count.get(), MAX_RUN_PAGES)?;
+            aligned(kind, head.gpa.get())?;
+            let (gpa, count) = (head.gpa.get(), head.count.get());
+            if kind == Kind::ZeroPages {
+                Message::ZeroPages { gpa, count }
+            } else {
+                Message::Discard { gpa, count }
+            }
+        }
+        Kind::RoundEnd => {
+            let (b, _) = read_body::<RoundEndBody>(kind, payload)?;
+            Message::RoundEnd { round: b.round.get(), pages: b.pages.get() }
+        }
+        Kind::State => Message::State(payload),
+        Kind::Switchover => Message::Switchover,
+        Kind::PostcopyStart => Message::PostcopyStart,
+        Kind::Started => Message::Started,
+        Kind::PageRequest | Kind::PageReply => {
+            let (head, data) = read_body::<PageHead>(kind, payload)?;
+            aligned(kind, head.gpa.get())?;
+            let (id, gpa) = (head.id.get(), head.gpa.get());
+            if kind == Kind::PageRequest {
+                Message::PageRequest { id, gpa }
+            } else {
+                Message::PageReply { id, gpa, data }
+            }
+        }
+        Kind::Complete => Message::Complete { pages: read_body::<U64Body>(kind, payload)?.0.value.get() },
+        Kind::Done => {
+            let (b, _) = read_body::<DoneBody>(kind, payload)?;
+            Message::Done(DoneStats {
+                pages_received: b.pages_received.get(),
+                bulk_pages: b.bulk_pages.get(),
+                urgent_pages: b.urgent_pages.get(),
+                zero_pages: b.zero_pages.get(),
+                collapses: b.collapses.get(),
+                faults: b.faults.get(),
+            })
+        }
+        Kind::Error => {
+            let (head, text) = read_body::<ErrorHead>(kind, payload)?;
+            if head.len.get() as usize != text.len() {
+                return Err(bad(kind, format!("message length {} but {} bytes follow", head.len.get(), text.len())));
+            }
+            Message::Error {
+                code: ErrorCode::from_wire(head.code.get()),
+                message: String::from_utf8_lossy(text).into_owned(),
+            }
+        }
+    })
+}
+
+fn header(kind: Kind, len: usize) -> FrameHeader {
+    FrameHeader {
+        magic: U32::new(MAGIC),
+        version: U16::new(VERSION),
+        kind: U16::new(kind as u16),
+        len: U32::new(len as u32),
+        reserved: U32::new(0),
+    }
+}
+
+/// Append the encoded frame of `msg` to `out`.
+pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(header(msg.kind(), 0).as_bytes());
+    match msg {
+        Message::Hello { channel, session_id, nonce } => out.extend_from_slice(
+            HelloBody { nonce: *nonce, session_id: U64::new(*session_id), channel: *channel as u8, reserved: [0; 7] }
+                .as_bytes(),
+        ),
+        Message::Challenge { session_id, nonce, proof } => out.extend_from_slice(
+            ChallengeBody { nonce: *nonce, proof: *proof, session_id: U64::new(*session_id) }.as_bytes(),
+        ),
+        Message::Response { proof } => out.extend_from_slice(ResponseBody { proof: *proof }.as_bytes()),
+        Message::AuthOk { session_id: v } | Message::Complete { pages: v } => {
+            out.extend_from_slice(U64Body { value: U64::new(*v) }.as_bytes())
+        }
+        Message::Started => out.extend_from_slice(U64Body { value: U64::new(0) }.as_bytes()),
+        Message::Config(c) => {
+            let regions = c.layout.regions();
+            out.extend_from_slice(
+                ConfigHead {
+                    ram_bytes: U64::new(c.layout.total_bytes()),
+                    vcpu_count: U32::new(c.vcpu_count),
+                    region_count: U32::new(regions.len() as u32),
+                    mode: c.mode.to_wire(),
+                    memory_kind: c.memory_kind.to_wire(),
+                    reserved: [0; 6],
+                }
+                .as_bytes(),
+            );
+            for r in regions {
+                out.extend_from_slice(
+                    RegionEntry { gpa: U64::new(r.gpa), size: U64::new(r.size), slot: U32::new(r.slot), reserved: U32::new(0) }
+                        .as_bytes(),
+                );
+            }
+        }
+        Message::Ready | Message::Switchover | Message::PostcopyStart => {}
+        Message::Pages { gpa, data } => {
+            out.extend_from_slice(
+                RunHead { gpa: U64::new(*gpa), count: U32::new((data.len() / PAGE) as u32), reserved: U32::new(0) }.as_bytes(),
+            );
+            out.extend_from_slice(data);
+        }
+        Message::ZeroPages { gpa, count } | Message::Discard { gpa, count } => out.extend_from_slice(
+            RunHead { gpa: U64::new(*gpa), count: U32::new(*count), reserved: U32::new(0) }.as_bytes(),
+        ),
+        Message::RoundEnd { round, pages } => out.extend_from_slice(
+            RoundEndBody { pages: U64::new(*pages), round: U32::new(*round), reserved: U32::new(0) }.as_bytes(),
+        ),
+        Message::State(data) => out.extend_from_slice(data),
+        Message::PageRequest { id, gpa } => {
+            out.extend_from_slice(PageHead { id: U64::new(*id), gpa: U64::new(*gpa) }.as_bytes())
+        }
+        Message::PageReply { id, gpa, data } => {
+            out.extend_from_slice(PageHead { id: U64::new(*id), gpa: U64::new(*gpa) }.as_bytes());
+            out.extend_from_slice(data);
+        }
+        Message::Done(s) => out.extend_from_slice(
+            DoneBody {
+                pages_received: U64::new(s.pages_received),
+                bulk_pages: U64::new(s.bulk_pages),
+                urgent_pages: U64::new(s.urgent_pages),
+                zero_pages: U64::new(s.zero_pages),
+                collapses: U64::new(s.collapses),
+                faults: U64::new(s.faults),
+            }
+            .as_bytes(),
+        ),
+        Message::Error { code, message } => {
+            let mut end = message.len().min(MAX_ERROR_MESSAGE as usize);
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            let text = &message.as_bytes()[..end];
+            out.extend_from_slice(ErrorHead { code: U32::new(code.to_wire()), len: U32::new(text.len() as u32) }.as_bytes());
+            out.extend_from_slice(text);
+        }
+    }
+    let len = out.len() - start - size_of::<FrameHeader>();
+    out[start..start + size_of::<FrameHeader>()].copy_from_slice(header(msg.kind(), len).as_bytes());
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+enum Fill {
+    Done,
+    Idle,
+}
+
+/// Reads frames from a stream. The stream's own read timeout (if any) is the polling tick; the
+/// reader fails with [`WireError::Timeout`] once no byte arrived for `stall_timeout`.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    stall_timeout: Duration,
+    bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R, stall_timeout: Duration) -> Self {
+        FrameReader { inner, buf: Vec::new(), stall_timeout, bytes: 0 }
+    }
+
+    /// Change how long the peer may stay silent.
+    pub fn set_stall_timeout(&mut self, t: Duration) {
+        self.stall_timeout = t;
+    }
+
+    /// Total bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    fn fill(&mut self, from: usize, to: usize, allow_idle: bool, during: &'static str) -> Result<Fill, WireError> {
+        let mut got = from;
+        let mut last_progress = Instant::now();
+        while got < to {
+            match self.inner.read(&mut self.buf[got..to]) {
+                Ok(0) if got == 0 => return Err(WireError::Closed { during }),
+                Ok(0) => return Err(WireError::Truncated { during, got, expected: to }),
+                Ok(n) => {
+                    got += n;
+                    self.bytes += n as u64;
+                    last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if allow_idle && got == 0 {
+                        return Ok(Fill::Idle);
+                    }
+                    let waited = last_progress.elapsed();
+                    if waited >= self.stall_timeout {
+                        return Err(WireError::Timeout { during, waited_ms: waited.as_millis() as u64 });
+                    }
+                }
+                Err(source) => return Err(WireError::Io { during, source }),
+            }
+        }
+        Ok(Fill::Done)
+    }
+
+    /// Read one whole frame into the buffer; returns its kind and payload length, or None if
+    /// idling is allowed and nothing arrived within one tick.
+    fn next(&mut self, allow_idle: bool, during: &'static str) -> Result<Option<(Kind, usize)>, WireError> {
+        let hlen = size_of::<FrameHeader>();
+        self.buf.resize(hlen, 0);
+        if let Fill::Idle = self.fill(0, hlen, allow_idle, during)? {
+            return Ok(None);
+        }
+        let h = FrameHeader::read_from_bytes(&self.buf[..hlen])
+            .map_err(|_| bad(Kind::Error, "header size"))?;
+        let (kind, len) = check_header(&h)?;
+        let total = hlen + len as usize;
+        self.buf.resize(total, 0);
+        self.fill(hlen, total, false, during)?;
+        Ok(Some((kind, len as usize)))
+    }
+
+    fn decode_buf(&self, kind: Kind, len: usize) -> Result<Message<'_>, WireError> {
+        let hlen = size_of::<FrameHeader>();
+        decode(kind, &self.buf[hlen..hlen + len])
+    }
+
+    /// Read the next frame, waiting at most the stall timeout for it to start and to complete.
+    pub fn read(&mut self, during: &'static str) -> Result<Message<'_>, WireError> {
+        match self.next(false, during)? {
+            Some((kind, len)) => self.decode_buf(kind, len),
+            // `next` returns None only when idling is allowed.
+            None => Err(WireError::Timeout { during, waited_ms: self.stall_timeout.as_millis() as u64 }),
+        }
+    }
+
+    /// Read the next frame if one starts within one tick of the stream's read timeout; once a
+    /// frame started it is read to the end (or the stall timeout).
+    pub fn poll(&mut self, during: &'static str) -> Result<Option<Message<'_>>, WireError> {
+        match self.next(true, during)? {
+            Some((kind, len)) => self.decode_buf(kind, len).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Read the next frame, waiting up to `wait` for it to start (longer than the stall timeout,
+    /// e.g. while the peer sets up memory or runs a collapse).
+    pub fn read_within(&mut self, wait: Duration, during: &'static str) -> Result<Message<'_>, WireError> {
+        let start = Instant::now();
+        loop {
+            let idle = start.elapsed() < wait;
+            if let Some((kind, len)) = self.next(idle, during)? {
+                return self.decode_buf(kind, len);
+            }
+        }
+    }
+}
+
+/// Writes frames to a stream. A stream write timeout surfaces as [`WireError::Timeout`].
+pub struct FrameWriter<W> {
+    inner: W,
+    buf: Vec<u8>,
+    bytes: u64,
+    stall_timeout: Duration,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(inner: W, stall_timeout: Duration) -> Self {
+        FrameWriter { inner, buf: Vec::new(), bytes: 0, stall_timeout }
+    }
+
+    /// Total bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    fn flush_buf(&mut self, during: &'static str) -> Result<(), WireError> {
+        let mut done = 0;
+        let mut last_progress = Instant::now();
+        while done < self.buf.len() {
+            match self.inner.write(&self.buf[done..]) {
+                Ok(0) => return Err(WireError::Closed { during }),
+                Ok(n) => {
+                    done += n;
+                    last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    let waited = last_progress.elapsed();
+                    if waited >= self.stall_timeout {
+                        return Err(WireError::Timeout { during, waited_ms: waited.as_millis() as u64 });
+                    }
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+                    return Err(WireError::Closed { during })
+                }
+                Err(source) => return Err(WireError::Io { during, source }),
+            }
+        }
+        self.bytes += done as u64;
+        Ok(())
+    }
+
+    /// Encode and send one message.
+    pub fn send(&mut self, msg: &Message<'_>, during: &'static str) -> Result<(), WireError> {
+        self.buf.clear();
+        encode(msg, &mut self.buf);
+        self.flush_buf(during)
+    }
+
+    /// Send a Pages frame of `count` pages from `gpa` whose data `fill` writes in place
+    /// (saves a copy when the data comes from guest memory).
+    pub fn send_pages_with(
+        &mut self,
+        gpa: u64,
+        count: u32,
+        fill: impl FnOnce(&mut [u8]),
+        during: &'static str,
+    ) -> Result<(), WireError> {
+        let hlen = size_of::<FrameHeader>() + size_of::<RunHead>();
+        let data_len = count as usize * PAGE;
+        self.buf.clear();
+        self.buf.extend_from_slice(header(Kind::Pages, size_of::<RunHead>() + data_len).as_bytes());
+        self.buf.extend_from_slice(RunHead { gpa: U64::new(gpa), count: U32::new(count), reserved: U32::new(0) }.as_bytes());
+        self.buf.resize(hlen + data_len, 0);
+        fill(&mut self.buf[hlen..]);
+        self.flush_buf(during)
+    }
+
+    /// Send a PageReply whose 4096 data bytes `fill` writes in place.
+    pub fn send_reply_with(&mut self, id: u64, gpa: u64, fill: impl FnOnce(&mut [u8]), during: &'static str) -> Result<(), WireError> {
+        let hlen = size_of::<FrameHeader>() + size_of::<PageHead>();
+        self.buf.clear();
+        self.buf.extend_from_slice(header(Kind::PageReply, size_of::<PageHead>() + PAGE).as_bytes());
+        self.buf.extend_from_slice(PageHead { id: U64::new(id), gpa: U64::new(gpa) }.as_bytes());
+        self.buf.resize(hlen + PAGE, 0);
+        fill(&mut self.buf[hlen..]);
+        self.flush_buf(during)
+    }
+}
+
+/// Turn a received message that is not the expected one into an error (a peer's Error frame
+/// becomes [`WireError::Remote`]).
+pub fn unexpected(msg: Message<'_>, during: &'static str, expected: &'static str) -> WireError {
+    match msg {
+        Message::Error { code, message } => WireError::Remote { code, message },
+        other => WireError::Unexpected { during, expected, got: other.kind() },
+    }
+}
+
+/// Check that a run of `count` pages at `gpa` lies inside one region of `layout`; returns the
+/// global index of its first page.
+pub fn check_run(layout: &RamLayout, kind: Kind, gpa: u64, count: u64) -> Result<u64, WireError> {
+    layout.run_index(gpa, count).ok_or(WireError::OutsideLayout { kind, gpa, count })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> RamLayout {
+        RamLayout::new(vec![
+            RegionLayout { slot: 0, gpa: 0, size: 1 << 20 },
+            RegionLayout { slot: 1, gpa: 1 << 32, size: 2 << 20 },
+        ])
+        .unwrap()
+    }
+
+    fn roundtrip(msg: &Message<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(msg, &mut out);
+        let mut r = FrameReader::new(&out[..], Duration::from_secs(1));
+        let got = r.read("test").unwrap();
+        assert_eq!(&got, msg);
+        out
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let page = vec![0xabu8; 4096];
+        let pages = vec![7u8; 3 * 4096];
+        let msgs = vec![
+            Message::Hello { channel: ChannelKind::Urgent, session_id: 9, nonce: [1; 32] },
+            Message::Challenge { session_id: 5, nonce: [2; 32], proof: [3; 32] },
+            Message::Response { proof: [4; 32] },
+            Message::AuthOk { session_id: 77 },
+            Message::Config(MigrationConfig { mode: Mode::Hybrid, memory_kind: MemoryKind::Hugetlb1g, vcpu_count: 2, layout: layout() }),
+            Message::Ready,
+            Message::Pages { gpa: 0x3000, data: &pages },
+            Message::ZeroPages { gpa: 0x1000, count: 10 },
+            Message::Discard { gpa: 0x2000, count: 1 },
+            Message::RoundEnd { round: 3, pages: 1000 },
+            Message::State(b"state blob"),
+            Message::State(b""),
+            Message::Switchover,
+            Message::PostcopyStart,
+            Message::Started,
+            Message::PageRequest { id: 1, gpa: 0x5000 },
+            Message::PageReply { id: 1, gpa: 0x5000, data: &page },
+            Message::Complete { pages: 768 },
+            Message::Done(DoneStats { pages_received: 1, bulk_pages: 2, urgent_pages: 3, zero_pages: 4, collapses: 5, faults: 6 }),
+            Message::Error { code: ErrorCode::AuthFailed, message: "authentication failed".into() },
+        ];
+        for m in &msgs {
+            roundtrip(m);
+        }
+    }
+
+    #[test]
+    fn frames_stream_back_to_back() {
+        let mut out = Vec::new();
+        encode(&Message::Ready, &mut out);
+        encode(&Message::Complete { pages: 3 }, &mut out);
+        let mut r = FrameReader::new(&out[..], Duration::from_secs(1));
+        assert_eq!(r.read("a").unwrap(), Message::Ready);
+        assert_eq!(r.read("b").unwrap(), Message::Complete { pages: 3 });
+        assert!(matches!(r.read("c"), Err(WireError::Closed { during: "c" })));
+    }
+
+    fn read_err(bytes: &[u8]) -> WireError {
+        FrameReader::new(bytes, Duration::from_secs(1)).read("test").unwrap_err()
+    }
+
+    #[test]
+    fn rejects_garbage_and_wrong_version() {
+        assert!(matches!(read_err(b"GET / HTTP/1.1\r\n\r\n"), WireError::BadMagic { .. }));
+        let mut out = Vec::new();
+        encode(&Message::Ready, &mut out);
+        out[4] = 2; // version
+        assert!(matches!(read_err(&out), WireError::VersionMismatch { ours: 1, theirs: 2 }));
+        let mut out = Vec::new();
+        encode(&Message::Ready, &mut out);
+        out[6] = 99; // kind
+        assert!(matches!(read_err(&out), WireError::UnknownKind { kind: 99 }));
+        let mut out = Vec::new();
+        encode(&Message::Ready, &mut out);
+        out[12] = 1; // reserved
+        assert!(matches!(read_err(&out), WireError::BadField { .. }));
+    }
+
+    #[test]
+    fn rejects_lengths_outside_the_kind_bound() {
+        let mut out = Vec::new();
+        encode(&Message::State(b""), &mut out);
+        out[8..12].copy_from_slice(&(MAX_STATE_BYTES + 1).to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadLength { kind: Kind::State, .. }));
+        let mut out = Vec::new();
+        encode(&Message::AuthOk { session_id: 1 }, &mut out);
+        out[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert!(matches!(read_err(&out[..20]), WireError::BadLength { kind: Kind::AuthOk, .. }));
+    }
+
+    #[test]
+    fn detects_truncation() {
+        let page = vec![1u8; 4096];
+        let mut out = Vec::new();
+        encode(&Message::PageReply { id: 1, gpa: 0, data: &page }, &mut out);
+        match read_err(&out[..100]) {
+            WireError::Truncated { got: 100, expected, .. } => assert_eq!(expected, out.len()),
+            e => panic!("{e}"),
+        }
+        assert!(matches!(read_err(&out[..7]), WireError::Truncated { got: 7, expected: 16, .. }));
+    }
+
+    #[test]
+    fn validates_fields() {
+        // Pages: count disagrees with data, unaligned gpa.
+        let pages = vec![0u8; 2 * 4096];
+        let mut out = Vec::new();
+        encode(&Message::Pages { gpa: 0, data: &pages }, &mut out);
+        out[24..28].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Pages, .. }));
+        let mut out = Vec::new();
+        encode(&Message::Pages { gpa: 0x1001, data: &pages }, &mut out);
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Pages, .. }));
+        // Zero run of zero pages.
+        let mut out = Vec::new();
+        encode(&Message::ZeroPages { gpa: 0, count: 0 }, &mut out);
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::ZeroPages, .. }));
+        // Session id 0.
+        let mut out = Vec::new();
+        encode(&Message::AuthOk { session_id: 0 }, &mut out);
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::AuthOk, .. }));
+    }
+
+    #[test]
+    fn validates_config() {
+        let cfg = MigrationConfig { mode: Mode::Precopy, memory_kind: MemoryKind::Anon, vcpu_count: 1, layout: layout() };
+        let mut good = Vec::new();
+        encode(&Message::Config(cfg), &mut good);
+        // Overlapping regions: move region 1 onto region 0.
+        let mut out = good.clone();
+        let r1 = 16 + 24 + 24;
+        out[r1..r1 + 8].copy_from_slice(&0x1000u64.to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadLayout(LayoutError::Overlap { .. })));
+        // Unaligned region size.
+        let mut out = good.clone();
+        out[16 + 24 + 8..16 + 24 + 16].copy_from_slice(&0x1234u64.to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadLayout(LayoutError::BadRegion { .. })));
+        // ram_bytes disagrees.
+        let mut out = good.clone();
+        out[16..24].copy_from_slice(&1u64.to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        // vCPU count 0 and unknown mode.
+        let mut out = good.clone();
+        out[24..28].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        let mut out = good.clone();
+        out[32] = 9;
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        // Region count disagrees with the entries.
+        let mut out = good;
+        out[28..32].copy_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+    }
+
+    #[test]
+    fn runs_are_checked_against_the_layout() {
+        let l = layout();
+        assert_eq!(check_run(&l, Kind::Pages, 0, 256).unwrap(), 0);
+        assert!(check_run(&l, Kind::Pages, 0, 257).is_err(), "crosses the end of region 0");
+        assert_eq!(check_run(&l, Kind::Pages, 1 << 32, 1).unwrap(), 256);
+        assert!(check_run(&l, Kind::Pages, 1 << 31, 1).is_err(), "hole");
+        assert!(check_run(&l, Kind::Pages, (1 << 32) + (2 << 20), 1).is_err(), "past the end");
+        assert_eq!(l.page_gpa(256), Some(1 << 32));
+        assert_eq!(l.page_gpa(768), None);
+    }
+
+    #[test]
+    fn error_text_is_bounded() {
+        let long = "é".repeat(2000);
+        let mut out = Vec::new();
+        encode(&Message::Error { code: ErrorCode::Internal, message: long }, &mut out);
+        match FrameReader::new(&out[..], Duration::from_secs(1)).read("t").unwrap() {
+            Message::Error { message, .. } => assert!(message.len() <= MAX_ERROR_MESSAGE as usize),
+            m => panic!("{m:?}"),
+        }
+    }
+}

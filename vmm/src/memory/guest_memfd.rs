@@ -1,0 +1,81 @@
+//! KVM guest_memfd guest RAM: one guest_memfd per region, created mappable and shared
+//! (`GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`), mapped twice, and bound to its memslot
+//! with `KVM_SET_USER_MEMORY_REGION2` and `KVM_MEM_GUEST_MEMFD`.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use kvm_bindings::kvm_create_guest_memfd;
+use kvm_ioctls::VmFd;
+
+use super::{map_file_region, Backing, MemoryError, Region};
+
+// kvm-bindings 0.14 lacks the guest_memfd flag capability and flags of Linux 6.18; these values
+// come from include/uapi/linux/kvm.h.
+/// `KVM_CAP_GUEST_MEMFD_FLAGS`: `KVM_CHECK_EXTENSION` on a VM returns the supported
+/// `KVM_CREATE_GUEST_MEMFD` flags.
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+/// `GUEST_MEMFD_FLAG_MMAP`: the guest_memfd can be `mmap`ed by userspace.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED`: the memory starts shared with the host (faultable through an
+/// `mmap`), not private.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// The flags this VMM creates guest_memfds with.
+pub const GUEST_MEMFD_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+/// Names of the bits set in a `KVM_CAP_GUEST_MEMFD_FLAGS` value; unknown bits as `bit N`.
+pub fn flag_names(flags: u64) -> Vec<String> {
+    (0..64)
+        .filter(|bit| flags & (1 << bit) != 0)
+        .map(|bit| match 1u64 << bit {
+            GUEST_MEMFD_FLAG_MMAP => "MMAP".to_string(),
+            GUEST_MEMFD_FLAG_INIT_SHARED => "INIT_SHARED".to_string(),
+            _ => format!("bit {bit}"),
+        })
+        .collect()
+}
+
+/// Creates a guest_memfd of `size` bytes on `vm` with [`GUEST_MEMFD_FLAGS`], after checking that
+/// the VM supports those flags.
+pub fn create(vm: &VmFd, size: u64) -> Result<OwnedFd, MemoryError> {
+    let supported = vm.check_extension_raw(u64::from(KVM_CAP_GUEST_MEMFD_FLAGS));
+    let supported = u64::try_from(supported).unwrap_or(0);
+    if supported & GUEST_MEMFD_FLAGS != GUEST_MEMFD_FLAGS {
+        return Err(MemoryError::GuestMemfdFlagsUnsupported {
+            wanted: GUEST_MEMFD_FLAGS,
+            supported,
+        });
+    }
+    let raw = vm
+        .create_guest_memfd(kvm_create_guest_memfd {
+            size,
+            flags: GUEST_MEMFD_FLAGS,
+            reserved: [0; 6],
+        })
+        .map_err(|source| MemoryError::CreateGuestMemfd {
+            size,
+            flags: GUEST_MEMFD_FLAGS,
+            source,
+        })?;
+    // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Creates one guest_memfd region: its guest_memfd, the primary mapping (the memslot's
+/// `userspace_addr`) and the alias.
+pub(crate) fn region(vm: &VmFd, guest_addr: u64, size: usize) -> Result<Region, MemoryError> {
+    let fd = create(vm, size as u64)?;
+    map_file_region(Backing::GuestMemfd, guest_addr, size, fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_names_decode() {
+        assert_eq!(flag_names(3), vec!["MMAP", "INIT_SHARED"]);
+        assert_eq!(flag_names(0b101), vec!["MMAP", "bit 2"]);
+        assert!(flag_names(0).is_empty());
+    }
+}

@@ -1,0 +1,732 @@
+//! What this host offers the VMM: the KVM flavour and capabilities, userfaultfd and its features,
+//! the huge page pools, and two live checks of kernel behaviour that postcopy strategies depend on
+//! (detected, never assumed). Every failure is recorded as a value in the report.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use kvm_bindings::{
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+};
+use kvm_ioctls::{Cap, Kvm};
+use serde::Serialize;
+use userfaultfd_sys as uffd_sys;
+
+use crate::memory::guest_memfd::{self, KVM_CAP_GUEST_MEMFD_FLAGS};
+use crate::memory::hugepages::{self, PoolStatus};
+use crate::memory::{hugetlb, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
+
+// userfaultfd-sys 0.6 is generated from older headers; these come from
+// include/uapi/linux/userfaultfd.h (Linux 6.18).
+/// `UFFD_FEATURE_WP_UNPOPULATED`.
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `UFFD_FEATURE_POISON`.
+pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
+/// `UFFD_FEATURE_WP_ASYNC`.
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFD_FEATURE_MOVE`.
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+/// `USERFAULTFD_IOC_NEW`, `_IO(USERFAULTFD_IOC, 0x00)`: the /dev/userfaultfd ioctl that returns a
+/// new userfaultfd; from include/uapi/linux/userfaultfd.h (userfaultfd-sys has only
+/// `USERFAULTFD_IOC`).
+pub const USERFAULTFD_IOC_NEW: libc::c_ulong =
+    nix::request_code_none!(uffd_sys::USERFAULTFD_IOC, 0x00) as libc::c_ulong;
+
+/// userfaultfd feature bits and their names (without the `UFFD_FEATURE_` prefix).
+const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
+    (uffd_sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
+    (uffd_sys::UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"),
+    (uffd_sys::UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"),
+    (uffd_sys::UFFD_FEATURE_EVENT_REMOVE, "EVENT_REMOVE"),
+    (uffd_sys::UFFD_FEATURE_MISSING_HUGETLBFS, "MISSING_HUGETLBFS"),
+    (uffd_sys::UFFD_FEATURE_MISSING_SHMEM, "MISSING_SHMEM"),
+    (uffd_sys::UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"),
+    (uffd_sys::UFFD_FEATURE_SIGBUS, "SIGBUS"),
+    (uffd_sys::UFFD_FEATURE_THREAD_ID, "THREAD_ID"),
+    (uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS, "MINOR_HUGETLBFS"),
+    (uffd_sys::UFFD_FEATURE_MINOR_SHMEM, "MINOR_SHMEM"),
+    (uffd_sys::UFFD_FEATURE_EXACT_ADDRESS, "EXACT_ADDRESS"),
+    (uffd_sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "WP_HUGETLBFS_SHMEM"),
+    (UFFD_FEATURE_WP_UNPOPULATED, "WP_UNPOPULATED"),
+    (UFFD_FEATURE_POISON, "POISON"),
+    (UFFD_FEATURE_WP_ASYNC, "WP_ASYNC"),
+    (UFFD_FEATURE_MOVE, "MOVE"),
+];
+
+/// Names of the userfaultfd feature bits set in `features`; unknown bits as `bit N`.
+pub fn uffd_feature_names(features: u64) -> Vec<String> {
+    (0..64)
+        .map(|bit| 1u64 << bit)
+        .filter(|flag| features & flag != 0)
+        .map(|flag| {
+            UFFD_FEATURE_NAMES
+                .iter()
+                .find(|(f, _)| *f == flag)
+                .map(|(_, name)| (*name).to_string())
+                .unwrap_or_else(|| format!("bit {}", flag.trailing_zeros()))
+        })
+        .collect()
+}
+
+/// A probed value, or why it could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probed<T> {
+    Value(T),
+    Error(String),
+}
+
+impl<T, E: fmt::Display> From<Result<T, E>> for Probed<T> {
+    fn from(r: Result<T, E>) -> Self {
+        match r {
+            Ok(v) => Probed::Value(v),
+            Err(e) => Probed::Error(e.to_string()),
+        }
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Probed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probed::Value(v) => v.fmt(f),
+            Probed::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+/// Whether something could be opened or used, and the error if not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Availability {
+    pub available: bool,
+    pub error: Option<String>,
+}
+
+impl Availability {
+    fn from_result<T, E: fmt::Display>(r: &Result<T, E>) -> Availability {
+        Availability {
+            available: r.is_ok(),
+            error: r.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.error {
+            None => f.write_str("available"),
+            Some(e) => write!(f, "unavailable ({e})"),
+        }
+    }
+}
+
+/// How KVM does virtualization on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvmFlavour {
+    /// The PVM module (`/sys/module/kvm_pvm`): no hardware virtualization, shadow paging.
+    Pvm,
+    /// Intel VMX (`kvm_intel`).
+    Vmx,
+    /// AMD SVM (`kvm_amd`).
+    Svm,
+    /// No KVM vendor module is loaded.
+    None,
+}
+
+impl KvmFlavour {
+    /// Detects the flavour from the loaded modules in `/sys/module`.
+    pub fn detect() -> KvmFlavour {
+        let loaded = |m: &str| Path::new("/sys/module").join(m).exists();
+        if loaded("kvm_pvm") {
+            KvmFlavour::Pvm
+        } else if loaded("kvm_intel") {
+            KvmFlavour::Vmx
+        } else if loaded("kvm_amd") {
+            KvmFlavour::Svm
+        } else {
+            KvmFlavour::None
+        }
+    }
+}
+
+impl fmt::Display for KvmFlavour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvmFlavour::Pvm => "PVM (kvm_pvm)",
+            KvmFlavour::Vmx => "VMX (kvm_intel)",
+            KvmFlavour::Svm => "SVM (kvm_amd)",
+            KvmFlavour::None => "none",
+        })
+    }
+}
+
+/// KVM capabilities relevant to the VMM, queried on a fresh VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KvmCaps {
+    pub irqchip: bool,
+    pub pit2: bool,
+    pub user_memory2: bool,
+    pub guest_memfd: bool,
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS`: the supported `KVM_CREATE_GUEST_MEMFD` flags.
+    pub guest_memfd_flags: u64,
+    pub guest_memfd_flag_names: Vec<String>,
+    /// `KVM_CAP_DIRTY_LOG_RING`: maximum ring size in bytes, 0 if unsupported.
+    pub dirty_log_ring_max_bytes: u64,
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`: maximum ring size in bytes, 0 if unsupported.
+    pub dirty_log_ring_acq_rel_max_bytes: u64,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: supported flags.
+    pub manual_dirty_log_protect2: u64,
+    pub manual_dirty_log_protect2_names: Vec<String>,
+    /// `KVM_CAP_NR_VCPUS`: recommended maximum vCPUs.
+    pub nr_vcpus: u64,
+    /// `KVM_CAP_MAX_VCPUS`.
+    pub max_vcpus: u64,
+    /// `KVM_CAP_NR_MEMSLOTS`.
+    pub nr_memslots: u64,
+    /// `KVM_GET_TSC_KHZ` on a fresh vCPU.
+    pub tsc_khz: Probed<u32>,
+}
+
+/// What `/dev/kvm` offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KvmReport {
+    pub flavour: KvmFlavour,
+    pub dev_kvm: Availability,
+    pub api_version: Option<i32>,
+    /// `None` if `/dev/kvm` could not be opened; an error if no VM could be created.
+    pub caps: Option<Probed<KvmCaps>>,
+}
+
+/// What userfaultfd offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UffdReport {
+    /// The `userfaultfd(2)` system call.
+    pub syscall: Availability,
+    /// `/dev/userfaultfd` with `USERFAULTFD_IOC_NEW`.
+    pub dev_userfaultfd: Availability,
+    /// Feature bits `UFFDIO_API` reports.
+    pub features: Probed<u64>,
+    pub feature_names: Vec<String>,
+}
+
+/// One huge page pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PoolReport {
+    pub page_size: u64,
+    pub status: Probed<PoolStatus>,
+}
+
+/// The outcome of a live check of kernel behaviour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", content = "detail", rename_all = "snake_case")]
+pub enum Check {
+    /// The kernel does it.
+    Supported(String),
+    /// The kernel refused it the way a kernel without the feature does.
+    Unsupported(String),
+    /// The check could not run here (e.g. no free huge page).
+    Skipped(String),
+    /// Something else failed; the result is unknown.
+    Failed(String),
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (word, detail) = match self {
+            Check::Supported(d) => ("supported", d),
+            Check::Unsupported(d) => ("unsupported", d),
+            Check::Skipped(d) => ("skipped", d),
+            Check::Failed(d) => ("check failed", d),
+        };
+        write!(f, "{word}: {detail}")
+    }
+}
+
+/// The live checks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LiveChecks {
+    /// "4 KiB UFFDIO_CONTINUE on hugetlb (HGM)".
+    pub hugetlb_4k_continue: Check,
+    /// "userfaultfd on guest_memfd".
+    pub uffd_on_guest_memfd: Check,
+}
+
+/// Everything [`probe`] found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeReport {
+    pub kernel_release: Probed<String>,
+    pub kvm: KvmReport,
+    pub userfaultfd: UffdReport,
+    pub hugepages: Vec<PoolReport>,
+    pub checks: LiveChecks,
+}
+
+/// Probes the host. Never panics on what the host lacks; the live checks take a free 2 MiB huge
+/// page only if one is free, and give it back.
+pub fn probe() -> ProbeReport {
+    ProbeReport {
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .into(),
+        kvm: probe_kvm(),
+        userfaultfd: probe_uffd(),
+        hugepages: [PAGE_SIZE_2M, PAGE_SIZE_1G]
+            .into_iter()
+            .map(|page_size| PoolReport {
+                page_size,
+                status: hugepages::pool_status(page_size).into(),
+            })
+            .collect(),
+        checks: LiveChecks {
+            hugetlb_4k_continue: check_hugetlb_4k_continue(),
+            uffd_on_guest_memfd: check_uffd_on_guest_memfd(),
+        },
+    }
+}
+
+fn probe_kvm() -> KvmReport {
+    let kvm = Kvm::new();
+    let mut report = KvmReport {
+        flavour: KvmFlavour::detect(),
+        dev_kvm: Availability::from_result(&kvm),
+        api_version: None,
+        caps: None,
+    };
+    let Ok(kvm) = kvm else {
+        return report;
+    };
+    report.api_version = Some(kvm.get_api_version());
+    report.caps = Some(match kvm.create_vm() {
+        Err(e) => Probed::Error(format!("KVM_CREATE_VM: {e}")),
+        Ok(vm) => {
+            let raw = |cap: u32| u64::try_from(vm.check_extension_raw(u64::from(cap))).unwrap_or(0);
+            let int = |cap: Cap| u64::try_from(vm.check_extension_int(cap)).unwrap_or(0);
+            let guest_memfd_flags = raw(KVM_CAP_GUEST_MEMFD_FLAGS);
+            let manual = raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
+            let tsc_khz = match vm.create_vcpu(0) {
+                Ok(vcpu) => vcpu.get_tsc_khz().into(),
+                Err(e) => Probed::Error(format!("KVM_CREATE_VCPU: {e}")),
+            };
+            Probed::Value(KvmCaps {
+                irqchip: vm.check_extension(Cap::Irqchip),
+                pit2: vm.check_extension(Cap::Pit2),
+                user_memory2: vm.check_extension(Cap::UserMemory2),
+                guest_memfd: vm.check_extension(Cap::GuestMemfd),
+                guest_memfd_flags,
+                guest_memfd_flag_names: guest_memfd::flag_names(guest_memfd_flags),
+                dirty_log_ring_max_bytes: int(Cap::DirtyLogRing),
+                dirty_log_ring_acq_rel_max_bytes: raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL),
+                manual_dirty_log_protect2: manual,
+                manual_dirty_log_protect2_names: [
+                    (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, "MANUAL_PROTECT_ENABLE"),
+                    (KVM_DIRTY_LOG_INITIALLY_SET, "INITIALLY_SET"),
+                ]
+                .into_iter()
+                .filter(|(bit, _)| manual & u64::from(*bit) != 0)
+                .map(|(_, name)| name.to_string())
+                .collect(),
+                nr_vcpus: int(Cap::NrVcpus),
+                max_vcpus: int(Cap::MaxVcpus),
+                nr_memslots: int(Cap::NrMemslots),
+                tsc_khz,
+            })
+        }
+    });
+    report
+}
+
+/// A new userfaultfd from the system call, non-blocking and close-on-exec.
+fn uffd_from_syscall() -> io::Result<OwnedFd> {
+    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the system call returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new userfaultfd from `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`).
+fn uffd_from_dev() -> io::Result<OwnedFd> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")?;
+    // SAFETY: USERFAULTFD_IOC_NEW on /dev/userfaultfd takes the new fd's open flags as its
+    // argument and returns a new fd or -1.
+    let fd = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            USERFAULTFD_IOC_NEW,
+            libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `UFFDIO_API` handshake asking for `features`; returns the features the kernel supports.
+fn uffd_api(uffd: &OwnedFd, features: u64) -> io::Result<u64> {
+    let mut api = uffd_sys::uffdio_api {
+        api: uffd_sys::UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes exactly one `uffdio_api`, which lives on our stack.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_sys::UFFDIO_API as _, &mut api) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(api.features)
+}
+
+fn probe_uffd() -> UffdReport {
+    let syscall = uffd_from_syscall();
+    let dev = uffd_from_dev();
+    // Ask whichever fd we got for the feature list (features 0: the kernel reports all).
+    let features: Probed<u64> = match syscall.as_ref().or(dev.as_ref()) {
+        Ok(fd) => uffd_api(fd, 0).map_err(|e| format!("UFFDIO_API: {e}")).into(),
+        Err(e) => Probed::Error(format!("no userfaultfd: {e}")),
+    };
+    let feature_names = match features {
+        Probed::Value(f) => uffd_feature_names(f),
+        Probed::Error(_) => Vec::new(),
+    };
+    UffdReport {
+        syscall: Availability::from_result(&syscall),
+        dev_userfaultfd: Availability::from_result(&dev),
+        features,
+        feature_names,
+    }
+}
+
+/// `UFFDIO_REGISTER` of `len` bytes at `addr` in `mode`.
+fn uffd_register(uffd: &OwnedFd, addr: u64, len: u64, mode: u64) -> io::Result<()> {
+    let mut reg = uffd_sys::uffdio_register {
+        range: uffd_sys::uffdio_range { start: addr, len },
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes exactly one `uffdio_register` on our stack.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_sys::UFFDIO_REGISTER as _, &mut reg) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `UFFDIO_CONTINUE` of `len` bytes at `addr`; returns the bytes mapped.
+fn uffd_continue(uffd: &OwnedFd, addr: u64, len: u64) -> io::Result<i64> {
+    let mut cont = uffd_sys::uffdio_continue {
+        range: uffd_sys::uffdio_range { start: addr, len },
+        mode: 0,
+        mapped: 0,
+    };
+    // SAFETY: UFFDIO_CONTINUE reads and writes exactly one `uffdio_continue` on our stack.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_sys::UFFDIO_CONTINUE as _, &mut cont) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cont.mapped)
+}
+
+fn is_einval(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
+}
+
+/// Live check "4 KiB UFFDIO_CONTINUE on hugetlb (HGM)": MINOR-registers a 2 MiB hugetlb memfd
+/// mapping, puts the page in the page cache through a second mapping, and asks to map only its
+/// first 4 KiB. EINVAL means the kernel has no high-granularity hugetlb mapping. Needs one free
+/// 2 MiB huge page (skipped otherwise); the page is given back at the end.
+pub fn check_hugetlb_4k_continue() -> Check {
+    let backing = Backing::Hugetlb2m;
+    match hugepages::pool_status(PAGE_SIZE_2M) {
+        Err(e) => return Check::Skipped(format!("cannot read the 2 MiB pool: {e}")),
+        Ok(s) if s.available() == 0 => {
+            return Check::Skipped(format!(
+                "no free 2 MiB huge page; reserve one with: {}",
+                hugepages::reserve_command(PAGE_SIZE_2M, s.total + 1)
+            ))
+        }
+        Ok(_) => {}
+    }
+    let run = || -> Result<Check, String> {
+        let uffd = uffd_from_syscall().map_err(|e| format!("userfaultfd: {e}"))?;
+        let features = uffd_api(&uffd, uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
+        match features {
+            Err(e) if is_einval(&e) => {
+                return Ok(Check::Unsupported(
+                    "UFFDIO_API refuses UFFD_FEATURE_MINOR_HUGETLBFS".into(),
+                ))
+            }
+            Err(e) => return Err(format!("UFFDIO_API: {e}")),
+            Ok(_) => {}
+        }
+        let size = PAGE_SIZE_2M as usize;
+        let file = hugetlb::create_file(backing, size).map_err(|e| e.to_string())?;
+        let alias = Mapping::shared(std::os::fd::AsFd::as_fd(&file), 0, size)
+            .map_err(|e| format!("mmap of the alias: {e}"))?;
+        // The primary mapping is never touched by this thread: a touch of a registered, unmapped
+        // page would wait for a CONTINUE that only this thread could send.
+        let primary = Mapping::shared(std::os::fd::AsFd::as_fd(&file), 0, size)
+            .map_err(|e| format!("mmap of the primary: {e}"))?;
+        // SAFETY: in bounds of the live alias mapping; this faults the huge page into the
+        // page cache.
+        unsafe { alias.as_ptr().write_volatile(0xa5) };
+        uffd_register(
+            &uffd,
+            primary.addr(),
+            PAGE_SIZE_2M,
+            uffd_sys::UFFDIO_REGISTER_MODE_MINOR,
+        )
+        .map_err(|e| format!("UFFDIO_REGISTER (MINOR) of a 2 MiB hugetlb mapping: {e}"))?;
+        let small = uffd_continue(&uffd, primary.addr(), PAGE_SIZE_4K);
+        // Control: continuing the whole huge page must work, or the test itself is broken.
+        let whole = match &small {
+            Ok(_) => None,
+            Err(_) => Some(uffd_continue(&uffd, primary.addr(), PAGE_SIZE_2M)),
+        };
+        let check = match (small, whole) {
+            (Ok(mapped), _) => {
+                // SAFETY: the first 4 KiB are mapped now, so this read does not fault into
+                // userfaultfd.
+                let seen = unsafe { primary.as_ptr().read_volatile() };
+                Check::Supported(format!(
+                    "UFFDIO_CONTINUE of 4 KiB in a 2 MiB hugetlb page mapped {mapped} bytes \
+                     (read back {seen:#x})"
+                ))
+            }
+            (Err(e), Some(Ok(_))) if is_einval(&e) => Check::Unsupported(
+                "UFFDIO_CONTINUE of 4 KiB in a 2 MiB hugetlb page: EINVAL (no HGM); \
+                 the whole 2 MiB page continues fine"
+                    .into(),
+            ),
+            (Err(e), Some(Ok(_))) => {
+                Check::Failed(format!("UFFDIO_CONTINUE of 4 KiB: {e} (2 MiB works)"))
+            }
+            (Err(e), whole) => Check::Failed(format!(
+                "UFFDIO_CONTINUE of 4 KiB: {e}; of the whole 2 MiB page: {}",
+                match whole {
+                    Some(Err(w)) => w.to_string(),
+                    _ => "not tried".into(),
+                }
+            )),
+        };
+        // Close the userfaultfd (unregisters) before unmapping.
+        drop(uffd);
+        drop(primary);
+        drop(alias);
+        Ok(check)
+    };
+    run().unwrap_or_else(Check::Failed)
+}
+
+/// Live check "userfaultfd on guest_memfd": tries to register a guest_memfd mapping with
+/// userfaultfd MINOR (and MISSING). EINVAL means guest_memfd cannot be userfault-tracked.
+pub fn check_uffd_on_guest_memfd() -> Check {
+    let run = || -> Result<Check, String> {
+        let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+        let size = PAGE_SIZE_2M;
+        let gmem = match guest_memfd::create(&vm, size) {
+            Ok(fd) => fd,
+            Err(e) => return Ok(Check::Skipped(format!("no mappable guest_memfd: {e}"))),
+        };
+        let map = Mapping::shared(std::os::fd::AsFd::as_fd(&gmem), 0, size as usize)
+            .map_err(|e| format!("mmap of the guest_memfd: {e}"))?;
+        let uffd = uffd_from_syscall().map_err(|e| format!("userfaultfd: {e}"))?;
+        uffd_api(&uffd, 0).map_err(|e| format!("UFFDIO_API: {e}"))?;
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (mode, name) in [
+            (uffd_sys::UFFDIO_REGISTER_MODE_MINOR, "MINOR"),
+            (uffd_sys::UFFDIO_REGISTER_MODE_MISSING, "MISSING"),
+        ] {
+            match uffd_register(&uffd, map.addr(), size, mode) {
+                Ok(()) => accepted.push(name),
+                Err(e) if is_einval(&e) => refused.push(name),
+                Err(e) => return Err(format!("UFFDIO_REGISTER ({name}) of guest_memfd: {e}")),
+            }
+        }
+        drop(uffd);
+        Ok(match (accepted.is_empty(), refused.is_empty()) {
+            (true, _) => Check::Unsupported(format!(
+                "UFFDIO_REGISTER of a guest_memfd mapping: EINVAL for {}",
+                refused.join(", ")
+            )),
+            (false, true) => Check::Supported(format!(
+                "UFFDIO_REGISTER of a guest_memfd mapping accepted for {}",
+                accepted.join(", ")
+            )),
+            (false, false) => Check::Supported(format!(
+                "UFFDIO_REGISTER of a guest_memfd mapping accepted for {}, EINVAL for {}",
+                accepted.join(", "),
+                refused.join(", ")
+            )),
+        })
+    };
+    run().unwrap_or_else(Check::Failed)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn names(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join("|")
+    }
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kernel release:  {}", self.kernel_release)?;
+        writeln!(f, "KVM flavour:     {}", self.kvm.flavour)?;
+        write!(f, "/dev/kvm:        {}", self.kvm.dev_kvm)?;
+        if let Some(v) = self.kvm.api_version {
+            write!(f, ", API version {v}")?;
+        }
+        writeln!(f)?;
+        match &self.kvm.caps {
+            None => {}
+            Some(Probed::Error(e)) => writeln!(f, "  capabilities: error: {e}")?,
+            Some(Probed::Value(c)) => {
+                writeln!(
+                    f,
+                    "  IRQCHIP {}, PIT2 {}, USER_MEMORY2 {}, GUEST_MEMFD {}",
+                    yes_no(c.irqchip),
+                    yes_no(c.pit2),
+                    yes_no(c.user_memory2),
+                    yes_no(c.guest_memfd)
+                )?;
+                writeln!(
+                    f,
+                    "  GUEST_MEMFD_FLAGS {:#x} ({})",
+                    c.guest_memfd_flags,
+                    names(&c.guest_memfd_flag_names)
+                )?;
+                writeln!(
+                    f,
+                    "  DIRTY_LOG_RING max {} bytes, DIRTY_LOG_RING_ACQ_REL max {} bytes",
+                    c.dirty_log_ring_max_bytes, c.dirty_log_ring_acq_rel_max_bytes
+                )?;
+                writeln!(
+                    f,
+                    "  MANUAL_DIRTY_LOG_PROTECT2 {:#x} ({})",
+                    c.manual_dirty_log_protect2,
+                    names(&c.manual_dirty_log_protect2_names)
+                )?;
+                writeln!(
+                    f,
+                    "  NR_VCPUS {}, MAX_VCPUS {}, NR_MEMSLOTS {}, TSC {} kHz",
+                    c.nr_vcpus, c.max_vcpus, c.nr_memslots, c.tsc_khz
+                )?;
+            }
+        }
+        let u = &self.userfaultfd;
+        writeln!(
+            f,
+            "userfaultfd:     syscall {}, /dev/userfaultfd {}",
+            u.syscall, u.dev_userfaultfd
+        )?;
+        match &u.features {
+            Probed::Value(v) => writeln!(f, "  features {v:#x}: {}", names(&u.feature_names))?,
+            Probed::Error(e) => writeln!(f, "  features: error: {e}")?,
+        }
+        writeln!(f, "huge page pools:")?;
+        for p in &self.hugepages {
+            let label = match p.page_size {
+                PAGE_SIZE_1G => "1 GiB".to_string(),
+                PAGE_SIZE_2M => "2 MiB".to_string(),
+                other => format!("{} kB", other / 1024),
+            };
+            match &p.status {
+                Probed::Value(s) => writeln!(
+                    f,
+                    "  {label}: {} total, {} free ({} reserved, {} surplus)",
+                    s.total, s.free, s.reserved, s.surplus
+                )?,
+                Probed::Error(e) => writeln!(f, "  {label}: error: {e}")?,
+            }
+        }
+        writeln!(f, "live checks:")?;
+        writeln!(
+            f,
+            "  4 KiB UFFDIO_CONTINUE on hugetlb (HGM): {}",
+            self.checks.hugetlb_4k_continue
+        )?;
+        write!(
+            f,
+            "  userfaultfd on guest_memfd: {}",
+            self.checks.uffd_on_guest_memfd
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{lock_hugepages, PoolReservation};
+
+    #[test]
+    fn feature_names_decode() {
+        assert_eq!(
+            uffd_feature_names(uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS | UFFD_FEATURE_MOVE | 1 << 40),
+            vec!["MINOR_HUGETLBFS", "MOVE", "bit 40"]
+        );
+        assert!(uffd_feature_names(0).is_empty());
+    }
+
+    #[test]
+    fn probe_reports_this_host() {
+        let _lock = lock_hugepages().unwrap();
+        let before = hugepages::pool_status(PAGE_SIZE_2M).unwrap();
+        // Make sure the HGM check can run: one free 2 MiB page.
+        let _pool = PoolReservation::ensure_available(PAGE_SIZE_2M, 1).unwrap();
+        let report = probe();
+        let text = report.to_string();
+        println!("{text}");
+        let json = serde_json::to_string_pretty(&report).unwrap();
+        println!("{json}");
+
+        assert!(report.kvm.dev_kvm.available, "{text}");
+        assert_eq!(report.kvm.api_version, Some(12));
+        let Some(Probed::Value(caps)) = &report.kvm.caps else {
+            panic!("no caps: {text}");
+        };
+        assert!(caps.user_memory2 && caps.nr_memslots > 0, "{text}");
+        assert!(matches!(report.userfaultfd.features, Probed::Value(f) if f != 0), "{text}");
+        assert!(report.userfaultfd.syscall.available, "{text}");
+        assert_eq!(report.hugepages.len(), 2);
+        // Both live checks must reach a verdict on this host.
+        for check in [
+            &report.checks.hugetlb_4k_continue,
+            &report.checks.uffd_on_guest_memfd,
+        ] {
+            assert!(
+                matches!(check, Check::Supported(_) | Check::Unsupported(_)),
+                "{text}"
+            );
+        }
+        assert!(text.contains("4 KiB UFFDIO_CONTINUE on hugetlb (HGM): "), "{text}");
+        assert!(json.contains("\"hugetlb_4k_continue\""), "{json}");
+        drop(_pool);
+        assert_eq!(hugepages::pool_status(PAGE_SIZE_2M).unwrap(), before);
+    }
+}

@@ -1,0 +1,365 @@
+//! vCPUs: creation, boot state, the run loop on a thread of its own, and pause/resume.
+//!
+//! Each vCPU thread owns its `VcpuFd`. Other threads control it through a [`VcpuHandle`]:
+//! `pause()` sets the wanted state and kicks the thread out of `KVM_RUN` with a signal (resent
+//! until the thread confirms, since a signal that lands just before `KVM_RUN` is lost), and work
+//! that needs the fd (saving or restoring state for migration) is sent to the paused thread as a
+//! job. A vCPU blocked in a userfault is not freed by the signal; it pauses once the fault is
+//! served, which is why the fault service must keep running while vCPUs are being paused.
+
+pub mod boot_regs;
+pub mod cpuid;
+pub mod state;
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::{DeviceAction, Devices};
+
+pub use state::VcpuState;
+
+/// Errors of vCPU set-up and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot build an MSR list of {0} entries")]
+    MsrCount(usize),
+    #[error("KVM refused to set MSR {index:#x}")]
+    MsrRejected { index: u32 },
+    #[error("cannot start vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("vCPU {0} is not running any more")]
+    Gone(u8),
+    #[error("saving vCPU state: {0}")]
+    SaveState(String),
+    #[error("restoring vCPU state: {0}")]
+    RestoreState(String),
+}
+
+/// Why a VM stopped, as its vCPUs saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote this exit code to the exit port or the debug device.
+    GuestExit(i32),
+    /// The guest asked for a reset (i8042) or triple-faulted.
+    Reset,
+    /// The guest hit something KVM could not run (message says what).
+    Crash(String),
+    /// The VMM stopped it (signal, migration handed it over, ...).
+    Stopped,
+}
+
+/// Where vCPUs report that the VM must stop; the VMM's main thread waits on it.
+#[derive(Default)]
+pub struct StopSignal {
+    reason: Mutex<Option<StopReason>>,
+    cond: Condvar,
+}
+
+impl StopSignal {
+    /// Records the first stop reason; later ones are ignored.
+    pub fn stop(&self, reason: StopReason) {
+        if let Ok(mut r) = self.reason.lock() {
+            if r.is_none() {
+                *r = Some(reason);
+            }
+            self.cond.notify_all();
+        }
+    }
+
+    /// Waits up to `timeout` for a stop; returns the reason if there is one.
+    pub fn wait(&self, timeout: Duration) -> Option<StopReason> {
+        let r = self.reason.lock().ok()?;
+        if r.is_some() {
+            return r.clone();
+        }
+        let (r, _) = self.cond.wait_timeout(r, timeout).ok()?;
+        r.clone()
+    }
+
+    /// The reason, if the VM stopped.
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Want {
+    Run,
+    Pause,
+    Quit,
+}
+
+struct Control {
+    want: Want,
+    /// The thread is parked (not in KVM_RUN) and will not enter it until `want` is Run.
+    parked: bool,
+    finished: bool,
+    jobs: Vec<Job>,
+}
+
+struct Shared {
+    ctl: Mutex<Control>,
+    cond: Condvar,
+}
+
+/// Handle to a running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick signal handler. Call once before starting vCPUs.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), noop_handler).map_err(VcpuError::Signal)
+}
+
+/// How long a pause waits between kicks.
+const KICK_INTERVAL: Duration = Duration::from_micros(200);
+
+impl VcpuHandle {
+    /// Starts the run loop of `fd` on a new thread. With `start_paused`, the vCPU waits for
+    /// `resume()` before entering the guest (a migration destination restores state first).
+    pub fn spawn(
+        index: u8,
+        mut fd: VcpuFd,
+        devices: Arc<Devices>,
+        stop: Arc<StopSignal>,
+        start_paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Control {
+                want: if start_paused { Want::Pause } else { Want::Run },
+                parked: false,
+                finished: false,
+                jobs: Vec::new(),
+            }),
+            cond: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                run_loop(index, &mut fd, &devices, &stop, &s);
+                if let Ok(mut c) = s.ctl.lock() {
+                    c.finished = true;
+                    c.parked = true;
+                }
+                s.cond.notify_all();
+            })
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle {
+            index,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // A failed kick (thread already gone) is harmless: the caller checks `finished`.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Asks the vCPU to leave the guest and waits until it has.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+        if c.want == Want::Run {
+            c.want = Want::Pause;
+        }
+        while !c.parked && !c.finished {
+            drop(c);
+            self.kick();
+            c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+            if !c.parked && !c.finished {
+                c = self
+                    .shared
+                    .cond
+                    .wait_timeout(c, KICK_INTERVAL)
+                    .map_err(|_| VcpuError::Gone(self.index))?
+                    .0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        if let Ok(mut c) = self.shared.ctl.lock() {
+            if c.want == Want::Pause {
+                c.want = Want::Run;
+            }
+        }
+        self.shared.cond.notify_all();
+    }
+
+    /// Runs `f` with the vCPU's fd on the vCPU thread, which must be paused. Returns its result.
+    pub fn with_fd<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, VcpuError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+            if c.finished {
+                return Err(VcpuError::Gone(self.index));
+            }
+            c.jobs.push(Box::new(move |fd| {
+                let _ = tx.send(f(fd));
+            }));
+        }
+        self.shared.cond.notify_all();
+        rx.recv().map_err(|_| VcpuError::Gone(self.index))
+    }
+
+    /// Stops the thread for good and joins it.
+    pub fn quit(&mut self) {
+        if let Ok(mut c) = self.shared.ctl.lock() {
+            c.want = Want::Quit;
+        }
+        self.shared.cond.notify_all();
+        loop {
+            let done = self.shared.ctl.lock().map(|c| c.finished).unwrap_or(true);
+            if done {
+                break;
+            }
+            self.kick();
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.quit();
+    }
+}
+
+/// Parks while paused, running jobs; returns false if the thread must quit.
+fn wait_while_paused(shared: &Shared, fd: &mut VcpuFd) -> bool {
+    let Ok(mut c) = shared.ctl.lock() else {
+        return false;
+    };
+    loop {
+        let jobs = std::mem::take(&mut c.jobs);
+        if !jobs.is_empty() {
+            drop(c);
+            for job in jobs {
+                job(fd);
+            }
+            c = match shared.ctl.lock() {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            continue;
+        }
+        match c.want {
+            Want::Run => {
+                c.parked = false;
+                return true;
+            }
+            Want::Quit => return false,
+            Want::Pause => {
+                if !c.parked {
+                    c.parked = true;
+                    shared.cond.notify_all();
+                }
+                c = match shared.cond.wait(c) {
+                    Ok(c) => c,
+                    Err(_) => return false,
+                };
+            }
+        }
+    }
+}
+
+fn run_loop(index: u8, fd: &mut VcpuFd, devices: &Devices, stop: &StopSignal, shared: &Shared) {
+    loop {
+        if !wait_while_paused(shared, fd) {
+            return;
+        }
+        let action = match fd.run() {
+            Ok(exit) => handle_exit(index, exit, devices),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(DeviceAction::None),
+            Err(e) => {
+                stop.stop(StopReason::Crash(format!("vCPU {index}: KVM_RUN failed: {e}")));
+                return;
+            }
+        };
+        match action {
+            Ok(DeviceAction::None) => {}
+            Ok(DeviceAction::Exit(code)) => {
+                stop.stop(StopReason::GuestExit(code));
+                return;
+            }
+            Ok(DeviceAction::Reset) => {
+                stop.stop(StopReason::Reset);
+                return;
+            }
+            Err(msg) => {
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                stop.stop(StopReason::Crash(format!("{msg} at rip {rip:#x}")));
+                return;
+            }
+        }
+    }
+}
+
+fn handle_exit(index: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<DeviceAction, String> {
+    match exit {
+        VcpuExit::IoOut(port, data) => Ok(devices.pio_write(port, data)),
+        VcpuExit::IoIn(port, data) => {
+            devices.pio_read(port, data);
+            Ok(DeviceAction::None)
+        }
+        VcpuExit::MmioWrite(addr, data) => Ok(devices.mmio_write(addr, data)),
+        VcpuExit::MmioRead(addr, data) => {
+            devices.mmio_read(addr, data);
+            Ok(DeviceAction::None)
+        }
+        VcpuExit::Hlt => Ok(DeviceAction::None),
+        VcpuExit::Intr => Ok(DeviceAction::None),
+        VcpuExit::Shutdown => Ok(DeviceAction::Reset),
+        VcpuExit::InternalError => Err(format!(
+            "vCPU {index}: KVM internal error (the instruction emulator could not run the guest)"
+        )),
+        VcpuExit::FailEntry(reason, cpu) => Err(format!(
+            "vCPU {index}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+        )),
+        VcpuExit::SystemEvent(ty, _) => {
+            // KVM_SYSTEM_EVENT_SHUTDOWN = 1, RESET = 2.
+            if ty == 2 {
+                Ok(DeviceAction::Reset)
+            } else {
+                Ok(DeviceAction::Exit(0))
+            }
+        }
+        other => Err(format!("vCPU {index}: unexpected exit {other:?}")),
+    }
+}
