@@ -191,6 +191,16 @@ extract_vmlinux() {
         local start=$(((setup_sects + 1) * 512 + payload_offset))
         log "bzImage boot protocol $((version >> 8)).$((version & 0xff)), payload at $start"
         if try_payload_at "$image" "$start" "$tmp"; then
+            # The build appends the uncompressed size (le32) to the payload: check it.
+            local payload_length expected
+            payload_length=$(read_le "$image" 588 4)
+            expected=$(read_le "$image" $((start + payload_length - 4)) 4)
+            local got
+            got=$(stat -c %s "$tmp")
+            if [ "$expected" != "$got" ]; then
+                rm -f "$tmp"
+                die "vmlinux decompressed from $image is $got bytes; the payload says $expected"
+            fi
             mv "$tmp" "$dest"
             return 0
         fi

@@ -7,6 +7,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 crate="$here/workload"
 out="$here/out"
 target_dir="${CARGO_TARGET_DIR:-$crate/target}"
+# cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in (the crate).
+[[ "$target_dir" == /* ]] || target_dir="$crate/$target_dir"
 
 (cd "$crate" && cargo build --release --quiet)
 

@@ -54,13 +54,13 @@ impl DelayProxy {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((client, _)) => {
-                            let _ = std::thread::Builder::new()
-                                .name("delay-conn".into())
-                                .spawn(move || {
+                            let _ = std::thread::Builder::new().name("delay-conn".into()).spawn(
+                                move || {
                                     if let Err(e) = forward(client, upstream, delay) {
                                         tracing::debug!("delay proxy connection: {e}");
                                     }
-                                });
+                                },
+                            );
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }

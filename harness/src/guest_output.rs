@@ -40,6 +40,7 @@ pub struct WorkloadStart {
     pub writes: String,
     pub passes: u64,
     pub seed: u64,
+    /// 0 when the VMM gave none (times are then in TSC cycles).
     pub tsc_khz: u64,
 }
 
@@ -81,6 +82,7 @@ pub struct WorkloadResult {
     pub pages: u64,
     pub mismatches: u64,
     pub ft_count: u64,
+    /// 0 when the guest reported cycles (no tsc_khz).
     pub ft_p50_ns: u64,
     pub ft_p99_ns: u64,
     pub ft_max_ns: u64,
@@ -149,6 +151,14 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A numeric field that older or cycle-unit output may lack (0 then).
+    fn num_or_zero(&self, field: &'static str) -> Result<u64, ParseError> {
+        match self.map.get(field) {
+            Some(v) => parse_u64(v).ok_or_else(|| self.bad(field, v)),
+            None => Ok(0),
+        }
+    }
+
     fn num(&self, field: &'static str) -> Result<u64, ParseError> {
         let v = self.str(field)?;
         parse_u64(v).ok_or_else(|| self.bad(field, v))
@@ -184,7 +194,7 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseErr
                 writes: f.str("writes")?.to_string(),
                 passes: f.num("passes")?,
                 seed: f.num("seed")?,
-                tsc_khz: f.num("tsc_khz")?,
+                tsc_khz: f.num_or_zero("tsc_khz")?,
             })
         }
         "pass" => {
@@ -238,9 +248,9 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseErr
                 pages: f.num("pages")?,
                 mismatches: f.num("mismatches")?,
                 ft_count: f.num("ft_count")?,
-                ft_p50_ns: f.num("ft_p50_ns")?,
-                ft_p99_ns: f.num("ft_p99_ns")?,
-                ft_max_ns: f.num("ft_max_ns")?,
+                ft_p50_ns: f.num_or_zero("ft_p50_ns")?,
+                ft_p99_ns: f.num_or_zero("ft_p99_ns")?,
+                ft_max_ns: f.num_or_zero("ft_max_ns")?,
             })
         }
         _ => return Ok(None),
@@ -359,7 +369,7 @@ mod tests {
 
     const TRANSCRIPT: &str = "\
 vmm: guest starting
-WORKLOAD start vcpus=2 span_bytes=268435456 pages=65536 pattern=random writes=on passes=0 seed=7 tsc_khz=2100000
+WORKLOAD start vcpus=2 span_bytes=268435456 pages=65536 pattern=random writes=100 passes=0 seed=7 tsc_khz=2100000 pt=1g usable_bytes=268000000
 WORKLOAD pass n=1 pages=65536 mismatches=0 elapsed_ms=812 slow_accesses=3
 WORKLOAD HIST name=access_slow unit=ns buckets=16384:2,32768:1
 [serial] WORKLOAD pass n=2 pages=65536 mismatches=1 elapsed_ms=900 slow_accesses=0
@@ -400,7 +410,11 @@ WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50
 
     #[test]
     fn rejects_malformed_known_lines() {
-        assert!(parse_line(1, "WORKLOAD pass n=1 pages=x mismatches=0 elapsed_ms=1 slow_accesses=0").is_err());
+        assert!(parse_line(
+            1,
+            "WORKLOAD pass n=1 pages=x mismatches=0 elapsed_ms=1 slow_accesses=0"
+        )
+        .is_err());
         assert!(parse_line(1, "WORKLOAD pass n=1").is_err());
         assert!(parse_line(1, "WORKLOAD HIST name=a unit=ns buckets=1:2,3").is_err());
         assert!(parse_line(1, "WORKLOAD RESULT status=maybe passes=1 pages=1 mismatches=0 ft_count=0 ft_p50_ns=0 ft_p99_ns=0 ft_max_ns=0").is_err());

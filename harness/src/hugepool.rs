@@ -20,7 +20,11 @@ pub enum PoolError {
     #[error("{path} holds {text:?}, not a page count")]
     Parse { path: String, text: String },
     #[error("asked for {wanted} free {size_kib} KiB huge pages, the pool could give only {got}")]
-    Short { size_kib: u64, wanted: u64, got: u64 },
+    Short {
+        size_kib: u64,
+        wanted: u64,
+        got: u64,
+    },
 }
 
 fn pool_file(size_kib: u64, name: &str) -> String {

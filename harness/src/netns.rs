@@ -80,6 +80,8 @@ pub fn tbf_burst_bytes(rate_mbit: u64) -> u64 {
 pub struct NetnsPair {
     src: String,
     dst: String,
+    veth_src: String,
+    veth_dst: String,
     rate_mbit: Option<u64>,
 }
 
@@ -99,6 +101,8 @@ impl NetnsPair {
         let pair = Self {
             src,
             dst,
+            veth_src: vs.clone(),
+            veth_dst: vd.clone(),
             rate_mbit,
         };
         for ns in [&pair.src, &pair.dst] {
@@ -138,6 +142,14 @@ impl NetnsPair {
         match side {
             Side::Src => &self.src,
             Side::Dst => &self.dst,
+        }
+    }
+
+    /// The veth device of one side (named inside that side's namespace).
+    pub fn veth_name(&self, side: Side) -> &str {
+        match side {
+            Side::Src => &self.veth_src,
+            Side::Dst => &self.veth_dst,
         }
     }
 
@@ -260,7 +272,10 @@ mod tests {
     #[test]
     fn pair_carries_traffic_under_the_cap_and_is_removed() {
         let pair = NetnsPair::create(Some(200)).unwrap();
-        let (src, dst) = (pair.name(Side::Src).to_string(), pair.name(Side::Dst).to_string());
+        let (src, dst) = (
+            pair.name(Side::Src).to_string(),
+            pair.name(Side::Dst).to_string(),
+        );
         assert!(std::path::Path::new(&format!("/run/netns/{dst}")).exists());
         let server = pair
             .run_in(Side::Dst, || {
@@ -276,9 +291,15 @@ mod tests {
             .unwrap()
             .unwrap();
         // 200 Mbit/s cap: well below loopback speed, and not far below the cap.
-        assert!(gbps < 0.3 && gbps > 0.1, "{gbps} Gbit/s under a 200 Mbit/s cap");
+        assert!(
+            gbps < 0.3 && gbps > 0.1,
+            "{gbps} Gbit/s under a 200 Mbit/s cap"
+        );
         // The root namespace cannot reach it.
-        assert!(std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).is_err());
+        assert!(
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300))
+                .is_err()
+        );
         drop(server);
         drop(pair);
         assert!(!std::path::Path::new(&format!("/run/netns/{src}")).exists());

@@ -62,10 +62,11 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self, ProcessError> {
         let out_path = log.with_extension("out");
         let err_path = log.with_extension("err");
-        let mut out_file = std::fs::File::create(&out_path).map_err(|source| ProcessError::Log {
-            path: out_path.clone(),
-            source,
-        })?;
+        let mut out_file =
+            std::fs::File::create(&out_path).map_err(|source| ProcessError::Log {
+                path: out_path.clone(),
+                source,
+            })?;
         let err_file = std::fs::File::create(&err_path).map_err(|source| ProcessError::Log {
             path: err_path.clone(),
             source,
@@ -88,13 +89,10 @@ impl Proc {
                 for text in BufReader::new(stdout).lines() {
                     let Ok(text) = text else { break };
                     let _ = writeln!(out_file, "{text}");
-                    lines
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(Line {
-                            at: Instant::now(),
-                            text,
-                        });
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(Line {
+                        at: Instant::now(),
+                        text,
+                    });
                 }
             })
         });

@@ -92,6 +92,10 @@ pub struct ScenarioResult {
     pub pages_fetched_local: Option<u64>,
     pub guest_mismatches: Option<u64>,
     pub guest_ok: Option<bool>,
+    /// Slow accesses (> 2 us) the guest reported in passes that ended before the migration
+    /// began: noise included in `fault_us`, which the guest accumulates over the whole run.
+    #[serde(default)]
+    pub guest_slow_before_migration: Option<u64>,
     /// Histogram kind -> file name relative to `DIR/hist/`.
     #[serde(default)]
     pub histograms: BTreeMap<String, String>,
@@ -143,6 +147,7 @@ impl ScenarioResult {
             pages_fetched_local: None,
             guest_mismatches: None,
             guest_ok: None,
+            guest_slow_before_migration: None,
             histograms: BTreeMap::new(),
             throughput_series: Vec::new(),
             fault_series: Vec::new(),
@@ -396,7 +401,11 @@ mod tests {
         let s = &m.scenarios[0];
         assert_eq!(s.runs, 2);
         assert_eq!(s.fault_us.count, 5);
-        assert!((s.fault_us.p50 - 30.0).abs() < 0.1, "p50 {}", s.fault_us.p50);
+        assert!(
+            (s.fault_us.p50 - 30.0).abs() < 0.1,
+            "p50 {}",
+            s.fault_us.p50
+        );
         assert_eq!(s.blackout_ms, Some(3.0));
         assert_eq!(s.faults_served, Some(5));
         let again = Results::load(out.path()).unwrap();

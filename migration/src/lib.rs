@@ -2,6 +2,11 @@
 //! destination protocol drivers, and (in `postcopy`) the destination's userfaultfd memory engine.
 
 pub mod auth;
+pub mod destination;
+pub mod source;
+pub mod stats;
+pub mod transport;
+pub mod postcopy;
 pub mod types;
 pub mod wire;
 

@@ -297,3 +297,212 @@ impl RamLayout {
         (count > 0 && end <= r.gpa + r.size).then_some(first)
     }
 }
+
+/// A set of pages of a [`RamLayout`], by global page index (which pages a side holds or must
+/// send). Also what a postcopy recovery would exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageSet {
+    bits: Vec<u64>,
+    len: u64,
+}
+
+impl PageSet {
+    /// An empty set over `len` pages.
+    pub fn new(len: u64) -> Self {
+        PageSet { bits: vec![0; len.div_ceil(64) as usize], len }
+    }
+
+    /// A set holding all `len` pages.
+    pub fn full(len: u64) -> Self {
+        let mut s = Self::new(len);
+        s.insert_range(0, len);
+        s
+    }
+
+    /// Number of pages the set ranges over.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the set ranges over no pages.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, i: u64) -> bool {
+        i < self.len && self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Insert page `i`; returns whether it was absent.
+    pub fn insert(&mut self, i: u64) -> bool {
+        let w = &mut self.bits[(i / 64) as usize];
+        let was = *w & (1 << (i % 64)) != 0;
+        *w |= 1 << (i % 64);
+        !was
+    }
+
+    pub fn remove(&mut self, i: u64) {
+        self.bits[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+
+    /// Insert pages `start..start+count`.
+    pub fn insert_range(&mut self, start: u64, count: u64) {
+        for i in start..start + count {
+            self.insert(i);
+        }
+    }
+
+    /// OR a per-slot dirty bitmap (bit i = page i of the region) in at global page `first`.
+    pub fn or_bitmap(&mut self, first: u64, pages: u64, bitmap: &[u64]) {
+        for (wi, &word) in bitmap.iter().enumerate() {
+            let mut w = word;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                let p = wi as u64 * 64 + bit;
+                if p < pages {
+                    self.insert(first + p);
+                }
+            }
+        }
+    }
+
+    /// Number of pages in the set.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// The pages in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(|(wi, &word)| {
+            let mut w = word;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(wi as u64 * 64 + bit)
+            })
+        })
+    }
+
+    /// The set as the raw bitmap (bit i of word i/64 = page i).
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+}
+
+/// A [`PageSet`] that several threads update (e.g. pages already sent during postcopy).
+#[derive(Debug)]
+pub struct AtomicPageSet {
+    bits: Vec<std::sync::atomic::AtomicU64>,
+    len: u64,
+}
+
+impl AtomicPageSet {
+    /// A set initialised from `set`.
+    pub fn from_set(set: &PageSet) -> Self {
+        AtomicPageSet {
+            bits: set.words().iter().map(|&w| std::sync::atomic::AtomicU64::new(w)).collect(),
+            len: set.len(),
+        }
+    }
+
+    /// An empty set over `len` pages.
+    pub fn new(len: u64) -> Self {
+        Self::from_set(&PageSet::new(len))
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, i: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        i < self.len && self.bits[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Insert page `i`; returns whether this call inserted it (it was absent).
+    pub fn insert(&self, i: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let old = self.bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
+        old & (1 << (i % 64)) == 0
+    }
+
+    /// First page not in the set at or after `from`, wrapping around to 0; None if full.
+    pub fn next_absent(&self, from: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        if self.len == 0 {
+            return None;
+        }
+        let from = from % self.len;
+        let words = self.bits.len();
+        let start_word = (from / 64) as usize;
+        for step in 0..=words {
+            let wi = (start_word + step) % words;
+            let mut absent = !self.bits[wi].load(Ordering::Acquire);
+            if step == 0 {
+                absent &= u64::MAX << (from % 64);
+            }
+            while absent != 0 {
+                let p = wi as u64 * 64 + absent.trailing_zeros() as u64;
+                if p < self.len {
+                    return Some(p);
+                }
+                absent &= absent - 1;
+            }
+        }
+        // The wrapped-around part of the first word.
+        let wi = start_word;
+        let absent = !self.bits[wi].load(Ordering::Acquire) & !(u64::MAX << (from % 64));
+        (absent != 0).then(|| wi as u64 * 64 + absent.trailing_zeros() as u64)
+    }
+
+    /// A plain copy of the set.
+    pub fn snapshot(&self) -> PageSet {
+        use std::sync::atomic::Ordering;
+        let mut s = PageSet::new(self.len);
+        for (d, w) in s.bits.iter_mut().zip(&self.bits) {
+            *d = w.load(Ordering::Acquire);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sets() {
+        let mut s = PageSet::new(130);
+        s.insert_range(60, 10);
+        assert_eq!(s.count(), 10);
+        assert_eq!(s.iter().collect::<Vec<_>>(), (60..70).collect::<Vec<_>>());
+        s.or_bitmap(128, 2, &[0b111]);
+        assert_eq!(s.count(), 12, "bits past the region are ignored");
+        let a = AtomicPageSet::from_set(&PageSet::full(130));
+        assert_eq!(a.next_absent(5), None);
+        let a = AtomicPageSet::new(130);
+        assert_eq!(a.next_absent(129), Some(129));
+        assert!(a.insert(129));
+        assert!(!a.insert(129));
+        assert_eq!(a.next_absent(129), Some(0));
+        for i in 0..129 {
+            a.insert(i);
+        }
+        a.snapshot();
+        assert_eq!(a.next_absent(3), None);
+        let b = AtomicPageSet::new(100);
+        for i in 10..100 {
+            b.insert(i);
+        }
+        assert_eq!(b.next_absent(50), Some(0));
+        assert_eq!(b.next_absent(5), Some(5));
+    }
+}

@@ -607,7 +607,15 @@ fn header(kind: Kind, len: usize) -> FrameHeader {
 
 /// Append the encoded frame of `msg` to `out`.
 pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
+    let tail = encode_parts(msg, out);
+    out.extend_from_slice(tail);
+}
+
+/// Append the header and fixed part of `msg`'s frame to `out`; returns the variable data that
+/// must follow (page data, state blob), which the header's length already counts.
+pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
     let start = out.len();
+    let mut tail: &'m [u8] = &[];
     out.extend_from_slice(header(msg.kind(), 0).as_bytes());
     match msg {
         Message::Hello { channel, session_id, nonce } => out.extend_from_slice(
@@ -647,7 +655,7 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(
                 RunHead { gpa: U64::new(*gpa), count: U32::new((data.len() / PAGE) as u32), reserved: U32::new(0) }.as_bytes(),
             );
-            out.extend_from_slice(data);
+            tail = data;
         }
         Message::ZeroPages { gpa, count } | Message::Discard { gpa, count } => out.extend_from_slice(
             RunHead { gpa: U64::new(*gpa), count: U32::new(*count), reserved: U32::new(0) }.as_bytes(),
@@ -655,13 +663,13 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
         Message::RoundEnd { round, pages } => out.extend_from_slice(
             RoundEndBody { pages: U64::new(*pages), round: U32::new(*round), reserved: U32::new(0) }.as_bytes(),
         ),
-        Message::State(data) => out.extend_from_slice(data),
+        Message::State(data) => tail = data,
         Message::PageRequest { id, gpa } => {
             out.extend_from_slice(PageHead { id: U64::new(*id), gpa: U64::new(*gpa) }.as_bytes())
         }
         Message::PageReply { id, gpa, data } => {
             out.extend_from_slice(PageHead { id: U64::new(*id), gpa: U64::new(*gpa) }.as_bytes());
-            out.extend_from_slice(data);
+            tail = data;
         }
         Message::Done(s) => out.extend_from_slice(
             DoneBody {
@@ -684,8 +692,9 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(text);
         }
     }
-    let len = out.len() - start - size_of::<FrameHeader>();
+    let len = out.len() - start - size_of::<FrameHeader>() + tail.len();
     out[start..start + size_of::<FrameHeader>()].copy_from_slice(header(msg.kind(), len).as_bytes());
+    tail
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -820,6 +829,11 @@ impl<W: Write> FrameWriter<W> {
         FrameWriter { inner, buf: Vec::new(), bytes: 0, stall_timeout }
     }
 
+    /// Change how long a write may make no progress.
+    pub fn set_stall_timeout(&mut self, t: Duration) {
+        self.stall_timeout = t;
+    }
+
     /// Total bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes
@@ -830,68 +844,55 @@ impl<W: Write> FrameWriter<W> {
         &self.inner
     }
 
-    fn flush_buf(&mut self, during: &'static str) -> Result<(), WireError> {
+    fn write_parts(&mut self, tail: &[u8], during: &'static str) -> Result<(), WireError> {
+        let head = std::mem::take(&mut self.buf);
+        let total = head.len() + tail.len();
+        let mut parts = [io::IoSlice::new(&head), io::IoSlice::new(tail)];
+        let mut slices: &mut [io::IoSlice<'_>] = &mut parts;
         let mut done = 0;
         let mut last_progress = Instant::now();
-        while done < self.buf.len() {
-            match self.inner.write(&self.buf[done..]) {
-                Ok(0) => return Err(WireError::Closed { during }),
+        let mut result = Ok(());
+        while done < total {
+            match self.inner.write_vectored(slices) {
+                Ok(0) => {
+                    result = Err(WireError::Closed { during });
+                    break;
+                }
                 Ok(n) => {
                     done += n;
+                    io::IoSlice::advance_slices(&mut slices, n);
                     last_progress = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
                     let waited = last_progress.elapsed();
                     if waited >= self.stall_timeout {
-                        return Err(WireError::Timeout { during, waited_ms: waited.as_millis() as u64 });
+                        result = Err(WireError::Timeout { during, waited_ms: waited.as_millis() as u64 });
+                        break;
                     }
                 }
                 Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
-                    return Err(WireError::Closed { during })
+                    result = Err(WireError::Closed { during });
+                    break;
                 }
-                Err(source) => return Err(WireError::Io { during, source }),
+                Err(source) => {
+                    result = Err(WireError::Io { during, source });
+                    break;
+                }
             }
         }
         self.bytes += done as u64;
-        Ok(())
+        self.buf = head;
+        result
     }
 
-    /// Encode and send one message.
+    /// Encode and send one message (page data and state are written straight from `msg`).
     pub fn send(&mut self, msg: &Message<'_>, during: &'static str) -> Result<(), WireError> {
-        self.buf.clear();
-        encode(msg, &mut self.buf);
-        self.flush_buf(during)
-    }
-
-    /// Send a Pages frame of `count` pages from `gpa` whose data `fill` writes in place
-    /// (saves a copy when the data comes from guest memory).
-    pub fn send_pages_with(
-        &mut self,
-        gpa: u64,
-        count: u32,
-        fill: impl FnOnce(&mut [u8]),
-        during: &'static str,
-    ) -> Result<(), WireError> {
-        let hlen = size_of::<FrameHeader>() + size_of::<RunHead>();
-        let data_len = count as usize * PAGE;
-        self.buf.clear();
-        self.buf.extend_from_slice(header(Kind::Pages, size_of::<RunHead>() + data_len).as_bytes());
-        self.buf.extend_from_slice(RunHead { gpa: U64::new(gpa), count: U32::new(count), reserved: U32::new(0) }.as_bytes());
-        self.buf.resize(hlen + data_len, 0);
-        fill(&mut self.buf[hlen..]);
-        self.flush_buf(during)
-    }
-
-    /// Send a PageReply whose 4096 data bytes `fill` writes in place.
-    pub fn send_reply_with(&mut self, id: u64, gpa: u64, fill: impl FnOnce(&mut [u8]), during: &'static str) -> Result<(), WireError> {
-        let hlen = size_of::<FrameHeader>() + size_of::<PageHead>();
-        self.buf.clear();
-        self.buf.extend_from_slice(header(Kind::PageReply, size_of::<PageHead>() + PAGE).as_bytes());
-        self.buf.extend_from_slice(PageHead { id: U64::new(id), gpa: U64::new(gpa) }.as_bytes());
-        self.buf.resize(hlen + PAGE, 0);
-        fill(&mut self.buf[hlen..]);
-        self.flush_buf(during)
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let tail = encode_parts(msg, &mut buf);
+        self.buf = buf;
+        self.write_parts(tail, during)
     }
 }
 

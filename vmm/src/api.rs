@@ -22,11 +22,20 @@ pub enum ApiError {
     #[error("API socket {path} already exists (another VMM running? remove it if stale)")]
     SocketExists { path: PathBuf },
     #[error("cannot create API socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot set permissions of API socket {path}: {source}")]
-    Chmod { path: PathBuf, source: std::io::Error },
+    Chmod {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot connect to API socket {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("API socket I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("malformed API message: {0}")]

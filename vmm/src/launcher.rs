@@ -39,7 +39,10 @@ pub enum LaunchError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot open serial output file {path}: {source}")]
-    SerialFile { path: PathBuf, source: std::io::Error },
+    SerialFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {0} does not exist")]
     KernelMissing(PathBuf),
     #[error("initrd {0} does not exist")]
@@ -88,7 +91,10 @@ pub fn console_for(target: &SerialTarget) -> Result<Console, LaunchError> {
 }
 
 /// Runs a VM until the guest exits, a signal arrives, or it migrates away.
-pub fn run(cfg: &RunConfig, migrate: Option<Arc<dyn MigrateHandler>>) -> Result<RunOutcome, LaunchError> {
+pub fn run(
+    cfg: &RunConfig,
+    migrate: Option<Arc<dyn MigrateHandler>>,
+) -> Result<RunOutcome, LaunchError> {
     if !cfg.kernel.is_file() {
         return Err(LaunchError::KernelMissing(cfg.kernel.clone()));
     }

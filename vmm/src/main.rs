@@ -12,7 +12,11 @@ use vmm::memory::Backing;
 use vmm::size::parse_size;
 
 #[derive(Parser)]
-#[command(name = "vmm", version, about = "A minimal KVM VMM with huge-page guest RAM and 4 KiB postcopy live migration")]
+#[command(
+    name = "vmm",
+    version,
+    about = "A minimal KVM VMM with huge-page guest RAM and 4 KiB postcopy live migration"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -40,7 +44,8 @@ struct RunArgs {
     /// Initial ramdisk for a Linux kernel.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Kernel command line (default for Linux: "console=ttyS0 reboot=k panic=1 nomodules").
+    /// Kernel command line (default for Linux: "console=ttyS0 earlyprintk=serial,ttyS0,115200
+    /// reboot=k panic=1 nomodules"; the workload guest: see guest-images/workload/README.md).
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest RAM size, e.g. 512M or 2G (a bare number is MiB). Must be a multiple of the

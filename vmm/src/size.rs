@@ -51,6 +51,9 @@ mod tests {
     fn rejects_garbage() {
         assert!(matches!(parse_size("lots"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size(""), Err(SizeError::Malformed(_))));
-        assert!(matches!(parse_size("99999999999T"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 }

@@ -83,7 +83,9 @@ impl Vm {
             });
         }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
             tracing::debug!("KVM_SET_TSS_ADDR: {e} (not needed on this host)");
         }
@@ -188,13 +190,8 @@ impl Vm {
                     }
                 }
             }
-            let h = VcpuHandle::spawn(
-                i,
-                fd,
-                self.devices.clone(),
-                self.stop.clone(),
-                start_paused,
-            )?;
+            let h =
+                VcpuHandle::spawn(i, fd, self.devices.clone(), self.stop.clone(), start_paused)?;
             self.vcpus().push(h);
         }
         Ok(())
@@ -332,4 +329,3 @@ impl Drop for Vm {
         self.shutdown();
     }
 }
-

@@ -6,9 +6,10 @@
 //! 1. every vCPU: enable SSE (CR0.MP, clear CR0.EM, CR4.OSFXSR|OSXMMEXCPT), clear
 //!    CR4.SMEP/SMAP, take its own ring-0 stack;
 //! 2. vCPU 0: build identity page tables with U/S=1 over all e820 RAM (at least 4 GiB, so
-//!    the MMIO debug page at 0xD000_0000 is mapped), 1 GiB pages if CPUID says pdpe1gb,
-//!    else 2 MiB pages in page directories placed right after the image; fill the IDT;
-//!    then release the other vCPUs;
+//!    the MMIO debug page at 0xD000_0000 is mapped), 1 GiB pages if CPUID says pdpe1gb
+//!    and a probe read through a 1 GiB page works, else 2 MiB pages in page directories
+//!    placed right after the image (the IDT is filled and loaded first, so the probe's
+//!    fault is caught); then release the other vCPUs;
 //! 3. every vCPU: load CR3, the GDT (with its own TSS descriptor, rsp0 = its ring-0 stack),
 //!    the task register and the IDT, then `iretq` to ring 3 at [`crate::workload_entry`]
 //!    with rdi = vCPU index, rsi = boot_params, rdx = vCPU count.
@@ -69,6 +70,8 @@ boot_user_stacks:
     .space {max_vcpus} * {ustack}
 boot_ready:
     .quad 0
+boot_probing:
+    .quad 0
 
     .section .data.boot, "aw"
     .balign 16
@@ -101,6 +104,9 @@ boot_exc_table:
     .endr
 
     .section .rodata.boot, "a"
+    .balign 8
+boot_probe_magic:
+    .quad 0x5a4d4f52504b4c57
 boot_msg_exc:
     .asciz "WORKLOAD EXCEPTION vector="
 boot_msg_err:
@@ -145,8 +151,9 @@ _start:
 
     test r12, r12
     jnz 2f
-    call boot_build_page_tables
     call boot_build_idt
+    lidt [rip + boot_idt_ptr]
+    call boot_build_page_tables
     mov qword ptr [rip + boot_ready], 1
     jmp 3f
 2:
@@ -235,7 +242,7 @@ boot_too_many:
     hlt
     jmp 4b
 
-# vCPU 0 only. In: r13 = boot_params. Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8-r10.
+# vCPU 0 only. In: r13 = boot_params. Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8-r11.
 boot_build_page_tables:
     movzx ecx, byte ptr [r13 + 0x1e8]
     lea rsi, [r13 + 0x2d0]
@@ -275,10 +282,28 @@ boot_build_page_tables:
     or rax, 7
     mov [rip + boot_pml4], rax
 
+    # r11 = first free byte: after the image and after the command line, should the VMM
+    # have put it above the image (e.g. at the loader's kernel_end).
+    lea r11, [rip + __image_end]
+    mov eax, dword ptr [r13 + 0x228]
+    lea rcx, [rip + __image_start]
+    cmp rax, rcx
+    jb 25f
+    mov ecx, dword ptr [r13 + 0x238]
+    lea rax, [rax + rcx + 4095]
+    and rax, -4096
+    cmp rax, r11
+    jbe 25f
+    mov r11, rax
+25:
+
     mov eax, 0x80000001
     cpuid
     bt edx, 26
     jnc 12f
+    call boot_probe_1g
+    test eax, eax
+    jz 12f
 
     mov qword ptr [rip + {used_1g}], 1
     lea rdi, [rip + boot_pdpt]
@@ -291,12 +316,11 @@ boot_build_page_tables:
     inc rcx
     cmp rcx, r9
     jb 10b
-    lea rax, [rip + __image_end]
-    mov [rip + {free_start}], rax
+    mov [rip + {free_start}], r11
     ret
 
 12:
-    lea rdi, [rip + __image_end]
+    mov rdi, r11
     lea rsi, [rip + boot_pdpt]
     xor ecx, ecx
 13:
@@ -323,6 +347,47 @@ boot_build_page_tables:
     shl rax, 12
     add rax, rdi
     mov [rip + {free_start}], rax
+    ret
+
+# vCPU 0 only, with the IDT loaded and the VMM's page tables still in CR3: checks that a
+# 1 GiB page really works (a VMM may advertise pdpe1gb that KVM does not honour, and then
+# the first instruction after `mov cr3` would triple-fault). Maps [0, 1 GiB) a second time
+# at virtual 1 GiB through an unused slot of the VMM's PDPT and reads a known value through
+# it; a fault there returns to the fallback. Out: eax = 1 if 1 GiB pages work.
+# Clobbers rax, rcx, rdx, rsi.
+boot_probe_1g:
+    mov rsi, cr3
+    and rsi, -4096
+    mov rsi, [rsi]
+    test esi, 1
+    jz 23f
+    and rsi, -4096
+    mov rax, 0x000ffffffffff000
+    and rsi, rax
+    cmp qword ptr [rsi + 8], 0
+    jne 23f
+    mov qword ptr [rsi + 8], 0x83
+    lea rcx, [rip + boot_probe_magic]
+    mov rax, 0x40000000
+    add rcx, rax
+    invlpg [rcx]
+    mov qword ptr [rip + boot_probing], 1
+    mov rax, [rcx]
+    mov qword ptr [rip + boot_probing], 0
+    mov rdx, [rip + boot_probe_magic]
+    cmp rax, rdx
+    jne 22f
+    mov qword ptr [rsi + 8], 0
+    invlpg [rcx]
+    mov eax, 1
+    ret
+# A fault during the probe resumes here (see boot_exc_common).
+boot_probe_fault:
+22:
+    mov qword ptr [rsi + 8], 0
+    invlpg [rcx]
+23:
+    xor eax, eax
     ret
 
 # vCPU 0 only: 32 interrupt gates, selector 0x10, DPL 0, IST 0.
@@ -368,6 +433,14 @@ boot_exc_\v:
 
 # Stack: vector, error, rip, cs, rflags, rsp, ss.
 boot_exc_common:
+    cmp qword ptr [rip + boot_probing], 0
+    je 24f
+    mov qword ptr [rip + boot_probing], 0
+    add rsp, 16
+    lea rax, [rip + boot_probe_fault]
+    mov [rsp], rax
+    iretq
+24:
     mov r15, rsp
     lea rsi, [rip + boot_msg_exc]
     call boot_puts

@@ -45,7 +45,11 @@ impl BootParams {
             return &[];
         }
         let size = self.read::<u32>(CMDLINE_SIZE) as usize;
-        let max = if size == 0 { CMDLINE_MAX } else { size.min(CMDLINE_MAX) };
+        let max = if size == 0 {
+            CMDLINE_MAX
+        } else {
+            size.min(CMDLINE_MAX)
+        };
         // SAFETY: the VMM put the command line in identity-mapped RAM; `max` bytes (at most
         // cmdline_size) are readable, and nothing writes them while the guest runs.
         let bytes = unsafe { core::slice::from_raw_parts(ptr as *const u8, max) };
@@ -62,7 +66,10 @@ impl BootParams {
             let size: u64 = self.read(entry + 8);
             let kind: u32 = self.read(entry + 16);
             if kind == E820_RAM && size != 0 {
-                f(RamRange { start: addr, end: addr.saturating_add(size) });
+                f(RamRange {
+                    start: addr,
+                    end: addr.saturating_add(size),
+                });
             }
         }
     }

@@ -21,6 +21,17 @@ impl Pattern {
     }
 }
 
+/// A deliberate CPU exception, to test the stub's exception report (`fault=pf|gp|ud`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Read an address outside the identity map (#PF, vector 14).
+    Page,
+    /// Read a non-canonical address (#GP, vector 13).
+    GeneralProtection,
+    /// Execute `ud2` (#UD, vector 6).
+    InvalidOpcode,
+}
+
 /// The parsed options.
 #[derive(Clone, Copy)]
 pub struct Options {
@@ -34,6 +45,8 @@ pub struct Options {
     pub seed: u64,
     /// TSC rate from the VMM (0 = unknown).
     pub tsc_khz: u64,
+    /// Test hook: vCPU 0 raises this exception after the start line.
+    pub fault: Option<Fault>,
 }
 
 /// Default span when the command line has no workload option at all.
@@ -56,10 +69,13 @@ pub fn parse(line: &[u8]) -> Result<Options, BadOption<'_>> {
         passes: DEFAULT_PASSES,
         seed: 1,
         tsc_khz: 0,
+        fault: None,
     };
     let mut any_workload_key = false;
     for word in line.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
-        let Some(eq) = word.iter().position(|&b| b == b'=') else { continue };
+        let Some(eq) = word.iter().position(|&b| b == b'=') else {
+            continue;
+        };
         let (key, value) = (&word[..eq], &word[eq + 1..]);
         let bad = BadOption { word };
         match key {
@@ -77,6 +93,15 @@ pub fn parse(line: &[u8]) -> Result<Options, BadOption<'_>> {
             }
             b"passes" => o.passes = parse_u64(value).ok_or(bad)?,
             b"seed" => o.seed = parse_u64(value).ok_or(bad)?,
+            b"fault" => {
+                o.fault = Some(match value {
+                    b"pf" => Fault::Page,
+                    b"gp" => Fault::GeneralProtection,
+                    b"ud" => Fault::InvalidOpcode,
+                    _ => return Err(bad),
+                });
+                continue;
+            }
             b"tsc_khz" => {
                 o.tsc_khz = parse_u64(value).ok_or(bad)?;
                 continue;

@@ -37,7 +37,10 @@ pub fn lower_bound(i: usize) -> u64 {
 
 impl Hist {
     pub const fn new() -> Self {
-        Hist { counts: [const { AtomicU64::new(0) }; BUCKETS], max: AtomicU64::new(0) }
+        Hist {
+            counts: [const { AtomicU64::new(0) }; BUCKETS],
+            max: AtomicU64::new(0),
+        }
     }
 
     /// Records one value (only the owning vCPU calls this).

@@ -65,7 +65,10 @@ impl Layout {
         let usable: u64 = ranges.iter().map(|r| (r.end - r.start) / PAGE).sum();
         // One u32 per page: usable/1024 pages always suffice (plus one for rounding).
         let gen_pages = usable.div_ceil(PAGE / 4) + 1;
-        let Some(gi) = ranges.iter().position(|r| (r.end - r.start) / PAGE > gen_pages) else {
+        let Some(gi) = ranges
+            .iter()
+            .position(|r| (r.end - r.start) / PAGE > gen_pages)
+        else {
             return Err(NoRam);
         };
         let gen_base = ranges[gi].start;
@@ -94,7 +97,11 @@ impl Layout {
             if take == 0 {
                 continue;
             }
-            layout.segments[layout.nsegments] = Segment { gpa: r.start, first, pages: take };
+            layout.segments[layout.nsegments] = Segment {
+                gpa: r.start,
+                first,
+                pages: take,
+            };
             layout.nsegments += 1;
             first += take;
         }

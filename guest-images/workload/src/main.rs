@@ -7,8 +7,8 @@
 #![no_std]
 #![no_main]
 
-mod bootparams;
 mod boot;
+mod bootparams;
 mod cmdline;
 mod console;
 mod hist;
@@ -34,3 +34,8 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     });
     mmio::exit(2)
 }
+
+/// Never called (panic=abort), but the precompiled `core` refers to it in unoptimized
+/// builds without LTO.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

@@ -17,11 +17,21 @@ impl Order {
     /// The order for pass `pass` (1-based) of a share of `n` pages. Pass 1 of hotset is
     /// sequential, so that every page is written once.
     pub fn new(pattern: Pattern, n: u64, seed: u64, vcpu: u64, pass: u64) -> Self {
-        let pattern = if pattern == Pattern::Hotset && pass == 1 { Pattern::Sequential } else { pattern };
+        let pattern = if pattern == Pattern::Hotset && pass == 1 {
+            Pattern::Sequential
+        } else {
+            pattern
+        };
         let bits = 64 - n.saturating_sub(1).leading_zeros();
         let half_bits = bits.div_ceil(2).max(1);
         let key = mix64(seed ^ mix64(vcpu.wrapping_mul(0x1_0000_0001) ^ mix64(pass)));
-        Order { pattern, n, key, half_bits, hot: (n / 10).max(1) }
+        Order {
+            pattern,
+            n,
+            key,
+            half_bits,
+            hot: (n / 10).max(1),
+        }
     }
 
     /// Accesses in the pass (every pattern visits as many pages as the share has).
@@ -54,7 +64,11 @@ impl Order {
         loop {
             let (mut l, mut r) = (x >> self.half_bits, x & mask);
             for round in 0..4u64 {
-                let f = mix64(r ^ self.key.wrapping_add(round.wrapping_mul(0xA076_1D64_78BD_642F))) & mask;
+                let f = mix64(
+                    r ^ self
+                        .key
+                        .wrapping_add(round.wrapping_mul(0xA076_1D64_78BD_642F)),
+                ) & mask;
                 (l, r) = (r, l ^ f);
             }
             x = (l << self.half_bits) | r;

@@ -30,8 +30,11 @@ const FALLBACK_KHZ: u64 = 3_000_000;
 
 impl Clock {
     pub fn new(khz: u64) -> Self {
-        let ns_per_cycle_fp = if khz == 0 { 0 } else { (1_000_000u64 << 32) / khz };
-        Clock { khz, ns_per_cycle_fp }
+        let ns_per_cycle_fp = (1_000_000u64 << 32).checked_div(khz).unwrap_or(0);
+        Clock {
+            khz,
+            ns_per_cycle_fp,
+        }
     }
 
     /// True when intervals are reported in ns.
@@ -49,7 +52,7 @@ impl Clock {
     }
 
     /// Converts a cycle count to the histogram unit.
-    pub fn to_unit(&self, cycles: u64) -> u64 {
+    pub fn unit_of(&self, cycles: u64) -> u64 {
         if self.has_ns() {
             ((u128::from(cycles) * u128::from(self.ns_per_cycle_fp)) >> 32) as u64
         } else {
@@ -67,8 +70,12 @@ impl Clock {
     }
 
     /// Milliseconds for a cycle count (assumes 3 GHz when the rate is unknown).
-    pub fn to_ms(&self, cycles: u64) -> u64 {
-        let khz = if self.khz == 0 { FALLBACK_KHZ } else { self.khz };
+    pub fn ms_of(&self, cycles: u64) -> u64 {
+        let khz = if self.khz == 0 {
+            FALLBACK_KHZ
+        } else {
+            self.khz
+        };
         cycles / khz
     }
 }

@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::boot::{FREE_START, MAPPED_LIMIT, MAX_VCPUS, USED_1G_PAGES};
 use crate::bootparams::BootParams;
-use crate::cmdline::{self, Options};
+use crate::cmdline::{self, Fault, Options};
 use crate::console;
 use crate::hist::Hist;
 use crate::layout::{Layout, PAGE};
@@ -88,6 +88,22 @@ fn fail(vcpu: u64, what: &str, detail: &[u8]) -> ! {
     park()
 }
 
+/// Raises the requested CPU exception (test hook for the stub's exception report).
+fn raise(fault: Fault, mapped_limit: u64) {
+    match fault {
+        // SAFETY: deliberately faults; the stub's handler reports it and ends the VM.
+        Fault::Page => unsafe {
+            core::ptr::read_volatile((mapped_limit + 0x1000) as *const u64);
+        },
+        // SAFETY: as above (a non-canonical address).
+        Fault::GeneralProtection => unsafe {
+            core::ptr::read_volatile(0x8000_0000_0000_0000u64 as *const u64);
+        },
+        // SAFETY: as above.
+        Fault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+    }
+}
+
 /// Spins forever (ring 3 cannot halt).
 fn park() -> ! {
     loop {
@@ -112,9 +128,20 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
     let clock = Clock::new(opts.tsc_khz);
     if vcpu == 0 {
         print_start(vcpus, &layout, &opts);
+        if let Some(f) = opts.fault {
+            raise(f, mapped_limit);
+        }
     }
     let (first, count) = layout.share(vcpu, vcpus);
-    let mut w = Worker { vcpu, layout: &layout, opts: &opts, clock, first, count, counters: Counters::default() };
+    let mut w = Worker {
+        vcpu,
+        layout: &layout,
+        opts: &opts,
+        clock,
+        first,
+        count,
+        counters: Counters::default(),
+    };
 
     barrier(vcpus, 1);
     let mut pass_start = tsc::now();
@@ -134,7 +161,7 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
         if vcpu == 0 {
             let now = tsc::now();
             let total = sum_snapshots(vcpus, pass);
-            print_pass(pass, &total, &reported, clock.to_ms(now - pass_start));
+            print_pass(pass, &total, &reported, clock.ms_of(now - pass_start));
             reported = total;
             pass_start = now;
         }
@@ -170,7 +197,7 @@ impl Worker<'_> {
             // identity-mapped RAM outside the image, page tables and generation array.
             unsafe { pattern::write_first(gpa, base) };
             let t1 = tsc::now();
-            hist.record(self.clock.to_unit(t1.wrapping_sub(t0)));
+            hist.record(self.clock.unit_of(t1.wrapping_sub(t0)));
             // SAFETY: as above; the generation entry of a page of this share is only
             // touched by this vCPU and lies in RAM reserved for the array.
             unsafe {
@@ -183,7 +210,13 @@ impl Worker<'_> {
 
     /// Visits the share in the pass's order: time, verify, maybe rewrite.
     fn later_pass(&mut self, pass: u64) {
-        let order = Order::new(self.opts.pattern, self.count, self.opts.seed, self.vcpu, pass);
+        let order = Order::new(
+            self.opts.pattern,
+            self.count,
+            self.opts.seed,
+            self.vcpu,
+            pass,
+        );
         let slow_hist = &ACCESS_SLOW[self.vcpu as usize];
         let threshold = self.clock.slow_threshold();
         let write_key = mix64(self.opts.seed ^ mix64(pass ^ 0x5752_4954_4553));
@@ -194,7 +227,7 @@ impl Worker<'_> {
             // SAFETY: as in `first_pass`.
             let _ = unsafe { pattern::read_first(gpa) };
             let t1 = tsc::now();
-            let d = self.clock.to_unit(t1.wrapping_sub(t0));
+            let d = self.clock.unit_of(t1.wrapping_sub(t0));
             if d > threshold {
                 self.counters.slow += 1;
                 slow_hist.record(d);
@@ -211,7 +244,11 @@ impl Worker<'_> {
             }
             if rewrite || bad.is_some() {
                 // A bad page is repaired with its current generation, so it counts once.
-                let gen = if rewrite { gen.wrapping_add(1).max(1) } else { gen };
+                let gen = if rewrite {
+                    gen.wrapping_add(1).max(1)
+                } else {
+                    gen
+                };
                 let base = pattern::page_base(gpa, gen, self.opts.seed);
                 // SAFETY: as in `first_pass`.
                 unsafe {
@@ -240,8 +277,8 @@ impl Worker<'_> {
 /// Sum of every vCPU's counters at the end of `pass`.
 fn sum_snapshots(vcpus: u64, pass: u64) -> Counters {
     let mut c = Counters::default();
-    for v in 0..vcpus as usize {
-        let slot = &SNAPSHOTS[v][(pass % 2) as usize];
+    for snap in SNAPSHOTS.iter().take(vcpus as usize) {
+        let slot = &snap[(pass % 2) as usize];
         c.accesses += slot[0].load(Ordering::Relaxed);
         c.mismatches += slot[1].load(Ordering::Relaxed);
         c.slow += slot[2].load(Ordering::Relaxed);
@@ -250,7 +287,11 @@ fn sum_snapshots(vcpus: u64, pass: u64) -> Counters {
 }
 
 fn print_start(vcpus: u64, layout: &Layout, o: &Options) {
-    let pt = if USED_1G_PAGES.load(Ordering::Relaxed) == 1 { "1g" } else { "2m" };
+    let pt = if USED_1G_PAGES.load(Ordering::Relaxed) == 1 {
+        "1g"
+    } else {
+        "2m"
+    };
     console::with(|w| {
         let _ = writeln!(
             w,
@@ -292,8 +333,7 @@ fn print_hist(name: &str, unit: &str, h: &Hist) {
 
 /// Prints the histograms and the result line; returns the exit code.
 fn print_result(vcpus: u64, layout: &Layout, clock: &Clock, passes: u64, total: &Counters) -> u8 {
-    // Slot MAX-1's histograms are only used as accumulators when fewer vCPUs run; sum
-    // into fresh totals instead by reusing vCPU 0's (it has finished recording).
+    // Sum into vCPU 0's histograms: every vCPU has finished recording (final barrier).
     let ft = &FIRST_TOUCH[0];
     let slow = &ACCESS_SLOW[0];
     for v in 1..vcpus as usize {

@@ -127,15 +127,17 @@ impl Shared {
     pub fn unit_arrived(&self, ri: usize, unit: u64) {
         let r = &self.regions[ri];
         if r.needs_collapse() {
-            let tx = self.collapse_tx.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(tx) = tx.as_ref() {
-                if tx.send(CollapseJob { region: ri, unit }).is_err() {
-                    drop(tx);
-                    self.fail(format!(
-                        "collapse thread is gone; unit {unit} of slot {} cannot collapse",
-                        r.region.slot
-                    ));
-                }
+            let sent = self
+                .collapse_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|tx| tx.send(CollapseJob { region: ri, unit }).is_ok());
+            if sent == Some(false) {
+                self.fail(format!(
+                    "collapse thread is gone; unit {unit} of slot {} cannot collapse",
+                    r.region.slot
+                ));
             }
         }
         self.notify_progress();
@@ -186,7 +188,7 @@ impl Shared {
                 };
                 match res {
                     Ok(_) => {}
-                    Err(userfaultfd::Error::CopyFailed(nix::errno::Errno::EEXIST)) => {
+                    Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
                         let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
                     }
                     Err(source) => {
@@ -226,9 +228,7 @@ impl Shared {
     pub fn continue_or_wake(&self, slot: u32, addr: usize, len: usize) -> Result<(), PostcopyError> {
         match self.uffd.r#continue(addr as *mut libc::c_void, len, true) {
             Ok(_) => Ok(()),
-            Err(userfaultfd::Error::SystemError(
-                nix::errno::Errno::EEXIST | nix::errno::Errno::ENOENT,
-            )) => {
+            Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
                 let _ = self.uffd.wake(addr as *mut libc::c_void, len);
                 Ok(())
             }

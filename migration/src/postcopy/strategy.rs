@@ -153,7 +153,7 @@ pub fn probe_hugetlb_4k_continue(fd: RawFd, offset: u64, page_size: u64) -> Resu
         uffd.register_with_mode(addr as *mut libc::c_void, len, RegisterMode::MINOR)
             .map_err(|e| format!("probe MINOR registration failed: {e}"))?;
         match uffd.r#continue(addr as *mut libc::c_void, PAGE_SIZE as usize, false) {
-            Err(userfaultfd::Error::SystemError(nix::errno::Errno::EINVAL)) => Err(
+            Err(e) if sys::uffd_errno(&e) == Some(libc::EINVAL) => Err(
                 "4 KiB UFFDIO_CONTINUE inside a hugetlb page returns EINVAL (no HGM in this kernel)"
                     .to_string(),
             ),

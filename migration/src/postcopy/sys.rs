@@ -110,3 +110,14 @@ pub unsafe fn write_page(dst: usize, data: &[u8; 4096]) {
     // SAFETY: guaranteed by the caller.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, 4096) };
 }
+
+/// The errno inside a userfaultfd crate error, if it carries one (the crate uses another nix
+/// version than the workspace, so compare raw numbers).
+pub fn uffd_errno(e: &userfaultfd::Error) -> Option<i32> {
+    match e {
+        userfaultfd::Error::SystemError(errno)
+        | userfaultfd::Error::CopyFailed(errno)
+        | userfaultfd::Error::ZeropageFailed(errno) => Some(*errno as i32),
+        _ => None,
+    }
+}

@@ -94,7 +94,10 @@ mod tests {
     fn code_segment_is_64bit_present_ring0() {
         let cs = segment_from_gdt(2);
         assert_eq!(cs.selector, CODE_SELECTOR);
-        assert_eq!((cs.l, cs.present, cs.dpl, cs.s, cs.type_), (1, 1, 0, 1, 0xb));
+        assert_eq!(
+            (cs.l, cs.present, cs.dpl, cs.s, cs.type_),
+            (1, 1, 0, 1, 0xb)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(3);
         assert_eq!(ds.selector, DATA_SELECTOR);

@@ -43,32 +43,54 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// Offset of the 64-bit entry point inside a bzImage's protected-mode kernel.
 const BZIMAGE_ENTRY_OFFSET: u64 = 0x200;
 /// Default Linux command line when the user gives none.
-pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 nomodules";
+pub const DEFAULT_LINUX_CMDLINE: &str =
+    "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 nomodules";
 
 /// Errors while loading and preparing a guest to boot.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read kernel {path}: {source}")]
-    ReadKernel { path: PathBuf, source: std::io::Error },
+    ReadKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is neither an ELF (vmlinux) nor a bzImage kernel (first bytes {magic:02x?})")]
     UnknownKernelFormat { path: PathBuf, magic: [u8; 4] },
     #[error("loading ELF kernel {path} failed: {source}")]
-    LoadElf { path: PathBuf, source: loader::Error },
+    LoadElf {
+        path: PathBuf,
+        source: loader::Error,
+    },
     #[error("loading bzImage kernel {path} failed: {source}")]
-    LoadBzImage { path: PathBuf, source: loader::Error },
+    LoadBzImage {
+        path: PathBuf,
+        source: loader::Error,
+    },
     #[error("cannot open initrd {path}: {source}")]
-    OpenInitrd { path: PathBuf, source: std::io::Error },
+    OpenInitrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}")]
-    InitrdTooBig { path: PathBuf, size: u64, limit: u64 },
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("writing initrd into guest memory failed: {0}")]
     WriteInitrd(String),
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
     #[error("writing boot structures into guest memory failed: {0}")]
     GuestWrite(String),
-    #[error("guest memory of {0} bytes is too small to boot (need at least 2 MiB plus the kernel)")]
+    #[error(
+        "guest memory of {0} bytes is too small to boot (need at least 2 MiB plus the kernel)"
+    )]
     MemoryTooSmall(u64),
     #[error("too many vCPUs for the MP table: {0}")]
     TooManyVcpus(u8),
@@ -143,11 +165,12 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootInfo, BootError> {
         })?;
         (entry, kind, res.setup_header)
     } else if is_bzimage(&mut kernel).unwrap_or(false) {
-        let res = BzImage::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-            .map_err(|source| BootError::LoadBzImage {
+        let res = BzImage::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(
+            |source| BootError::LoadBzImage {
                 path: cfg.kernel.clone(),
                 source,
-            })?;
+            },
+        )?;
         (
             res.kernel_load.0 + BZIMAGE_ENTRY_OFFSET,
             GuestKind::Linux,
@@ -177,14 +200,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootInfo, BootError> {
     if kind == GuestKind::Linux {
         mptable::write(&mem, cfg.vcpus)?;
     }
-    zero_page::write(
-        &mem,
-        ram,
-        setup_hdr,
-        CMDLINE_START,
-        cmdline_len,
-        initrd,
-    )?;
+    zero_page::write(&mem, ram, setup_hdr, CMDLINE_START, cmdline_len, initrd)?;
     Ok(BootInfo { entry, kind })
 }
 

@@ -136,7 +136,7 @@ fn build(vcpus: u8) -> Result<Vec<u8>, BootError> {
             apicid: cpu,
             apicver: APIC_VERSION,
             cpuflag: CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 },
-            cpufeature: 0x600, // family 6
+            cpufeature: 0x600,  // family 6
             featureflag: 0x201, // FPU | APIC
             reserved: [0; 2],
         };

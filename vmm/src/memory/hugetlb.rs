@@ -57,7 +57,11 @@ pub(crate) fn create_file(backing: Backing, size: usize) -> Result<OwnedFd, Memo
 /// Creates one hugetlb region: its memfd, the primary mapping (which reserves the huge pages)
 /// and the alias. A pool that ran dry since [`check_pool`] shows as an `mmap` ENOMEM, which
 /// [`super::GuestRam::new`] turns into [`MemoryError::PoolTooSmall`].
-pub(crate) fn region(backing: Backing, guest_addr: u64, size: usize) -> Result<Region, MemoryError> {
+pub(crate) fn region(
+    backing: Backing,
+    guest_addr: u64,
+    size: usize,
+) -> Result<Region, MemoryError> {
     let fd = create_file(backing, size)?;
     map_file_region(backing, guest_addr, size, fd)
 }

@@ -21,7 +21,10 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     } else if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -38,10 +41,7 @@ mod tests {
 
     #[test]
     fn above_the_hole_is_split() {
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![(0, 3 << 30), (4 << 30, 1 << 30)]
-        );
+        assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert_eq!(
             ram_ranges(MMIO_HOLE_START + 4096),
             vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, 4096)]

@@ -33,8 +33,8 @@ unsafe fn raw_mmap(
     fd: i32,
     offset: u64,
 ) -> io::Result<NonNull<u8>> {
-    let offset = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: forwarded to the caller.
     let p = unsafe { libc::mmap(addr, len, prot, flags, fd, offset) };
     if p == libc::MAP_FAILED {
@@ -111,8 +111,8 @@ impl Mapping {
                 libc::munmap((aligned + len) as *mut libc::c_void, tail);
             }
         }
-        let addr =
-            NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        let addr = NonNull::new(aligned as *mut u8)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
         Ok(Mapping { addr, len })
     }
 

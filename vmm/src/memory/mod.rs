@@ -47,8 +47,10 @@ pub enum Backing {
     /// A shmem memfd (`memfd_create`), mapped shared.
     Shmem,
     /// A hugetlbfs memfd with 2 MiB pages.
+    #[serde(rename = "hugetlb-2m")]
     Hugetlb2m,
     /// A hugetlbfs memfd with 1 GiB pages.
+    #[serde(rename = "hugetlb-1g")]
     Hugetlb1g,
     /// A KVM guest_memfd created with `MMAP | INIT_SHARED`, bound with `KVM_MEM_GUEST_MEMFD`.
     GuestMemfd,
@@ -112,7 +114,9 @@ pub const MAX_RAM_SIZE: u64 = 1 << 46;
 /// Errors of guest memory set-up and access.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("unknown backing '{0}' (expected one of: anon, shmem, hugetlb-2m, hugetlb-1g, guest-memfd)")]
+    #[error(
+        "unknown backing '{0}' (expected one of: anon, shmem, hugetlb-2m, hugetlb-1g, guest-memfd)"
+    )]
     UnknownBacking(String),
     #[error("guest memory size must be greater than zero")]
     ZeroSize,
@@ -151,7 +155,9 @@ pub enum MemoryError {
         size: u64,
         source: io::Error,
     },
-    #[error("mmap of the {what} mapping of {size} bytes of {backing} guest memory failed: {source}")]
+    #[error(
+        "mmap of the {what} mapping of {size} bytes of {backing} guest memory failed: {source}"
+    )]
     Mmap {
         backing: Backing,
         what: &'static str,
@@ -330,7 +336,7 @@ impl GuestRam {
             });
         }
         let page_size = backing.page_size();
-        if size % page_size != 0 {
+        if !size.is_multiple_of(page_size) {
             return Err(MemoryError::Unaligned {
                 size,
                 backing,
@@ -360,7 +366,10 @@ impl GuestRam {
             .collect()
     }
 
-    fn build_view(backing: Backing, regions: &[Region]) -> Result<GuestMemoryMmap<()>, MemoryError> {
+    fn build_view(
+        backing: Backing,
+        regions: &[Region],
+    ) -> Result<GuestMemoryMmap<()>, MemoryError> {
         let flags = match backing {
             Backing::Anon => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             _ => libc::MAP_SHARED,
@@ -379,9 +388,10 @@ impl GuestRam {
                 )
             }
             .map_err(|e| MemoryError::View(format!("region at {:#x}: {e}", r.guest_addr)))?;
-            let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                MemoryError::View(format!("region at {:#x} overflows", r.guest_addr))
-            })?;
+            let region =
+                GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                    MemoryError::View(format!("region at {:#x} overflows", r.guest_addr))
+                })?;
             view_regions.push(region);
         }
         GuestMemoryMmap::from_regions(view_regions).map_err(|e| MemoryError::View(e.to_string()))
@@ -404,7 +414,10 @@ impl GuestRam {
 
     /// The index (= memslot) and region holding guest physical address `gpa`.
     pub fn region_of(&self, gpa: u64) -> Option<(usize, &Region)> {
-        self.regions.iter().enumerate().find(|(_, r)| r.contains(gpa, 1))
+        self.regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.contains(gpa, 1))
     }
 
     /// The memslot description of region `index`, with `KVM_MEM_LOG_DIRTY_PAGES` if `dirty_log`
@@ -413,7 +426,11 @@ impl GuestRam {
     pub fn memslot(&self, index: usize, dirty_log: bool) -> Option<kvm_userspace_memory_region2> {
         let r = self.regions.get(index)?;
         let slot = u32::try_from(index).ok()?;
-        let mut flags = if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        let mut flags = if dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         let (guest_memfd, guest_memfd_offset) = if self.backing == Backing::GuestMemfd {
             flags |= KVM_MEM_GUEST_MEMFD;
             let fd = r.raw_fd().and_then(|fd| u32::try_from(fd).ok())?;
@@ -433,7 +450,11 @@ impl GuestRam {
         })
     }
 
-    fn set_memslot(&self, vm: &VmFd, slot: kvm_userspace_memory_region2) -> Result<(), MemoryError> {
+    fn set_memslot(
+        &self,
+        vm: &VmFd,
+        slot: kvm_userspace_memory_region2,
+    ) -> Result<(), MemoryError> {
         let result = if slot.flags & KVM_MEM_GUEST_MEMFD != 0 {
             // SAFETY: userspace_addr/memory_size describe a live mapping owned by `self`, which
             // must outlive the memslot (type contract); guest_memfd is this region's guest_memfd,
@@ -462,9 +483,11 @@ impl GuestRam {
 
     fn set_all(&self, vm: &VmFd, dirty_log: bool) -> Result<(), MemoryError> {
         for index in 0..self.regions.len() {
-            let slot = self.memslot(index, dirty_log).ok_or(MemoryError::View(format!(
-                "region {index} cannot be described as a memslot"
-            )))?;
+            let slot = self
+                .memslot(index, dirty_log)
+                .ok_or(MemoryError::View(format!(
+                    "region {index} cannot be described as a memslot"
+                )))?;
             self.set_memslot(vm, slot)?;
         }
         Ok(())
@@ -537,7 +560,10 @@ impl GuestRam {
 
     /// `(start, len)` of every RAM range, for the e820 map.
     pub fn e820_ram(&self) -> Vec<(u64, u64)> {
-        self.regions.iter().map(|r| (r.guest_addr, r.size)).collect()
+        self.regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect()
     }
 }
 

@@ -22,7 +22,10 @@ fn round_trip(backing: Backing, size: u64) -> GuestRam {
     ram.register(&vm).unwrap();
 
     let last = size - 8;
-    for (gpa, value) in [(0u64, 0x1122_3344_5566_7788u64), (last, 0xdead_beef_0bad_f00d)] {
+    for (gpa, value) in [
+        (0u64, 0x1122_3344_5566_7788u64),
+        (last, 0xdead_beef_0bad_f00d),
+    ] {
         let p = ram.host_ptr(gpa, 8).unwrap().cast::<u64>();
         // SAFETY: 8 bytes inside the live primary mapping.
         unsafe { p.write_volatile(value) };
@@ -57,6 +60,9 @@ fn backing_names_round_trip() {
     for b in Backing::ALL {
         assert_eq!(b.name().parse::<Backing>().unwrap(), b);
         assert_eq!(b.to_string(), b.name());
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(json, format!("\"{}\"", b.name()));
+        assert_eq!(serde_json::from_str::<Backing>(&json).unwrap(), b);
     }
     let err = "huge".parse::<Backing>().unwrap_err().to_string();
     assert!(err.contains("unknown backing 'huge'"), "{err}");
@@ -86,7 +92,8 @@ fn guest_memfd_round_trip() {
 }
 
 /// Runs `f` holding the huge page lock, with `pages` pages of `page_size` available, and checks
-/// that the pool is exactly as before afterwards.
+/// that the pool size (`nr_hugepages`) is as before afterwards. (Free counts are not compared:
+/// a VM started by hand under `ci/hugepages.sh with` uses the pool without holding the lock.)
 fn with_pool(page_size: u64, pages: u64, f: impl FnOnce()) {
     let _lock = lock_hugepages().unwrap();
     let before = hugepages::pool_status(page_size).unwrap();
@@ -94,7 +101,10 @@ fn with_pool(page_size: u64, pages: u64, f: impl FnOnce()) {
         let _r = PoolReservation::ensure_available(page_size, pages).unwrap();
         f();
     }
-    assert_eq!(hugepages::pool_status(page_size).unwrap(), before);
+    assert_eq!(
+        hugepages::pool_status(page_size).unwrap().total,
+        before.total
+    );
 }
 
 #[test]
@@ -103,7 +113,11 @@ fn hugetlb_2m_round_trip_gives_pages_back() {
         let avail = hugepages::pool_status(PAGE_SIZE_2M).unwrap().available();
         let ram = round_trip(Backing::Hugetlb2m, 4 * MIB);
         let s = hugepages::pool_status(PAGE_SIZE_2M).unwrap();
-        assert_eq!(s.available(), avail - 2, "the mapping reserves its pages: {s:?}");
+        assert_eq!(
+            s.available(),
+            avail - 2,
+            "the mapping reserves its pages: {s:?}"
+        );
         drop(ram);
         let s = hugepages::pool_status(PAGE_SIZE_2M).unwrap();
         assert_eq!(s.available(), avail, "drop gives the pages back: {s:?}");
@@ -176,7 +190,10 @@ fn guest_memfd_refuses_dirty_logging() {
     let ram = GuestRam::new(Backing::GuestMemfd, 4 * MIB, &vm).unwrap();
     ram.register(&vm).unwrap();
     let err = ram.set_dirty_logging(&vm, true).unwrap_err();
-    assert!(matches!(err, MemoryError::DirtyLogUnsupported { .. }), "{err}");
+    assert!(
+        matches!(err, MemoryError::DirtyLogUnsupported { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -185,7 +202,10 @@ fn bad_sizes_are_refused_with_clear_messages() {
     for b in Backing::ALL {
         let err = GuestRam::new(b, 0, &vm).unwrap_err();
         assert!(matches!(err, MemoryError::ZeroSize), "{b}: {err}");
-        assert_eq!(err.to_string(), "guest memory size must be greater than zero");
+        assert_eq!(
+            err.to_string(),
+            "guest memory size must be greater than zero"
+        );
     }
     let err = GuestRam::new(Backing::Shmem, 4096 + 1, &vm).unwrap_err();
     assert_eq!(
@@ -199,7 +219,16 @@ fn bad_sizes_are_refused_with_clear_messages() {
          (2097152 bytes)"
     );
     let err = GuestRam::new(Backing::Hugetlb1g, 3 * GIB / 2, &vm).unwrap_err();
-    assert!(matches!(err, MemoryError::Unaligned { page_size: PAGE_SIZE_1G, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            MemoryError::Unaligned {
+                page_size: PAGE_SIZE_1G,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = GuestRam::new(Backing::Anon, 1 << 60, &vm).unwrap_err();
     assert!(matches!(err, MemoryError::TooLarge { .. }), "{err}");
 }
@@ -240,7 +269,10 @@ fn too_small_pool_says_what_to_reserve_and_leaves_nothing() {
         )),
         "{msg}"
     );
-    assert_eq!(hugepages::pool_status(PAGE_SIZE_1G).unwrap(), before);
+    assert_eq!(
+        hugepages::pool_status(PAGE_SIZE_1G).unwrap().total,
+        before.total
+    );
 }
 
 /// Runs a real-mode guest that stores a word at guest 0x2000 and halts; returns what the VMM
@@ -252,7 +284,9 @@ fn guest_store_seen_by_vmm(backing: Backing, size: u64) -> u16 {
     ram.register(&vm).unwrap();
     // mov ax, 0x5a17; mov [0x2000], ax; hlt
     let code = [0xb8, 0x17, 0x5a, 0xa3, 0x00, 0x20, 0xf4];
-    ram.guest_memory().write_slice(&code, GuestAddress(0x1000)).unwrap();
+    ram.guest_memory()
+        .write_slice(&code, GuestAddress(0x1000))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;
@@ -282,9 +316,21 @@ fn guest_store_seen_by_vmm(backing: Backing, size: u64) -> u16 {
 #[test]
 fn a_guest_store_is_seen_through_the_alias() {
     for backing in [Backing::Anon, Backing::Shmem, Backing::GuestMemfd] {
-        assert_eq!(guest_store_seen_by_vmm(backing, 4 * MIB), 0x5a17, "{backing}");
+        assert_eq!(
+            guest_store_seen_by_vmm(backing, 4 * MIB),
+            0x5a17,
+            "{backing}"
+        );
     }
     with_pool(PAGE_SIZE_2M, 2, || {
         assert_eq!(guest_store_seen_by_vmm(Backing::Hugetlb2m, 4 * MIB), 0x5a17);
     });
+}
+
+#[test]
+fn guest_ram_can_be_shared_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GuestRam>();
+    assert_send_sync::<Region>();
+    assert_send_sync::<Mapping>();
 }

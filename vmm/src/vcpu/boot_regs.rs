@@ -1,6 +1,6 @@
 //! The register state a vCPU starts with: 64-bit long mode as the Linux boot protocol expects.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 
 use crate::boot::long_mode::{self, GDT_ADDR, GDT_LIMIT, IDT_ADDR, PML4_ADDR};
@@ -43,7 +43,8 @@ pub fn setup(fd: &VcpuFd, boot: &BootInfo, index: u8, count: u8) -> Result<(), V
         rdx: u64::from(count),
         ..Default::default()
     };
-    fd.set_regs(&regs).map_err(|e| VcpuError::Kvm("KVM_SET_REGS", e))?;
+    fd.set_regs(&regs)
+        .map_err(|e| VcpuError::Kvm("KVM_SET_REGS", e))?;
 
     let mut sregs: kvm_sregs = fd
         .get_sregs()
@@ -74,7 +75,8 @@ pub fn setup(fd: &VcpuFd, boot: &BootInfo, index: u8, count: u8) -> Result<(), V
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    fd.set_fpu(&fpu).map_err(|e| VcpuError::Kvm("KVM_SET_FPU", e))?;
+    fd.set_fpu(&fpu)
+        .map_err(|e| VcpuError::Kvm("KVM_SET_FPU", e))?;
     Ok(())
 }
 

@@ -186,14 +186,22 @@ impl VcpuHandle {
 
     /// Asks the vCPU to leave the guest and waits until it has.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+        let mut c = self
+            .shared
+            .ctl
+            .lock()
+            .map_err(|_| VcpuError::Gone(self.index))?;
         if c.want == Want::Run {
             c.want = Want::Pause;
         }
         while !c.parked && !c.finished {
             drop(c);
             self.kick();
-            c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+            c = self
+                .shared
+                .ctl
+                .lock()
+                .map_err(|_| VcpuError::Gone(self.index))?;
             if !c.parked && !c.finished {
                 c = self
                     .shared
@@ -223,7 +231,11 @@ impl VcpuHandle {
     ) -> Result<R, VcpuError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         {
-            let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+            let mut c = self
+                .shared
+                .ctl
+                .lock()
+                .map_err(|_| VcpuError::Gone(self.index))?;
             if c.finished {
                 return Err(VcpuError::Gone(self.index));
             }
@@ -306,9 +318,13 @@ fn run_loop(index: u8, fd: &mut VcpuFd, devices: &Devices, stop: &StopSignal, sh
         }
         let action = match fd.run() {
             Ok(exit) => handle_exit(index, exit, devices),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(DeviceAction::None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(DeviceAction::None)
+            }
             Err(e) => {
-                stop.stop(StopReason::Crash(format!("vCPU {index}: KVM_RUN failed: {e}")));
+                stop.stop(StopReason::Crash(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                )));
                 return;
             }
         };

@@ -79,8 +79,10 @@ impl VcpuState {
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuError> {
         fd.set_mp_state(self.mp_state)
             .map_err(kvm_restore("KVM_SET_MP_STATE"))?;
-        fd.set_sregs(&self.sregs).map_err(kvm_restore("KVM_SET_SREGS"))?;
-        fd.set_regs(&self.regs).map_err(kvm_restore("KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs)
+            .map_err(kvm_restore("KVM_SET_SREGS"))?;
+        fd.set_regs(&self.regs)
+            .map_err(kvm_restore("KVM_SET_REGS"))?;
         let mut xsave = kvm_xsave::default();
         if self.xsave.len() != xsave.region.len() {
             return Err(VcpuError::RestoreState(format!(
@@ -93,7 +95,8 @@ impl VcpuState {
         // SAFETY: `xsave` is a legacy 4 KiB XSAVE area read by KVM_GET_XSAVE on a vCPU of the
         // same kind; it has no trailing extra area, which is what KVM_SET_XSAVE reads.
         unsafe { fd.set_xsave(&xsave) }.map_err(kvm_restore("KVM_SET_XSAVE"))?;
-        fd.set_xcrs(&self.xcrs).map_err(kvm_restore("KVM_SET_XCRS"))?;
+        fd.set_xcrs(&self.xcrs)
+            .map_err(kvm_restore("KVM_SET_XCRS"))?;
         for chunk in self.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
             let m = Msrs::from_entries(chunk)
                 .map_err(|_| VcpuError::RestoreState("MSR list too long".into()))?;

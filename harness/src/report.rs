@@ -1,0 +1,804 @@
+//! The human-facing outputs: `report.md` (scenarios side by side, each figure next to its limit
+//! as a ratio, and where each target stands), SVG plots (fault latency CDF per strategy, fault
+//! latency over time, background throughput over time), and a text comparison of two runs.
+
+use crate::histogram::LatencyHistogram;
+use crate::results::{self, kind, Results, ResultsError, ScenarioResult, Status};
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Errors from report generation.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    #[error("drawing plot {path}: {msg}")]
+    Plot { path: PathBuf, msg: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The project's targets.
+pub mod targets {
+    /// 4k-staged loopback guest-seen p50 within this factor of the limit's p50.
+    pub const P50_RATIO: f64 = 1.5;
+    /// ... and p99 within this factor of the limit's p99.
+    pub const P99_RATIO: f64 = 3.0;
+    /// On 1 GiB pages, huge's p50 at least this many times 4k-staged's.
+    pub const HUGE_OVER_4K: f64 = 1000.0;
+    /// Collapse vCPU stall per 1 GiB region, us.
+    pub const COLLAPSE_STALL_US: f64 = 1000.0;
+    /// Background throughput as a fraction of raw TCP.
+    pub const THROUGHPUT_FRACTION: f64 = 0.8;
+    /// Blackout, ms.
+    pub const BLACKOUT_MS: f64 = 10.0;
+}
+
+/// Where a scenario stands against a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Met,
+    Missed,
+    NotMeasured,
+}
+
+impl Verdict {
+    fn of(ok: bool) -> Self {
+        if ok {
+            Verdict::Met
+        } else {
+            Verdict::Missed
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::Missed => "**missed**",
+            Verdict::NotMeasured => "not measured",
+        }
+    }
+}
+
+/// One row of the targets table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetCheck {
+    pub target: String,
+    pub scenario: String,
+    pub value: String,
+    pub verdict: Verdict,
+}
+
+fn ok_scenarios(r: &Results) -> impl Iterator<Item = &ScenarioResult> {
+    r.scenarios.iter().filter(|s| s.status == Status::Ok)
+}
+
+/// Checks every target against every scenario it applies to; a target no scenario measured
+/// gets one "not measured" row.
+pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
+    use targets::*;
+    let mut out = Vec::new();
+    let push_or_missing = |target: String, rows: Vec<TargetCheck>, out: &mut Vec<_>| {
+        if rows.is_empty() {
+            out.push(TargetCheck {
+                target,
+                scenario: "-".into(),
+                value: "-".into(),
+                verdict: Verdict::NotMeasured,
+            });
+        } else {
+            out.extend(rows);
+        }
+    };
+
+    let rows = ok_scenarios(r)
+        .filter(|s| s.strategy == "4k-staged" && s.link == "loopback")
+        .filter(|s| s.fault_us.count > 0 && s.limit_us.count > 0)
+        .flat_map(|s| {
+            let p50 = s.fault_us.p50 / s.limit_us.p50;
+            let p99 = s.fault_us.p99 / s.limit_us.p99;
+            [
+                TargetCheck {
+                    target: format!("4k-staged loopback p50 <= {P50_RATIO}x limit"),
+                    scenario: s.name.clone(),
+                    value: format!(
+                        "{:.1} / {:.1} us = {p50:.2}x",
+                        s.fault_us.p50, s.limit_us.p50
+                    ),
+                    verdict: Verdict::of(p50 <= P50_RATIO),
+                },
+                TargetCheck {
+                    target: format!("4k-staged loopback p99 <= {P99_RATIO}x limit"),
+                    scenario: s.name.clone(),
+                    value: format!(
+                        "{:.1} / {:.1} us = {p99:.2}x",
+                        s.fault_us.p99, s.limit_us.p99
+                    ),
+                    verdict: Verdict::of(p99 <= P99_RATIO),
+                },
+            ]
+        })
+        .collect();
+    push_or_missing(
+        "4k-staged loopback fault latency vs limit".into(),
+        rows,
+        &mut out,
+    );
+
+    let mut rows = Vec::new();
+    for s in ok_scenarios(r).filter(|s| s.backing == "hugetlb-1g" && s.strategy == "4k-staged") {
+        let huge = ok_scenarios(r).find(|h| {
+            h.backing == s.backing
+                && h.strategy == "huge"
+                && h.link == s.link
+                && h.pattern == s.pattern
+        });
+        if let Some(h) = huge {
+            if s.fault_us.count > 0 && h.fault_us.count > 0 && s.fault_us.p50 > 0.0 {
+                let ratio = h.fault_us.p50 / s.fault_us.p50;
+                rows.push(TargetCheck {
+                    target: format!("1 GiB: huge p50 >= {HUGE_OVER_4K}x 4k-staged p50"),
+                    scenario: format!("{} vs {}", s.name, h.name),
+                    value: format!(
+                        "{:.1} us vs {:.1} us = {ratio:.0}x",
+                        s.fault_us.p50, h.fault_us.p50
+                    ),
+                    verdict: Verdict::of(ratio >= HUGE_OVER_4K),
+                });
+            }
+        }
+    }
+    push_or_missing(
+        format!("1 GiB: huge p50 >= {HUGE_OVER_4K}x 4k-staged p50"),
+        rows,
+        &mut out,
+    );
+
+    let rows = ok_scenarios(r)
+        .filter(|s| s.collapse_stall_us.count > 0)
+        .map(|s| TargetCheck {
+            target: format!("collapse stall <= {COLLAPSE_STALL_US} us per region"),
+            scenario: s.name.clone(),
+            value: format!(
+                "max {:.0} us over {} collapses",
+                s.collapse_stall_us.max, s.collapse_stall_us.count
+            ),
+            verdict: Verdict::of(s.collapse_stall_us.max <= COLLAPSE_STALL_US),
+        })
+        .collect();
+    push_or_missing(
+        format!("collapse stall <= {COLLAPSE_STALL_US} us per region"),
+        rows,
+        &mut out,
+    );
+
+    let rows = ok_scenarios(r)
+        .filter_map(|s| Some((s, s.throughput_gbps?, s.raw_throughput_gbps?)))
+        .filter(|(_, _, raw)| *raw > 0.0)
+        .map(|(s, t, raw)| TargetCheck {
+            target: format!(
+                "throughput >= {:.0}% of raw TCP",
+                THROUGHPUT_FRACTION * 100.0
+            ),
+            scenario: s.name.clone(),
+            value: format!("{t:.2} / {raw:.2} Gbit/s = {:.0}%", t / raw * 100.0),
+            verdict: Verdict::of(t >= THROUGHPUT_FRACTION * raw),
+        })
+        .collect();
+    push_or_missing(
+        format!(
+            "throughput >= {:.0}% of raw TCP",
+            THROUGHPUT_FRACTION * 100.0
+        ),
+        rows,
+        &mut out,
+    );
+
+    let rows = ok_scenarios(r)
+        .filter_map(|s| Some((s, s.blackout_ms?)))
+        .map(|(s, b)| TargetCheck {
+            target: format!("blackout <= {BLACKOUT_MS} ms"),
+            scenario: s.name.clone(),
+            value: format!("{b:.2} ms"),
+            verdict: Verdict::of(b <= BLACKOUT_MS),
+        })
+        .collect();
+    push_or_missing(format!("blackout <= {BLACKOUT_MS} ms"), rows, &mut out);
+    out
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"))
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn count_opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// File-name-safe form of a label.
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Scenarios grouped by everything but the strategy (the plots compare strategies).
+fn strategy_groups(r: &Results) -> BTreeMap<String, Vec<&ScenarioResult>> {
+    let mut g: BTreeMap<String, Vec<&ScenarioResult>> = BTreeMap::new();
+    for s in ok_scenarios(r) {
+        g.entry(format!("{}-{}-{}", s.link, s.backing, s.pattern))
+            .or_default()
+            .push(s);
+    }
+    g
+}
+
+/// The markdown report text. `plots` are paths relative to the report's directory.
+pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Postcopy latency report\n");
+    let ok = ok_scenarios(r).count();
+    let _ = writeln!(
+        md,
+        "{} scenarios ({} ok, {} failed){}. Latencies in microseconds; every figure is shown next \
+         to its limit measured in the same run on the same link (see docs/measuring.md).\n",
+        r.scenarios.len(),
+        ok,
+        r.scenarios.len() - ok,
+        if r.quick { ", quick subset" } else { "" }
+    );
+
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(
+        md,
+        "| target | scenario | value | verdict |\n|---|---|---|---|"
+    );
+    for t in check_targets(r) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.target,
+            t.scenario,
+            t.value,
+            t.verdict.text()
+        );
+    }
+
+    let _ = writeln!(md, "\n## Fault latency (us)\n");
+    let _ = writeln!(
+        md,
+        "Guest = first touch as the guest sees it; limit = raw userfault round trip + raw 4 KiB \
+         TCP round trip; VMM = fault read to CONTINUE done.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | faults | guest p50 | limit p50 | ratio | guest p99 | limit p99 | ratio | \
+         guest p99.9 | guest max | VMM p50 | VMM p99 | uffd p50 | TCP RTT p50 |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for s in ok_scenarios(r) {
+        let (f, l) = (&s.fault_us, &s.limit_us);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            s.name,
+            f.count,
+            f.p50,
+            l.p50,
+            ratio(f.p50, l.p50),
+            f.p99,
+            l.p99,
+            ratio(f.p99, l.p99),
+            f.p999,
+            f.max,
+            s.vmm_fault_us.p50,
+            s.vmm_fault_us.p99,
+            s.uffd_rtt_us.p50,
+            s.tcp_rtt_us.p50
+        );
+    }
+
+    let _ = writeln!(md, "\n## Migration\n");
+    let _ = writeln!(
+        md,
+        "| scenario | blackout ms (<= {}) | total s | Gbit/s | raw TCP Gbit/s | of raw | \
+         collapse stall p50 / max us (n) | staging peak MiB | faults served | pages pushed | \
+         served per pushed |",
+        targets::BLACKOUT_MS
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for s in ok_scenarios(r) {
+        let of_raw = match (s.throughput_gbps, s.raw_throughput_gbps) {
+            (Some(t), Some(raw)) if raw > 0.0 => format!("{:.0}%", t / raw * 100.0),
+            _ => "-".into(),
+        };
+        let per_pushed = match (s.faults_served, s.pages_pushed) {
+            (Some(f), Some(p)) if p > 0 => format!("{:.4}", f as f64 / p as f64),
+            _ => "-".into(),
+        };
+        let c = &s.collapse_stall_us;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.0} / {:.0} ({}) | {} | {} | {} | {} |",
+            s.name,
+            opt(s.blackout_ms, 2),
+            opt(s.total_s, 2),
+            opt(s.throughput_gbps, 2),
+            opt(s.raw_throughput_gbps, 2),
+            of_raw,
+            c.p50,
+            c.max,
+            c.count,
+            opt(s.staging_peak_mib, 1),
+            count_opt(s.faults_served),
+            count_opt(s.pages_pushed),
+            per_pushed
+        );
+    }
+
+    let failed: Vec<_> = r
+        .scenarios
+        .iter()
+        .filter(|s| s.status == Status::Failed)
+        .collect();
+    if !failed.is_empty() {
+        let _ = writeln!(md, "\n## Failed scenarios\n");
+        for s in failed {
+            let _ = writeln!(
+                md,
+                "- `{}`: {}",
+                s.name,
+                s.error.as_deref().unwrap_or("no error recorded")
+            );
+        }
+    }
+
+    if !plots.is_empty() {
+        let _ = writeln!(md, "\n## Plots\n");
+        for (title, path) in plots {
+            let _ = writeln!(md, "### {title}\n\n![{title}]({path})\n");
+        }
+    }
+    md
+}
+
+fn plot_err(path: &Path) -> impl Fn(String) -> ReportError + '_ {
+    move |msg| ReportError::Plot {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+/// Points of an empirical CDF: (latency us, fraction at or below).
+pub fn cdf_points(h: &LatencyHistogram) -> Vec<(f64, f64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut pts: Vec<(f64, f64)> = (0..=200)
+        .map(|i| {
+            // Denser near the tail: q = 1 - 10^(-3 i / 200).
+            let q = 1.0 - 10f64.powf(-3.0 * i as f64 / 200.0);
+            let q = if i == 0 { 0.0 } else { q };
+            (h.value_at_quantile(q).max(1) as f64 / 1e3, q)
+        })
+        .collect();
+    pts.push((h.max().max(1) as f64 / 1e3, 1.0));
+    pts
+}
+
+type Series = (String, Vec<(f64, f64)>);
+
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    log_x: bool,
+) -> Result<(), ReportError> {
+    let e = plot_err(path);
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0f64);
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1) = (0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let y1 = if y1 > 0.0 { y1 * 1.05 } else { 1.0 };
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let builder = |root| {
+        let mut b = ChartBuilder::on(root);
+        b.caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(64);
+        b
+    };
+    macro_rules! finish {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(x_desc)
+                .y_desc(y_desc)
+                .draw()
+                .map_err(|x| e(x.to_string()))?;
+            for (i, (name, p)) in series.iter().enumerate() {
+                let color: RGBAColor = if name.starts_with("limit") || name.starts_with("raw") {
+                    BLACK.to_rgba()
+                } else {
+                    Palette99::pick(i).to_rgba()
+                };
+                chart
+                    .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+                    .map_err(|x| e(x.to_string()))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()
+                .map_err(|x| e(x.to_string()))?;
+        }};
+    }
+    if log_x {
+        let x0 = if x0 > 0.0 { x0 / 1.2 } else { 0.1 };
+        finish!(builder(&root)
+            .build_cartesian_2d((x0..x1 * 1.2).log_scale(), 0f64..y1)
+            .map_err(|x| e(x.to_string()))?);
+    } else {
+        finish!(builder(&root)
+            .build_cartesian_2d(x0..x1, 0f64..y1)
+            .map_err(|x| e(x.to_string()))?);
+    }
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+fn scatter_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    pts: &[(f64, f64)],
+) -> Result<(), ReportError> {
+    let e = plot_err(path);
+    let x1 = pts.iter().map(|p| p.0).fold(1.0, f64::max);
+    let y1 = pts.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..x1, (0.5f64..y1).log_scale())
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("fault latency (us, VMM side)")
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .draw_series(
+            pts.iter()
+                .map(|&(x, y)| Circle::new((x, y.max(0.5)), 2, BLUE.mix(0.5).filled())),
+        )
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+/// Draws every plot into `dir/plots/` and returns (title, path relative to `dir`).
+pub fn draw_plots(dir: &Path, r: &Results) -> Result<Vec<(String, String)>, ReportError> {
+    let pdir = dir.join("plots");
+    std::fs::create_dir_all(&pdir).map_err(|source| ReportError::Io {
+        what: "creating",
+        path: pdir.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (group, scenarios) in strategy_groups(r) {
+        let mut series: Vec<Series> = Vec::new();
+        for s in &scenarios {
+            if let Some(h) = results::load_histogram(dir, s, kind::GUEST_FAULT)? {
+                if !h.is_empty() {
+                    series.push((format!("{} (guest)", s.strategy), cdf_points(&h)));
+                }
+            }
+        }
+        if let Some(s) = scenarios.first() {
+            if let Some(h) = results::load_histogram(dir, s, kind::LIMIT)? {
+                if !h.is_empty() {
+                    series.push(("limit".into(), cdf_points(&h)));
+                }
+            }
+        }
+        if !series.is_empty() {
+            let file = format!("plots/cdf-{}.svg", slug(&group));
+            let title = format!("Fault latency CDF per strategy: {group}");
+            line_chart(
+                &dir.join(&file),
+                &title,
+                "fault latency (us, log)",
+                "fraction of faults",
+                &series,
+                true,
+            )?;
+            out.push((title, file));
+        }
+
+        let mut tput: Vec<Series> = scenarios
+            .iter()
+            .filter(|s| !s.throughput_series.is_empty())
+            .map(|s| (s.strategy.clone(), s.throughput_series.clone()))
+            .collect();
+        if !tput.is_empty() {
+            let end = tput
+                .iter()
+                .flat_map(|(_, p)| p.iter().map(|p| p.0))
+                .fold(0.0, f64::max);
+            if let Some(raw) = scenarios.iter().find_map(|s| s.raw_throughput_gbps) {
+                tput.push(("raw TCP".into(), vec![(0.0, raw), (end, raw)]));
+            }
+            let file = format!("plots/throughput-{}.svg", slug(&group));
+            let title = format!("Background throughput over time: {group}");
+            line_chart(
+                &dir.join(&file),
+                &title,
+                "seconds since migrate started",
+                "Gbit/s on the link",
+                &tput,
+                false,
+            )?;
+            out.push((title, file));
+        }
+    }
+    for s in ok_scenarios(r).filter(|s| !s.fault_series.is_empty()) {
+        let file = format!("plots/latency-time-{}.svg", slug(&s.name));
+        let title = format!("Fault latency through the migration: {}", s.name);
+        let x_desc = if s.fault_series_x.is_empty() {
+            "fault number"
+        } else {
+            s.fault_series_x.as_str()
+        };
+        scatter_chart(&dir.join(&file), &title, x_desc, &s.fault_series)?;
+        out.push((title, file));
+    }
+    Ok(out)
+}
+
+/// Regenerates plots and `dir/report.md` from `dir/results.json`'s contents `r`.
+pub fn write_report(dir: &Path, r: &Results) -> Result<PathBuf, ReportError> {
+    let plots = draw_plots(dir, r)?;
+    let path = dir.join("report.md");
+    std::fs::write(&path, render_markdown(r, &plots)).map_err(|source| ReportError::Io {
+        what: "writing",
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// A markdown table comparing two runs scenario by scenario (B relative to A).
+pub fn compare(a: &Results, b: &Results) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| scenario | p50 A | p50 B | B/A | p99 A | p99 B | B/A | blackout A | blackout B | Gbit/s A | Gbit/s B |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for sa in &a.scenarios {
+        let Some(sb) = b.scenarios.iter().find(|s| s.name == sa.name) else {
+            let _ = writeln!(md, "| {} | (only in A) |||||||||", sa.name);
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            sa.name,
+            sa.fault_us.p50,
+            sb.fault_us.p50,
+            ratio(sb.fault_us.p50, sa.fault_us.p50),
+            sa.fault_us.p99,
+            sb.fault_us.p99,
+            ratio(sb.fault_us.p99, sa.fault_us.p99),
+            opt(sa.blackout_ms, 2),
+            opt(sb.blackout_ms, 2),
+            opt(sa.throughput_gbps, 2),
+            opt(sb.throughput_gbps, 2)
+        );
+    }
+    for sb in b
+        .scenarios
+        .iter()
+        .filter(|sb| !a.scenarios.iter().any(|s| s.name == sb.name))
+    {
+        let _ = writeln!(md, "| {} | (only in B) |||||||||", sb.name);
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::histogram::{self, Percentiles, ShortSummary};
+    use crate::results::{save_histogram, RESULTS_VERSION};
+
+    fn scenario(dir: &Path, strategy: &str, backing: &str, guest: &[u64]) -> ScenarioResult {
+        let name = format!("{backing}-{strategy}-random-loopback");
+        let mut s = ScenarioResult::new(&name, backing, strategy, "loopback", "random");
+        s.status = Status::Ok;
+        let g = histogram::from_samples(guest).unwrap();
+        let limit = histogram::from_samples(&[20_000, 22_000, 30_000, 40_000]).unwrap();
+        s.fault_us = Percentiles::us(&g);
+        s.limit_us = Percentiles::us(&limit);
+        save_histogram(dir, &mut s, kind::GUEST_FAULT, &g).unwrap();
+        save_histogram(dir, &mut s, kind::LIMIT, &limit).unwrap();
+        s.blackout_ms = Some(4.0);
+        s.total_s = Some(1.5);
+        s.throughput_gbps = Some(9.0);
+        s.raw_throughput_gbps = Some(10.0);
+        s.collapse_stall_us = ShortSummary {
+            p50: 300.0,
+            max: 1500.0,
+            count: 2,
+        };
+        s.faults_served = Some(10);
+        s.pages_pushed = Some(1000);
+        s.throughput_series = vec![(0.0, 0.0), (0.5, 8.0), (1.0, 9.5)];
+        s.fault_series = vec![(1.0, 25.0), (2.0, 30.0), (3.0, 400.0)];
+        s.fault_series_x = "ms since vCPUs started".into();
+        s
+    }
+
+    fn sample(dir: &Path) -> Results {
+        let mut failed = ScenarioResult::new("x", "shmem", "native", "loopback", "random");
+        failed.error = Some("vmm receive exited with 1".into());
+        Results {
+            version: RESULTS_VERSION,
+            quick: true,
+            scenarios: vec![
+                scenario(
+                    dir,
+                    "4k-staged",
+                    "hugetlb-1g",
+                    &[35_000, 36_000, 37_000, 200_000],
+                ),
+                scenario(dir, "huge", "hugetlb-1g", &[90_000_000, 95_000_000]),
+                failed,
+            ],
+        }
+    }
+
+    #[test]
+    fn targets_are_judged_from_the_figures() {
+        let d = tempfile::tempdir().unwrap();
+        let r = sample(d.path());
+        let t = check_targets(&r);
+        let find = |prefix: &str| {
+            t.iter()
+                .filter(|c| c.target.starts_with(prefix))
+                .collect::<Vec<_>>()
+        };
+        // guest p50 36 vs limit p50 22 -> 1.64x > 1.5: missed; p99 200 vs 40 -> 5x: missed.
+        let p50 = find("4k-staged loopback p50");
+        assert_eq!(p50.len(), 1);
+        assert_eq!(p50[0].verdict, Verdict::Missed, "{:?}", p50[0]);
+        // huge 90 ms vs 4k 36 us: ~2500x: met.
+        let huge = find("1 GiB");
+        assert_eq!(huge[0].verdict, Verdict::Met, "{:?}", huge[0]);
+        // stall max 1500 us: missed for both; throughput 90%: met; blackout 4 ms: met.
+        assert!(find("collapse")
+            .iter()
+            .all(|c| c.verdict == Verdict::Missed));
+        assert!(find("throughput").iter().all(|c| c.verdict == Verdict::Met));
+        assert_eq!(find("blackout").len(), 2);
+        // An empty run measures nothing.
+        let empty = Results {
+            version: RESULTS_VERSION,
+            quick: false,
+            scenarios: vec![],
+        };
+        assert!(check_targets(&empty)
+            .iter()
+            .all(|c| c.verdict == Verdict::NotMeasured));
+    }
+
+    #[test]
+    fn report_has_tables_ratios_and_svg_plots() {
+        let d = tempfile::tempdir().unwrap();
+        let r = sample(d.path());
+        let path = write_report(d.path(), &r).unwrap();
+        let md = std::fs::read_to_string(path).unwrap();
+        assert!(md.contains("## Targets"));
+        assert!(md.contains("| target | scenario | value | verdict |"));
+        // The 4k-staged row: guest p50 36.0 next to limit p50 22.0 and their ratio.
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| hugetlb-1g-4k-staged-random-loopback | 4 |"))
+            .unwrap();
+        assert!(row.contains("| 36.0 | 22.0 | 1.64x |"), "{row}");
+        assert!(md.contains("| 4.00 | 1.50 | 9.00 | 10.00 | 90% |"), "{md}");
+        assert!(md.contains("`x`: vmm receive exited with 1"));
+        let svgs: Vec<_> = std::fs::read_dir(d.path().join("plots"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(svgs.len(), 4, "{svgs:?}"); // 1 CDF + 1 throughput + 2 latency-over-time
+        for p in &svgs {
+            let svg = std::fs::read_to_string(p).unwrap();
+            assert!(svg.starts_with("<svg"), "{p:?}");
+            assert!(svg.contains("<text"), "{p:?} has no text");
+            assert!(
+                svg.contains("<polyline") || svg.contains("<circle"),
+                "{p:?}"
+            );
+            assert!(md.contains(&format!(
+                "]({})",
+                p.strip_prefix(d.path()).unwrap().display()
+            )));
+        }
+        let cdf = svgs
+            .iter()
+            .find(|p| p.to_string_lossy().contains("cdf-"))
+            .unwrap();
+        let svg = std::fs::read_to_string(cdf).unwrap();
+        assert!(svg.contains("4k-staged (guest)") && svg.contains("limit"));
+    }
+
+    #[test]
+    fn compare_lists_ratios() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = sample(d.path());
+        a.scenarios[0].fault_us.p50 = 36.0;
+        let mut b = a.clone();
+        b.scenarios[0].fault_us.p50 = 72.0;
+        let t = compare(&a, &b);
+        assert!(
+            t.contains("| hugetlb-1g-4k-staged-random-loopback | 36.0 | 72.0 | 2.00x |"),
+            "{t}"
+        );
+    }
+}

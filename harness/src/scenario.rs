@@ -1,0 +1,910 @@
+//! Scenarios (backing x strategy x access pattern x link), the `--all` and `--quick` lists, and
+//! the runner that drives real source and destination VMM processes through the `vmm` CLI:
+//!
+//! - destination: `vmm receive --listen ADDR --backing B --granularity G --stats-json PATH`
+//! - source: `vmm run --kernel K --memory SIZE --vcpus N --backing B --cmdline "..."
+//!   --api-socket SOCK`, then `vmm migrate --api-socket SOCK --to ADDR --mode postcopy --json`.
+//!
+//! For namespace links the source runs in the `src` namespace and the destination in `dst`
+//! (`ip netns exec`); with a delay, `migrate --to` points at a [`DelayProxy`] in `src` that
+//! forwards to the destination.
+
+use crate::delay_proxy::{DelayProxy, ProxyError};
+use crate::guest_output::{DestinationStats, GuestOutput, MigrateSummary};
+use crate::histogram::{self, LatencyHistogram, Percentiles, ShortSummary};
+use crate::hugepool::HugePool;
+use crate::limits::{self, EchoServer, LinkLimits};
+use crate::netns::{NetnsPair, Side};
+use crate::process::Proc;
+use crate::results::{self, kind, Results, ScenarioResult, Status, RESULTS_VERSION};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How guest RAM is backed (the `--backing` value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    Shmem,
+    Hugetlb2m,
+    Hugetlb1g,
+    GuestMemfd,
+}
+
+impl Backing {
+    pub const ALL: [Backing; 4] = [
+        Backing::Shmem,
+        Backing::Hugetlb2m,
+        Backing::Hugetlb1g,
+        Backing::GuestMemfd,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backing::Shmem => "shmem",
+            Backing::Hugetlb2m => "hugetlb-2m",
+            Backing::Hugetlb1g => "hugetlb-1g",
+            Backing::GuestMemfd => "guest-memfd",
+        }
+    }
+
+    /// hugetlb page size in KiB, if hugetlb.
+    pub fn huge_kib(self) -> Option<u64> {
+        match self {
+            Backing::Hugetlb2m => Some(2048),
+            Backing::Hugetlb1g => Some(1024 * 1024),
+            _ => None,
+        }
+    }
+}
+
+/// Postcopy fault strategy on the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// 4 KiB faults through a shmem staging mapping, collapsed afterwards.
+    FourKStaged,
+    /// Whole huge page per fault.
+    Huge,
+    /// Kernel-native high-granularity support, where the kernel has it.
+    Native,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::FourKStaged, Strategy::Huge, Strategy::Native];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::FourKStaged => "4k-staged",
+            Strategy::Huge => "huge",
+            Strategy::Native => "native",
+        }
+    }
+
+    /// The destination's `--granularity` value.
+    pub fn granularity(self) -> &'static str {
+        match self {
+            Strategy::FourKStaged => "4k",
+            Strategy::Huge => "huge",
+            Strategy::Native => "native",
+        }
+    }
+}
+
+/// The workload guest's access pattern (`pattern=` on its command line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Sequential,
+    Random,
+    HotSet,
+}
+
+impl Pattern {
+    pub const ALL: [Pattern; 3] = [Pattern::Sequential, Pattern::Random, Pattern::HotSet];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pattern::Sequential => "sequential",
+            Pattern::Random => "random",
+            Pattern::HotSet => "hot-set",
+        }
+    }
+
+    /// The value of the guest's `pattern=` option.
+    pub fn guest_name(self) -> &'static str {
+        match self {
+            Pattern::Sequential => "sequential",
+            Pattern::Random => "random",
+            Pattern::HotSet => "hotset",
+        }
+    }
+}
+
+/// The link between source and destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    /// Two namespaces joined by veth (else loopback in the harness's own namespace).
+    pub netns: bool,
+    /// TBF cap per direction.
+    pub rate_mbit: Option<u64>,
+    /// Added one-way delay per direction (userspace proxy).
+    pub delay: Duration,
+}
+
+impl Link {
+    pub fn loopback() -> Self {
+        Self {
+            name: "loopback".into(),
+            netns: false,
+            rate_mbit: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// veth between namespaces, capped at `gbit` Gbit/s, with `delay_us` one-way delay.
+    pub fn veth(gbit: u64, delay_us: u64) -> Self {
+        let mut name = format!("veth-{gbit}g");
+        if delay_us > 0 {
+            name.push_str(&format!("-{delay_us}us"));
+        }
+        Self {
+            name,
+            netns: true,
+            rate_mbit: Some(gbit * 1000),
+            delay: Duration::from_micros(delay_us),
+        }
+    }
+
+    /// Every link of `--all`.
+    pub fn all() -> Vec<Link> {
+        vec![
+            Link::loopback(),
+            Link::veth(10, 0),
+            Link::veth(1, 0),
+            Link::veth(10, 500),
+        ]
+    }
+}
+
+/// One measured configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    pub name: String,
+    pub backing: Backing,
+    pub strategy: Strategy,
+    pub pattern: Pattern,
+    pub link: Link,
+    pub memory_mib: u64,
+}
+
+impl Scenario {
+    pub fn new(
+        backing: Backing,
+        strategy: Strategy,
+        pattern: Pattern,
+        link: Link,
+        memory_mib: u64,
+    ) -> Self {
+        Self {
+            name: format!(
+                "{}-{}-{}-{}",
+                backing.as_str(),
+                strategy.as_str(),
+                pattern.as_str(),
+                link.name
+            ),
+            backing,
+            strategy,
+            pattern,
+            link,
+            memory_mib,
+        }
+    }
+
+    /// Free huge pages this scenario needs: (page KiB, pages) for source + destination.
+    pub fn huge_pages_needed(&self) -> Vec<(u64, u64)> {
+        match self.backing.huge_kib() {
+            Some(kib) => vec![(kib, 2 * (self.memory_mib * 1024).div_ceil(kib))],
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Every combination: 4 backings x 3 strategies x 3 patterns x 4 links, 1 GiB of guest RAM.
+pub fn all() -> Vec<Scenario> {
+    let mut v = Vec::new();
+    for link in Link::all() {
+        for b in Backing::ALL {
+            for s in Strategy::ALL {
+                for p in Pattern::ALL {
+                    v.push(Scenario::new(b, s, p, link.clone(), 1024));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The `--quick` subset (each scenario well under half a minute): the loopback latency target
+/// on every huge backing, the 1 GiB 4k-staged vs huge comparison, and one capped namespace
+/// link for throughput against raw TCP.
+pub fn quick() -> Vec<Scenario> {
+    let lo = Link::loopback;
+    vec![
+        Scenario::new(
+            Backing::Shmem,
+            Strategy::FourKStaged,
+            Pattern::Random,
+            lo(),
+            256,
+        ),
+        Scenario::new(
+            Backing::Hugetlb2m,
+            Strategy::FourKStaged,
+            Pattern::Random,
+            lo(),
+            256,
+        ),
+        Scenario::new(
+            Backing::Hugetlb1g,
+            Strategy::FourKStaged,
+            Pattern::Random,
+            lo(),
+            1024,
+        ),
+        Scenario::new(
+            Backing::Hugetlb1g,
+            Strategy::Huge,
+            Pattern::Random,
+            lo(),
+            1024,
+        ),
+        Scenario::new(
+            Backing::Hugetlb2m,
+            Strategy::FourKStaged,
+            Pattern::Sequential,
+            Link::veth(1, 0),
+            256,
+        ),
+    ]
+}
+
+/// Looks scenarios up by name in `--all` (and the quick list, whose memory sizes differ).
+pub fn by_names(names: &[String]) -> Result<Vec<Scenario>, String> {
+    let mut known = quick();
+    known.extend(all());
+    names
+        .iter()
+        .map(|n| {
+            known
+                .iter()
+                .find(|s| &s.name == n)
+                .cloned()
+                .ok_or_else(|| format!("no scenario named {n:?} (see `harness list`)"))
+        })
+        .collect()
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub out: PathBuf,
+    pub vcpus: u32,
+    /// Guest `passes=` (0 = forever: the harness stops the destination, and the guest never
+    /// prints its histograms).
+    pub passes: u32,
+    /// With `passes = 0`: destination passes to wait for after the migration, then stop it.
+    pub post_passes: usize,
+    pub quick: bool,
+    pub uffd_samples: usize,
+    pub rtt_samples: usize,
+    pub throughput_for: Duration,
+    /// Longest wait for the guest to start, the migration, and the destination to finish.
+    pub phase_timeout: Duration,
+}
+
+/// Errors that end a scenario (recorded in its result) or a whole link.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Limit(#[from] limits::LimitError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+    #[error(transparent)]
+    Pool(#[from] crate::hugepool::PoolError),
+    #[error(transparent)]
+    Parse(#[from] crate::guest_output::ParseError),
+    #[error(transparent)]
+    Histogram(#[from] histogram::HistogramError),
+    #[error(transparent)]
+    Results(#[from] results::ResultsError),
+    #[error("{0}")]
+    Scenario(String),
+}
+
+/// Everything set up once per link: namespaces, echo server (plus a delay proxy in front of it
+/// for delayed links) and the link's measured limits. Fields drop in order: proxy and server
+/// before the namespaces.
+struct LinkEnv {
+    _echo_proxy: Option<DelayProxy>,
+    _echo: EchoServer,
+    limits: LinkLimits,
+    pair: Option<NetnsPair>,
+    link: Link,
+}
+
+impl LinkEnv {
+    fn new(link: &Link, cfg: &RunConfig) -> Result<Self, RunError> {
+        let pair = if link.netns {
+            Some(NetnsPair::create(link.rate_mbit)?)
+        } else {
+            None
+        };
+        let delay = link.delay;
+        let (echo, proxy, target) = match &pair {
+            Some(p) => {
+                let dst = SocketAddr::new(p.ip(Side::Dst).into(), 0);
+                let echo = p.run_in(Side::Dst, move || EchoServer::start(dst))??;
+                let (proxy, target) = if delay.is_zero() {
+                    (None, echo.addr())
+                } else {
+                    let listen = SocketAddr::new(p.ip(Side::Src).into(), 0);
+                    let up = echo.addr();
+                    let proxy =
+                        p.run_in(Side::Src, move || DelayProxy::start(listen, up, delay))??;
+                    let a = proxy.addr();
+                    (Some(proxy), a)
+                };
+                (echo, proxy, target)
+            }
+            None => {
+                let echo = EchoServer::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))?;
+                let (proxy, target) = if delay.is_zero() {
+                    (None, echo.addr())
+                } else {
+                    let proxy = DelayProxy::start(
+                        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+                        echo.addr(),
+                        delay,
+                    )?;
+                    let a = proxy.addr();
+                    (Some(proxy), a)
+                };
+                (echo, proxy, target)
+            }
+        };
+        let (n, t) = (cfg.rtt_samples, cfg.throughput_for);
+        let limits = match &pair {
+            Some(p) => p.run_in(Side::Src, move || limits::measure_link(target, n, t))??,
+            None => limits::measure_link(target, n, t)?,
+        };
+        Ok(Self {
+            _echo_proxy: proxy,
+            _echo: echo,
+            limits,
+            pair,
+            link: link.clone(),
+        })
+    }
+
+    /// A command running `program` on one side.
+    fn command(&self, side: Side, program: &Path) -> Command {
+        match &self.pair {
+            Some(p) => p.command(side, program.as_os_str()),
+            None => Command::new(program),
+        }
+    }
+
+    fn dst_ip(&self) -> IpAddr {
+        match &self.pair {
+            Some(p) => p.ip(Side::Dst).into(),
+            None => Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+
+    /// The network device the source transmits on, as named inside its namespace.
+    fn src_device(&self) -> String {
+        match &self.pair {
+            Some(p) => p.veth_name(Side::Src).to_string(),
+            None => "lo".into(),
+        }
+    }
+}
+
+/// A free TCP port on `ip` in the harness's namespace, or a fixed one from a private range in
+/// a fresh namespace (nothing else listens there).
+fn pick_port(ip: IpAddr, netns: bool, n: usize) -> Result<u16, RunError> {
+    if netns {
+        return Ok(42_000 + (n % 10_000) as u16);
+    }
+    let l = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .map_err(|e| RunError::Scenario(format!("finding a free port on {ip}: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| RunError::Scenario(format!("finding a free port on {ip}: {e}")))
+}
+
+/// Whether process `pid`'s network namespace has a TCP socket listening on `port`
+/// (`/proc/PID/net/tcp`, state 0A).
+fn is_listening(pid: u32, port: u16) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    let want = format!(":{port:04X}");
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+    })
+}
+
+/// Transmit byte counter of `dev` as seen by process `pid` (`/proc/PID/net/dev`).
+fn tx_bytes(pid: u32, dev: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    text.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        if name.trim() != dev {
+            return None;
+        }
+        // receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes ...
+        rest.split_whitespace().nth(8)?.parse().ok()
+    })
+}
+
+/// Samples a device's transmit rate every 50 ms on a thread until stopped.
+struct RateSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(f64, f64)>>>,
+}
+
+impl RateSampler {
+    fn start(pid: u32, dev: String, t0: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut series = Vec::new();
+            let mut last: Option<(Instant, u64)> = None;
+            while !stop2.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                if let Some(b) = tx_bytes(pid, &dev) {
+                    if let Some((t, prev)) = last {
+                        let dt = now.duration_since(t).as_secs_f64();
+                        if dt > 0.0 {
+                            let gbps = b.saturating_sub(prev) as f64 * 8.0 / dt / 1e9;
+                            series.push((now.duration_since(t0).as_secs_f64(), gbps));
+                        }
+                    }
+                    last = Some((now, b));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            series
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(f64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RateSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Progress reports from the runner.
+pub trait Progress {
+    /// Scenario `index` (0-based) of `total` starts.
+    fn scenario(&mut self, index: usize, total: usize, name: &str);
+    /// A phase inside the current scenario.
+    fn phase(&mut self, msg: &str);
+}
+
+/// Runs every scenario and writes `cfg.out/results.json` plus the histogram files (not the
+/// report: see [`crate::report::write_report`]). A failing scenario is recorded with its error
+/// and the run goes on.
+pub fn run(
+    cfg: &RunConfig,
+    scenarios: &[Scenario],
+    progress: &mut dyn Progress,
+) -> Result<Results, RunError> {
+    std::fs::create_dir_all(cfg.out.join("raw")).map_err(|e| {
+        RunError::Scenario(format!("creating {}: {e}", cfg.out.join("raw").display()))
+    })?;
+    progress.phase("measuring the raw userfault round trip");
+    let uffd = limits::uffd_round_trip(cfg.uffd_samples)?;
+    let mut links: Vec<Link> = Vec::new();
+    for s in scenarios {
+        if !links.contains(&s.link) {
+            links.push(s.link.clone());
+        }
+    }
+    let mut out = Vec::new();
+    let mut index = 0;
+    for link in links {
+        progress.phase(&format!("setting up link {} and measuring it", link.name));
+        let env = LinkEnv::new(&link, cfg);
+        for s in scenarios.iter().filter(|s| s.link == link) {
+            progress.scenario(index, scenarios.len(), &s.name);
+            let mut r = ScenarioResult::new(
+                &s.name,
+                s.backing.as_str(),
+                s.strategy.as_str(),
+                &s.link.name,
+                s.pattern.as_str(),
+            );
+            let outcome = match &env {
+                Ok(env) => run_one(cfg, env, &uffd, s, index, &mut r, progress),
+                Err(e) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
+            };
+            if let Err(e) = outcome {
+                r.status = Status::Failed;
+                r.error = Some(e.to_string());
+            }
+            out.push(r);
+            index += 1;
+            // Keep what was measured so far even if a later scenario hangs the harness.
+            Results {
+                version: RESULTS_VERSION,
+                quick: cfg.quick,
+                scenarios: out.clone(),
+            }
+            .save(&cfg.out)?;
+        }
+    }
+    Ok(Results {
+        version: RESULTS_VERSION,
+        quick: cfg.quick,
+        scenarios: out,
+    })
+}
+
+fn run_one(
+    cfg: &RunConfig,
+    env: &LinkEnv,
+    uffd: &LatencyHistogram,
+    s: &Scenario,
+    index: usize,
+    r: &mut ScenarioResult,
+    progress: &mut dyn Progress,
+) -> Result<(), RunError> {
+    let dir = &cfg.out;
+    let raw = dir.join("raw");
+    // Limits first: they are this run's, on this link.
+    let limit = histogram::convolve(uffd, &env.limits.tcp_rtt)?;
+    r.uffd_rtt_us = Percentiles::us(uffd);
+    r.tcp_rtt_us = Percentiles::us(&env.limits.tcp_rtt);
+    r.limit_us = Percentiles::us(&limit);
+    r.raw_throughput_gbps = Some(env.limits.throughput_gbps);
+    results::save_histogram(dir, r, kind::UFFD, uffd)?;
+    results::save_histogram(dir, r, kind::TCP_RTT, &env.limits.tcp_rtt)?;
+    results::save_histogram(dir, r, kind::LIMIT, &limit)?;
+
+    progress.phase("reserving huge pages");
+    let _pool = HugePool::reserve(&s.huge_pages_needed())?;
+
+    // Destination.
+    let port = pick_port(env.dst_ip(), env.link.netns, index)?;
+    let listen = SocketAddr::new(env.dst_ip(), port);
+    let stats_path = raw.join(format!("{}.stats.json", s.name));
+    let _ = std::fs::remove_file(&stats_path);
+    let mut dcmd = env.command(Side::Dst, &cfg.vmm);
+    dcmd.arg("receive")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .args(["--backing", s.backing.as_str()])
+        .args(["--granularity", s.strategy.granularity()])
+        .arg("--stats-json")
+        .arg(&stats_path);
+    progress.phase("starting the destination");
+    let mut dst = Proc::spawn(
+        "destination vmm",
+        dcmd,
+        &raw.join(format!("{}.dst", s.name)),
+    )?;
+    let t = Instant::now();
+    while !is_listening(dst.pid(), port) {
+        if dst.try_wait()?.is_some() || t.elapsed() > cfg.phase_timeout {
+            return Err(RunError::Scenario(format!(
+                "the destination never listened on {listen} (see raw/{}.dst.err)",
+                s.name
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Delay proxy in front of the destination, on the source side.
+    let _proxy;
+    let to = if env.link.delay.is_zero() {
+        listen
+    } else {
+        let delay = env.link.delay;
+        let proxy = match &env.pair {
+            Some(p) => {
+                let l = SocketAddr::new(p.ip(Side::Src).into(), 0);
+                p.run_in(Side::Src, move || DelayProxy::start(l, listen, delay))??
+            }
+            None => DelayProxy::start(
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
+                listen,
+                delay,
+            )?,
+        };
+        let a = proxy.addr();
+        _proxy = proxy;
+        a
+    };
+
+    // Source.
+    let sock = std::env::temp_dir().join(format!("harness-{}-{index}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let memory = format!("{}M", s.memory_mib);
+    let cmdline = format!("passes={} pattern={}", cfg.passes, s.pattern.guest_name());
+    let mut scmd = env.command(Side::Src, &cfg.vmm);
+    scmd.arg("run")
+        .arg("--kernel")
+        .arg(&cfg.kernel)
+        .args(["--memory", &memory])
+        .args(["--vcpus", &cfg.vcpus.to_string()])
+        .args(["--backing", s.backing.as_str()])
+        .args(["--cmdline", &cmdline])
+        .arg("--api-socket")
+        .arg(&sock);
+    progress.phase("starting the source guest");
+    let mut src = Proc::spawn("source vmm", scmd, &raw.join(format!("{}.src", s.name)))?;
+    // Migrate once the guest has written its memory once (first pass done).
+    if !src.wait_for_lines(|l| l.contains("WORKLOAD pass"), 1, cfg.phase_timeout)? {
+        return Err(RunError::Scenario(format!(
+            "the source guest finished no pass within {:?} (see raw/{}.src.out/.err)",
+            cfg.phase_timeout, s.name
+        )));
+    }
+    if src.try_wait()?.is_some() {
+        return Err(RunError::Scenario(format!(
+            "the source guest finished all {} passes before the migration began: raise --passes",
+            cfg.passes
+        )));
+    }
+    let src_out = GuestOutput::parse(&src.text())?;
+    r.guest_slow_before_migration = Some(src_out.passes.iter().map(|p| p.slow_accesses).sum());
+    if let Some(ft) = src_out.hists_named("first_touch").last() {
+        results::save_histogram(
+            dir,
+            r,
+            kind::FIRST_TOUCH,
+            &histogram::from_buckets(&ft.buckets)?,
+        )?;
+    }
+
+    progress.phase("migrating");
+    let t0 = Instant::now();
+    let sampler = RateSampler::start(src.pid(), env.src_device(), t0);
+    let mut mcmd = env.command(Side::Src, &cfg.vmm);
+    mcmd.arg("migrate")
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--to")
+        .arg(to.to_string())
+        .args(["--mode", "postcopy", "--json"]);
+    let mut mig = Proc::spawn(
+        "vmm migrate",
+        mcmd,
+        &raw.join(format!("{}.migrate", s.name)),
+    )?;
+    let mstatus = mig.wait_timeout(cfg.phase_timeout)?;
+    // The background push may continue after `migrate` returns; keep sampling until the
+    // source exits or 2 s more.
+    let _ = src.wait_timeout(Duration::from_secs(2))?;
+    r.throughput_series = sampler.finish();
+    match mstatus {
+        Some(st) if st.success() => {}
+        Some(st) => {
+            return Err(RunError::Scenario(format!(
+                "vmm migrate exited with {st} (see raw/{}.migrate.err)",
+                s.name
+            )))
+        }
+        None => {
+            return Err(RunError::Scenario(format!(
+                "vmm migrate did not finish within {:?}",
+                cfg.phase_timeout
+            )))
+        }
+    }
+    let summary = MigrateSummary::parse(&mig.text())?;
+
+    progress.phase("waiting for the destination guest");
+    if cfg.passes == 0 {
+        // Count only passes reported by the destination (it prints what ran there).
+        dst.wait_for_lines(
+            |l| l.contains("WORKLOAD pass"),
+            cfg.post_passes,
+            cfg.phase_timeout,
+        )?;
+        dst.stop(Duration::from_secs(10))?;
+    } else if dst.wait_timeout(cfg.phase_timeout)?.is_none() {
+        dst.stop(Duration::from_secs(10))?;
+    }
+    src.stop(Duration::from_secs(5))?;
+    let dst_out = GuestOutput::parse(&dst.text())?;
+    let stats = match std::fs::read_to_string(&stats_path) {
+        Ok(text) => Some(DestinationStats::parse(&text)?),
+        Err(_) => None,
+    };
+    fill(dir, r, &summary, &dst_out, stats.as_ref())?;
+    r.status = Status::Ok;
+    let mismatches =
+        dst_out.mismatches.len() as u64 + dst_out.passes.iter().map(|p| p.mismatches).sum::<u64>();
+    if mismatches > 0 || r.guest_ok == Some(false) {
+        r.status = Status::Failed;
+        r.error = Some(format!(
+            "the guest saw {mismatches} memory mismatches after migration (figures kept)"
+        ));
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// Fills the figures of `r` from what the processes reported (see docs/measuring.md).
+pub fn fill(
+    dir: &Path,
+    r: &mut ScenarioResult,
+    summary: &MigrateSummary,
+    dst_out: &GuestOutput,
+    stats: Option<&DestinationStats>,
+) -> Result<(), RunError> {
+    // Guest-seen: every access_slow histogram the destination printed (passes that ran during
+    // or after the switchover).
+    let parts: Vec<LatencyHistogram> = dst_out
+        .hists_named("access_slow")
+        .map(|h| histogram::from_buckets(&h.buckets))
+        .collect::<Result<_, _>>()?;
+    let guest = histogram::merge(parts.iter())?;
+    r.fault_us = Percentiles::us(&guest);
+    results::save_histogram(dir, r, kind::GUEST_FAULT, &guest)?;
+
+    r.blackout_ms = summary.blackout_ms;
+    r.total_s = summary.total_ms.map(|ms| ms / 1e3);
+    r.bytes_sent = summary.bytes_sent;
+    r.pages_sent = summary.pages_sent;
+    r.pages_pushed = summary.pages_pushed;
+    r.faults_served = summary.faults_served;
+    r.throughput_gbps = match (summary.bytes_sent, summary.total_ms) {
+        (Some(b), Some(ms)) if ms > 0.0 => Some(b as f64 * 8.0 / (ms / 1e3) / 1e9),
+        _ => None,
+    };
+    r.peak_link_gbps = r
+        .throughput_series
+        .iter()
+        .map(|p| p.1)
+        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+    r.guest_mismatches = Some(
+        dst_out.mismatches.len() as u64 + dst_out.passes.iter().map(|p| p.mismatches).sum::<u64>(),
+    );
+    r.guest_ok = dst_out.result.as_ref().map(|res| res.ok);
+
+    if let Some(st) = stats {
+        let vmm = histogram::from_samples(&st.fault_ns)?;
+        r.vmm_fault_us = Percentiles::us(&vmm);
+        results::save_histogram(dir, r, kind::VMM_FAULT, &vmm)?;
+        let stall = histogram::from_samples(&st.collapse_stall_ns)?;
+        r.collapse_stall_us = ShortSummary::us(&stall);
+        results::save_histogram(dir, r, kind::COLLAPSE_STALL, &stall)?;
+        r.staging_peak_mib = st.staging_peak_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
+        r.pages_fetched_local = st.pages_fetched_local;
+        if r.faults_served.is_none() {
+            r.faults_served = st.faults_served;
+        }
+        let timed = st.fault_at_ns.len() == st.fault_ns.len() && !st.fault_ns.is_empty();
+        r.fault_series = st
+            .fault_ns
+            .iter()
+            .enumerate()
+            .map(|(i, &ns)| {
+                let x = if timed {
+                    st.fault_at_ns[i] as f64 / 1e6
+                } else {
+                    i as f64
+                };
+                (x, ns as f64 / 1e3)
+            })
+            .collect();
+        r.fault_series_x = if timed {
+            "ms since vCPUs started".into()
+        } else {
+            "fault number".into()
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_have_unique_names_and_quick_is_a_useful_subset() {
+        let all = all();
+        assert_eq!(all.len(), 4 * 3 * 3 * 4);
+        let mut names: Vec<_> = all.iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        let q = quick();
+        assert!(q
+            .iter()
+            .any(|s| s.strategy == Strategy::Huge && s.backing == Backing::Hugetlb1g));
+        assert!(q.iter().any(|s| s.link.netns));
+        assert_eq!(
+            by_names(&[q[0].name.clone()]).unwrap()[0].memory_mib,
+            q[0].memory_mib
+        );
+        assert!(by_names(&["nope".into()]).is_err());
+        assert_eq!(q[2].huge_pages_needed(), vec![(1024 * 1024, 2)]);
+        assert_eq!(q[1].huge_pages_needed(), vec![(2048, 256)]);
+    }
+
+    #[test]
+    fn fill_derives_figures_from_process_output() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = ScenarioResult::new("s", "hugetlb-2m", "4k-staged", "loopback", "random");
+        let summary = MigrateSummary::parse(
+            r#"{"blackout_ms":2.5,"total_ms":2000,"bytes_sent":1250000000,"pages_sent":1,"faults_served":7,"pages_pushed":300000,"collapses":2}"#,
+        )
+        .unwrap();
+        let out = GuestOutput::parse(
+            "WORKLOAD pass n=2 pages=1 mismatches=0 elapsed_ms=5 slow_accesses=3\n\
+             WORKLOAD HIST name=access_slow unit=ns buckets=16000:2,32000:1\n\
+             WORKLOAD HIST name=access_slow unit=ns buckets=16000:1\n",
+        )
+        .unwrap();
+        let stats = DestinationStats::parse(
+            r#"{"faults_served":7,"pages_fetched_local":2,"collapses":2,"collapse_stall_ns":[150000,600000],"fault_ns":[20000,22000,90000],"staging_peak_bytes":2097152}"#,
+        )
+        .unwrap();
+        r.throughput_series = vec![(0.1, 3.0), (0.2, 4.5)];
+        fill(d.path(), &mut r, &summary, &out, Some(&stats)).unwrap();
+        assert_eq!(r.fault_us.count, 4);
+        assert!((r.fault_us.p50 - 24.0).abs() < 0.1, "{:?}", r.fault_us);
+        assert_eq!(r.vmm_fault_us.count, 3);
+        assert_eq!(r.collapse_stall_us.count, 2);
+        assert!((r.collapse_stall_us.max - 600.0).abs() < 1.0);
+        assert_eq!(r.staging_peak_mib, Some(2.0));
+        assert_eq!(r.throughput_gbps, Some(5.0));
+        assert_eq!(r.total_s, Some(2.0));
+        assert_eq!(r.peak_link_gbps, Some(4.5));
+        assert_eq!(r.fault_series.len(), 3);
+        assert_eq!(r.fault_series_x, "fault number");
+        assert!(r.histograms.contains_key(kind::GUEST_FAULT));
+        assert!(r.histograms.contains_key(kind::VMM_FAULT));
+    }
+
+    #[test]
+    fn listening_detection_sees_a_real_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(is_listening(std::process::id(), port));
+        drop(l);
+        assert!(!is_listening(std::process::id(), port));
+        assert!(tx_bytes(std::process::id(), "lo").is_some());
+    }
+}

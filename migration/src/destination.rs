@@ -1,0 +1,596 @@
+//! Destination-side protocol driver: accepts one authenticated source, validates its Config,
+//! receives pages and state, starts the VM at switchover, and in postcopy hands the urgent channel
+//! to the memory engine as a [`PageFetcher`] while bulk pages keep arriving on the main channel.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::auth::Secret;
+use crate::stats::ReceiveSummary;
+use crate::transport::{Acceptor, Channel, Timeouts, TransportError};
+use crate::types::{AtomicPageSet, FetchError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
+use crate::wire::{
+    self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message, MigrationConfig, WireError,
+};
+
+const PAGE: usize = PAGE_SIZE as usize;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+/// The VM being received, as the destination driver needs it (the VMM implements this, after it
+/// built guest memory from [`IncomingMigration::config`]). Guest memory must start zero-filled:
+/// pages announced as zero are not written unless they held data before.
+pub trait DestinationVm {
+    /// Write whole pages (`data.len()` a multiple of 4096) at `gpa` before the vCPUs run
+    /// (precopy and the precopy part of hybrid). `gpa..gpa+len` lies inside one region.
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// Deliver the device and vCPU state blob (called once, just before `start`).
+    fn load_state(&self, state: &[u8]) -> Result<(), String>;
+    /// Postcopy: set up the memory engine, which fetches missing pages through `fetcher`;
+    /// `present` holds the pages already written by `write_pages` (global page indexes of
+    /// [`MigrationConfig::layout`]). Returns where bulk pages go from now on.
+    fn begin_postcopy(&self, fetcher: Arc<dyn PageFetcher>, present: &PageSet) -> Result<Arc<dyn PostcopySink>, String>;
+    /// Start the vCPUs.
+    fn start(&self) -> Result<(), String>;
+}
+
+/// What the postcopy engine did, reported back to the source in Done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyOutcome {
+    pub collapses: u64,
+    pub faults: u64,
+}
+
+/// The postcopy engine's entry points for bulk pages (the engine implements this).
+pub trait PostcopySink: Send + Sync {
+    /// One 4 KiB page arrived on the main channel (it may also have been fetched already).
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// `count` zero pages from `gpa` arrived (inside one region).
+    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
+        for i in 0..count {
+            self.bulk_page(gpa + i * PAGE_SIZE, &ZERO_PAGE)?;
+        }
+        Ok(())
+    }
+    /// Every page has been sent: finish (e.g. the last collapses) and report.
+    fn finished(&self) -> Result<PostcopyOutcome, String>;
+}
+
+/// Why receiving a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error("migration session: {0}")]
+    Session(#[from] TransportError),
+    #[error("migration stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("{op} failed on the destination VM: {message}")]
+    Vm { op: &'static str, message: String },
+    #[error("protocol violation by the source: {0}")]
+    Protocol(String),
+    #[error("cannot start the urgent channel reader thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The VM already runs here; without recovery it cannot be saved.
+    #[error("migration failed after the VM started on the destination: {0}")]
+    AfterStart(Box<DestinationError>),
+}
+
+fn vm_err(op: &'static str) -> impl FnOnce(String) -> DestinationError {
+    move |message| DestinationError::Vm { op, message }
+}
+
+fn protocol(msg: impl Into<String>) -> DestinationError {
+    DestinationError::Protocol(msg.into())
+}
+
+/// Listen for one incoming migration at a time.
+pub struct Listener {
+    acceptor: Acceptor,
+}
+
+/// Listen on `addr` with default timeouts. Without a secret only loopback addresses are allowed.
+pub fn listen(addr: SocketAddr, secret: Option<Secret>) -> Result<Listener, DestinationError> {
+    listen_with(addr, secret, Timeouts::default())
+}
+
+/// Listen on `addr` with the given timeouts.
+pub fn listen_with(addr: SocketAddr, secret: Option<Secret>, timeouts: Timeouts) -> Result<Listener, DestinationError> {
+    Ok(Listener { acceptor: Acceptor::bind(addr, secret, timeouts)? })
+}
+
+impl Listener {
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, DestinationError> {
+        Ok(self.acceptor.local_addr()?)
+    }
+
+    /// Wait for a source; authenticate both channels and read and validate its Config.
+    /// An error concerns that one connection attempt; the listener stays usable.
+    pub fn accept(&self) -> Result<IncomingMigration, DestinationError> {
+        let session = self.acceptor.accept()?;
+        let mut main = session.main;
+        let timeouts = *self.acceptor.timeouts();
+        let config = match main.reader.read("waiting for Config") {
+            Ok(Message::Config(c)) => c,
+            Ok(other) => {
+                let e = wire::unexpected(other, "waiting for Config", "Config");
+                main.send_error(ErrorCode::Protocol, &e.to_string());
+                return Err(e.into());
+            }
+            Err(e) => {
+                main.send_error(ErrorCode::Protocol, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        Ok(IncomingMigration { session_id: session.id, config, main, urgent: session.urgent, timeouts })
+    }
+}
+
+/// An authenticated source whose Config was validated; nothing of the VM was accepted yet.
+pub struct IncomingMigration {
+    session_id: u64,
+    config: MigrationConfig,
+    main: Channel,
+    urgent: Channel,
+    timeouts: Timeouts,
+}
+
+impl IncomingMigration {
+    /// What the source announced (build guest memory from `config().layout`).
+    pub fn config(&self) -> &MigrationConfig {
+        &self.config
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// The source's address (main channel).
+    pub fn peer(&self) -> SocketAddr {
+        self.main.peer()
+    }
+
+    /// Refuse the migration (e.g. guest memory could not be built); the source gets `reason`.
+    pub fn reject(mut self, reason: &str) {
+        self.main.send_error(ErrorCode::Rejected, reason);
+        self.main.shutdown();
+        self.urgent.shutdown();
+    }
+
+    /// Receive the VM into `vm` and start it. On error before the start nothing was started
+    /// and the caller releases the memory it built.
+    pub fn receive(self, vm: &dyn DestinationVm) -> Result<ReceiveSummary, DestinationError> {
+        let IncomingMigration { session_id, config, mut main, urgent, timeouts } = self;
+        let mut rx = Receiver {
+            config: &config,
+            timeouts,
+            have: PageSet::new(config.layout.total_pages()),
+            data_written: PageSet::new(config.layout.total_pages()),
+            stats: DoneStats::default(),
+            state: None,
+            complete: false,
+            started: false,
+            start_ms: 0.0,
+            postcopy: None,
+        };
+        let t0 = Instant::now();
+        let mut urgent = Some(urgent);
+        let result = rx.run(vm, &mut main, &mut urgent);
+        if let Some(pc) = rx.postcopy.take() {
+            pc.stop();
+        }
+        if let Some(u) = urgent {
+            u.shutdown();
+        }
+        match result {
+            Ok(()) => Ok(ReceiveSummary {
+                mode: config.mode,
+                session_id,
+                total_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                start_ms: rx.start_ms,
+                state_bytes: rx.state.as_ref().map_or(0, |s| s.len() as u64),
+                bytes_received: main.reader.bytes_read(),
+                stats: rx.stats,
+            }),
+            Err(e) => {
+                if !matches!(e, DestinationError::Wire(WireError::Remote { .. })) {
+                    let code = match e {
+                        DestinationError::Vm { .. } | DestinationError::Thread(_) => ErrorCode::Internal,
+                        _ => ErrorCode::Protocol,
+                    };
+                    main.send_error(code, &e.to_string());
+                }
+                main.shutdown();
+                if rx.started {
+                    Err(DestinationError::AfterStart(Box::new(e)))
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// The postcopy part of a receive: the engine's sink and the urgent client with its reader.
+struct Postcopy {
+    sink: Arc<dyn PostcopySink>,
+    client: Arc<UrgentClient>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Postcopy {
+    fn stop(mut self) {
+        self.client.close("the migration ended");
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Receiver<'a> {
+    config: &'a MigrationConfig,
+    timeouts: Timeouts,
+    /// Pages the destination holds (precopy writes, bulk pages, zero runs).
+    have: PageSet,
+    /// Pages that got non-zero data before the vCPUs ran (a later zero run must overwrite them).
+    data_written: PageSet,
+    stats: DoneStats,
+    state: Option<Vec<u8>>,
+    complete: bool,
+    started: bool,
+    start_ms: f64,
+    postcopy: Option<Postcopy>,
+}
+
+impl Receiver<'_> {
+    fn layout(&self) -> &RamLayout {
+        &self.config.layout
+    }
+
+    fn run(&mut self, vm: &dyn DestinationVm, main: &mut Channel, urgent: &mut Option<Channel>) -> Result<(), DestinationError> {
+        main.send(&Message::Ready, "sending Ready")?;
+        loop {
+            match main.reader.read("receiving the migration stream")? {
+                Message::Pages { gpa, data } => {
+                    let count = (data.len() / PAGE) as u64;
+                    let first = check_run(self.layout(), Kind::Pages, gpa, count)?;
+                    match &self.postcopy {
+                        Some(pc) => {
+                            for (i, page) in data.chunks_exact(PAGE).enumerate() {
+                                pc.sink.bulk_page(gpa + i as u64 * PAGE_SIZE, page).map_err(vm_err("storing a bulk page"))?;
+                            }
+                        }
+                        None => {
+                            vm.write_pages(gpa, data).map_err(vm_err("writing pages"))?;
+                            for i in first..first + count {
+                                self.data_written.insert(i);
+                            }
+                        }
+                    }
+                    for i in first..first + count {
+                        self.have.insert(i);
+                    }
+                    self.stats.bulk_pages += count;
+                }
+                Message::ZeroPages { gpa, count } => {
+                    let count = count as u64;
+                    let first = check_run(self.layout(), Kind::ZeroPages, gpa, count)?;
+                    match &self.postcopy {
+                        Some(pc) => pc.sink.bulk_zero(gpa, count).map_err(vm_err("storing bulk zero pages"))?,
+                        None => {
+                            for i in first..first + count {
+                                if self.data_written.contains(i) {
+                                    vm.write_pages(gpa + (i - first) * PAGE_SIZE, &ZERO_PAGE)
+                                        .map_err(vm_err("zeroing a page"))?;
+                                    self.data_written.remove(i);
+                                }
+                            }
+                        }
+                    }
+                    for i in first..first + count {
+                        self.have.insert(i);
+                    }
+                    self.stats.zero_pages += count;
+                }
+                Message::Discard { gpa, count } => {
+                    let count = count as u64;
+                    let first = check_run(self.layout(), Kind::Discard, gpa, count)?;
+                    if self.postcopy.is_some() || self.config.mode != Mode::Hybrid {
+                        return Err(protocol("Discard outside the switchover of a hybrid migration"));
+                    }
+                    for i in first..first + count {
+                        self.have.remove(i);
+                    }
+                }
+                Message::RoundEnd { round, pages } => {
+                    tracing::debug!(round, pages, "precopy round received");
+                }
+                Message::State(blob) => {
+                    if self.state.is_some() {
+                        return Err(protocol("State sent twice"));
+                    }
+                    self.state = Some(blob.to_vec());
+                }
+                Message::Complete { pages } => {
+                    if pages != self.layout().total_pages() {
+                        return Err(protocol(format!(
+                            "Complete names {pages} pages but the layout has {}",
+                            self.layout().total_pages()
+                        )));
+                    }
+                    self.complete = true;
+                    if self.postcopy.is_some() {
+                        return self.finish_postcopy(main);
+                    }
+                }
+                Message::Switchover => return self.switchover(vm, main),
+                Message::PostcopyStart => self.postcopy_start(vm, main, urgent)?,
+                other => return Err(wire::unexpected(other, "receiving the migration stream", "a page, state or control message").into()),
+            }
+        }
+    }
+
+    fn take_state(&mut self) -> Result<&[u8], DestinationError> {
+        self.state.as_deref().ok_or_else(|| protocol("switchover before the State message"))
+    }
+
+    fn switchover(&mut self, vm: &dyn DestinationVm, main: &mut Channel) -> Result<(), DestinationError> {
+        if self.postcopy.is_some() || self.config.mode != Mode::Precopy {
+            return Err(protocol("Switchover in a postcopy or hybrid migration"));
+        }
+        if !self.complete {
+            return Err(protocol("Switchover before Complete"));
+        }
+        let missing = self.layout().total_pages() - self.have.count();
+        if missing != 0 {
+            return Err(protocol(format!("Switchover with {missing} page(s) never sent")));
+        }
+        let t = Instant::now();
+        vm.load_state(self.take_state()?).map_err(vm_err("loading device and vCPU state"))?;
+        vm.start().map_err(vm_err("starting the vCPUs"))?;
+        self.started = true;
+        self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
+        main.send(&Message::Started, "sending Started")?;
+        self.stats.pages_received = self.have.count();
+        main.send(&Message::Done(self.stats), "sending Done")?;
+        Ok(())
+    }
+
+    fn postcopy_start(&mut self, vm: &dyn DestinationVm, main: &mut Channel, urgent: &mut Option<Channel>) -> Result<(), DestinationError> {
+        if self.postcopy.is_some() || self.config.mode == Mode::Precopy {
+            return Err(protocol("PostcopyStart in a precopy migration or sent twice"));
+        }
+        let channel = urgent.take().ok_or_else(|| protocol("PostcopyStart sent twice"))?;
+        let t = Instant::now();
+        self.take_state()?;
+        let (client, reader) = UrgentClient::new(channel, self.layout().clone(), self.timeouts.io);
+        let thread_client = Arc::clone(&client);
+        let handle = std::thread::Builder::new()
+            .name("mig-urgent-rx".into())
+            .spawn(move || thread_client.run_reader(reader))
+            .map_err(DestinationError::Thread)?;
+        let fetcher: Arc<dyn PageFetcher> = client.clone();
+        let sink = match vm.begin_postcopy(fetcher, &self.have) {
+            Ok(s) => s,
+            Err(message) => {
+                Postcopy { sink: Arc::new(NoSink), client, reader: Some(handle) }.stop();
+                return Err(DestinationError::Vm { op: "setting up postcopy", message });
+            }
+        };
+        self.postcopy = Some(Postcopy { sink, client, reader: Some(handle) });
+        vm.load_state(self.take_state()?).map_err(vm_err("loading device and vCPU state"))?;
+        vm.start().map_err(vm_err("starting the vCPUs"))?;
+        self.started = true;
+        self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
+        main.send(&Message::Started, "sending Started")?;
+        Ok(())
+    }
+
+    fn finish_postcopy(&mut self, main: &mut Channel) -> Result<(), DestinationError> {
+        let Some(pc) = &self.postcopy else { return Err(protocol("postcopy not started")) };
+        // Pages the push skipped were answered on the urgent channel; a reply may still be on its
+        // way there, so give the urgent reader a bounded time to catch up.
+        let deadline = Instant::now() + self.timeouts.io;
+        let mut all = self.have.clone();
+        loop {
+            for i in pc.client.received.snapshot().iter() {
+                all.insert(i);
+            }
+            let missing = self.config.layout.total_pages() - all.count();
+            if missing == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(protocol(format!("Complete with {missing} page(s) neither pushed nor fetched")));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let outcome = pc.sink.finished().map_err(vm_err("finishing postcopy"))?;
+        self.stats.pages_received = all.count();
+        self.stats.urgent_pages = pc.client.replies.load(Ordering::Relaxed);
+        self.stats.collapses = outcome.collapses;
+        self.stats.faults = outcome.faults;
+        main.send(&Message::Done(self.stats), "sending Done")?;
+        Ok(())
+    }
+}
+
+/// Placeholder sink used only to tear down a postcopy set-up that failed.
+struct NoSink;
+
+impl PostcopySink for NoSink {
+    fn bulk_page(&self, _: u64, _: &[u8]) -> Result<(), String> {
+        Err("postcopy was not set up".into())
+    }
+    fn finished(&self) -> Result<PostcopyOutcome, String> {
+        Err("postcopy was not set up".into())
+    }
+}
+
+enum SlotState {
+    Waiting,
+    Filled(Box<[u8; PAGE]>),
+    Failed(String),
+}
+
+/// One outstanding page request.
+struct Slot {
+    gpa: u64,
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+struct Pending {
+    map: HashMap<u64, Arc<Slot>>,
+    /// Why the channel is down, once it is.
+    closed: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking holder cannot leave these structures half-updated in a way that matters.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The destination's end of the urgent channel: many threads fetch pages, each blocked until
+/// the reply with its request id arrives; one reader thread dispatches the replies.
+pub struct UrgentClient {
+    writer: Mutex<FrameWriter<TcpStream>>,
+    stream: TcpStream,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    layout: RamLayout,
+    timeout: Duration,
+    stop: AtomicBool,
+    /// Pages that arrived as replies.
+    received: AtomicPageSet,
+    replies: AtomicU64,
+}
+
+impl UrgentClient {
+    /// Wrap an authenticated urgent channel; returns the client and the reader half for
+    /// [`UrgentClient::run_reader`]. `timeout` bounds each fetch.
+    pub fn new(channel: Channel, layout: RamLayout, timeout: Duration) -> (Arc<Self>, FrameReader<TcpStream>) {
+        let (reader, writer, stream) = channel.into_parts();
+        let received = AtomicPageSet::new(layout.total_pages());
+        let client = UrgentClient {
+            writer: Mutex::new(writer),
+            stream,
+            pending: Mutex::new(Pending { map: HashMap::new(), closed: None }),
+            next_id: AtomicU64::new(1),
+            layout,
+            timeout,
+            stop: AtomicBool::new(false),
+            received,
+            replies: AtomicU64::new(0),
+        };
+        (Arc::new(client), reader)
+    }
+
+    /// Number of replies received so far.
+    pub fn replies(&self) -> u64 {
+        self.replies.load(Ordering::Relaxed)
+    }
+
+    fn fail_all(&self, reason: String) {
+        let mut p = lock(&self.pending);
+        if p.closed.is_none() {
+            p.closed = Some(reason.clone());
+        }
+        for (_, slot) in p.map.drain() {
+            *lock(&slot.state) = SlotState::Failed(reason.clone());
+            slot.cv.notify_all();
+        }
+    }
+
+    /// Shut the channel down; blocked and later fetches fail with `Disconnected`.
+    pub fn close(&self, reason: &str) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.fail_all(reason.to_owned());
+    }
+
+    /// Read replies until the channel closes or fails; dispatches each to its waiting fetch.
+    pub fn run_reader(&self, mut reader: FrameReader<TcpStream>) {
+        let reason = loop {
+            if self.stop.load(Ordering::Acquire) {
+                break "the urgent channel was closed".to_owned();
+            }
+            match reader.poll("waiting for page replies") {
+                Ok(None) => {}
+                Ok(Some(Message::PageReply { id, gpa, data })) => {
+                    let slot = lock(&self.pending).map.remove(&id);
+                    let Some(slot) = slot else {
+                        // A reply to a request that timed out already.
+                        tracing::debug!(id, gpa, "late page reply dropped");
+                        continue;
+                    };
+                    if slot.gpa != gpa {
+                        let e = format!("reply {id} carries gpa {gpa:#x}, but gpa {:#x} was requested", slot.gpa);
+                        *lock(&slot.state) = SlotState::Failed(e.clone());
+                        slot.cv.notify_all();
+                        break e;
+                    }
+                    let mut page = Box::new([0u8; PAGE]);
+                    page.copy_from_slice(data);
+                    if let Some(i) = self.layout.page_index(gpa) {
+                        self.received.insert(i);
+                    }
+                    self.replies.fetch_add(1, Ordering::Relaxed);
+                    *lock(&slot.state) = SlotState::Filled(page);
+                    slot.cv.notify_all();
+                }
+                Ok(Some(other)) => {
+                    break wire::unexpected(other, "waiting for page replies", "PageReply").to_string();
+                }
+                Err(e) => break e.to_string(),
+            }
+        };
+        if !self.stop.load(Ordering::Acquire) {
+            tracing::warn!("urgent channel reader stops: {reason}");
+        }
+        self.fail_all(reason);
+    }
+}
+
+impl PageFetcher for UrgentClient {
+    fn fetch(&self, gpa: u64, buf: &mut [u8; 4096]) -> Result<(), FetchError> {
+        if self.layout.page_index(gpa).is_none() {
+            return Err(FetchError::BadAddress { gpa });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot { gpa, state: Mutex::new(SlotState::Waiting), cv: Condvar::new() });
+        {
+            let mut p = lock(&self.pending);
+            if let Some(reason) = &p.closed {
+                return Err(FetchError::Disconnected { gpa, reason: reason.clone() });
+            }
+            p.map.insert(id, Arc::clone(&slot));
+        }
+        if let Err(e) = lock(&self.writer).send(&Message::PageRequest { id, gpa }, "sending a page request") {
+            lock(&self.pending).map.remove(&id);
+            let reason = e.to_string();
+            self.fail_all(reason.clone());
+            return Err(FetchError::Disconnected { gpa, reason });
+        }
+        let started = Instant::now();
+        let mut state = lock(&slot.state);
+        loop {
+            match std::mem::replace(&mut *state, SlotState::Waiting) {
+                SlotState::Filled(page) => {
+                    buf.copy_from_slice(&page[..]);
+                    return Ok(());
+                }
+                SlotState::Failed(reason) => return Err(FetchError::Disconnected { gpa, reason }),
+                SlotState::Waiting => {}
+            }
+            let waited = started.elapsed();
+            if waited >= self.timeout {
+                drop(state);
+                lock(&self.pending).map.remove(&id);
+                return Err(FetchError::Timeout { gpa, waited_ms: waited.as_millis() as u64 });
+            }
+            state = slot.cv.wait_timeout(state, self.timeout - waited).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}

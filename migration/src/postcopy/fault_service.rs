@@ -1,0 +1,333 @@
+//! The userfaultfd fault service: one thread reads fault events (poll on the O_NONBLOCK uffd),
+//! a small pool serves them (fetch over the urgent channel, write the page, CONTINUE / COPY,
+//! wake). It keeps serving while a collapse has the vCPUs paused.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use userfaultfd::{Event, EventBuffer};
+
+use super::engine::Shared;
+use super::strategy::ServeMode;
+use super::sys;
+use super::PostcopyError;
+use crate::types::{FetchError, PAGE_SIZE};
+
+/// Marks whole-huge-page keys in the in-flight set.
+const HUGE_KEY: u64 = 1 << 63;
+/// Threads that fetch the pages of one huge page in parallel (whole-page mode).
+const HUGE_FETCH_THREADS: usize = 8;
+
+/// One fault to serve.
+struct FaultJob {
+    region: usize,
+    addr: usize,
+    read_at: Instant,
+}
+
+/// Start the reader thread and `workers` serving threads.
+pub(crate) fn spawn(shared: &Arc<Shared>, workers: usize) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
+    let (tx, rx) = mpsc::channel::<FaultJob>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut threads = Vec::new();
+    for i in 0..workers.max(1) {
+        let s = Arc::clone(shared);
+        let rx = Arc::clone(&rx);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("postcopy-fault-{i}"))
+                .spawn(move || worker(s, rx))
+                .map_err(|source| PostcopyError::Spawn { what: "fault worker", source })?,
+        );
+    }
+    let s = Arc::clone(shared);
+    threads.push(
+        std::thread::Builder::new()
+            .name("postcopy-uffd-reader".into())
+            .spawn(move || reader(s, tx))
+            .map_err(|source| PostcopyError::Spawn { what: "uffd reader", source })?,
+    );
+    Ok(threads)
+}
+
+fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
+    let mut buf = EventBuffer::new(64);
+    while !shared.shutdown.load(Ordering::Acquire) {
+        let mut fds = [PollFd::new(
+            // SAFETY-free: borrowing the uffd's fd for the poll call only.
+            std::os::fd::AsFd::as_fd(&shared.uffd),
+            PollFlags::POLLIN,
+        )];
+        match poll(&mut fds, PollTimeout::from(50u8)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                shared.fail(format!("poll on userfaultfd {} failed: {e}", shared.uffd.as_raw_fd()));
+                return;
+            }
+        }
+        if fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+        {
+            shared.fail("userfaultfd poll reported POLLERR/POLLHUP".into());
+            return;
+        }
+        let events = match shared.uffd.read_events(&mut buf) {
+            Ok(ev) => ev,
+            Err(e) => {
+                shared.fail(format!("reading userfaultfd events failed: {e}"));
+                return;
+            }
+        };
+        let read_at = Instant::now();
+        for ev in events {
+            match ev {
+                Ok(Event::Pagefault { addr, .. }) => {
+                    let addr = addr as usize;
+                    match shared.locate_host(addr) {
+                        Some(region) => {
+                            if tx.send(FaultJob { region, addr, read_at }).is_err() {
+                                return;
+                            }
+                        }
+                        None => tracing::warn!("userfault at {addr:#x} outside every postcopy region"),
+                    }
+                }
+                Ok(other) => tracing::debug!("ignoring userfaultfd event {other:?}"),
+                Err(e) => tracing::warn!("bad userfaultfd event: {e}"),
+            }
+        }
+    }
+}
+
+fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
+    loop {
+        let job = {
+            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        shared.stats.faults_served.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = serve(&shared, &job) {
+            shared.fail(e.to_string());
+        }
+    }
+}
+
+/// Removes an in-flight key when dropped.
+struct Inflight<'a> {
+    shared: &'a Shared,
+    key: (usize, u64),
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+fn claim(shared: &Shared, key: (usize, u64)) -> Option<Inflight<'_>> {
+    let fresh = shared
+        .inflight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key);
+    fresh.then_some(Inflight { shared, key })
+}
+
+/// Fetch `gpa` from the source, retrying while the link is slow or down (a faulting vCPU waits);
+/// returns None if the page arrived meanwhile by another path or the engine shuts down.
+fn fetch(
+    shared: &Shared,
+    region: usize,
+    page: u64,
+    buf: &mut [u8; 4096],
+) -> Result<Option<()>, PostcopyError> {
+    let r = &shared.regions[region];
+    let gpa = r.region.gpa + page * PAGE_SIZE;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        if r.tracker.arrived(page) || shared.shutdown.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match shared.fetcher.fetch(gpa, buf) {
+            Ok(()) => {
+                shared.stats.pages_fetched.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(()));
+            }
+            Err(source @ FetchError::BadAddress { .. }) => {
+                return Err(PostcopyError::Fetch { gpa, source })
+            }
+            Err(e) => {
+                shared.stats.fetch_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("fetch of gpa {gpa:#x} failed, retrying: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn serve(shared: &Shared, job: &FaultJob) -> Result<(), PostcopyError> {
+    let r = &shared.regions[job.region];
+    let page = ((job.addr - r.region.host_addr) as u64) / PAGE_SIZE;
+    match r.plan.mode {
+        ServeMode::AnonCopy | ServeMode::ShmemContinue => serve_4k_direct(shared, job, page),
+        ServeMode::Staged(_) => serve_staged(shared, job, page),
+        ServeMode::HugeWhole => serve_huge(shared, job, page),
+    }
+}
+
+/// anon (UFFDIO_COPY) and shmem (alias write + CONTINUE): the final place is the faulting one.
+fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
+    let r = &shared.regions[job.region];
+    let Some(_claim) = claim(shared, (job.region, page)) else {
+        return Ok(()); // the first fault on this page wakes every waiter
+    };
+    let mut buf = [0u8; 4096];
+    if !r.tracker.arrived(page) && fetch(shared, job.region, page, &mut buf)?.is_some() {
+        let _g = r.tracker.lock_page(page);
+        shared.store_final_locked(job.region, page, &buf)?;
+    } else {
+        shared.stats.pages_served_locally.fetch_add(1, Ordering::Relaxed);
+    }
+    let addr = r.host_page(page);
+    match r.plan.mode {
+        ServeMode::AnonCopy => {
+            // The page is in place (our copy or bulk's); make sure the waiter runs.
+            let _ = shared.uffd.wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+        }
+        _ => shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?,
+    }
+    shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    Ok(())
+}
+
+/// Staged huge / guest_memfd regions: fetched pages go to the final backing and the staging;
+/// pages that arrived in bulk are copied locally from the final backing into the staging.
+fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
+    let ri = job.region;
+    let r = &shared.regions[ri];
+    let Some(_claim) = claim(shared, (ri, page)) else {
+        return Ok(());
+    };
+    let addr = r.host_page(page);
+    let mut buf = [0u8; 4096];
+    let fetched = if r.tracker.arrived(page) {
+        false
+    } else {
+        fetch(shared, ri, page, &mut buf)?.is_some()
+    };
+    let unit = r.tracker.unit_of(page);
+    let collapsed = r.units[unit as usize]
+        .read()
+        .unwrap_or_else(|p| p.into_inner());
+    if *collapsed {
+        // The huge mapping replaced the staging: never touch the freed staging again.
+        let _ = shared.uffd.wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+        drop(collapsed);
+        shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+        return Ok(());
+    }
+    let staging = r.staging.read().unwrap_or_else(|p| p.into_inner());
+    let Some(staging) = staging.as_ref() else {
+        let _ = shared.uffd.wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+        return Ok(());
+    };
+    let final_alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
+    let stage_alias = staging.alias_at(page * PAGE_SIZE);
+    {
+        let _g = r.tracker.lock_page(page);
+        let mut local = true;
+        if fetched && !r.tracker.arrived(page) {
+            shared.store_final_locked(ri, page, &buf)?;
+            local = false;
+        }
+        if !r.tracker.arrived(page) {
+            return Ok(()); // shutting down: the fetch gave up
+        }
+        if !r.tracker.staged(page) {
+            // SAFETY: both aliases cover the region; the page arrived (its final copy is
+            // complete, under the page lock); the staging page is not mapped for the guest yet
+            // (not staged), so nothing else writes it.
+            unsafe { sys::copy_page(final_alias, stage_alias) };
+            r.tracker.mark_staged(page);
+            shared.stats.staging_add(1);
+        }
+        if local {
+            shared.stats.pages_served_locally.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Guest writes after this CONTINUE must be tracked: dirty logging goes on first.
+    shared.ensure_dirty_enabled(ri)?;
+    shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?;
+    drop(collapsed);
+    shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    Ok(())
+}
+
+/// Whole-huge-page baseline: fetch every missing 4 KiB of the huge page, then CONTINUE it all.
+fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
+    let ri = job.region;
+    let r = &shared.regions[ri];
+    let ppu = r.tracker.pages_per_unit();
+    let hidx = page / ppu;
+    let Some(_claim) = claim(shared, (ri, hidx | HUGE_KEY)) else {
+        return Ok(());
+    };
+    let (first, end) = r.tracker.unit_pages(hidx);
+    let missing = r.tracker.missing_in(first, end);
+    if missing.is_empty() {
+        shared.stats.pages_served_locally.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let chunk = missing.len().div_ceil(HUGE_FETCH_THREADS);
+        let results: Vec<Result<(), PostcopyError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = missing
+                .chunks(chunk)
+                .map(|pages| {
+                    scope.spawn(move || -> Result<(), PostcopyError> {
+                        let mut buf = [0u8; 4096];
+                        for &p in pages {
+                            if fetch(shared, ri, p, &mut buf)?.is_some() {
+                                let _g = r.tracker.lock_page(p);
+                                shared.store_final_locked(ri, p, &buf)?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(PostcopyError::Failed("a huge-page fetch thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for res in results {
+            res?;
+        }
+    }
+    if !r.tracker.unit_complete(hidx) {
+        // Only possible on shutdown (fetch gave up): leave the vCPU waiting.
+        return Ok(());
+    }
+    let huge = r.region.page_size as usize;
+    let addr = r.region.host_addr + hidx as usize * huge;
+    shared.continue_or_wake(r.region.slot, addr, huge)?;
+    shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! TCP transport: connecting and accepting the two channels of a migration session (main = control
+//! and bulk pages, urgent = page requests and replies), each authenticated and bound to one
+//! session id by the handshake.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::auth::{self, AuthError, Role, Secret, Transcript};
+use crate::wire::{ChannelKind, ErrorCode, FrameReader, FrameWriter, Message, WireError};
+
+/// Timeouts of a migration connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Connecting and each handshake step.
+    pub handshake: Duration,
+    /// Longest silence of a peer in the middle of the protocol (a stalled peer fails after this).
+    pub io: Duration,
+    /// Longest wait for steps that legitimately take long: the destination building guest memory
+    /// before Ready, and finishing postcopy (collapses) before Done.
+    pub setup: Duration,
+    /// Socket read/write timeout used as the polling tick.
+    pub tick: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            io: Duration::from_secs(10),
+            setup: Duration::from_secs(300),
+            tick: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Why a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("accepting a connection failed: {0}")]
+    Accept(#[source] io::Error),
+    #[error("no {channel:?} connection arrived within {waited_ms} ms")]
+    AcceptTimeout { channel: ChannelKind, waited_ms: u64 },
+    #[error("cannot configure socket ({what}): {source}")]
+    Socket {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("peer opened a {got:?} channel where a {expected:?} channel was expected")]
+    WrongChannel { expected: ChannelKind, got: ChannelKind },
+    #[error("urgent channel names session {got:#x}, but the session is {expected:#x}")]
+    SessionMismatch { expected: u64, got: u64 },
+    #[error("connection from non-loopback peer {peer} refused: no shared secret configured")]
+    PeerNotLoopback { peer: SocketAddr },
+}
+
+/// One authenticated connection: a frame reader and writer over the same TCP stream.
+pub struct Channel {
+    pub reader: FrameReader<TcpStream>,
+    pub writer: FrameWriter<TcpStream>,
+    stream: TcpStream,
+    peer: SocketAddr,
+}
+
+impl Channel {
+    fn new(stream: TcpStream, timeouts: &Timeouts, nodelay: bool) -> Result<Self, TransportError> {
+        let sock = |what| move |source| TransportError::Socket { what, source };
+        stream.set_read_timeout(Some(timeouts.tick)).map_err(sock("SO_RCVTIMEO"))?;
+        stream.set_write_timeout(Some(timeouts.tick)).map_err(sock("SO_SNDTIMEO"))?;
+        stream.set_nodelay(nodelay).map_err(sock("TCP_NODELAY"))?;
+        let peer = stream.peer_addr().map_err(sock("getpeername"))?;
+        let r = stream.try_clone().map_err(sock("dup"))?;
+        let w = stream.try_clone().map_err(sock("dup"))?;
+        Ok(Channel {
+            reader: FrameReader::new(r, timeouts.handshake),
+            writer: FrameWriter::new(w, timeouts.handshake),
+            stream,
+            peer,
+        })
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Send one message.
+    pub fn send(&mut self, msg: &Message<'_>, during: &'static str) -> Result<(), WireError> {
+        self.writer.send(msg, during)
+    }
+
+    /// Tell the peer why we give up (best effort: errors are ignored, the connection may be gone).
+    pub fn send_error(&mut self, code: ErrorCode, message: &str) {
+        let _ = self.writer.send(&Message::Error { code, message: message.to_owned() }, "sending an error report");
+    }
+
+    /// Set the stall timeout of both directions.
+    pub fn set_stall_timeout(&mut self, t: Duration) {
+        self.reader.set_stall_timeout(t);
+        self.writer.set_stall_timeout(t);
+    }
+
+    /// Close both directions (wakes a thread blocked reading this channel).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Split into reader and writer (the writer side keeps the stream for shutdown).
+    pub fn into_parts(self) -> (FrameReader<TcpStream>, FrameWriter<TcpStream>, TcpStream) {
+        (self.reader, self.writer, self.stream)
+    }
+}
+
+/// An authenticated session: both channels, bound to one session id.
+pub struct Session {
+    pub id: u64,
+    pub main: Channel,
+    pub urgent: Channel,
+}
+
+fn auth_failed_remote(e: WireError) -> TransportError {
+    match e {
+        WireError::Remote { code: ErrorCode::AuthFailed, .. } => {
+            TransportError::Auth(AuthError::Failed("the peer rejected our proof"))
+        }
+        other => TransportError::Wire(other),
+    }
+}
+
+const AUTH_FAILED_TEXT: &str = "authentication failed";
+
+fn source_handshake(
+    ch: &mut Channel,
+    channel: ChannelKind,
+    session_id: u64,
+    secret: Option<&Secret>,
+) -> Result<u64, TransportError> {
+    let source_nonce = auth::nonce();
+    ch.send(&Message::Hello { channel, session_id, nonce: source_nonce }, "sending Hello")?;
+    let (sid, destination_nonce, proof) = match ch.reader.read("waiting for Challenge").map_err(auth_failed_remote)? {
+        Message::Challenge { session_id, nonce, proof } => (session_id, nonce, proof),
+        other => return Err(auth_failed_remote(crate::wire::unexpected(other, "waiting for Challenge", "Challenge"))),
+    };
+    if channel == ChannelKind::Urgent && sid != session_id {
+        ch.send_error(ErrorCode::Protocol, "urgent channel bound to the wrong session");
+        return Err(TransportError::SessionMismatch { expected: session_id, got: sid });
+    }
+    let t = Transcript { channel, session_id: sid, source_nonce, destination_nonce };
+    if let Err(e) = auth::verify(secret, Role::Destination, &t, &proof) {
+        ch.send_error(ErrorCode::AuthFailed, AUTH_FAILED_TEXT);
+        return Err(e.into());
+    }
+    ch.send(&Message::Response { proof: auth::prove(secret, Role::Source, &t) }, "sending Response")?;
+    match ch.reader.read("waiting for AuthOk").map_err(auth_failed_remote)? {
+        Message::AuthOk { session_id } if session_id == sid => Ok(sid),
+        Message::AuthOk { session_id } => Err(TransportError::SessionMismatch { expected: sid, got: session_id }),
+        other => Err(auth_failed_remote(crate::wire::unexpected(other, "waiting for AuthOk", "AuthOk"))),
+    }
+}
+
+fn connect_channel(addr: SocketAddr, timeouts: &Timeouts, nodelay: bool) -> Result<Channel, TransportError> {
+    let stream = TcpStream::connect_timeout(&addr, timeouts.handshake)
+        .map_err(|source| TransportError::Connect { addr, source })?;
+    Channel::new(stream, timeouts, nodelay)
+}
+
+/// Source side: connect both channels to `addr` and authenticate them. Without a secret only a
+/// loopback address is allowed.
+pub fn connect(addr: SocketAddr, secret: Option<&Secret>, timeouts: &Timeouts) -> Result<Session, TransportError> {
+    auth::check_address(&addr, secret)?;
+    let mut main = connect_channel(addr, timeouts, true)?;
+    let id = source_handshake(&mut main, ChannelKind::Main, 0, secret)?;
+    let mut urgent = connect_channel(addr, timeouts, true)?;
+    source_handshake(&mut urgent, ChannelKind::Urgent, id, secret)?;
+    main.set_stall_timeout(timeouts.io);
+    urgent.set_stall_timeout(timeouts.io);
+    Ok(Session { id, main, urgent })
+}
+
+/// Destination side: a listening socket that accepts authenticated sessions.
+pub struct Acceptor {
+    listener: TcpListener,
+    secret: Option<Secret>,
+    timeouts: Timeouts,
+}
+
+impl Acceptor {
+    /// Listen on `addr`. Without a secret only a loopback address is allowed.
+    pub fn bind(addr: SocketAddr, secret: Option<Secret>, timeouts: Timeouts) -> Result<Self, TransportError> {
+        auth::check_address(&addr, secret.as_ref())?;
+        let listener = TcpListener::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        Ok(Acceptor { listener, secret, timeouts })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.listener.local_addr().map_err(|source| TransportError::Socket { what: "getsockname", source })
+    }
+
+    /// The timeouts sessions use.
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    fn accept_stream(&self, deadline: Option<Instant>, channel: ChannelKind) -> Result<TcpStream, TransportError> {
+        let accept_err = |e| TransportError::Accept(e);
+        self.listener.set_nonblocking(deadline.is_some()).map_err(accept_err)?;
+        let started = Instant::now();
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nonblocking(false).map_err(accept_err)?;
+                    if self.secret.is_none() && !peer.ip().is_loopback() {
+                        return Err(TransportError::PeerNotLoopback { peer });
+                    }
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(TransportError::AcceptTimeout { channel, waited_ms: started.elapsed().as_millis() as u64 });
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(accept_err(e)),
+            }
+        }
+    }
+
+    fn destination_handshake(&self, ch: &mut Channel, expected: ChannelKind, session_id: u64) -> Result<(), TransportError> {
+        let secret = self.secret.as_ref();
+        let (channel, claimed, source_nonce) = match ch.reader.read("waiting for Hello")? {
+            Message::Hello { channel, session_id, nonce } => (channel, session_id, nonce),
+            other => {
+                let e = crate::wire::unexpected(other, "waiting for Hello", "Hello");
+                ch.send_error(ErrorCode::Protocol, "expected Hello");
+                return Err(e.into());
+            }
+        };
+        if channel != expected {
+            ch.send_error(ErrorCode::Protocol, "unexpected channel kind");
+            return Err(TransportError::WrongChannel { expected, got: channel });
+        }
+        // A new session starts with id 0 (a recovering source would name its old session here).
+        let want = if expected == ChannelKind::Main { 0 } else { session_id };
+        if claimed != want {
+            ch.send_error(ErrorCode::Protocol, "unknown session");
+            return Err(TransportError::SessionMismatch { expected: want, got: claimed });
+        }
+        let destination_nonce = auth::nonce();
+        let t = Transcript { channel, session_id, source_nonce, destination_nonce };
+        ch.send(
+            &Message::Challenge { session_id, nonce: destination_nonce, proof: auth::prove(secret, Role::Destination, &t) },
+            "sending Challenge",
+        )?;
+        let proof = match ch.reader.read("waiting for Response").map_err(auth_failed_remote)? {
+            Message::Response { proof } => proof,
+            other => return Err(auth_failed_remote(crate::wire::unexpected(other, "waiting for Response", "Response"))),
+        };
+        if let Err(e) = auth::verify(secret, Role::Source, &t, &proof) {
+            ch.send_error(ErrorCode::AuthFailed, AUTH_FAILED_TEXT);
+            return Err(e.into());
+        }
+        ch.send(&Message::AuthOk { session_id }, "sending AuthOk")?;
+        Ok(())
+    }
+
+    /// Wait for a source, then authenticate its main and urgent channels.
+    pub fn accept(&self) -> Result<Session, TransportError> {
+        let t = &self.timeouts;
+        let mut main = Channel::new(self.accept_stream(None, ChannelKind::Main)?, t, true)?;
+        let id = auth::session_id();
+        if let Err(e) = self.destination_handshake(&mut main, ChannelKind::Main, id) {
+            main.shutdown();
+            return Err(e);
+        }
+        let stream = match self.accept_stream(Some(Instant::now() + t.handshake), ChannelKind::Urgent) {
+            Ok(s) => s,
+            Err(e) => {
+                main.send_error(ErrorCode::Protocol, "urgent channel did not arrive");
+                main.shutdown();
+                return Err(e);
+            }
+        };
+        let mut urgent = Channel::new(stream, t, true)?;
+        if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id) {
+            urgent.shutdown();
+            main.send_error(ErrorCode::AuthFailed, "urgent channel handshake failed");
+            main.shutdown();
+            return Err(e);
+        }
+        main.set_stall_timeout(t.io);
+        urgent.set_stall_timeout(t.io);
+        Ok(Session { id, main, urgent })
+    }
+}

@@ -1,0 +1,700 @@
+//! Protocol tests over real TCP on loopback with real threads. The "VM" on each side is plain
+//! memory this test allocates (the guest RAM analogue); a writer thread plays the guest on the
+//! source and records its own writes as the dirty log, and fault threads play the vCPUs on the
+//! destination during postcopy.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use migration::auth::Secret;
+use migration::destination::{self, DestinationError, DestinationVm, PostcopyOutcome, PostcopySink};
+use migration::source::{self, MigrateOptions, SourceError, SourceVm};
+use migration::transport::{self, Acceptor, Timeouts};
+use migration::types::{AtomicPageSet, PageSet, RamLayout, RegionLayout};
+use migration::wire::{self, Message, MigrationConfig};
+use migration::{DirtyLog, FetchError, MemoryKind, Mode, PageFetcher, RamRegion, PAGE_SIZE};
+use rand::{Rng, SeedableRng};
+
+const PAGE: usize = PAGE_SIZE as usize;
+const MIB: u64 = 1 << 20;
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        handshake: Duration::from_secs(2),
+        io: Duration::from_secs(2),
+        setup: Duration::from_secs(20),
+        tick: Duration::from_millis(20),
+    }
+}
+
+fn secret(tag: u8) -> Secret {
+    Secret::from_bytes(vec![tag; 32]).unwrap()
+}
+
+/// Guest RAM analogue: regions of plain memory, addressed as u64 words so the "guest" thread
+/// and the migration code can share them.
+struct Memory {
+    layout: RamLayout,
+    bufs: Vec<Vec<AtomicU64>>,
+}
+
+impl Memory {
+    fn new(regions: &[(u32, u64, u64)]) -> Self {
+        let layout = RamLayout::new(
+            regions.iter().map(|&(slot, gpa, size)| RegionLayout { slot, gpa, size }).collect(),
+        )
+        .unwrap();
+        let bufs = layout.regions().iter().map(|r| (0..r.size / 8).map(|_| AtomicU64::new(0)).collect()).collect();
+        Memory { layout, bufs }
+    }
+
+    fn from_layout(layout: &RamLayout) -> Self {
+        let r: Vec<_> = layout.regions().iter().map(|r| (r.slot, r.gpa, r.size)).collect();
+        Self::new(&r)
+    }
+
+    fn ram_regions(&self) -> Vec<RamRegion> {
+        self.layout
+            .regions()
+            .iter()
+            .zip(&self.bufs)
+            .map(|(r, b)| RamRegion {
+                slot: r.slot,
+                gpa: r.gpa,
+                size: r.size,
+                host_addr: b.as_ptr() as usize,
+                alias_addr: None,
+                fd: None,
+                fd_offset: 0,
+                kind: MemoryKind::Anon,
+                page_size: PAGE_SIZE,
+            })
+            .collect()
+    }
+
+    /// (region, word offset) of a page index.
+    fn locate(&self, page: u64) -> (usize, usize) {
+        let gpa = self.layout.page_gpa(page).unwrap();
+        let ri = self.layout.region_of(gpa).unwrap();
+        (ri, ((gpa - self.layout.regions()[ri].gpa) / 8) as usize)
+    }
+
+    fn fill_page(&self, page: u64, seed: u64) {
+        let (ri, w) = self.locate(page);
+        for i in 0..PAGE / 8 {
+            self.bufs[ri][w + i].store(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64) ^ (page << 20), Ordering::Relaxed);
+        }
+    }
+
+    fn write_bytes(&self, gpa: u64, data: &[u8]) {
+        let ri = self.layout.region_of(gpa).unwrap();
+        let w = ((gpa - self.layout.regions()[ri].gpa) / 8) as usize;
+        for (i, c) in data.chunks_exact(8).enumerate() {
+            self.bufs[ri][w + i].store(u64::from_ne_bytes(c.try_into().unwrap()), Ordering::Relaxed);
+        }
+    }
+
+    fn read_page(&self, page: u64, out: &mut [u8]) {
+        let (ri, w) = self.locate(page);
+        for (i, c) in out.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&self.bufs[ri][w + i].load(Ordering::Relaxed).to_ne_bytes());
+        }
+    }
+
+    /// Index of the first page that differs.
+    fn first_difference(&self, other: &Memory) -> Option<u64> {
+        let (mut a, mut b) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+        (0..self.layout.total_pages()).find(|&p| {
+            self.read_page(p, &mut a);
+            other.read_page(p, &mut b);
+            a != b
+        })
+    }
+}
+
+/// Dirty log of the test "guest": one bit per page, set by the writer after each write.
+struct TestDirtyLog {
+    layout: RamLayout,
+    bits: Vec<Vec<AtomicU64>>,
+    enabled: AtomicUsize,
+}
+
+impl TestDirtyLog {
+    fn mark(&self, page: u64) {
+        let gpa = self.layout.page_gpa(page).unwrap();
+        let ri = self.layout.region_of(gpa).unwrap();
+        let p = page - self.layout.region_first_page(ri);
+        self.bits[ri][(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
+    }
+}
+
+impl DirtyLog for TestDirtyLog {
+    fn enable(&self, _slot: u32) -> Result<(), String> {
+        self.enabled.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn disable(&self, _slot: u32) -> Result<(), String> {
+        self.enabled.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
+        let ri = self.layout.regions().iter().position(|r| r.slot == slot).ok_or("no such slot")?;
+        Ok(self.bits[ri].iter().map(|w| w.swap(0, Ordering::AcqRel)).collect())
+    }
+}
+
+/// The source "VM": memory, a guest writer thread, pause/resume bookkeeping.
+struct TestSource {
+    mem: Arc<Memory>,
+    dirty: Arc<TestDirtyLog>,
+    paused: Arc<AtomicBool>,
+    gate: Arc<Mutex<()>>,
+    pauses: AtomicUsize,
+    resumes: AtomicUsize,
+    stop_writer: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<u64>>>,
+    state: Vec<u8>,
+}
+
+impl TestSource {
+    /// Memory with a pattern on about 3 of 4 pages (the rest zero).
+    fn new(regions: &[(u32, u64, u64)]) -> Self {
+        let mem = Arc::new(Memory::new(regions));
+        for p in 0..mem.layout.total_pages() {
+            if p % 4 != 3 {
+                mem.fill_page(p, p);
+            }
+        }
+        let layout = mem.layout.clone();
+        let bits = layout.regions().iter().map(|r| (0..(r.size / PAGE_SIZE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect()).collect();
+        TestSource {
+            dirty: Arc::new(TestDirtyLog { layout, bits, enabled: AtomicUsize::new(0) }),
+            mem,
+            paused: Arc::new(AtomicBool::new(false)),
+            gate: Arc::new(Mutex::new(())),
+            pauses: AtomicUsize::new(0),
+            resumes: AtomicUsize::new(0),
+            stop_writer: Arc::new(AtomicBool::new(false)),
+            writer: Mutex::new(None),
+            state: (0..100_000u32).map(|i| (i * 7) as u8).collect(),
+        }
+    }
+
+    /// Start a "guest" that keeps rewriting random pages (a hot set of `hot` pages) until paused.
+    fn run_guest(&self, hot: u64) {
+        let (mem, dirty, paused, gate, stop) =
+            (self.mem.clone(), self.dirty.clone(), self.paused.clone(), self.gate.clone(), self.stop_writer.clone());
+        *self.writer.lock().unwrap() = Some(std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut writes = 0u64;
+            let total = mem.layout.total_pages();
+            while !stop.load(Ordering::Relaxed) {
+                let g = gate.lock().unwrap();
+                if paused.load(Ordering::Acquire) {
+                    drop(g);
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let page = if rng.gen_bool(0.9) { rng.gen_range(0..hot) } else { rng.gen_range(0..total) };
+                mem.fill_page(page, 1_000_000 + writes);
+                dirty.mark(page);
+                writes += 1;
+                drop(g);
+                if writes % 64 == 0 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            writes
+        }));
+    }
+
+    fn stop_guest(&self) -> u64 {
+        self.stop_writer.store(true, Ordering::Relaxed);
+        self.writer.lock().unwrap().take().map(|h| h.join().unwrap()).unwrap_or(0)
+    }
+}
+
+impl SourceVm for TestSource {
+    fn ram_regions(&self) -> Vec<RamRegion> {
+        self.mem.ram_regions()
+    }
+    fn dirty_log(&self) -> &dyn DirtyLog {
+        &*self.dirty
+    }
+    fn vcpu_count(&self) -> u32 {
+        2
+    }
+    fn pause(&self) -> Result<(), String> {
+        self.paused.store(true, Ordering::Release);
+        drop(self.gate.lock().unwrap());
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.paused.store(false, Ordering::Release);
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        Ok(self.state.clone())
+    }
+}
+
+/// Destination "VM": memory, the state it got, and in postcopy "vCPU" threads that fault on
+/// random missing pages through the fetcher.
+struct TestDest {
+    mem: Arc<Memory>,
+    present: Arc<AtomicPageSet>,
+    state: Mutex<Option<Vec<u8>>>,
+    started: AtomicBool,
+    fail_start: bool,
+    fetcher: Mutex<Option<Arc<dyn PageFetcher>>>,
+    faulters: Arc<Mutex<Vec<JoinHandle<Result<u64, FetchError>>>>>,
+    faults: Arc<AtomicU64>,
+}
+
+impl TestDest {
+    fn new(config: &MigrationConfig) -> Self {
+        let mem = Arc::new(Memory::from_layout(&config.layout));
+        TestDest {
+            present: Arc::new(AtomicPageSet::new(config.layout.total_pages())),
+            mem,
+            state: Mutex::new(None),
+            started: AtomicBool::new(false),
+            fail_start: false,
+            fetcher: Mutex::new(None),
+            faulters: Arc::new(Mutex::new(Vec::new())),
+            faults: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+struct TestSink {
+    mem: Arc<Memory>,
+    present: Arc<AtomicPageSet>,
+    lock: Mutex<()>,
+    faulters: Arc<Mutex<Vec<JoinHandle<Result<u64, FetchError>>>>>,
+    faults: Arc<AtomicU64>,
+}
+
+impl PostcopySink for TestSink {
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let page = self.mem.layout.page_index(gpa).ok_or("bad gpa")?;
+        let _g = self.lock.lock().unwrap();
+        if !self.present.contains(page) {
+            self.mem.write_bytes(gpa, data);
+            self.present.insert(page);
+        }
+        Ok(())
+    }
+    fn finished(&self) -> Result<PostcopyOutcome, String> {
+        for h in self.faulters.lock().unwrap().drain(..) {
+            h.join().map_err(|_| "faulter panicked")?.map_err(|e| e.to_string())?;
+        }
+        if self.present.next_absent(0).is_some() {
+            return Err("pages missing at finish".into());
+        }
+        Ok(PostcopyOutcome { collapses: 3, faults: self.faults.load(Ordering::Relaxed) })
+    }
+}
+
+const FAULT_THREADS: usize = 4;
+const FAULTS_PER_THREAD: usize = 150;
+
+impl DestinationVm for TestDest {
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        assert!(!self.started.load(Ordering::Relaxed), "precopy write after start");
+        self.mem.write_bytes(gpa, data);
+        Ok(())
+    }
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        *self.state.lock().unwrap() = Some(state.to_vec());
+        Ok(())
+    }
+    fn begin_postcopy(&self, fetcher: Arc<dyn PageFetcher>, present: &PageSet) -> Result<Arc<dyn PostcopySink>, String> {
+        for p in present.iter() {
+            self.present.insert(p);
+        }
+        *self.fetcher.lock().unwrap() = Some(fetcher);
+        Ok(Arc::new(TestSink {
+            mem: self.mem.clone(),
+            present: self.present.clone(),
+            lock: Mutex::new(()),
+            faulters: self.faulters.clone(),
+            faults: self.faults.clone(),
+        }))
+    }
+    fn start(&self) -> Result<(), String> {
+        if self.fail_start {
+            return Err("test: the vCPUs refuse to start".into());
+        }
+        self.started.store(true, Ordering::Relaxed);
+        let Some(fetcher) = self.fetcher.lock().unwrap().clone() else { return Ok(()) };
+        for t in 0..FAULT_THREADS {
+            let (fetcher, mem, present, faults) = (fetcher.clone(), self.mem.clone(), self.present.clone(), self.faults.clone());
+            self.faulters.lock().unwrap().push(std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
+                let mut buf = [0u8; PAGE];
+                let mut fetched = 0;
+                for _ in 0..FAULTS_PER_THREAD {
+                    let page = rng.gen_range(0..mem.layout.total_pages());
+                    if present.contains(page) {
+                        continue;
+                    }
+                    let gpa = mem.layout.page_gpa(page).unwrap();
+                    fetcher.fetch(gpa, &mut buf)?;
+                    // Like the real engine: the first copy to arrive wins.
+                    if present.insert(page) {
+                        mem.write_bytes(gpa, &buf);
+                    }
+                    fetched += 1;
+                    faults.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(fetched)
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Run a destination daemon for one migration in a thread; returns the dest memory on success.
+fn spawn_destination(
+    listener: destination::Listener,
+    fail_start: bool,
+) -> JoinHandle<Result<(Arc<Memory>, Vec<u8>, migration::stats::ReceiveSummary), DestinationError>> {
+    std::thread::spawn(move || {
+        let incoming = listener.accept()?;
+        let mut vm = TestDest::new(incoming.config());
+        vm.fail_start = fail_start;
+        let summary = incoming.receive(&vm)?;
+        let state = vm.state.lock().unwrap().clone().unwrap_or_default();
+        Ok((vm.mem.clone(), state, summary))
+    })
+}
+
+fn listener(secret: Option<Secret>) -> (destination::Listener, SocketAddr) {
+    let l = destination::listen_with("127.0.0.1:0".parse().unwrap(), secret, timeouts()).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+fn options(mode: Mode, secret: Option<Secret>) -> MigrateOptions {
+    let mut o = MigrateOptions::new(mode);
+    o.secret = secret;
+    o.timeouts = timeouts();
+    o
+}
+
+const LAYOUT_64M: &[(u32, u64, u64)] = &[(0, 0, 48 * MIB), (1, 4 << 30, 16 * MIB)];
+
+fn full_migration(mode: Mode, guest_runs: bool) {
+    let (l, addr) = listener(Some(secret(1)));
+    let dest = spawn_destination(l, false);
+    let src = TestSource::new(LAYOUT_64M);
+    if guest_runs {
+        src.run_guest(2048);
+    }
+    let reports = Mutex::new(Vec::new());
+    let summary = source::migrate(&src, addr, options(mode, Some(secret(1))), &|p| reports.lock().unwrap().push(p)).unwrap();
+    let writes = src.stop_guest();
+    let (mem, state, recv) = dest.join().unwrap().unwrap();
+    println!("{mode:?}: guest writes {writes}; {}", serde_json::to_string(&summary).unwrap());
+    println!("destination: {}", serde_json::to_string(&recv).unwrap());
+    assert_eq!(mem.first_difference(&src.mem), None, "destination memory differs from the source");
+    assert_eq!(state, src.state, "state blob");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0, "the source must not resume after the destination started");
+    assert_eq!(src.dirty.enabled.load(Ordering::Relaxed), 0, "dirty logging left enabled");
+    let total = src.mem.layout.total_pages();
+    assert_eq!(summary.destination.pages_received, total);
+    assert!(summary.zero_pages >= total / 4, "zero pages went as data: {}", summary.zero_pages);
+    assert!(summary.bytes_sent < 64 * MIB * 2, "sent far more than the RAM: {}", summary.bytes_sent);
+    assert!(!reports.lock().unwrap().is_empty());
+    match mode {
+        Mode::Precopy => {
+            assert!(summary.rounds >= 1);
+            assert_eq!(summary.faults_served, 0);
+        }
+        Mode::Postcopy | Mode::Hybrid => {
+            assert!(summary.faults_served > 0, "no urgent request was served");
+            assert_eq!(summary.faults_served, recv.stats.urgent_pages);
+            assert_eq!(summary.collapses, 3, "collapses reported in Done");
+            assert!(summary.pages_pushed > 0);
+        }
+    }
+}
+
+#[test]
+fn precopy_64mib_with_a_running_guest() {
+    full_migration(Mode::Precopy, true);
+}
+
+#[test]
+fn postcopy_64mib_with_faults() {
+    full_migration(Mode::Postcopy, false);
+}
+
+#[test]
+fn hybrid_64mib_with_a_running_guest() {
+    full_migration(Mode::Hybrid, true);
+}
+
+#[test]
+fn wrong_secret_fails_on_both_sides() {
+    let (l, addr) = listener(Some(secret(1)));
+    let dest = spawn_destination(l, false);
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let err = source::migrate(&src, addr, options(Mode::Precopy, Some(secret(2))), &|_| {}).unwrap_err();
+    let derr = dest.join().unwrap().err().expect("destination accepted a wrong secret");
+    assert!(err.to_string().contains("authentication failed"), "source: {err}");
+    assert!(derr.to_string().contains("authentication failed"), "destination: {derr}");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn missing_secret_on_one_side_fails_authentication() {
+    let (l, addr) = listener(Some(secret(1)));
+    let dest = spawn_destination(l, false);
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let err = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    assert!(dest.join().unwrap().err().unwrap().to_string().contains("authentication failed"));
+}
+
+#[test]
+fn no_secret_refuses_non_loopback() {
+    let e = destination::listen("0.0.0.0:0".parse().unwrap(), None).err().unwrap();
+    assert!(e.to_string().contains("without a shared secret"), "{e}");
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let e = source::migrate(&src, "192.0.2.1:4444".parse().unwrap(), options(Mode::Precopy, None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("without a shared secret"), "{e}");
+}
+
+#[test]
+fn garbage_instead_of_hello_is_rejected() {
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let e = dest.join().unwrap().err().unwrap();
+    assert!(e.to_string().contains("bad frame magic"), "{e}");
+}
+
+#[test]
+fn garbage_after_the_handshake_is_rejected() {
+    let (l, addr) = listener(Some(secret(3)));
+    let dest = spawn_destination(l, false);
+    let s = transport::connect(addr, Some(&secret(3)), &timeouts()).unwrap();
+    let mut raw = s.main.writer.get_ref().try_clone().unwrap();
+    // A header with the right magic and version but an unknown kind.
+    raw.write_all(&[b'V', b'M', b'M', b'G', 1, 0, 0xee, 0x7f, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    let e = dest.join().unwrap().err().unwrap();
+    assert!(e.to_string().contains("unknown message kind 32750"), "{e}");
+}
+
+/// A fake source: handshake, Config, wait for Ready.
+fn fake_source(addr: SocketAddr, layout: &[(u32, u64, u64)]) -> transport::Session {
+    let mut s = transport::connect(addr, None, &timeouts()).unwrap();
+    let layout = RamLayout::new(layout.iter().map(|&(slot, gpa, size)| RegionLayout { slot, gpa, size }).collect()).unwrap();
+    let config = MigrationConfig { mode: Mode::Precopy, memory_kind: MemoryKind::Anon, vcpu_count: 1, layout };
+    s.main.send(&Message::Config(config), "config").unwrap();
+    assert_eq!(s.main.reader.read("ready").unwrap(), Message::Ready);
+    s
+}
+
+#[test]
+fn truncated_stream_is_a_clear_error_and_nothing_starts() {
+    let (l, addr) = listener(None);
+    let started = Arc::new(AtomicBool::new(false));
+    let st = started.clone();
+    let dest = std::thread::spawn(move || {
+        let incoming = l.accept()?;
+        let vm = TestDest::new(incoming.config());
+        let r = incoming.receive(&vm);
+        st.store(vm.started.load(Ordering::Relaxed), Ordering::Relaxed);
+        r
+    });
+    let s = fake_source(addr, &[(0, 0, MIB)]);
+    let mut frame = Vec::new();
+    wire::encode(&Message::Pages { gpa: 0, data: &[5u8; 8192] }, &mut frame);
+    let mut raw = s.main.writer.get_ref().try_clone().unwrap();
+    raw.write_all(&frame[..frame.len() - 100]).unwrap();
+    drop(raw);
+    s.main.shutdown();
+    let e = dest.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("truncated frame"), "{e}");
+    assert!(!started.load(Ordering::Relaxed));
+}
+
+#[test]
+fn pages_outside_the_layout_are_rejected() {
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let mut s = fake_source(addr, &[(0, 0, MIB)]);
+    s.main.send(&Message::Pages { gpa: MIB - PAGE_SIZE, data: &[1u8; 2 * PAGE] }, "pages").unwrap();
+    let e = dest.join().unwrap().err().unwrap();
+    assert!(e.to_string().contains("outside the announced RAM layout"), "{e}");
+    // The source is told why.
+    match s.main.reader.read("error") {
+        Ok(Message::Error { message, .. }) => assert!(message.contains("outside"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stalled_source_times_out_at_the_destination() {
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let _s = fake_source(addr, &[(0, 0, MIB)]);
+    let t = Instant::now();
+    let e = dest.join().unwrap().err().unwrap();
+    assert!(e.to_string().contains("stalled"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(6), "took {:?}", t.elapsed());
+}
+
+#[test]
+fn silent_destination_times_out_the_handshake() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        std::thread::sleep(Duration::from_secs(4));
+    });
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let t = Instant::now();
+    let e = source::migrate(&src, addr, options(Mode::Precopy, None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("stalled"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    peer.join().unwrap();
+}
+
+#[test]
+fn destination_that_stops_reading_times_out_the_source() {
+    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut s = acceptor.accept().unwrap();
+        assert!(matches!(s.main.reader.read("config").unwrap(), Message::Config(_)));
+        s.main.send(&Message::Ready, "ready").unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    let src = TestSource::new(LAYOUT_64M);
+    src.run_guest(1024);
+    let t = Instant::now();
+    let e = source::migrate(&src, addr, options(Mode::Precopy, None), &|_| {}).unwrap_err();
+    src.stop_guest();
+    assert!(e.to_string().contains("stalled"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(6));
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0, "paused although precopy never finished");
+    assert_eq!(src.dirty.enabled.load(Ordering::Relaxed), 0, "dirty logging left enabled");
+    peer.join().unwrap();
+}
+
+#[test]
+fn version_mismatch_is_reported_on_both_sides() {
+    // A newer source talking to this destination.
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut hello = Vec::new();
+    wire::encode(&Message::Hello { channel: wire::ChannelKind::Main, session_id: 0, nonce: [0; 32] }, &mut hello);
+    hello[4] = 2;
+    s.write_all(&hello).unwrap();
+    let e = dest.join().unwrap().err().unwrap();
+    assert!(e.to_string().contains("version mismatch: peer speaks version 2, we speak 1"), "{e}");
+
+    // A newer destination answering this source.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        s.read_exact(&mut buf).unwrap();
+        let mut reply = Vec::new();
+        wire::encode(&Message::Challenge { session_id: 1, nonce: [0; 32], proof: [0; 32] }, &mut reply);
+        reply[4] = 2;
+        s.write_all(&reply).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Precopy, None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("version mismatch"), "{e}");
+    peer.join().unwrap();
+}
+
+#[test]
+fn failed_start_at_the_destination_resumes_the_source() {
+    for mode in [Mode::Precopy, Mode::Postcopy] {
+        let (l, addr) = listener(None);
+        let dest = spawn_destination(l, true);
+        let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+        let e = source::migrate(&src, addr, options(mode, None), &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("refuse to start"), "{mode:?}: {e}");
+        assert!(!e.destination_started());
+        assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+        assert_eq!(src.resumes.load(Ordering::Relaxed), 1, "{mode:?}: source not resumed");
+        let de = dest.join().unwrap().err().unwrap();
+        assert!(de.to_string().contains("refuse to start"), "{de}");
+    }
+}
+
+#[test]
+fn destination_rejection_reaches_the_source() {
+    let (l, addr) = listener(None);
+    let dest = std::thread::spawn(move || {
+        let incoming = l.accept().unwrap();
+        incoming.reject("no huge pages for 64 MiB");
+    });
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("no huge pages"), "{e}");
+    assert!(matches!(e, SourceError::Wire(_)));
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    dest.join().unwrap();
+}
+
+#[test]
+fn page_fetch_of_a_bad_address_is_refused() {
+    struct Probe(Mutex<Option<Arc<dyn PageFetcher>>>);
+    impl DestinationVm for Probe {
+        fn write_pages(&self, _: u64, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn load_state(&self, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn begin_postcopy(&self, f: Arc<dyn PageFetcher>, _: &PageSet) -> Result<Arc<dyn PostcopySink>, String> {
+            let mut buf = [0u8; PAGE];
+            assert!(matches!(f.fetch(0x123, &mut buf), Err(FetchError::BadAddress { gpa: 0x123 })));
+            assert!(matches!(f.fetch(1 << 40, &mut buf), Err(FetchError::BadAddress { .. })));
+            *self.0.lock().unwrap() = Some(f);
+            Err("probe done".into())
+        }
+        fn start(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let (l, addr) = listener(None);
+    let dest = std::thread::spawn(move || {
+        let incoming = l.accept().unwrap();
+        let probe = Probe(Mutex::new(None));
+        let e = incoming.receive(&probe).unwrap_err();
+        // After the failed set-up the fetcher reports the closed channel.
+        let f = probe.0.lock().unwrap().clone().unwrap();
+        let mut buf = [0u8; PAGE];
+        assert!(matches!(f.fetch(0, &mut buf), Err(FetchError::Disconnected { .. })));
+        e
+    });
+    let src = TestSource::new(&[(0, 0, MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("probe done"), "{e}");
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert!(dest.join().unwrap().to_string().contains("probe done"));
+}
