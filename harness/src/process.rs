@@ -60,8 +60,13 @@ pub fn describe(cmd: &Command) -> String {
 impl Proc {
     /// Starts `cmd`; stdout goes to memory and `<log>.out`, stderr to `<log>.err`.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self, ProcessError> {
-        let out_path = log.with_extension("out");
-        let err_path = log.with_extension("err");
+        let with_suffix = |suffix: &str| {
+            let mut p = log.as_os_str().to_os_string();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
+        let out_path = with_suffix(".out");
+        let err_path = with_suffix(".err");
         let mut out_file =
             std::fs::File::create(&out_path).map_err(|source| ProcessError::Log {
                 path: out_path.clone(),

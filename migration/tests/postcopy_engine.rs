@@ -74,7 +74,10 @@ impl TcpFetcher {
         });
         let conn = TcpStream::connect(addr).unwrap();
         conn.set_nodelay(true).unwrap();
-        Arc::new(TcpFetcher { conn: Mutex::new(conn), fetches: AtomicU64::new(0) })
+        Arc::new(TcpFetcher {
+            conn: Mutex::new(conn),
+            fetches: AtomicU64::new(0),
+        })
     }
 }
 
@@ -82,8 +85,13 @@ impl PageFetcher for TcpFetcher {
     fn fetch(&self, gpa: u64, buf: &mut [u8; 4096]) -> Result<(), FetchError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let mut c = self.conn.lock().unwrap();
-        let io = c.write_all(&gpa.to_le_bytes()).and_then(|_| c.read_exact(buf));
-        io.map_err(|e| FetchError::Disconnected { gpa, reason: e.to_string() })
+        let io = c
+            .write_all(&gpa.to_le_bytes())
+            .and_then(|_| c.read_exact(buf));
+        io.map_err(|e| FetchError::Disconnected {
+            gpa,
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -183,7 +191,11 @@ impl HugePool {
         };
         let orig = read("nr_hugepages")?;
         let path = format!("{dir}/nr_hugepages");
-        let pool = HugePool { _lock: lock, path: path.clone(), orig };
+        let pool = HugePool {
+            _lock: lock,
+            path: path.clone(),
+            orig,
+        };
         std::fs::write(&path, (orig + pages).to_string()).map_err(|e| format!("{path}: {e}"))?;
         let free = read("free_hugepages")?;
         if free < pages {
@@ -218,15 +230,34 @@ fn memfd(name: &str, flags: libc::c_uint, size: usize) -> OwnedFd {
 fn map_aligned(fd: RawFd, size: usize, align: usize) -> usize {
     // SAFETY: fresh anonymous reservation; checked.
     let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), size + align, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            size + align,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
     };
     assert_ne!(base, libc::MAP_FAILED);
     let addr = (base as usize).next_multiple_of(align);
     // SAFETY: inside our reservation; checked.
     let got = unsafe {
-        libc::mmap(addr as *mut _, size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_FIXED, fd, 0)
+        libc::mmap(
+            addr as *mut _,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
     };
-    assert_ne!(got, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    assert_ne!(
+        got,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     addr
 }
 
@@ -287,7 +318,15 @@ fn engine(
     vcpus: Arc<SimVcpus>,
     dirty: Arc<dyn DirtyLog>,
 ) -> PostcopyEngine {
-    PostcopyEngine::new(vec![region], strategy, fetcher, vcpus, dirty, Arc::new(NoSwap)).unwrap()
+    PostcopyEngine::new(
+        vec![region],
+        strategy,
+        fetcher,
+        vcpus,
+        dirty,
+        Arc::new(NoSwap),
+    )
+    .unwrap()
 }
 
 /// Push every page of the region as a bulk page (optionally only every `step`th page first).
@@ -318,12 +357,28 @@ fn shmem_4k_faults_then_madv_collapse() {
     let host = map_aligned(fd.as_raw_fd(), size, 2 * MIB);
     let alias = map_aligned(fd.as_raw_fd(), size, PAGE);
     let region = RamRegion {
-        slot: 0, gpa: GPA_BASE, size: size as u64, host_addr: host, alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()), fd_offset: 0, kind: MemoryKind::Shmem, page_size: PAGE as u64,
+        slot: 0,
+        gpa: GPA_BASE,
+        size: size as u64,
+        host_addr: host,
+        alias_addr: Some(alias),
+        fd: Some(fd.as_raw_fd()),
+        fd_offset: 0,
+        kind: MemoryKind::Shmem,
+        page_size: PAGE as u64,
     };
-    let fetcher = Arc::new(LocalFetcher { fetches: AtomicU64::new(0), delay: Duration::from_micros(50) });
+    let fetcher = Arc::new(LocalFetcher {
+        fetches: AtomicU64::new(0),
+        delay: Duration::from_micros(50),
+    });
     let vcpus = Arc::new(SimVcpus::default());
-    let mut eng = engine(region, Strategy::FourK, fetcher.clone(), vcpus, Arc::new(NoDirty));
+    let mut eng = engine(
+        region,
+        Strategy::FourK,
+        fetcher.clone(),
+        vcpus,
+        Arc::new(NoDirty),
+    );
     let rep = eng.prepare().unwrap();
     assert_eq!(rep.regions[0].mode, ServeMode::ShmemContinue);
 
@@ -339,20 +394,34 @@ fn shmem_4k_faults_then_madv_collapse() {
         }
     });
     let st = eng.stats();
-    assert!(st.faults_served >= touched.len() as u64, "faults {}", st.faults_served);
-    assert_eq!(st.pages_fetched, touched.len() as u64, "each touched page fetched once");
+    assert!(
+        st.faults_served >= touched.len() as u64,
+        "faults {}",
+        st.faults_served
+    );
+    assert_eq!(
+        st.pages_fetched,
+        touched.len() as u64,
+        "each touched page fetched once"
+    );
     let (applied, ignored) = push_bulk(&eng, GPA_BASE, size, Duration::ZERO);
     assert_eq!(ignored, touched.len() as u64);
     assert_eq!(applied + ignored, (size / PAGE) as u64);
-    eng.wait_complete_timeout(Some(Duration::from_secs(30))).unwrap();
+    eng.wait_complete_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     for p in 0..(size / PAGE) as u64 {
         check_page(host + p as usize * PAGE, GPA_BASE + p * PAGE as u64, None);
     }
     let st = eng.stats();
     assert_eq!(st.collapses, 2, "{:?}", st.collapse_records);
     let smaps = smaps_of(host);
-    let pmd = smaps_kb(&smaps, "ShmemPmdMapped") + smaps_kb(&smaps, "FilePmdMapped") + smaps_kb(&smaps, "AnonHugePages");
-    println!("shmem: smaps PMD-mapped {pmd} kB, fault p50 {} ns, collapse records {:?}", st.fault_latency_p50_ns, st.collapse_records);
+    let pmd = smaps_kb(&smaps, "ShmemPmdMapped")
+        + smaps_kb(&smaps, "FilePmdMapped")
+        + smaps_kb(&smaps, "AnonHugePages");
+    println!(
+        "shmem: smaps PMD-mapped {pmd} kB, fault p50 {} ns, collapse records {:?}",
+        st.fault_latency_p50_ns, st.collapse_records
+    );
     assert!(pmd >= 2048, "no PMD mapping after MADV_COLLAPSE: {smaps:?}");
     assert!(!st.fault_latency_ns.is_empty());
 }
@@ -362,16 +431,39 @@ fn anon_missing_copy() {
     let size = 2 * MIB;
     // SAFETY: fresh anonymous mapping; checked.
     let host = unsafe {
-        libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     assert_ne!(host, libc::MAP_FAILED);
     let host = host as usize;
     let region = RamRegion {
-        slot: 1, gpa: GPA_BASE, size: size as u64, host_addr: host, alias_addr: None, fd: None,
-        fd_offset: 0, kind: MemoryKind::Anon, page_size: PAGE as u64,
+        slot: 1,
+        gpa: GPA_BASE,
+        size: size as u64,
+        host_addr: host,
+        alias_addr: None,
+        fd: None,
+        fd_offset: 0,
+        kind: MemoryKind::Anon,
+        page_size: PAGE as u64,
     };
-    let fetcher = Arc::new(LocalFetcher { fetches: AtomicU64::new(0), delay: Duration::from_micros(20) });
-    let mut eng = engine(region, Strategy::FourK, fetcher.clone(), Arc::new(SimVcpus::default()), Arc::new(NoDirty));
+    let fetcher = Arc::new(LocalFetcher {
+        fetches: AtomicU64::new(0),
+        delay: Duration::from_micros(20),
+    });
+    let mut eng = engine(
+        region,
+        Strategy::FourK,
+        fetcher.clone(),
+        Arc::new(SimVcpus::default()),
+        Arc::new(NoDirty),
+    );
     eng.prepare().unwrap();
     // Both threads touch the same pages: each page must be fetched once.
     let pages: Vec<u64> = (0..64).map(|i| i * 5).collect();
@@ -390,7 +482,8 @@ fn anon_missing_copy() {
     write_word(host, 0xdead_beef);
     let (_, ignored) = push_bulk(&eng, GPA_BASE, size, Duration::ZERO);
     assert_eq!(ignored, pages.len() as u64);
-    eng.wait_complete_timeout(Some(Duration::from_secs(30))).unwrap();
+    eng.wait_complete_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     assert_eq!(read_word(host), 0xdead_beef, "bulk overwrote a guest write");
     for p in 1..(size / PAGE) as u64 {
         check_page(host + p as usize * PAGE, GPA_BASE + p * PAGE as u64, None);
@@ -402,7 +495,10 @@ fn anon_missing_copy() {
 /// A vCPU-like writer: touches `pages` (reads check the source), then keeps writing a counter to
 /// word 1 of each, parking at pause(). Returns the last value written per page.
 fn writer_thread(
-    vcpus: Arc<SimVcpus>, host: usize, pages: Vec<u64>, stop: Arc<AtomicBool>,
+    vcpus: Arc<SimVcpus>,
+    host: usize,
+    pages: Vec<u64>,
+    stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<u64>> {
     vcpus.running.fetch_add(1, Ordering::AcqRel);
     std::thread::spawn(move || {
@@ -439,29 +535,52 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
     let host = map_aligned(fd.as_raw_fd(), size, huge);
     let alias = map_aligned(fd.as_raw_fd(), size, huge);
     let region = RamRegion {
-        slot: 2, gpa: GPA_BASE, size: size as u64, host_addr: host, alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()), fd_offset: 0, kind, page_size: huge as u64,
+        slot: 2,
+        gpa: GPA_BASE,
+        size: size as u64,
+        host_addr: host,
+        alias_addr: Some(alias),
+        fd: Some(fd.as_raw_fd()),
+        fd_offset: 0,
+        kind,
+        page_size: huge as u64,
     };
     let fetcher = TcpFetcher::start();
     let vcpus = Arc::new(SimVcpus::default());
     let wp = Arc::new(UffdWpDirtyLog::new().unwrap());
     let mut eng = PostcopyEngine::new(
-        vec![region], Strategy::FourK, fetcher.clone(), vcpus.clone(), wp.clone(), Arc::new(NoSwap),
-    ).unwrap();
+        vec![region],
+        Strategy::FourK,
+        fetcher.clone(),
+        vcpus.clone(),
+        wp.clone(),
+        Arc::new(NoSwap),
+    )
+    .unwrap();
     eng.use_uffd_wp_dirty_log(wp).unwrap();
     let rep = eng.prepare().unwrap();
     assert!(matches!(rep.regions[0].mode, ServeMode::Staged(_)));
-    assert_eq!(smaps_kb(&smaps_of(host), "KernelPageSize"), 4, "staging must be 4 KiB-mapped");
+    assert_eq!(
+        smaps_kb(&smaps_of(host), "KernelPageSize"),
+        4,
+        "staging must be 4 KiB-mapped"
+    );
 
     // Writers in the first and the last huge page.
     let ppu = (huge / PAGE) as u64;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut w_pages: Vec<u64> = (0..48).map(|i| i * 3 + 1).chain((0..16).map(|i| (huge_pages - 1) * ppu + i * 11 + 2)).collect();
+    let mut w_pages: Vec<u64> = (0..48)
+        .map(|i| i * 3 + 1)
+        .chain((0..16).map(|i| (huge_pages - 1) * ppu + i * 11 + 2))
+        .collect();
     w_pages.sort_unstable();
     w_pages.dedup();
     let writer = writer_thread(vcpus.clone(), host, w_pages.clone(), stop.clone());
     // A reader "vCPU" touching pages elsewhere (reads only).
-    let r_pages: Vec<u64> = (0..32).map(|i| ppu / 2 + i * 13).filter(|p| !w_pages.contains(p)).collect();
+    let r_pages: Vec<u64> = (0..32)
+        .map(|i| ppu / 2 + i * 13)
+        .filter(|p| !w_pages.contains(p))
+        .collect();
     std::thread::scope(|s| {
         s.spawn(|| {
             for &p in &r_pages {
@@ -473,7 +592,8 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
     // Background pages, paced so the writer runs during the collapse.
     let (_applied, ignored) = push_bulk(&eng, GPA_BASE, size, Duration::from_micros(20));
     assert!(ignored >= r_pages.len() as u64);
-    eng.wait_complete_timeout(Some(Duration::from_secs(120))).unwrap();
+    eng.wait_complete_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
     // Keep writing into the huge mapping for a moment, then stop.
     std::thread::sleep(Duration::from_millis(50));
     stop.store(true, Ordering::Release);
@@ -481,8 +601,16 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
 
     for (i, &p) in w_pages.iter().enumerate() {
         let a = host + p as usize * PAGE;
-        assert_eq!(read_word(a + 8), last[i], "writer's last value lost at page {p}");
-        assert_eq!(read_word(alias + p as usize * PAGE + 8), last[i], "final backing differs at page {p}");
+        assert_eq!(
+            read_word(a + 8),
+            last[i],
+            "writer's last value lost at page {p}"
+        );
+        assert_eq!(
+            read_word(alias + p as usize * PAGE + 8),
+            last[i],
+            "final backing differs at page {p}"
+        );
         check_page(a, GPA_BASE + p * PAGE as u64, Some(1));
     }
     for p in (0..(size / PAGE) as u64).step_by(7) {
@@ -499,10 +627,17 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
         vcpus.pauses.load(Ordering::Relaxed)
     );
     assert_eq!(st.collapses, huge_pages, "every huge page collapses");
-    assert_eq!(smaps_kb(&smaps, "KernelPageSize"), page_kb, "range not hugetlb-mapped: {smaps:?}");
+    assert_eq!(
+        smaps_kb(&smaps, "KernelPageSize"),
+        page_kb,
+        "range not hugetlb-mapped: {smaps:?}"
+    );
     assert_eq!(st.staging_current_bytes, 0, "staging not freed");
     assert!(st.staging_peak_mib > 0.0);
-    assert!(st.collapse_records.iter().any(|r| r.stall_ns > 0 && r.delta_rounds >= 2));
+    assert!(st
+        .collapse_records
+        .iter()
+        .any(|r| r.stall_ns > 0 && r.delta_rounds >= 2));
     assert!(vcpus.pauses.load(Ordering::Relaxed) >= 1);
     assert!(fetcher.fetches.load(Ordering::Relaxed) >= (w_pages.len() + r_pages.len()) as u64);
 }
@@ -522,15 +657,35 @@ fn hugetlb_2m_whole_page_baseline() {
     let huge = 2 * MIB;
     let size = 2 * huge;
     let _pool = HugePool::reserve(2048, 2).expect("2 MiB pool");
-    let fd = memfd("hugetlb-guest", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, size);
+    let fd = memfd(
+        "hugetlb-guest",
+        libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        size,
+    );
     let host = map_aligned(fd.as_raw_fd(), size, huge);
     let alias = map_aligned(fd.as_raw_fd(), size, huge);
     let region = RamRegion {
-        slot: 3, gpa: GPA_BASE, size: size as u64, host_addr: host, alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()), fd_offset: 0, kind: MemoryKind::Hugetlb2m, page_size: huge as u64,
+        slot: 3,
+        gpa: GPA_BASE,
+        size: size as u64,
+        host_addr: host,
+        alias_addr: Some(alias),
+        fd: Some(fd.as_raw_fd()),
+        fd_offset: 0,
+        kind: MemoryKind::Hugetlb2m,
+        page_size: huge as u64,
     };
-    let fetcher = Arc::new(LocalFetcher { fetches: AtomicU64::new(0), delay: Duration::ZERO });
-    let mut eng = engine(region, Strategy::Huge, fetcher.clone(), Arc::new(SimVcpus::default()), Arc::new(NoDirty));
+    let fetcher = Arc::new(LocalFetcher {
+        fetches: AtomicU64::new(0),
+        delay: Duration::ZERO,
+    });
+    let mut eng = engine(
+        region,
+        Strategy::Huge,
+        fetcher.clone(),
+        Arc::new(SimVcpus::default()),
+        Arc::new(NoDirty),
+    );
     let rep = eng.prepare().unwrap();
     assert_eq!(rep.regions[0].mode, ServeMode::HugeWhole);
     // Touch one page of huge page 0: the whole 2 MiB must be fetched and mapped.
@@ -539,7 +694,8 @@ fn hugetlb_2m_whole_page_baseline() {
     write_word(host + 7 * PAGE, 0x1234);
     let (_, ignored) = push_bulk(&eng, GPA_BASE, size, Duration::ZERO);
     assert_eq!(ignored, 512);
-    eng.wait_complete_timeout(Some(Duration::from_secs(30))).unwrap();
+    eng.wait_complete_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     assert_eq!(read_word(host + 7 * PAGE), 0x1234);
     for p in 0..(size / PAGE) as u64 {
         if p != 7 {
@@ -549,24 +705,93 @@ fn hugetlb_2m_whole_page_baseline() {
     assert_eq!(smaps_kb(&smaps_of(host), "KernelPageSize"), 2048);
     let st = eng.stats();
     assert_eq!(st.pages_fetched, 512);
-    println!("whole-page: fault latency samples {:?}", st.fault_latency_ns);
+    println!(
+        "whole-page: fault latency samples {:?}",
+        st.fault_latency_ns
+    );
 }
 
 #[test]
 fn native_strategy_falls_back_with_reason() {
     let huge = 2 * MIB;
     let _pool = HugePool::reserve(2048, 1).expect("2 MiB pool");
-    let fd = memfd("hugetlb-guest", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB, huge);
+    let fd = memfd(
+        "hugetlb-guest",
+        libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        huge,
+    );
     let host = map_aligned(fd.as_raw_fd(), huge, huge);
     let alias = map_aligned(fd.as_raw_fd(), huge, huge);
     let region = RamRegion {
-        slot: 4, gpa: GPA_BASE, size: huge as u64, host_addr: host, alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()), fd_offset: 0, kind: MemoryKind::Hugetlb2m, page_size: huge as u64,
+        slot: 4,
+        gpa: GPA_BASE,
+        size: huge as u64,
+        host_addr: host,
+        alias_addr: Some(alias),
+        fd: Some(fd.as_raw_fd()),
+        fd_offset: 0,
+        kind: MemoryKind::Hugetlb2m,
+        page_size: huge as u64,
     };
-    let fetcher = Arc::new(LocalFetcher { fetches: AtomicU64::new(0), delay: Duration::ZERO });
-    let eng = engine(region, Strategy::Native, fetcher, Arc::new(SimVcpus::default()), Arc::new(NoDirty));
+    let fetcher = Arc::new(LocalFetcher {
+        fetches: AtomicU64::new(0),
+        delay: Duration::ZERO,
+    });
+    let eng = engine(
+        region,
+        Strategy::Native,
+        fetcher,
+        Arc::new(SimVcpus::default()),
+        Arc::new(NoDirty),
+    );
     let plan = &eng.plans()[0];
     println!("native plan: {plan:?}");
     assert!(matches!(plan.mode, ServeMode::Staged(_)));
-    assert!(plan.note.as_deref().unwrap_or("").contains("EINVAL"), "{plan:?}");
+    assert!(
+        plan.note.as_deref().unwrap_or("").contains("EINVAL"),
+        "{plan:?}"
+    );
+}
+
+#[test]
+fn uffd_wp_dirty_log_is_exact() {
+    use migration::postcopy::sys::{
+        UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    };
+    let size = 64 * PAGE;
+    let fd = memfd("wp-tracked", 0, size);
+    let host = map_aligned(fd.as_raw_fd(), size, PAGE);
+    for p in 0..64 {
+        write_word(host + p * PAGE, 1); // populate
+    }
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .require_features(userfaultfd::FeatureFlags::from_bits_retain(
+            UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        ))
+        .create()
+        .unwrap();
+    uffd.register_with_mode(
+        host as *mut _,
+        size,
+        userfaultfd::RegisterMode::from_bits_retain(UFFDIO_REGISTER_MODE_WP),
+    )
+    .unwrap();
+    let log = UffdWpDirtyLog::new().unwrap();
+    log.add_slot(9, host, size);
+    log.enable(9).unwrap();
+    let pages = |bm: &[u64]| -> Vec<usize> {
+        (0..64)
+            .filter(|&p| bm[p / 64] & (1 << (p % 64)) != 0)
+            .collect()
+    };
+    assert_eq!(pages(&log.fetch(9).unwrap()), Vec::<usize>::new());
+    write_word(host + 3 * PAGE, 2);
+    write_word(host + 7 * PAGE + 104, 2);
+    let _ = read_word(host + 9 * PAGE);
+    assert_eq!(pages(&log.fetch(9).unwrap()), vec![3, 7]);
+    assert_eq!(pages(&log.fetch(9).unwrap()), Vec::<usize>::new());
+    write_word(host + 63 * PAGE, 3);
+    assert_eq!(pages(&log.fetch(9).unwrap()), vec![63]);
 }

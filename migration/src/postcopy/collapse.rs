@@ -65,7 +65,10 @@ fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError
         match sys::madvise(addr, len as usize, libc::MADV_COLLAPSE) {
             Ok(()) => true,
             Err(e) => {
-                tracing::info!("MADV_COLLAPSE of slot {} at {addr:#x} failed: {e}", r.region.slot);
+                tracing::info!(
+                    "MADV_COLLAPSE of slot {} at {addr:#x} failed: {e}",
+                    r.region.slot
+                );
                 false
             }
         }
@@ -94,14 +97,23 @@ fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError
 
 /// Pull the memslot's dirty log into the region's accumulated bitmap, then take (and clear) the
 /// bits of pages `[first, end)`.
-fn take_unit_dirty(shared: &Shared, r: &RegionState, first: u64, end: u64) -> Result<Vec<u64>, PostcopyError> {
+fn take_unit_dirty(
+    shared: &Shared,
+    r: &RegionState,
+    first: u64,
+    end: u64,
+) -> Result<Vec<u64>, PostcopyError> {
     if !*r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner()) {
         return Ok(Vec::new());
     }
     let fresh = shared
         .dirty
         .fetch(r.region.slot)
-        .map_err(|reason| PostcopyError::DirtyLog { slot: r.region.slot, what: "fetch", reason })?;
+        .map_err(|reason| PostcopyError::DirtyLog {
+            slot: r.region.slot,
+            what: "fetch",
+            reason,
+        })?;
     let mut acc = r.dirty_acc.lock().unwrap_or_else(|p| p.into_inner());
     for (a, f) in acc.iter_mut().zip(fresh.iter()) {
         *a |= *f;
@@ -121,7 +133,9 @@ fn take_unit_dirty(shared: &Shared, r: &RegionState, first: u64, end: u64) -> Re
 /// never went through the staging are skipped (a dirty log may over-report, and such a page's
 /// staging is a hole).
 fn copy_delta(r: &RegionState, stage_alias: usize, pages: &[u64]) -> u64 {
-    let Some(final_alias) = r.region.alias_addr else { return 0 };
+    let Some(final_alias) = r.region.alias_addr else {
+        return 0;
+    };
     let mut n = 0;
     for &p in pages {
         if r.tracker.staged(p) {
@@ -135,7 +149,11 @@ fn copy_delta(r: &RegionState, stage_alias: usize, pages: &[u64]) -> u64 {
     n
 }
 
-fn collapse_staged(shared: &Shared, job: CollapseJob, backing: FinalBacking) -> Result<(), PostcopyError> {
+fn collapse_staged(
+    shared: &Shared,
+    job: CollapseJob,
+    backing: FinalBacking,
+) -> Result<(), PostcopyError> {
     let r = &shared.regions[job.region];
     let slot = r.region.slot;
     let (first, end) = r.tracker.unit_pages(job.unit);
@@ -143,7 +161,14 @@ fn collapse_staged(shared: &Shared, job: CollapseJob, backing: FinalBacking) -> 
     let len = (end - first) * PAGE_SIZE;
     let addr = r.region.host_addr + off as usize;
     let fd = r.region.fd.ok_or(PostcopyError::NotPrepared)?;
-    let err = |what: &'static str| move |source: std::io::Error| PostcopyError::Collapse { slot, offset: off, what, source };
+    let err = |what: &'static str| {
+        move |source: std::io::Error| PostcopyError::Collapse {
+            slot,
+            offset: off,
+            what,
+            source,
+        }
+    };
     let stage_alias = {
         let st = r.staging.read().unwrap_or_else(|p| p.into_inner());
         match st.as_ref() {
@@ -159,14 +184,20 @@ fn collapse_staged(shared: &Shared, job: CollapseJob, backing: FinalBacking) -> 
     // unit lock keeps faults out; a waiter is woken into the huge mapping).
     let untouched = r.tracker.staged_in(first, end) == 0 && backing == FinalBacking::Hugetlb;
     if untouched {
-        let mut collapsed = r.units[job.unit as usize].write().unwrap_or_else(|p| p.into_inner());
+        let mut collapsed = r.units[job.unit as usize]
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         if r.tracker.staged_in(first, end) == 0 {
-            sys::map_shared_fixed(addr, len as usize, fd, r.region.fd_offset + off).map_err(err("mmap(MAP_FIXED) of the hugetlb page"))?;
+            sys::map_shared_fixed(addr, len as usize, fd, r.region.fd_offset + off)
+                .map_err(err("mmap(MAP_FIXED) of the hugetlb page"))?;
             *collapsed = true;
         }
         drop(collapsed);
     }
-    if !*r.units[job.unit as usize].read().unwrap_or_else(|p| p.into_inner()) {
+    if !*r.units[job.unit as usize]
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+    {
         // Delta rounds while the guest runs.
         let mut prev = u64::MAX;
         loop {
@@ -180,12 +211,18 @@ fn collapse_staged(shared: &Shared, job: CollapseJob, backing: FinalBacking) -> 
         }
         if len > DONTNEED_ABOVE {
             // Shared memory keeps the data; the guest refaults what it touches (MINOR, local).
-            sys::madvise(addr, len as usize, libc::MADV_DONTNEED).map_err(err("MADV_DONTNEED of the staging range"))?;
+            sys::madvise(addr, len as usize, libc::MADV_DONTNEED)
+                .map_err(err("MADV_DONTNEED of the staging range"))?;
         }
         let t_pause = Instant::now();
-        shared.vcpus.pause().map_err(|reason| PostcopyError::Pause { slot, reason })?;
+        shared
+            .vcpus
+            .pause()
+            .map_err(|reason| PostcopyError::Pause { slot, reason })?;
         let result = (|| -> Result<(), PostcopyError> {
-            let mut collapsed = r.units[job.unit as usize].write().unwrap_or_else(|p| p.into_inner());
+            let mut collapsed = r.units[job.unit as usize]
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             let dirty = take_unit_dirty(shared, r, first, end)?;
             delta_pages.push(copy_delta(r, stage_alias, &dirty));
             match backing {
@@ -222,7 +259,8 @@ fn collapse_staged(shared: &Shared, job: CollapseJob, backing: FinalBacking) -> 
     // Off the critical path: free the unit's staging.
     let t_free = Instant::now();
     if let Some(st) = r.staging.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        st.free_range(off, len).map_err(err("punching the staging hole"))?;
+        st.free_range(off, len)
+            .map_err(err("punching the staging hole"))?;
     }
     shared.stats.staging_sub(staged_pages);
     shared.stats.collapse(CollapseRecord {
@@ -248,7 +286,11 @@ fn collapse_staged(shared: &Shared, job: CollapseJob, backing: FinalBacking) -> 
             shared
                 .dirty
                 .disable(slot)
-                .map_err(|reason| PostcopyError::DirtyLog { slot, what: "disable", reason })?;
+                .map_err(|reason| PostcopyError::DirtyLog {
+                    slot,
+                    what: "disable",
+                    reason,
+                })?;
             *on = false;
         }
         drop(on);

@@ -58,7 +58,10 @@ impl RegionState {
 
     /// Whether this region's completion needs collapses.
     pub fn needs_collapse(&self) -> bool {
-        matches!(self.plan.mode, ServeMode::ShmemContinue | ServeMode::Staged(_))
+        matches!(
+            self.plan.mode,
+            ServeMode::ShmemContinue | ServeMode::Staged(_)
+        )
     }
 
     /// Whether the region is done (all pages arrived and, if needed, collapsed and cleaned up).
@@ -225,7 +228,12 @@ impl Shared {
 
     /// `UFFDIO_CONTINUE` `[addr, addr + len)`; EEXIST / ENOENT (already mapped, or the range was
     /// collapsed under us) are "wake only".
-    pub fn continue_or_wake(&self, slot: u32, addr: usize, len: usize) -> Result<(), PostcopyError> {
+    pub fn continue_or_wake(
+        &self,
+        slot: u32,
+        addr: usize,
+        len: usize,
+    ) -> Result<(), PostcopyError> {
         match self.uffd.r#continue(addr as *mut libc::c_void, len, true) {
             Ok(_) => Ok(()),
             Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
@@ -303,7 +311,10 @@ fn bad(region: &RamRegion, reason: impl Into<String>) -> PostcopyError {
 
 fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> {
     if region.size == 0 || region.size % PAGE_SIZE != 0 || region.gpa % PAGE_SIZE != 0 {
-        return Err(bad(region, "size and gpa must be non-zero multiples of 4 KiB"));
+        return Err(bad(
+            region,
+            "size and gpa must be non-zero multiples of 4 KiB",
+        ));
     }
     if region.host_addr % PAGE_SIZE as usize != 0 {
         return Err(bad(region, "host_addr is not 4 KiB-aligned"));
@@ -312,15 +323,24 @@ fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> 
     if needs_alias && region.alias_addr.is_none() {
         return Err(bad(region, "an alias mapping is required for this backing"));
     }
-    if matches!(plan.mode, ServeMode::Staged(FinalBacking::Hugetlb) | ServeMode::HugeWhole) {
+    if matches!(
+        plan.mode,
+        ServeMode::Staged(FinalBacking::Hugetlb) | ServeMode::HugeWhole
+    ) {
         let ps = region.page_size;
         if ps == 0 || !ps.is_power_of_two() || ps < PAGE_SIZE {
-            return Err(bad(region, format!("page_size {ps:#x} is not a power of two ≥ 4 KiB")));
-        }
-        if region.size % ps != 0 || region.host_addr as u64 % ps != 0 || region.fd_offset % ps != 0 {
             return Err(bad(
                 region,
-                format!("size, host_addr and fd_offset must be multiples of the huge page size {ps:#x}"),
+                format!("page_size {ps:#x} is not a power of two ≥ 4 KiB"),
+            ));
+        }
+        if region.size % ps != 0 || region.host_addr as u64 % ps != 0 || region.fd_offset % ps != 0
+        {
+            return Err(bad(
+                region,
+                format!(
+                    "size, host_addr and fd_offset must be multiples of the huge page size {ps:#x}"
+                ),
             ));
         }
         if region.fd.is_none() {
@@ -400,7 +420,10 @@ impl PostcopyEngine {
         };
         let wp = cfg.wp_log.is_some();
         let mut builder = UffdBuilder::new();
-        builder.close_on_exec(true).non_blocking(true).user_mode_only(false);
+        builder
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false);
         if wp {
             builder.require_features(FeatureFlags::from_bits_retain(
                 sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
@@ -413,7 +436,9 @@ impl PostcopyEngine {
         for (region, plan) in cfg.regions.iter().zip(cfg.plans.iter()) {
             let len = region.size as usize;
             let staging = match plan.mode {
-                ServeMode::Staged(_) => Some(Staging::create_over(region.slot, region.host_addr, len)?),
+                ServeMode::Staged(_) => {
+                    Some(Staging::create_over(region.slot, region.host_addr, len)?)
+                }
                 _ => None,
             };
             let mut mode = match plan.mode {
@@ -480,7 +505,10 @@ impl PostcopyEngine {
             std::thread::Builder::new()
                 .name("postcopy-collapse".into())
                 .spawn(move || collapse::run(s, collapse_rx))
-                .map_err(|source| PostcopyError::Spawn { what: "collapse", source })?,
+                .map_err(|source| PostcopyError::Spawn {
+                    what: "collapse",
+                    source,
+                })?,
         );
         self.state = State::Running(Running { shared, threads });
         Ok(PrepareReport { regions: report })
@@ -497,7 +525,9 @@ impl PostcopyEngine {
     /// fault service fetched it, or an earlier copy): the guest may have written it since.
     pub fn bulk_page(&self, gpa: u64, data: &[u8; 4096]) -> Result<bool, PostcopyError> {
         let shared = self.shared()?;
-        let (ri, page) = shared.locate_gpa(gpa).ok_or(PostcopyError::BadGpa { gpa })?;
+        let (ri, page) = shared
+            .locate_gpa(gpa)
+            .ok_or(PostcopyError::BadGpa { gpa })?;
         let r = &shared.regions[ri];
         let written = {
             let _g = r.tracker.lock_page(page);
@@ -515,7 +545,9 @@ impl PostcopyEngine {
     /// Whether the page at `gpa` has arrived.
     pub fn page_arrived(&self, gpa: u64) -> Result<bool, PostcopyError> {
         let shared = self.shared()?;
-        let (ri, page) = shared.locate_gpa(gpa).ok_or(PostcopyError::BadGpa { gpa })?;
+        let (ri, page) = shared
+            .locate_gpa(gpa)
+            .ok_or(PostcopyError::BadGpa { gpa })?;
         Ok(shared.regions[ri].tracker.arrived(page))
     }
 
@@ -546,7 +578,12 @@ impl PostcopyEngine {
         let start = Instant::now();
         let mut guard = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(msg) = shared.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(msg) = shared
+                .fatal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
                 return Err(PostcopyError::Failed(msg));
             }
             if shared.all_done() {

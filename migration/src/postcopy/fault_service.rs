@@ -31,7 +31,10 @@ struct FaultJob {
 }
 
 /// Start the reader thread and `workers` serving threads.
-pub(crate) fn spawn(shared: &Arc<Shared>, workers: usize) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    workers: usize,
+) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
     let (tx, rx) = mpsc::channel::<FaultJob>();
     let rx = Arc::new(Mutex::new(rx));
     let mut threads = Vec::new();
@@ -42,7 +45,10 @@ pub(crate) fn spawn(shared: &Arc<Shared>, workers: usize) -> Result<Vec<JoinHand
             std::thread::Builder::new()
                 .name(format!("postcopy-fault-{i}"))
                 .spawn(move || worker(s, rx))
-                .map_err(|source| PostcopyError::Spawn { what: "fault worker", source })?,
+                .map_err(|source| PostcopyError::Spawn {
+                    what: "fault worker",
+                    source,
+                })?,
         );
     }
     let s = Arc::clone(shared);
@@ -50,7 +56,10 @@ pub(crate) fn spawn(shared: &Arc<Shared>, workers: usize) -> Result<Vec<JoinHand
         std::thread::Builder::new()
             .name("postcopy-uffd-reader".into())
             .spawn(move || reader(s, tx))
-            .map_err(|source| PostcopyError::Spawn { what: "uffd reader", source })?,
+            .map_err(|source| PostcopyError::Spawn {
+                what: "uffd reader",
+                source,
+            })?,
     );
     Ok(threads)
 }
@@ -68,7 +77,10 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                shared.fail(format!("poll on userfaultfd {} failed: {e}", shared.uffd.as_raw_fd()));
+                shared.fail(format!(
+                    "poll on userfaultfd {} failed: {e}",
+                    shared.uffd.as_raw_fd()
+                ));
                 return;
             }
         }
@@ -93,11 +105,20 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
                     let addr = addr as usize;
                     match shared.locate_host(addr) {
                         Some(region) => {
-                            if tx.send(FaultJob { region, addr, read_at }).is_err() {
+                            if tx
+                                .send(FaultJob {
+                                    region,
+                                    addr,
+                                    read_at,
+                                })
+                                .is_err()
+                            {
                                 return;
                             }
                         }
-                        None => tracing::warn!("userfault at {addr:#x} outside every postcopy region"),
+                        None => {
+                            tracing::warn!("userfault at {addr:#x} outside every postcopy region")
+                        }
                     }
                 }
                 Ok(other) => tracing::debug!("ignoring userfaultfd event {other:?}"),
@@ -200,17 +221,24 @@ fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Pos
         let _g = r.tracker.lock_page(page);
         shared.store_final_locked(job.region, page, &buf)?;
     } else {
-        shared.stats.pages_served_locally.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .pages_served_locally
+            .fetch_add(1, Ordering::Relaxed);
     }
     let addr = r.host_page(page);
     match r.plan.mode {
         ServeMode::AnonCopy => {
             // The page is in place (our copy or bulk's); make sure the waiter runs.
-            let _ = shared.uffd.wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+            let _ = shared
+                .uffd
+                .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
         }
         _ => shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?,
     }
-    shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    shared
+        .stats
+        .fault_latency(job.read_at.elapsed().as_nanos() as u64);
     Ok(())
 }
 
@@ -235,14 +263,20 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
         .unwrap_or_else(|p| p.into_inner());
     if *collapsed {
         // The huge mapping replaced the staging: never touch the freed staging again.
-        let _ = shared.uffd.wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+        let _ = shared
+            .uffd
+            .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
         drop(collapsed);
-        shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+        shared
+            .stats
+            .fault_latency(job.read_at.elapsed().as_nanos() as u64);
         return Ok(());
     }
     let staging = r.staging.read().unwrap_or_else(|p| p.into_inner());
     let Some(staging) = staging.as_ref() else {
-        let _ = shared.uffd.wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+        let _ = shared
+            .uffd
+            .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
         return Ok(());
     };
     let final_alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
@@ -266,14 +300,19 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
             shared.stats.staging_add(1);
         }
         if local {
-            shared.stats.pages_served_locally.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .pages_served_locally
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
     // Guest writes after this CONTINUE must be tracked: dirty logging goes on first.
     shared.ensure_dirty_enabled(ri)?;
     shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?;
     drop(collapsed);
-    shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    shared
+        .stats
+        .fault_latency(job.read_at.elapsed().as_nanos() as u64);
     Ok(())
 }
 
@@ -289,7 +328,10 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
     let (first, end) = r.tracker.unit_pages(hidx);
     let missing = r.tracker.missing_in(first, end);
     if missing.is_empty() {
-        shared.stats.pages_served_locally.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .pages_served_locally
+            .fetch_add(1, Ordering::Relaxed);
     } else {
         let chunk = missing.len().div_ceil(HUGE_FETCH_THREADS);
         let results: Vec<Result<(), PostcopyError>> = std::thread::scope(|scope| {
@@ -312,7 +354,9 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(PostcopyError::Failed("a huge-page fetch thread panicked".into()))
+                        Err(PostcopyError::Failed(
+                            "a huge-page fetch thread panicked".into(),
+                        ))
                     })
                 })
                 .collect()
@@ -328,6 +372,8 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
     let huge = r.region.page_size as usize;
     let addr = r.region.host_addr + hidx as usize * huge;
     shared.continue_or_wake(r.region.slot, addr, huge)?;
-    shared.stats.fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    shared
+        .stats
+        .fault_latency(job.read_at.elapsed().as_nanos() as u64);
     Ok(())
 }

@@ -40,12 +40,19 @@ impl Staging {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let alias = sys::map_shared(len, fd.as_raw_fd(), 0).map_err(|source| {
-            PostcopyError::Staging { slot, what: "mmap staging alias", source }
-        })?;
+        let alias =
+            sys::map_shared(len, fd.as_raw_fd(), 0).map_err(|source| PostcopyError::Staging {
+                slot,
+                what: "mmap staging alias",
+                source,
+            })?;
         let staging = Staging { fd, alias, len };
         sys::map_shared_fixed(host_addr, len, staging.fd.as_raw_fd(), 0).map_err(|source| {
-            PostcopyError::Staging { slot, what: "mmap staging over the primary range", source }
+            PostcopyError::Staging {
+                slot,
+                what: "mmap staging over the primary range",
+                source,
+            }
         })?;
         Ok(staging)
     }
@@ -80,7 +87,10 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if let Err(e) = sys::unmap(self.alias, self.len) {
-            tracing::warn!("unmapping the staging alias at {:#x} failed: {e}", self.alias);
+            tracing::warn!(
+                "unmapping the staging alias at {:#x} failed: {e}",
+                self.alias
+            );
         }
     }
 }

@@ -97,7 +97,9 @@ impl StatsCollector {
     pub fn staging_sub(&self, n: u64) {
         let _ = self
             .staging_pages
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(n)));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            });
     }
 
     /// Record one fault's VMM-side latency.
@@ -128,7 +130,11 @@ impl StatsCollector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut stalls: Vec<u64> = records.iter().filter(|r| r.ok).map(|r| r.stall_ns).collect();
+        let mut stalls: Vec<u64> = records
+            .iter()
+            .filter(|r| r.ok)
+            .map(|r| r.stall_ns)
+            .collect();
         stalls.sort_unstable();
         let mut lat_sorted = lat.clone();
         lat_sorted.sort_unstable();

@@ -92,7 +92,9 @@ pub fn plan_region(region: &RamRegion, strategy: Strategy) -> RegionPlan {
                 },
                 Strategy::Native => {
                     let why = match region.fd {
-                        Some(fd) => probe_hugetlb_4k_continue(fd, region.fd_offset, region.page_size),
+                        Some(fd) => {
+                            probe_hugetlb_4k_continue(fd, region.fd_offset, region.page_size)
+                        }
                         None => Err("region has no hugetlb fd to probe".to_string()),
                     };
                     match why {
@@ -180,6 +182,8 @@ pub fn probe_uffd_register(addr: usize, len: usize) -> Result<(), String> {
             let _ = uffd.unregister(addr as *mut libc::c_void, len);
             Ok(())
         }
-        Err(e) => Err(format!("userfaultfd MINOR registration of the guest_memfd mapping failed: {e:?}")),
+        Err(e) => Err(format!(
+            "userfaultfd MINOR registration of the guest_memfd mapping failed: {e:?}"
+        )),
     }
 }

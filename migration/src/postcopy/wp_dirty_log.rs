@@ -67,9 +67,15 @@ pub struct UffdWpDirtyLog {
 impl UffdWpDirtyLog {
     /// Open /proc/self/pagemap.
     pub fn new() -> Result<Self, PostcopyError> {
-        let pagemap = File::open("/proc/self/pagemap")
-            .map_err(|source| PostcopyError::Tracker { what: "opening /proc/self/pagemap", source })?;
-        Ok(UffdWpDirtyLog { pagemap, slots: Mutex::new(HashMap::new()) })
+        let pagemap =
+            File::open("/proc/self/pagemap").map_err(|source| PostcopyError::Tracker {
+                what: "opening /proc/self/pagemap",
+                source,
+            })?;
+        Ok(UffdWpDirtyLog {
+            pagemap,
+            slots: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Track memslot `slot` at `[addr, addr + len)` (must be WP_ASYNC-registered by then for
