@@ -45,7 +45,7 @@ enum Cmd {
         /// Guest passes. The migration starts after the first; the guest prints its histograms
         /// after the last, so there must be enough passes left to span the migration. 0 = until
         /// the harness stops it (then no guest histograms: VMM-side figures only).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 12)]
         passes: u32,
         /// With --passes 0: destination passes to wait for after migrating.
         #[arg(long, default_value_t = 2)]

@@ -292,20 +292,21 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     );
     let _ = writeln!(
         md,
-        "| scenario | faults | guest p50 | limit p50 | ratio | guest p99 | limit p99 | ratio | \
+        "| scenario | faults | slow before migration | guest p50 | limit p50 | ratio | guest p99 | limit p99 | ratio | \
          guest p99.9 | guest max | VMM p50 | VMM p99 | uffd p50 | TCP RTT p50 |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in ok_scenarios(r) {
         let (f, l) = (&s.fault_us, &s.limit_us);
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             s.name,
             f.count,
+            count_opt(s.guest_slow_before_migration),
             f.p50,
             l.p50,
             ratio(f.p50, l.p50),
@@ -757,7 +758,7 @@ mod tests {
         // The 4k-staged row: guest p50 36.0 next to limit p50 22.0 and their ratio.
         let row = md
             .lines()
-            .find(|l| l.starts_with("| hugetlb-1g-4k-staged-random-loopback | 4 |"))
+            .find(|l| l.starts_with("| hugetlb-1g-4k-staged-random-loopback | 4 | - |"))
             .unwrap();
         assert!(row.contains("| 36.0 | 22.0 | 1.64x |"), "{row}");
         assert!(md.contains("| 4.00 | 1.50 | 9.00 | 10.00 | 90% |"), "{md}");

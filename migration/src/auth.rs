@@ -56,14 +56,20 @@ impl Secret {
     /// A secret from raw bytes (at least [`MIN_SECRET_LEN`]).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, AuthError> {
         if bytes.len() < MIN_SECRET_LEN {
-            return Err(AuthError::SecretTooShort { path: None, len: bytes.len() });
+            return Err(AuthError::SecretTooShort {
+                path: None,
+                len: bytes.len(),
+            });
         }
         Ok(Secret(bytes))
     }
 
     /// Read a secret file: its raw bytes, minus one trailing "\n" or "\r\n".
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let mut bytes = std::fs::read(path).map_err(|source| AuthError::SecretFile { path: path.to_owned(), source })?;
+        let mut bytes = std::fs::read(path).map_err(|source| AuthError::SecretFile {
+            path: path.to_owned(),
+            source,
+        })?;
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {
@@ -71,7 +77,10 @@ impl Secret {
             }
         }
         if bytes.len() < MIN_SECRET_LEN {
-            return Err(AuthError::SecretTooShort { path: Some(path.to_owned()), len: bytes.len() });
+            return Err(AuthError::SecretTooShort {
+                path: Some(path.to_owned()),
+                len: bytes.len(),
+            });
         }
         Ok(Secret(bytes))
     }
@@ -135,7 +144,8 @@ fn mac(secret: Option<&Secret>, role: Role, t: &Transcript) -> HmacSha256 {
     // Without a secret (loopback only) the key is empty: the exchange still binds the session.
     let key = secret.map(Secret::key).unwrap_or(&[]);
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     m.update(role.label());
     m.update(&[t.channel as u8]);
     m.update(&t.session_id.to_le_bytes());
@@ -150,13 +160,18 @@ pub fn prove(secret: Option<&Secret>, role: Role, t: &Transcript) -> [u8; NONCE_
 }
 
 /// Check the peer's proof in constant time.
-pub fn verify(secret: Option<&Secret>, role: Role, t: &Transcript, proof: &[u8; NONCE_LEN]) -> Result<(), AuthError> {
-    mac(secret, role, t)
-        .verify_slice(proof)
-        .map_err(|_| AuthError::Failed(match role {
+pub fn verify(
+    secret: Option<&Secret>,
+    role: Role,
+    t: &Transcript,
+    proof: &[u8; NONCE_LEN],
+) -> Result<(), AuthError> {
+    mac(secret, role, t).verify_slice(proof).map_err(|_| {
+        AuthError::Failed(match role {
             Role::Source => "the source's proof does not match our secret",
             Role::Destination => "the destination's proof does not match our secret",
-        }))
+        })
+    })
 }
 
 #[cfg(test)]
@@ -164,7 +179,12 @@ mod tests {
     use super::*;
 
     fn t() -> Transcript {
-        Transcript { channel: ChannelKind::Main, session_id: 42, source_nonce: [1; 32], destination_nonce: [2; 32] }
+        Transcript {
+            channel: ChannelKind::Main,
+            session_id: 42,
+            source_nonce: [1; 32],
+            destination_nonce: [2; 32],
+        }
     }
 
     #[test]
@@ -174,7 +194,10 @@ mod tests {
         let p = prove(Some(&a), Role::Source, &t());
         verify(Some(&a), Role::Source, &t(), &p).unwrap();
         assert!(verify(Some(&b), Role::Source, &t(), &p).is_err());
-        assert!(verify(Some(&a), Role::Destination, &t(), &p).is_err(), "reflection");
+        assert!(
+            verify(Some(&a), Role::Destination, &t(), &p).is_err(),
+            "reflection"
+        );
         let mut other = t();
         other.channel = ChannelKind::Urgent;
         assert!(verify(Some(&a), Role::Source, &other, &p).is_err());

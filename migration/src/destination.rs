@@ -13,7 +13,8 @@ use crate::stats::ReceiveSummary;
 use crate::transport::{Acceptor, Channel, Timeouts, TransportError};
 use crate::types::{AtomicPageSet, FetchError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
 use crate::wire::{
-    self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message, MigrationConfig, WireError,
+    self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message,
+    MigrationConfig, WireError,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -31,7 +32,11 @@ pub trait DestinationVm {
     /// Postcopy: set up the memory engine, which fetches missing pages through `fetcher`;
     /// `present` holds the pages already written by `write_pages` (global page indexes of
     /// [`MigrationConfig::layout`]). Returns where bulk pages go from now on.
-    fn begin_postcopy(&self, fetcher: Arc<dyn PageFetcher>, present: &PageSet) -> Result<Arc<dyn PostcopySink>, String>;
+    fn begin_postcopy(
+        &self,
+        fetcher: Arc<dyn PageFetcher>,
+        present: &PageSet,
+    ) -> Result<Arc<dyn PostcopySink>, String>;
     /// Start the vCPUs.
     fn start(&self) -> Result<(), String>;
 }
@@ -95,8 +100,14 @@ pub fn listen(addr: SocketAddr, secret: Option<Secret>) -> Result<Listener, Dest
 }
 
 /// Listen on `addr` with the given timeouts.
-pub fn listen_with(addr: SocketAddr, secret: Option<Secret>, timeouts: Timeouts) -> Result<Listener, DestinationError> {
-    Ok(Listener { acceptor: Acceptor::bind(addr, secret, timeouts)? })
+pub fn listen_with(
+    addr: SocketAddr,
+    secret: Option<Secret>,
+    timeouts: Timeouts,
+) -> Result<Listener, DestinationError> {
+    Ok(Listener {
+        acceptor: Acceptor::bind(addr, secret, timeouts)?,
+    })
 }
 
 impl Listener {
@@ -123,7 +134,13 @@ impl Listener {
                 return Err(e.into());
             }
         };
-        Ok(IncomingMigration { session_id: session.id, config, main, urgent: session.urgent, timeouts })
+        Ok(IncomingMigration {
+            session_id: session.id,
+            config,
+            main,
+            urgent: session.urgent,
+            timeouts,
+        })
     }
 }
 
@@ -161,7 +178,13 @@ impl IncomingMigration {
     /// Receive the VM into `vm` and start it. On error before the start nothing was started
     /// and the caller releases the memory it built.
     pub fn receive(self, vm: &dyn DestinationVm) -> Result<ReceiveSummary, DestinationError> {
-        let IncomingMigration { session_id, config, mut main, urgent, timeouts } = self;
+        let IncomingMigration {
+            session_id,
+            config,
+            mut main,
+            urgent,
+            timeouts,
+        } = self;
         let mut rx = Receiver {
             config: &config,
             timeouts,
@@ -196,7 +219,9 @@ impl IncomingMigration {
             Err(e) => {
                 if !matches!(e, DestinationError::Wire(WireError::Remote { .. })) {
                     let code = match e {
-                        DestinationError::Vm { .. } | DestinationError::Thread(_) => ErrorCode::Internal,
+                        DestinationError::Vm { .. } | DestinationError::Thread(_) => {
+                            ErrorCode::Internal
+                        }
                         _ => ErrorCode::Protocol,
                     };
                     main.send_error(code, &e.to_string());
@@ -248,7 +273,12 @@ impl Receiver<'_> {
         &self.config.layout
     }
 
-    fn run(&mut self, vm: &dyn DestinationVm, main: &mut Channel, urgent: &mut Option<Channel>) -> Result<(), DestinationError> {
+    fn run(
+        &mut self,
+        vm: &dyn DestinationVm,
+        main: &mut Channel,
+        urgent: &mut Option<Channel>,
+    ) -> Result<(), DestinationError> {
         main.send(&Message::Ready, "sending Ready")?;
         loop {
             match main.reader.read("receiving the migration stream")? {
@@ -258,7 +288,9 @@ impl Receiver<'_> {
                     match &self.postcopy {
                         Some(pc) => {
                             for (i, page) in data.chunks_exact(PAGE).enumerate() {
-                                pc.sink.bulk_page(gpa + i as u64 * PAGE_SIZE, page).map_err(vm_err("storing a bulk page"))?;
+                                pc.sink
+                                    .bulk_page(gpa + i as u64 * PAGE_SIZE, page)
+                                    .map_err(vm_err("storing a bulk page"))?;
                             }
                         }
                         None => {
@@ -277,7 +309,10 @@ impl Receiver<'_> {
                     let count = count as u64;
                     let first = check_run(self.layout(), Kind::ZeroPages, gpa, count)?;
                     match &self.postcopy {
-                        Some(pc) => pc.sink.bulk_zero(gpa, count).map_err(vm_err("storing bulk zero pages"))?,
+                        Some(pc) => pc
+                            .sink
+                            .bulk_zero(gpa, count)
+                            .map_err(vm_err("storing bulk zero pages"))?,
                         None => {
                             for i in first..first + count {
                                 if self.data_written.contains(i) {
@@ -297,7 +332,9 @@ impl Receiver<'_> {
                     let count = count as u64;
                     let first = check_run(self.layout(), Kind::Discard, gpa, count)?;
                     if self.postcopy.is_some() || self.config.mode != Mode::Hybrid {
-                        return Err(protocol("Discard outside the switchover of a hybrid migration"));
+                        return Err(protocol(
+                            "Discard outside the switchover of a hybrid migration",
+                        ));
                     }
                     for i in first..first + count {
                         self.have.remove(i);
@@ -326,16 +363,29 @@ impl Receiver<'_> {
                 }
                 Message::Switchover => return self.switchover(vm, main),
                 Message::PostcopyStart => self.postcopy_start(vm, main, urgent)?,
-                other => return Err(wire::unexpected(other, "receiving the migration stream", "a page, state or control message").into()),
+                other => {
+                    return Err(wire::unexpected(
+                        other,
+                        "receiving the migration stream",
+                        "a page, state or control message",
+                    )
+                    .into())
+                }
             }
         }
     }
 
     fn take_state(&mut self) -> Result<&[u8], DestinationError> {
-        self.state.as_deref().ok_or_else(|| protocol("switchover before the State message"))
+        self.state
+            .as_deref()
+            .ok_or_else(|| protocol("switchover before the State message"))
     }
 
-    fn switchover(&mut self, vm: &dyn DestinationVm, main: &mut Channel) -> Result<(), DestinationError> {
+    fn switchover(
+        &mut self,
+        vm: &dyn DestinationVm,
+        main: &mut Channel,
+    ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode != Mode::Precopy {
             return Err(protocol("Switchover in a postcopy or hybrid migration"));
         }
@@ -344,10 +394,13 @@ impl Receiver<'_> {
         }
         let missing = self.layout().total_pages() - self.have.count();
         if missing != 0 {
-            return Err(protocol(format!("Switchover with {missing} page(s) never sent")));
+            return Err(protocol(format!(
+                "Switchover with {missing} page(s) never sent"
+            )));
         }
         let t = Instant::now();
-        vm.load_state(self.take_state()?).map_err(vm_err("loading device and vCPU state"))?;
+        vm.load_state(self.take_state()?)
+            .map_err(vm_err("loading device and vCPU state"))?;
         vm.start().map_err(vm_err("starting the vCPUs"))?;
         self.started = true;
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -357,11 +410,20 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    fn postcopy_start(&mut self, vm: &dyn DestinationVm, main: &mut Channel, urgent: &mut Option<Channel>) -> Result<(), DestinationError> {
+    fn postcopy_start(
+        &mut self,
+        vm: &dyn DestinationVm,
+        main: &mut Channel,
+        urgent: &mut Option<Channel>,
+    ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode == Mode::Precopy {
-            return Err(protocol("PostcopyStart in a precopy migration or sent twice"));
+            return Err(protocol(
+                "PostcopyStart in a precopy migration or sent twice",
+            ));
         }
-        let channel = urgent.take().ok_or_else(|| protocol("PostcopyStart sent twice"))?;
+        let channel = urgent
+            .take()
+            .ok_or_else(|| protocol("PostcopyStart sent twice"))?;
         let t = Instant::now();
         self.take_state()?;
         let (client, reader) = UrgentClient::new(channel, self.layout().clone(), self.timeouts.io);
@@ -374,12 +436,25 @@ impl Receiver<'_> {
         let sink = match vm.begin_postcopy(fetcher, &self.have) {
             Ok(s) => s,
             Err(message) => {
-                Postcopy { sink: Arc::new(NoSink), client, reader: Some(handle) }.stop();
-                return Err(DestinationError::Vm { op: "setting up postcopy", message });
+                Postcopy {
+                    sink: Arc::new(NoSink),
+                    client,
+                    reader: Some(handle),
+                }
+                .stop();
+                return Err(DestinationError::Vm {
+                    op: "setting up postcopy",
+                    message,
+                });
             }
         };
-        self.postcopy = Some(Postcopy { sink, client, reader: Some(handle) });
-        vm.load_state(self.take_state()?).map_err(vm_err("loading device and vCPU state"))?;
+        self.postcopy = Some(Postcopy {
+            sink,
+            client,
+            reader: Some(handle),
+        });
+        vm.load_state(self.take_state()?)
+            .map_err(vm_err("loading device and vCPU state"))?;
         vm.start().map_err(vm_err("starting the vCPUs"))?;
         self.started = true;
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -388,7 +463,9 @@ impl Receiver<'_> {
     }
 
     fn finish_postcopy(&mut self, main: &mut Channel) -> Result<(), DestinationError> {
-        let Some(pc) = &self.postcopy else { return Err(protocol("postcopy not started")) };
+        let Some(pc) = &self.postcopy else {
+            return Err(protocol("postcopy not started"));
+        };
         // Pages the push skipped were answered on the urgent channel; a reply may still be on its
         // way there, so give the urgent reader a bounded time to catch up.
         let deadline = Instant::now() + self.timeouts.io;
@@ -402,7 +479,9 @@ impl Receiver<'_> {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(protocol(format!("Complete with {missing} page(s) neither pushed nor fetched")));
+                return Err(protocol(format!(
+                    "Complete with {missing} page(s) neither pushed nor fetched"
+                )));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -470,13 +549,20 @@ pub struct UrgentClient {
 impl UrgentClient {
     /// Wrap an authenticated urgent channel; returns the client and the reader half for
     /// [`UrgentClient::run_reader`]. `timeout` bounds each fetch.
-    pub fn new(channel: Channel, layout: RamLayout, timeout: Duration) -> (Arc<Self>, FrameReader<TcpStream>) {
+    pub fn new(
+        channel: Channel,
+        layout: RamLayout,
+        timeout: Duration,
+    ) -> (Arc<Self>, FrameReader<TcpStream>) {
         let (reader, writer, stream) = channel.into_parts();
         let received = AtomicPageSet::new(layout.total_pages());
         let client = UrgentClient {
             writer: Mutex::new(writer),
             stream,
-            pending: Mutex::new(Pending { map: HashMap::new(), closed: None }),
+            pending: Mutex::new(Pending {
+                map: HashMap::new(),
+                closed: None,
+            }),
             next_id: AtomicU64::new(1),
             layout,
             timeout,
@@ -526,7 +612,10 @@ impl UrgentClient {
                         continue;
                     };
                     if slot.gpa != gpa {
-                        let e = format!("reply {id} carries gpa {gpa:#x}, but gpa {:#x} was requested", slot.gpa);
+                        let e = format!(
+                            "reply {id} carries gpa {gpa:#x}, but gpa {:#x} was requested",
+                            slot.gpa
+                        );
                         *lock(&slot.state) = SlotState::Failed(e.clone());
                         slot.cv.notify_all();
                         break e;
@@ -541,7 +630,8 @@ impl UrgentClient {
                     slot.cv.notify_all();
                 }
                 Ok(Some(other)) => {
-                    break wire::unexpected(other, "waiting for page replies", "PageReply").to_string();
+                    break wire::unexpected(other, "waiting for page replies", "PageReply")
+                        .to_string();
                 }
                 Err(e) => break e.to_string(),
             }
@@ -559,15 +649,24 @@ impl PageFetcher for UrgentClient {
             return Err(FetchError::BadAddress { gpa });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(Slot { gpa, state: Mutex::new(SlotState::Waiting), cv: Condvar::new() });
+        let slot = Arc::new(Slot {
+            gpa,
+            state: Mutex::new(SlotState::Waiting),
+            cv: Condvar::new(),
+        });
         {
             let mut p = lock(&self.pending);
             if let Some(reason) = &p.closed {
-                return Err(FetchError::Disconnected { gpa, reason: reason.clone() });
+                return Err(FetchError::Disconnected {
+                    gpa,
+                    reason: reason.clone(),
+                });
             }
             p.map.insert(id, Arc::clone(&slot));
         }
-        if let Err(e) = lock(&self.writer).send(&Message::PageRequest { id, gpa }, "sending a page request") {
+        if let Err(e) =
+            lock(&self.writer).send(&Message::PageRequest { id, gpa }, "sending a page request")
+        {
             lock(&self.pending).map.remove(&id);
             let reason = e.to_string();
             self.fail_all(reason.clone());
@@ -588,9 +687,16 @@ impl PageFetcher for UrgentClient {
             if waited >= self.timeout {
                 drop(state);
                 lock(&self.pending).map.remove(&id);
-                return Err(FetchError::Timeout { gpa, waited_ms: waited.as_millis() as u64 });
+                return Err(FetchError::Timeout {
+                    gpa,
+                    waited_ms: waited.as_millis() as u64,
+                });
             }
-            state = slot.cv.wait_timeout(state, self.timeout - waited).unwrap_or_else(|e| e.into_inner()).0;
+            state = slot
+                .cv
+                .wait_timeout(state, self.timeout - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }

@@ -3,10 +3,10 @@
 
 pub mod auth;
 pub mod destination;
+pub mod postcopy;
 pub mod source;
 pub mod stats;
 pub mod transport;
-pub mod postcopy;
 pub mod types;
 pub mod wire;
 

@@ -10,10 +10,13 @@ use serde::Serialize;
 use crate::auth::Secret;
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::transport::{self, Channel, Timeouts, TransportError};
-use crate::types::{AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion, PAGE_SIZE};
+use crate::types::{
+    AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion,
+    PAGE_SIZE,
+};
 use crate::wire::{
-    self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message, MigrationConfig, WireError,
-    MAX_PAGES_PER_FRAME, MAX_RUN_PAGES, MAX_STATE_BYTES,
+    self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message,
+    MigrationConfig, WireError, MAX_PAGES_PER_FRAME, MAX_RUN_PAGES, MAX_STATE_BYTES,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -115,7 +118,9 @@ pub enum SourceError {
     #[error("the destination had {missing} page(s) left after Complete")]
     Incomplete { missing: u64 },
     /// The destination already runs the VM: the source stays paused and must not resume it.
-    #[error("migration failed after the destination started the VM (the source VM stays paused): {0}")]
+    #[error(
+        "migration failed after the destination started the VM (the source VM stays paused): {0}"
+    )]
     AfterStart(Box<SourceError>),
 }
 
@@ -148,7 +153,10 @@ impl GuestRam {
                 .find(|x| x.slot == r.slot)
                 .map(|x| x.host_addr)
                 .filter(|&h| h != 0)
-                .ok_or(SourceError::Region { slot: r.slot, size: r.size })?;
+                .ok_or(SourceError::Region {
+                    slot: r.slot,
+                    size: r.size,
+                })?;
             hosts.push(host);
         }
         Ok(GuestRam { layout, hosts })
@@ -177,7 +185,8 @@ impl GuestRam {
 }
 
 fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
 }
 
 /// Groups pages into Pages frames (contiguous runs inside one region) and zero runs.
@@ -196,10 +205,22 @@ struct PageSender<'a> {
 
 impl<'a> PageSender<'a> {
     fn new(ram: &'a GuestRam, counters: &'a SourceCounters, zero_runs: bool, push: bool) -> Self {
-        PageSender { ram, counters, zero_runs, run: None, data: Vec::with_capacity(MAX_PAGES_PER_FRAME as usize * PAGE), zero: None, push }
+        PageSender {
+            ram,
+            counters,
+            zero_runs,
+            run: None,
+            data: Vec::with_capacity(MAX_PAGES_PER_FRAME as usize * PAGE),
+            zero: None,
+            push,
+        }
     }
 
-    fn add(&mut self, w: &mut FrameWriter<std::net::TcpStream>, index: u64) -> Result<(), WireError> {
+    fn add(
+        &mut self,
+        w: &mut FrameWriter<std::net::TcpStream>,
+        index: u64,
+    ) -> Result<(), WireError> {
         let (region, _) = self.ram.locate(index);
         if let Some((first, count, r)) = self.run {
             if r != region || first + count as u64 != index || count == MAX_PAGES_PER_FRAME {
@@ -230,7 +251,14 @@ impl<'a> PageSender<'a> {
     }
 
     fn count(&self, pages: u64, zero: bool) {
-        SourceCounters::add(if zero { &self.counters.zero_pages } else { &self.counters.pages_sent }, pages);
+        SourceCounters::add(
+            if zero {
+                &self.counters.zero_pages
+            } else {
+                &self.counters.pages_sent
+            },
+            pages,
+        );
         if self.push {
             SourceCounters::add(&self.counters.pages_pushed, pages);
         }
@@ -240,7 +268,13 @@ impl<'a> PageSender<'a> {
         if let Some((first, count, _)) = self.run.take() {
             let gpa = self.ram.locate(first).1;
             let before = w.bytes_written();
-            w.send(&Message::Pages { gpa, data: &self.data }, "sending pages")?;
+            w.send(
+                &Message::Pages {
+                    gpa,
+                    data: &self.data,
+                },
+                "sending pages",
+            )?;
             SourceCounters::add(&self.counters.bytes_sent, w.bytes_written() - before);
             self.count(count as u64, false);
             self.data.clear();
@@ -274,7 +308,12 @@ struct Cleanup {
     main: Option<Channel>,
 }
 
-fn send_counted(main: &mut Channel, counters: &SourceCounters, msg: &Message<'_>, during: &'static str) -> Result<(), WireError> {
+fn send_counted(
+    main: &mut Channel,
+    counters: &SourceCounters,
+    msg: &Message<'_>,
+    during: &'static str,
+) -> Result<(), WireError> {
     let before = main.writer.bytes_written();
     main.send(msg, during)?;
     SourceCounters::add(&counters.bytes_sent, main.writer.bytes_written() - before);
@@ -284,7 +323,10 @@ fn send_counted(main: &mut Channel, counters: &SourceCounters, msg: &Message<'_>
 fn fetch_dirty(vm: &dyn SourceVm, layout: &RamLayout) -> Result<PageSet, SourceError> {
     let mut set = PageSet::new(layout.total_pages());
     for (i, r) in layout.regions().iter().enumerate() {
-        let bitmap = vm.dirty_log().fetch(r.slot).map_err(vm_err("fetching the dirty log"))?;
+        let bitmap = vm
+            .dirty_log()
+            .fetch(r.slot)
+            .map_err(vm_err("fetching the dirty log"))?;
         set.or_bitmap(layout.region_first_page(i), r.size / PAGE_SIZE, &bitmap);
     }
     Ok(set)
@@ -292,16 +334,30 @@ fn fetch_dirty(vm: &dyn SourceVm, layout: &RamLayout) -> Result<PageSet, SourceE
 
 /// Send runs of `set` as Discard frames (pages the destination got in precopy but which were
 /// dirtied since).
-fn send_discards(main: &mut Channel, counters: &SourceCounters, ram: &GuestRam, set: &PageSet) -> Result<(), WireError> {
+fn send_discards(
+    main: &mut Channel,
+    counters: &SourceCounters,
+    ram: &GuestRam,
+    set: &PageSet,
+) -> Result<(), WireError> {
     let mut run: Option<(u64, u32, usize)> = None;
     let flush = |main: &mut Channel, run: (u64, u32, usize)| {
         let gpa = ram.locate(run.0).1;
-        send_counted(main, counters, &Message::Discard { gpa, count: run.1 }, "sending discards")
+        send_counted(
+            main,
+            counters,
+            &Message::Discard { gpa, count: run.1 },
+            "sending discards",
+        )
     };
     for index in set.iter() {
         let region = ram.locate(index).0;
         match &mut run {
-            Some((first, count, r)) if *r == region && *first + *count as u64 == index && *count < MAX_RUN_PAGES => *count += 1,
+            Some((first, count, r))
+                if *r == region && *first + *count as u64 == index && *count < MAX_RUN_PAGES =>
+            {
+                *count += 1
+            }
             _ => {
                 if let Some(r) = run.take() {
                     flush(main, r)?;
@@ -319,7 +375,12 @@ fn send_discards(main: &mut Channel, counters: &SourceCounters, ram: &GuestRam, 
 /// Migrate `vm` to the destination daemon at `to`. On failure before the destination confirmed
 /// it started the VM, the source VM is resumed (if it was paused) and left running; see
 /// [`SourceError::destination_started`].
-pub fn migrate(vm: &dyn SourceVm, to: SocketAddr, opts: MigrateOptions, progress: &dyn Fn(Progress)) -> Result<MigrationSummary, SourceError> {
+pub fn migrate(
+    vm: &dyn SourceVm,
+    to: SocketAddr,
+    opts: MigrateOptions,
+    progress: &dyn Fn(Progress),
+) -> Result<MigrationSummary, SourceError> {
     let mut cleanup = Cleanup::default();
     let result = run(vm, to, &opts, progress, &mut cleanup);
     for slot in cleanup.dirty_slots.drain(..) {
@@ -346,7 +407,9 @@ pub fn migrate(vm: &dyn SourceVm, to: SocketAddr, opts: MigrateOptions, progress
             }
             if cleanup.paused {
                 if let Err(r) = vm.resume() {
-                    tracing::error!("migration failed ({e}) and resuming the source VM failed too: {r}");
+                    tracing::error!(
+                        "migration failed ({e}) and resuming the source VM failed too: {r}"
+                    );
                 } else {
                     tracing::info!("migration failed ({e}); the source VM runs again");
                 }
@@ -374,7 +437,8 @@ fn run(
             phase,
             round,
             total_pages: total,
-            pages_sent: SourceCounters::get(&counters.pages_sent) + SourceCounters::get(&counters.zero_pages),
+            pages_sent: SourceCounters::get(&counters.pages_sent)
+                + SourceCounters::get(&counters.zero_pages),
             bytes_sent: SourceCounters::get(&counters.bytes_sent),
             dirty_pages,
             faults_served: SourceCounters::get(&counters.faults_served),
@@ -387,9 +451,17 @@ fn run(
     let session_id = session.id;
     let urgent = session.urgent;
     let main = cleanup.main.insert(session.main);
-    let config = MigrationConfig { mode: opts.mode, memory_kind, vcpu_count: vm.vcpu_count(), layout: ram.layout.clone() };
+    let config = MigrationConfig {
+        mode: opts.mode,
+        memory_kind,
+        vcpu_count: vm.vcpu_count(),
+        layout: ram.layout.clone(),
+    };
     send_counted(main, &counters, &Message::Config(config), "sending Config")?;
-    match main.reader.read_within(opts.timeouts.setup, "waiting for Ready")? {
+    match main
+        .reader
+        .read_within(opts.timeouts.setup, "waiting for Ready")?
+    {
         Message::Ready => {}
         other => return Err(wire::unexpected(other, "waiting for Ready", "Ready").into()),
     }
@@ -400,10 +472,16 @@ fn run(
     let mut pending = PageSet::new(total);
     if opts.mode != Mode::Postcopy {
         for r in ram.layout.regions() {
-            vm.dirty_log().enable(r.slot).map_err(vm_err("enabling dirty logging"))?;
+            vm.dirty_log()
+                .enable(r.slot)
+                .map_err(vm_err("enabling dirty logging"))?;
             cleanup.dirty_slots.push(r.slot);
         }
-        let round_limit = if opts.mode == Mode::Hybrid { opts.hybrid_rounds.max(1) } else { opts.max_rounds.max(1) };
+        let round_limit = if opts.mode == Mode::Hybrid {
+            opts.hybrid_rounds.max(1)
+        } else {
+            opts.max_rounds.max(1)
+        };
         let mut to_send = PageSet::full(total);
         loop {
             report(Phase::Precopy, rounds, to_send.count());
@@ -414,7 +492,15 @@ fn run(
                 sender.add(&mut main.writer, index)?;
             }
             sender.flush(&mut main.writer)?;
-            send_counted(main, &counters, &Message::RoundEnd { round: rounds, pages: to_send.count() }, "sending RoundEnd")?;
+            send_counted(
+                main,
+                &counters,
+                &Message::RoundEnd {
+                    round: rounds,
+                    pages: to_send.count(),
+                },
+                "sending RoundEnd",
+            )?;
             rounds += 1;
             let bytes = SourceCounters::get(&counters.bytes_sent) - bytes_before;
             let secs = round_start.elapsed().as_secs_f64();
@@ -423,9 +509,19 @@ fn run(
             }
             let dirty = fetch_dirty(vm, &ram.layout)?;
             let dirty_count = dirty.count();
-            let estimate = if bandwidth > 0.0 { (dirty_count * PAGE_SIZE) as f64 / bandwidth } else { f64::INFINITY };
-            tracing::debug!(round = rounds, dirty_count, estimate_ms = estimate * 1000.0, "precopy round done");
-            let converged = opts.mode == Mode::Precopy && estimate <= opts.downtime_target.as_secs_f64();
+            let estimate = if bandwidth > 0.0 {
+                (dirty_count * PAGE_SIZE) as f64 / bandwidth
+            } else {
+                f64::INFINITY
+            };
+            tracing::debug!(
+                round = rounds,
+                dirty_count,
+                estimate_ms = estimate * 1000.0,
+                "precopy round done"
+            );
+            let converged =
+                opts.mode == Mode::Precopy && estimate <= opts.downtime_target.as_secs_f64();
             if converged || rounds >= round_limit {
                 pending = dirty;
                 break;
@@ -446,7 +542,9 @@ fn run(
         }
     }
     let final_dirty_pages = pending.count();
-    let state = vm.save_state().map_err(vm_err("saving device and vCPU state"))?;
+    let state = vm
+        .save_state()
+        .map_err(vm_err("saving device and vCPU state"))?;
     if state.len() > MAX_STATE_BYTES as usize {
         return Err(SourceError::StateTooLarge { len: state.len() });
     }
@@ -458,7 +556,12 @@ fn run(
         }
         sender.flush(&mut main.writer)?;
         send_counted(main, &counters, &Message::State(&state), "sending State")?;
-        send_counted(main, &counters, &Message::Complete { pages: total }, "sending Complete")?;
+        send_counted(
+            main,
+            &counters,
+            &Message::Complete { pages: total },
+            "sending Complete",
+        )?;
         send_counted(main, &counters, &Message::Switchover, "sending Switchover")?;
         wait_started(main, &opts.timeouts)?;
         cleanup.started = true;
@@ -478,11 +581,25 @@ fn run(
         } else {
             PageSet::new(total)
         };
-        postcopy(main, urgent, &ram, &counters, &state, holds, opts, &mut cleanup.started, blackout_start, &report, rounds)?
+        postcopy(
+            main,
+            urgent,
+            &ram,
+            &counters,
+            &state,
+            holds,
+            opts,
+            &mut cleanup.started,
+            blackout_start,
+            &report,
+            rounds,
+        )?
     };
     let (blackout, dest) = done;
     if dest.pages_received != total {
-        return Err(SourceError::Incomplete { missing: total.saturating_sub(dest.pages_received) });
+        return Err(SourceError::Incomplete {
+            missing: total.saturating_sub(dest.pages_received),
+        });
     }
     cleanup.main.take();
     report(Phase::Done, rounds, 0);
@@ -505,14 +622,20 @@ fn run(
 }
 
 fn wait_started(main: &mut Channel, timeouts: &Timeouts) -> Result<(), SourceError> {
-    match main.reader.read_within(timeouts.setup, "waiting for Started")? {
+    match main
+        .reader
+        .read_within(timeouts.setup, "waiting for Started")?
+    {
         Message::Started => Ok(()),
         other => Err(wire::unexpected(other, "waiting for Started", "Started").into()),
     }
 }
 
 fn wait_done(main: &mut Channel, timeouts: &Timeouts) -> Result<DoneStats, SourceError> {
-    match main.reader.read_within(timeouts.setup, "waiting for Done")? {
+    match main
+        .reader
+        .read_within(timeouts.setup, "waiting for Done")?
+    {
         Message::Done(stats) => Ok(stats),
         other => Err(wire::unexpected(other, "waiting for Done", "Done").into()),
     }
@@ -542,7 +665,13 @@ fn urgent_server(
             Ok(Some(Message::PageRequest { id, gpa })) => (id, gpa),
             Ok(Some(other)) => {
                 let e = wire::unexpected(other, "waiting for page requests", "PageRequest");
-                let _ = writer.send(&Message::Error { code: ErrorCode::Protocol, message: e.to_string() }, "reporting an error");
+                let _ = writer.send(
+                    &Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: e.to_string(),
+                    },
+                    "reporting an error",
+                );
                 return Err(e);
             }
             Err(WireError::Closed { .. }) if push.stop.load(Ordering::Acquire) => return Ok(()),
@@ -551,13 +680,26 @@ fn urgent_server(
         let index = match check_run(&ram.layout, Kind::PageRequest, gpa, 1) {
             Ok(i) => i,
             Err(e) => {
-                let _ = writer.send(&Message::Error { code: ErrorCode::Protocol, message: e.to_string() }, "reporting an error");
+                let _ = writer.send(
+                    &Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: e.to_string(),
+                    },
+                    "reporting an error",
+                );
                 return Err(e);
             }
         };
         ram.copy_pages(index, &mut page);
         let before = writer.bytes_written();
-        writer.send(&Message::PageReply { id, gpa, data: &page }, "sending a page reply")?;
+        writer.send(
+            &Message::PageReply {
+                id,
+                gpa,
+                data: &page,
+            },
+            "sending a page reply",
+        )?;
         SourceCounters::add(&counters.bytes_sent, writer.bytes_written() - before);
         SourceCounters::add(&counters.pages_sent, 1);
         SourceCounters::add(&counters.faults_served, 1);
@@ -582,20 +724,34 @@ fn postcopy(
     rounds: u32,
 ) -> Result<(Duration, DoneStats), SourceError> {
     let total = ram.layout.total_pages();
-    let push = PushState { sent: AtomicPageSet::from_set(&holds), hint: AtomicU64::new(u64::MAX), stop: AtomicBool::new(false) };
+    let push = PushState {
+        sent: AtomicPageSet::from_set(&holds),
+        hint: AtomicU64::new(u64::MAX),
+        stop: AtomicBool::new(false),
+    };
     send_counted(main, counters, &Message::State(state), "sending State")?;
     let (ureader, uwriter, ustream) = urgent.into_parts();
     std::thread::scope(|scope| {
         let server = std::thread::Builder::new()
             .name("mig-urgent-srv".into())
-            .spawn_scoped(scope, || urgent_server(ureader, uwriter, ram, &push, counters))
-            .map_err(|e| SourceError::Vm { op: "spawning the urgent page server thread", message: e.to_string() });
+            .spawn_scoped(scope, || {
+                urgent_server(ureader, uwriter, ram, &push, counters)
+            })
+            .map_err(|e| SourceError::Vm {
+                op: "spawning the urgent page server thread",
+                message: e.to_string(),
+            });
         let server = match server {
             Ok(s) => s,
             Err(e) => return Err(e),
         };
         let result = (|| -> Result<(Duration, DoneStats), SourceError> {
-            send_counted(main, counters, &Message::PostcopyStart, "sending PostcopyStart")?;
+            send_counted(
+                main,
+                counters,
+                &Message::PostcopyStart,
+                "sending PostcopyStart",
+            )?;
             wait_started(main, &opts.timeouts)?;
             *started = true;
             let blackout = blackout_start.elapsed();
@@ -610,7 +766,9 @@ fn postcopy(
                     sender.flush(&mut main.writer)?;
                     cursor = hint + 1;
                 }
-                let Some(index) = push.sent.next_absent(cursor) else { break };
+                let Some(index) = push.sent.next_absent(cursor) else {
+                    break;
+                };
                 if index < cursor {
                     // Wrapped around: finish the pending frame before starting over.
                     sender.flush(&mut main.writer)?;
@@ -619,13 +777,22 @@ fn postcopy(
                 if push.sent.insert(index) {
                     sender.add(&mut main.writer, index)?;
                     frames += 1;
-                    if frames % 16384 == 0 {
-                        report(Phase::Postcopy, rounds, total - push.sent.snapshot().count());
+                    if frames.is_multiple_of(16384) {
+                        report(
+                            Phase::Postcopy,
+                            rounds,
+                            total - push.sent.snapshot().count(),
+                        );
                     }
                 }
             }
             sender.flush(&mut main.writer)?;
-            send_counted(main, counters, &Message::Complete { pages: total }, "sending Complete")?;
+            send_counted(
+                main,
+                counters,
+                &Message::Complete { pages: total },
+                "sending Complete",
+            )?;
             let done = wait_done(main, &opts.timeouts)?;
             Ok((blackout, done))
         })();
@@ -636,7 +803,10 @@ fn postcopy(
         match served {
             Ok(Ok(())) | Ok(Err(WireError::Closed { .. })) => Ok(done),
             Ok(Err(e)) => Err(SourceError::UrgentServer(e)),
-            Err(_) => Err(SourceError::Vm { op: "urgent page server thread", message: "panicked".into() }),
+            Err(_) => Err(SourceError::Vm {
+                op: "urgent page server thread",
+                message: "panicked".into(),
+            }),
         }
     })
 }

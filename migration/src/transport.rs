@@ -52,7 +52,10 @@ pub enum TransportError {
     #[error("accepting a connection failed: {0}")]
     Accept(#[source] io::Error),
     #[error("no {channel:?} connection arrived within {waited_ms} ms")]
-    AcceptTimeout { channel: ChannelKind, waited_ms: u64 },
+    AcceptTimeout {
+        channel: ChannelKind,
+        waited_ms: u64,
+    },
     #[error("cannot configure socket ({what}): {source}")]
     Socket {
         what: &'static str,
@@ -64,7 +67,10 @@ pub enum TransportError {
     #[error("{0}")]
     Wire(#[from] WireError),
     #[error("peer opened a {got:?} channel where a {expected:?} channel was expected")]
-    WrongChannel { expected: ChannelKind, got: ChannelKind },
+    WrongChannel {
+        expected: ChannelKind,
+        got: ChannelKind,
+    },
     #[error("urgent channel names session {got:#x}, but the session is {expected:#x}")]
     SessionMismatch { expected: u64, got: u64 },
     #[error("connection from non-loopback peer {peer} refused: no shared secret configured")]
@@ -82,8 +88,12 @@ pub struct Channel {
 impl Channel {
     fn new(stream: TcpStream, timeouts: &Timeouts, nodelay: bool) -> Result<Self, TransportError> {
         let sock = |what| move |source| TransportError::Socket { what, source };
-        stream.set_read_timeout(Some(timeouts.tick)).map_err(sock("SO_RCVTIMEO"))?;
-        stream.set_write_timeout(Some(timeouts.tick)).map_err(sock("SO_SNDTIMEO"))?;
+        stream
+            .set_read_timeout(Some(timeouts.tick))
+            .map_err(sock("SO_RCVTIMEO"))?;
+        stream
+            .set_write_timeout(Some(timeouts.tick))
+            .map_err(sock("SO_SNDTIMEO"))?;
         stream.set_nodelay(nodelay).map_err(sock("TCP_NODELAY"))?;
         let peer = stream.peer_addr().map_err(sock("getpeername"))?;
         let r = stream.try_clone().map_err(sock("dup"))?;
@@ -108,7 +118,13 @@ impl Channel {
 
     /// Tell the peer why we give up (best effort: errors are ignored, the connection may be gone).
     pub fn send_error(&mut self, code: ErrorCode, message: &str) {
-        let _ = self.writer.send(&Message::Error { code, message: message.to_owned() }, "sending an error report");
+        let _ = self.writer.send(
+            &Message::Error {
+                code,
+                message: message.to_owned(),
+            },
+            "sending an error report",
+        );
     }
 
     /// Set the stall timeout of both directions.
@@ -137,9 +153,10 @@ pub struct Session {
 
 fn auth_failed_remote(e: WireError) -> TransportError {
     match e {
-        WireError::Remote { code: ErrorCode::AuthFailed, .. } => {
-            TransportError::Auth(AuthError::Failed("the peer rejected our proof"))
-        }
+        WireError::Remote {
+            code: ErrorCode::AuthFailed,
+            ..
+        } => TransportError::Auth(AuthError::Failed("the peer rejected our proof")),
         other => TransportError::Wire(other),
     }
 }
@@ -153,29 +170,81 @@ fn source_handshake(
     secret: Option<&Secret>,
 ) -> Result<u64, TransportError> {
     let source_nonce = auth::nonce();
-    ch.send(&Message::Hello { channel, session_id, nonce: source_nonce }, "sending Hello")?;
-    let (sid, destination_nonce, proof) = match ch.reader.read("waiting for Challenge").map_err(auth_failed_remote)? {
-        Message::Challenge { session_id, nonce, proof } => (session_id, nonce, proof),
-        other => return Err(auth_failed_remote(crate::wire::unexpected(other, "waiting for Challenge", "Challenge"))),
+    ch.send(
+        &Message::Hello {
+            channel,
+            session_id,
+            nonce: source_nonce,
+        },
+        "sending Hello",
+    )?;
+    let (sid, destination_nonce, proof) = match ch
+        .reader
+        .read("waiting for Challenge")
+        .map_err(auth_failed_remote)?
+    {
+        Message::Challenge {
+            session_id,
+            nonce,
+            proof,
+        } => (session_id, nonce, proof),
+        other => {
+            return Err(auth_failed_remote(crate::wire::unexpected(
+                other,
+                "waiting for Challenge",
+                "Challenge",
+            )))
+        }
     };
     if channel == ChannelKind::Urgent && sid != session_id {
-        ch.send_error(ErrorCode::Protocol, "urgent channel bound to the wrong session");
-        return Err(TransportError::SessionMismatch { expected: session_id, got: sid });
+        ch.send_error(
+            ErrorCode::Protocol,
+            "urgent channel bound to the wrong session",
+        );
+        return Err(TransportError::SessionMismatch {
+            expected: session_id,
+            got: sid,
+        });
     }
-    let t = Transcript { channel, session_id: sid, source_nonce, destination_nonce };
+    let t = Transcript {
+        channel,
+        session_id: sid,
+        source_nonce,
+        destination_nonce,
+    };
     if let Err(e) = auth::verify(secret, Role::Destination, &t, &proof) {
         ch.send_error(ErrorCode::AuthFailed, AUTH_FAILED_TEXT);
         return Err(e.into());
     }
-    ch.send(&Message::Response { proof: auth::prove(secret, Role::Source, &t) }, "sending Response")?;
-    match ch.reader.read("waiting for AuthOk").map_err(auth_failed_remote)? {
+    ch.send(
+        &Message::Response {
+            proof: auth::prove(secret, Role::Source, &t),
+        },
+        "sending Response",
+    )?;
+    match ch
+        .reader
+        .read("waiting for AuthOk")
+        .map_err(auth_failed_remote)?
+    {
         Message::AuthOk { session_id } if session_id == sid => Ok(sid),
-        Message::AuthOk { session_id } => Err(TransportError::SessionMismatch { expected: sid, got: session_id }),
-        other => Err(auth_failed_remote(crate::wire::unexpected(other, "waiting for AuthOk", "AuthOk"))),
+        Message::AuthOk { session_id } => Err(TransportError::SessionMismatch {
+            expected: sid,
+            got: session_id,
+        }),
+        other => Err(auth_failed_remote(crate::wire::unexpected(
+            other,
+            "waiting for AuthOk",
+            "AuthOk",
+        ))),
     }
 }
 
-fn connect_channel(addr: SocketAddr, timeouts: &Timeouts, nodelay: bool) -> Result<Channel, TransportError> {
+fn connect_channel(
+    addr: SocketAddr,
+    timeouts: &Timeouts,
+    nodelay: bool,
+) -> Result<Channel, TransportError> {
     let stream = TcpStream::connect_timeout(&addr, timeouts.handshake)
         .map_err(|source| TransportError::Connect { addr, source })?;
     Channel::new(stream, timeouts, nodelay)
@@ -183,7 +252,11 @@ fn connect_channel(addr: SocketAddr, timeouts: &Timeouts, nodelay: bool) -> Resu
 
 /// Source side: connect both channels to `addr` and authenticate them. Without a secret only a
 /// loopback address is allowed.
-pub fn connect(addr: SocketAddr, secret: Option<&Secret>, timeouts: &Timeouts) -> Result<Session, TransportError> {
+pub fn connect(
+    addr: SocketAddr,
+    secret: Option<&Secret>,
+    timeouts: &Timeouts,
+) -> Result<Session, TransportError> {
     auth::check_address(&addr, secret)?;
     let mut main = connect_channel(addr, timeouts, true)?;
     let id = source_handshake(&mut main, ChannelKind::Main, 0, secret)?;
@@ -203,15 +276,29 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// Listen on `addr`. Without a secret only a loopback address is allowed.
-    pub fn bind(addr: SocketAddr, secret: Option<Secret>, timeouts: Timeouts) -> Result<Self, TransportError> {
+    pub fn bind(
+        addr: SocketAddr,
+        secret: Option<Secret>,
+        timeouts: Timeouts,
+    ) -> Result<Self, TransportError> {
         auth::check_address(&addr, secret.as_ref())?;
-        let listener = TcpListener::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
-        Ok(Acceptor { listener, secret, timeouts })
+        let listener =
+            TcpListener::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+        Ok(Acceptor {
+            listener,
+            secret,
+            timeouts,
+        })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.listener.local_addr().map_err(|source| TransportError::Socket { what: "getsockname", source })
+        self.listener
+            .local_addr()
+            .map_err(|source| TransportError::Socket {
+                what: "getsockname",
+                source,
+            })
     }
 
     /// The timeouts sessions use.
@@ -219,9 +306,15 @@ impl Acceptor {
         &self.timeouts
     }
 
-    fn accept_stream(&self, deadline: Option<Instant>, channel: ChannelKind) -> Result<TcpStream, TransportError> {
+    fn accept_stream(
+        &self,
+        deadline: Option<Instant>,
+        channel: ChannelKind,
+    ) -> Result<TcpStream, TransportError> {
         let accept_err = |e| TransportError::Accept(e);
-        self.listener.set_nonblocking(deadline.is_some()).map_err(accept_err)?;
+        self.listener
+            .set_nonblocking(deadline.is_some())
+            .map_err(accept_err)?;
         let started = Instant::now();
         loop {
             match self.listener.accept() {
@@ -234,7 +327,10 @@ impl Acceptor {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(TransportError::AcceptTimeout { channel, waited_ms: started.elapsed().as_millis() as u64 });
+                        return Err(TransportError::AcceptTimeout {
+                            channel,
+                            waited_ms: started.elapsed().as_millis() as u64,
+                        });
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -244,10 +340,19 @@ impl Acceptor {
         }
     }
 
-    fn destination_handshake(&self, ch: &mut Channel, expected: ChannelKind, session_id: u64) -> Result<(), TransportError> {
+    fn destination_handshake(
+        &self,
+        ch: &mut Channel,
+        expected: ChannelKind,
+        session_id: u64,
+    ) -> Result<(), TransportError> {
         let secret = self.secret.as_ref();
         let (channel, claimed, source_nonce) = match ch.reader.read("waiting for Hello")? {
-            Message::Hello { channel, session_id, nonce } => (channel, session_id, nonce),
+            Message::Hello {
+                channel,
+                session_id,
+                nonce,
+            } => (channel, session_id, nonce),
             other => {
                 let e = crate::wire::unexpected(other, "waiting for Hello", "Hello");
                 ch.send_error(ErrorCode::Protocol, "expected Hello");
@@ -256,23 +361,52 @@ impl Acceptor {
         };
         if channel != expected {
             ch.send_error(ErrorCode::Protocol, "unexpected channel kind");
-            return Err(TransportError::WrongChannel { expected, got: channel });
+            return Err(TransportError::WrongChannel {
+                expected,
+                got: channel,
+            });
         }
         // A new session starts with id 0 (a recovering source would name its old session here).
-        let want = if expected == ChannelKind::Main { 0 } else { session_id };
+        let want = if expected == ChannelKind::Main {
+            0
+        } else {
+            session_id
+        };
         if claimed != want {
             ch.send_error(ErrorCode::Protocol, "unknown session");
-            return Err(TransportError::SessionMismatch { expected: want, got: claimed });
+            return Err(TransportError::SessionMismatch {
+                expected: want,
+                got: claimed,
+            });
         }
         let destination_nonce = auth::nonce();
-        let t = Transcript { channel, session_id, source_nonce, destination_nonce };
+        let t = Transcript {
+            channel,
+            session_id,
+            source_nonce,
+            destination_nonce,
+        };
         ch.send(
-            &Message::Challenge { session_id, nonce: destination_nonce, proof: auth::prove(secret, Role::Destination, &t) },
+            &Message::Challenge {
+                session_id,
+                nonce: destination_nonce,
+                proof: auth::prove(secret, Role::Destination, &t),
+            },
             "sending Challenge",
         )?;
-        let proof = match ch.reader.read("waiting for Response").map_err(auth_failed_remote)? {
+        let proof = match ch
+            .reader
+            .read("waiting for Response")
+            .map_err(auth_failed_remote)?
+        {
             Message::Response { proof } => proof,
-            other => return Err(auth_failed_remote(crate::wire::unexpected(other, "waiting for Response", "Response"))),
+            other => {
+                return Err(auth_failed_remote(crate::wire::unexpected(
+                    other,
+                    "waiting for Response",
+                    "Response",
+                )))
+            }
         };
         if let Err(e) = auth::verify(secret, Role::Source, &t, &proof) {
             ch.send_error(ErrorCode::AuthFailed, AUTH_FAILED_TEXT);
@@ -291,14 +425,15 @@ impl Acceptor {
             main.shutdown();
             return Err(e);
         }
-        let stream = match self.accept_stream(Some(Instant::now() + t.handshake), ChannelKind::Urgent) {
-            Ok(s) => s,
-            Err(e) => {
-                main.send_error(ErrorCode::Protocol, "urgent channel did not arrive");
-                main.shutdown();
-                return Err(e);
-            }
-        };
+        let stream =
+            match self.accept_stream(Some(Instant::now() + t.handshake), ChannelKind::Urgent) {
+                Ok(s) => s,
+                Err(e) => {
+                    main.send_error(ErrorCode::Protocol, "urgent channel did not arrive");
+                    main.shutdown();
+                    return Err(e);
+                }
+            };
         let mut urgent = Channel::new(stream, t, true)?;
         if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id) {
             urgent.shutdown();

@@ -204,17 +204,24 @@ impl RamLayout {
         }
         for r in &regions {
             if r.size == 0
-                || r.gpa % PAGE_SIZE != 0
-                || r.size % PAGE_SIZE != 0
+                || !r.gpa.is_multiple_of(PAGE_SIZE)
+                || !r.size.is_multiple_of(PAGE_SIZE)
                 || r.gpa.checked_add(r.size).is_none()
             {
-                return Err(LayoutError::BadRegion { slot: r.slot, gpa: r.gpa, size: r.size });
+                return Err(LayoutError::BadRegion {
+                    slot: r.slot,
+                    gpa: r.gpa,
+                    size: r.size,
+                });
             }
         }
         regions.sort_by_key(|r| r.gpa);
         for pair in regions.windows(2) {
             if pair[0].gpa + pair[0].size > pair[1].gpa {
-                return Err(LayoutError::Overlap { first: pair[0].gpa, second: pair[1].gpa });
+                return Err(LayoutError::Overlap {
+                    first: pair[0].gpa,
+                    second: pair[1].gpa,
+                });
             }
         }
         let mut slots: Vec<u32> = regions.iter().map(|r| r.slot).collect();
@@ -228,7 +235,11 @@ impl RamLayout {
             first_page.push(total_pages);
             total_pages += r.size / PAGE_SIZE;
         }
-        Ok(RamLayout { regions, first_page, total_pages })
+        Ok(RamLayout {
+            regions,
+            first_page,
+            total_pages,
+        })
     }
 
     /// The layout of a VM's RAM regions.
@@ -236,7 +247,11 @@ impl RamLayout {
         Self::new(
             regions
                 .iter()
-                .map(|r| RegionLayout { slot: r.slot, gpa: r.gpa, size: r.size })
+                .map(|r| RegionLayout {
+                    slot: r.slot,
+                    gpa: r.gpa,
+                    size: r.size,
+                })
                 .collect(),
         )
     }
@@ -266,7 +281,7 @@ impl RamLayout {
 
     /// Global page index of the page-aligned `gpa`, if it lies in the layout.
     pub fn page_index(&self, gpa: u64) -> Option<u64> {
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         let idx = self.region_of(gpa)?;
@@ -309,7 +324,10 @@ pub struct PageSet {
 impl PageSet {
     /// An empty set over `len` pages.
     pub fn new(len: u64) -> Self {
-        PageSet { bits: vec![0; len.div_ceil(64) as usize], len }
+        PageSet {
+            bits: vec![0; len.div_ceil(64) as usize],
+            len,
+        }
     }
 
     /// A set holding all `len` pages.
@@ -404,7 +422,11 @@ impl AtomicPageSet {
     /// A set initialised from `set`.
     pub fn from_set(set: &PageSet) -> Self {
         AtomicPageSet {
-            bits: set.words().iter().map(|&w| std::sync::atomic::AtomicU64::new(w)).collect(),
+            bits: set
+                .words()
+                .iter()
+                .map(|&w| std::sync::atomic::AtomicU64::new(w))
+                .collect(),
             len: set.len(),
         }
     }

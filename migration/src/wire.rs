@@ -338,26 +338,62 @@ pub struct DoneStats {
 /// A decoded message. Data-carrying variants borrow the reader's buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
-    Hello { channel: ChannelKind, session_id: u64, nonce: [u8; NONCE_LEN] },
-    Challenge { session_id: u64, nonce: [u8; NONCE_LEN], proof: [u8; NONCE_LEN] },
-    Response { proof: [u8; NONCE_LEN] },
-    AuthOk { session_id: u64 },
+    Hello {
+        channel: ChannelKind,
+        session_id: u64,
+        nonce: [u8; NONCE_LEN],
+    },
+    Challenge {
+        session_id: u64,
+        nonce: [u8; NONCE_LEN],
+        proof: [u8; NONCE_LEN],
+    },
+    Response {
+        proof: [u8; NONCE_LEN],
+    },
+    AuthOk {
+        session_id: u64,
+    },
     Config(MigrationConfig),
     Ready,
     /// `data.len()` is a non-zero multiple of 4096; pages are contiguous from `gpa`.
-    Pages { gpa: u64, data: &'a [u8] },
-    ZeroPages { gpa: u64, count: u32 },
-    Discard { gpa: u64, count: u32 },
-    RoundEnd { round: u32, pages: u64 },
+    Pages {
+        gpa: u64,
+        data: &'a [u8],
+    },
+    ZeroPages {
+        gpa: u64,
+        count: u32,
+    },
+    Discard {
+        gpa: u64,
+        count: u32,
+    },
+    RoundEnd {
+        round: u32,
+        pages: u64,
+    },
     State(&'a [u8]),
     Switchover,
     PostcopyStart,
     Started,
-    PageRequest { id: u64, gpa: u64 },
-    PageReply { id: u64, gpa: u64, data: &'a [u8] },
-    Complete { pages: u64 },
+    PageRequest {
+        id: u64,
+        gpa: u64,
+    },
+    PageReply {
+        id: u64,
+        gpa: u64,
+        data: &'a [u8],
+    },
+    Complete {
+        pages: u64,
+    },
     Done(DoneStats),
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl Message<'_> {
@@ -399,9 +435,16 @@ pub enum WireError {
     #[error("{during}: peer closed the connection")]
     Closed { during: &'static str },
     #[error("{during}: truncated frame: connection ended after {got} of {expected} bytes")]
-    Truncated { during: &'static str, got: usize, expected: usize },
+    Truncated {
+        during: &'static str,
+        got: usize,
+        expected: usize,
+    },
     #[error("{during}: peer stalled: no data for {waited_ms} ms (timeout)")]
-    Timeout { during: &'static str, waited_ms: u64 },
+    Timeout {
+        during: &'static str,
+        waited_ms: u64,
+    },
     #[error("bad frame magic {got:#010x} (expected {MAGIC:#010x}): not a migration peer or garbage on the stream")]
     BadMagic { got: u32 },
     #[error("protocol version mismatch: peer speaks version {theirs}, we speak {ours}")]
@@ -409,7 +452,12 @@ pub enum WireError {
     #[error("unknown message kind {kind}")]
     UnknownKind { kind: u16 },
     #[error("bad frame: {kind:?} with payload length {len} (allowed {min}..={max})")]
-    BadLength { kind: Kind, len: u32, min: u32, max: u32 },
+    BadLength {
+        kind: Kind,
+        len: u32,
+        min: u32,
+        max: u32,
+    },
     #[error("bad {kind:?} frame: {what}")]
     BadField { kind: Kind, what: String },
     #[error("bad Config frame: {0}")]
@@ -417,7 +465,11 @@ pub enum WireError {
     #[error("{kind:?} names {count} page(s) at gpa {gpa:#x}, outside the announced RAM layout")]
     OutsideLayout { kind: Kind, gpa: u64, count: u64 },
     #[error("{during}: expected {expected}, got {got:?}")]
-    Unexpected { during: &'static str, expected: &'static str, got: Kind },
+    Unexpected {
+        during: &'static str,
+        expected: &'static str,
+        got: Kind,
+    },
     #[error("peer reported an error ({code:?}): {message}")]
     Remote { code: ErrorCode, message: String },
 }
@@ -430,7 +482,10 @@ impl WireError {
 }
 
 fn bad(kind: Kind, what: impl Into<String>) -> WireError {
-    WireError::BadField { kind, what: what.into() }
+    WireError::BadField {
+        kind,
+        what: what.into(),
+    }
 }
 
 /// Check a frame header; returns the kind and payload length.
@@ -439,23 +494,46 @@ pub fn check_header(h: &FrameHeader) -> Result<(Kind, u32), WireError> {
         return Err(WireError::BadMagic { got: h.magic.get() });
     }
     if h.version.get() != VERSION {
-        return Err(WireError::VersionMismatch { ours: VERSION, theirs: h.version.get() });
+        return Err(WireError::VersionMismatch {
+            ours: VERSION,
+            theirs: h.version.get(),
+        });
     }
-    let kind = Kind::from_wire(h.kind.get()).ok_or(WireError::UnknownKind { kind: h.kind.get() })?;
+    let kind =
+        Kind::from_wire(h.kind.get()).ok_or(WireError::UnknownKind { kind: h.kind.get() })?;
     let len = h.len.get();
     let (min, max) = kind.len_bounds();
     if len < min || len > max {
-        return Err(WireError::BadLength { kind, len, min, max });
+        return Err(WireError::BadLength {
+            kind,
+            len,
+            min,
+            max,
+        });
     }
     if h.reserved.get() != 0 {
-        return Err(bad(kind, format!("reserved header field is {:#x}, not 0", h.reserved.get())));
+        return Err(bad(
+            kind,
+            format!("reserved header field is {:#x}, not 0", h.reserved.get()),
+        ));
     }
     Ok((kind, len))
 }
 
-fn read_body<T: FromBytes + KnownLayout + Immutable>(kind: Kind, payload: &[u8]) -> Result<(T, &[u8]), WireError> {
-    T::read_from_prefix(payload)
-        .map_err(|_| bad(kind, format!("payload of {} bytes is shorter than its {}-byte body", payload.len(), size_of::<T>())))
+fn read_body<T: FromBytes + KnownLayout + Immutable>(
+    kind: Kind,
+    payload: &[u8],
+) -> Result<(T, &[u8]), WireError> {
+    T::read_from_prefix(payload).map_err(|_| {
+        bad(
+            kind,
+            format!(
+                "payload of {} bytes is shorter than its {}-byte body",
+                payload.len(),
+                size_of::<T>()
+            ),
+        )
+    })
 }
 
 fn run_count(kind: Kind, count: u32, max: u32) -> Result<(), WireError> {
@@ -466,7 +544,7 @@ fn run_count(kind: Kind, count: u32, max: u32) -> Result<(), WireError> {
 }
 
 fn aligned(kind: Kind, gpa: u64) -> Result<(), WireError> {
-    if gpa % PAGE_SIZE != 0 {
+    if !gpa.is_multiple_of(PAGE_SIZE) {
         return Err(bad(kind, format!("gpa {gpa:#x} is not 4 KiB-aligned")));
     }
     Ok(())
@@ -482,16 +560,26 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
             if b.reserved != [0; 7] {
                 return Err(bad(kind, "reserved bytes are not zero"));
             }
-            Message::Hello { channel, session_id: b.session_id.get(), nonce: b.nonce }
+            Message::Hello {
+                channel,
+                session_id: b.session_id.get(),
+                nonce: b.nonce,
+            }
         }
         Kind::Challenge => {
             let (b, _) = read_body::<ChallengeBody>(kind, payload)?;
             if b.session_id.get() == 0 {
                 return Err(bad(kind, "session id 0"));
             }
-            Message::Challenge { session_id: b.session_id.get(), nonce: b.nonce, proof: b.proof }
+            Message::Challenge {
+                session_id: b.session_id.get(),
+                nonce: b.nonce,
+                proof: b.proof,
+            }
         }
-        Kind::Response => Message::Response { proof: read_body::<ResponseBody>(kind, payload)?.0.proof },
+        Kind::Response => Message::Response {
+            proof: read_body::<ResponseBody>(kind, payload)?.0.proof,
+        },
         Kind::AuthOk => {
             let session_id = read_body::<U64Body>(kind, payload)?.0.value.get();
             if session_id == 0 {
@@ -508,27 +596,44 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
                     format!("region count {count} (max {MAX_REGIONS}) does not match {} bytes of entries", rest.len()),
                 ));
             }
-            let mode = Mode::from_wire(head.mode).ok_or_else(|| bad(kind, format!("unknown mode {}", head.mode)))?;
+            let mode = Mode::from_wire(head.mode)
+                .ok_or_else(|| bad(kind, format!("unknown mode {}", head.mode)))?;
             let memory_kind = MemoryKind::from_wire(head.memory_kind)
                 .ok_or_else(|| bad(kind, format!("unknown memory kind {}", head.memory_kind)))?;
             let vcpu_count = head.vcpu_count.get();
             if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
-                return Err(bad(kind, format!("vCPU count {vcpu_count} outside 1..={MAX_VCPUS}")));
+                return Err(bad(
+                    kind,
+                    format!("vCPU count {vcpu_count} outside 1..={MAX_VCPUS}"),
+                ));
             }
             let entries = <[RegionEntry]>::ref_from_bytes(rest)
                 .map_err(|_| bad(kind, "region entries are malformed"))?;
             let regions = entries
                 .iter()
-                .map(|e| RegionLayout { slot: e.slot.get(), gpa: e.gpa.get(), size: e.size.get() })
+                .map(|e| RegionLayout {
+                    slot: e.slot.get(),
+                    gpa: e.gpa.get(),
+                    size: e.size.get(),
+                })
                 .collect();
             let layout = RamLayout::new(regions)?;
             if layout.total_bytes() != head.ram_bytes.get() {
                 return Err(bad(
                     kind,
-                    format!("regions add up to {} bytes but the head says {}", layout.total_bytes(), head.ram_bytes.get()),
+                    format!(
+                        "regions add up to {} bytes but the head says {}",
+                        layout.total_bytes(),
+                        head.ram_bytes.get()
+                    ),
                 ));
             }
-            Message::Config(MigrationConfig { mode, memory_kind, vcpu_count, layout })
+            Message::Config(MigrationConfig {
+                mode,
+                memory_kind,
+                vcpu_count,
+                layout,
+            })
         }
         Kind::Ready => Message::Ready,
         Kind::Pages => {
@@ -537,9 +642,18 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
             run_count(kind, count, MAX_PAGES_PER_FRAME)?;
             aligned(kind, head.gpa.get())?;
             if data.len() != count as usize * PAGE {
-                return Err(bad(kind, format!("{count} pages announced but {} data bytes follow", data.len())));
+                return Err(bad(
+                    kind,
+                    format!(
+                        "{count} pages announced but {} data bytes follow",
+                        data.len()
+                    ),
+                ));
             }
-            Message::Pages { gpa: head.gpa.get(), data }
+            Message::Pages {
+                gpa: head.gpa.get(),
+                data,
+            }
         }
         Kind::ZeroPages | Kind::Discard => {
             let (head, _) = read_body::<RunHead>(kind, payload)?;
@@ -554,7 +668,10 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         }
         Kind::RoundEnd => {
             let (b, _) = read_body::<RoundEndBody>(kind, payload)?;
-            Message::RoundEnd { round: b.round.get(), pages: b.pages.get() }
+            Message::RoundEnd {
+                round: b.round.get(),
+                pages: b.pages.get(),
+            }
         }
         Kind::State => Message::State(payload),
         Kind::Switchover => Message::Switchover,
@@ -570,7 +687,9 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
                 Message::PageReply { id, gpa, data }
             }
         }
-        Kind::Complete => Message::Complete { pages: read_body::<U64Body>(kind, payload)?.0.value.get() },
+        Kind::Complete => Message::Complete {
+            pages: read_body::<U64Body>(kind, payload)?.0.value.get(),
+        },
         Kind::Done => {
             let (b, _) = read_body::<DoneBody>(kind, payload)?;
             Message::Done(DoneStats {
@@ -585,7 +704,14 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         Kind::Error => {
             let (head, text) = read_body::<ErrorHead>(kind, payload)?;
             if head.len.get() as usize != text.len() {
-                return Err(bad(kind, format!("message length {} but {} bytes follow", head.len.get(), text.len())));
+                return Err(bad(
+                    kind,
+                    format!(
+                        "message length {} but {} bytes follow",
+                        head.len.get(),
+                        text.len()
+                    ),
+                ));
             }
             Message::Error {
                 code: ErrorCode::from_wire(head.code.get()),
@@ -618,17 +744,41 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
     let mut tail: &'m [u8] = &[];
     out.extend_from_slice(header(msg.kind(), 0).as_bytes());
     match msg {
-        Message::Hello { channel, session_id, nonce } => out.extend_from_slice(
-            HelloBody { nonce: *nonce, session_id: U64::new(*session_id), channel: *channel as u8, reserved: [0; 7] }
-                .as_bytes(),
+        Message::Hello {
+            channel,
+            session_id,
+            nonce,
+        } => out.extend_from_slice(
+            HelloBody {
+                nonce: *nonce,
+                session_id: U64::new(*session_id),
+                channel: *channel as u8,
+                reserved: [0; 7],
+            }
+            .as_bytes(),
         ),
-        Message::Challenge { session_id, nonce, proof } => out.extend_from_slice(
-            ChallengeBody { nonce: *nonce, proof: *proof, session_id: U64::new(*session_id) }.as_bytes(),
+        Message::Challenge {
+            session_id,
+            nonce,
+            proof,
+        } => out.extend_from_slice(
+            ChallengeBody {
+                nonce: *nonce,
+                proof: *proof,
+                session_id: U64::new(*session_id),
+            }
+            .as_bytes(),
         ),
-        Message::Response { proof } => out.extend_from_slice(ResponseBody { proof: *proof }.as_bytes()),
-        Message::AuthOk { session_id: v } | Message::Complete { pages: v } => {
-            out.extend_from_slice(U64Body { value: U64::new(*v) }.as_bytes())
+        Message::Response { proof } => {
+            out.extend_from_slice(ResponseBody { proof: *proof }.as_bytes())
         }
+        Message::AuthOk { session_id: v } | Message::Complete { pages: v } => out
+            .extend_from_slice(
+                U64Body {
+                    value: U64::new(*v),
+                }
+                .as_bytes(),
+            ),
         Message::Started => out.extend_from_slice(U64Body { value: U64::new(0) }.as_bytes()),
         Message::Config(c) => {
             let regions = c.layout.regions();
@@ -645,30 +795,61 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
             );
             for r in regions {
                 out.extend_from_slice(
-                    RegionEntry { gpa: U64::new(r.gpa), size: U64::new(r.size), slot: U32::new(r.slot), reserved: U32::new(0) }
-                        .as_bytes(),
+                    RegionEntry {
+                        gpa: U64::new(r.gpa),
+                        size: U64::new(r.size),
+                        slot: U32::new(r.slot),
+                        reserved: U32::new(0),
+                    }
+                    .as_bytes(),
                 );
             }
         }
         Message::Ready | Message::Switchover | Message::PostcopyStart => {}
         Message::Pages { gpa, data } => {
             out.extend_from_slice(
-                RunHead { gpa: U64::new(*gpa), count: U32::new((data.len() / PAGE) as u32), reserved: U32::new(0) }.as_bytes(),
+                RunHead {
+                    gpa: U64::new(*gpa),
+                    count: U32::new((data.len() / PAGE) as u32),
+                    reserved: U32::new(0),
+                }
+                .as_bytes(),
             );
             tail = data;
         }
-        Message::ZeroPages { gpa, count } | Message::Discard { gpa, count } => out.extend_from_slice(
-            RunHead { gpa: U64::new(*gpa), count: U32::new(*count), reserved: U32::new(0) }.as_bytes(),
-        ),
+        Message::ZeroPages { gpa, count } | Message::Discard { gpa, count } => out
+            .extend_from_slice(
+                RunHead {
+                    gpa: U64::new(*gpa),
+                    count: U32::new(*count),
+                    reserved: U32::new(0),
+                }
+                .as_bytes(),
+            ),
         Message::RoundEnd { round, pages } => out.extend_from_slice(
-            RoundEndBody { pages: U64::new(*pages), round: U32::new(*round), reserved: U32::new(0) }.as_bytes(),
+            RoundEndBody {
+                pages: U64::new(*pages),
+                round: U32::new(*round),
+                reserved: U32::new(0),
+            }
+            .as_bytes(),
         ),
         Message::State(data) => tail = data,
-        Message::PageRequest { id, gpa } => {
-            out.extend_from_slice(PageHead { id: U64::new(*id), gpa: U64::new(*gpa) }.as_bytes())
-        }
+        Message::PageRequest { id, gpa } => out.extend_from_slice(
+            PageHead {
+                id: U64::new(*id),
+                gpa: U64::new(*gpa),
+            }
+            .as_bytes(),
+        ),
         Message::PageReply { id, gpa, data } => {
-            out.extend_from_slice(PageHead { id: U64::new(*id), gpa: U64::new(*gpa) }.as_bytes());
+            out.extend_from_slice(
+                PageHead {
+                    id: U64::new(*id),
+                    gpa: U64::new(*gpa),
+                }
+                .as_bytes(),
+            );
             tail = data;
         }
         Message::Done(s) => out.extend_from_slice(
@@ -688,17 +869,27 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
                 end -= 1;
             }
             let text = &message.as_bytes()[..end];
-            out.extend_from_slice(ErrorHead { code: U32::new(code.to_wire()), len: U32::new(text.len() as u32) }.as_bytes());
+            out.extend_from_slice(
+                ErrorHead {
+                    code: U32::new(code.to_wire()),
+                    len: U32::new(text.len() as u32),
+                }
+                .as_bytes(),
+            );
             out.extend_from_slice(text);
         }
     }
     let len = out.len() - start - size_of::<FrameHeader>() + tail.len();
-    out[start..start + size_of::<FrameHeader>()].copy_from_slice(header(msg.kind(), len).as_bytes());
+    out[start..start + size_of::<FrameHeader>()]
+        .copy_from_slice(header(msg.kind(), len).as_bytes());
     tail
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 enum Fill {
@@ -717,7 +908,12 @@ pub struct FrameReader<R> {
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R, stall_timeout: Duration) -> Self {
-        FrameReader { inner, buf: Vec::new(), stall_timeout, bytes: 0 }
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+            stall_timeout,
+            bytes: 0,
+        }
     }
 
     /// Change how long the peer may stay silent.
@@ -735,13 +931,25 @@ impl<R: Read> FrameReader<R> {
         &self.inner
     }
 
-    fn fill(&mut self, from: usize, to: usize, allow_idle: bool, during: &'static str) -> Result<Fill, WireError> {
+    fn fill(
+        &mut self,
+        from: usize,
+        to: usize,
+        allow_idle: bool,
+        during: &'static str,
+    ) -> Result<Fill, WireError> {
         let mut got = from;
         let mut last_progress = Instant::now();
         while got < to {
             match self.inner.read(&mut self.buf[got..to]) {
                 Ok(0) if got == 0 => return Err(WireError::Closed { during }),
-                Ok(0) => return Err(WireError::Truncated { during, got, expected: to }),
+                Ok(0) => {
+                    return Err(WireError::Truncated {
+                        during,
+                        got,
+                        expected: to,
+                    })
+                }
                 Ok(n) => {
                     got += n;
                     self.bytes += n as u64;
@@ -754,7 +962,10 @@ impl<R: Read> FrameReader<R> {
                     }
                     let waited = last_progress.elapsed();
                     if waited >= self.stall_timeout {
-                        return Err(WireError::Timeout { during, waited_ms: waited.as_millis() as u64 });
+                        return Err(WireError::Timeout {
+                            during,
+                            waited_ms: waited.as_millis() as u64,
+                        });
                     }
                 }
                 Err(source) => return Err(WireError::Io { during, source }),
@@ -765,7 +976,11 @@ impl<R: Read> FrameReader<R> {
 
     /// Read one whole frame into the buffer; returns its kind and payload length, or None if
     /// idling is allowed and nothing arrived within one tick.
-    fn next(&mut self, allow_idle: bool, during: &'static str) -> Result<Option<(Kind, usize)>, WireError> {
+    fn next(
+        &mut self,
+        allow_idle: bool,
+        during: &'static str,
+    ) -> Result<Option<(Kind, usize)>, WireError> {
         let hlen = size_of::<FrameHeader>();
         self.buf.resize(hlen, 0);
         if let Fill::Idle = self.fill(0, hlen, allow_idle, during)? {
@@ -790,7 +1005,10 @@ impl<R: Read> FrameReader<R> {
         match self.next(false, during)? {
             Some((kind, len)) => self.decode_buf(kind, len),
             // `next` returns None only when idling is allowed.
-            None => Err(WireError::Timeout { during, waited_ms: self.stall_timeout.as_millis() as u64 }),
+            None => Err(WireError::Timeout {
+                during,
+                waited_ms: self.stall_timeout.as_millis() as u64,
+            }),
         }
     }
 
@@ -805,7 +1023,11 @@ impl<R: Read> FrameReader<R> {
 
     /// Read the next frame, waiting up to `wait` for it to start (longer than the stall timeout,
     /// e.g. while the peer sets up memory or runs a collapse).
-    pub fn read_within(&mut self, wait: Duration, during: &'static str) -> Result<Message<'_>, WireError> {
+    pub fn read_within(
+        &mut self,
+        wait: Duration,
+        during: &'static str,
+    ) -> Result<Message<'_>, WireError> {
         let start = Instant::now();
         loop {
             let idle = start.elapsed() < wait;
@@ -826,7 +1048,12 @@ pub struct FrameWriter<W> {
 
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W, stall_timeout: Duration) -> Self {
-        FrameWriter { inner, buf: Vec::new(), bytes: 0, stall_timeout }
+        FrameWriter {
+            inner,
+            buf: Vec::new(),
+            bytes: 0,
+            stall_timeout,
+        }
     }
 
     /// Change how long a write may make no progress.
@@ -867,11 +1094,19 @@ impl<W: Write> FrameWriter<W> {
                 Err(e) if is_timeout(&e) => {
                     let waited = last_progress.elapsed();
                     if waited >= self.stall_timeout {
-                        result = Err(WireError::Timeout { during, waited_ms: waited.as_millis() as u64 });
+                        result = Err(WireError::Timeout {
+                            during,
+                            waited_ms: waited.as_millis() as u64,
+                        });
                         break;
                     }
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
                     result = Err(WireError::Closed { during });
                     break;
                 }
@@ -901,14 +1136,20 @@ impl<W: Write> FrameWriter<W> {
 pub fn unexpected(msg: Message<'_>, during: &'static str, expected: &'static str) -> WireError {
     match msg {
         Message::Error { code, message } => WireError::Remote { code, message },
-        other => WireError::Unexpected { during, expected, got: other.kind() },
+        other => WireError::Unexpected {
+            during,
+            expected,
+            got: other.kind(),
+        },
     }
 }
 
 /// Check that a run of `count` pages at `gpa` lies inside one region of `layout`; returns the
 /// global index of its first page.
 pub fn check_run(layout: &RamLayout, kind: Kind, gpa: u64, count: u64) -> Result<u64, WireError> {
-    layout.run_index(gpa, count).ok_or(WireError::OutsideLayout { kind, gpa, count })
+    layout
+        .run_index(gpa, count)
+        .ok_or(WireError::OutsideLayout { kind, gpa, count })
 }
 
 #[cfg(test)]
@@ -917,8 +1158,16 @@ mod tests {
 
     fn layout() -> RamLayout {
         RamLayout::new(vec![
-            RegionLayout { slot: 0, gpa: 0, size: 1 << 20 },
-            RegionLayout { slot: 1, gpa: 1 << 32, size: 2 << 20 },
+            RegionLayout {
+                slot: 0,
+                gpa: 0,
+                size: 1 << 20,
+            },
+            RegionLayout {
+                slot: 1,
+                gpa: 1 << 32,
+                size: 2 << 20,
+            },
         ])
         .unwrap()
     }
@@ -937,30 +1186,81 @@ mod tests {
         let page = vec![0xabu8; 4096];
         let pages = vec![7u8; 3 * 4096];
         let msgs = vec![
-            Message::Hello { channel: ChannelKind::Urgent, session_id: 9, nonce: [1; 32] },
-            Message::Challenge { session_id: 5, nonce: [2; 32], proof: [3; 32] },
+            Message::Hello {
+                channel: ChannelKind::Urgent,
+                session_id: 9,
+                nonce: [1; 32],
+            },
+            Message::Challenge {
+                session_id: 5,
+                nonce: [2; 32],
+                proof: [3; 32],
+            },
             Message::Response { proof: [4; 32] },
             Message::AuthOk { session_id: 77 },
-            Message::Config(MigrationConfig { mode: Mode::Hybrid, memory_kind: MemoryKind::Hugetlb1g, vcpu_count: 2, layout: layout() }),
+            Message::Config(MigrationConfig {
+                mode: Mode::Hybrid,
+                memory_kind: MemoryKind::Hugetlb1g,
+                vcpu_count: 2,
+                layout: layout(),
+            }),
             Message::Ready,
-            Message::Pages { gpa: 0x3000, data: &pages },
-            Message::ZeroPages { gpa: 0x1000, count: 10 },
-            Message::Discard { gpa: 0x2000, count: 1 },
-            Message::RoundEnd { round: 3, pages: 1000 },
+            Message::Pages {
+                gpa: 0x3000,
+                data: &pages,
+            },
+            Message::ZeroPages {
+                gpa: 0x1000,
+                count: 10,
+            },
+            Message::Discard {
+                gpa: 0x2000,
+                count: 1,
+            },
+            Message::RoundEnd {
+                round: 3,
+                pages: 1000,
+            },
             Message::State(b"state blob"),
             Message::State(b""),
             Message::Switchover,
             Message::PostcopyStart,
             Message::Started,
             Message::PageRequest { id: 1, gpa: 0x5000 },
-            Message::PageReply { id: 1, gpa: 0x5000, data: &page },
+            Message::PageReply {
+                id: 1,
+                gpa: 0x5000,
+                data: &page,
+            },
             Message::Complete { pages: 768 },
-            Message::Done(DoneStats { pages_received: 1, bulk_pages: 2, urgent_pages: 3, zero_pages: 4, collapses: 5, faults: 6 }),
-            Message::Error { code: ErrorCode::AuthFailed, message: "authentication failed".into() },
+            Message::Done(DoneStats {
+                pages_received: 1,
+                bulk_pages: 2,
+                urgent_pages: 3,
+                zero_pages: 4,
+                collapses: 5,
+                faults: 6,
+            }),
+            Message::Error {
+                code: ErrorCode::AuthFailed,
+                message: "authentication failed".into(),
+            },
         ];
         for m in &msgs {
             roundtrip(m);
         }
+    }
+
+    #[test]
+    fn writer_sends_what_the_reader_reads() {
+        let data: Vec<u8> = (0..2 * 4096).map(|i| i as u8).collect();
+        let mut w = FrameWriter::new(Vec::new(), Duration::from_secs(1));
+        w.send(&Message::Pages { gpa: 0x2000, data: &data }, "t").unwrap();
+        w.send(&Message::State(b"abc"), "t").unwrap();
+        assert_eq!(w.bytes_written() as usize, w.get_ref().len());
+        let mut r = FrameReader::new(&w.get_ref()[..], Duration::from_secs(1));
+        assert_eq!(r.read("t").unwrap(), Message::Pages { gpa: 0x2000, data: &data });
+        assert_eq!(r.read("t").unwrap(), Message::State(b"abc"));
     }
 
     #[test]
@@ -971,24 +1271,38 @@ mod tests {
         let mut r = FrameReader::new(&out[..], Duration::from_secs(1));
         assert_eq!(r.read("a").unwrap(), Message::Ready);
         assert_eq!(r.read("b").unwrap(), Message::Complete { pages: 3 });
-        assert!(matches!(r.read("c"), Err(WireError::Closed { during: "c" })));
+        assert!(matches!(
+            r.read("c"),
+            Err(WireError::Closed { during: "c" })
+        ));
     }
 
     fn read_err(bytes: &[u8]) -> WireError {
-        FrameReader::new(bytes, Duration::from_secs(1)).read("test").unwrap_err()
+        FrameReader::new(bytes, Duration::from_secs(1))
+            .read("test")
+            .unwrap_err()
     }
 
     #[test]
     fn rejects_garbage_and_wrong_version() {
-        assert!(matches!(read_err(b"GET / HTTP/1.1\r\n\r\n"), WireError::BadMagic { .. }));
+        assert!(matches!(
+            read_err(b"GET / HTTP/1.1\r\n\r\n"),
+            WireError::BadMagic { .. }
+        ));
         let mut out = Vec::new();
         encode(&Message::Ready, &mut out);
         out[4] = 2; // version
-        assert!(matches!(read_err(&out), WireError::VersionMismatch { ours: 1, theirs: 2 }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::VersionMismatch { ours: 1, theirs: 2 }
+        ));
         let mut out = Vec::new();
         encode(&Message::Ready, &mut out);
         out[6] = 99; // kind
-        assert!(matches!(read_err(&out), WireError::UnknownKind { kind: 99 }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::UnknownKind { kind: 99 }
+        ));
         let mut out = Vec::new();
         encode(&Message::Ready, &mut out);
         out[12] = 1; // reserved
@@ -1000,23 +1314,51 @@ mod tests {
         let mut out = Vec::new();
         encode(&Message::State(b""), &mut out);
         out[8..12].copy_from_slice(&(MAX_STATE_BYTES + 1).to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadLength { kind: Kind::State, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadLength {
+                kind: Kind::State,
+                ..
+            }
+        ));
         let mut out = Vec::new();
         encode(&Message::AuthOk { session_id: 1 }, &mut out);
         out[8..12].copy_from_slice(&4u32.to_le_bytes());
-        assert!(matches!(read_err(&out[..20]), WireError::BadLength { kind: Kind::AuthOk, .. }));
+        assert!(matches!(
+            read_err(&out[..20]),
+            WireError::BadLength {
+                kind: Kind::AuthOk,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn detects_truncation() {
         let page = vec![1u8; 4096];
         let mut out = Vec::new();
-        encode(&Message::PageReply { id: 1, gpa: 0, data: &page }, &mut out);
+        encode(
+            &Message::PageReply {
+                id: 1,
+                gpa: 0,
+                data: &page,
+            },
+            &mut out,
+        );
         match read_err(&out[..100]) {
-            WireError::Truncated { got: 100, expected, .. } => assert_eq!(expected, out.len()),
+            WireError::Truncated {
+                got: 100, expected, ..
+            } => assert_eq!(expected, out.len()),
             e => panic!("{e}"),
         }
-        assert!(matches!(read_err(&out[..7]), WireError::Truncated { got: 7, expected: 16, .. }));
+        assert!(matches!(
+            read_err(&out[..7]),
+            WireError::Truncated {
+                got: 7,
+                expected: 16,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -1024,61 +1366,138 @@ mod tests {
         // Pages: count disagrees with data, unaligned gpa.
         let pages = vec![0u8; 2 * 4096];
         let mut out = Vec::new();
-        encode(&Message::Pages { gpa: 0, data: &pages }, &mut out);
+        encode(
+            &Message::Pages {
+                gpa: 0,
+                data: &pages,
+            },
+            &mut out,
+        );
         out[24..28].copy_from_slice(&3u32.to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Pages, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::Pages,
+                ..
+            }
+        ));
         let mut out = Vec::new();
-        encode(&Message::Pages { gpa: 0x1001, data: &pages }, &mut out);
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Pages, .. }));
+        encode(
+            &Message::Pages {
+                gpa: 0x1001,
+                data: &pages,
+            },
+            &mut out,
+        );
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::Pages,
+                ..
+            }
+        ));
         // Zero run of zero pages.
         let mut out = Vec::new();
         encode(&Message::ZeroPages { gpa: 0, count: 0 }, &mut out);
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::ZeroPages, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::ZeroPages,
+                ..
+            }
+        ));
         // Session id 0.
         let mut out = Vec::new();
         encode(&Message::AuthOk { session_id: 0 }, &mut out);
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::AuthOk, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::AuthOk,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn validates_config() {
-        let cfg = MigrationConfig { mode: Mode::Precopy, memory_kind: MemoryKind::Anon, vcpu_count: 1, layout: layout() };
+        let cfg = MigrationConfig {
+            mode: Mode::Precopy,
+            memory_kind: MemoryKind::Anon,
+            vcpu_count: 1,
+            layout: layout(),
+        };
         let mut good = Vec::new();
         encode(&Message::Config(cfg), &mut good);
         // Overlapping regions: move region 1 onto region 0.
         let mut out = good.clone();
         let r1 = 16 + 24 + 24;
         out[r1..r1 + 8].copy_from_slice(&0x1000u64.to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadLayout(LayoutError::Overlap { .. })));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadLayout(LayoutError::Overlap { .. })
+        ));
         // Unaligned region size.
         let mut out = good.clone();
         out[16 + 24 + 8..16 + 24 + 16].copy_from_slice(&0x1234u64.to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadLayout(LayoutError::BadRegion { .. })));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadLayout(LayoutError::BadRegion { .. })
+        ));
         // ram_bytes disagrees.
         let mut out = good.clone();
         out[16..24].copy_from_slice(&1u64.to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::Config,
+                ..
+            }
+        ));
         // vCPU count 0 and unknown mode.
         let mut out = good.clone();
         out[24..28].copy_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::Config,
+                ..
+            }
+        ));
         let mut out = good.clone();
         out[32] = 9;
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::Config,
+                ..
+            }
+        ));
         // Region count disagrees with the entries.
         let mut out = good;
         out[28..32].copy_from_slice(&3u32.to_le_bytes());
-        assert!(matches!(read_err(&out), WireError::BadField { kind: Kind::Config, .. }));
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadField {
+                kind: Kind::Config,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn runs_are_checked_against_the_layout() {
         let l = layout();
         assert_eq!(check_run(&l, Kind::Pages, 0, 256).unwrap(), 0);
-        assert!(check_run(&l, Kind::Pages, 0, 257).is_err(), "crosses the end of region 0");
+        assert!(
+            check_run(&l, Kind::Pages, 0, 257).is_err(),
+            "crosses the end of region 0"
+        );
         assert_eq!(check_run(&l, Kind::Pages, 1 << 32, 1).unwrap(), 256);
         assert!(check_run(&l, Kind::Pages, 1 << 31, 1).is_err(), "hole");
-        assert!(check_run(&l, Kind::Pages, (1 << 32) + (2 << 20), 1).is_err(), "past the end");
+        assert!(
+            check_run(&l, Kind::Pages, (1 << 32) + (2 << 20), 1).is_err(),
+            "past the end"
+        );
         assert_eq!(l.page_gpa(256), Some(1 << 32));
         assert_eq!(l.page_gpa(768), None);
     }
@@ -1087,8 +1506,17 @@ mod tests {
     fn error_text_is_bounded() {
         let long = "é".repeat(2000);
         let mut out = Vec::new();
-        encode(&Message::Error { code: ErrorCode::Internal, message: long }, &mut out);
-        match FrameReader::new(&out[..], Duration::from_secs(1)).read("t").unwrap() {
+        encode(
+            &Message::Error {
+                code: ErrorCode::Internal,
+                message: long,
+            },
+            &mut out,
+        );
+        match FrameReader::new(&out[..], Duration::from_secs(1))
+            .read("t")
+            .unwrap()
+        {
             Message::Error { message, .. } => assert!(message.len() <= MAX_ERROR_MESSAGE as usize),
             m => panic!("{m:?}"),
         }

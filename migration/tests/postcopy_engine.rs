@@ -261,6 +261,16 @@ fn map_aligned(fd: RawFd, size: usize, align: usize) -> usize {
     addr
 }
 
+/// Unmaps a test mapping when dropped (before the huge-page pool guard gives pages back).
+struct Unmap(usize, usize);
+
+impl Drop for Unmap {
+    fn drop(&mut self) {
+        // SAFETY: the test owns this mapping and nothing uses it any more.
+        unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1) };
+    }
+}
+
 fn read_word(addr: usize) -> u64 {
     // SAFETY: addr is inside a live test mapping; volatile so the access really happens.
     unsafe { std::ptr::read_volatile(addr as *const u64) }
@@ -534,6 +544,7 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
     let fd = memfd("hugetlb-guest", libc::MFD_HUGETLB | mfd_flag, size);
     let host = map_aligned(fd.as_raw_fd(), size, huge);
     let alias = map_aligned(fd.as_raw_fd(), size, huge);
+    let _maps = (Unmap(host, size), Unmap(alias, size));
     let region = RamRegion {
         slot: 2,
         gpa: GPA_BASE,
@@ -664,6 +675,7 @@ fn hugetlb_2m_whole_page_baseline() {
     );
     let host = map_aligned(fd.as_raw_fd(), size, huge);
     let alias = map_aligned(fd.as_raw_fd(), size, huge);
+    let _maps = (Unmap(host, size), Unmap(alias, size));
     let region = RamRegion {
         slot: 3,
         gpa: GPA_BASE,
@@ -722,6 +734,7 @@ fn native_strategy_falls_back_with_reason() {
     );
     let host = map_aligned(fd.as_raw_fd(), huge, huge);
     let alias = map_aligned(fd.as_raw_fd(), huge, huge);
+    let _maps = (Unmap(host, huge), Unmap(alias, huge));
     let region = RamRegion {
         slot: 4,
         gpa: GPA_BASE,

@@ -11,6 +11,7 @@ pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod launcher;
+pub mod live_migration;
 pub mod memory;
 pub mod probe;
 pub mod signals;

@@ -76,6 +76,18 @@ impl Vm {
     /// Creates the VM with its memory (registered as memslots), interrupt controllers, PIT and
     /// devices. No vCPU exists yet.
     pub fn new(backing: Backing, memory: u64, vcpus: u8, console: Console) -> Result<Vm, VmError> {
+        Self::with_memslots(backing, memory, vcpus, console, true)
+    }
+
+    /// Like [`Vm::new`]; with `register_memory` false no memslot is set yet (a migration
+    /// destination decides how to register each region, see `GuestRam::set_slot`).
+    pub fn with_memslots(
+        backing: Backing,
+        memory: u64,
+        vcpus: u8,
+        console: Console,
+        register_memory: bool,
+    ) -> Result<Vm, VmError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount {
                 vcpus,
@@ -99,7 +111,9 @@ impl Vm {
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
 
         let ram = GuestRam::new(backing, memory, &fd)?;
-        ram.register(&fd)?;
+        if register_memory {
+            ram.register(&fd)?;
+        }
 
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         fd.register_irqfd(&serial_evt, SERIAL_IRQ)

@@ -61,7 +61,7 @@ fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError
     let t0 = Instant::now();
     // Only whole, aligned 2 MiB ranges can become a PMD; all their pages are in the page cache
     // (the unit completed), so the collapse cannot fill a hole with zeros.
-    let ok = if len == super::strategy::SHMEM_COLLAPSE_UNIT && addr % len as usize == 0 {
+    let ok = if len == super::strategy::SHMEM_COLLAPSE_UNIT && addr.is_multiple_of(len as usize) {
         match sys::madvise(addr, len as usize, libc::MADV_COLLAPSE) {
             Ok(()) => true,
             Err(e) => {

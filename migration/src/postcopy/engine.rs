@@ -93,7 +93,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Region index and page index of `gpa`.
     pub fn locate_gpa(&self, gpa: u64) -> Option<(usize, u64)> {
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         self.regions.iter().enumerate().find_map(|(i, r)| {
@@ -310,13 +310,16 @@ fn bad(region: &RamRegion, reason: impl Into<String>) -> PostcopyError {
 }
 
 fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> {
-    if region.size == 0 || region.size % PAGE_SIZE != 0 || region.gpa % PAGE_SIZE != 0 {
+    if region.size == 0
+        || !region.size.is_multiple_of(PAGE_SIZE)
+        || !region.gpa.is_multiple_of(PAGE_SIZE)
+    {
         return Err(bad(
             region,
             "size and gpa must be non-zero multiples of 4 KiB",
         ));
     }
-    if region.host_addr % PAGE_SIZE as usize != 0 {
+    if !region.host_addr.is_multiple_of(PAGE_SIZE as usize) {
         return Err(bad(region, "host_addr is not 4 KiB-aligned"));
     }
     let needs_alias = !matches!(plan.mode, ServeMode::AnonCopy);
@@ -334,7 +337,9 @@ fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> 
                 format!("page_size {ps:#x} is not a power of two ≥ 4 KiB"),
             ));
         }
-        if region.size % ps != 0 || region.host_addr as u64 % ps != 0 || region.fd_offset % ps != 0
+        if !region.size.is_multiple_of(ps)
+            || !(region.host_addr as u64).is_multiple_of(ps)
+            || !region.fd_offset.is_multiple_of(ps)
         {
             return Err(bad(
                 region,

@@ -68,7 +68,6 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
     let mut buf = EventBuffer::new(64);
     while !shared.shutdown.load(Ordering::Acquire) {
         let mut fds = [PollFd::new(
-            // SAFETY-free: borrowing the uffd's fd for the poll call only.
             std::os::fd::AsFd::as_fd(&shared.uffd),
             PollFlags::POLLIN,
         )];

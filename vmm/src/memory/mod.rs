@@ -511,6 +511,47 @@ impl GuestRam {
         self.set_all(vm, enable)
     }
 
+    /// Sets memslot `index` alone. With `bind_guest_memfd` false a guest_memfd region is
+    /// registered as a plain slot over its primary mapping (the postcopy destination stages it
+    /// there and binds the guest_memfd at collapse: delete the slot, then set it bound).
+    pub fn set_slot(
+        &self,
+        vm: &VmFd,
+        index: usize,
+        dirty_log: bool,
+        bind_guest_memfd: bool,
+    ) -> Result<(), MemoryError> {
+        let r = self.regions.get(index).ok_or(MemoryError::OutOfRange {
+            addr: index as u64,
+            len: 0,
+        })?;
+        let mut slot = self.memslot(index, dirty_log).ok_or(MemoryError::OutOfRange {
+            addr: r.guest_addr,
+            len: r.size,
+        })?;
+        if !bind_guest_memfd {
+            slot.flags &= !KVM_MEM_GUEST_MEMFD;
+            slot.guest_memfd = 0;
+            slot.guest_memfd_offset = 0;
+        }
+        self.set_memslot(vm, slot)
+    }
+
+    /// Deletes memslot `index` (memory_size 0).
+    pub fn delete_slot(&self, vm: &VmFd, index: usize) -> Result<(), MemoryError> {
+        let r = self.regions.get(index).ok_or(MemoryError::OutOfRange {
+            addr: index as u64,
+            len: 0,
+        })?;
+        let mut slot = self.memslot(index, false).ok_or(MemoryError::OutOfRange {
+            addr: r.guest_addr,
+            len: r.size,
+        })?;
+        slot.flags &= !KVM_MEM_GUEST_MEMFD;
+        slot.memory_size = 0;
+        self.set_memslot(vm, slot)
+    }
+
     /// Deletes every memslot of this RAM from `vm` (memory_size 0), after which `self` may be
     /// dropped while the VM lives on.
     pub fn unregister(&self, vm: &VmFd) -> Result<(), MemoryError> {

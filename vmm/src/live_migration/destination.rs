@@ -1,0 +1,357 @@
+//! The destination side (`vmm receive`): wait for one incoming VM, build it from what the source
+//! announces, receive its memory and state, run it, and serve postcopy faults through the
+//! migration crate's engine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use migration::auth::Secret;
+use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
+use migration::postcopy::{PostcopyEngine, PostcopyStats, Strategy};
+use migration::types::{Granularity, Mode, PageFetcher, PageSet, PAGE_SIZE};
+use serde::Serialize;
+
+use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus};
+use crate::launcher::{self, LaunchError, RunOutcome, SerialTarget};
+use crate::memory::{Backing, GuestRam};
+use crate::signals;
+use crate::vm::{Vm, VmError, VmState};
+
+/// What `vmm receive` needs.
+#[derive(Debug, Clone)]
+pub struct ReceiveConfig {
+    pub listen: SocketAddr,
+    pub backing: Backing,
+    pub granularity: Granularity,
+    pub secret_file: Option<PathBuf>,
+    pub serial: SerialTarget,
+    /// Where to write the destination's statistics as JSON when the migration completes.
+    pub stats_json: Option<PathBuf>,
+}
+
+/// Errors of `vmm receive`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("reading the secret file: {0}")]
+    Secret(String),
+    #[error("listening for a migration on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: destination::DestinationError,
+    },
+    #[error("accepting the migration: {0}")]
+    Accept(#[source] destination::DestinationError),
+    #[error("the source's VM cannot be built here: {0}")]
+    Incompatible(String),
+    #[error("building the VM: {0}")]
+    Vm(#[from] VmError),
+    #[error("receiving the VM: {0}")]
+    Receive(#[source] destination::DestinationError),
+    #[error("running the VM: {0}")]
+    Run(#[from] LaunchError),
+    #[error("writing statistics to {path}: {source}")]
+    Stats {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the destination reports when the migration is over (`--stats-json`).
+#[derive(Debug, Serialize)]
+pub struct DestinationStats {
+    pub mode: String,
+    pub backing: String,
+    pub granularity: String,
+    pub total_ms: f64,
+    pub start_ms: f64,
+    pub bytes_received: u64,
+    pub pages_received: u64,
+    pub urgent_pages: u64,
+    pub bulk_pages: u64,
+    pub faults_served: u64,
+    pub pages_fetched: u64,
+    pub pages_fetched_local: u64,
+    pub collapses: u64,
+    pub collapse_failures: u64,
+    pub collapse_stall_ns: Vec<u64>,
+    pub collapse_total_ns: Vec<u64>,
+    pub fault_ns: Vec<u64>,
+    pub staging_peak_bytes: u64,
+    /// Huge-mapped guest RAM at the end, from /proc/self/smaps (kB).
+    pub smaps_hugetlb_kb: u64,
+    pub smaps_shmem_pmd_kb: u64,
+}
+
+/// The incoming VM as the destination protocol driver sees it.
+struct DestSide {
+    vm: Arc<Vm>,
+    strategy: Strategy,
+    engine: Mutex<Option<Arc<EngineSink>>>,
+}
+
+/// The postcopy engine as the protocol driver's bulk-page sink.
+struct EngineSink {
+    engine: PostcopyEngine,
+}
+
+impl PostcopySink for EngineSink {
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let page: &[u8; 4096] = data
+            .try_into()
+            .map_err(|_| format!("bulk page at {gpa:#x} is {} bytes", data.len()))?;
+        self.engine
+            .bulk_page(gpa, page)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn finished(&self) -> Result<PostcopyOutcome, String> {
+        self.engine.wait_complete().map_err(|e| e.to_string())?;
+        let s = self.engine.stats();
+        Ok(PostcopyOutcome {
+            collapses: s.collapses,
+            faults: s.faults_served,
+        })
+    }
+}
+
+impl DestSide {
+    fn register_memory(&self, postcopy: bool) -> Result<(), String> {
+        let ram = self.vm.ram();
+        // A staged guest_memfd region runs from a plain slot until its collapse binds it.
+        let bind = !(postcopy && ram.backing() == Backing::GuestMemfd);
+        for i in 0..ram.regions().len() {
+            ram.set_slot(self.vm.fd(), i, false, bind)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl DestinationVm for DestSide {
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let dst = self
+            .vm
+            .ram()
+            .host_ptr(gpa, data.len() as u64)
+            .map_err(|e| e.to_string())?;
+        // SAFETY: host_ptr checked that gpa..gpa+len lies in one region's primary mapping,
+        // which lives as long as the VM; vCPUs are not running yet, so nothing else accesses it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        let state: VmState =
+            serde_json::from_slice(state).map_err(|e| format!("decoding VM state: {e}"))?;
+        self.vm.restore_state(&state).map_err(|e| e.to_string())
+    }
+
+    fn begin_postcopy(
+        &self,
+        fetcher: Arc<dyn PageFetcher>,
+        present: &PageSet,
+    ) -> Result<Arc<dyn PostcopySink>, String> {
+        self.register_memory(true)?;
+        let regions = super::ram_regions(self.vm.ram());
+        let mut engine = PostcopyEngine::new(
+            regions,
+            self.strategy,
+            fetcher,
+            Arc::new(KvmVcpus(self.vm.clone())),
+            Arc::new(KvmDirtyLog {
+                vm: self.vm.clone(),
+                bind_guest_memfd: false,
+            }),
+            Arc::new(GuestMemfdSwap(self.vm.clone())),
+        )
+        .map_err(|e| e.to_string())?;
+        engine.prepare().map_err(|e| e.to_string())?;
+        // Pages that came in precopy rounds (hybrid) are in guest memory already; tell the
+        // engine, which then serves them locally and never asks the source for them.
+        let ram = self.vm.ram();
+        let mut buf = [0u8; 4096];
+        let mut page_index = 0u64;
+        for r in ram.regions() {
+            let pages = r.size / PAGE_SIZE;
+            for p in 0..pages {
+                if present.contains(page_index + p) {
+                    let gpa = r.guest_addr + p * PAGE_SIZE;
+                    let src = existing_page(ram, gpa)?;
+                    // SAFETY: `src` points at one 4 KiB page inside guest RAM's alias (or, for
+                    // anon, primary) mapping, alive as long as the VM.
+                    unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+                    engine.bulk_page(gpa, &buf).map_err(|e| e.to_string())?;
+                }
+            }
+            page_index += pages;
+        }
+        let sink = Arc::new(EngineSink { engine });
+        if let Ok(mut e) = self.engine.lock() {
+            *e = Some(sink.clone());
+        }
+        Ok(sink)
+    }
+
+    fn start(&self) -> Result<(), String> {
+        let postcopy = self.engine.lock().map(|e| e.is_some()).unwrap_or(false);
+        if !postcopy {
+            self.register_memory(false)?;
+        }
+        self.vm.resume();
+        Ok(())
+    }
+}
+
+/// Where an already-received page can be read from before postcopy maps staging over it.
+fn existing_page(ram: &GuestRam, gpa: u64) -> Result<*const u8, String> {
+    match ram.alias_ptr(gpa, PAGE_SIZE).map_err(|e| e.to_string())? {
+        Some(p) => Ok(p as *const u8),
+        None => Err(format!(
+            "page {gpa:#x} arrived in precopy but {} memory has no alias to read it back through",
+            ram.backing()
+        )),
+    }
+}
+
+/// Runs `vmm receive`: returns how the received guest ended.
+pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
+    signals::install().map_err(|e| ReceiveError::Run(LaunchError::Signals(e)))?;
+    let secret = match &cfg.secret_file {
+        Some(p) => Some(Secret::from_file(p).map_err(|e| ReceiveError::Secret(e.to_string()))?),
+        None => None,
+    };
+    let listener = destination::listen(cfg.listen, secret).map_err(|source| ReceiveError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    eprintln!("vmm: waiting for a migration on {}", cfg.listen);
+    let incoming = listener.accept().map_err(ReceiveError::Accept)?;
+    let config = incoming.config().clone();
+    let memory = config.layout.total_bytes();
+    let vcpus = match u8::try_from(config.vcpu_count) {
+        Ok(v) => v,
+        Err(_) => {
+            let msg = format!("{} vCPUs is more than this VMM runs", config.vcpu_count);
+            incoming.reject(&msg);
+            return Err(ReceiveError::Incompatible(msg));
+        }
+    };
+    if let Err(e) = GuestRam::validate(cfg.backing, memory) {
+        let msg = format!("{} bytes of guest RAM on {}: {e}", memory, cfg.backing);
+        incoming.reject(&msg);
+        return Err(ReceiveError::Incompatible(msg));
+    }
+    if cfg.backing == Backing::Anon && config.mode != Mode::Precopy {
+        // Anonymous memory is served by UFFDIO_COPY; that needs no alias, so it works too.
+        tracing::info!("postcopy into anonymous memory: faults are served with UFFDIO_COPY");
+    }
+    let console = launcher::console_for(&cfg.serial)?;
+    let vm = match Vm::with_memslots(cfg.backing, memory, vcpus, console, false) {
+        Ok(vm) => vm,
+        Err(e) => {
+            incoming.reject(&e.to_string());
+            return Err(e.into());
+        }
+    };
+    let theirs: Vec<(u64, u64)> = config
+        .layout
+        .regions()
+        .iter()
+        .map(|r| (r.gpa, r.size))
+        .collect();
+    let ours: Vec<(u64, u64)> = vm
+        .ram()
+        .regions()
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    if theirs != ours {
+        let msg = format!("RAM layout differs: source {theirs:x?}, destination {ours:x?}");
+        incoming.reject(&msg);
+        return Err(ReceiveError::Incompatible(msg));
+    }
+    let mut vm = vm;
+    vm.start_vcpus_paused()?;
+    let vm = Arc::new(vm);
+    let side = DestSide {
+        vm: vm.clone(),
+        strategy: Strategy::from(cfg.granularity),
+        engine: Mutex::new(None),
+    };
+    let summary = incoming.receive(&side).map_err(ReceiveError::Receive)?;
+    tracing::info!(?summary, "migration received");
+    let engine = side.engine.lock().ok().and_then(|e| e.clone());
+    if let Some(path) = &cfg.stats_json {
+        let stats = destination_stats(cfg, &summary, engine.as_ref().map(|e| e.engine.stats()));
+        let text = serde_json::to_string_pretty(&stats).unwrap_or_default();
+        std::fs::write(path, text).map_err(|source| ReceiveError::Stats {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let outcome = launcher::wait(&vm);
+    vm.shutdown();
+    drop(engine);
+    Ok(outcome?)
+}
+
+fn destination_stats(
+    cfg: &ReceiveConfig,
+    summary: &migration::stats::ReceiveSummary,
+    engine: Option<PostcopyStats>,
+) -> DestinationStats {
+    let e = engine.unwrap_or_default();
+    let (hugetlb, pmd) = smaps_huge_kb();
+    DestinationStats {
+        mode: format!("{:?}", summary.mode).to_lowercase(),
+        backing: cfg.backing.name().to_string(),
+        granularity: match cfg.granularity {
+            Granularity::FourK => "4k".into(),
+            Granularity::Huge => "huge".into(),
+        },
+        total_ms: summary.total_ms,
+        start_ms: summary.start_ms,
+        bytes_received: summary.bytes_received,
+        pages_received: summary.stats.pages_received,
+        urgent_pages: summary.stats.urgent_pages,
+        bulk_pages: summary.stats.bulk_pages,
+        faults_served: e.faults_served,
+        pages_fetched: e.pages_fetched,
+        pages_fetched_local: e.pages_served_locally,
+        collapses: e.collapses,
+        collapse_failures: e.collapse_failures,
+        collapse_stall_ns: e.collapse_records.iter().map(|r| r.stall_ns).collect(),
+        collapse_total_ns: e.collapse_records.iter().map(|r| r.total_ns).collect(),
+        fault_ns: e.fault_latency_ns,
+        staging_peak_bytes: (e.staging_peak_mib * 1024.0 * 1024.0) as u64,
+        smaps_hugetlb_kb: hugetlb,
+        smaps_shmem_pmd_kb: pmd,
+    }
+}
+
+/// Sums Private_Hugetlb + Shared_Hugetlb and ShmemPmdMapped over this process's mappings (kB).
+pub fn smaps_huge_kb() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut hugetlb = 0;
+    let mut pmd = 0;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(key), Some(val)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let v: u64 = val.parse().unwrap_or(0);
+        match key {
+            "Private_Hugetlb:" | "Shared_Hugetlb:" => hugetlb += v,
+            "ShmemPmdMapped:" | "FilePmdMapped:" => pmd += v,
+            _ => {}
+        }
+    }
+    (hugetlb, pmd)
+}
+
+/// How long `vmm receive` waits between checks of a signal while listening (unused when the
+/// accept blocks; kept for the wait loop after the migration).
+pub const POLL: Duration = Duration::from_millis(100);

@@ -1,0 +1,73 @@
+//! KVM-backed implementations of the migration crate's hooks: the dirty log of a memslot, vCPU
+//! pause/resume, and the guest_memfd memslot swap at collapse.
+
+use std::sync::Arc;
+
+use migration::types::{DirtyLog, MemslotSwap, RamRegion, VcpuControl};
+
+use crate::vm::Vm;
+
+/// `KVM_GET_DIRTY_LOG` per memslot; enabling re-sets the slot with `KVM_MEM_LOG_DIRTY_PAGES`.
+pub struct KvmDirtyLog {
+    pub vm: Arc<Vm>,
+    /// guest_memfd regions staged for postcopy are plain slots; they must stay unbound when the
+    /// dirty flag is toggled.
+    pub bind_guest_memfd: bool,
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn enable(&self, slot: u32) -> Result<(), String> {
+        self.vm
+            .ram()
+            .set_slot(self.vm.fd(), slot as usize, true, self.bind_guest_memfd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn disable(&self, slot: u32) -> Result<(), String> {
+        self.vm
+            .ram()
+            .set_slot(self.vm.fd(), slot as usize, false, self.bind_guest_memfd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
+        let r = self
+            .vm
+            .ram()
+            .regions()
+            .get(slot as usize)
+            .ok_or_else(|| format!("no memslot {slot}"))?;
+        self.vm
+            .fd()
+            .get_dirty_log(slot, r.size as usize)
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG of slot {slot}: {e}"))
+    }
+}
+
+/// Pauses and resumes every vCPU of the VM.
+pub struct KvmVcpus(pub Arc<Vm>);
+
+impl VcpuControl for KvmVcpus {
+    fn pause(&self) -> Result<(), String> {
+        self.0.pause().map_err(|e| e.to_string())
+    }
+
+    fn resume(&self) {
+        self.0.resume()
+    }
+}
+
+/// Binds a staged guest_memfd region's memslot to its guest_memfd: guest_memfd slots cannot be
+/// modified, so the plain staging slot is deleted and re-created bound.
+pub struct GuestMemfdSwap(pub Arc<Vm>);
+
+impl MemslotSwap for GuestMemfdSwap {
+    fn swap_to_final(&self, region: &RamRegion) -> Result<(), String> {
+        let ram = self.0.ram();
+        let idx = region.slot as usize;
+        ram.delete_slot(self.0.fd(), idx)
+            .map_err(|e| format!("deleting staging memslot {idx}: {e}"))?;
+        ram.set_slot(self.0.fd(), idx, false, true)
+            .map_err(|e| format!("binding memslot {idx} to its guest_memfd: {e}"))
+    }
+}

@@ -1,0 +1,43 @@
+//! The VMM's side of live migration: it implements the `migration` crate's traits for a running
+//! [`Vm`](crate::vm::Vm) (`source`) and builds and runs an incoming VM (`destination`).
+//!
+//! The protocol, the postcopy memory engine and the collapse live in the `migration` crate; this
+//! module only connects them to KVM: memslots, dirty logs, vCPU pause/resume and state.
+
+pub mod destination;
+pub mod kvm_hooks;
+pub mod source;
+
+use migration::types::{MemoryKind, RamRegion};
+
+use crate::memory::{Backing, GuestRam};
+
+/// The migration crate's name for a backing.
+pub fn memory_kind(b: Backing) -> MemoryKind {
+    match b {
+        Backing::Anon => MemoryKind::Anon,
+        Backing::Shmem => MemoryKind::Shmem,
+        Backing::Hugetlb2m => MemoryKind::Hugetlb2m,
+        Backing::Hugetlb1g => MemoryKind::Hugetlb1g,
+        Backing::GuestMemfd => MemoryKind::GuestMemfd,
+    }
+}
+
+/// Guest RAM as the migration crate sees it: one `RamRegion` per memslot.
+pub fn ram_regions(ram: &GuestRam) -> Vec<RamRegion> {
+    let kind = memory_kind(ram.backing());
+    (0u32..)
+        .zip(ram.regions())
+        .map(|(slot, r)| RamRegion {
+            slot,
+            gpa: r.guest_addr,
+            size: r.size,
+            host_addr: r.primary.as_ptr() as usize,
+            alias_addr: r.alias.as_ref().map(|a| a.as_ptr() as usize),
+            fd: r.raw_fd(),
+            fd_offset: r.fd_offset,
+            kind,
+            page_size: ram.backing().page_size(),
+        })
+        .collect()
+}
