@@ -10,7 +10,13 @@ pub mod transport;
 pub mod types;
 pub mod wire;
 
+pub use auth::Secret;
+pub use destination::{listen, DestinationVm, IncomingMigration, Listener, PostcopySink};
+pub use source::{migrate, MigrateOptions, Progress, SourceVm};
+pub use stats::{MigrationSummary, ReceiveSummary};
+pub use transport::Timeouts;
 pub use types::{
     DirtyLog, FetchError, Granularity, MemoryKind, MemslotSwap, Mode, PageFetcher, RamRegion,
     VcpuControl, PAGE_SIZE,
 };
+pub use types::{PageSet, RamLayout};

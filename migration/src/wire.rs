@@ -1255,11 +1255,24 @@ mod tests {
     fn writer_sends_what_the_reader_reads() {
         let data: Vec<u8> = (0..2 * 4096).map(|i| i as u8).collect();
         let mut w = FrameWriter::new(Vec::new(), Duration::from_secs(1));
-        w.send(&Message::Pages { gpa: 0x2000, data: &data }, "t").unwrap();
+        w.send(
+            &Message::Pages {
+                gpa: 0x2000,
+                data: &data,
+            },
+            "t",
+        )
+        .unwrap();
         w.send(&Message::State(b"abc"), "t").unwrap();
         assert_eq!(w.bytes_written() as usize, w.get_ref().len());
         let mut r = FrameReader::new(&w.get_ref()[..], Duration::from_secs(1));
-        assert_eq!(r.read("t").unwrap(), Message::Pages { gpa: 0x2000, data: &data });
+        assert_eq!(
+            r.read("t").unwrap(),
+            Message::Pages {
+                gpa: 0x2000,
+                data: &data
+            }
+        );
         assert_eq!(r.read("t").unwrap(), Message::State(b"abc"));
     }
 

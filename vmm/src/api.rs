@@ -1,7 +1,8 @@
 //! The control API: a Unix socket (mode 0600) speaking one JSON object per line.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"migrate","to":ADDR,"mode":"precopy|postcopy|hybrid","secret_hex":HEX?}`.
+//! `{"cmd":"migrate","to":ADDR,"mode":"precopy|postcopy|hybrid","secret_file":PATH?}` (the VMM
+//! reads the secret itself, so it never crosses the socket).
 //! Every reply is one line `{"ok":true,...}` or `{"ok":false,"error":MSG}`; `migrate` first
 //! streams `{"progress":{...}}` lines while it works.
 
@@ -55,7 +56,7 @@ pub enum Request {
         to: String,
         mode: String,
         #[serde(default)]
-        secret_hex: Option<String>,
+        secret_file: Option<String>,
     },
 }
 
@@ -67,6 +68,10 @@ pub trait ApiHandler: Send + Sync {
         req: Request,
         progress: &mut dyn FnMut(serde_json::Value),
     ) -> Result<serde_json::Value, String>;
+
+    /// Called once the reply to a request has been written (a migrated VM stops only after
+    /// its summary reached the client).
+    fn after_reply(&self) {}
 }
 
 /// The listening API socket; removes the socket file when dropped.
@@ -160,6 +165,8 @@ fn serve(stream: UnixStream, handler: &dyn ApiHandler) {
     };
     let mut w = &out;
     let _ = writeln!(w, "{reply}");
+    let _ = w.flush();
+    handler.after_reply();
 }
 
 /// Client side: sends `req` to the VMM at `path`, calls `on_progress` for each progress line and

@@ -121,6 +121,7 @@ pub fn run(
             Arc::new(VmApi {
                 vm: vm.clone(),
                 migrate,
+                handed_over: std::sync::atomic::AtomicBool::new(false),
             }),
         )?),
         None => None,
@@ -147,21 +148,32 @@ pub fn wait(vm: &Vm) -> Result<RunOutcome, LaunchError> {
     }
 }
 
-/// Carries out `migrate` requests for a running VM (the migration glue implements it).
+/// A failed migration: what went wrong, and whether the VM was handed over anyway (the
+/// destination runs it, so this VMM must stop without resuming it).
+#[derive(Debug)]
+pub struct MigrateFailure {
+    pub message: String,
+    pub handed_over: bool,
+}
+
+/// Carries out `migrate` requests for a running VM (the migration glue implements it). On
+/// success the VM runs on the destination, and this VMM stops once the reply is sent.
 pub trait MigrateHandler: Send + Sync {
     fn migrate(
         &self,
         vm: &Arc<Vm>,
         to: &str,
         mode: &str,
-        secret: Option<Vec<u8>>,
+        secret_file: Option<&std::path::Path>,
         progress: &mut dyn FnMut(serde_json::Value),
-    ) -> Result<serde_json::Value, String>;
+    ) -> Result<serde_json::Value, MigrateFailure>;
 }
 
 struct VmApi {
     vm: Arc<Vm>,
     migrate: Option<Arc<dyn MigrateHandler>>,
+    /// Set when a migration handed the VM over; the VM stops once the reply is written.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl ApiHandler for VmApi {
@@ -189,33 +201,30 @@ impl ApiHandler for VmApi {
             Request::Migrate {
                 to,
                 mode,
-                secret_hex,
-            } => {
-                let secret = match secret_hex {
-                    Some(h) => Some(hex_decode(&h).ok_or("secret_hex is not valid hex")?),
-                    None => None,
-                };
-                match &self.migrate {
-                    Some(m) => m.migrate(&self.vm, &to, &mode, secret, progress),
-                    None => Err("this VMM cannot migrate".into()),
+                secret_file,
+            } => match &self.migrate {
+                Some(m) => {
+                    let r = m.migrate(
+                        &self.vm,
+                        &to,
+                        &mode,
+                        secret_file.as_deref().map(std::path::Path::new),
+                        progress,
+                    );
+                    if r.as_ref().map_or_else(|e| e.handed_over, |_| true) {
+                        self.handed_over
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    r.map_err(|e| e.message)
                 }
-            }
+                None => Err("this VMM cannot migrate".into()),
+            },
         }
     }
-}
 
-/// Decodes a hex string.
-pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
+    fn after_reply(&self) {
+        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            self.vm.stop_signal().stop(StopReason::Stopped);
+        }
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Encodes bytes as lowercase hex.
-pub fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -7,7 +7,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+
+use migration::types::Granularity;
+use vmm::api::Request;
 use vmm::launcher::{self, RunConfig, SerialTarget};
+use vmm::live_migration::destination::{self, ReceiveConfig};
+use vmm::live_migration::source::Migrator;
 use vmm::memory::Backing;
 use vmm::size::parse_size;
 
@@ -34,6 +41,58 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Migration destination: wait for one incoming VM on ADDR, receive it, run it (serial
+    /// output as with `run`) and exit with the guest's exit code.
+    Receive(ReceiveArgs),
+    /// Migrate the VM behind an API socket to a waiting `vmm receive`; shows progress on stderr
+    /// and prints a summary at the end.
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args)]
+struct ReceiveArgs {
+    /// Address to listen on, e.g. 127.0.0.1:7000. Without --secret-file only loopback
+    /// addresses are accepted.
+    #[arg(long)]
+    listen: String,
+    /// What backs the received guest's RAM (may differ from the source's).
+    #[arg(long, value_parser = parse_backing,
+          help = "What backs the received guest's RAM: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    backing: Backing,
+    /// Postcopy fault granularity on huge backings: 4k (stage at 4 KiB, collapse later) or huge
+    /// (continue a huge page only once all of it arrived).
+    #[arg(long, default_value = "4k", value_parser = ["4k", "huge"])]
+    granularity: String,
+    /// File holding the shared secret (at least 16 bytes) both sides prove they know.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Where guest serial output goes: "stdout" or a file path (appended).
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Write the destination's migration statistics (faults, collapses, latencies) to this
+    /// file as JSON once every page has arrived.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The source VM's control socket (`vmm run --api-socket`).
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Destination address (where `vmm receive --listen` waits).
+    #[arg(long)]
+    to: String,
+    /// precopy: copy RAM while the guest runs, then stop and copy the rest; postcopy: move
+    /// the guest first and fetch RAM on demand; hybrid: a few precopy rounds, then postcopy.
+    #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"])]
+    mode: String,
+    /// File holding the shared secret (at least 16 bytes).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -116,6 +175,8 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Run(a) => cmd_run(a),
+        Command::Receive(a) => cmd_receive(a),
+        Command::Migrate(a) => cmd_migrate(a),
         Command::Probe { json } => {
             let report = vmm::probe::probe();
             if json {
@@ -132,10 +193,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<i32> {
-    let serial = match a.serial.as_str() {
-        "stdout" => SerialTarget::Stdout,
-        p => SerialTarget::File(PathBuf::from(p)),
-    };
+    let serial = serial_target(&a.serial);
     let cfg = RunConfig {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -146,6 +204,109 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         serial,
         api_socket: a.api_socket,
     };
-    let outcome = launcher::run(&cfg, None).context("running the VM")?;
+    let outcome = launcher::run(&cfg, Some(Arc::new(Migrator))).context("running the VM")?;
     Ok(outcome.exit_code())
+}
+
+fn serial_target(s: &str) -> SerialTarget {
+    match s {
+        "stdout" => SerialTarget::Stdout,
+        p => SerialTarget::File(PathBuf::from(p)),
+    }
+}
+
+fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
+    let listen = a
+        .listen
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve listen address '{}'", a.listen))?
+        .next()
+        .with_context(|| format!("listen address '{}' has no address", a.listen))?;
+    let cfg = ReceiveConfig {
+        listen,
+        backing: a.backing,
+        granularity: if a.granularity == "huge" {
+            Granularity::Huge
+        } else {
+            Granularity::FourK
+        },
+        secret_file: a.secret_file,
+        serial: serial_target(&a.serial),
+        stats_json: a.stats_json,
+    };
+    let outcome = destination::receive(&cfg).context("receiving the VM")?;
+    Ok(outcome.exit_code())
+}
+
+fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
+    // Check the secret file here for a quick, clear error; the VMM reads it itself, so the
+    // secret never crosses the API socket.
+    let secret_file = match &a.secret_file {
+        Some(p) => {
+            migration::auth::Secret::from_file(p)
+                .with_context(|| format!("reading secret file {}", p.display()))?;
+            let abs = std::fs::canonicalize(p)
+                .with_context(|| format!("resolving secret file {}", p.display()))?;
+            Some(abs.to_string_lossy().into_owned())
+        }
+        None => None,
+    };
+    let req = Request::Migrate {
+        to: a.to.clone(),
+        mode: a.mode.clone(),
+        secret_file,
+    };
+    let start = std::time::Instant::now();
+    let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let summary = vmm::api::call(&a.api_socket, &req, |p| {
+        // Progress on stderr, at most a few lines a second.
+        if last.elapsed().as_millis() >= 250 {
+            last = std::time::Instant::now();
+            eprintln!("{}", progress_line(p, start.elapsed().as_secs_f64()));
+        }
+    })
+    .with_context(|| format!("migrating to {}", a.to))?;
+    if a.json {
+        let mut s = summary.clone();
+        if let Some(o) = s.as_object_mut() {
+            o.remove("ok");
+        }
+        println!("{s}");
+    } else {
+        print_summary(&summary);
+    }
+    Ok(0)
+}
+
+fn progress_line(p: &serde_json::Value, secs: f64) -> String {
+    let total = p["total_pages"].as_u64().unwrap_or(0);
+    let sent = p["pages_sent"].as_u64().unwrap_or(0);
+    // The first pass counts up to the RAM size; later rounds re-send dirty pages.
+    let pages = if sent <= total && total > 0 {
+        format!("{sent}/{total} pages ({:5.1}%)", sent as f64 * 100.0 / total as f64)
+    } else {
+        format!("{sent} pages ({total} in RAM)")
+    };
+    format!(
+        "[{secs:6.1}s] {:<10} round {:>2}  {pages}  {:.1} MiB sent  dirty {}  faults {}",
+        p["phase"].as_str().unwrap_or("?"),
+        p["round"].as_u64().unwrap_or(0),
+        p["bytes_sent"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64,
+        p["dirty_pages"].as_u64().unwrap_or(0),
+        p["faults_served"].as_u64().unwrap_or(0),
+    )
+}
+
+fn print_summary(s: &serde_json::Value) {
+    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    let u = |k: &str| s[k].as_u64().unwrap_or(0);
+    println!("migration complete ({})", s["mode"].as_str().unwrap_or("?"));
+    println!("  blackout       {:.3} ms", f("blackout_ms"));
+    println!("  total time     {:.1} ms", f("total_ms"));
+    println!("  bytes sent     {} ({:.1} MiB)", u("bytes_sent"), u("bytes_sent") as f64 / 1048576.0);
+    println!("  pages sent     {} (+{} zero)", u("pages_sent"), u("zero_pages"));
+    println!("  faults served  {}", u("faults_served"));
+    println!("  pages pushed   {}", u("pages_pushed"));
+    println!("  collapses      {}", u("collapses"));
+    println!("  precopy rounds {}", u("rounds"));
 }

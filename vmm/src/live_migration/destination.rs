@@ -47,7 +47,7 @@ pub enum ReceiveError {
     Incompatible(String),
     #[error("building the VM: {0}")]
     Vm(#[from] VmError),
-    #[error("receiving the VM: {0}")]
+    #[error("the migration failed: {0}")]
     Receive(#[source] destination::DestinationError),
     #[error("running the VM: {0}")]
     Run(#[from] LaunchError),

@@ -10,8 +10,7 @@ use migration::source::{self, MigrateOptions, SourceVm};
 use migration::types::{DirtyLog, Mode, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
-use crate::launcher::MigrateHandler;
-use crate::vcpu::StopReason;
+use crate::launcher::{MigrateFailure, MigrateHandler};
 use crate::vm::Vm;
 
 /// A running VM seen by the source protocol driver.
@@ -69,18 +68,22 @@ impl MigrateHandler for Migrator {
         vm: &Arc<Vm>,
         to: &str,
         mode: &str,
-        secret: Option<Vec<u8>>,
+        secret_file: Option<&std::path::Path>,
         progress: &mut dyn FnMut(serde_json::Value),
-    ) -> Result<serde_json::Value, String> {
-        let mode: Mode = mode.parse()?;
+    ) -> Result<serde_json::Value, MigrateFailure> {
+        let fail = |message: String| MigrateFailure {
+            message,
+            handed_over: false,
+        };
+        let mode: Mode = mode.parse().map_err(fail)?;
         let addr = to
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve destination '{to}': {e}"))?
+            .map_err(|e| fail(format!("cannot resolve destination '{to}': {e}")))?
             .next()
-            .ok_or_else(|| format!("destination '{to}' has no address"))?;
+            .ok_or_else(|| fail(format!("destination '{to}' has no address")))?;
         let mut opts = MigrateOptions::new(mode);
-        if let Some(s) = secret {
-            opts.secret = Some(Secret::from_bytes(s).map_err(|e| e.to_string())?);
+        if let Some(p) = secret_file {
+            opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.to_string()))?);
         }
         let side = SourceSide::new(vm.clone());
         let progress = RefCell::new(progress);
@@ -90,16 +93,15 @@ impl MigrateHandler for Migrator {
             }
         };
         match source::migrate(&side, addr, opts, &report) {
-            Ok(summary) => {
-                // The destination runs the VM now: this VMM is done with it.
-                vm.stop_signal().stop(StopReason::Stopped);
-                serde_json::to_value(summary).map_err(|e| e.to_string())
-            }
-            Err(e) if e.destination_started() => {
-                vm.stop_signal().stop(StopReason::Stopped);
-                Err(e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
+            // The destination runs the VM now: the launcher stops this one after replying.
+            Ok(summary) => serde_json::to_value(summary).map_err(|e| MigrateFailure {
+                message: e.to_string(),
+                handed_over: true,
+            }),
+            Err(e) => Err(MigrateFailure {
+                message: e.to_string(),
+                handed_over: e.destination_started(),
+            }),
         }
     }
 }
