@@ -504,6 +504,15 @@ impl PostcopyEngine {
             progress: Mutex::new(()),
             progress_cv: Condvar::new(),
         });
+        // Dirty logging of every region that will collapse goes on now, before any vCPU runs.
+        // Turning it on later, from a fault-service thread, deadlocks: a memslot update waits
+        // for KVM's SRCU readers, and a vCPU sleeping in a userfault is one of them, waiting
+        // for the very thread that is updating the memslot.
+        for ri in 0..shared.regions.len() {
+            if matches!(shared.regions[ri].plan.mode, ServeMode::Staged(_)) {
+                shared.ensure_dirty_enabled(ri)?;
+            }
+        }
         let mut threads = fault_service::spawn(&shared, FAULT_WORKERS)?;
         let s = Arc::clone(&shared);
         threads.push(

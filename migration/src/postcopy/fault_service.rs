@@ -305,8 +305,8 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
-    // Guest writes after this CONTINUE must be tracked: dirty logging goes on first.
-    shared.ensure_dirty_enabled(ri)?;
+    // Guest writes after this CONTINUE are tracked: prepare() turned dirty logging on for
+    // every region that collapses (never from here: see prepare()).
     shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?;
     drop(collapsed);
     shared

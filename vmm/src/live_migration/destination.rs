@@ -219,6 +219,24 @@ fn existing_page(ram: &GuestRam, gpa: u64) -> Result<*const u8, String> {
 /// Runs `vmm receive`: returns how the received guest ended.
 pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     signals::install().map_err(|e| ReceiveError::Run(LaunchError::Signals(e)))?;
+    // Accepting and receiving block; a SIGINT/SIGTERM before the migration completes ends
+    // the process at once (the kernel frees guest RAM and its huge pages with it).
+    let receiving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let receiving = receiving.clone();
+        std::thread::Builder::new()
+            .name("signal-watch".into())
+            .spawn(move || {
+                while receiving.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Some(sig) = signals::received() {
+                        eprintln!("vmm: signal {sig} during the migration, exiting");
+                        std::process::exit(128 + sig);
+                    }
+                    std::thread::sleep(POLL);
+                }
+            })
+            .map_err(|e| ReceiveError::Run(LaunchError::Signals(e.into())))?;
+    }
     let secret = match &cfg.secret_file {
         Some(p) => Some(Secret::from_file(p).map_err(|e| ReceiveError::Secret(e.to_string()))?),
         None => None,
@@ -281,7 +299,9 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         strategy: Strategy::from(cfg.granularity),
         engine: Mutex::new(None),
     };
-    let summary = incoming.receive(&side).map_err(ReceiveError::Receive)?;
+    let summary = incoming.receive(&side).map_err(ReceiveError::Receive);
+    receiving.store(false, std::sync::atomic::Ordering::SeqCst);
+    let summary = summary?;
     tracing::info!(?summary, "migration received");
     let engine = side.engine.lock().ok().and_then(|e| e.clone());
     if let Some(path) = &cfg.stats_json {
@@ -352,6 +372,5 @@ pub fn smaps_huge_kb() -> (u64, u64) {
     (hugetlb, pmd)
 }
 
-/// How long `vmm receive` waits between checks of a signal while listening (unused when the
-/// accept blocks; kept for the wait loop after the migration).
-pub const POLL: Duration = Duration::from_millis(100);
+/// How often `vmm receive` checks for SIGINT/SIGTERM while the migration runs.
+const POLL: Duration = Duration::from_millis(100);
