@@ -13,7 +13,7 @@ use migration::postcopy::{PostcopyEngine, PostcopyStats, Strategy};
 use migration::types::{Granularity, Mode, PageFetcher, PageSet, PAGE_SIZE};
 use serde::Serialize;
 
-use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus};
+use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus, SwappedSlots};
 use crate::launcher::{self, LaunchError, RunOutcome, SerialTarget};
 use crate::memory::{Backing, GuestRam};
 use crate::signals;
@@ -156,6 +156,7 @@ impl DestinationVm for DestSide {
     ) -> Result<Arc<dyn PostcopySink>, String> {
         self.register_memory(true)?;
         let regions = super::ram_regions(self.vm.ram());
+        let swapped = SwappedSlots::default();
         let mut engine = PostcopyEngine::new(
             regions,
             self.strategy,
@@ -164,8 +165,12 @@ impl DestinationVm for DestSide {
             Arc::new(KvmDirtyLog {
                 vm: self.vm.clone(),
                 bind_guest_memfd: false,
+                swapped: swapped.clone(),
             }),
-            Arc::new(GuestMemfdSwap(self.vm.clone())),
+            Arc::new(GuestMemfdSwap {
+                vm: self.vm.clone(),
+                swapped,
+            }),
         )
         .map_err(|e| e.to_string())?;
         engine.prepare().map_err(|e| e.to_string())?;

@@ -1,7 +1,8 @@
 //! KVM-backed implementations of the migration crate's hooks: the dirty log of a memslot, vCPU
 //! pause/resume, and the guest_memfd memslot swap at collapse.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use migration::types::{DirtyLog, MemslotSwap, RamRegion, VcpuControl};
 
@@ -13,6 +14,16 @@ pub struct KvmDirtyLog {
     /// guest_memfd regions staged for postcopy are plain slots; they must stay unbound when the
     /// dirty flag is toggled.
     pub bind_guest_memfd: bool,
+    /// Slots a [`GuestMemfdSwap`] has bound to their guest_memfd since: KVM cannot change them
+    /// any more, and they were re-created without dirty logging.
+    pub swapped: SwappedSlots,
+}
+
+/// The slots bound to their guest_memfd by a collapse, shared by the dirty log and the swap.
+pub type SwappedSlots = Arc<Mutex<HashSet<u32>>>;
+
+fn is_swapped(s: &SwappedSlots, slot: u32) -> bool {
+    s.lock().map(|s| s.contains(&slot)).unwrap_or(false)
 }
 
 impl DirtyLog for KvmDirtyLog {
@@ -24,6 +35,9 @@ impl DirtyLog for KvmDirtyLog {
     }
 
     fn disable(&self, slot: u32) -> Result<(), String> {
+        if is_swapped(&self.swapped, slot) {
+            return Ok(());
+        }
         self.vm
             .ram()
             .set_slot(self.vm.fd(), slot as usize, false, self.bind_guest_memfd)
@@ -59,15 +73,22 @@ impl VcpuControl for KvmVcpus {
 
 /// Binds a staged guest_memfd region's memslot to its guest_memfd: guest_memfd slots cannot be
 /// modified, so the plain staging slot is deleted and re-created bound.
-pub struct GuestMemfdSwap(pub Arc<Vm>);
+pub struct GuestMemfdSwap {
+    pub vm: Arc<Vm>,
+    pub swapped: SwappedSlots,
+}
 
 impl MemslotSwap for GuestMemfdSwap {
     fn swap_to_final(&self, region: &RamRegion) -> Result<(), String> {
-        let ram = self.0.ram();
+        let ram = self.vm.ram();
         let idx = region.slot as usize;
-        ram.delete_slot(self.0.fd(), idx)
+        ram.delete_slot(self.vm.fd(), idx)
             .map_err(|e| format!("deleting staging memslot {idx}: {e}"))?;
-        ram.set_slot(self.0.fd(), idx, false, true)
-            .map_err(|e| format!("binding memslot {idx} to its guest_memfd: {e}"))
+        ram.set_slot(self.vm.fd(), idx, false, true)
+            .map_err(|e| format!("binding memslot {idx} to its guest_memfd: {e}"))?;
+        if let Ok(mut s) = self.swapped.lock() {
+            s.insert(region.slot);
+        }
+        Ok(())
     }
 }

@@ -25,6 +25,7 @@ impl SourceSide {
             dirty: KvmDirtyLog {
                 vm: vm.clone(),
                 bind_guest_memfd: true,
+                swapped: Default::default(),
             },
             vm,
         }
