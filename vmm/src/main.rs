@@ -283,7 +283,10 @@ fn progress_line(p: &serde_json::Value, secs: f64) -> String {
     let sent = p["pages_sent"].as_u64().unwrap_or(0);
     // The first pass counts up to the RAM size; later rounds re-send dirty pages.
     let pages = if sent <= total && total > 0 {
-        format!("{sent}/{total} pages ({:5.1}%)", sent as f64 * 100.0 / total as f64)
+        format!(
+            "{sent}/{total} pages ({:5.1}%)",
+            sent as f64 * 100.0 / total as f64
+        )
     } else {
         format!("{sent} pages ({total} in RAM)")
     };
@@ -303,8 +306,16 @@ fn print_summary(s: &serde_json::Value) {
     println!("migration complete ({})", s["mode"].as_str().unwrap_or("?"));
     println!("  blackout       {:.3} ms", f("blackout_ms"));
     println!("  total time     {:.1} ms", f("total_ms"));
-    println!("  bytes sent     {} ({:.1} MiB)", u("bytes_sent"), u("bytes_sent") as f64 / 1048576.0);
-    println!("  pages sent     {} (+{} zero)", u("pages_sent"), u("zero_pages"));
+    println!(
+        "  bytes sent     {} ({:.1} MiB)",
+        u("bytes_sent"),
+        u("bytes_sent") as f64 / 1048576.0
+    );
+    println!(
+        "  pages sent     {} (+{} zero)",
+        u("pages_sent"),
+        u("zero_pages")
+    );
     println!("  faults served  {}", u("faults_served"));
     println!("  pages pushed   {}", u("pages_pushed"));
     println!("  collapses      {}", u("collapses"));

@@ -42,7 +42,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// KVM's view of a GDT entry, for loading segment registers.
 pub fn segment_from_gdt(index: usize) -> kvm_segment {
     let entry = GDT[index];
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let limit = if g == 1 {

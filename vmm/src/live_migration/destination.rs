@@ -246,10 +246,11 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         Some(p) => Some(Secret::from_file(p).map_err(|e| ReceiveError::Secret(e.to_string()))?),
         None => None,
     };
-    let listener = destination::listen(cfg.listen, secret).map_err(|source| ReceiveError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    let listener =
+        destination::listen(cfg.listen, secret).map_err(|source| ReceiveError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
     eprintln!("vmm: waiting for a migration on {}", cfg.listen);
     let incoming = listener.accept().map_err(ReceiveError::Accept)?;
     let config = incoming.config().clone();

@@ -525,10 +525,12 @@ impl GuestRam {
             addr: index as u64,
             len: 0,
         })?;
-        let mut slot = self.memslot(index, dirty_log).ok_or(MemoryError::OutOfRange {
-            addr: r.guest_addr,
-            len: r.size,
-        })?;
+        let mut slot = self
+            .memslot(index, dirty_log)
+            .ok_or(MemoryError::OutOfRange {
+                addr: r.guest_addr,
+                len: r.size,
+            })?;
         if !bind_guest_memfd {
             slot.flags &= !KVM_MEM_GUEST_MEMFD;
             slot.guest_memfd = 0;
