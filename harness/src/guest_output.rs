@@ -70,6 +70,10 @@ pub struct GuestHist {
     pub unit: String,
     /// `(lower bound, count)` per bucket, as printed.
     pub buckets: Vec<(u64, u64)>,
+    /// `pass=K`: the slow accesses of pass K alone (printed right after its pass line). Absent
+    /// on the final whole-run histograms.
+    #[serde(default)]
+    pub pass: Option<u64>,
     /// How many `WORKLOAD pass` lines preceded this line in the same output.
     pub after_passes: usize,
 }
@@ -96,6 +100,11 @@ pub struct GuestOutput {
     pub mismatches: Vec<Mismatch>,
     pub hists: Vec<GuestHist>,
     pub result: Option<WorkloadResult>,
+    /// `WORKLOAD` lines of a known kind that did not parse, with the reason. A line can be cut
+    /// in two by the switchover (its start printed by the source, its end by the destination),
+    /// so a transcript is not rejected for one.
+    #[serde(default)]
+    pub malformed: Vec<String>,
 }
 
 /// One recognised console line.
@@ -231,6 +240,11 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseErr
                 name: f.str("name")?.to_string(),
                 unit: f.str("unit")?.to_string(),
                 buckets,
+                pass: f
+                    .map
+                    .contains_key("pass")
+                    .then(|| f.num("pass"))
+                    .transpose()?,
                 after_passes: 0,
             })
         }
@@ -273,15 +287,28 @@ impl GuestOutput {
         }
     }
 
-    /// Parses a whole console transcript.
-    pub fn parse(text: &str) -> Result<Self, ParseError> {
+    /// Parses a whole console transcript; malformed `WORKLOAD` lines are kept in
+    /// [`GuestOutput::malformed`] (see there).
+    pub fn parse(text: &str) -> Self {
         let mut out = Self::default();
         for (i, line) in text.lines().enumerate() {
-            if let Some(l) = parse_line(i + 1, line)? {
-                out.push(l);
+            match parse_line(i + 1, line) {
+                Ok(Some(l)) => out.push(l),
+                Ok(None) => {}
+                Err(e) => out.malformed.push(e.to_string()),
             }
         }
-        Ok(out)
+        out
+    }
+
+    /// The per-pass histograms named `name` (`pass=K` lines), in order.
+    pub fn pass_hists<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a GuestHist> + 'a {
+        self.hists_named(name).filter(|h| h.pass.is_some())
+    }
+
+    /// The whole-run histogram named `name` (the last line without `pass=`), if printed.
+    pub fn final_hist(&self, name: &str) -> Option<&GuestHist> {
+        self.hists_named(name).filter(|h| h.pass.is_none()).last()
     }
 
     /// The histograms named `name` (e.g. `access_slow`), in order.
@@ -371,7 +398,8 @@ mod tests {
 vmm: guest starting
 WORKLOAD start vcpus=2 span_bytes=268435456 pages=65536 pattern=random writes=100 passes=0 seed=7 tsc_khz=2100000 pt=1g usable_bytes=268000000
 WORKLOAD pass n=1 pages=65536 mismatches=0 elapsed_ms=812 slow_accesses=3
-WORKLOAD HIST name=access_slow unit=ns buckets=16384:2,32768:1
+WORKLOAD HIST name=access_slow pass=1 unit=ns buckets=16384:2,32768:1
+WORKLOAD pass n=2 pages=6
 [serial] WORKLOAD pass n=2 pages=65536 mismatches=1 elapsed_ms=900 slow_accesses=0
 WORKLOAD MISMATCH gpa=0x1000 expected=0xdeadbeef found=0x0 vcpu=1
 WORKLOAD HIST name=first_touch unit=ns buckets=1024:10,2048:5,4096:0
@@ -381,7 +409,9 @@ WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50
 
     #[test]
     fn parses_every_line_kind() {
-        let out = GuestOutput::parse(TRANSCRIPT).unwrap();
+        let out = GuestOutput::parse(TRANSCRIPT);
+        assert_eq!(out.malformed.len(), 1, "{:?}", out.malformed);
+        assert!(out.malformed[0].contains("line 5"), "{:?}", out.malformed);
         let s = out.start.as_ref().unwrap();
         assert_eq!((s.vcpus, s.pages, s.tsc_khz), (2, 65536, 2_100_000));
         assert_eq!(s.pattern, "random");
@@ -402,6 +432,10 @@ WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50
         assert_eq!(slow.len(), 1);
         assert_eq!(slow[0].buckets, vec![(16384, 2), (32768, 1)]);
         assert_eq!(slow[0].after_passes, 1);
+        assert_eq!(slow[0].pass, Some(1));
+        assert_eq!(out.pass_hists("access_slow").count(), 1);
+        assert!(out.final_hist("access_slow").is_none());
+        assert_eq!(out.final_hist("first_touch").unwrap().pass, None);
         assert_eq!(out.hists[1].after_passes, 2);
         let r = out.result.unwrap();
         assert!(!r.ok);

@@ -3,6 +3,7 @@
 //! runs be merged and compared later.
 
 use crate::histogram::{self, HistogramError, LatencyHistogram, Percentiles, ShortSummary};
+use crate::probe::HostCheck;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,11 @@ pub const RESULTS_VERSION: u32 = 1;
 
 /// Histogram kinds stored per scenario.
 pub mod kind {
-    /// Guest-seen fault latency (access_slow after switchover).
+    /// Guest-seen fault latency (access_slow of the destination passes that overlapped
+    /// postcopy).
     pub const GUEST_FAULT: &str = "guest_fault";
+    /// Slow guest accesses of the destination passes after postcopy ended (noise, collapses).
+    pub const GUEST_AFTER: &str = "guest_after";
     /// VMM-side fault latency (fault read to CONTINUE done).
     pub const VMM_FAULT: &str = "vmm_fault";
     /// The limit: uffd round trip convolved with the 4 KiB TCP round trip.
@@ -65,10 +69,24 @@ pub struct ScenarioResult {
     pub strategy: String,
     pub link: String,
     pub pattern: String,
+    /// The `vmm receive --granularity` value used.
+    #[serde(default)]
+    pub granularity: String,
     pub status: Status,
     pub error: Option<String>,
-    /// Guest-seen fault latency, us.
+    /// Guest-seen fault latency, us: the slow accesses (> 2 us) of the destination passes
+    /// that overlapped postcopy (see `guest_fault_passes`).
     pub fault_us: Percentiles,
+    /// The destination passes whose slow accesses make `fault_us`.
+    #[serde(default)]
+    pub guest_fault_passes: Vec<u64>,
+    /// Where `fault_us` comes from: per-pass histograms, or the guest's whole-run histogram
+    /// when it printed none per pass.
+    #[serde(default)]
+    pub guest_fault_source: String,
+    /// Slow accesses of the destination passes after postcopy ended, us.
+    #[serde(default)]
+    pub guest_after_us: Percentiles,
     /// VMM-side fault latency, us.
     pub vmm_fault_us: Percentiles,
     /// The limit (uffd round trip + 4 KiB TCP round trip), us.
@@ -84,8 +102,19 @@ pub struct ScenarioResult {
     /// Peak link rate seen by the interface sampler during the migration.
     pub peak_link_gbps: Option<f64>,
     pub collapse_stall_us: ShortSummary,
+    /// Whole duration of each collapse (the vCPU runs during most of it).
+    #[serde(default)]
+    pub collapse_total_us: ShortSummary,
     pub staging_peak_mib: Option<f64>,
+    /// Pages the source sent on the urgent (fault) channel (`vmm migrate --json`).
     pub faults_served: Option<u64>,
+    /// userfaultfd faults the destination handled (stats `faults_served`), including those
+    /// resolved without the network.
+    #[serde(default)]
+    pub uffd_faults: Option<u64>,
+    /// Faults that fetched from the source (stats `pages_fetched`).
+    #[serde(default)]
+    pub pages_fetched: Option<u64>,
     pub pages_pushed: Option<u64>,
     pub pages_sent: Option<u64>,
     pub bytes_sent: Option<u64>,
@@ -96,6 +125,9 @@ pub struct ScenarioResult {
     /// began: noise included in `fault_us`, which the guest accumulates over the whole run.
     #[serde(default)]
     pub guest_slow_before_migration: Option<u64>,
+    /// Slow accesses in destination passes that began after postcopy ended.
+    #[serde(default)]
+    pub guest_slow_after_migration: Option<u64>,
     /// Histogram kind -> file name relative to `DIR/hist/`.
     #[serde(default)]
     pub histograms: BTreeMap<String, String>,
@@ -126,9 +158,13 @@ impl ScenarioResult {
             strategy: strategy.into(),
             link: link.into(),
             pattern: pattern.into(),
+            granularity: String::new(),
             status: Status::Failed,
             error: None,
             fault_us: Percentiles::default(),
+            guest_fault_passes: Vec::new(),
+            guest_fault_source: String::new(),
+            guest_after_us: Percentiles::default(),
             vmm_fault_us: Percentiles::default(),
             limit_us: Percentiles::default(),
             uffd_rtt_us: Percentiles::default(),
@@ -139,8 +175,11 @@ impl ScenarioResult {
             raw_throughput_gbps: None,
             peak_link_gbps: None,
             collapse_stall_us: ShortSummary::default(),
+            collapse_total_us: ShortSummary::default(),
             staging_peak_mib: None,
             faults_served: None,
+            uffd_faults: None,
+            pages_fetched: None,
             pages_pushed: None,
             pages_sent: None,
             bytes_sent: None,
@@ -148,6 +187,7 @@ impl ScenarioResult {
             guest_mismatches: None,
             guest_ok: None,
             guest_slow_before_migration: None,
+            guest_slow_after_migration: None,
             histograms: BTreeMap::new(),
             throughput_series: Vec::new(),
             fault_series: Vec::new(),
@@ -162,6 +202,10 @@ impl ScenarioResult {
 pub struct Results {
     pub version: u32,
     pub quick: bool,
+    /// `vmm probe --json` checks of the host the run was on (e.g. `hugetlb_4k_continue`: the
+    /// kernel-native alternative to 4 KiB staging).
+    #[serde(default)]
+    pub host_checks: BTreeMap<String, HostCheck>,
     pub scenarios: Vec<ScenarioResult>,
 }
 
@@ -251,6 +295,9 @@ pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(
     if let Some(h) = load_histogram(dir, r, kind::GUEST_FAULT)? {
         r.fault_us = Percentiles::us(&h);
     }
+    if let Some(h) = load_histogram(dir, r, kind::GUEST_AFTER)? {
+        r.guest_after_us = Percentiles::us(&h);
+    }
     if let Some(h) = load_histogram(dir, r, kind::VMM_FAULT)? {
         r.vmm_fault_us = Percentiles::us(&h);
     }
@@ -282,9 +329,13 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
     let mut merged: Vec<ScenarioResult> = Vec::new();
     let mut groups: BTreeMap<String, Vec<(PathBuf, ScenarioResult)>> = BTreeMap::new();
     let mut quick = true;
+    let mut host_checks = BTreeMap::new();
     for dir in inputs {
         let res = Results::load(dir)?;
         quick &= res.quick;
+        if host_checks.is_empty() {
+            host_checks = res.host_checks;
+        }
         for s in res.scenarios {
             groups
                 .entry(s.name.clone())
@@ -325,6 +376,10 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.pages_sent = sum(|s| s.pages_sent);
         m.bytes_sent = sum(|s| s.bytes_sent);
         m.pages_fetched_local = sum(|s| s.pages_fetched_local);
+        m.uffd_faults = sum(|s| s.uffd_faults);
+        m.pages_fetched = sum(|s| s.pages_fetched);
+        m.guest_slow_before_migration = sum(|s| s.guest_slow_before_migration);
+        m.guest_slow_after_migration = sum(|s| s.guest_slow_after_migration);
         m.guest_mismatches = sum(|s| s.guest_mismatches);
         let kinds: std::collections::BTreeSet<String> = runs
             .iter()
@@ -349,6 +404,7 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
     let res = Results {
         version: RESULTS_VERSION,
         quick,
+        host_checks,
         scenarios: merged,
     };
     res.save(out)?;
@@ -371,6 +427,7 @@ mod tests {
         Results {
             version: RESULTS_VERSION,
             quick: true,
+            host_checks: BTreeMap::new(),
             scenarios: vec![r],
         }
         .save(d.path())

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootConfig, BootError, BootInfo, GuestKind};
+use crate::devices::serial::SerialSnapshot;
 use crate::devices::serial::SERIAL_IRQ;
 use crate::devices::{Console, DebugDevice, Devices, ExitPort, SerialDevice, I8042};
 use crate::memory::{Backing, GuestRam, MemoryError};
@@ -45,7 +46,8 @@ pub enum VmError {
     State(String),
 }
 
-/// VM-wide device state that lives in KVM.
+/// VM-wide device state: what lives in KVM (PIC, IOAPIC, PIT, kvmclock), the UART, and every
+/// vCPU.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
     pub pic_master: kvm_irqchip,
@@ -53,6 +55,7 @@ pub struct VmState {
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
+    pub serial: SerialSnapshot,
     pub vcpus: Vec<VcpuState>,
 }
 
@@ -119,7 +122,9 @@ impl Vm {
         fd.register_irqfd(&serial_evt, SERIAL_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD (serial)", e))?;
         let devices = Devices {
-            serial: std::sync::Mutex::new(SerialDevice::new(serial_evt, console.clone())),
+            serial: std::sync::Mutex::new(
+                SerialDevice::new(serial_evt, console.clone()).map_err(VmError::EventFd)?,
+            ),
             i8042: I8042,
             exit_port: ExitPort,
             debug: DebugDevice::new(console),
@@ -268,6 +273,12 @@ impl Vm {
                 .fd
                 .get_clock()
                 .map_err(|e| VmError::Kvm("KVM_GET_CLOCK", e))?,
+            serial: self
+                .devices
+                .serial
+                .lock()
+                .map_err(|_| VmError::State("serial device lock poisoned".into()))?
+                .save(),
             vcpus,
         })
     }
@@ -296,6 +307,12 @@ impl Vm {
         self.fd
             .set_clock(&clock)
             .map_err(|e| VmError::Kvm("KVM_SET_CLOCK", e))?;
+        self.devices
+            .serial
+            .lock()
+            .map_err(|_| VmError::State("serial device lock poisoned".into()))?
+            .restore(&state.serial)
+            .map_err(VmError::State)?;
         for (v, s) in handles.iter().zip(&state.vcpus) {
             let s = s.clone();
             v.with_fd(move |fd| s.restore(fd))??;

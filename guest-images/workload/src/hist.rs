@@ -64,6 +64,14 @@ impl Hist {
         }
     }
 
+    /// Empties the histogram (only when no vCPU is recording into it).
+    pub fn clear(&self) {
+        for c in &self.counts {
+            c.store(0, Relaxed);
+        }
+        self.max.store(0, Relaxed);
+    }
+
     pub fn count(&self) -> u64 {
         self.counts.iter().map(|c| c.load(Relaxed)).sum()
     }

@@ -40,6 +40,10 @@ static SNAPSHOTS: [[[AtomicU64; 3]; 2]; MAX] =
 static FIRST_TOUCH: [Hist; MAX] = [const { Hist::new() }; MAX];
 /// Slow accesses (> 2000 ns) of later passes, per vCPU.
 static ACCESS_SLOW: [Hist; MAX] = [const { Hist::new() }; MAX];
+/// The same slow accesses per pass, per vCPU, by pass parity: a vCPU records pass K into
+/// slot K%2; vCPU 0 prints and clears slot K%2 after barrier K+1, before it arrives at barrier
+/// K+2, and no vCPU can start pass K+2 (the next user of the slot) before that barrier.
+static PASS_SLOW: [[Hist; 2]; MAX] = [const { [const { Hist::new() }; 2] }; MAX];
 
 /// Cumulative counters of one vCPU.
 #[derive(Default, Clone, Copy)]
@@ -162,6 +166,9 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
             let now = tsc::now();
             let total = sum_snapshots(vcpus, pass);
             print_pass(pass, &total, &reported, clock.ms_of(now - pass_start));
+            if total.slow > reported.slow {
+                print_pass_slow(vcpus, pass, clock.unit());
+            }
             reported = total;
             pass_start = now;
         }
@@ -218,6 +225,7 @@ impl Worker<'_> {
             pass,
         );
         let slow_hist = &ACCESS_SLOW[self.vcpu as usize];
+        let pass_hist = &PASS_SLOW[self.vcpu as usize][(pass % 2) as usize];
         let threshold = self.clock.slow_threshold();
         let write_key = mix64(self.opts.seed ^ mix64(pass ^ 0x5752_4954_4553));
         for i in 0..order.len() {
@@ -231,6 +239,7 @@ impl Worker<'_> {
             if d > threshold {
                 self.counters.slow += 1;
                 slow_hist.record(d);
+                pass_hist.record(d);
             }
             // SAFETY: as in `first_pass`.
             let gen = unsafe { self.gen_ptr(index).read() };
@@ -320,14 +329,38 @@ fn print_pass(pass: u64, total: &Counters, before: &Counters, elapsed_ms: u64) {
     });
 }
 
+/// Prints pass `pass`'s slow accesses of every vCPU as one histogram line
+/// (`WORKLOAD HIST name=access_slow pass=K ...`) and clears them for pass K+2.
+fn print_pass_slow(vcpus: u64, pass: u64, unit: &str) {
+    let slot = (pass % 2) as usize;
+    let sum = &PASS_SLOW[0][slot];
+    for v in PASS_SLOW.iter().take(vcpus as usize).skip(1) {
+        sum.add(&v[slot]);
+        v[slot].clear();
+    }
+    console::with(|w| {
+        let _ = write!(
+            w,
+            "WORKLOAD HIST name=access_slow pass={pass} unit={unit} buckets="
+        );
+        write_buckets(w, sum);
+    });
+    sum.clear();
+}
+
+/// Writes the non-empty buckets as `LO:COUNT,...` and ends the line.
+fn write_buckets(w: &mut console::Console, h: &Hist) {
+    for (i, (lo, count)) in h.nonempty().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(w, "{sep}{lo}:{count}");
+    }
+    let _ = w.write_str("\n");
+}
+
 fn print_hist(name: &str, unit: &str, h: &Hist) {
     console::with(|w| {
         let _ = write!(w, "WORKLOAD HIST name={name} unit={unit} buckets=");
-        for (i, (lo, count)) in h.nonempty().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            let _ = write!(w, "{sep}{lo}:{count}");
-        }
-        let _ = w.write_str("\n");
+        write_buckets(w, h);
     });
 }
 

@@ -1,7 +1,7 @@
 //! The engine object: regions, their plans and state, the userfaultfd, the worker threads, and
 //! the public API the protocol driver and the VMM use.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -81,8 +81,11 @@ pub(crate) struct Shared {
     pub memslots: Arc<dyn MemslotSwap>,
     pub stats: StatsCollector,
     /// Faults being served: (region, page) for 4 KiB modes, (region, huge index | HUGE_KEY) for
-    /// whole-page mode. A second fault on the same key is left to the first one's wake.
-    pub inflight: Mutex<HashSet<(usize, u64)>>,
+    /// whole-page mode, with the read times of later faults on the same key: those are left to
+    /// the first one's CONTINUE / wake, which also records their latency.
+    pub inflight: Mutex<HashMap<(usize, u64), Vec<Instant>>>,
+    /// Fault events read and not yet finished by a worker.
+    pub faults_pending: AtomicU64,
     pub collapse_tx: Mutex<Option<mpsc::Sender<CollapseJob>>>,
     pub shutdown: AtomicBool,
     pub fatal: Mutex<Option<String>>,
@@ -234,11 +237,93 @@ impl Shared {
         addr: usize,
         len: usize,
     ) -> Result<(), PostcopyError> {
+        // EAGAIN: the address space is changing under userfaultfd (mmap_changing); the kernel
+        // asks us to try again.
+        let mut result = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
+        let mut tries = 0;
+        while matches!(&result, Err(e) if sys::uffd_errno(e) == Some(libc::EAGAIN))
+            && tries < 10_000
+        {
+            tries += 1;
+            std::thread::yield_now();
+            result = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
+        }
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
+                let _ = self.uffd.wake(addr as *mut libc::c_void, len);
+                Ok(())
+            }
+            Err(source) => Err(PostcopyError::UffdRange {
+                slot,
+                what: match sys::uffd_errno(&source) {
+                    Some(libc::EFAULT) => "UFFDIO_CONTINUE (EFAULT: page not in the page cache)",
+                    Some(libc::EINVAL) => "UFFDIO_CONTINUE (EINVAL)",
+                    Some(libc::EAGAIN) => "UFFDIO_CONTINUE (EAGAIN)",
+                    Some(libc::ENOMEM) => "UFFDIO_CONTINUE (ENOMEM)",
+                    _ => "UFFDIO_CONTINUE",
+                },
+                addr,
+                len,
+                source,
+            }),
+        }
+    }
+
+    /// Make sure the page at primary address `addr` of anonymous region `ri` is mapped and wake
+    /// its waiters: a page that arrived as part of a zero run was never copied in, so it gets
+    /// the zero page (EEXIST: it is present already, only wake).
+    pub fn anon_zero_or_wake(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
+        let len = PAGE_SIZE as usize;
+        // SAFETY: `addr` is a page of the MISSING-registered anonymous region the engine manages;
+        // UFFDIO_ZEROPAGE never replaces a present page (EEXIST).
+        let res = unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
+                let _ = self.uffd.wake(addr as *mut libc::c_void, len);
+                Ok(())
+            }
+            Err(source) => Err(PostcopyError::UffdRange {
+                slot: self.regions[ri].region.slot,
+                what: "UFFDIO_ZEROPAGE",
+                addr,
+                len,
+                source,
+            }),
+        }
+    }
+
+    /// shmem: `UFFDIO_CONTINUE` one page that arrived; a page that arrived as part of a zero run
+    /// is not in the page cache (CONTINUE: EFAULT), so it gets a zeroed page (UFFDIO_ZEROPAGE,
+    /// which never replaces a page already there: EEXIST, wake only).
+    pub fn continue_or_zero(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
+        let len = PAGE_SIZE as usize;
+        let slot = self.regions[ri].region.slot;
         match self.uffd.r#continue(addr as *mut libc::c_void, len, true) {
             Ok(_) => Ok(()),
             Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
                 let _ = self.uffd.wake(addr as *mut libc::c_void, len);
                 Ok(())
+            }
+            Err(e) if sys::uffd_errno(&e) == Some(libc::EFAULT) => {
+                // SAFETY: `addr` is a page of the engine's MISSING|MINOR-registered shmem region;
+                // ZEROPAGE only fills a page-cache hole.
+                let res = unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) };
+                match res {
+                    Ok(_) => Ok(()),
+                    Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
+                        let _ = self.uffd.wake(addr as *mut libc::c_void, len);
+                        Ok(())
+                    }
+                    Err(source) => Err(PostcopyError::UffdRange {
+                        slot,
+                        what: "UFFDIO_ZEROPAGE",
+                        addr,
+                        len,
+                        source,
+                    }),
+                }
             }
             Err(source) => Err(PostcopyError::UffdRange {
                 slot,
@@ -250,9 +335,14 @@ impl Shared {
         }
     }
 
-    /// Whether every region is done.
+    /// Whether every page of every region arrived.
+    pub fn all_arrived(&self) -> bool {
+        self.regions.iter().all(|r| r.tracker.complete())
+    }
+
+    /// Whether every region is done and no fault is still being served.
     pub fn all_done(&self) -> bool {
-        self.regions.iter().all(|r| r.done())
+        self.regions.iter().all(|r| r.done()) && self.faults_pending.load(Ordering::Acquire) == 0
     }
 }
 
@@ -497,7 +587,8 @@ impl PostcopyEngine {
             dirty: cfg.dirty,
             memslots: cfg.memslots,
             stats: StatsCollector::default(),
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
+            faults_pending: AtomicU64::new(0),
             collapse_tx: Mutex::new(Some(collapse_tx)),
             shutdown: AtomicBool::new(false),
             fatal: Mutex::new(None),
@@ -554,6 +645,53 @@ impl PostcopyEngine {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(written)
+    }
+
+    /// A run of `count` zero pages from `gpa` (inside one region). Destination memory starts
+    /// zero-filled (fresh hugetlb / shmem / guest_memfd / anonymous pages, fresh staging), and
+    /// nothing is written to a page before it arrives, so a zero page that has not arrived
+    /// only gets its arrival bit: nothing is written (an anonymous or shmem page the guest then
+    /// touches is mapped zero-filled by the fault service, never fetched). Pages that already
+    /// arrived are left alone. Units the run completes are scheduled for collapse. Returns how
+    /// many pages were newly marked.
+    ///
+    /// The caller must not use this for a page whose memory may hold earlier data (e.g. a
+    /// precopy write a hybrid migration discarded): write those with
+    /// [`PostcopyEngine::bulk_page`] and a zero page instead.
+    pub fn bulk_zero(&self, gpa: u64, count: u64) -> Result<u64, PostcopyError> {
+        let shared = self.shared()?;
+        if count == 0 {
+            return Ok(0);
+        }
+        let (ri, first) = shared
+            .locate_gpa(gpa)
+            .ok_or(PostcopyError::BadGpa { gpa })?;
+        let r = &shared.regions[ri];
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= r.tracker.pages())
+            .ok_or(PostcopyError::BadGpa {
+                gpa: gpa.saturating_add(count.saturating_sub(1).saturating_mul(PAGE_SIZE)),
+            })?;
+        // No page lock: nothing is written. A concurrent writer of the same page (a fetch, a
+        // bulk page) writes the same zeros, before the guest can see the page, and only the
+        // first to set the arrival bit counts it.
+        let (newly, completed) = r.tracker.mark_arrived_run(first, end);
+        shared
+            .stats
+            .zero_pages_applied
+            .fetch_add(newly, Ordering::Relaxed);
+        shared
+            .stats
+            .zero_pages_ignored
+            .fetch_add(count - newly, Ordering::Relaxed);
+        for unit in &completed {
+            shared.unit_arrived(ri, *unit);
+        }
+        if completed.is_empty() && r.tracker.complete() {
+            shared.notify_progress();
+        }
+        Ok(newly)
     }
 
     /// Whether the page at `gpa` has arrived.

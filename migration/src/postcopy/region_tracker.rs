@@ -60,6 +60,27 @@ impl AtomicBitmap {
         self.words[(i / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
     }
 
+    /// Set bits `[start, end)` (clamped to the bitmap) word by word; returns how many were
+    /// clear before.
+    pub fn set_range(&self, start: u64, end: u64) -> u64 {
+        let end = end.min(self.len);
+        let mut newly = 0u64;
+        let mut i = start;
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let prev = self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+            newly += u64::from((mask & !prev).count_ones());
+            i += n;
+        }
+        newly
+    }
+
     /// Number of set bits in `[start, end)`.
     pub fn count_range(&self, start: u64, end: u64) -> u64 {
         (start..end.min(self.len)).filter(|&i| self.get(i)).count() as u64
@@ -138,6 +159,34 @@ impl RegionTracker {
         (done == end - first).then_some(unit)
     }
 
+    /// Mark pages `[first, end)` arrived at once (pages known to be zero in their final place,
+    /// so nothing is written). Returns how many were not arrived before and the units this
+    /// call completed.
+    pub fn mark_arrived_run(&self, first: u64, end: u64) -> (u64, Vec<u64>) {
+        let end = end.min(self.pages);
+        let mut newly = 0;
+        let mut completed = Vec::new();
+        let mut p = first;
+        while p < end {
+            let unit = self.unit_of(p);
+            let (ufirst, uend) = self.unit_pages(unit);
+            let stop = uend.min(end);
+            let n = self.arrived.set_range(p, stop);
+            if n > 0 {
+                newly += n;
+                self.arrived_total.fetch_add(n, Ordering::AcqRel);
+                let done = u64::from(
+                    self.unit_arrived[unit as usize].fetch_add(n as u32, Ordering::AcqRel),
+                ) + n;
+                if done == uend - ufirst {
+                    completed.push(unit);
+                }
+            }
+            p = stop;
+        }
+        (newly, completed)
+    }
+
     /// Whether every page of unit `unit` arrived.
     pub fn unit_complete(&self, unit: u64) -> bool {
         let (first, end) = self.unit_pages(unit);
@@ -208,5 +257,21 @@ mod tests {
         assert!(!t.unit_complete(1));
         assert_eq!(t.missing_in(0, 10), vec![4, 5, 6, 7]);
         assert_eq!(t.arrived_count(), 6);
+    }
+
+    #[test]
+    fn run_marking_counts_and_completes_units() {
+        let t = RegionTracker::new(300, 128);
+        assert_eq!(t.mark_arrived(5), None);
+        assert_eq!(t.mark_arrived(130), None);
+        let (n, units) = t.mark_arrived_run(0, 200);
+        assert_eq!(n, 198);
+        assert_eq!(units, vec![0]);
+        assert!(!t.unit_complete(1));
+        let (n, units) = t.mark_arrived_run(190, 300);
+        assert_eq!(n, 100);
+        assert_eq!(units, vec![1, 2]);
+        assert!(t.complete());
+        assert_eq!(t.mark_arrived_run(0, 300), (0, vec![]));
     }
 }

@@ -24,6 +24,14 @@ pub struct CollapseRecord {
     pub delta_pages: Vec<u64>,
     /// Staging pages of the unit (pages the guest touched before the collapse).
     pub staged_pages: u64,
+    /// Inside the stall: pause() until every vCPU was out of the guest.
+    pub pause_ns: u64,
+    /// Inside the stall: final dirty log fetch and delta copy.
+    pub final_delta_ns: u64,
+    /// Inside the stall: the swap (mmap(MAP_FIXED) / memslot swap) and the wake.
+    pub swap_ns: u64,
+    /// Before the stall: dropping the staging PTEs (MADV_DONTNEED) of big units.
+    pub dontneed_ns: u64,
     /// Off-path staging free (punch-hole) time.
     pub free_ns: u64,
     /// Whether the collapse succeeded (MADV_COLLAPSE may fail; it is then left 4 KiB-mapped).
@@ -33,8 +41,12 @@ pub struct CollapseRecord {
 /// A snapshot of the engine's statistics.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PostcopyStats {
-    /// Userfaults handled (every event read, including duplicates that were only woken).
+    /// Userfaults handled (every event read, including duplicates that joined a fault already
+    /// being served); each one that was resolved has a latency sample.
     pub faults_served: u64,
+    /// Of `faults_served`, events on a page (whole-page mode: a huge page) whose fault was
+    /// already being served; they are resolved by that fault's CONTINUE / COPY.
+    pub faults_coalesced: u64,
     /// Pages fetched from the source by the fault service (urgent channel).
     pub pages_fetched: u64,
     /// Faults served without the network (the page was already in its final place).
@@ -43,6 +55,10 @@ pub struct PostcopyStats {
     pub bulk_pages_applied: u64,
     /// Background pages ignored because the page had already arrived.
     pub bulk_pages_ignored: u64,
+    /// Pages of zero runs marked arrived without writing (the destination starts zero-filled).
+    pub zero_pages_applied: u64,
+    /// Pages of zero runs ignored because the page had already arrived.
+    pub zero_pages_ignored: u64,
     /// Fetch attempts that failed and were retried.
     pub fetch_retries: u64,
     /// Successful collapses (all methods).
@@ -57,11 +73,83 @@ pub struct PostcopyStats {
     /// Peak staging memory (MiB) and the current amount (bytes).
     pub staging_peak_mib: f64,
     pub staging_current_bytes: u64,
-    /// Per-fault VMM-side latency: uffd event read → CONTINUE/COPY done, nanoseconds.
+    /// Per-fault VMM-side latency: uffd event read → CONTINUE/COPY done, nanoseconds, in the
+    /// order recorded; at most [`MAX_FAULT_SAMPLES`] are kept (the first ones).
     pub fault_latency_ns: Vec<u64>,
-    /// Fault latency median and maximum, nanoseconds.
+    /// Latency samples recorded in all (the percentiles cover all of them).
+    pub fault_latency_count: u64,
+    /// Fault latency median, 99th percentile and maximum, nanoseconds (from a log-linear
+    /// histogram: within 1/16 of the true value; the maximum is exact).
     pub fault_latency_p50_ns: u64,
+    pub fault_latency_p99_ns: u64,
     pub fault_latency_max_ns: u64,
+}
+
+/// Raw fault latency samples kept at most (8 bytes each); later ones only go to the histogram.
+pub const MAX_FAULT_SAMPLES: usize = 1 << 20;
+
+/// Sub-buckets per power of two in the latency histogram.
+const SUB_BUCKETS: u64 = 16;
+
+/// A log-linear latency histogram (16 linear sub-buckets per power of two, like HdrHistogram at
+/// ~6 % precision) plus a bounded list of raw samples.
+#[derive(Debug, Default)]
+struct LatencyLog {
+    buckets: Vec<u64>,
+    count: u64,
+    max: u64,
+    samples: Vec<u64>,
+}
+
+fn bucket_of(ns: u64) -> usize {
+    if ns < SUB_BUCKETS {
+        return ns as usize;
+    }
+    let exp = 63 - u64::from(ns.leading_zeros()); // ≥ 4
+    let shift = exp - 4;
+    let sub = (ns >> shift) - SUB_BUCKETS; // 0..16
+    (SUB_BUCKETS + (exp - 4) * SUB_BUCKETS + sub) as usize
+}
+
+/// Lower bound of bucket `b` (the inverse of `bucket_of`).
+fn bucket_floor(b: usize) -> u64 {
+    let b = b as u64;
+    if b < SUB_BUCKETS {
+        return b;
+    }
+    let exp = (b - SUB_BUCKETS) / SUB_BUCKETS + 4;
+    let sub = (b - SUB_BUCKETS) % SUB_BUCKETS;
+    (SUB_BUCKETS + sub) << (exp - 4)
+}
+
+impl LatencyLog {
+    fn record(&mut self, ns: u64) {
+        let b = bucket_of(ns);
+        if self.buckets.len() <= b {
+            self.buckets.resize(b + 1, 0);
+        }
+        self.buckets[b] += 1;
+        self.count += 1;
+        self.max = self.max.max(ns);
+        if self.samples.len() < MAX_FAULT_SAMPLES {
+            self.samples.push(ns);
+        }
+    }
+
+    fn percentile(&self, pct: u64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((self.count - 1) * pct) / 100 + 1;
+        let mut seen = 0;
+        for (b, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return bucket_floor(b).min(self.max);
+            }
+        }
+        self.max
+    }
 }
 
 /// The live counters.
@@ -73,9 +161,12 @@ pub struct StatsCollector {
     pub bulk_pages_applied: AtomicU64,
     pub bulk_pages_ignored: AtomicU64,
     pub fetch_retries: AtomicU64,
+    pub faults_coalesced: AtomicU64,
+    pub zero_pages_applied: AtomicU64,
+    pub zero_pages_ignored: AtomicU64,
     staging_pages: AtomicU64,
     staging_peak_pages: AtomicU64,
-    fault_latency_ns: Mutex<Vec<u64>>,
+    fault_latency: Mutex<LatencyLog>,
     collapses: Mutex<Vec<CollapseRecord>>,
 }
 
@@ -104,10 +195,10 @@ impl StatsCollector {
 
     /// Record one fault's VMM-side latency.
     pub fn fault_latency(&self, ns: u64) {
-        self.fault_latency_ns
+        self.fault_latency
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(ns);
+            .record(ns);
     }
 
     /// Record one collapse.
@@ -120,11 +211,16 @@ impl StatsCollector {
 
     /// A snapshot.
     pub fn snapshot(&self) -> PostcopyStats {
-        let lat = self
-            .fault_latency_ns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let (lat, lat_count, lat_p50, lat_p99, lat_max) = {
+            let log = self.fault_latency.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                log.samples.clone(),
+                log.count,
+                log.percentile(50),
+                log.percentile(99),
+                log.max,
+            )
+        };
         let records = self
             .collapses
             .lock()
@@ -136,8 +232,6 @@ impl StatsCollector {
             .map(|r| r.stall_ns)
             .collect();
         stalls.sort_unstable();
-        let mut lat_sorted = lat.clone();
-        lat_sorted.sort_unstable();
         PostcopyStats {
             faults_served: self.faults_served.load(Ordering::Relaxed),
             pages_fetched: self.pages_fetched.load(Ordering::Relaxed),
@@ -145,6 +239,9 @@ impl StatsCollector {
             bulk_pages_applied: self.bulk_pages_applied.load(Ordering::Relaxed),
             bulk_pages_ignored: self.bulk_pages_ignored.load(Ordering::Relaxed),
             fetch_retries: self.fetch_retries.load(Ordering::Relaxed),
+            faults_coalesced: self.faults_coalesced.load(Ordering::Relaxed),
+            zero_pages_applied: self.zero_pages_applied.load(Ordering::Relaxed),
+            zero_pages_ignored: self.zero_pages_ignored.load(Ordering::Relaxed),
             collapses: records.iter().filter(|r| r.ok).count() as u64,
             collapse_failures: records.iter().filter(|r| !r.ok).count() as u64,
             collapse_stall_p50_ns: percentile(&stalls, 50),
@@ -153,9 +250,55 @@ impl StatsCollector {
             staging_peak_mib: (self.staging_peak_pages.load(Ordering::Relaxed) * 4096) as f64
                 / (1024.0 * 1024.0),
             staging_current_bytes: self.staging_pages.load(Ordering::Relaxed) * 4096,
-            fault_latency_p50_ns: percentile(&lat_sorted, 50),
-            fault_latency_max_ns: lat_sorted.last().copied().unwrap_or(0),
+            fault_latency_count: lat_count,
+            fault_latency_p50_ns: lat_p50,
+            fault_latency_p99_ns: lat_p99,
+            fault_latency_max_ns: lat_max,
             fault_latency_ns: lat,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_round_trip_and_bound_the_error() {
+        for ns in [
+            0u64,
+            1,
+            15,
+            16,
+            17,
+            31,
+            32,
+            1000,
+            47_849,
+            1 << 40,
+            u64::MAX / 3,
+        ] {
+            let floor = bucket_floor(bucket_of(ns));
+            assert!(floor <= ns, "{ns}: floor {floor}");
+            assert!(ns - floor <= ns / 16, "{ns}: floor {floor}");
+        }
+    }
+
+    #[test]
+    fn latency_log_percentiles_and_cap() {
+        let mut log = LatencyLog::default();
+        for ns in 1..=1000u64 {
+            log.record(ns * 1000);
+        }
+        let p50 = log.percentile(50);
+        assert!((470_000..=500_000).contains(&p50), "{p50}");
+        assert_eq!(log.max, 1_000_000);
+        assert_eq!(log.samples.len(), 1000);
+        for _ in 0..MAX_FAULT_SAMPLES {
+            log.record(5);
+        }
+        assert_eq!(log.samples.len(), MAX_FAULT_SAMPLES);
+        assert_eq!(log.count, 1000 + MAX_FAULT_SAMPLES as u64);
+        assert_eq!(log.percentile(50), 5);
     }
 }

@@ -2,7 +2,8 @@
 
 use std::io;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,14 +29,74 @@ impl Trigger for IrqTrigger {
 /// COM1 as the guest sees it.
 pub struct SerialDevice {
     inner: Serial<IrqTrigger, NoEvents, Console>,
+    /// Kept to rebuild the UART from migrated state.
+    irq: EventFd,
+    console: Console,
+}
+
+/// The UART's registers and receive FIFO, as migration carries them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl SerialDevice {
     /// A UART whose interrupt is `irq` and whose output goes to `console`.
-    pub fn new(irq: EventFd, console: Console) -> Self {
-        SerialDevice {
-            inner: Serial::new(IrqTrigger(irq), console),
+    pub fn new(irq: EventFd, console: Console) -> io::Result<Self> {
+        Ok(SerialDevice {
+            inner: Serial::new(IrqTrigger(irq.try_clone()?), console.clone()),
+            irq,
+            console,
+        })
+    }
+
+    /// The UART's state.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
+    }
+
+    /// Loads migrated state into the UART.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let irq = self
+            .irq
+            .try_clone()
+            .map_err(|e| format!("serial interrupt eventfd: {e}"))?;
+        self.inner = Serial::from_state(&state, IrqTrigger(irq), NoEvents, self.console.clone())
+            .map_err(|e| format!("serial state: {e}"))?;
+        Ok(())
     }
 
     /// A guest write to register `offset`.

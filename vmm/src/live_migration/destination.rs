@@ -154,6 +154,9 @@ impl DestinationVm for DestSide {
         fetcher: Arc<dyn PageFetcher>,
         present: &PageSet,
     ) -> Result<Arc<dyn PostcopySink>, String> {
+        if present.count() > 0 {
+            discard_absent_pages(self.vm.ram(), present)?;
+        }
         self.register_memory(true)?;
         let regions = super::ram_regions(self.vm.ram());
         let swapped = SwappedSlots::default();
@@ -208,6 +211,57 @@ impl DestinationVm for DestSide {
         self.vm.resume();
         Ok(())
     }
+}
+
+/// Drops every page postcopy still has to bring (never sent, or sent in a precopy round and
+/// discarded since because the guest dirtied it) from anonymous and shmem memory, so the guest's
+/// next touch faults into the engine instead of reading stale data. Staged backings (hugetlb,
+/// guest_memfd) need nothing: the engine maps empty staging over them and fetches what has not
+/// arrived.
+fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), String> {
+    if !matches!(ram.backing(), Backing::Anon | Backing::Shmem) {
+        return Ok(());
+    }
+    let mut first_page = 0u64;
+    for r in ram.regions() {
+        let pages = r.size / PAGE_SIZE;
+        let mut p = 0;
+        while p < pages {
+            if present.contains(first_page + p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < pages && !present.contains(first_page + p) {
+                p += 1;
+            }
+            let (off, len) = (start * PAGE_SIZE, (p - start) * PAGE_SIZE);
+            if let Some(fd) = r.raw_fd() {
+                // SAFETY: fallocate on the region's own memfd; punching a hole only drops page
+                // cache contents in the given range, which no one else uses yet.
+                let rc = unsafe {
+                    libc::fallocate(
+                        fd,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        (r.fd_offset + off) as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(format!(
+                        "punching stale pages {:#x}+{len:#x} out of guest memory: {}",
+                        r.guest_addr + off,
+                        std::io::Error::last_os_error()
+                    ));
+                }
+            }
+            r.primary
+                .discard(off as usize, len as usize)
+                .map_err(|e| format!("dropping stale pages at {:#x}: {e}", r.guest_addr + off))?;
+        }
+        first_page += pages;
+    }
+    Ok(())
 }
 
 /// Where an already-received page can be read from before postcopy maps staging over it.

@@ -113,3 +113,173 @@ pub fn reserve_hugepages(page_size: u64, pages: u64) -> Result<Hugepages, String
         _lock: lock,
     })
 }
+
+/// A process a test started: its output is collected in the background (so it never blocks on
+/// a full pipe) and it is killed, by its PID, when dropped without having been waited for.
+pub struct Proc {
+    name: String,
+    child: Child,
+    exited: Option<std::process::ExitStatus>,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static, into: std::sync::Arc<std::sync::Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    });
+}
+
+impl Proc {
+    /// Starts `vmm` with `args`; `name` labels it in failure messages.
+    pub fn vmm(name: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(vmm_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        collect(child.stdout.take().expect("stdout piped"), stdout.clone());
+        collect(child.stderr.take().expect("stderr piped"), stderr.clone());
+        Proc {
+            name: name.to_string(),
+            child,
+            exited: None,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Everything it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Both outputs, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "--- {} (pid {}) stdout:\n{}\n--- {} stderr:\n{}",
+            self.name,
+            self.pid(),
+            without_histograms(&self.stdout()),
+            self.name,
+            self.stderr()
+        )
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("waitpid");
+        }
+        self.exited
+    }
+
+    /// Waits until `pred` holds for its stdout or stderr; panics after `limit` or if it exits
+    /// first.
+    pub fn wait_for(&mut self, what: &str, limit: Duration, pred: impl Fn(&str, &str) -> bool) {
+        let start = Instant::now();
+        loop {
+            if pred(&self.stdout(), &self.stderr()) {
+                return;
+            }
+            if let Some(s) = self.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                if pred(&self.stdout(), &self.stderr()) {
+                    return;
+                }
+                panic!(
+                    "{} exited ({s}) before {what}\n{}",
+                    self.name,
+                    self.describe()
+                );
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "no {what} from {} within {limit:?}\n{}",
+                    self.name,
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for it to exit; kills it and panics after `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.try_wait() {
+                // Let the readers drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return s;
+            }
+            if start.elapsed() > limit {
+                self.kill();
+                panic!(
+                    "{} did not exit within {limit:?}\n{}",
+                    self.name,
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to it (by PID), unless it has exited already.
+    pub fn signal(&mut self, sig: i32) {
+        if self.try_wait().is_none() {
+            // SAFETY: the PID is of our own child, which has not been reaped yet.
+            unsafe { libc::kill(self.child.id() as i32, sig) };
+        }
+    }
+
+    /// Kills it (SIGKILL by PID) and reaps it, unless it has exited already.
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Output without the workload's long histogram lines.
+pub fn without_histograms(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.starts_with("WORKLOAD HIST"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}

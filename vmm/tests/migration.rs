@@ -1,0 +1,820 @@
+//! Live migration end to end: `vmm run` as the source, `vmm receive` as the destination and
+//! `vmm migrate` between them over real TCP on loopback, for each mode and for the backing
+//! combinations that matter (huge destinations at 4 KiB and huge granularity, guest_memfd, two
+//! vCPUs); then hostile peers and bad input, after which the source VM must still run.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use vmm::memory::{PAGE_SIZE_1G, PAGE_SIZE_2M};
+
+/// Longest a VM may take to boot and print its first pass.
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a migration may take.
+const MIGRATE_LIMIT: Duration = Duration::from_secs(120);
+/// Longest the destination guest may run after the migration.
+const FINISH_LIMIT: Duration = Duration::from_secs(120);
+
+/// One migration of the workload guest.
+struct Case {
+    src: &'static str,
+    dst: &'static str,
+    mode: &'static str,
+    granularity: &'static str,
+    memory: &'static str,
+    vcpus: u8,
+    /// Passes of the workload: enough that it still runs on the source when the migration
+    /// ends, and ends a few seconds later on the destination.
+    passes: u32,
+}
+
+/// What a successful migration left to check.
+struct Migrated {
+    /// `vmm migrate --json`'s summary.
+    summary: Value,
+    /// The destination's `--stats-json`.
+    stats: Value,
+    /// Whether the destination still held a postcopy staging memfd (mapped or open) once it
+    /// reported the migration complete.
+    staging_left: Vec<String>,
+}
+
+/// The `vmm run` arguments of a source running the workload with an API socket.
+fn run_args(backing: &str, memory: &str, vcpus: u8, passes: u32, sock: &Path) -> Vec<String> {
+    let kernel = image("workload.elf");
+    [
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        memory,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--backing",
+        backing,
+        "--cmdline",
+        &format!("span=64M passes={passes} pattern=random"),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Starts the source VM and waits until its API socket is up and the guest finished a pass.
+fn start_source(backing: &str, memory: &str, vcpus: u8, passes: u32, sock: &Path) -> Proc {
+    let args = run_args(backing, memory, vcpus, passes, sock);
+    let mut src = Proc::vmm("source", &strs(&args));
+    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
+        out.contains("WORKLOAD pass ")
+    });
+    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
+    src
+}
+
+/// Starts `vmm receive` on `port` and waits until it listens.
+fn start_destination(backing: &str, granularity: &str, port: u16, extra: &[&str]) -> Proc {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "receive",
+        "--listen",
+        &listen,
+        "--backing",
+        backing,
+        "--granularity",
+        granularity,
+    ];
+    args.extend_from_slice(extra);
+    let mut dst = Proc::vmm("destination", &args);
+    dst.wait_for("'waiting for a migration'", BOOT_LIMIT, |_, err| {
+        err.contains("waiting for a migration")
+    });
+    dst
+}
+
+/// Runs `vmm migrate` to `to`; returns (exit code, stdout, stderr, how long it took).
+fn migrate(
+    sock: &Path,
+    to: &str,
+    mode: &str,
+    extra: &[&str],
+) -> (Option<i32>, String, String, Duration) {
+    let mut args = vec![
+        "migrate",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--to",
+        to,
+        "--mode",
+        mode,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let start = Instant::now();
+    let out = run_vmm(&args, MIGRATE_LIMIT);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+/// A number field of a JSON object, panicking with the object if it is missing.
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number '{key}' in {v:#}"))
+}
+
+/// Waits until `path` holds a whole JSON document (it is written while the guest keeps running).
+fn wait_for_json(path: &Path, dst: &mut Proc, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                return v;
+            }
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "{} never held the statistics\n{}",
+                path.display(),
+                dst.describe()
+            );
+        }
+        if dst.try_wait().is_some() && !path.exists() {
+            panic!(
+                "destination exited without writing {}\n{}",
+                path.display(),
+                dst.describe()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The postcopy staging memfds a live process still maps or holds open.
+fn staging_in(pid: u32) -> Option<Vec<String>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut left: Vec<String> = maps
+        .lines()
+        .filter(|l| l.contains("postcopy-staging"))
+        .map(|l| format!("mapped: {l}"))
+        .collect();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            if target.to_string_lossy().contains("postcopy-staging") {
+                left.push(format!(
+                    "open: fd {:?} -> {}",
+                    fd.file_name(),
+                    target.display()
+                ));
+            }
+        }
+    }
+    Some(left)
+}
+
+/// Migrates the workload per `case` and checks what every migration must give: the summary
+/// JSON, the source exiting 0 after the handover, and the guest finishing on the destination
+/// with every page intact.
+fn migrate_workload(case: &Case) -> Migrated {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let stats_path = dir.path().join("destination.json");
+    let port = free_port();
+    let mut dst = start_destination(
+        case.dst,
+        case.granularity,
+        port,
+        &["--stats-json", stats_path.to_str().unwrap()],
+    );
+    let mut src = start_source(case.src, case.memory, case.vcpus, case.passes, &sock);
+
+    let (code, out, err, took) = migrate(&sock, &format!("127.0.0.1:{port}"), case.mode, &[]);
+    let context = |src: &Proc, dst: &Proc| {
+        format!(
+            "migrate stdout:\n{out}\nmigrate stderr:\n{err}\n{}\n{}",
+            src.describe(),
+            dst.describe()
+        )
+    };
+    assert_eq!(code, Some(0), "vmm migrate failed\n{}", context(&src, &dst));
+    let summary: Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON summary\n{}", context(&src, &dst)));
+    for key in [
+        "blackout_ms",
+        "total_ms",
+        "bytes_sent",
+        "pages_sent",
+        "faults_served",
+        "pages_pushed",
+        "collapses",
+    ] {
+        num(&summary, key);
+    }
+    assert_eq!(
+        summary["mode"].as_str().map(str::to_lowercase).as_deref(),
+        Some(case.mode),
+        "{summary:#}"
+    );
+    assert!(num(&summary, "bytes_sent") > 0.0, "{summary:#}");
+
+    // The source hands over and exits 0, without having finished the workload itself.
+    let src_status = src.wait(Duration::from_secs(30));
+    assert_eq!(src_status.code(), Some(0), "source\n{}", src.describe());
+    assert!(
+        workload_result(&src.stdout()).is_none(),
+        "the guest finished on the source before the migration ended (raise passes)\n{}",
+        src.describe()
+    );
+
+    // The statistics appear once every page arrived; the staging must be gone by then. Read
+    // the destination's /proc only while it surely still runs.
+    let stats = wait_for_json(&stats_path, &mut dst, FINISH_LIMIT);
+    let staging = staging_in(dst.pid());
+    let still_running = dst.try_wait().is_none();
+    let staging_left = match (staging, still_running) {
+        (Some(s), true) => s,
+        _ => panic!(
+            "the destination guest ended before its /proc could be checked (raise passes)\n{}",
+            dst.describe()
+        ),
+    };
+
+    let dst_status = dst.wait(FINISH_LIMIT);
+    let dst_out = dst.stdout();
+    let result = workload_result(&dst_out).unwrap_or_else(|| {
+        panic!(
+            "no WORKLOAD RESULT on the destination\n{}",
+            context(&src, &dst)
+        )
+    });
+    assert_eq!(
+        field(&result, "status"),
+        Some("ok"),
+        "{}",
+        context(&src, &dst)
+    );
+    assert_eq!(
+        field(&result, "mismatches"),
+        Some("0"),
+        "{}",
+        context(&src, &dst)
+    );
+    assert_eq!(
+        field(&result, "passes"),
+        Some(case.passes.to_string().as_str()),
+        "{}",
+        context(&src, &dst)
+    );
+    assert!(
+        dst_out.contains("WORKLOAD pass "),
+        "the guest made no pass on the destination\n{}",
+        context(&src, &dst)
+    );
+    assert_eq!(
+        dst_status.code(),
+        Some(0),
+        "destination\n{}",
+        dst.describe()
+    );
+    assert_eq!(stats["backing"], case.dst, "{stats:#}");
+    assert_eq!(stats["mode"], case.mode, "{stats:#}");
+    eprintln!(
+        "{} {} -> {} ({}, {} vCPUs): migrate took {took:?}\nsummary: {summary}\ndestination: {}",
+        case.mode,
+        case.src,
+        case.dst,
+        case.granularity,
+        case.vcpus,
+        brief_stats(&stats)
+    );
+    Migrated {
+        summary,
+        stats,
+        staging_left,
+    }
+}
+
+/// The destination statistics without the per-fault and per-collapse arrays.
+fn brief_stats(stats: &Value) -> String {
+    let mut s = stats.clone();
+    if let Some(o) = s.as_object_mut() {
+        for (k, v) in o.iter_mut() {
+            if let Some(a) = v.as_array() {
+                *v = Value::String(format!("[{} values]", a.len()));
+            }
+            let _ = k;
+        }
+    }
+    s.to_string()
+}
+
+/// Postcopy checks: faults were served on the destination, the staging is gone.
+fn assert_postcopy(m: &Migrated) {
+    assert!(
+        num(&m.stats, "faults_served") > 0.0,
+        "no postcopy fault was served: {}",
+        m.stats
+    );
+    assert!(
+        m.staging_left.is_empty(),
+        "postcopy staging still held after completion: {:?}",
+        m.staging_left
+    );
+}
+
+/// A huge destination filled at 4 KiB: units were collapsed and all guest RAM ended up mapped
+/// by huge pages.
+fn assert_collapsed_to_huge(m: &Migrated, memory_bytes: u64) {
+    assert!(num(&m.stats, "collapses") > 0.0, "no collapse: {}", m.stats);
+    assert_eq!(
+        num(&m.stats, "collapse_failures"),
+        0.0,
+        "collapses failed: {}",
+        m.stats
+    );
+    assert_huge_mapped(m, memory_bytes);
+}
+
+fn assert_huge_mapped(m: &Migrated, memory_bytes: u64) {
+    let kb = num(&m.stats, "smaps_hugetlb_kb");
+    assert!(
+        kb >= (memory_bytes / 1024) as f64,
+        "only {kb} kB of guest RAM is hugetlb-mapped, want {}: {}",
+        memory_bytes / 1024,
+        m.stats
+    );
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn precopy_anon_to_anon() {
+    let m = migrate_workload(&Case {
+        src: "anon",
+        dst: "anon",
+        mode: "precopy",
+        granularity: "4k",
+        memory: "256M",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert_eq!(num(&m.summary, "faults_served"), 0.0, "{}", m.summary);
+    assert!(num(&m.summary, "pages_sent") > 0.0, "{}", m.summary);
+}
+
+#[test]
+fn hybrid_shmem_to_shmem() {
+    let m = migrate_workload(&Case {
+        src: "shmem",
+        dst: "shmem",
+        mode: "hybrid",
+        granularity: "4k",
+        memory: "256M",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert!(m.staging_left.is_empty(), "{:?}", m.staging_left);
+}
+
+#[test]
+fn postcopy_shmem_to_shmem() {
+    let m = migrate_workload(&Case {
+        src: "shmem",
+        dst: "shmem",
+        mode: "postcopy",
+        granularity: "4k",
+        memory: "256M",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert_postcopy(&m);
+}
+
+#[test]
+fn postcopy_shmem_to_hugetlb_2m_at_4k() {
+    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
+    let m = migrate_workload(&Case {
+        src: "shmem",
+        dst: "hugetlb-2m",
+        mode: "postcopy",
+        granularity: "4k",
+        memory: "256M",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert_postcopy(&m);
+    assert_collapsed_to_huge(&m, 256 * MIB);
+}
+
+#[test]
+fn postcopy_anon_to_hugetlb_1g_at_4k() {
+    let _pages = reserve_hugepages(PAGE_SIZE_1G, 1).unwrap_or_else(|e| {
+        panic!("this test needs 1 free 1 GiB huge page and the pool could not be grown: {e}")
+    });
+    let m = migrate_workload(&Case {
+        src: "anon",
+        dst: "hugetlb-1g",
+        mode: "postcopy",
+        granularity: "4k",
+        memory: "1G",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert_postcopy(&m);
+    assert_collapsed_to_huge(&m, 1024 * MIB);
+}
+
+#[test]
+fn postcopy_shmem_to_hugetlb_1g_at_huge_granularity() {
+    let _pages = reserve_hugepages(PAGE_SIZE_1G, 1).unwrap_or_else(|e| {
+        panic!("this test needs 1 free 1 GiB huge page and the pool could not be grown: {e}")
+    });
+    let m = migrate_workload(&Case {
+        src: "shmem",
+        dst: "hugetlb-1g",
+        mode: "postcopy",
+        granularity: "huge",
+        memory: "1G",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert_postcopy(&m);
+    assert_huge_mapped(&m, 1024 * MIB);
+}
+
+#[test]
+fn postcopy_shmem_to_guest_memfd() {
+    let m = migrate_workload(&Case {
+        src: "shmem",
+        dst: "guest-memfd",
+        mode: "postcopy",
+        granularity: "4k",
+        memory: "256M",
+        vcpus: 1,
+        passes: 600,
+    });
+    assert_postcopy(&m);
+}
+
+#[test]
+fn postcopy_two_vcpus_shmem_to_hugetlb_2m_at_4k() {
+    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
+    let m = migrate_workload(&Case {
+        src: "shmem",
+        dst: "hugetlb-2m",
+        mode: "postcopy",
+        granularity: "4k",
+        memory: "256M",
+        vcpus: 2,
+        passes: 600,
+    });
+    assert_postcopy(&m);
+    assert_collapsed_to_huge(&m, 256 * MIB);
+}
+
+// ---- hostile peers and bad input: the migration fails clearly and the source keeps running ----
+
+/// A source VM running the workload forever, with its API socket in its own tempdir.
+struct RunningSource {
+    proc: Proc,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn running_source() -> RunningSource {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let proc = start_source("anon", "256M", 1, 0, &sock);
+    RunningSource {
+        proc,
+        sock,
+        _dir: dir,
+    }
+}
+
+fn pass_lines(out: &str) -> usize {
+    out.lines()
+        .filter(|l| l.starts_with("WORKLOAD pass "))
+        .count()
+}
+
+/// The source still answers `status` with "running", its guest keeps completing passes without
+/// mismatches, and it ends on SIGTERM.
+fn assert_source_still_runs(mut src: RunningSource) {
+    let reply = vmm::api::call(&src.sock, &vmm::api::Request::Status, |_| {}).unwrap_or_else(|e| {
+        panic!(
+            "status after the failed migration: {e}\n{}",
+            src.proc.describe()
+        )
+    });
+    assert_eq!(
+        reply["state"],
+        "running",
+        "{reply}\n{}",
+        src.proc.describe()
+    );
+    let before = pass_lines(&src.proc.stdout());
+    src.proc.wait_for(
+        "new WORKLOAD pass lines",
+        Duration::from_secs(30),
+        |out, _| pass_lines(out) >= before + 3,
+    );
+    let out = src.proc.stdout();
+    assert!(
+        !out.contains("WORKLOAD MISMATCH") && !out.contains("WORKLOAD EXCEPTION"),
+        "{}",
+        src.proc.describe()
+    );
+    src.proc.signal(libc::SIGTERM);
+    let status = src.proc.wait(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        src.proc.describe()
+    );
+}
+
+/// Asserts a failed `vmm migrate` and that its stderr mentions one of `any`.
+fn assert_migrate_failed(result: &(Option<i32>, String, String, Duration), any: &[&str]) {
+    let (code, out, err, _) = result;
+    assert_eq!(
+        *code,
+        Some(1),
+        "migrate should fail\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    let lower = err.to_lowercase();
+    assert!(
+        any.iter().any(|w| lower.contains(w)),
+        "migrate error mentions none of {any:?}:\n{err}"
+    );
+}
+
+fn write_secret(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn wrong_secret_fails_authentication_and_the_source_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = write_secret(dir.path(), "src.secret", "source-secret-0123456789\n");
+    let theirs = write_secret(dir.path(), "dst.secret", "destination-secret-9876543210\n");
+    let port = free_port();
+    let mut dst = start_destination(
+        "anon",
+        "4k",
+        port,
+        &["--secret-file", theirs.to_str().unwrap()],
+    );
+    let src = running_source();
+    let r = migrate(
+        &src.sock,
+        &format!("127.0.0.1:{port}"),
+        "precopy",
+        &["--secret-file", ours.to_str().unwrap()],
+    );
+    assert_migrate_failed(&r, &["authentication failed"]);
+    let status = dst.wait(Duration::from_secs(30));
+    assert_ne!(status.code(), Some(0), "{}", dst.describe());
+    assert!(
+        dst.stderr().contains("authentication failed"),
+        "destination error is not clear\n{}",
+        dst.describe()
+    );
+    assert_source_still_runs(src);
+}
+
+#[test]
+fn garbage_sent_to_receive_is_refused() {
+    let port = free_port();
+    let mut dst = start_destination("anon", "4k", port, &[]);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let junk: Vec<u8> = b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
+        .iter()
+        .copied()
+        .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
+        .collect();
+    // The destination may hang up before reading all of it.
+    let _ = c.write_all(&junk);
+    let status = dst.wait(Duration::from_secs(30));
+    drop(c);
+    assert_eq!(status.code(), Some(1), "{}", dst.describe());
+    let err = dst.stderr();
+    assert!(err.contains("bad frame magic"), "{}", dst.describe());
+}
+
+/// A TCP listener in the test standing in for a destination; `serve` gets each connection.
+struct FakeDestination {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl FakeDestination {
+    fn start(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> FakeDestination {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let serve = Arc::new(serve);
+        {
+            let stop = stop.clone();
+            let conns = conns.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            s.set_nonblocking(false).unwrap();
+                            conns.lock().unwrap().push(s.try_clone().unwrap());
+                            let serve = serve.clone();
+                            std::thread::spawn(move || serve(s));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        }
+        FakeDestination { port, stop, conns }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FakeDestination {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_destination_answering_garbage_fails_the_migration() {
+    let fake = FakeDestination::start(|mut s| {
+        let mut hello = [0u8; 64];
+        let _ = s.read(&mut hello);
+        let _ = s.write_all(&[0xa5; 4096]);
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let src = running_source();
+    let r = migrate(&src.sock, &fake.addr(), "postcopy", &[]);
+    assert_migrate_failed(&r, &["bad frame magic"]);
+    assert_source_still_runs(src);
+}
+
+/// Forwards connections to `to`, and cuts every connection once `limit` bytes went from the
+/// source to the destination.
+fn cutting_proxy(to: u16, limit: u64) -> (FakeDestination, Arc<AtomicU64>) {
+    let forwarded = Arc::new(AtomicU64::new(0));
+    let all: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let count = forwarded.clone();
+    let fake = FakeDestination::start(move |from_src| {
+        let to_dst = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        {
+            let mut all = all.lock().unwrap();
+            all.push(from_src.try_clone().unwrap());
+            all.push(to_dst.try_clone().unwrap());
+        }
+        let cut = {
+            let all = all.clone();
+            move || {
+                for s in all.lock().unwrap().iter() {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        };
+        // Destination to source: plain copy.
+        {
+            let mut r = to_dst.try_clone().unwrap();
+            let mut w = from_src.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+        // Source to destination: counted, cut at the limit.
+        let mut r = from_src;
+        let mut w = to_dst;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let total = count.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            if total >= limit {
+                cut();
+                break;
+            }
+            if w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    (fake, forwarded)
+}
+
+#[test]
+fn a_link_dropped_during_precopy_fails_the_migration() {
+    let port = free_port();
+    let mut dst = start_destination("anon", "4k", port, &[]);
+    // 16 MiB into the first precopy round (the span alone is 64 MiB of data).
+    let (proxy, forwarded) = cutting_proxy(port, 16 * MIB);
+    let src = running_source();
+    let r = migrate(&src.sock, &proxy.addr(), "precopy", &[]);
+    assert!(
+        forwarded.load(Ordering::SeqCst) >= 16 * MIB,
+        "the link was not cut mid-stream: {r:?}"
+    );
+    assert_migrate_failed(
+        &r,
+        &["closed", "reset", "broken pipe", "truncated", "stalled"],
+    );
+    let status = dst.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", dst.describe());
+    assert!(
+        dst.stderr().contains("the migration failed"),
+        "{}",
+        dst.describe()
+    );
+    drop(proxy);
+    assert_source_still_runs(src);
+}
+
+#[test]
+fn a_stalled_destination_times_out() {
+    let fake = FakeDestination::start(|s| {
+        // Accept and never answer; keep the connection open.
+        std::thread::sleep(Duration::from_secs(60));
+        drop(s);
+    });
+    let src = running_source();
+    let r = migrate(&src.sock, &fake.addr(), "precopy", &[]);
+    assert_migrate_failed(&r, &["stalled", "timeout", "timed out"]);
+    let took = r.3;
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "the stall was detected after {took:?}, want about the 10 s handshake timeout\n{}",
+        r.2
+    );
+    drop(fake);
+    assert_source_still_runs(src);
+}
+
+#[test]
+fn non_loopback_addresses_need_a_secret() {
+    let port = free_port();
+    let out = run_vmm(
+        &[
+            "receive",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--backing",
+            "anon",
+        ],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("without a shared secret") && err.contains("--secret-file"),
+        "{err}"
+    );
+
+    let src = running_source();
+    let r = migrate(&src.sock, "192.0.2.1:7000", "precopy", &[]);
+    assert_migrate_failed(&r, &["without a shared secret"]);
+    assert!(
+        r.2.contains("192.0.2.1:7000"),
+        "the error does not name the address:\n{}",
+        r.2
+    );
+    // Refused before connecting: a connection attempt to TEST-NET-1 would hang for seconds.
+    assert!(r.3 < Duration::from_secs(3), "took {:?}", r.3);
+    assert_source_still_runs(src);
+}
