@@ -307,7 +307,7 @@ impl GuestOutput {
     }
 
     /// The whole-run histogram named `name` (the last line without `pass=`), if printed.
-    pub fn final_hist(&self, name: &str) -> Option<&GuestHist> {
+    pub fn final_hist<'a>(&'a self, name: &'a str) -> Option<&'a GuestHist> {
         self.hists_named(name).filter(|h| h.pass.is_none()).last()
     }
 
@@ -335,11 +335,20 @@ pub struct MigrateSummary {
 /// Statistics the destination writes with `--stats-json`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DestinationStats {
+    /// userfaultfd faults handled (including those resolved without the network).
     pub faults_served: Option<u64>,
+    /// Faults that fetched their page from the source.
+    #[serde(default)]
+    pub pages_fetched: Option<u64>,
+    /// Faults resolved from data already received (no network).
     pub pages_fetched_local: Option<u64>,
     pub collapses: Option<u64>,
+    /// vCPU pause of each collapse, ns.
     #[serde(default)]
     pub collapse_stall_ns: Vec<u64>,
+    /// Whole duration of each collapse, ns.
+    #[serde(default)]
+    pub collapse_total_ns: Vec<u64>,
     /// VMM-side latency of each fault (fault read to CONTINUE done), in ns.
     #[serde(default)]
     pub fault_ns: Vec<u64>,

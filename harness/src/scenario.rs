@@ -10,13 +10,15 @@
 //! forwards to the destination.
 
 use crate::delay_proxy::{DelayProxy, ProxyError};
-use crate::guest_output::{DestinationStats, GuestOutput, MigrateSummary};
+use crate::guest_output::{self, DestinationStats, GuestLine, GuestOutput, MigrateSummary};
 use crate::histogram::{self, LatencyHistogram, Percentiles, ShortSummary};
 use crate::hugepool::HugePool;
 use crate::limits::{self, EchoServer, LinkLimits};
 use crate::netns::{NetnsPair, Side};
-use crate::process::Proc;
+use crate::probe;
+use crate::process::{Line, Proc};
 use crate::results::{self, kind, Results, ScenarioResult, Status, RESULTS_VERSION};
+use crate::secret::SecretFile;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -300,6 +302,8 @@ pub enum RunError {
     Histogram(#[from] histogram::HistogramError),
     #[error(transparent)]
     Results(#[from] results::ResultsError),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     #[error("{0}")]
     Scenario(String),
 }
@@ -504,6 +508,18 @@ pub fn run(
     std::fs::create_dir_all(cfg.out.join("raw")).map_err(|e| {
         RunError::Scenario(format!("creating {}: {e}", cfg.out.join("raw").display()))
     })?;
+    progress.phase("probing the host");
+    // Recorded, not required: a probe failure leaves `host_checks` empty.
+    let host_checks = match probe::host_checks(&cfg.vmm) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{e}");
+            Default::default()
+        }
+    };
+    let secret = SecretFile::create(
+        std::env::temp_dir().join(format!("harness-{}.secret", std::process::id())),
+    )?;
     progress.phase("measuring the raw userfault round trip");
     let uffd = limits::uffd_round_trip(cfg.uffd_samples)?;
     let mut links: Vec<Link> = Vec::new();
@@ -527,7 +543,7 @@ pub fn run(
                 s.pattern.as_str(),
             );
             let outcome = match &env {
-                Ok(env) => run_one(cfg, env, &uffd, s, index, &mut r, progress),
+                Ok(env) => run_one(cfg, env, &uffd, secret.path(), s, index, &mut r, progress),
                 Err(e) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
             };
             if let Err(e) = outcome {
@@ -540,6 +556,7 @@ pub fn run(
             Results {
                 version: RESULTS_VERSION,
                 quick: cfg.quick,
+                host_checks: host_checks.clone(),
                 scenarios: out.clone(),
             }
             .save(&cfg.out)?;
@@ -548,14 +565,17 @@ pub fn run(
     Ok(Results {
         version: RESULTS_VERSION,
         quick: cfg.quick,
+        host_checks,
         scenarios: out,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_one(
     cfg: &RunConfig,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
+    secret: &Path,
     s: &Scenario,
     index: usize,
     r: &mut ScenarioResult,
@@ -563,6 +583,7 @@ fn run_one(
 ) -> Result<(), RunError> {
     let dir = &cfg.out;
     let raw = dir.join("raw");
+    r.granularity = s.strategy.granularity().to_string();
     // Limits first: they are this run's, on this link.
     let limit = histogram::convolve(uffd, &env.limits.tcp_rtt)?;
     r.uffd_rtt_us = Percentiles::us(uffd);
@@ -573,8 +594,14 @@ fn run_one(
     results::save_histogram(dir, r, kind::TCP_RTT, &env.limits.tcp_rtt)?;
     results::save_histogram(dir, r, kind::LIMIT, &limit)?;
 
+    // Only huge backings take the shared pool lock (other test runs hold it for minutes).
+    let needs = s.huge_pages_needed();
     progress.phase("reserving huge pages");
-    let _pool = HugePool::reserve(&s.huge_pages_needed())?;
+    let _pool = if needs.is_empty() {
+        None
+    } else {
+        Some(HugePool::reserve(&needs)?)
+    };
 
     // Destination.
     let port = pick_port(env.dst_ip(), env.link.netns, index)?;
@@ -589,6 +616,10 @@ fn run_one(
         .args(["--granularity", s.strategy.granularity()])
         .arg("--stats-json")
         .arg(&stats_path);
+    // `vmm` refuses non-loopback addresses without a shared secret.
+    if env.link.netns {
+        dcmd.arg("--secret-file").arg(secret);
+    }
     progress.phase("starting the destination");
     let mut dst = Proc::spawn(
         "destination vmm",
@@ -658,7 +689,7 @@ fn run_one(
             cfg.passes
         )));
     }
-    let src_out = GuestOutput::parse(&src.text())?;
+    let src_out = GuestOutput::parse(&src.text());
     r.guest_slow_before_migration = Some(src_out.passes.iter().map(|p| p.slow_accesses).sum());
     if let Some(ft) = src_out.hists_named("first_touch").last() {
         results::save_histogram(
@@ -679,12 +710,17 @@ fn run_one(
         .arg("--to")
         .arg(to.to_string())
         .args(["--mode", "postcopy", "--json"]);
+    if env.link.netns {
+        mcmd.arg("--secret-file").arg(secret);
+    }
     let mut mig = Proc::spawn(
         "vmm migrate",
         mcmd,
         &raw.join(format!("{}.migrate", s.name)),
     )?;
     let mstatus = mig.wait_timeout(cfg.phase_timeout)?;
+    // `migrate` returns once the source has sent every page: postcopy is over.
+    let migrated_at = Instant::now();
     // The background push may continue after `migrate` returns; keep sampling until the
     // source exits or 2 s more.
     let _ = src.wait_timeout(Duration::from_secs(2))?;
@@ -719,12 +755,14 @@ fn run_one(
         dst.stop(Duration::from_secs(10))?;
     }
     src.stop(Duration::from_secs(5))?;
-    let dst_out = GuestOutput::parse(&dst.text())?;
+    let dst_lines = dst.lines();
+    let dst_out = GuestOutput::parse(&dst.text());
+    let postcopy_passes = passes_begun_before(&dst_lines, migrated_at);
     let stats = match std::fs::read_to_string(&stats_path) {
         Ok(text) => Some(DestinationStats::parse(&text)?),
         Err(_) => None,
     };
-    fill(dir, r, &summary, &dst_out, stats.as_ref())?;
+    fill(dir, r, &summary, &dst_out, &postcopy_passes, stats.as_ref())?;
     r.status = Status::Ok;
     let mismatches =
         dst_out.mismatches.len() as u64 + dst_out.passes.iter().map(|p| p.mismatches).sum::<u64>();
@@ -738,21 +776,68 @@ fn run_one(
     Ok(())
 }
 
+/// The numbers of the passes in `lines` (one process's stdout) that began before `until`. A
+/// pass begins when the previous pass line is printed; the first pass line of the destination
+/// belongs to the pass the switchover interrupted, which began on the source.
+pub fn passes_begun_before(lines: &[Line], until: Instant) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut began: Option<Instant> = None;
+    for l in lines {
+        if let Ok(Some(GuestLine::Pass(p))) = guest_output::parse_line(0, &l.text) {
+            if began.is_none_or(|t| t < until) {
+                out.push(p.n);
+            }
+            began = Some(l.at);
+        }
+    }
+    out
+}
+
 /// Fills the figures of `r` from what the processes reported (see docs/measuring.md).
+/// `postcopy_passes`: the destination passes that overlapped postcopy; their per-pass
+/// `access_slow` histograms are the guest-seen fault latency, later passes' go to
+/// `guest_after_us`.
 pub fn fill(
     dir: &Path,
     r: &mut ScenarioResult,
     summary: &MigrateSummary,
     dst_out: &GuestOutput,
+    postcopy_passes: &[u64],
     stats: Option<&DestinationStats>,
 ) -> Result<(), RunError> {
-    // Guest-seen: every access_slow histogram the destination printed (passes that ran during
-    // or after the switchover).
-    let parts: Vec<LatencyHistogram> = dst_out
-        .hists_named("access_slow")
-        .map(|h| histogram::from_buckets(&h.buckets))
-        .collect::<Result<_, _>>()?;
-    let guest = histogram::merge(parts.iter())?;
+    let hist_of = |hs: Vec<&guest_output::GuestHist>| -> Result<LatencyHistogram, RunError> {
+        let parts: Vec<LatencyHistogram> = hs
+            .iter()
+            .map(|h| histogram::from_buckets(&h.buckets))
+            .collect::<Result<_, _>>()?;
+        Ok(histogram::merge(parts.iter())?)
+    };
+    let per_pass: Vec<_> = dst_out.pass_hists("access_slow").collect();
+    let dst_slow: u64 = dst_out.passes.iter().map(|p| p.slow_accesses).sum();
+    let (during, after): (Vec<_>, Vec<_>) = per_pass
+        .iter()
+        .copied()
+        .partition(|h| h.pass.is_some_and(|k| postcopy_passes.contains(&k)));
+    let guest = if per_pass.is_empty() && dst_slow > 0 {
+        // A workload without per-pass lines: its whole-run histogram (source passes too).
+        r.guest_fault_source = "whole-run access_slow (no per-pass histograms)".into();
+        hist_of(dst_out.final_hist("access_slow").into_iter().collect())?
+    } else {
+        r.guest_fault_source =
+            "per-pass access_slow of the destination passes that overlapped postcopy".into();
+        r.guest_fault_passes = postcopy_passes.to_vec();
+        let after_slow = dst_out
+            .passes
+            .iter()
+            .filter(|p| !postcopy_passes.contains(&p.n))
+            .map(|p| p.slow_accesses)
+            .sum();
+        r.guest_slow_after_migration = Some(after_slow);
+        let later = hist_of(after)?;
+        r.guest_after_us = Percentiles::us(&later);
+        results::save_histogram(dir, r, kind::GUEST_AFTER, &later)?;
+        hist_of(during)?
+    };
     r.fault_us = Percentiles::us(&guest);
     results::save_histogram(dir, r, kind::GUEST_FAULT, &guest)?;
 
@@ -783,6 +868,9 @@ pub fn fill(
         let stall = histogram::from_samples(&st.collapse_stall_ns)?;
         r.collapse_stall_us = ShortSummary::us(&stall);
         results::save_histogram(dir, r, kind::COLLAPSE_STALL, &stall)?;
+        r.collapse_total_us = ShortSummary::us(&histogram::from_samples(&st.collapse_total_ns)?);
+        r.uffd_faults = st.faults_served;
+        r.pages_fetched = st.pages_fetched;
         r.staging_peak_mib = st.staging_peak_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
         r.pages_fetched_local = st.pages_fetched_local;
         if r.faults_served.is_none() {
@@ -847,17 +935,23 @@ mod tests {
         .unwrap();
         let out = GuestOutput::parse(
             "WORKLOAD pass n=2 pages=1 mismatches=0 elapsed_ms=5 slow_accesses=3\n\
-             WORKLOAD HIST name=access_slow unit=ns buckets=16384:2,32768:1\n\
-             WORKLOAD HIST name=access_slow unit=ns buckets=16384:1\n",
-        )
-        .unwrap();
+             WORKLOAD HIST name=access_slow pass=2 unit=ns buckets=16384:2,32768:1\n\
+             WORKLOAD pass n=3 pages=1 mismatches=0 elapsed_ms=5 slow_accesses=1\n\
+             WORKLOAD HIST name=access_slow pass=3 unit=ns buckets=16384:1\n\
+             WORKLOAD pass n=4 pages=1 mismatches=0 elapsed_ms=5 slow_accesses=2\n\
+             WORKLOAD HIST name=access_slow pass=4 unit=ns buckets=2048:2\n\
+             WORKLOAD HIST name=access_slow unit=ns buckets=2048:2,16384:3,32768:1\n",
+        );
         let stats = DestinationStats::parse(
             r#"{"faults_served":7,"pages_fetched_local":2,"collapses":2,"collapse_stall_ns":[150000,600000],"fault_ns":[20000,22000,90000],"staging_peak_bytes":2097152}"#,
         )
         .unwrap();
         r.throughput_series = vec![(0.1, 3.0), (0.2, 4.5)];
-        fill(d.path(), &mut r, &summary, &out, Some(&stats)).unwrap();
+        fill(d.path(), &mut r, &summary, &out, &[2, 3], Some(&stats)).unwrap();
         assert_eq!(r.fault_us.count, 4);
+        assert_eq!(r.guest_fault_passes, vec![2, 3]);
+        assert_eq!(r.guest_slow_after_migration, Some(2));
+        assert_eq!(r.guest_after_us.count, 2);
         // 16384 + half of its 2048-wide bucket.
         assert!((r.fault_us.p50 - 17.408).abs() < 0.02, "{:?}", r.fault_us);
         assert_eq!(r.vmm_fault_us.count, 3);
@@ -871,6 +965,35 @@ mod tests {
         assert_eq!(r.fault_series_x, "fault number");
         assert!(r.histograms.contains_key(kind::GUEST_FAULT));
         assert!(r.histograms.contains_key(kind::VMM_FAULT));
+    }
+
+    #[test]
+    fn passes_are_split_at_the_end_of_postcopy() {
+        let t0 = Instant::now();
+        let line = |ms: u64, text: &str| Line {
+            at: t0 + Duration::from_millis(ms),
+            text: text.into(),
+        };
+        let pass = |n: u64| {
+            format!("WORKLOAD pass n={n} pages=1 mismatches=0 elapsed_ms=1 slow_accesses=0")
+        };
+        let lines = vec![
+            line(10, &pass(3)),
+            line(
+                20,
+                "WORKLOAD HIST name=access_slow pass=3 unit=ns buckets=4096:1",
+            ),
+            line(50, &pass(4)),
+            line(90, &pass(5)),
+            line(130, &pass(6)),
+        ];
+        // Postcopy ended at 60 ms: pass 3 (began on the source), 4 (began at 10) and 5 (began
+        // at 50) overlapped it; pass 6 began at 90.
+        assert_eq!(
+            passes_begun_before(&lines, t0 + Duration::from_millis(60)),
+            vec![3, 4, 5]
+        );
+        assert_eq!(passes_begun_before(&lines, t0), vec![3]);
     }
 
     #[test]

@@ -1,9 +1,42 @@
 //! One quick scenario end to end: real source and destination VMM processes, a real migration,
-//! and every field of results.json checked. Needs `cargo build -p vmm` and the workload guest
-//! (guest-images/out/workload.elf).
+//! and every field of results.json checked. Needs the vmm binary (`HARNESS_VMM`, else
+//! target/release/vmm or target/debug/vmm of this workspace) and the workload guest
+//! (guest-images/out/workload.elf, `guest-images/build-workload.sh`). Runs as root (huge pages).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The vmm binary: `$HARNESS_VMM`, else the workspace's target/release/vmm, else
+/// target/debug/vmm (`CARGO_TARGET_DIR` respected).
+fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HARNESS_VMM") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "HARNESS_VMM={} is not a file", p.display());
+        return p;
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                manifest.join("..").join(t)
+            }
+        })
+        .unwrap_or_else(|| manifest.join("../target"));
+    let candidates = [target.join("release/vmm"), target.join("debug/vmm")];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no vmm binary at {:?}: build it (`cargo build --release -p vmm`) or set HARNESS_VMM",
+                candidates
+            )
+        })
+}
 
 const PERCENTILES: [&str; 6] = ["p50", "p90", "p99", "p999", "max", "count"];
 
@@ -13,12 +46,31 @@ fn number(v: &serde_json::Value, path: &str) -> f64 {
 }
 
 #[test]
-#[ignore = "needs vmm migrate"]
 fn quick_scenario_writes_every_field() {
+    let vmm = vmm_binary();
+    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/workload.elf");
+    assert!(
+        kernel.is_file(),
+        "no workload guest at {}: run guest-images/build-workload.sh",
+        kernel.display()
+    );
     let out = tempfile::tempdir().unwrap();
-    let scenario = "shmem-4k-staged-random-loopback";
+    // 4 KiB staging on 2 MiB pages: faults, collapses and a staging peak, 256 MiB of RAM.
+    let scenario = "hugetlb-2m-4k-staged-random-loopback";
     let status = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["run", "--scenario", scenario, "--out"])
+        .args([
+            "run",
+            "--quick",
+            "--scenario",
+            scenario,
+            "--phase-timeout",
+            "40",
+        ])
+        .arg("--vmm")
+        .arg(&vmm)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--out")
         .arg(out.path())
         .status()
         .unwrap();
@@ -31,7 +83,8 @@ fn quick_scenario_writes_every_field() {
     let s = &scenarios[0];
     assert_eq!(s["status"], "ok", "scenario failed: {}", s["error"]);
     assert_eq!(s["name"], scenario);
-    assert_eq!(s["backing"], "shmem");
+    assert_eq!(s["backing"], "hugetlb-2m");
+    assert_eq!(s["granularity"], "4k");
     assert_eq!(s["strategy"], "4k-staged");
     assert_eq!(s["link"], "loopback");
     assert_eq!(s["pattern"], "random");
@@ -59,6 +112,17 @@ fn quick_scenario_writes_every_field() {
             &format!("collapse_stall_us.{p}"),
         );
     }
+    // 256 MiB of 2 MiB pages: 128 regions collapse back.
+    assert!(number(&s["collapse_stall_us"]["count"], "collapse_stall_us.count") > 0.0);
+    assert!(number(&s["staging_peak_mib"], "staging_peak_mib") > 0.0);
+    // Guest-seen faults come from the per-pass histograms of the passes that overlapped
+    // postcopy, and the VMM saw at least one fault.
+    assert!(!s["guest_fault_passes"].as_array().unwrap().is_empty());
+    assert!(s["guest_fault_source"]
+        .as_str()
+        .unwrap()
+        .starts_with("per-pass"));
+    assert!(number(&s["vmm_fault_us"]["count"], "vmm_fault_us.count") > 0.0);
     assert!(number(&s["faults_served"], "faults_served") > 0.0);
     number(&s["pages_pushed"], "pages_pushed");
 
@@ -72,6 +136,8 @@ fn quick_scenario_writes_every_field() {
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains(scenario));
+    assert!(md.contains("## Targets") && md.contains("1.5x limit"));
+    assert!(res["host_checks"].is_object());
     let plots = std::fs::read_dir(out.path().join("plots")).unwrap().count();
     assert!(plots >= 2, "{plots} plots");
     assert!(Path::new(&out.path().join("raw")).is_dir());

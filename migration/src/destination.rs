@@ -52,7 +52,9 @@ pub struct PostcopyOutcome {
 pub trait PostcopySink: Send + Sync {
     /// One 4 KiB page arrived on the main channel (it may also have been fetched already).
     fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
-    /// `count` zero pages from `gpa` arrived (inside one region).
+    /// `count` zero pages from `gpa` arrived (inside one region). The driver calls it only for
+    /// pages it never wrote data to, so an implementation may rely on guest memory starting
+    /// zero-filled and just mark them arrived; the default writes zeros through `bulk_page`.
     fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
         for i in 0..count {
             self.bulk_page(gpa + i * PAGE_SIZE, &ZERO_PAGE)?;
@@ -309,10 +311,30 @@ impl Receiver<'_> {
                     let count = count as u64;
                     let first = check_run(self.layout(), Kind::ZeroPages, gpa, count)?;
                     match &self.postcopy {
-                        Some(pc) => pc
-                            .sink
-                            .bulk_zero(gpa, count)
-                            .map_err(vm_err("storing bulk zero pages"))?,
+                        Some(pc) => {
+                            // Memory that got data in a precopy round (and was discarded since)
+                            // must be overwritten; the rest is still zero-filled.
+                            let mut i = first;
+                            while i < first + count {
+                                let page_gpa = gpa + (i - first) * PAGE_SIZE;
+                                if self.data_written.contains(i) {
+                                    pc.sink
+                                        .bulk_page(page_gpa, &ZERO_PAGE)
+                                        .map_err(vm_err("storing a bulk zero page"))?;
+                                    self.data_written.remove(i);
+                                    i += 1;
+                                    continue;
+                                }
+                                let mut j = i + 1;
+                                while j < first + count && !self.data_written.contains(j) {
+                                    j += 1;
+                                }
+                                pc.sink
+                                    .bulk_zero(page_gpa, j - i)
+                                    .map_err(vm_err("storing bulk zero pages"))?;
+                                i = j;
+                            }
+                        }
                         None => {
                             for i in first..first + count {
                                 if self.data_written.contains(i) {

@@ -42,9 +42,8 @@ struct Migrated {
     summary: Value,
     /// The destination's `--stats-json`.
     stats: Value,
-    /// Whether the destination still held a postcopy staging memfd (mapped or open) once it
-    /// reported the migration complete.
-    staging_left: Vec<String>,
+    /// The destination's mappings once it reported the migration complete.
+    maps: DestinationMaps,
 }
 
 /// The `vmm run` arguments of a source running the workload with an API socket.
@@ -167,18 +166,49 @@ fn wait_for_json(path: &Path, dst: &mut Proc, limit: Duration) -> Value {
     }
 }
 
-/// The postcopy staging memfds a live process still maps or holds open.
-fn staging_in(pid: u32) -> Option<Vec<String>> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mut left: Vec<String> = maps
-        .lines()
-        .filter(|l| l.contains("postcopy-staging"))
-        .map(|l| format!("mapped: {l}"))
-        .collect();
+/// What a live destination process maps, read from its /proc once the migration completed.
+#[derive(Debug, Default)]
+struct DestinationMaps {
+    /// Postcopy staging memfds still mapped or open.
+    staging_left: Vec<String>,
+    /// Bytes of mappings of the hugetlb guest RAM file whose kernel page size is a huge page
+    /// (the primary guest RAM mapping plus the VMM's alias, if any).
+    hugetlb_ram_bytes: u64,
+    /// Mappings of the hugetlb guest RAM file with 4 KiB kernel pages (must be none).
+    hugetlb_ram_small: Vec<String>,
+}
+
+/// Reads `pid`'s mappings; `None` if it is gone.
+fn destination_maps(pid: u32) -> Option<DestinationMaps> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut m = DestinationMaps::default();
+    let mut current: Option<(String, u64)> = None;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                if line.contains("postcopy-staging") {
+                    m.staging_left.push(format!("mapped: {line}"));
+                }
+                current = line
+                    .contains("vmm-guest-ram-hugetlb")
+                    .then(|| (line.to_string(), hi - lo));
+                continue;
+            }
+        }
+        if let (Some((vma, size)), Some(kb)) = (&current, line.strip_prefix("KernelPageSize:")) {
+            let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            if kb > 4 {
+                m.hugetlb_ram_bytes += size;
+            } else {
+                m.hugetlb_ram_small.push(vma.clone());
+            }
+        }
+    }
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
         if let Ok(target) = std::fs::read_link(fd.path()) {
             if target.to_string_lossy().contains("postcopy-staging") {
-                left.push(format!(
+                m.staging_left.push(format!(
                     "open: fd {:?} -> {}",
                     fd.file_name(),
                     target.display()
@@ -186,7 +216,7 @@ fn staging_in(pid: u32) -> Option<Vec<String>> {
             }
         }
     }
-    Some(left)
+    Some(m)
 }
 
 /// Migrates the workload per `case` and checks what every migration must give: the summary
@@ -249,9 +279,9 @@ fn migrate_workload(case: &Case) -> Migrated {
     // The statistics appear once every page arrived; the staging must be gone by then. Read
     // the destination's /proc only while it surely still runs.
     let stats = wait_for_json(&stats_path, &mut dst, FINISH_LIMIT);
-    let staging = staging_in(dst.pid());
+    let maps = destination_maps(dst.pid());
     let still_running = dst.try_wait().is_none();
-    let staging_left = match (staging, still_running) {
+    let maps = match (maps, still_running) {
         (Some(s), true) => s,
         _ => panic!(
             "the destination guest ended before its /proc could be checked (raise passes)\n{}",
@@ -310,7 +340,7 @@ fn migrate_workload(case: &Case) -> Migrated {
     Migrated {
         summary,
         stats,
-        staging_left,
+        maps,
     }
 }
 
@@ -336,16 +366,20 @@ fn assert_postcopy(m: &Migrated) {
         m.stats
     );
     assert!(
-        m.staging_left.is_empty(),
+        m.maps.staging_left.is_empty(),
         "postcopy staging still held after completion: {:?}",
-        m.staging_left
+        m.maps.staging_left
     );
 }
 
-/// A huge destination filled at 4 KiB: units were collapsed and all guest RAM ended up mapped
-/// by huge pages.
-fn assert_collapsed_to_huge(m: &Migrated, memory_bytes: u64) {
-    assert!(num(&m.stats, "collapses") > 0.0, "no collapse: {}", m.stats);
+/// A huge destination filled at 4 KiB: every unit (huge page) was collapsed, without failures.
+fn assert_collapsed_to_huge(m: &Migrated, memory_bytes: u64, page_size: u64) {
+    assert_eq!(
+        num(&m.stats, "collapses"),
+        (memory_bytes / page_size) as f64,
+        "not every huge page was collapsed: {}",
+        m.stats
+    );
     assert_eq!(
         num(&m.stats, "collapse_failures"),
         0.0,
@@ -355,12 +389,31 @@ fn assert_collapsed_to_huge(m: &Migrated, memory_bytes: u64) {
     assert_huge_mapped(m, memory_bytes);
 }
 
+/// All guest RAM ended mapped by huge pages: no staging mapping is left in its range, every
+/// mapping of the hugetlb file has huge kernel pages and they cover at least the RAM size, and
+/// the destination's own smaps count shows huge pages in use.
 fn assert_huge_mapped(m: &Migrated, memory_bytes: u64) {
-    let kb = num(&m.stats, "smaps_hugetlb_kb");
     assert!(
-        kb >= (memory_bytes / 1024) as f64,
-        "only {kb} kB of guest RAM is hugetlb-mapped, want {}: {}",
-        memory_bytes / 1024,
+        m.maps.staging_left.is_empty(),
+        "staging still mapped or open: {:?}",
+        m.maps.staging_left
+    );
+    assert!(
+        m.maps.hugetlb_ram_small.is_empty(),
+        "hugetlb guest RAM mapped with small pages: {:?}",
+        m.maps.hugetlb_ram_small
+    );
+    assert!(
+        m.maps.hugetlb_ram_bytes >= memory_bytes,
+        "only {} bytes of hugetlb guest RAM mappings, want at least {memory_bytes}: {:?}",
+        m.maps.hugetlb_ram_bytes,
+        m.maps
+    );
+    // smaps counts only huge pages faulted into a mapping (the alias included): the guest RAM
+    // the guest and the VMM touched, so it is not compared with the RAM size.
+    assert!(
+        num(&m.stats, "smaps_hugetlb_kb") > 0.0,
+        "no hugetlb page mapped: {}",
         m.stats
     );
 }
@@ -393,7 +446,7 @@ fn hybrid_shmem_to_shmem() {
         vcpus: 1,
         passes: 600,
     });
-    assert!(m.staging_left.is_empty(), "{:?}", m.staging_left);
+    assert!(m.maps.staging_left.is_empty(), "{:?}", m.maps.staging_left);
 }
 
 #[test]
@@ -423,7 +476,7 @@ fn postcopy_shmem_to_hugetlb_2m_at_4k() {
         passes: 600,
     });
     assert_postcopy(&m);
-    assert_collapsed_to_huge(&m, 256 * MIB);
+    assert_collapsed_to_huge(&m, 256 * MIB, PAGE_SIZE_2M);
 }
 
 #[test]
@@ -441,7 +494,7 @@ fn postcopy_anon_to_hugetlb_1g_at_4k() {
         passes: 600,
     });
     assert_postcopy(&m);
-    assert_collapsed_to_huge(&m, 1024 * MIB);
+    assert_collapsed_to_huge(&m, 1024 * MIB, PAGE_SIZE_1G);
 }
 
 #[test]
@@ -489,7 +542,7 @@ fn postcopy_two_vcpus_shmem_to_hugetlb_2m_at_4k() {
         passes: 600,
     });
     assert_postcopy(&m);
-    assert_collapsed_to_huge(&m, 256 * MIB);
+    assert_collapsed_to_huge(&m, 256 * MIB, PAGE_SIZE_2M);
 }
 
 // ---- hostile peers and bad input: the migration fails clearly and the source keeps running ----

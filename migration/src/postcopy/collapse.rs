@@ -85,6 +85,10 @@ fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError
         delta_rounds: 0,
         delta_pages: Vec::new(),
         staged_pages: 0,
+        pause_ns: 0,
+        final_delta_ns: 0,
+        swap_ns: 0,
+        dontneed_ns: 0,
         free_ns: 0,
         ok,
     });
@@ -179,6 +183,7 @@ fn collapse_staged(
     let t0 = Instant::now();
     let mut delta_pages = Vec::new();
     let mut stall_ns = 0;
+    let (mut pause_ns, mut final_delta_ns, mut swap_ns, mut dontneed_ns) = (0, 0, 0, 0);
 
     // A unit the guest never touched has nothing in the staging: swap without pausing (the
     // unit lock keeps faults out; a waiter is woken into the huge mapping).
@@ -211,20 +216,26 @@ fn collapse_staged(
         }
         if len > DONTNEED_ABOVE {
             // Shared memory keeps the data; the guest refaults what it touches (MINOR, local).
+            let t = Instant::now();
             sys::madvise(addr, len as usize, libc::MADV_DONTNEED)
                 .map_err(err("MADV_DONTNEED of the staging range"))?;
+            dontneed_ns = t.elapsed().as_nanos() as u64;
         }
         let t_pause = Instant::now();
         shared
             .vcpus
             .pause()
             .map_err(|reason| PostcopyError::Pause { slot, reason })?;
+        let t_paused = Instant::now();
+        pause_ns = (t_paused - t_pause).as_nanos() as u64;
         let result = (|| -> Result<(), PostcopyError> {
             let mut collapsed = r.units[job.unit as usize]
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
             let dirty = take_unit_dirty(shared, r, first, end)?;
             delta_pages.push(copy_delta(r, stage_alias, &dirty));
+            let t_swap = Instant::now();
+            final_delta_ns = (t_swap - t_paused).as_nanos() as u64;
             match backing {
                 FinalBacking::Hugetlb => {
                     sys::map_shared_fixed(addr, len as usize, fd, r.region.fd_offset + off)
@@ -246,6 +257,7 @@ fn collapse_staged(
         })();
         // Unmapping does not wake a thread already asleep in the old range's userfault wait.
         let _ = shared.uffd.wake(addr as *mut libc::c_void, len as usize);
+        swap_ns = (t_paused.elapsed().as_nanos() as u64).saturating_sub(final_delta_ns);
         shared.vcpus.resume();
         stall_ns = t_pause.elapsed().as_nanos() as u64;
         result?;
@@ -274,11 +286,29 @@ fn collapse_staged(
         total_ns,
         stall_ns,
         delta_rounds: delta_pages.len() as u32,
-        delta_pages,
+        delta_pages: delta_pages.clone(),
         staged_pages,
+        pause_ns,
+        final_delta_ns,
+        swap_ns,
+        dontneed_ns,
         free_ns: t_free.elapsed().as_nanos() as u64,
         ok: true,
     });
+    tracing::info!(
+        slot,
+        offset = off,
+        size = len,
+        stall_ns,
+        pause_ns,
+        final_delta_ns,
+        swap_ns,
+        dontneed_ns,
+        total_ns,
+        staged_pages,
+        ?delta_pages,
+        "collapsed"
+    );
     let done = r.units_done.fetch_add(1, Ordering::AcqRel) + 1;
     if done == r.tracker.units() {
         let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());

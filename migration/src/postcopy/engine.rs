@@ -129,6 +129,12 @@ impl Shared {
         self.progress_cv.notify_all();
     }
 
+    /// Sleep until the next progress notification or `timeout`, whichever comes first.
+    pub fn wait_progress(&self, timeout: Duration) {
+        let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.progress_cv.wait_timeout(g, timeout);
+    }
+
     /// A page arrived and completed unit `unit` of region `ri`: schedule what the unit needs.
     pub fn unit_arrived(&self, ri: usize, unit: u64) {
         let r = &self.regions[ri];

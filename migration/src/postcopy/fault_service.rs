@@ -104,6 +104,7 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
                     let addr = addr as usize;
                     match shared.locate_host(addr) {
                         Some(region) => {
+                            shared.faults_pending.fetch_add(1, Ordering::AcqRel);
                             if tx
                                 .send(FaultJob {
                                     region,
@@ -138,32 +139,76 @@ fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
         if let Err(e) = serve(&shared, &job) {
             shared.fail(e.to_string());
         }
+        let left = shared.faults_pending.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && shared.all_arrived() {
+            shared.notify_progress();
+        }
     }
 }
 
-/// Removes an in-flight key when dropped.
+/// A fault being served: the first fault on its key. Later faults on the same key join it;
+/// [`Inflight::served`] records the latency of all of them. Dropped without `served` (an error,
+/// shutdown), it only removes the key.
 struct Inflight<'a> {
     shared: &'a Shared,
     key: (usize, u64),
+    read_at: Instant,
+    done: bool,
+}
+
+impl Inflight<'_> {
+    /// The fault is resolved (CONTINUE / COPY / wake done): record its latency and that of the
+    /// faults that joined it.
+    fn served(mut self) {
+        let now = Instant::now();
+        let joined = self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key)
+            .unwrap_or_default();
+        let stats = &self.shared.stats;
+        stats.fault_latency(now.saturating_duration_since(self.read_at).as_nanos() as u64);
+        for t in joined {
+            stats.fault_latency(now.saturating_duration_since(t).as_nanos() as u64);
+        }
+        self.done = true;
+    }
 }
 
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
-        self.shared
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        if !self.done {
+            self.shared
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.key);
+        }
     }
 }
 
-fn claim(shared: &Shared, key: (usize, u64)) -> Option<Inflight<'_>> {
-    let fresh = shared
-        .inflight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key);
-    fresh.then_some(Inflight { shared, key })
+/// Claim `key` for the fault read at `read_at`; None if a fault on it is being served already
+/// (this one then joins it and is resolved by its wake).
+fn claim(shared: &Shared, key: (usize, u64), read_at: Instant) -> Option<Inflight<'_>> {
+    let mut map = shared.inflight.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(joined) = map.get_mut(&key) {
+        joined.push(read_at);
+        drop(map);
+        shared
+            .stats
+            .faults_coalesced
+            .fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    map.insert(key, Vec::new());
+    Some(Inflight {
+        shared,
+        key,
+        read_at,
+        done: false,
+    })
 }
 
 /// Fetch `gpa` from the source, retrying while the link is slow or down (a faulting vCPU waits);
@@ -177,6 +222,7 @@ fn fetch(
     let r = &shared.regions[region];
     let gpa = r.region.gpa + page * PAGE_SIZE;
     let mut backoff = Duration::from_millis(1);
+    let mut warned = false;
     loop {
         if r.tracker.arrived(page) || shared.shutdown.load(Ordering::Acquire) {
             return Ok(None);
@@ -190,9 +236,19 @@ fn fetch(
                 return Err(PostcopyError::Fetch { gpa, source })
             }
             Err(e) => {
+                // The page may still arrive by another path (the bulk stream, a reconnect):
+                // wait for progress rather than hammer a channel that is down, and serve the
+                // fault locally as soon as the page is there.
                 shared.stats.fetch_retries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("fetch of gpa {gpa:#x} failed, retrying: {e}");
-                std::thread::sleep(backoff);
+                if !warned {
+                    tracing::warn!(
+                        "fetch of gpa {gpa:#x} failed, waiting for the page to arrive and retrying: {e}"
+                    );
+                    warned = true;
+                } else {
+                    tracing::debug!("fetch of gpa {gpa:#x} failed again: {e}");
+                }
+                shared.wait_progress(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(100));
             }
         }
@@ -212,32 +268,32 @@ fn serve(shared: &Shared, job: &FaultJob) -> Result<(), PostcopyError> {
 /// anon (UFFDIO_COPY) and shmem (alias write + CONTINUE): the final place is the faulting one.
 fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
     let r = &shared.regions[job.region];
-    let Some(_claim) = claim(shared, (job.region, page)) else {
+    let Some(claim) = claim(shared, (job.region, page), job.read_at) else {
         return Ok(()); // the first fault on this page wakes every waiter
     };
     let mut buf = [0u8; 4096];
+    let mut copied = false;
     if !r.tracker.arrived(page) && fetch(shared, job.region, page, &mut buf)?.is_some() {
         let _g = r.tracker.lock_page(page);
-        shared.store_final_locked(job.region, page, &buf)?;
+        copied = shared.store_final_locked(job.region, page, &buf)?;
     } else {
         shared
             .stats
             .pages_served_locally
             .fetch_add(1, Ordering::Relaxed);
     }
+    if !r.tracker.arrived(page) {
+        return Ok(()); // shutting down: the fetch gave up
+    }
     let addr = r.host_page(page);
     match r.plan.mode {
-        ServeMode::AnonCopy => {
-            // The page is in place (our copy or bulk's); make sure the waiter runs.
-            let _ = shared
-                .uffd
-                .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
-        }
-        _ => shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?,
+        // Our UFFDIO_COPY woke the waiter. Otherwise the page is in place (bulk's copy) or
+        // arrived in a zero run and was never mapped: map the zero page or wake.
+        ServeMode::AnonCopy if copied => {}
+        ServeMode::AnonCopy => shared.anon_zero_or_wake(job.region, addr)?,
+        _ => shared.continue_or_zero(job.region, addr)?,
     }
-    shared
-        .stats
-        .fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    claim.served();
     Ok(())
 }
 
@@ -246,7 +302,7 @@ fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Pos
 fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
     let ri = job.region;
     let r = &shared.regions[ri];
-    let Some(_claim) = claim(shared, (ri, page)) else {
+    let Some(claim) = claim(shared, (ri, page), job.read_at) else {
         return Ok(());
     };
     let addr = r.host_page(page);
@@ -266,9 +322,7 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
             .uffd
             .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
         drop(collapsed);
-        shared
-            .stats
-            .fault_latency(job.read_at.elapsed().as_nanos() as u64);
+        claim.served();
         return Ok(());
     }
     let staging = r.staging.read().unwrap_or_else(|p| p.into_inner());
@@ -276,6 +330,9 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
         let _ = shared
             .uffd
             .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
+        drop(staging);
+        drop(collapsed);
+        claim.served();
         return Ok(());
     };
     let final_alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
@@ -309,9 +366,7 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
     // every region that collapses (never from here: see prepare()).
     shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?;
     drop(collapsed);
-    shared
-        .stats
-        .fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    claim.served();
     Ok(())
 }
 
@@ -321,8 +376,8 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
     let r = &shared.regions[ri];
     let ppu = r.tracker.pages_per_unit();
     let hidx = page / ppu;
-    let Some(_claim) = claim(shared, (ri, hidx | HUGE_KEY)) else {
-        return Ok(());
+    let Some(claim) = claim(shared, (ri, hidx | HUGE_KEY), job.read_at) else {
+        return Ok(()); // the first fault on this huge page continues it for every waiter
     };
     let (first, end) = r.tracker.unit_pages(hidx);
     let missing = r.tracker.missing_in(first, end);
@@ -370,9 +425,20 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
     }
     let huge = r.region.page_size as usize;
     let addr = r.region.host_addr + hidx as usize * huge;
+    // A huge page whose every 4 KiB arrived in zero runs was never written, so it is not in the
+    // hugetlb page cache and CONTINUE would fail (EFAULT): fault it in (zero-filled) through the
+    // alias first. A page that is there already is only looked up.
+    if let Some(alias) = r.alias_page(first) {
+        sys::madvise(alias, huge, libc::MADV_POPULATE_READ).map_err(|source| {
+            PostcopyError::Populate {
+                slot: r.region.slot,
+                addr: alias,
+                len: huge,
+                source,
+            }
+        })?;
+    }
     shared.continue_or_wake(r.region.slot, addr, huge)?;
-    shared
-        .stats
-        .fault_latency(job.read_at.elapsed().as_nanos() as u64);
+    claim.served();
     Ok(())
 }

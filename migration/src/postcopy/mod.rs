@@ -73,6 +73,15 @@ pub enum PostcopyError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "populating the huge page of slot {slot} at alias {addr:#x}+{len:#x} failed: {source}"
+    )]
+    Populate {
+        slot: u32,
+        addr: usize,
+        len: usize,
+        source: std::io::Error,
+    },
     #[error("memslot swap of slot {slot} to its guest_memfd failed: {reason}")]
     MemslotSwap { slot: u32, reason: String },
     #[error("fetching gpa {gpa:#x} failed for good: {source}")]

@@ -107,6 +107,14 @@ impl PostcopySink for EngineSink {
             .map_err(|e| e.to_string())
     }
 
+    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
+        // Guest RAM here starts zero-filled: the engine only marks the pages arrived.
+        self.engine
+            .bulk_zero(gpa, count)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     fn finished(&self) -> Result<PostcopyOutcome, String> {
         self.engine.wait_complete().map_err(|e| e.to_string())?;
         let s = self.engine.stats();
