@@ -721,6 +721,136 @@ fn hugetlb_2m_whole_page_baseline() {
         "whole-page: fault latency samples {:?}",
         st.fault_latency_ns
     );
+    assert!(st.faults_served >= 1);
+    assert_eq!(
+        st.fault_latency_ns.len() as u64,
+        st.faults_served,
+        "every whole-page fault has a latency sample"
+    );
+}
+
+/// Zero runs only mark pages arrived: a later touch maps zeros without asking the source,
+/// completed units still collapse, and pages with data are untouched.
+#[test]
+fn zero_runs_mark_arrived_without_fetching() {
+    let size = 4 * MIB;
+    let pages = (size / PAGE) as u64;
+    // Pages [0, 256) and [768, 1024) are zero runs; the rest is data.
+    let is_zero = |p: u64| !(256..768).contains(&p);
+    let push = |eng: &PostcopyEngine| {
+        assert_eq!(eng.bulk_zero(GPA_BASE, 256).unwrap(), 256);
+        let mut buf = [0u8; 4096];
+        for p in 256..768 {
+            let g = GPA_BASE + p * PAGE as u64;
+            src_page(g, &mut buf);
+            eng.bulk_page(g, &buf).unwrap();
+        }
+        assert_eq!(
+            eng.bulk_zero(GPA_BASE + 768 * PAGE as u64, 256).unwrap(),
+            256
+        );
+        // Again: already arrived, ignored.
+        assert_eq!(eng.bulk_zero(GPA_BASE, 256).unwrap(), 0);
+        assert!(eng.bulk_zero(GPA_BASE + 1000 * PAGE as u64, 100).is_err());
+    };
+    let check_all = |host: usize| {
+        for p in 0..pages {
+            let a = host + p as usize * PAGE;
+            if is_zero(p) {
+                assert_eq!(read_word(a), 0, "zero page {p}");
+                assert_eq!(read_word(a + PAGE - 8), 0, "zero page {p}");
+            } else {
+                check_page(a, GPA_BASE + p * PAGE as u64, None);
+            }
+        }
+    };
+
+    // shmem: 2 MiB units complete through the zero run and collapse.
+    let fd = memfd("shmem-zero", 0, size);
+    let host = map_aligned(fd.as_raw_fd(), size, 2 * MIB);
+    let alias = map_aligned(fd.as_raw_fd(), size, PAGE);
+    let _maps = (Unmap(host, size), Unmap(alias, size));
+    let fetcher = Arc::new(LocalFetcher {
+        fetches: AtomicU64::new(0),
+        delay: Duration::ZERO,
+    });
+    let region = RamRegion {
+        slot: 0,
+        gpa: GPA_BASE,
+        size: size as u64,
+        host_addr: host,
+        alias_addr: Some(alias),
+        fd: Some(fd.as_raw_fd()),
+        fd_offset: 0,
+        kind: MemoryKind::Shmem,
+        page_size: PAGE as u64,
+    };
+    let mut eng = engine(
+        region,
+        Strategy::FourK,
+        fetcher.clone(),
+        Arc::new(SimVcpus::default()),
+        Arc::new(NoDirty),
+    );
+    eng.prepare().unwrap();
+    push(&eng);
+    eng.wait_complete_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    check_all(host);
+    let st = eng.stats();
+    assert_eq!(fetcher.fetches.load(Ordering::Relaxed), 0);
+    assert_eq!(st.zero_pages_applied, 512);
+    assert_eq!(st.zero_pages_ignored, 256);
+    assert_eq!(st.collapses + st.collapse_failures, 2);
+    drop(eng);
+
+    // anon: a zero-run page the guest touches gets the zero page, never a fetch.
+    // SAFETY: fresh anonymous mapping; checked.
+    let anon = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(anon, libc::MAP_FAILED);
+    let anon = anon as usize;
+    let _anon_map = Unmap(anon, size);
+    let region = RamRegion {
+        slot: 1,
+        gpa: GPA_BASE,
+        size: size as u64,
+        host_addr: anon,
+        alias_addr: None,
+        fd: None,
+        fd_offset: 0,
+        kind: MemoryKind::Anon,
+        page_size: PAGE as u64,
+    };
+    let mut eng = engine(
+        region,
+        Strategy::FourK,
+        fetcher.clone(),
+        Arc::new(SimVcpus::default()),
+        Arc::new(NoDirty),
+    );
+    eng.prepare().unwrap();
+    push(&eng);
+    eng.wait_complete_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    check_all(anon);
+    write_word(anon + 3 * PAGE, 0xfeed);
+    assert_eq!(read_word(anon + 3 * PAGE), 0xfeed);
+    // Complete also means no fault is still being served (its latency is recorded).
+    eng.wait_complete_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let st = eng.stats();
+    assert_eq!(fetcher.fetches.load(Ordering::Relaxed), 0);
+    assert!(st.faults_served >= 512, "faults {}", st.faults_served);
+    assert_eq!(st.fault_latency_ns.len() as u64, st.faults_served);
 }
 
 #[test]

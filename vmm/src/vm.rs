@@ -228,8 +228,13 @@ impl Vm {
 
     /// Pauses every vCPU (returns when none is in the guest).
     pub fn pause(&self) -> Result<(), VmError> {
-        for v in self.vcpus().iter() {
-            v.pause()?;
+        let handles = self.vcpus();
+        // Kick every vCPU first, then wait: they leave the guest in parallel.
+        for v in handles.iter() {
+            v.request_pause()?;
+        }
+        for v in handles.iter() {
+            v.wait_paused()?;
         }
         Ok(())
     }

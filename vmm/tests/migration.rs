@@ -610,7 +610,11 @@ fn assert_source_still_runs(mut src: RunningSource) {
 
 /// Asserts a failed `vmm migrate` and that its stderr mentions one of `any`.
 fn assert_migrate_failed(result: &(Option<i32>, String, String, Duration), any: &[&str]) {
-    let (code, out, err, _) = result;
+    let (code, out, err, took) = result;
+    eprintln!(
+        "vmm migrate failed after {took:?} (expected): {}",
+        err.trim_end()
+    );
     assert_eq!(
         *code,
         Some(1),
@@ -650,6 +654,7 @@ fn wrong_secret_fails_authentication_and_the_source_keeps_running() {
     );
     assert_migrate_failed(&r, &["authentication failed"]);
     let status = dst.wait(Duration::from_secs(30));
+    eprintln!("destination failed (expected): {}", dst.stderr().trim_end());
     assert_ne!(status.code(), Some(0), "{}", dst.describe());
     assert!(
         dst.stderr().contains("authentication failed"),
@@ -672,6 +677,7 @@ fn garbage_sent_to_receive_is_refused() {
     // The destination may hang up before reading all of it.
     let _ = c.write_all(&junk);
     let status = dst.wait(Duration::from_secs(30));
+    eprintln!("destination failed (expected): {}", dst.stderr().trim_end());
     drop(c);
     assert_eq!(status.code(), Some(1), "{}", dst.describe());
     let err = dst.stderr();
@@ -682,7 +688,6 @@ fn garbage_sent_to_receive_is_refused() {
 struct FakeDestination {
     port: u16,
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl FakeDestination {
@@ -691,17 +696,14 @@ impl FakeDestination {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(Mutex::new(Vec::new()));
         let serve = Arc::new(serve);
         {
             let stop = stop.clone();
-            let conns = conns.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((s, _)) => {
                             s.set_nonblocking(false).unwrap();
-                            conns.lock().unwrap().push(s.try_clone().unwrap());
                             let serve = serve.clone();
                             std::thread::spawn(move || serve(s));
                         }
@@ -710,7 +712,7 @@ impl FakeDestination {
                 }
             });
         }
-        FakeDestination { port, stop, conns }
+        FakeDestination { port, stop }
     }
 
     fn addr(&self) -> String {
@@ -721,9 +723,6 @@ impl FakeDestination {
 impl Drop for FakeDestination {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().iter() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
     }
 }
 
@@ -757,9 +756,12 @@ fn cutting_proxy(to: u16, limit: u64) -> (FakeDestination, Arc<AtomicU64>) {
         let cut = {
             let all = all.clone();
             move || {
-                for s in all.lock().unwrap().iter() {
+                let mut all = all.lock().unwrap();
+                for s in all.iter() {
                     let _ = s.shutdown(Shutdown::Both);
                 }
+                // Close them: unread data makes the kernel reset the connections.
+                all.clear();
             }
         };
         // Destination to source: plain copy.
@@ -804,11 +806,11 @@ fn a_link_dropped_during_precopy_fails_the_migration() {
         forwarded.load(Ordering::SeqCst) >= 16 * MIB,
         "the link was not cut mid-stream: {r:?}"
     );
-    assert_migrate_failed(
-        &r,
-        &["closed", "reset", "broken pipe", "truncated", "stalled"],
-    );
+    // A dropped link is an I/O error at once, not a stall detected after the I/O timeout.
+    assert_migrate_failed(&r, &["closed", "reset", "broken pipe", "truncated"]);
+    assert!(r.3 < Duration::from_secs(8), "took {:?}", r.3);
     let status = dst.wait(Duration::from_secs(30));
+    eprintln!("destination failed (expected): {}", dst.stderr().trim_end());
     assert_eq!(status.code(), Some(1), "{}", dst.describe());
     assert!(
         dst.stderr().contains("the migration failed"),

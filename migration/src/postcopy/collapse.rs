@@ -61,7 +61,25 @@ fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError
     let t0 = Instant::now();
     // Only whole, aligned 2 MiB ranges can become a PMD; all their pages are in the page cache
     // (the unit completed), so the collapse cannot fill a hole with zeros.
-    let ok = if len == super::strategy::SHMEM_COLLAPSE_UNIT && addr.is_multiple_of(len as usize) {
+    let alias = r.alias_page(first);
+    // A range that is all page-cache holes arrived entirely in zero runs and was never touched:
+    // there is nothing to collapse (and filling 2 MiB of zeros only to collapse them costs
+    // memory and CPU while the migration runs); guest touches map zero pages later.
+    let empty = alias.is_some_and(|a| sys::resident_pages(a, len as usize).is_ok_and(|n| n == 0));
+    let ok = if empty {
+        true
+    } else if len == super::strategy::SHMEM_COLLAPSE_UNIT && addr.is_multiple_of(len as usize) {
+        // Pages that arrived in zero runs were never written, so they are page-cache holes
+        // (which MADV_COLLAPSE refuses); fault them in, zero-filled, through the alias that
+        // nothing is registered on. Pages already there are only looked up.
+        if let Some(alias) = alias {
+            if let Err(e) = sys::madvise(alias, len as usize, libc::MADV_POPULATE_WRITE) {
+                tracing::info!(
+                    "populating the zero pages of slot {} at alias {alias:#x} failed: {e}",
+                    r.region.slot
+                );
+            }
+        }
         match sys::madvise(addr, len as usize, libc::MADV_COLLAPSE) {
             Ok(()) => true,
             Err(e) => {
@@ -79,7 +97,11 @@ fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError
         slot: r.region.slot,
         unit_offset: off,
         unit_size: len,
-        method: "madv-collapse",
+        method: if empty {
+            "none (all zero, never touched)"
+        } else {
+            "madv-collapse"
+        },
         total_ns: t0.elapsed().as_nanos() as u64,
         stall_ns: 0,
         delta_rounds: 0,

@@ -276,15 +276,26 @@ impl Shared {
         }
     }
 
-    /// Make sure the page at primary address `addr` of anonymous region `ri` is mapped and wake
-    /// its waiters: a page that arrived as part of a zero run was never copied in, so it gets
-    /// the zero page (EEXIST: it is present already, only wake).
-    pub fn anon_zero_or_wake(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
+    /// `UFFDIO_ZEROPAGE` one page at `addr` of region `ri` (retrying while the kernel says
+    /// EAGAIN); EEXIST (a page is there already) is "wake only".
+    fn zeropage_or_wake(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
         let len = PAGE_SIZE as usize;
-        // SAFETY: `addr` is a page of the MISSING-registered anonymous region the engine manages;
-        // UFFDIO_ZEROPAGE never replaces a present page (EEXIST).
-        let res = unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) };
-        match res {
+        let zeropage = || {
+            // SAFETY: `addr` is a page of a region the engine registered with userfaultfd;
+            // UFFDIO_ZEROPAGE only fills a hole (anon: an unmapped page; shmem: a page-cache
+            // hole) and never replaces a page that is there (EEXIST).
+            unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) }
+        };
+        let mut result = zeropage();
+        let mut tries = 0;
+        while matches!(&result, Err(e) if sys::uffd_errno(e) == Some(libc::EAGAIN))
+            && tries < 10_000
+        {
+            tries += 1;
+            std::thread::yield_now();
+            result = zeropage();
+        }
+        match result {
             Ok(_) => Ok(()),
             Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
                 let _ = self.uffd.wake(addr as *mut libc::c_void, len);
@@ -300,44 +311,25 @@ impl Shared {
         }
     }
 
+    /// Make sure the page at primary address `addr` of anonymous region `ri` is mapped and wake
+    /// its waiters: a page that arrived as part of a zero run was never copied in, so it gets
+    /// the zero page (EEXIST: it is present already, only wake).
+    pub fn anon_zero_or_wake(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
+        self.zeropage_or_wake(ri, addr)
+    }
+
     /// shmem: `UFFDIO_CONTINUE` one page that arrived; a page that arrived as part of a zero run
     /// is not in the page cache (CONTINUE: EFAULT), so it gets a zeroed page (UFFDIO_ZEROPAGE,
     /// which never replaces a page already there: EEXIST, wake only).
     pub fn continue_or_zero(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
-        let len = PAGE_SIZE as usize;
         let slot = self.regions[ri].region.slot;
-        match self.uffd.r#continue(addr as *mut libc::c_void, len, true) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
-                let _ = self.uffd.wake(addr as *mut libc::c_void, len);
-                Ok(())
+        match self.continue_or_wake(slot, addr, PAGE_SIZE as usize) {
+            Err(PostcopyError::UffdRange { source, .. })
+                if sys::uffd_errno(&source) == Some(libc::EFAULT) =>
+            {
+                self.zeropage_or_wake(ri, addr)
             }
-            Err(e) if sys::uffd_errno(&e) == Some(libc::EFAULT) => {
-                // SAFETY: `addr` is a page of the engine's MISSING|MINOR-registered shmem region;
-                // ZEROPAGE only fills a page-cache hole.
-                let res = unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) };
-                match res {
-                    Ok(_) => Ok(()),
-                    Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
-                        let _ = self.uffd.wake(addr as *mut libc::c_void, len);
-                        Ok(())
-                    }
-                    Err(source) => Err(PostcopyError::UffdRange {
-                        slot,
-                        what: "UFFDIO_ZEROPAGE",
-                        addr,
-                        len,
-                        source,
-                    }),
-                }
-            }
-            Err(source) => Err(PostcopyError::UffdRange {
-                slot,
-                what: "UFFDIO_CONTINUE",
-                addr,
-                len,
-                source,
-            }),
+            other => other,
         }
     }
 

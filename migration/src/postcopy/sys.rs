@@ -76,6 +76,18 @@ pub fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// How many 4 KiB pages of `[addr, addr + len)` are resident (`mincore`; for a shared file
+/// mapping: in the page cache, mapped here or not).
+pub fn resident_pages(addr: usize, len: usize) -> io::Result<usize> {
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `vec` has one byte per page of the range, as mincore requires; the range is a
+    // mapping the engine owns; the result is checked.
+    if unsafe { libc::mincore(ptr(addr), len, vec.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|b| **b & 1 != 0).count())
+}
+
 /// Free `[offset, offset + len)` of a shmem file (`fallocate(PUNCH_HOLE | KEEP_SIZE)`).
 pub fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a file descriptor the engine owns; the result is checked.

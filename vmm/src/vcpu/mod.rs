@@ -132,7 +132,7 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 }
 
 /// How long a pause waits between kicks.
-const KICK_INTERVAL: Duration = Duration::from_micros(200);
+const KICK_INTERVAL: Duration = Duration::from_micros(50);
 
 impl VcpuHandle {
     /// Starts the run loop of `fd` on a new thread. With `start_paused`, the vCPU waits for
@@ -186,29 +186,41 @@ impl VcpuHandle {
 
     /// Asks the vCPU to leave the guest and waits until it has.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        let mut c = self
-            .shared
-            .ctl
-            .lock()
-            .map_err(|_| VcpuError::Gone(self.index))?;
-        if c.want == Want::Run {
-            c.want = Want::Pause;
+        self.request_pause()?;
+        self.wait_paused()
+    }
+
+    /// Asks the vCPU to leave the guest and kicks it once, without waiting (pause several
+    /// vCPUs at once: request all, then wait for each).
+    pub fn request_pause(&self) -> Result<(), VcpuError> {
+        {
+            let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+            if c.want == Want::Run {
+                c.want = Want::Pause;
+            }
+            if c.parked || c.finished {
+                return Ok(());
+            }
         }
+        self.kick();
+        Ok(())
+    }
+
+    /// Waits until the vCPU has parked after [`VcpuHandle::request_pause`], kicking it again
+    /// every [`KICK_INTERVAL`] (a kick that lands just before `KVM_RUN` is lost).
+    pub fn wait_paused(&self) -> Result<(), VcpuError> {
+        let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
         while !c.parked && !c.finished {
-            drop(c);
-            self.kick();
             c = self
                 .shared
-                .ctl
-                .lock()
-                .map_err(|_| VcpuError::Gone(self.index))?;
+                .cond
+                .wait_timeout(c, KICK_INTERVAL)
+                .map_err(|_| VcpuError::Gone(self.index))?
+                .0;
             if !c.parked && !c.finished {
-                c = self
-                    .shared
-                    .cond
-                    .wait_timeout(c, KICK_INTERVAL)
-                    .map_err(|_| VcpuError::Gone(self.index))?
-                    .0;
+                drop(c);
+                self.kick();
+                c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
             }
         }
         Ok(())

@@ -142,7 +142,20 @@ fn collect(mut pipe: impl Read + Send + 'static, into: std::sync::Arc<std::sync:
 impl Proc {
     /// Starts `vmm` with `args`; `name` labels it in failure messages.
     pub fn vmm(name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(vmm_bin())
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(vmm_bin());
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe. The child is killed if the thread that started it (the test)
+        // dies without running Drop, e.g. when the test runner kills a test that ran too long.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
