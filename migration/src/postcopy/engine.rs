@@ -657,6 +657,24 @@ impl PostcopyEngine {
     /// precopy write a hybrid migration discarded): write those with
     /// [`PostcopyEngine::bulk_page`] and a zero page instead.
     pub fn bulk_zero(&self, gpa: u64, count: u64) -> Result<u64, PostcopyError> {
+        let newly = self.mark_present(gpa, count)?;
+        let shared = self.shared()?;
+        shared
+            .stats
+            .zero_pages_applied
+            .fetch_add(newly, Ordering::Relaxed);
+        shared
+            .stats
+            .zero_pages_ignored
+            .fetch_add(count - newly, Ordering::Relaxed);
+        Ok(newly)
+    }
+
+    /// Marks `count` pages from `gpa` (inside one region) as arrived without writing anything:
+    /// guest memory (the page cache, the huge page, the anonymous mapping) already holds their
+    /// contents, e.g. pages a hybrid migration's precopy rounds wrote. Units this completes are
+    /// scheduled for collapse. Returns how many pages were newly marked.
+    pub fn mark_present(&self, gpa: u64, count: u64) -> Result<u64, PostcopyError> {
         let shared = self.shared()?;
         if count == 0 {
             return Ok(0);
@@ -672,17 +690,9 @@ impl PostcopyEngine {
                 gpa: gpa.saturating_add(count.saturating_sub(1).saturating_mul(PAGE_SIZE)),
             })?;
         // No page lock: nothing is written. A concurrent writer of the same page (a fetch, a
-        // bulk page) writes the same zeros, before the guest can see the page, and only the
+        // bulk page) writes the same contents before the guest can see the page, and only the
         // first to set the arrival bit counts it.
         let (newly, completed) = r.tracker.mark_arrived_run(first, end);
-        shared
-            .stats
-            .zero_pages_applied
-            .fetch_add(newly, Ordering::Relaxed);
-        shared
-            .stats
-            .zero_pages_ignored
-            .fetch_add(count - newly, Ordering::Relaxed);
         for unit in &completed {
             shared.unit_arrived(ri, *unit);
         }

@@ -79,6 +79,8 @@ pub struct DestinationStats {
     pub collapse_total_ns: Vec<u64>,
     pub fault_ns: Vec<u64>,
     pub staging_peak_bytes: u64,
+    /// Staging memory still allocated when the stats were taken (0 once every region collapsed).
+    pub staging_current_bytes: u64,
     /// Huge-mapped guest RAM at the end, from /proc/self/smaps (kB).
     pub smaps_hugetlb_kb: u64,
     pub smaps_shmem_pmd_kb: u64,
@@ -185,22 +187,25 @@ impl DestinationVm for DestSide {
         )
         .map_err(|e| e.to_string())?;
         engine.prepare().map_err(|e| e.to_string())?;
-        // Pages that came in precopy rounds (hybrid) are in guest memory already; tell the
-        // engine, which then serves them locally and never asks the source for them.
-        let ram = self.vm.ram();
-        let mut buf = [0u8; 4096];
+        // Pages that came in precopy rounds (hybrid) are in guest memory already (page cache,
+        // huge page, anonymous mapping): the engine only marks them, serves them locally and
+        // never asks the source for them.
         let mut page_index = 0u64;
-        for r in ram.regions() {
+        for r in self.vm.ram().regions() {
             let pages = r.size / PAGE_SIZE;
-            for p in 0..pages {
-                if present.contains(page_index + p) {
-                    let gpa = r.guest_addr + p * PAGE_SIZE;
-                    let src = existing_page(ram, gpa)?;
-                    // SAFETY: `src` points at one 4 KiB page inside guest RAM's alias (or, for
-                    // anon, primary) mapping, alive as long as the VM.
-                    unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
-                    engine.bulk_page(gpa, &buf).map_err(|e| e.to_string())?;
+            let mut p = 0;
+            while p < pages {
+                if !present.contains(page_index + p) {
+                    p += 1;
+                    continue;
                 }
+                let start = p;
+                while p < pages && present.contains(page_index + p) {
+                    p += 1;
+                }
+                engine
+                    .mark_present(r.guest_addr + start * PAGE_SIZE, p - start)
+                    .map_err(|e| e.to_string())?;
             }
             page_index += pages;
         }
@@ -270,17 +275,6 @@ fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), String>
         first_page += pages;
     }
     Ok(())
-}
-
-/// Where an already-received page can be read from before postcopy maps staging over it.
-fn existing_page(ram: &GuestRam, gpa: u64) -> Result<*const u8, String> {
-    match ram.alias_ptr(gpa, PAGE_SIZE).map_err(|e| e.to_string())? {
-        Some(p) => Ok(p as *const u8),
-        None => Err(format!(
-            "page {gpa:#x} arrived in precopy but {} memory has no alias to read it back through",
-            ram.backing()
-        )),
-    }
 }
 
 /// Runs `vmm receive`: returns how the received guest ended.
@@ -415,6 +409,7 @@ fn destination_stats(
         collapse_total_ns: e.collapse_records.iter().map(|r| r.total_ns).collect(),
         fault_ns: e.fault_latency_ns,
         staging_peak_bytes: (e.staging_peak_mib * 1024.0 * 1024.0) as u64,
+        staging_current_bytes: e.staging_current_bytes,
         smaps_hugetlb_kb: hugetlb,
         smaps_shmem_pmd_kb: pmd,
     }

@@ -194,7 +194,11 @@ impl VcpuHandle {
     /// vCPUs at once: request all, then wait for each).
     pub fn request_pause(&self) -> Result<(), VcpuError> {
         {
-            let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+            let mut c = self
+                .shared
+                .ctl
+                .lock()
+                .map_err(|_| VcpuError::Gone(self.index))?;
             if c.want == Want::Run {
                 c.want = Want::Pause;
             }
@@ -209,7 +213,11 @@ impl VcpuHandle {
     /// Waits until the vCPU has parked after [`VcpuHandle::request_pause`], kicking it again
     /// every [`KICK_INTERVAL`] (a kick that lands just before `KVM_RUN` is lost).
     pub fn wait_paused(&self) -> Result<(), VcpuError> {
-        let mut c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+        let mut c = self
+            .shared
+            .ctl
+            .lock()
+            .map_err(|_| VcpuError::Gone(self.index))?;
         while !c.parked && !c.finished {
             c = self
                 .shared
@@ -220,7 +228,11 @@ impl VcpuHandle {
             if !c.parked && !c.finished {
                 drop(c);
                 self.kick();
-                c = self.shared.ctl.lock().map_err(|_| VcpuError::Gone(self.index))?;
+                c = self
+                    .shared
+                    .ctl
+                    .lock()
+                    .map_err(|_| VcpuError::Gone(self.index))?;
             }
         }
         Ok(())
