@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus, SwappedSlots};
 use crate::launcher::{self, LaunchError, RunOutcome, SerialTarget};
-use crate::memory::{Backing, GuestRam};
+use crate::memory::{Backing, GuestRam, Region};
 use crate::signals;
 use crate::vm::{Vm, VmError, VmState};
 
@@ -190,25 +190,12 @@ impl DestinationVm for DestSide {
         // Pages that came in precopy rounds (hybrid) are in guest memory already (page cache,
         // huge page, anonymous mapping): the engine only marks them, serves them locally and
         // never asks the source for them.
-        let mut page_index = 0u64;
-        for r in self.vm.ram().regions() {
-            let pages = r.size / PAGE_SIZE;
-            let mut p = 0;
-            while p < pages {
-                if !present.contains(page_index + p) {
-                    p += 1;
-                    continue;
-                }
-                let start = p;
-                while p < pages && present.contains(page_index + p) {
-                    p += 1;
-                }
-                engine
-                    .mark_present(r.guest_addr + start * PAGE_SIZE, p - start)
-                    .map_err(|e| e.to_string())?;
-            }
-            page_index += pages;
-        }
+        for_each_run(self.vm.ram(), present, true, |r, start, count| {
+            engine
+                .mark_present(r.guest_addr + start * PAGE_SIZE, count)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })?;
         let sink = Arc::new(EngineSink { engine });
         if let Ok(mut e) = self.engine.lock() {
             *e = Some(sink.clone());
@@ -235,42 +222,55 @@ fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), String>
     if !matches!(ram.backing(), Backing::Anon | Backing::Shmem) {
         return Ok(());
     }
+    for_each_run(ram, present, false, |r, start, count| {
+        let (off, len) = (start * PAGE_SIZE, count * PAGE_SIZE);
+        if let Some(fd) = r.raw_fd() {
+            // SAFETY: fallocate on the region's own memfd; punching a hole only drops page
+            // cache contents in the given range, which no one else uses yet.
+            let rc = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (r.fd_offset + off) as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "punching stale pages {:#x}+{len:#x} out of guest memory: {}",
+                    r.guest_addr + off,
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        r.primary
+            .discard(off as usize, len as usize)
+            .map_err(|e| format!("dropping stale pages at {:#x}: {e}", r.guest_addr + off))
+    })
+}
+
+/// Calls `f(region, first page in the region, page count)` for every maximal run of pages whose
+/// membership in `set` (global page numbers over all regions, in order) equals `member`.
+fn for_each_run(
+    ram: &GuestRam,
+    set: &PageSet,
+    member: bool,
+    mut f: impl FnMut(&Region, u64, u64) -> Result<(), String>,
+) -> Result<(), String> {
     let mut first_page = 0u64;
     for r in ram.regions() {
         let pages = r.size / PAGE_SIZE;
         let mut p = 0;
         while p < pages {
-            if present.contains(first_page + p) {
+            if set.contains(first_page + p) != member {
                 p += 1;
                 continue;
             }
             let start = p;
-            while p < pages && !present.contains(first_page + p) {
+            while p < pages && set.contains(first_page + p) == member {
                 p += 1;
             }
-            let (off, len) = (start * PAGE_SIZE, (p - start) * PAGE_SIZE);
-            if let Some(fd) = r.raw_fd() {
-                // SAFETY: fallocate on the region's own memfd; punching a hole only drops page
-                // cache contents in the given range, which no one else uses yet.
-                let rc = unsafe {
-                    libc::fallocate(
-                        fd,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        (r.fd_offset + off) as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if rc != 0 {
-                    return Err(format!(
-                        "punching stale pages {:#x}+{len:#x} out of guest memory: {}",
-                        r.guest_addr + off,
-                        std::io::Error::last_os_error()
-                    ));
-                }
-            }
-            r.primary
-                .discard(off as usize, len as usize)
-                .map_err(|e| format!("dropping stale pages at {:#x}: {e}", r.guest_addr + off))?;
+            f(r, start, p - start)?;
         }
         first_page += pages;
     }
