@@ -1,12 +1,16 @@
 //! The physical limits a postcopy fault is compared against, measured by the harness itself in
 //! the same run: (a) the raw userfaultfd round trip with the page already local (shmem MINOR +
 //! `UFFDIO_CONTINUE` of 4 KiB, served by another thread), (b) the raw 4 KiB request/reply round
-//! trip over TCP on the link, (c) raw TCP bulk throughput over the link.
+//! trip over TCP on the link, (c) raw TCP bulk throughput over the link, and (d) the raw **vCPU**
+//! userfault round trip with the page already local (`vmm fault-limit`: the workload guest's
+//! first touch of every page served by a minimal handler), which is what a postcopy fault really
+//! pays on top of the network: a vCPU fault goes through KVM and costs more than a thread's (a).
 
 use crate::histogram::{self, HistogramError, LatencyHistogram};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -44,6 +48,8 @@ pub enum LimitError {
     },
     #[error(transparent)]
     Histogram(#[from] HistogramError),
+    #[error("`{command}` failed: {reason}")]
+    FaultLimit { command: String, reason: String },
 }
 
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LimitError {
@@ -382,6 +388,133 @@ pub fn measure_link(
     Ok(LinkLimits {
         tcp_rtt: tcp_round_trip(addr, rtt_samples)?,
         throughput_gbps: tcp_throughput(addr, throughput_for)?,
+    })
+}
+
+/// Guest RAM of the `vmm fault-limit` run: 256 MiB, about 64k first touches.
+pub const VCPU_LIMIT_MEMORY_MIB: u64 = 256;
+
+/// The backing `vmm fault-limit` takes the faults of `backing` on: the 4k-staged strategy serves
+/// every fault of a hugetlb or guest_memfd region from a shmem staging mapping (MINOR + 4 KiB
+/// `UFFDIO_CONTINUE`), so everything but anon is measured on shmem.
+pub fn vcpu_limit_backing(backing: &str) -> &'static str {
+    if backing == "anon" {
+        "anon"
+    } else {
+        "shmem"
+    }
+}
+
+/// (d) The raw vCPU userfault round trip with the page already local, from `vmm fault-limit`.
+#[derive(Clone, Debug)]
+pub struct VcpuFaultLimit {
+    /// The backing the faults were taken on (see [`vcpu_limit_backing`]).
+    pub backing: String,
+    /// How each fault was served, as `vmm fault-limit` names it.
+    pub service: String,
+    /// The round trip as the guest saw it (its first store to each page), ns.
+    pub guest: LatencyHistogram,
+    /// The handler's fault read -> ioctl done, ns.
+    pub vmm: LatencyHistogram,
+}
+
+/// What `vmm fault-limit --json` prints (the fields the harness reads).
+#[derive(serde::Deserialize)]
+struct FaultLimitJson {
+    measured_backing: String,
+    service: String,
+    guest_buckets_ns: Vec<(u64, u64)>,
+    vmm_histogram_ns: Vec<(u64, u64)>,
+}
+
+/// (d) Runs `VMM fault-limit --kernel KERNEL --backing B --memory M --vcpus N --json` (killed
+/// after `timeout`), keeps its stdout in `save_to`, and reads the two histograms.
+pub fn vcpu_fault_limit(
+    vmm: &Path,
+    kernel: &Path,
+    backing: &str,
+    vcpus: u32,
+    timeout: Duration,
+    save_to: &Path,
+) -> Result<VcpuFaultLimit, LimitError> {
+    let backing = vcpu_limit_backing(backing);
+    let memory = format!("{VCPU_LIMIT_MEMORY_MIB}M");
+    let vcpus = vcpus.to_string();
+    let args = [
+        "fault-limit".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--backing".as_ref(),
+        backing.as_ref(),
+        "--memory".as_ref(),
+        memory.as_ref(),
+        "--vcpus".as_ref(),
+        vcpus.as_ref(),
+        "--json".as_ref(),
+    ];
+    let command = format!(
+        "{} {}",
+        vmm.display(),
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let fail = |reason: String| LimitError::FaultLimit {
+        command: command.clone(),
+        reason,
+    };
+    let out = std::fs::File::create(save_to)
+        .map_err(|e| fail(format!("creating {}: {e}", save_to.display())))?;
+    let err_path = save_to.with_extension("stderr");
+    let err = std::fs::File::create(&err_path)
+        .map_err(|e| fail(format!("creating {}: {e}", err_path.display())))?;
+    let mut child = std::process::Command::new(vmm)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| fail(format!("cannot start it: {e}")))?;
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if t0.elapsed() > timeout => {
+                // Ends only the child we started (by its pid).
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("no result within {timeout:?}")));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(fail(format!("waiting for it: {e}"))),
+        }
+    };
+    if !status.success() {
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        return Err(fail(format!("{status}: {}", stderr.trim())));
+    }
+    let text = std::fs::read_to_string(save_to)
+        .map_err(|e| fail(format!("reading {}: {e}", save_to.display())))?;
+    let j: FaultLimitJson = serde_json::from_str(text.trim())
+        .map_err(|e| fail(format!("its JSON output does not parse: {e}")))?;
+    let guest = histogram::from_buckets(&j.guest_buckets_ns)?;
+    let mut vmm_h = histogram::new_histogram()?;
+    for (v, n) in j.vmm_histogram_ns {
+        vmm_h.saturating_record_n(v.max(1), n);
+    }
+    if guest.is_empty() || vmm_h.is_empty() {
+        return Err(fail(format!(
+            "it reported {} guest and {} VMM samples",
+            guest.len(),
+            vmm_h.len()
+        )));
+    }
+    Ok(VcpuFaultLimit {
+        backing: j.measured_backing,
+        service: j.service,
+        guest,
+        vmm: vmm_h,
     })
 }
 

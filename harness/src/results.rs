@@ -20,10 +20,17 @@ pub mod kind {
     pub const GUEST_AFTER: &str = "guest_after";
     /// VMM-side fault latency (fault read to CONTINUE done).
     pub const VMM_FAULT: &str = "vmm_fault";
-    /// The limit: uffd round trip convolved with the 4 KiB TCP round trip.
+    /// The limit: the vCPU userfault round trip as the guest sees it ([`VCPU_UFFD`]) convolved
+    /// with the 4 KiB TCP round trip (or [`THREAD_LIMIT`] if the vCPU measurement failed).
     pub const LIMIT: &str = "limit";
-    /// Raw uffd round trip, page local.
+    /// Raw uffd round trip, page local, served to another thread (not a vCPU).
     pub const UFFD: &str = "uffd_rtt";
+    /// The thread limit: [`UFFD`] convolved with the 4 KiB TCP round trip.
+    pub const THREAD_LIMIT: &str = "thread_limit";
+    /// Raw vCPU userfault round trip, page local, as the guest saw it (`vmm fault-limit`).
+    pub const VCPU_UFFD: &str = "vcpu_uffd_rtt";
+    /// The same vCPU faults, VMM side (fault read to ioctl done).
+    pub const VCPU_UFFD_VMM: &str = "vcpu_uffd_vmm";
     /// Raw 4 KiB request/reply round trip on the link.
     pub const TCP_RTT: &str = "tcp_rtt";
     /// Collapse vCPU stalls.
@@ -89,10 +96,38 @@ pub struct ScenarioResult {
     pub guest_after_us: Percentiles,
     /// VMM-side fault latency, us.
     pub vmm_fault_us: Percentiles,
-    /// The limit (uffd round trip + 4 KiB TCP round trip), us.
+    /// The limit, us: the raw vCPU userfault round trip as the guest sees it
+    /// (`vcpu_uffd_rtt_us`) convolved with the raw 4 KiB TCP round trip (`tcp_rtt_us`); see
+    /// `limit_basis`.
     pub limit_us: Percentiles,
+    /// Raw userfault round trip with the page local, served to a *thread* (not a vCPU), us.
     pub uffd_rtt_us: Percentiles,
     pub tcp_rtt_us: Percentiles,
+    /// What `limit_us` is made of: "vcpu" (vCPU round trip + TCP round trip) or "thread"
+    /// (thread round trip + TCP round trip, used only when the vCPU measurement failed; see
+    /// `vcpu_limit_error`).
+    #[serde(default)]
+    pub limit_basis: String,
+    /// The thread limit: `uffd_rtt_us` convolved with `tcp_rtt_us` (an optimistic floor: a
+    /// vCPU fault costs more than a thread's), us.
+    #[serde(default)]
+    pub thread_limit_us: Percentiles,
+    /// Raw vCPU userfault round trip with the page local, as the guest saw it (its first store
+    /// to each page; `vmm fault-limit`), us.
+    #[serde(default)]
+    pub vcpu_uffd_rtt_us: Percentiles,
+    /// The same vCPU faults on the VMM side (fault read to ioctl done), us.
+    #[serde(default)]
+    pub vcpu_uffd_vmm_us: Percentiles,
+    /// The backing the vCPU round trip was measured on (shmem for every staged backing).
+    #[serde(default)]
+    pub vcpu_uffd_backing: Option<String>,
+    /// How the vCPU faults were served (e.g. "shmem MINOR + UFFDIO_CONTINUE 4 KiB").
+    #[serde(default)]
+    pub vcpu_uffd_service: Option<String>,
+    /// Why the vCPU round trip could not be measured, if it could not.
+    #[serde(default)]
+    pub vcpu_limit_error: Option<String>,
     pub blackout_ms: Option<f64>,
     pub total_s: Option<f64>,
     /// Migration payload rate: bytes sent / total time.
@@ -143,6 +178,15 @@ pub struct ScenarioResult {
     /// How many runs were merged into this entry (1 for a plain run).
     #[serde(default = "one")]
     pub runs: u32,
+    /// Strategy `native`: why the destination did not use the kernel-native path and fell
+    /// back to 4k-staged (its probe's answer); absent when native served, or for other
+    /// strategies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_fallback: Option<String>,
+    /// How the destination served the guest RAM's regions (e.g. "staged-4k-hugetlb",
+    /// "native-hugetlb-4k-continue").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serve_modes: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -169,6 +213,13 @@ impl ScenarioResult {
             limit_us: Percentiles::default(),
             uffd_rtt_us: Percentiles::default(),
             tcp_rtt_us: Percentiles::default(),
+            limit_basis: String::new(),
+            thread_limit_us: Percentiles::default(),
+            vcpu_uffd_rtt_us: Percentiles::default(),
+            vcpu_uffd_vmm_us: Percentiles::default(),
+            vcpu_uffd_backing: None,
+            vcpu_uffd_service: None,
+            vcpu_limit_error: None,
             blackout_ms: None,
             total_s: None,
             throughput_gbps: None,
@@ -193,6 +244,8 @@ impl ScenarioResult {
             fault_series: Vec::new(),
             fault_series_x: String::new(),
             runs: 1,
+            native_fallback: None,
+            serve_modes: Vec::new(),
         }
     }
 }
@@ -309,6 +362,15 @@ pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(
     }
     if let Some(h) = load_histogram(dir, r, kind::TCP_RTT)? {
         r.tcp_rtt_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::THREAD_LIMIT)? {
+        r.thread_limit_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::VCPU_UFFD)? {
+        r.vcpu_uffd_rtt_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::VCPU_UFFD_VMM)? {
+        r.vcpu_uffd_vmm_us = Percentiles::us(&h);
     }
     if let Some(h) = load_histogram(dir, r, kind::COLLAPSE_STALL)? {
         r.collapse_stall_us = ShortSummary::us(&h);

@@ -13,7 +13,7 @@ use crate::delay_proxy::{DelayProxy, ProxyError};
 use crate::guest_output::{self, DestinationStats, GuestLine, GuestOutput, MigrateSummary};
 use crate::histogram::{self, LatencyHistogram, Percentiles, ShortSummary};
 use crate::hugepool::HugePool;
-use crate::limits::{self, EchoServer, LinkLimits};
+use crate::limits::{self, EchoServer, LinkLimits, VcpuFaultLimit};
 use crate::netns::{NetnsPair, Side};
 use crate::probe;
 use crate::process::{Line, Proc};
@@ -62,25 +62,29 @@ impl Backing {
     }
 }
 
-/// Postcopy fault strategy on the destination (`vmm receive --granularity`). There is no
-/// "native" strategy to select: the engine probes for kernel-native 4 KiB faults on huge pages
-/// itself and falls back to 4 KiB staging; the harness records what `vmm probe --json` says
-/// about it in results.json (`host_checks`).
+/// Postcopy fault strategy on the destination (`vmm receive --granularity`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
     /// 4 KiB faults through a shmem staging mapping, collapsed afterwards.
     FourKStaged,
     /// Whole huge page per fault.
     Huge,
+    /// The kernel's own 4 KiB faults on huge pages (HGM) / guest_memfd (userfaultfd) where the
+    /// destination's probe finds them; otherwise the destination falls back to 4k-staged and
+    /// says why (results.json `native_fallback`).
+    Native,
 }
 
 impl Strategy {
+    /// The strategies of the full cross product (`--all`); native scenarios are added only
+    /// where native can differ from 4k-staged (see [`all`]).
     pub const ALL: [Strategy; 2] = [Strategy::FourKStaged, Strategy::Huge];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::FourKStaged => "4k-staged",
             Strategy::Huge => "huge",
+            Strategy::Native => "native",
         }
     }
 
@@ -89,6 +93,7 @@ impl Strategy {
         match self {
             Strategy::FourKStaged => "4k",
             Strategy::Huge => "huge",
+            Strategy::Native => "native",
         }
     }
 }
@@ -213,7 +218,9 @@ impl Scenario {
     }
 }
 
-/// Every combination: 4 backings x 2 strategies x 3 patterns x 4 links, 1 GiB of guest RAM.
+/// Every combination: 4 backings x 2 strategies x 3 patterns x 4 links, 1 GiB of guest RAM;
+/// plus the native strategy on loopback for the backings it can serve differently from
+/// 4k-staged (hugetlb, guest_memfd; shmem is served by the kernel's own 4 KiB path anyway).
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     for link in Link::all() {
@@ -223,6 +230,17 @@ pub fn all() -> Vec<Scenario> {
                     v.push(Scenario::new(b, s, p, link.clone(), 1024));
                 }
             }
+        }
+    }
+    for b in [Backing::Hugetlb2m, Backing::Hugetlb1g, Backing::GuestMemfd] {
+        for p in Pattern::ALL {
+            v.push(Scenario::new(
+                b,
+                Strategy::Native,
+                p,
+                Link::loopback(),
+                1024,
+            ));
         }
     }
     v
@@ -240,6 +258,8 @@ pub fn quick() -> Vec<Scenario> {
         Scenario::new(Shmem, FourKStaged, Random, lo(), 256),
         Scenario::new(Hugetlb2m, FourKStaged, Random, lo(), 256),
         Scenario::new(Hugetlb2m, Huge, Random, lo(), 256),
+        // Native: where the kernel lacks HGM it falls back to 4k-staged; the run records why.
+        Scenario::new(Hugetlb2m, Native, Random, lo(), 256),
         Scenario::new(Hugetlb1g, FourKStaged, Random, lo(), 1024),
         Scenario::new(Hugetlb1g, Huge, Random, lo(), 1024),
         Scenario::new(GuestMemfd, FourKStaged, Random, lo(), 256),
@@ -522,6 +542,10 @@ pub fn run(
     )?;
     progress.phase("measuring the raw userfault round trip");
     let uffd = limits::uffd_round_trip(cfg.uffd_samples)?;
+    // The vCPU userfault round trip, measured once per backing it is taken on (see
+    // `limits::vcpu_limit_backing`), the first time a scenario needs it.
+    let mut vcpu_limits: std::collections::BTreeMap<&'static str, Result<VcpuFaultLimit, String>> =
+        std::collections::BTreeMap::new();
     let mut links: Vec<Link> = Vec::new();
     for s in scenarios {
         if !links.contains(&s.link) {
@@ -542,8 +566,19 @@ pub fn run(
                 &s.link.name,
                 s.pattern.as_str(),
             );
+            let vcpu = vcpu_limit_for(cfg, s, &mut vcpu_limits, progress);
             let outcome = match &env {
-                Ok(env) => run_one(cfg, env, &uffd, secret.path(), s, index, &mut r, progress),
+                Ok(env) => run_one(
+                    cfg,
+                    env,
+                    &uffd,
+                    vcpu,
+                    secret.path(),
+                    s,
+                    index,
+                    &mut r,
+                    progress,
+                ),
                 Err(e) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
             };
             if let Err(e) = outcome {
@@ -570,11 +605,42 @@ pub fn run(
     })
 }
 
+/// The vCPU userfault round trip for scenario `s`'s backing, measured (`vmm fault-limit`) the
+/// first time a backing needs it and cached in `cache`; an error is cached too (as its text).
+fn vcpu_limit_for<'a>(
+    cfg: &RunConfig,
+    s: &Scenario,
+    cache: &'a mut std::collections::BTreeMap<&'static str, Result<VcpuFaultLimit, String>>,
+    progress: &mut dyn Progress,
+) -> Result<&'a VcpuFaultLimit, &'a str> {
+    let on = limits::vcpu_limit_backing(s.backing.as_str());
+    let entry = cache.entry(on).or_insert_with(|| {
+        progress.phase(&format!(
+            "measuring the raw vCPU userfault round trip on {on} (vmm fault-limit)"
+        ));
+        let save = cfg.out.join("raw").join(format!("fault-limit-{on}.json"));
+        limits::vcpu_fault_limit(
+            &cfg.vmm,
+            &cfg.kernel,
+            s.backing.as_str(),
+            cfg.vcpus,
+            cfg.phase_timeout,
+            &save,
+        )
+        .map_err(|e| {
+            tracing::warn!("vCPU userfault limit on {on}: {e}");
+            e.to_string()
+        })
+    });
+    entry.as_ref().map_err(String::as_str)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_one(
     cfg: &RunConfig,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
+    vcpu: Result<&VcpuFaultLimit, &str>,
     secret: &Path,
     s: &Scenario,
     index: usize,
@@ -584,14 +650,34 @@ fn run_one(
     let dir = &cfg.out;
     let raw = dir.join("raw");
     r.granularity = s.strategy.granularity().to_string();
-    // Limits first: they are this run's, on this link.
-    let limit = histogram::convolve(uffd, &env.limits.tcp_rtt)?;
+    // Limits first: they are this run's, on this link. The limit is the vCPU userfault round
+    // trip as the guest sees it plus the TCP round trip; the thread one is kept beside it.
+    let thread_limit = histogram::convolve(uffd, &env.limits.tcp_rtt)?;
     r.uffd_rtt_us = Percentiles::us(uffd);
     r.tcp_rtt_us = Percentiles::us(&env.limits.tcp_rtt);
-    r.limit_us = Percentiles::us(&limit);
+    r.thread_limit_us = Percentiles::us(&thread_limit);
     r.raw_throughput_gbps = Some(env.limits.throughput_gbps);
     results::save_histogram(dir, r, kind::UFFD, uffd)?;
     results::save_histogram(dir, r, kind::TCP_RTT, &env.limits.tcp_rtt)?;
+    results::save_histogram(dir, r, kind::THREAD_LIMIT, &thread_limit)?;
+    let limit = match vcpu {
+        Ok(v) => {
+            r.limit_basis = "vcpu".into();
+            r.vcpu_uffd_rtt_us = Percentiles::us(&v.guest);
+            r.vcpu_uffd_vmm_us = Percentiles::us(&v.vmm);
+            r.vcpu_uffd_backing = Some(v.backing.clone());
+            r.vcpu_uffd_service = Some(v.service.clone());
+            results::save_histogram(dir, r, kind::VCPU_UFFD, &v.guest)?;
+            results::save_histogram(dir, r, kind::VCPU_UFFD_VMM, &v.vmm)?;
+            histogram::convolve(&v.guest, &env.limits.tcp_rtt)?
+        }
+        Err(e) => {
+            r.limit_basis = "thread".into();
+            r.vcpu_limit_error = Some(e.to_string());
+            thread_limit
+        }
+    };
+    r.limit_us = Percentiles::us(&limit);
     results::save_histogram(dir, r, kind::LIMIT, &limit)?;
 
     // Only huge backings take the shared pool lock (other test runs hold it for minutes).
@@ -873,6 +959,27 @@ pub fn fill(
         r.pages_fetched = st.pages_fetched;
         r.staging_peak_mib = st.staging_peak_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
         r.pages_fetched_local = st.pages_fetched_local;
+        // The destination says why native was not used (`native_fallback`, a string) and how
+        // it served each region (`regions[].serve_mode`).
+        r.native_fallback = st
+            .extra
+            .get("native_fallback")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        r.serve_modes = st
+            .extra
+            .get("regions")
+            .and_then(|v| v.as_array())
+            .map(|regions| {
+                let mut modes: Vec<String> = Vec::new();
+                for m in regions.iter().filter_map(|r| r["serve_mode"].as_str()) {
+                    if !modes.iter().any(|x| x == m) {
+                        modes.push(m.to_string());
+                    }
+                }
+                modes
+            })
+            .unwrap_or_default();
         if r.faults_served.is_none() {
             r.faults_served = st.faults_served;
         }
@@ -906,7 +1013,10 @@ mod tests {
     #[test]
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
-        assert_eq!(all.len(), 4 * 2 * 3 * 4);
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3);
+        assert!(all
+            .iter()
+            .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb1g));
         let mut names: Vec<_> = all.iter().map(|s| s.name.clone()).collect();
         names.sort();
         names.dedup();
@@ -921,7 +1031,10 @@ mod tests {
             q[0].memory_mib
         );
         assert!(by_names(&["nope".into()]).is_err());
-        assert_eq!(q[3].huge_pages_needed(), vec![(1024 * 1024, 2)]);
+        assert_eq!(q[4].huge_pages_needed(), vec![(1024 * 1024, 2)]);
+        assert!(q
+            .iter()
+            .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb2m));
         assert_eq!(q[1].huge_pages_needed(), vec![(2048, 256)]);
     }
 

@@ -96,6 +96,40 @@ fn quick_scenario_writes_every_field() {
             assert!(v > 0.0, "{field}.{p} = {v}");
         }
     }
+    // The limit is the vCPU userfault round trip (measured by `vmm fault-limit` on shmem, where
+    // the 4k-staged strategy stages guest_memfd faults) plus the TCP round trip; the thread
+    // limit stays beside it.
+    assert_eq!(
+        s["limit_basis"], "vcpu",
+        "vCPU limit error: {}",
+        s["vcpu_limit_error"]
+    );
+    assert!(s["vcpu_limit_error"].is_null());
+    assert_eq!(s["vcpu_uffd_backing"], "shmem");
+    assert_eq!(
+        s["vcpu_uffd_service"],
+        "shmem MINOR + UFFDIO_CONTINUE 4 KiB"
+    );
+    for field in [
+        "uffd_rtt_us",
+        "tcp_rtt_us",
+        "thread_limit_us",
+        "vcpu_uffd_rtt_us",
+        "vcpu_uffd_vmm_us",
+    ] {
+        for p in PERCENTILES {
+            let v = number(&s[field][p], &format!("{field}.{p}"));
+            assert!(v > 0.0, "{field}.{p} = {v}");
+        }
+    }
+    let p50 = |f: &str| number(&s[f]["p50"], f);
+    // The guest's view of a vCPU fault includes the handler's; the limit adds a TCP round
+    // trip to the vCPU round trip, so it is above each part.
+    assert!(p50("vcpu_uffd_rtt_us") >= p50("vcpu_uffd_vmm_us"));
+    assert!(p50("limit_us") >= p50("vcpu_uffd_rtt_us"));
+    assert!(p50("limit_us") >= p50("tcp_rtt_us"));
+    assert!(p50("thread_limit_us") >= p50("uffd_rtt_us"));
+    assert!(out.path().join("raw/fault-limit-shmem.json").is_file());
     for field in [
         "blackout_ms",
         "total_s",
@@ -130,7 +164,15 @@ fn quick_scenario_writes_every_field() {
 
     // Raw histograms readable, report and plots written.
     let hist = s["histograms"].as_object().unwrap();
-    for kind in ["guest_fault", "limit", "vmm_fault"] {
+    for kind in [
+        "guest_fault",
+        "limit",
+        "vmm_fault",
+        "thread_limit",
+        "uffd_rtt",
+        "vcpu_uffd_rtt",
+        "vcpu_uffd_vmm",
+    ] {
         let file = hist[kind].as_str().unwrap();
         let b64 = std::fs::read_to_string(out.path().join("hist").join(file)).unwrap();
         let h = harness::histogram::from_base64(&b64).unwrap();
@@ -139,6 +181,10 @@ fn quick_scenario_writes_every_field() {
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains(scenario));
     assert!(md.contains("## Targets") && md.contains("1.5x limit"));
+    // The report says what the limit is made of and shows both round trips.
+    assert!(md.contains("**The limit** = the raw *vCPU* userfault round trip"));
+    assert!(md.contains("thread limit p50") && md.contains("vCPU uffd p50 guest / VMM"));
+    assert!(md.contains("- vCPU userfault round trip on shmem"));
     assert!(res["host_checks"].is_object());
     let plots = std::fs::read_dir(out.path().join("plots")).unwrap().count();
     assert!(plots >= 2, "{plots} plots");

@@ -112,6 +112,21 @@ pub enum Granularity {
     FourK,
     /// Serve faults a whole backing page at a time (the baseline).
     Huge,
+    /// Use the kernel's own 4 KiB fault support on huge / guest_memfd backings where a probe
+    /// finds it (HGM `UFFDIO_CONTINUE` on hugetlb, userfaultfd on guest_memfd); fall back to
+    /// `FourK` (stage, then collapse) where it does not, saying why.
+    Native,
+}
+
+impl Granularity {
+    /// The name `vmm receive --granularity` takes and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::FourK => "4k",
+            Granularity::Huge => "huge",
+            Granularity::Native => "native",
+        }
+    }
 }
 
 impl std::str::FromStr for Granularity {
@@ -120,8 +135,9 @@ impl std::str::FromStr for Granularity {
         match s {
             "4k" | "4K" => Ok(Granularity::FourK),
             "huge" => Ok(Granularity::Huge),
+            "native" => Ok(Granularity::Native),
             other => Err(format!(
-                "unknown postcopy granularity {other:?} (expected 4k or huge)"
+                "unknown postcopy granularity {other:?} (expected 4k, huge or native)"
             )),
         }
     }

@@ -5,11 +5,13 @@
 //! Rooms (one module each): [`memory`] (guest RAM backends and layout), [`boot`] (Linux boot
 //! protocol and the workload guest), [`vcpu`] (vCPU threads and state), [`devices`] (serial,
 //! reset, exit port, MMIO debug device), [`vm`] (the VM and its VM-wide state), [`api`] (the
-//! control socket), [`launcher`] (what `vmm run` does), [`probe`] (what the host offers).
+//! control socket), [`launcher`] (what `vmm run` does), [`probe`] (what the host offers),
+//! [`fault_limit`] (the raw vCPU userfault round trip, `vmm fault-limit`).
 
 pub mod api;
 pub mod boot;
 pub mod devices;
+pub mod fault_limit;
 pub mod launcher;
 pub mod live_migration;
 pub mod memory;

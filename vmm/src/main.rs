@@ -47,6 +47,35 @@ enum Command {
     /// Migrate the VM behind an API socket to a waiting `vmm receive`; shows progress on stderr
     /// and prints a summary at the end.
     Migrate(MigrateArgs),
+    /// Measure the raw vCPU userfault round trip with the page already local (the floor under a
+    /// postcopy fault): boot the workload guest with every page behind a minimal userfault
+    /// handler and print the latency the guest and the VMM saw.
+    FaultLimit(FaultLimitArgs),
+}
+
+#[derive(clap::Args)]
+struct FaultLimitArgs {
+    /// The workload guest ELF (guest-images/out/workload.elf).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// The backing whose faults to measure. The 4k-staged strategy stages every fault of
+    /// hugetlb and guest-memfd RAM in shmem, so those are measured on shmem of the same size.
+    #[arg(long, value_parser = parse_backing,
+          help = "Backing whose faults to measure: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    backing: Backing,
+    /// Guest RAM size, e.g. 256M (a bare number is MiB).
+    #[arg(long, value_parser = parse_size_arg)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Workload guest command line (default: "passes=1 pattern=sequential", one write of every
+    /// page of usable RAM).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -59,9 +88,12 @@ struct ReceiveArgs {
     #[arg(long, value_parser = parse_backing,
           help = "What backs the received guest's RAM: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
     backing: Backing,
-    /// Postcopy fault granularity on huge backings: 4k (stage at 4 KiB, collapse later) or huge
-    /// (continue a huge page only once all of it arrived).
-    #[arg(long, default_value = "4k", value_parser = ["4k", "huge"])]
+    /// Postcopy fault granularity on huge and guest_memfd backings: 4k (stage at 4 KiB,
+    /// collapse later), huge (continue a huge page only once all of it arrived), or native
+    /// (use the kernel's own 4 KiB faults where a probe finds them: 4 KiB UFFDIO_CONTINUE inside
+    /// hugetlb pages (HGM), userfaultfd on guest_memfd; where the kernel lacks them it falls
+    /// back to 4k and says why on stderr and in --stats-json `native_fallback`).
+    #[arg(long, default_value = "4k", value_parser = ["4k", "huge", "native"])]
     granularity: String,
     /// File holding the shared secret (at least 16 bytes) both sides prove they know.
     #[arg(long)]
@@ -177,6 +209,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(a) => cmd_run(a),
         Command::Receive(a) => cmd_receive(a),
         Command::Migrate(a) => cmd_migrate(a),
+        Command::FaultLimit(a) => cmd_fault_limit(a),
         Command::Probe { json } => {
             let report = vmm::probe::probe();
             if json {
@@ -208,6 +241,26 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
     Ok(outcome.exit_code())
 }
 
+fn cmd_fault_limit(a: FaultLimitArgs) -> Result<i32> {
+    let cfg = vmm::fault_limit::FaultLimitConfig {
+        kernel: a.kernel,
+        cmdline: a.cmdline,
+        memory: a.memory,
+        vcpus: a.vcpus,
+        backing: a.backing,
+    };
+    let report = vmm::fault_limit::measure(&cfg).context("measuring the vCPU userfault limit")?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("encoding the fault-limit report")?
+        );
+    } else {
+        println!("{report}");
+    }
+    Ok(0)
+}
+
 fn serial_target(s: &str) -> SerialTarget {
     match s {
         "stdout" => SerialTarget::Stdout,
@@ -225,11 +278,10 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
     let cfg = ReceiveConfig {
         listen,
         backing: a.backing,
-        granularity: if a.granularity == "huge" {
-            Granularity::Huge
-        } else {
-            Granularity::FourK
-        },
+        granularity: a
+            .granularity
+            .parse::<Granularity>()
+            .map_err(anyhow::Error::msg)?,
         secret_file: a.secret_file,
         serial: serial_target(&a.serial),
         stats_json: a.stats_json,

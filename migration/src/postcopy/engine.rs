@@ -12,10 +12,13 @@ use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use super::collapse::{self, CollapseJob};
 use super::fault_service;
+use super::native;
 use super::region_tracker::RegionTracker;
 use super::staging::Staging;
 use super::stats::{PostcopyStats, StatsCollector};
-use super::strategy::{plan_region, FinalBacking, RegionPlan, ServeMode, Strategy};
+use super::strategy::{
+    plan_region_with, probe_native, FinalBacking, RegionPlan, ServeMode, Strategy,
+};
 use super::sys;
 use super::wp_dirty_log::UffdWpDirtyLog;
 use super::PostcopyError;
@@ -60,7 +63,7 @@ impl RegionState {
     pub fn needs_collapse(&self) -> bool {
         matches!(
             self.plan.mode,
-            ServeMode::ShmemContinue | ServeMode::Staged(_)
+            ServeMode::ShmemContinue | ServeMode::Staged(_) | ServeMode::NativeHugetlb
         )
     }
 
@@ -138,7 +141,9 @@ impl Shared {
     /// A page arrived and completed unit `unit` of region `ri`: schedule what the unit needs.
     pub fn unit_arrived(&self, ri: usize, unit: u64) {
         let r = &self.regions[ri];
-        if r.needs_collapse() {
+        if r.plan.mode.is_native() {
+            native::settle_unit(self, ri, unit);
+        } else if r.needs_collapse() {
             let sent = self
                 .collapse_tx
                 .lock()
@@ -214,7 +219,11 @@ impl Shared {
                     }
                 }
             }
-            ServeMode::ShmemContinue | ServeMode::Staged(_) | ServeMode::HugeWhole => {
+            ServeMode::ShmemContinue
+            | ServeMode::Staged(_)
+            | ServeMode::HugeWhole
+            | ServeMode::NativeHugetlb
+            | ServeMode::NativeGuestMemfd => {
                 let dst = r.alias_page(page).ok_or_else(|| PostcopyError::BadRegion {
                     slot: r.region.slot,
                     kind: r.region.kind,
@@ -333,6 +342,35 @@ impl Shared {
         }
     }
 
+    /// Native modes (HGM hugetlb, guest_memfd with userfaultfd): `UFFDIO_CONTINUE` exactly the
+    /// 4 KiB at `addr` of region `ri`, which arrived. A page that arrived in a zero run was never
+    /// written, so its final page may be missing from the page cache (CONTINUE: EFAULT): fault
+    /// it in, zero-filled, through the alias nothing is registered on (a page already there is
+    /// only looked up), then CONTINUE again.
+    pub fn continue_native(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
+        let r = &self.regions[ri];
+        let slot = r.region.slot;
+        let len = PAGE_SIZE as usize;
+        match self.continue_or_wake(slot, addr, len) {
+            Err(PostcopyError::UffdRange { source, .. })
+                if sys::uffd_errno(&source) == Some(libc::EFAULT) =>
+            {
+                let page = ((addr - r.region.host_addr) as u64) / PAGE_SIZE;
+                let alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
+                sys::madvise(alias, len, libc::MADV_POPULATE_WRITE).map_err(|source| {
+                    PostcopyError::Populate {
+                        slot,
+                        addr: alias,
+                        len,
+                        source,
+                    }
+                })?;
+                self.continue_or_wake(slot, addr, len)
+            }
+            other => other,
+        }
+    }
+
     /// Whether every page of every region arrived.
     pub fn all_arrived(&self) -> bool {
         self.regions.iter().all(|r| r.tracker.complete())
@@ -344,6 +382,30 @@ impl Shared {
     }
 }
 
+/// Write all of `data` at `offset` of `fd` (retrying short writes and EINTR).
+fn pwrite_all(fd: std::os::fd::RawFd, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: `fd` is a region's backing file, open for the engine's lifetime
+        // (RamRegion::fd); `data` is a live buffer of `data.len()` bytes.
+        let n = unsafe { libc::pwrite(fd, data.as_ptr() as *const libc::c_void, data.len(), off) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        data = &data[n as usize..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
 /// What prepare() decided for one region.
 #[derive(Clone, Debug)]
 pub struct RegionReport {
@@ -351,8 +413,11 @@ pub struct RegionReport {
     pub kind: MemoryKind,
     pub mode: ServeMode,
     pub unit_size: u64,
-    /// Fallback reason (e.g. "native strategy unavailable ...").
+    /// What the plan says about itself (e.g. "native strategy unavailable ...").
     pub note: Option<String>,
+    /// With the native strategy: why this region fell back to staging (the kernel probe's
+    /// answer); `None` if native serves it or native was not asked for.
+    pub native_fallback: Option<String>,
 }
 
 /// What prepare() decided.
@@ -416,7 +481,7 @@ fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> 
     }
     if matches!(
         plan.mode,
-        ServeMode::Staged(FinalBacking::Hugetlb) | ServeMode::HugeWhole
+        ServeMode::Staged(FinalBacking::Hugetlb) | ServeMode::HugeWhole | ServeMode::NativeHugetlb
     ) {
         let ps = region.page_size;
         if ps == 0 || !ps.is_power_of_two() || ps < PAGE_SIZE {
@@ -457,12 +522,46 @@ impl PostcopyEngine {
         dirty: Arc<dyn DirtyLog>,
         memslots: Arc<dyn MemslotSwap>,
     ) -> Result<Self, PostcopyError> {
+        Self::with_native_probe(
+            regions,
+            strategy,
+            probe_native,
+            fetcher,
+            vcpus,
+            dirty,
+            memslots,
+        )
+    }
+
+    /// [`PostcopyEngine::new`] with the kernel probe of the native strategy given: `probe`
+    /// answers, for a hugetlb or guest_memfd region, whether the kernel has the native path
+    /// (`Ok`) or why not (`Err`). `new` passes [`probe_native`].
+    pub fn with_native_probe(
+        regions: Vec<RamRegion>,
+        strategy: Strategy,
+        probe: impl Fn(&RamRegion) -> Result<(), String>,
+        fetcher: Arc<dyn PageFetcher>,
+        vcpus: Arc<dyn VcpuControl>,
+        dirty: Arc<dyn DirtyLog>,
+        memslots: Arc<dyn MemslotSwap>,
+    ) -> Result<Self, PostcopyError> {
         let mut plans = Vec::with_capacity(regions.len());
         for r in &regions {
-            let plan = plan_region(r, strategy);
+            let plan = plan_region_with(r, strategy, &probe);
             validate(r, &plan)?;
-            if let Some(note) = &plan.note {
-                tracing::info!("postcopy slot {}: {note}", r.slot);
+            match &plan.note {
+                Some(note) => tracing::info!(
+                    "postcopy slot {} ({:?}): serve mode {}: {note}",
+                    r.slot,
+                    r.kind,
+                    plan.mode.name()
+                ),
+                None => tracing::info!(
+                    "postcopy slot {} ({:?}): serve mode {}",
+                    r.slot,
+                    r.kind,
+                    plan.mode.name()
+                ),
             }
             plans.push(plan);
         }
@@ -534,8 +633,23 @@ impl PostcopyEngine {
                 }
                 _ => None,
             };
+            if plan.mode.is_native() {
+                // Served in place: whatever was mapped before (precopy writes of a hybrid
+                // migration) must fault again, so every page not arrived reaches the service.
+                // The page cache keeps the data.
+                sys::madvise(region.host_addr, len, libc::MADV_DONTNEED).map_err(|source| {
+                    PostcopyError::Native {
+                        slot: region.slot,
+                        what: "MADV_DONTNEED of the region's mapping",
+                        source,
+                    }
+                })?;
+            }
             let mut mode = match plan.mode {
                 ServeMode::AnonCopy => RegisterMode::MISSING,
+                // What the probe registered: a guest_memfd fault on a page it has not
+                // allocated yet is a MINOR fault too (the page is allocated on fault).
+                ServeMode::NativeGuestMemfd => RegisterMode::MINOR,
                 _ => RegisterMode::MISSING | RegisterMode::MINOR,
             };
             if wp && matches!(plan.mode, ServeMode::Staged(_)) {
@@ -562,6 +676,7 @@ impl PostcopyEngine {
                 mode: plan.mode,
                 unit_size: plan.unit_size,
                 note: plan.note.clone(),
+                native_fallback: plan.native_fallback.clone(),
             });
             states.push(RegionState {
                 region: region.clone(),
@@ -642,6 +757,96 @@ impl PostcopyEngine {
             &shared.stats.bulk_pages_ignored
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// Background pages from the source: `data` holds whole pages from `gpa` on, inside one
+    /// region. Each page follows [`PostcopyEngine::bulk_page`]'s rule (ignored if it arrived
+    /// already). A shmem region's pages go straight into its page cache with one `pwrite` per
+    /// run of pages that have not arrived, under those pages' locks: no page fault and no page
+    /// table entry per 4 KiB on the alias. Returns how many pages were written.
+    pub fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<u64, PostcopyError> {
+        const PAGE: usize = PAGE_SIZE as usize;
+        let shared = self.shared()?;
+        let count = (data.len() / PAGE) as u64;
+        let (ri, first) = shared
+            .locate_gpa(gpa)
+            .filter(|_| count > 0 && data.len().is_multiple_of(PAGE))
+            .ok_or(PostcopyError::BadGpa { gpa })?;
+        let r = &shared.regions[ri];
+        if first + count > r.tracker.pages() {
+            return Err(PostcopyError::BadGpa {
+                gpa: gpa + (count - 1) * PAGE_SIZE,
+            });
+        }
+        let fd = match (r.plan.mode, r.region.fd) {
+            (ServeMode::ShmemContinue, Some(fd)) => fd,
+            _ => {
+                let mut written = 0;
+                for (i, page) in data.chunks_exact(PAGE).enumerate() {
+                    let page: &[u8; 4096] =
+                        page.try_into().map_err(|_| PostcopyError::BadGpa { gpa })?;
+                    written += u64::from(self.bulk_page(gpa + i as u64 * PAGE_SIZE, page)?);
+                }
+                return Ok(written);
+            }
+        };
+        // Pages locked at once: consecutive pages have distinct lock stripes (there are more
+        // stripes than this), and no other thread holds more than one page lock, so taking
+        // them in a row cannot deadlock.
+        const LOCK_CHUNK: u64 = 64;
+        let mut written = 0u64;
+        let mut chunk = first;
+        while chunk < first + count {
+            let end = (chunk + LOCK_CHUNK).min(first + count);
+            let _guards: Vec<_> = (chunk..end).map(|p| r.tracker.lock_page(p)).collect();
+            let mut p = chunk;
+            while p < end {
+                if r.tracker.arrived(p) {
+                    p += 1;
+                    continue;
+                }
+                let run_start = p;
+                while p < end && !r.tracker.arrived(p) {
+                    p += 1;
+                }
+                let bytes =
+                    &data[((run_start - first) as usize) * PAGE..((p - first) as usize) * PAGE];
+                let offset = r.region.fd_offset + run_start * PAGE_SIZE;
+                if let Err(e) = pwrite_all(fd, bytes, offset) {
+                    // The alias write path below does the same job, page by page.
+                    tracing::debug!(
+                        "pwrite of {} bytes at {offset:#x} failed ({e}): writing through the alias",
+                        bytes.len()
+                    );
+                    for q in run_start..p {
+                        let page: &[u8; 4096] = data[((q - first) as usize) * PAGE..][..PAGE]
+                            .try_into()
+                            .map_err(|_| PostcopyError::BadGpa { gpa })?;
+                        shared.store_final_locked(ri, q, page)?;
+                    }
+                } else {
+                    for q in run_start..p {
+                        if let Some(unit) = r.tracker.mark_arrived(q) {
+                            shared.unit_arrived(ri, unit);
+                        }
+                    }
+                }
+                written += p - run_start;
+            }
+            chunk = end;
+        }
+        if r.tracker.complete() {
+            shared.notify_progress();
+        }
+        shared
+            .stats
+            .bulk_pages_applied
+            .fetch_add(written, Ordering::Relaxed);
+        shared
+            .stats
+            .bulk_pages_ignored
+            .fetch_add(count - written, Ordering::Relaxed);
         Ok(written)
     }
 

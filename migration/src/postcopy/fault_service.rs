@@ -259,13 +259,17 @@ fn serve(shared: &Shared, job: &FaultJob) -> Result<(), PostcopyError> {
     let r = &shared.regions[job.region];
     let page = ((job.addr - r.region.host_addr) as u64) / PAGE_SIZE;
     match r.plan.mode {
-        ServeMode::AnonCopy | ServeMode::ShmemContinue => serve_4k_direct(shared, job, page),
+        ServeMode::AnonCopy
+        | ServeMode::ShmemContinue
+        | ServeMode::NativeHugetlb
+        | ServeMode::NativeGuestMemfd => serve_4k_direct(shared, job, page),
         ServeMode::Staged(_) => serve_staged(shared, job, page),
         ServeMode::HugeWhole => serve_huge(shared, job, page),
     }
 }
 
-/// anon (UFFDIO_COPY) and shmem (alias write + CONTINUE): the final place is the faulting one.
+/// anon (UFFDIO_COPY), shmem and the native modes (alias write + CONTINUE of exactly 4 KiB):
+/// the final place is the faulting one.
 fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
     let r = &shared.regions[job.region];
     let Some(claim) = claim(shared, (job.region, page), job.read_at) else {
@@ -291,6 +295,9 @@ fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Pos
         // arrived in a zero run and was never mapped: map the zero page or wake.
         ServeMode::AnonCopy if copied => {}
         ServeMode::AnonCopy => shared.anon_zero_or_wake(job.region, addr)?,
+        ServeMode::NativeHugetlb | ServeMode::NativeGuestMemfd => {
+            shared.continue_native(job.region, addr)?
+        }
         _ => shared.continue_or_zero(job.region, addr)?,
     }
     claim.served();

@@ -1,5 +1,7 @@
 //! The destination-side postcopy memory engine: userfaultfd fault service at 4 KiB, staging
-//! over huge-page and guest_memfd regions, and the collapse back to huge mappings.
+//! over huge-page and guest_memfd regions, and the collapse back to huge mappings; where the
+//! kernel has them (probed, never assumed), the native 4 KiB paths on hugetlb (HGM) and
+//! guest_memfd (userfaultfd) instead of staging.
 //!
 //! Entry point: [`PostcopyEngine`]. Build it with the regions and the VMM's hooks, call
 //! [`PostcopyEngine::prepare`] before the vCPUs run, feed background pages with
@@ -8,6 +10,7 @@
 pub mod collapse;
 pub mod engine;
 pub mod fault_service;
+pub mod native;
 pub mod region_tracker;
 pub mod staging;
 pub mod stats;
@@ -80,6 +83,12 @@ pub enum PostcopyError {
         slot: u32,
         addr: usize,
         len: usize,
+        source: std::io::Error,
+    },
+    #[error("native serve mode of slot {slot}: {what} failed: {source}")]
+    Native {
+        slot: u32,
+        what: &'static str,
         source: std::io::Error,
     },
     #[error("memslot swap of slot {slot} to its guest_memfd failed: {reason}")]

@@ -12,11 +12,14 @@ pub struct CollapseRecord {
     /// Byte offset of the unit in the region.
     pub unit_offset: u64,
     pub unit_size: u64,
-    /// "hugetlb-mmap", "memslot-swap" or "madv-collapse".
+    /// "hugetlb-mmap" (a freeze of the unit, no vCPU pause), "memslot-swap" (a pause of every
+    /// vCPU), "madv-collapse", or "none (...)" when there was nothing to collapse.
     pub method: &'static str,
     /// Unit complete → collapsed (delta rounds, pause, swap, resume; not the off-path free).
     pub total_ns: u64,
-    /// vCPU stall, pause() → resume() (0 when no pause was needed).
+    /// The longest a vCPU can have waited for this collapse: hugetlb, the freeze (unit lock
+    /// taken → woken), which only a vCPU touching the unit waits for; guest_memfd, pause() →
+    /// resume(), which every vCPU waits for; 0 when nothing was frozen or paused.
     pub stall_ns: u64,
     /// Delta copy rounds including the final one in the pause.
     pub delta_rounds: u32,
@@ -24,8 +27,10 @@ pub struct CollapseRecord {
     pub delta_pages: Vec<u64>,
     /// Staging pages of the unit (pages the guest touched before the collapse).
     pub staged_pages: u64,
-    /// Inside the stall: pause() until every vCPU was out of the guest.
+    /// Inside the stall: pause() until every vCPU was out of the guest (pause-based swaps).
     pub pause_ns: u64,
+    /// Inside the stall: dropping the unit's staging PTEs again (freeze-based swaps).
+    pub zap_ns: u64,
     /// Inside the stall: final dirty log fetch and delta copy.
     pub final_delta_ns: u64,
     /// Inside the stall: the swap (mmap(MAP_FIXED) / memslot swap) and the wake.

@@ -28,6 +28,7 @@ impl From<Granularity> for Strategy {
         match g {
             Granularity::FourK => Strategy::FourK,
             Granularity::Huge => Strategy::Huge,
+            Granularity::Native => Strategy::Native,
         }
     }
 }
@@ -52,6 +53,34 @@ pub enum ServeMode {
     Staged(FinalBacking),
     /// Whole huge page service (baseline).
     HugeWhole,
+    /// Kernel-native HGM: the hugetlb mapping itself is MINOR-registered, pages are written
+    /// through the alias and a fault CONTINUEs exactly its 4 KiB. No staging, no dirty logging;
+    /// a completed huge page is only offered to MADV_COLLAPSE (see `native`).
+    NativeHugetlb,
+    /// Kernel-native userfaultfd on guest_memfd: the guest_memfd mapping at the memslot's
+    /// userspace address is MINOR-registered and served like shmem (4 KiB CONTINUE). No
+    /// staging, no memslot swap.
+    NativeGuestMemfd,
+}
+
+impl ServeMode {
+    /// A stable name for reports (stats JSON, logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            ServeMode::AnonCopy => "anon-uffdio-copy",
+            ServeMode::ShmemContinue => "shmem-4k-continue",
+            ServeMode::Staged(FinalBacking::Hugetlb) => "staged-4k-hugetlb",
+            ServeMode::Staged(FinalBacking::GuestMemfd) => "staged-4k-guest-memfd",
+            ServeMode::HugeWhole => "huge-whole-page",
+            ServeMode::NativeHugetlb => "native-hugetlb-4k-continue",
+            ServeMode::NativeGuestMemfd => "native-guest-memfd-4k-continue",
+        }
+    }
+
+    /// Whether this is one of the kernel-native modes.
+    pub fn is_native(self) -> bool {
+        matches!(self, ServeMode::NativeHugetlb | ServeMode::NativeGuestMemfd)
+    }
 }
 
 /// The plan for one region.
@@ -62,80 +91,103 @@ pub struct RegionPlan {
     pub unit_size: u64,
     /// Why the plan differs from what the strategy asked for (fallbacks), if it does.
     pub note: Option<String>,
+    /// With [`Strategy::Native`] on a region the native path could serve: why it does not
+    /// (the probe's answer), so the region fell back to 4 KiB staging. `None` when the native
+    /// path is used, or was not asked for.
+    pub native_fallback: Option<String>,
 }
 
-/// Plan a region for `strategy`. `Native` is probed against the kernel here.
+/// Plan a region for `strategy`. `Native` is probed against the kernel here (see
+/// [`probe_native`]); [`plan_region_with`] takes the probe's answer as a parameter.
 pub fn plan_region(region: &RamRegion, strategy: Strategy) -> RegionPlan {
+    plan_region_with(region, strategy, probe_native)
+}
+
+/// Plan a region for `strategy`, asking `probe` (called only for `Native` on a hugetlb or
+/// guest_memfd region) whether the kernel has the native path for it: `Ok(())` = it does,
+/// `Err(reason)` = it does not, and why.
+pub fn plan_region_with(
+    region: &RamRegion,
+    strategy: Strategy,
+    probe: impl FnOnce(&RamRegion) -> Result<(), String>,
+) -> RegionPlan {
+    let plan = |mode, unit_size| RegionPlan {
+        mode,
+        unit_size,
+        note: None,
+        native_fallback: None,
+    };
     match region.kind {
-        MemoryKind::Anon => RegionPlan {
-            mode: ServeMode::AnonCopy,
-            unit_size: region.size.max(PAGE_SIZE),
-            note: None,
-        },
-        MemoryKind::Shmem => RegionPlan {
-            mode: ServeMode::ShmemContinue,
-            unit_size: SHMEM_COLLAPSE_UNIT.min(region.size),
-            note: None,
-        },
-        MemoryKind::Hugetlb2m | MemoryKind::Hugetlb1g => {
-            let staged = RegionPlan {
-                mode: ServeMode::Staged(FinalBacking::Hugetlb),
-                unit_size: region.page_size,
-                note: None,
-            };
-            match strategy {
-                Strategy::FourK => staged,
-                Strategy::Huge => RegionPlan {
-                    mode: ServeMode::HugeWhole,
-                    unit_size: region.page_size,
-                    note: None,
+        // The kernel's own 4 KiB paths already are the native ones for these backings.
+        MemoryKind::Anon => plan(ServeMode::AnonCopy, region.size.max(PAGE_SIZE)),
+        MemoryKind::Shmem => plan(
+            ServeMode::ShmemContinue,
+            SHMEM_COLLAPSE_UNIT.min(region.size),
+        ),
+        MemoryKind::Hugetlb2m | MemoryKind::Hugetlb1g => match strategy {
+            Strategy::FourK => plan(ServeMode::Staged(FinalBacking::Hugetlb), region.page_size),
+            Strategy::Huge => plan(ServeMode::HugeWhole, region.page_size),
+            Strategy::Native => match probe(region) {
+                Ok(()) => RegionPlan {
+                    note: Some(
+                        "native: 4 KiB UFFDIO_CONTINUE inside a hugetlb page works on this \
+                         kernel (HGM): serving the hugetlb mapping directly, no staging"
+                            .into(),
+                    ),
+                    ..plan(ServeMode::NativeHugetlb, region.page_size)
                 },
-                Strategy::Native => {
-                    let why = match region.fd {
-                        Some(fd) => {
-                            probe_hugetlb_4k_continue(fd, region.fd_offset, region.page_size)
-                        }
-                        None => Err("region has no hugetlb fd to probe".to_string()),
-                    };
-                    match why {
-                        Ok(()) => RegionPlan {
-                            note: Some(
-                                "native 4 KiB CONTINUE on hugetlb was detected, but the engine \
-                                 has no HGM path yet: using 4 KiB staging"
-                                    .into(),
-                            ),
-                            ..staged
-                        },
-                        Err(reason) => RegionPlan {
-                            note: Some(format!(
-                                "native strategy unavailable ({reason}); fell back to 4 KiB staging + collapse"
-                            )),
-                            ..staged
-                        },
-                    }
-                }
-            }
-        }
-        MemoryKind::GuestMemfd => {
-            let note = match strategy {
-                Strategy::FourK => None,
-                Strategy::Huge => Some(
-                    "guest_memfd has no whole-page userfault path; using 4 KiB staging".to_string(),
+                Err(reason) => RegionPlan {
+                    note: Some(format!(
+                        "native strategy unavailable ({reason}); fell back to 4 KiB staging + collapse"
+                    )),
+                    native_fallback: Some(reason),
+                    ..plan(ServeMode::Staged(FinalBacking::Hugetlb), region.page_size)
+                },
+            },
+        },
+        MemoryKind::GuestMemfd => match strategy {
+            Strategy::FourK => plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size),
+            Strategy::Huge => RegionPlan {
+                note: Some(
+                    "guest_memfd has no whole-page userfault path; using 4 KiB staging".into(),
                 ),
-                Strategy::Native => Some(match region.alias_addr {
-                    Some(alias) => match probe_uffd_register(alias, region.page_size.max(PAGE_SIZE) as usize) {
-                        Ok(()) => "guest_memfd accepted userfaultfd registration, but the engine has no native guest_memfd path yet: using 4 KiB staging".to_string(),
-                        Err(reason) => format!("native strategy unavailable ({reason}); fell back to 4 KiB staging + memslot swap"),
-                    },
-                    None => "native strategy unavailable (no guest_memfd mapping to probe); fell back to 4 KiB staging + memslot swap".to_string(),
-                }),
-            };
-            RegionPlan {
-                mode: ServeMode::Staged(FinalBacking::GuestMemfd),
-                unit_size: region.size,
-                note,
-            }
-        }
+                ..plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size)
+            },
+            Strategy::Native => match probe(region) {
+                Ok(()) => RegionPlan {
+                    note: Some(
+                        "native: the guest_memfd mapping accepts userfaultfd MINOR registration: \
+                         serving it like shmem (4 KiB CONTINUE), no staging, no memslot swap"
+                            .into(),
+                    ),
+                    ..plan(ServeMode::NativeGuestMemfd, region.size)
+                },
+                Err(reason) => RegionPlan {
+                    note: Some(format!(
+                        "native strategy unavailable ({reason}); fell back to 4 KiB staging + memslot swap"
+                    )),
+                    native_fallback: Some(reason),
+                    ..plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size)
+                },
+            },
+        },
+    }
+}
+
+/// Ask the kernel whether the native path exists for `region`: a 4 KiB `UFFDIO_CONTINUE`
+/// inside one of its huge pages (hugetlb), or a userfaultfd MINOR registration of its mapping
+/// (guest_memfd). Anonymous and shmem regions need nothing (`Ok`).
+pub fn probe_native(region: &RamRegion) -> Result<(), String> {
+    match region.kind {
+        MemoryKind::Anon | MemoryKind::Shmem => Ok(()),
+        MemoryKind::Hugetlb2m | MemoryKind::Hugetlb1g => match region.fd {
+            Some(fd) => probe_hugetlb_4k_continue(fd, region.fd_offset, region.page_size),
+            None => Err("region has no hugetlb fd to probe".to_string()),
+        },
+        MemoryKind::GuestMemfd => match region.alias_addr {
+            Some(alias) => probe_uffd_register(alias, region.page_size.max(PAGE_SIZE) as usize),
+            None => Err("no guest_memfd mapping to probe".to_string()),
+        },
     }
 }
 
@@ -185,5 +237,127 @@ pub fn probe_uffd_register(addr: usize, len: usize) -> Result<(), String> {
         Err(e) => Err(format!(
             "userfaultfd MINOR registration of the guest_memfd mapping failed: {e:?}"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn region(kind: MemoryKind, size: u64, page_size: u64) -> RamRegion {
+        RamRegion {
+            slot: 0,
+            gpa: 0,
+            size,
+            host_addr: 0x4000_0000,
+            alias_addr: Some(0x8000_0000),
+            fd: Some(3),
+            fd_offset: 0,
+            kind,
+            page_size,
+        }
+    }
+
+    fn never_probed(_: &RamRegion) -> Result<(), String> {
+        panic!("the probe must not run for this plan")
+    }
+
+    #[test]
+    fn native_on_anon_and_shmem_is_their_usual_path_without_probing() {
+        let anon = plan_region_with(
+            &region(MemoryKind::Anon, 64 * MIB, 4096),
+            Strategy::Native,
+            never_probed,
+        );
+        assert_eq!(anon.mode, ServeMode::AnonCopy);
+        assert_eq!(anon.native_fallback, None);
+        let shmem = plan_region_with(
+            &region(MemoryKind::Shmem, 64 * MIB, 4096),
+            Strategy::Native,
+            never_probed,
+        );
+        assert_eq!(shmem.mode, ServeMode::ShmemContinue);
+        assert_eq!(shmem.unit_size, SHMEM_COLLAPSE_UNIT);
+        assert_eq!(shmem.native_fallback, None);
+    }
+
+    #[test]
+    fn native_on_hugetlb_uses_hgm_when_the_probe_succeeds() {
+        for (kind, page) in [
+            (MemoryKind::Hugetlb2m, 2 * MIB),
+            (MemoryKind::Hugetlb1g, 1024 * MIB),
+        ] {
+            let p = plan_region_with(
+                &region(kind, 2048 * MIB, page),
+                Strategy::Native,
+                |_| Ok(()),
+            );
+            assert_eq!(p.mode, ServeMode::NativeHugetlb, "{kind:?}");
+            assert_eq!(p.unit_size, page);
+            assert_eq!(p.native_fallback, None);
+            assert!(p.mode.is_native());
+        }
+    }
+
+    #[test]
+    fn native_on_hugetlb_falls_back_to_staging_with_the_probe_reason() {
+        let p = plan_region_with(
+            &region(MemoryKind::Hugetlb2m, 256 * MIB, 2 * MIB),
+            Strategy::Native,
+            |_| Err("4 KiB UFFDIO_CONTINUE returns EINVAL".into()),
+        );
+        assert_eq!(p.mode, ServeMode::Staged(FinalBacking::Hugetlb));
+        assert_eq!(p.unit_size, 2 * MIB);
+        assert_eq!(
+            p.native_fallback.as_deref(),
+            Some("4 KiB UFFDIO_CONTINUE returns EINVAL")
+        );
+        let note = p.note.unwrap_or_default();
+        assert!(
+            note.contains("EINVAL") && note.contains("fell back"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn native_on_guest_memfd_registers_it_or_falls_back_to_memslot_swap() {
+        let r = region(MemoryKind::GuestMemfd, 256 * MIB, 4096);
+        let native = plan_region_with(&r, Strategy::Native, |_| Ok(()));
+        assert_eq!(native.mode, ServeMode::NativeGuestMemfd);
+        assert_eq!(native.native_fallback, None);
+        let fallback = plan_region_with(&r, Strategy::Native, |_| Err("EINVAL".into()));
+        assert_eq!(fallback.mode, ServeMode::Staged(FinalBacking::GuestMemfd));
+        assert_eq!(fallback.unit_size, 256 * MIB);
+        assert_eq!(fallback.native_fallback.as_deref(), Some("EINVAL"));
+    }
+
+    #[test]
+    fn other_strategies_never_probe_and_never_report_a_native_fallback() {
+        for s in [Strategy::FourK, Strategy::Huge] {
+            for (kind, page) in [
+                (MemoryKind::Hugetlb2m, 2 * MIB),
+                (MemoryKind::GuestMemfd, 4096),
+            ] {
+                let p = plan_region_with(&region(kind, 256 * MIB, page), s, never_probed);
+                assert_eq!(p.native_fallback, None, "{s:?} {kind:?}");
+                assert!(!p.mode.is_native());
+            }
+        }
+    }
+
+    #[test]
+    fn granularity_names_map_to_strategies() {
+        for (name, s) in [
+            ("4k", Strategy::FourK),
+            ("huge", Strategy::Huge),
+            ("native", Strategy::Native),
+        ] {
+            let g: Granularity = name.parse().unwrap();
+            assert_eq!(g.as_str(), name);
+            assert_eq!(Strategy::from(g), s);
+        }
+        assert!("hgm".parse::<Granularity>().is_err());
     }
 }

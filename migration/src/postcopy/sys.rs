@@ -133,3 +133,49 @@ pub fn uffd_errno(e: &userfaultfd::Error) -> Option<i32> {
         _ => None,
     }
 }
+
+/// While alive, the calling thread runs SCHED_FIFO (lowest real-time priority), so that on a
+/// machine with every core busy it is not preempted by ordinary threads; dropped, it goes back
+/// to SCHED_OTHER. For short critical sections that other threads wait on (a collapse freeze).
+/// Without the privilege (EPERM) it does nothing and says so once, at debug level.
+pub struct RealtimeBoost {
+    boosted: bool,
+}
+
+impl RealtimeBoost {
+    pub fn new() -> Self {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param that outlives the
+        // call; the result is checked.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        if rc != 0 {
+            tracing::debug!(
+                "no real-time priority for the collapse freeze: {}",
+                io::Error::last_os_error()
+            );
+        }
+        RealtimeBoost { boosted: rc == 0 }
+    }
+}
+
+impl Default for RealtimeBoost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for RealtimeBoost {
+    fn drop(&mut self) {
+        if self.boosted {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as in new(); SCHED_OTHER takes priority 0.
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+            if rc != 0 {
+                tracing::warn!(
+                    "could not drop the real-time priority again: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}

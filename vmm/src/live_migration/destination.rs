@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use migration::auth::Secret;
 use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
-use migration::postcopy::{PostcopyEngine, PostcopyStats, Strategy};
+use migration::postcopy::{PostcopyEngine, PostcopyStats, PrepareReport, Strategy};
 use migration::types::{Granularity, Mode, PageFetcher, PageSet, PAGE_SIZE};
 use serde::Serialize;
 
@@ -84,6 +84,61 @@ pub struct DestinationStats {
     /// Huge-mapped guest RAM at the end, from /proc/self/smaps (kB).
     pub smaps_hugetlb_kb: u64,
     pub smaps_shmem_pmd_kb: u64,
+    /// How postcopy served each region (empty without postcopy).
+    pub regions: Vec<RegionServe>,
+    /// With `--granularity native`: why the native path was not used, if any region fell back
+    /// to 4 KiB staging (the kernel probe's answer; regions that disagree are joined by "; ").
+    /// `None` when native served every region it could, or native was not asked for.
+    pub native_fallback: Option<String>,
+    /// The collapse method of each collapse, in order (e.g. "hugetlb-mmap", "madv-collapse",
+    /// "native-hugetlb-none (...)").
+    pub collapse_methods: Vec<String>,
+}
+
+/// How postcopy served one region (memslot).
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionServe {
+    pub slot: u32,
+    /// The backing kind, e.g. "Hugetlb2m".
+    pub kind: String,
+    /// The serve mode, e.g. "staged-4k-hugetlb", "native-hugetlb-4k-continue".
+    pub serve_mode: String,
+    /// Arrival / collapse unit in bytes.
+    pub unit_size: u64,
+    /// What the plan says about itself (fallbacks and why).
+    pub note: Option<String>,
+    /// With `--granularity native`: why this region fell back to staging.
+    pub native_fallback: Option<String>,
+}
+
+impl RegionServe {
+    fn from_report(report: &PrepareReport) -> Vec<RegionServe> {
+        report
+            .regions
+            .iter()
+            .map(|r| RegionServe {
+                slot: r.slot,
+                kind: format!("{:?}", r.kind),
+                serve_mode: r.mode.name().to_string(),
+                unit_size: r.unit_size,
+                note: r.note.clone(),
+                native_fallback: r.native_fallback.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The regions' fallback reasons, distinct, joined by "; ".
+fn native_fallback(regions: &[RegionServe]) -> Option<String> {
+    let mut reasons: Vec<&str> = Vec::new();
+    for r in regions {
+        if let Some(why) = r.native_fallback.as_deref() {
+            if !reasons.contains(&why) {
+                reasons.push(why);
+            }
+        }
+    }
+    (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
 /// The incoming VM as the destination protocol driver sees it.
@@ -96,6 +151,8 @@ struct DestSide {
 /// The postcopy engine as the protocol driver's bulk-page sink.
 struct EngineSink {
     engine: PostcopyEngine,
+    /// How each region is served (prepare()'s report).
+    serve: Vec<RegionServe>,
 }
 
 impl PostcopySink for EngineSink {
@@ -186,7 +243,25 @@ impl DestinationVm for DestSide {
             }),
         )
         .map_err(|e| e.to_string())?;
-        engine.prepare().map_err(|e| e.to_string())?;
+        let report = engine.prepare().map_err(|e| e.to_string())?;
+        let serve = RegionServe::from_report(&report);
+        // Say how every region is served, and why native was not used where it was asked for:
+        // on stderr (operators, the harness log) as well as in the statistics.
+        for r in &serve {
+            eprintln!(
+                "vmm: postcopy slot {} ({}): serve mode {}{}",
+                r.slot,
+                r.kind,
+                r.serve_mode,
+                r.note
+                    .as_deref()
+                    .map(|n| format!(": {n}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(why) = native_fallback(&serve) {
+            eprintln!("vmm: native postcopy fell back to 4 KiB staging: {why}");
+        }
         // Pages that came in precopy rounds (hybrid) are in guest memory already (page cache,
         // huge page, anonymous mapping): the engine only marks them, serves them locally and
         // never asks the source for them.
@@ -196,7 +271,7 @@ impl DestinationVm for DestSide {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })?;
-        let sink = Arc::new(EngineSink { engine });
+        let sink = Arc::new(EngineSink { engine, serve });
         if let Ok(mut e) = self.engine.lock() {
             *e = Some(sink.clone());
         }
@@ -367,7 +442,12 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     tracing::info!(?summary, "migration received");
     let engine = side.engine.lock().ok().and_then(|e| e.clone());
     if let Some(path) = &cfg.stats_json {
-        let stats = destination_stats(cfg, &summary, engine.as_ref().map(|e| e.engine.stats()));
+        let stats = destination_stats(
+            cfg,
+            &summary,
+            engine.as_ref().map(|e| e.engine.stats()),
+            engine.as_ref().map(|e| e.serve.clone()).unwrap_or_default(),
+        );
         let text = serde_json::to_string_pretty(&stats).unwrap_or_default();
         std::fs::write(path, text).map_err(|source| ReceiveError::Stats {
             path: path.clone(),
@@ -384,16 +464,14 @@ fn destination_stats(
     cfg: &ReceiveConfig,
     summary: &migration::stats::ReceiveSummary,
     engine: Option<PostcopyStats>,
+    regions: Vec<RegionServe>,
 ) -> DestinationStats {
     let e = engine.unwrap_or_default();
     let (hugetlb, pmd) = smaps_huge_kb();
     DestinationStats {
         mode: format!("{:?}", summary.mode).to_lowercase(),
         backing: cfg.backing.name().to_string(),
-        granularity: match cfg.granularity {
-            Granularity::FourK => "4k".into(),
-            Granularity::Huge => "huge".into(),
-        },
+        granularity: cfg.granularity.as_str().to_string(),
         total_ms: summary.total_ms,
         start_ms: summary.start_ms,
         bytes_received: summary.bytes_received,
@@ -412,6 +490,13 @@ fn destination_stats(
         staging_current_bytes: e.staging_current_bytes,
         smaps_hugetlb_kb: hugetlb,
         smaps_shmem_pmd_kb: pmd,
+        native_fallback: native_fallback(&regions),
+        regions,
+        collapse_methods: e
+            .collapse_records
+            .iter()
+            .map(|r| r.method.to_string())
+            .collect(),
     }
 }
 
