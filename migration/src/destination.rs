@@ -52,6 +52,15 @@ pub struct PostcopyOutcome {
 pub trait PostcopySink: Send + Sync {
     /// One 4 KiB page arrived on the main channel (it may also have been fetched already).
     fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// Whole pages from `gpa` on (`data.len()` a multiple of 4096, inside one region) arrived
+    /// on the main channel: the same as [`PostcopySink::bulk_page`] for each, which the default
+    /// does; an implementation may store the run at once.
+    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        for (i, page) in data.chunks_exact(PAGE).enumerate() {
+            self.bulk_page(gpa + i as u64 * PAGE_SIZE, page)?;
+        }
+        Ok(())
+    }
     /// `count` zero pages from `gpa` arrived (inside one region). The driver calls it only for
     /// pages it never wrote data to, so an implementation may rely on guest memory starting
     /// zero-filled and just mark them arrived; the default writes zeros through `bulk_page`.
@@ -288,13 +297,10 @@ impl Receiver<'_> {
                     let count = (data.len() / PAGE) as u64;
                     let first = check_run(self.layout(), Kind::Pages, gpa, count)?;
                     match &self.postcopy {
-                        Some(pc) => {
-                            for (i, page) in data.chunks_exact(PAGE).enumerate() {
-                                pc.sink
-                                    .bulk_page(gpa + i as u64 * PAGE_SIZE, page)
-                                    .map_err(vm_err("storing a bulk page"))?;
-                            }
-                        }
+                        Some(pc) => pc
+                            .sink
+                            .bulk_pages(gpa, data)
+                            .map_err(vm_err("storing bulk pages"))?,
                         None => {
                             vm.write_pages(gpa, data).map_err(vm_err("writing pages"))?;
                             for i in first..first + count {

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+mod holes;
+use holes::RegionHoles;
+
 use crate::auth::Secret;
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::transport::{self, Channel, Timeouts, TransportError};
@@ -141,25 +144,38 @@ struct GuestRam {
     layout: RamLayout,
     /// Host address of each layout region (same order as `layout.regions()`).
     hosts: Vec<usize>,
+    /// The VM's description of each layout region (same order), for hole detection.
+    regions: Vec<RamRegion>,
 }
 
 impl GuestRam {
     fn new(regions: &[RamRegion]) -> Result<Self, SourceError> {
         let layout = RamLayout::from_regions(regions)?;
         let mut hosts = Vec::with_capacity(regions.len());
+        let mut ordered = Vec::with_capacity(regions.len());
         for r in layout.regions() {
-            let host = regions
+            let region = regions
                 .iter()
                 .find(|x| x.slot == r.slot)
-                .map(|x| x.host_addr)
-                .filter(|&h| h != 0)
+                .filter(|x| x.host_addr != 0)
                 .ok_or(SourceError::Region {
                     slot: r.slot,
                     size: r.size,
                 })?;
-            hosts.push(host);
+            hosts.push(region.host_addr);
+            ordered.push(region.clone());
         }
-        Ok(GuestRam { layout, hosts })
+        Ok(GuestRam {
+            layout,
+            hosts,
+            regions: ordered,
+        })
+    }
+
+    /// Fresh hole knowledge of every region (a new answer per pass: memory changes between
+    /// precopy rounds).
+    fn holes(&self) -> Vec<RegionHoles> {
+        self.regions.iter().map(RegionHoles::new).collect()
     }
 
     /// Region (layout index) and gpa of global page `index`.
@@ -201,6 +217,8 @@ struct PageSender<'a> {
     zero: Option<(u64, u32, usize)>,
     /// Count pages as bulk push.
     push: bool,
+    /// Never-written ranges of each region (sent as zero runs without reading them).
+    holes: Vec<RegionHoles>,
 }
 
 impl<'a> PageSender<'a> {
@@ -213,6 +231,7 @@ impl<'a> PageSender<'a> {
             data: Vec::with_capacity(MAX_PAGES_PER_FRAME as usize * PAGE),
             zero: None,
             push,
+            holes: if zero_runs { ram.holes() } else { Vec::new() },
         }
     }
 
@@ -221,17 +240,28 @@ impl<'a> PageSender<'a> {
         w: &mut FrameWriter<std::net::TcpStream>,
         index: u64,
     ) -> Result<(), WireError> {
-        let (region, _) = self.ram.locate(index);
-        if let Some((first, count, r)) = self.run {
-            if r != region || first + count as u64 != index || count == MAX_PAGES_PER_FRAME {
-                self.flush_data(w)?;
+        let (region, gpa) = self.ram.locate(index);
+        let in_region = (gpa - self.ram.layout.regions()[region].gpa) / PAGE_SIZE;
+        let hole = self
+            .holes
+            .get_mut(region)
+            .is_some_and(|h| h.extent(in_region).hole);
+        let zero = hole || {
+            if let Some((first, count, r)) = self.run {
+                if r != region || first + count as u64 != index || count == MAX_PAGES_PER_FRAME {
+                    self.flush_data(w)?;
+                }
             }
-        }
-        let off = self.data.len();
-        self.data.resize(off + PAGE, 0);
-        self.ram.copy_pages(index, &mut self.data[off..]);
-        if self.zero_runs && is_zero(&self.data[off..]) {
-            self.data.truncate(off);
+            let off = self.data.len();
+            self.data.resize(off + PAGE, 0);
+            self.ram.copy_pages(index, &mut self.data[off..]);
+            let zero = self.zero_runs && is_zero(&self.data[off..]);
+            if zero {
+                self.data.truncate(off);
+            }
+            zero
+        };
+        if zero {
             if let Some((first, count, r)) = self.zero {
                 if r != region || first + count as u64 != index || count == MAX_RUN_PAGES {
                     self.flush_zero(w)?;

@@ -982,7 +982,11 @@ impl<R: Read> FrameReader<R> {
         during: &'static str,
     ) -> Result<Option<(Kind, usize)>, WireError> {
         let hlen = size_of::<FrameHeader>();
-        self.buf.resize(hlen, 0);
+        // The buffer only grows: zero-filling up to 1 MiB again for every Pages frame cost
+        // as much as a copy of the data.
+        if self.buf.len() < hlen {
+            self.buf.resize(hlen, 0);
+        }
         if let Fill::Idle = self.fill(0, hlen, allow_idle, during)? {
             return Ok(None);
         }
@@ -990,7 +994,9 @@ impl<R: Read> FrameReader<R> {
             .map_err(|_| bad(Kind::Error, "header size"))?;
         let (kind, len) = check_header(&h)?;
         let total = hlen + len as usize;
-        self.buf.resize(total, 0);
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
         self.fill(hlen, total, false, during)?;
         Ok(Some((kind, len as usize)))
     }

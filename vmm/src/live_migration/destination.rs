@@ -166,6 +166,13 @@ impl PostcopySink for EngineSink {
             .map_err(|e| e.to_string())
     }
 
+    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        self.engine
+            .bulk_pages(gpa, data)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
         // Guest RAM here starts zero-filled: the engine only marks the pages arrived.
         self.engine
