@@ -327,6 +327,12 @@ pub struct MigrateSummary {
     pub faults_served: Option<u64>,
     pub pages_pushed: Option<u64>,
     pub collapses: Option<u64>,
+    /// Time the source spent streaming guest memory (precopy rounds + postcopy bulk push).
+    #[serde(default)]
+    pub transfer_ms: Option<f64>,
+    /// Bytes sent during `transfer_ms`.
+    #[serde(default)]
+    pub transfer_bytes: Option<u64>,
     /// Every other field, kept for the raw record.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,

@@ -130,8 +130,14 @@ pub struct ScenarioResult {
     pub vcpu_limit_error: Option<String>,
     pub blackout_ms: Option<f64>,
     pub total_s: Option<f64>,
-    /// Migration payload rate: bytes sent / total time.
+    /// Background throughput: bytes sent while guest memory streamed (precopy rounds plus the
+    /// postcopy bulk push, `transfer_bytes / transfer_ms` of `vmm migrate --json`); falls back
+    /// to `overall_gbps` for a source that does not report the transfer window.
     pub throughput_gbps: Option<f64>,
+    /// Bytes sent / total migration time (setup, state, blackout and the wait for the
+    /// destination's collapses included).
+    #[serde(default)]
+    pub overall_gbps: Option<f64>,
     /// Raw TCP throughput on the same link.
     pub raw_throughput_gbps: Option<f64>,
     /// Peak link rate seen by the interface sampler during the migration.
@@ -223,6 +229,7 @@ impl ScenarioResult {
             blackout_ms: None,
             total_s: None,
             throughput_gbps: None,
+            overall_gbps: None,
             raw_throughput_gbps: None,
             peak_link_gbps: None,
             collapse_stall_us: ShortSummary::default(),
@@ -423,6 +430,7 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.blackout_ms = pick(|s| s.blackout_ms);
         m.total_s = pick(|s| s.total_s);
         m.throughput_gbps = pick(|s| s.throughput_gbps);
+        m.overall_gbps = pick(|s| s.overall_gbps);
         m.raw_throughput_gbps = pick(|s| s.raw_throughput_gbps);
         m.peak_link_gbps = pick(|s| s.peak_link_gbps);
         m.staging_peak_mib = ok

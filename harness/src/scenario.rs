@@ -933,10 +933,12 @@ pub fn fill(
     r.pages_sent = summary.pages_sent;
     r.pages_pushed = summary.pages_pushed;
     r.faults_served = summary.faults_served;
-    r.throughput_gbps = match (summary.bytes_sent, summary.total_ms) {
-        (Some(b), Some(ms)) if ms > 0.0 => Some(b as f64 * 8.0 / (ms / 1e3) / 1e9),
+    let gbps = |bytes: Option<u64>, ms: Option<f64>| match (bytes, ms) {
+        (Some(b), Some(ms)) if ms > 0.0 && b > 0 => Some(b as f64 * 8.0 / (ms / 1e3) / 1e9),
         _ => None,
     };
+    r.overall_gbps = gbps(summary.bytes_sent, summary.total_ms);
+    r.throughput_gbps = gbps(summary.transfer_bytes, summary.transfer_ms).or(r.overall_gbps);
     r.peak_link_gbps = r
         .throughput_series
         .iter()
@@ -1043,7 +1045,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut r = ScenarioResult::new("s", "hugetlb-2m", "4k-staged", "loopback", "random");
         let summary = MigrateSummary::parse(
-            r#"{"blackout_ms":2.5,"total_ms":2000,"bytes_sent":1250000000,"pages_sent":1,"faults_served":7,"pages_pushed":300000,"collapses":2}"#,
+            r#"{"blackout_ms":2.5,"total_ms":2000,"bytes_sent":1250000000,"pages_sent":1,"faults_served":7,"pages_pushed":300000,"collapses":2,"transfer_ms":500,"transfer_bytes":1000000000}"#,
         )
         .unwrap();
         let out = GuestOutput::parse(
@@ -1071,7 +1073,9 @@ mod tests {
         assert_eq!(r.collapse_stall_us.count, 2);
         assert!((r.collapse_stall_us.max - 600.0).abs() < 1.0);
         assert_eq!(r.staging_peak_mib, Some(2.0));
-        assert_eq!(r.throughput_gbps, Some(5.0));
+        // Background throughput over the transfer window; overall over the whole migration.
+        assert_eq!(r.throughput_gbps, Some(16.0));
+        assert_eq!(r.overall_gbps, Some(5.0));
         assert_eq!(r.total_s, Some(2.0));
         assert_eq!(r.peak_link_gbps, Some(4.5));
         assert_eq!(r.fault_series.len(), 3);

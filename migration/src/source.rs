@@ -534,6 +534,8 @@ fn run(
             rounds += 1;
             let bytes = SourceCounters::get(&counters.bytes_sent) - bytes_before;
             let secs = round_start.elapsed().as_secs_f64();
+            SourceCounters::add(&counters.transfer_bytes, bytes);
+            SourceCounters::add(&counters.transfer_ns, (secs * 1e9) as u64);
             if bytes >= 1 << 20 && secs > 0.0 {
                 bandwidth = bytes as f64 / secs;
             }
@@ -647,6 +649,8 @@ fn run(
         rounds,
         final_dirty_pages,
         bandwidth_bytes_per_s: bandwidth,
+        transfer_ms: SourceCounters::get(&counters.transfer_ns) as f64 / 1e6,
+        transfer_bytes: SourceCounters::get(&counters.transfer_bytes),
         destination: dest,
     })
 }
@@ -786,6 +790,8 @@ fn postcopy(
             *started = true;
             let blackout = blackout_start.elapsed();
             report(Phase::Postcopy, rounds, total - holds.count());
+            let push_start = Instant::now();
+            let bytes_before = SourceCounters::get(&counters.bytes_sent);
             let mut sender = PageSender::new(ram, counters, opts.zero_runs, true);
             let mut cursor = 0u64;
             let mut frames = 0u64;
@@ -817,6 +823,14 @@ fn postcopy(
                 }
             }
             sender.flush(&mut main.writer)?;
+            SourceCounters::add(
+                &counters.transfer_bytes,
+                SourceCounters::get(&counters.bytes_sent) - bytes_before,
+            );
+            SourceCounters::add(
+                &counters.transfer_ns,
+                push_start.elapsed().as_nanos() as u64,
+            );
             send_counted(
                 main,
                 counters,

@@ -20,6 +20,10 @@ pub struct SourceCounters {
     pub faults_served: AtomicU64,
     /// Pages sent by the postcopy bulk push (data or zero).
     pub pages_pushed: AtomicU64,
+    /// Time spent streaming guest memory (precopy rounds plus the postcopy bulk push), ns.
+    pub transfer_ns: AtomicU64,
+    /// Bytes written on both channels during that time.
+    pub transfer_bytes: AtomicU64,
 }
 
 impl SourceCounters {
@@ -58,6 +62,12 @@ pub struct MigrationSummary {
     pub final_dirty_pages: u64,
     /// Bandwidth measured over the precopy rounds, bytes per second (0 if none).
     pub bandwidth_bytes_per_s: f64,
+    /// Time spent streaming guest memory: the precopy rounds plus the postcopy bulk push, from
+    /// its start to its last page written to the socket. Not the wait for the destination's
+    /// collapses, nor connecting and sending state.
+    pub transfer_ms: f64,
+    /// Bytes written on both channels during `transfer_ms` (urgent replies included).
+    pub transfer_bytes: u64,
     /// The destination's own account.
     pub destination: DoneStats,
 }

@@ -372,4 +372,12 @@ fn print_summary(s: &serde_json::Value) {
     println!("  pages pushed   {}", u("pages_pushed"));
     println!("  collapses      {}", u("collapses"));
     println!("  precopy rounds {}", u("rounds"));
+    let ms = f("transfer_ms");
+    if ms > 0.0 {
+        println!(
+            "  streaming      {:.1} ms, {:.2} Gbit/s (precopy rounds + postcopy bulk push)",
+            ms,
+            u("transfer_bytes") as f64 * 8.0 / (ms / 1e3) / 1e9
+        );
+    }
 }

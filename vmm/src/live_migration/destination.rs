@@ -435,6 +435,20 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         incoming.reject(&msg);
         return Err(ReceiveError::Incompatible(msg));
     }
+    if config.mode != Mode::Precopy && cfg.backing.is_hugetlb() {
+        // Before Ready: the source still runs while the huge pages are zeroed.
+        let t = std::time::Instant::now();
+        if let Err(e) = vm.ram().prefault_huge_pages() {
+            incoming.reject(&e.to_string());
+            return Err(ReceiveError::Vm(e.into()));
+        }
+        tracing::info!(
+            "faulted in {} MiB of {} guest memory in {:.0} ms",
+            memory >> 20,
+            cfg.backing,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let mut vm = vm;
     vm.start_vcpus_paused()?;
     let vm = Arc::new(vm);

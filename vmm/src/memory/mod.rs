@@ -192,6 +192,16 @@ pub enum MemoryError {
     OutOfRange { addr: u64, len: u64 },
     #[error("building the vm-memory view of guest RAM failed: {0}")]
     View(String),
+    #[error(
+        "faulting in the huge pages of {backing} guest memory (region at {guest_addr:#x}, \
+         {size} bytes) failed: {source}"
+    )]
+    Prefault {
+        backing: Backing,
+        guest_addr: u64,
+        size: u64,
+        source: io::Error,
+    },
 }
 
 impl MemoryError {
@@ -599,6 +609,43 @@ impl GuestRam {
                 .map(Some)
                 .ok_or(MemoryError::OutOfRange { addr: gpa, len }),
         }
+    }
+
+    /// hugetlb only (a no-op for other backings): allocate and zero every huge page now,
+    /// through the alias mapping (MADV_POPULATE_WRITE), instead of at the first write.
+    ///
+    /// A migration destination calls this before it tells the source it is ready, so the
+    /// cost (zeroing all of guest RAM; on this host the outer hypervisor also backs each page
+    /// lazily) is paid while the source still runs, not while vCPUs wait on postcopy faults.
+    /// It also keeps slow huge-page faults, which hold the mmap lock for their whole duration,
+    /// from delaying the `mmap(MAP_FIXED)` of a collapse. The pages are reserved at mmap time
+    /// anyway, so this costs no memory.
+    pub fn prefault_huge_pages(&self) -> Result<(), MemoryError> {
+        if !self.backing.is_hugetlb() {
+            return Ok(());
+        }
+        for r in &self.regions {
+            let Some(alias) = &r.alias else { continue };
+            // SAFETY: the alias mapping is owned by this region and covers exactly its `len`
+            // bytes; MADV_POPULATE_WRITE only faults pages in (zero-filled hugetlb pages of the
+            // shared file) and does not change their contents; the result is checked.
+            let rc = unsafe {
+                libc::madvise(
+                    alias.as_ptr() as *mut libc::c_void,
+                    alias.len(),
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(MemoryError::Prefault {
+                    backing: self.backing,
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// `(start, len)` of every RAM range, for the e820 map.
