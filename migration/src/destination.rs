@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::Secret;
 use crate::stats::ReceiveSummary;
+use crate::thread_priority::{self, PriorityGuard, ThreadRole};
 use crate::transport::{Acceptor, Channel, Timeouts, TransportError};
 use crate::types::{AtomicPageSet, FetchError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
 use crate::wire::{
@@ -253,6 +254,8 @@ struct Postcopy {
     sink: Arc<dyn PostcopySink>,
     client: Arc<UrgentClient>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// The bulk receive loop (this thread) yields to the urgent path while postcopy runs.
+    _bulk_priority: Option<PriorityGuard>,
 }
 
 impl Postcopy {
@@ -458,7 +461,10 @@ impl Receiver<'_> {
         let thread_client = Arc::clone(&client);
         let handle = std::thread::Builder::new()
             .name("mig-urgent-rx".into())
-            .spawn(move || thread_client.run_reader(reader))
+            .spawn(move || {
+                let _priority = thread_priority::enter(ThreadRole::Urgent);
+                thread_client.run_reader(reader)
+            })
             .map_err(DestinationError::Thread)?;
         let fetcher: Arc<dyn PageFetcher> = client.clone();
         let sink = match vm.begin_postcopy(fetcher, &self.have) {
@@ -468,6 +474,7 @@ impl Receiver<'_> {
                     sink: Arc::new(NoSink),
                     client,
                     reader: Some(handle),
+                    _bulk_priority: None,
                 }
                 .stop();
                 return Err(DestinationError::Vm {
@@ -480,6 +487,7 @@ impl Receiver<'_> {
             sink,
             client,
             reader: Some(handle),
+            _bulk_priority: Some(thread_priority::enter(ThreadRole::Bulk)),
         });
         vm.load_state(self.take_state()?)
             .map_err(vm_err("loading device and vCPU state"))?;

@@ -6,6 +6,7 @@ pub mod destination;
 pub mod postcopy;
 pub mod source;
 pub mod stats;
+pub mod thread_priority;
 pub mod transport;
 pub mod types;
 pub mod wire;

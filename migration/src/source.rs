@@ -12,6 +12,7 @@ use holes::RegionHoles;
 
 use crate::auth::Secret;
 use crate::stats::{MigrationSummary, SourceCounters};
+use crate::thread_priority::{self, ThreadRole};
 use crate::transport::{self, Channel, Timeouts, TransportError};
 use crate::types::{
     AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion,
@@ -769,6 +770,7 @@ fn postcopy(
         let server = std::thread::Builder::new()
             .name("mig-urgent-srv".into())
             .spawn_scoped(scope, || {
+                let _priority = thread_priority::enter(ThreadRole::Urgent);
                 urgent_server(ureader, uwriter, ram, &push, counters)
             })
             .map_err(|e| SourceError::Vm {

@@ -16,6 +16,7 @@ use super::engine::Shared;
 use super::strategy::ServeMode;
 use super::sys;
 use super::PostcopyError;
+use crate::thread_priority::{self, ThreadRole};
 use crate::types::{FetchError, PAGE_SIZE};
 
 /// Marks whole-huge-page keys in the in-flight set.
@@ -65,6 +66,7 @@ pub(crate) fn spawn(
 }
 
 fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
+    let _priority = thread_priority::enter(ThreadRole::Urgent);
     let mut buf = EventBuffer::new(64);
     while !shared.shutdown.load(Ordering::Acquire) {
         let mut fds = [PollFd::new(
@@ -129,6 +131,7 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
 }
 
 fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
+    let _priority = thread_priority::enter(ThreadRole::Urgent);
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
