@@ -43,9 +43,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
         /// Guest passes. The migration starts after the first; the guest prints its histograms
-        /// after the last, so there must be enough passes left to span the migration. 0 = until
-        /// the harness stops it (then no guest histograms: VMM-side figures only).
-        #[arg(long, default_value_t = 12)]
+        /// after the last, so there must be enough passes left to span the migration (a hugetlb
+        /// destination faults in all guest RAM before it answers the source, seconds on a cold
+        /// pool). 0 = until the harness stops it (then no guest histograms: VMM-side figures
+        /// only).
+        #[arg(long, default_value_t = 24)]
         passes: u32,
         /// With --passes 0: destination passes to wait for after migrating.
         #[arg(long, default_value_t = 2)]
