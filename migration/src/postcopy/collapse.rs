@@ -9,7 +9,9 @@
 //! - guest_memfd ([`pause_and_swap`]): the memslot itself changes, so every vCPU is paused (the
 //!   fault service keeps serving) for the last delta and the memslot swap.
 //!
-//! The staging is freed off the critical path. shmem units: MADV_COLLAPSE.
+//! The staging is freed off the critical path. shmem units: MADV_COLLAPSE, adjacent complete
+//! units in one call (each call drains every CPU's LRU lists first, which on busy cores was
+//! most of the time).
 //! Runs on its own thread, never on a fault-service thread.
 
 use std::sync::atomic::Ordering;
@@ -19,7 +21,7 @@ use std::sync::{RwLock, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use super::engine::{RegionState, Shared};
-use super::stats::CollapseRecord;
+use super::stats::{CollapseRecord, METHOD_SKIPPED_EMPTY};
 use super::strategy::{FinalBacking, ServeMode};
 use super::sys;
 use super::PostcopyError;
@@ -39,93 +41,322 @@ const MAX_ROUNDS: u32 = 10;
 /// Units above this size get their staging PTEs dropped before the pause.
 const DONTNEED_ABOVE: u64 = 2 << 20;
 
-/// The collapse thread's loop.
+/// The collapse thread's loop. Jobs that queued up meanwhile are taken together: shmem units
+/// are collapsed in runs of adjacent units (see [`collapse_shmem_batch`]).
 pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<CollapseJob>) {
-    while let Ok(job) = rx.recv() {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        gather_while_arriving(&shared, &rx, &mut jobs);
         if shared.shutdown.load(Ordering::Acquire) {
             return;
         }
-        let r = &shared.regions[job.region];
-        let res = match r.plan.mode {
-            ServeMode::ShmemContinue => collapse_shmem(&shared, job),
-            ServeMode::Staged(backing) => collapse_staged(&shared, job, backing),
-            _ => Ok(()),
-        };
-        if let Err(e) = res {
-            shared.fail(e.to_string());
+        let (shmem, others): (Vec<_>, Vec<_>) = jobs
+            .into_iter()
+            .partition(|j| matches!(shared.regions[j.region].plan.mode, ServeMode::ShmemContinue));
+        if !shmem.is_empty() {
+            if let Err(e) = collapse_shmem_batch(&shared, shmem) {
+                shared.fail(e.to_string());
+            }
+            shared.notify_progress();
         }
-        shared.notify_progress();
+        for job in others {
+            if shared.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let res = match shared.regions[job.region].plan.mode {
+                ServeMode::Staged(backing) => collapse_staged(&shared, job, backing),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                shared.fail(e.to_string());
+            }
+            shared.notify_progress();
+        }
     }
 }
 
-fn collapse_shmem(shared: &Shared, job: CollapseJob) -> Result<(), PostcopyError> {
+/// How long the collapse thread lets shmem units accumulate while pages are still arriving.
+const GATHER_FOR: Duration = Duration::from_millis(100);
+
+/// While pages are still arriving (units complete one after another, mostly in address order),
+/// wait up to [`GATHER_FOR`] for more shmem units so that one `MADV_COLLAPSE` call covers
+/// several (see [`collapse_shmem_batch`]); stop early once a full run is queued or every page
+/// arrived.
+fn gather_while_arriving(
+    shared: &Shared,
+    rx: &mpsc::Receiver<CollapseJob>,
+    jobs: &mut Vec<CollapseJob>,
+) {
+    let shmem =
+        |j: &CollapseJob| matches!(shared.regions[j.region].plan.mode, ServeMode::ShmemContinue);
+    if !jobs.iter().any(shmem) {
+        return;
+    }
+    let deadline = Instant::now() + GATHER_FOR;
+    while (jobs.len() as u64) < SHMEM_RUN_MAX && !shared.all_arrived() {
+        let now = Instant::now();
+        if now >= deadline || shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        match rx.recv_timeout((deadline - now).min(Duration::from_millis(10))) {
+            Ok(job) => jobs.push(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Most shmem units one `MADV_COLLAPSE` call covers.
+const SHMEM_RUN_MAX: u64 = 64;
+
+/// Collapse complete shmem units, adjacent ones together.
+///
+/// Every `MADV_COLLAPSE` call begins with `lru_add_drain_all()`, which queues work on every CPU
+/// and waits for all of it; with the vCPUs keeping both cores busy that wait, not the collapse,
+/// was most of a unit's time (tens to thousands of ms). One call over a run of adjacent units
+/// drains once for the whole run (the kernel collapses each 2 MiB range of it in turn).
+///
+/// Each unit gets a [`CollapseRecord`]; a batched unit's `total_ns` is its share (time / units)
+/// of the calls that covered it.
+fn collapse_shmem_batch(shared: &Shared, mut jobs: Vec<CollapseJob>) -> Result<(), PostcopyError> {
+    jobs.sort_by_key(|j| (j.region, j.unit));
+    jobs.dedup_by_key(|j| (j.region, j.unit));
+    let mut run: Vec<CollapseJob> = Vec::new();
+    for job in jobs {
+        if shmem_unit_empty(shared, job) {
+            finish_shmem_unit(shared, job, 0, METHOD_SKIPPED_EMPTY, true);
+            continue;
+        }
+        if !shmem_unit_collapsible(shared, job) {
+            finish_shmem_unit(shared, job, 0, "madv-collapse", false);
+            continue;
+        }
+        let adjacent = run
+            .last()
+            .is_some_and(|l| l.region == job.region && l.unit + 1 == job.unit);
+        if !adjacent || run.len() as u64 >= SHMEM_RUN_MAX {
+            collapse_shmem_run(shared, &run)?;
+            run.clear();
+        }
+        run.push(job);
+    }
+    collapse_shmem_run(shared, &run)
+}
+
+/// Whether a complete unit is all page-cache holes: it arrived entirely in zero runs and was
+/// never touched, so there is nothing to collapse (and filling 2 MiB of zeros only to collapse
+/// them costs memory and CPU while the migration runs); guest touches map zero pages later.
+fn shmem_unit_empty(shared: &Shared, job: CollapseJob) -> bool {
     let r = &shared.regions[job.region];
     let (first, end) = r.tracker.unit_pages(job.unit);
-    let off = first * PAGE_SIZE;
+    let len = ((end - first) * PAGE_SIZE) as usize;
+    r.alias_page(first)
+        .is_some_and(|a| sys::resident_pages(a, len).is_ok_and(|n| n == 0))
+}
+
+/// Only whole, aligned 2 MiB ranges can become a PMD.
+fn shmem_unit_collapsible(shared: &Shared, job: CollapseJob) -> bool {
+    let r = &shared.regions[job.region];
+    let (first, end) = r.tracker.unit_pages(job.unit);
     let len = (end - first) * PAGE_SIZE;
-    let addr = r.region.host_addr + off as usize;
-    let t0 = Instant::now();
-    // Only whole, aligned 2 MiB ranges can become a PMD; all their pages are in the page cache
-    // (the unit completed), so the collapse cannot fill a hole with zeros.
-    let alias = r.alias_page(first);
-    // A range that is all page-cache holes arrived entirely in zero runs and was never touched:
-    // there is nothing to collapse (and filling 2 MiB of zeros only to collapse them costs
-    // memory and CPU while the migration runs); guest touches map zero pages later.
-    let empty = alias.is_some_and(|a| sys::resident_pages(a, len as usize).is_ok_and(|n| n == 0));
-    let ok = if empty {
-        true
-    } else if len == super::strategy::SHMEM_COLLAPSE_UNIT && addr.is_multiple_of(len as usize) {
-        // Pages that arrived in zero runs were never written, so they are page-cache holes
-        // (which MADV_COLLAPSE refuses); fault them in, zero-filled, through the alias that
-        // nothing is registered on. Pages already there are only looked up.
-        if let Some(alias) = alias {
-            if let Err(e) = sys::madvise(alias, len as usize, libc::MADV_POPULATE_WRITE) {
-                tracing::info!(
-                    "populating the zero pages of slot {} at alias {alias:#x} failed: {e}",
-                    r.region.slot
-                );
-            }
-        }
-        match sys::madvise(addr, len as usize, libc::MADV_COLLAPSE) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::info!(
-                    "MADV_COLLAPSE of slot {} at {addr:#x} failed: {e}",
-                    r.region.slot
-                );
-                false
-            }
-        }
-    } else {
-        false
+    len == super::strategy::SHMEM_COLLAPSE_UNIT
+        && r.host_page(first).is_multiple_of(len as usize)
+        && r.alias_page(first).is_some()
+}
+
+/// Collapse `run` (adjacent, complete, collapsible units of one region, in order): fill its
+/// page-cache holes, then one `MADV_COLLAPSE` over all of it; if that fails, split it in halves
+/// and try each (so one unit the kernel refuses costs a few calls, not one per unit).
+fn collapse_shmem_run(shared: &Shared, run: &[CollapseJob]) -> Result<(), PostcopyError> {
+    let (Some(head), Some(tail)) = (run.first(), run.last()) else {
+        return Ok(());
     };
-    shared.stats.collapse(CollapseRecord {
-        slot: r.region.slot,
-        unit_offset: off,
-        unit_size: len,
-        method: if empty {
-            "none (all zero, never touched)"
-        } else {
-            "madv-collapse"
-        },
-        total_ns: t0.elapsed().as_nanos() as u64,
-        stall_ns: 0,
-        delta_rounds: 0,
-        delta_pages: Vec::new(),
-        staged_pages: 0,
-        pause_ns: 0,
-        zap_ns: 0,
-        final_delta_ns: 0,
-        swap_ns: 0,
-        dontneed_ns: 0,
-        free_ns: 0,
+    let r = &shared.regions[head.region];
+    let (first, _) = r.tracker.unit_pages(head.unit);
+    let (_, end) = r.tracker.unit_pages(tail.unit);
+    let t0 = Instant::now();
+    fill_holes(r, first * PAGE_SIZE, (end - first) * PAGE_SIZE);
+    let fill = t0.elapsed();
+    let fill_ns = ns(fill) / run.len() as u64;
+    let mut spent = vec![fill_ns; run.len()];
+    let mut ok = vec![false; run.len()];
+    let t1 = Instant::now();
+    collapse_split(shared, run, 0, &mut spent, &mut ok);
+    tracing::info!(
+        slot = r.region.slot,
+        first_unit = head.unit,
+        units = run.len(),
+        fill_ns = ns(fill),
+        collapse_ns = ns(t1.elapsed()),
+        failed = ok.iter().filter(|o| !**o).count(),
+        "collapsed a run of shmem units"
+    );
+    for (i, job) in run.iter().enumerate() {
+        finish_shmem_unit(shared, *job, spent[i], "madv-collapse", ok[i]);
+    }
+    Ok(())
+}
+
+/// `MADV_COLLAPSE` of `run[..]` (whose first unit is `run[0]`, at index `base` of the
+/// bookkeeping slices); on failure, halves.
+fn collapse_split(
+    shared: &Shared,
+    run: &[CollapseJob],
+    base: usize,
+    spent: &mut [u64],
+    ok: &mut [bool],
+) {
+    let (Some(head), Some(tail)) = (run.first(), run.last()) else {
+        return;
+    };
+    let r = &shared.regions[head.region];
+    let (first, _) = r.tracker.unit_pages(head.unit);
+    let (_, end) = r.tracker.unit_pages(tail.unit);
+    let addr = r.host_page(first);
+    let len = ((end - first) * PAGE_SIZE) as usize;
+    let t = Instant::now();
+    let mut rc = sys::madvise(addr, len, libc::MADV_COLLAPSE);
+    // EAGAIN is transient (a page locked or under writeback, a busy LRU): a single unit gets
+    // a few more tries before it is left 4 KiB-mapped.
+    let mut tries = 0;
+    while run.len() == 1
+        && tries < 3
+        && rc
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EAGAIN))
+    {
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(1));
+        rc = sys::madvise(addr, len, libc::MADV_COLLAPSE);
+    }
+    let share = ns(t.elapsed()) / run.len() as u64;
+    for s in &mut spent[base..base + run.len()] {
+        *s += share;
+    }
+    match rc {
+        Ok(()) => ok[base..base + run.len()].fill(true),
+        Err(e) if run.len() == 1 => {
+            tracing::info!(
+                "MADV_COLLAPSE of slot {} at {addr:#x} failed: {e}",
+                r.region.slot
+            );
+        }
+        Err(_) => {
+            let half = run.len() / 2;
+            collapse_split(shared, &run[..half], base, spent, ok);
+            collapse_split(shared, &run[half..], base + half, spent, ok);
+        }
+    }
+}
+
+/// Pages that arrived in zero runs were never written, so they are page-cache holes (which
+/// MADV_COLLAPSE refuses). Find them (`mincore` on the alias: page-cache residency, no fault)
+/// and allocate each run of holes, zero-filled, with `fallocate` on the memfd: no page fault,
+/// no page-table entry on the alias that the collapse would then have to unmap, no mmap lock.
+/// Most units have no hole at all (the guest wrote every page, or none: those are skipped as
+/// empty), so the common case costs one `mincore`. Without an fd, holes are faulted in through
+/// the alias. A failure is only logged: the collapse then fails too and the unit stays
+/// 4 KiB-mapped.
+fn fill_holes(r: &RegionState, off: u64, len: u64) {
+    let Some(alias) = r.alias_page(off / PAGE_SIZE) else {
+        return;
+    };
+    let resident = match page_cache_map(alias, len as usize) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::info!(
+                "mincore of slot {} at {alias:#x} failed: {e}",
+                r.region.slot
+            );
+            vec![false; (len / PAGE_SIZE) as usize]
+        }
+    };
+    let mut p = 0;
+    while p < resident.len() {
+        if resident[p] {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < resident.len() && !resident[p] {
+            p += 1;
+        }
+        let (h_off, h_len) = (
+            off + start as u64 * PAGE_SIZE,
+            (p - start) as u64 * PAGE_SIZE,
+        );
+        let res = match r.region.fd {
+            Some(fd) => fallocate_range(fd, r.region.fd_offset + h_off, h_len),
+            None => sys::madvise(
+                alias + start * PAGE_SIZE as usize,
+                h_len as usize,
+                libc::MADV_POPULATE_WRITE,
+            ),
+        };
+        if let Err(e) = res {
+            tracing::info!(
+                "filling the page-cache holes of slot {} at offset {h_off:#x} (+{h_len:#x}) failed: {e}",
+                r.region.slot
+            );
+        }
+    }
+}
+
+/// Per page of `[addr, addr + len)` of a shared file mapping: whether it is in the page cache
+/// (`mincore`; nothing is faulted in).
+fn page_cache_map(addr: usize, len: usize) -> std::io::Result<Vec<bool>> {
+    let mut vec = vec![0u8; len.div_ceil(PAGE_SIZE as usize)];
+    // SAFETY: `vec` has one byte per page of the range, as mincore requires; the range is a
+    // region alias the engine owns for its lifetime; the result is checked.
+    if unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+}
+
+/// `fallocate(fd, 0, offset, len)`: allocate every missing page of the range (shmem: zeroed on
+/// first use), keep the pages that are there.
+fn fallocate_range(fd: std::os::fd::RawFd, offset: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EOVERFLOW));
+    };
+    loop {
+        // SAFETY: plain syscall on the region's backing fd, open for the engine's lifetime;
+        // mode 0 only allocates holes (it never changes data already in the file); the result
+        // is checked.
+        if unsafe { libc::fallocate(fd, 0, off, n) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Record a shmem unit's outcome and count it done.
+fn finish_shmem_unit(
+    shared: &Shared,
+    job: CollapseJob,
+    total_ns: u64,
+    method: &'static str,
+    ok: bool,
+) {
+    let r = &shared.regions[job.region];
+    let (first, end) = r.tracker.unit_pages(job.unit);
+    shared.stats.collapse(CollapseRecord::without_swap(
+        r.region.slot,
+        first * PAGE_SIZE,
+        (end - first) * PAGE_SIZE,
+        method,
+        total_ns,
         ok,
-    });
+    ));
     let done = r.units_done.fetch_add(1, Ordering::AcqRel) + 1;
     if done == r.tracker.units() {
         r.finalized.store(true, Ordering::Release);
     }
-    Ok(())
 }
 
 /// Pull the memslot's dirty log into the region's accumulated bitmap, then take (and clear) the

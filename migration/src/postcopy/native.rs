@@ -51,25 +51,15 @@ pub(crate) fn settle_unit(shared: &Shared, ri: usize, unit: u64) {
             METHOD_LEFT_FAILED
         }
     };
-    shared.stats.collapse(CollapseRecord {
-        slot: r.region.slot,
-        unit_offset: off,
-        unit_size: len,
+    // The guest's memory is complete and correct either way; only the mapping size differs.
+    shared.stats.collapse(CollapseRecord::without_swap(
+        r.region.slot,
+        off,
+        len,
         method,
-        total_ns: t0.elapsed().as_nanos() as u64,
-        stall_ns: 0,
-        delta_rounds: 0,
-        delta_pages: Vec::new(),
-        staged_pages: 0,
-        pause_ns: 0,
-        zap_ns: 0,
-        final_delta_ns: 0,
-        swap_ns: 0,
-        dontneed_ns: 0,
-        free_ns: 0,
-        // The guest's memory is complete and correct either way; only the mapping size differs.
-        ok: true,
-    });
+        t0.elapsed().as_nanos() as u64,
+        true,
+    ));
     let done = r.units_done.fetch_add(1, Ordering::AcqRel) + 1;
     if done == r.tracker.units() {
         r.finalized.store(true, Ordering::Release);

@@ -5,6 +5,10 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+/// [`CollapseRecord::method`] of a shmem unit that was all page-cache holes and never touched:
+/// nothing was collapsed (the guest's touches map zero pages later).
+pub const METHOD_SKIPPED_EMPTY: &str = "none (all zero, never touched)";
+
 /// One collapse (one unit of one region).
 #[derive(Clone, Debug, Serialize)]
 pub struct CollapseRecord {
@@ -15,7 +19,9 @@ pub struct CollapseRecord {
     /// "hugetlb-mmap" (a freeze of the unit, no vCPU pause), "memslot-swap" (a pause of every
     /// vCPU), "madv-collapse", or "none (...)" when there was nothing to collapse.
     pub method: &'static str,
-    /// Unit complete → collapsed (delta rounds, pause, swap, resume; not the off-path free).
+    /// Unit complete → collapsed (delta rounds, freeze or pause, swap; not the off-path free).
+    /// shmem units collapsed in one MADV_COLLAPSE call with their neighbours get their share
+    /// (the calls' time divided by the units they covered).
     pub total_ns: u64,
     /// The longest a vCPU can have waited for this collapse: hugetlb, the freeze (unit lock
     /// taken → woken), which only a vCPU touching the unit waits for; guest_memfd, pause() →
@@ -43,6 +49,38 @@ pub struct CollapseRecord {
     pub ok: bool,
 }
 
+impl CollapseRecord {
+    /// A unit that needed no swap and no pause (shmem MADV_COLLAPSE, native hugetlb, units
+    /// skipped as empty): only its place, how, how long and whether it worked.
+    pub fn without_swap(
+        slot: u32,
+        unit_offset: u64,
+        unit_size: u64,
+        method: &'static str,
+        total_ns: u64,
+        ok: bool,
+    ) -> Self {
+        CollapseRecord {
+            slot,
+            unit_offset,
+            unit_size,
+            method,
+            total_ns,
+            stall_ns: 0,
+            delta_rounds: 0,
+            delta_pages: Vec::new(),
+            staged_pages: 0,
+            pause_ns: 0,
+            zap_ns: 0,
+            final_delta_ns: 0,
+            swap_ns: 0,
+            dontneed_ns: 0,
+            free_ns: 0,
+            ok,
+        }
+    }
+}
+
 /// A snapshot of the engine's statistics.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PostcopyStats {
@@ -66,8 +104,10 @@ pub struct PostcopyStats {
     pub zero_pages_ignored: u64,
     /// Fetch attempts that failed and were retried.
     pub fetch_retries: u64,
-    /// Successful collapses (all methods).
+    /// Successful collapses (all methods), not counting units skipped as empty.
     pub collapses: u64,
+    /// shmem units that were all page-cache holes and never touched: nothing to collapse.
+    pub collapses_skipped: u64,
     /// Collapses that failed (left 4 KiB-mapped).
     pub collapse_failures: u64,
     /// vCPU stall per collapse: median and maximum, nanoseconds.
@@ -247,7 +287,14 @@ impl StatsCollector {
             faults_coalesced: self.faults_coalesced.load(Ordering::Relaxed),
             zero_pages_applied: self.zero_pages_applied.load(Ordering::Relaxed),
             zero_pages_ignored: self.zero_pages_ignored.load(Ordering::Relaxed),
-            collapses: records.iter().filter(|r| r.ok).count() as u64,
+            collapses: records
+                .iter()
+                .filter(|r| r.ok && r.method != METHOD_SKIPPED_EMPTY)
+                .count() as u64,
+            collapses_skipped: records
+                .iter()
+                .filter(|r| r.method == METHOD_SKIPPED_EMPTY)
+                .count() as u64,
             collapse_failures: records.iter().filter(|r| !r.ok).count() as u64,
             collapse_stall_p50_ns: percentile(&stalls, 50),
             collapse_stall_max_ns: stalls.last().copied().unwrap_or(0),

@@ -74,6 +74,8 @@ pub struct DestinationStats {
     pub pages_fetched: u64,
     pub pages_fetched_local: u64,
     pub collapses: u64,
+    /// shmem units with nothing to collapse (all zero, never touched).
+    pub collapses_skipped: u64,
     pub collapse_failures: u64,
     pub collapse_stall_ns: Vec<u64>,
     pub collapse_total_ns: Vec<u64>,
@@ -503,6 +505,7 @@ fn destination_stats(
         pages_fetched: e.pages_fetched,
         pages_fetched_local: e.pages_served_locally,
         collapses: e.collapses,
+        collapses_skipped: e.collapses_skipped,
         collapse_failures: e.collapse_failures,
         collapse_stall_ns: e.collapse_records.iter().map(|r| r.stall_ns).collect(),
         collapse_total_ns: e.collapse_records.iter().map(|r| r.total_ns).collect(),
