@@ -129,6 +129,26 @@ where
     Ok(total)
 }
 
+/// The `n` highest samples of `h` (all of them if it holds no more than `n`), at the values
+/// `h` recorded them.
+pub fn top_n(h: &LatencyHistogram, n: u64) -> Result<LatencyHistogram, HistogramError> {
+    let mut out = new_histogram()?;
+    let mut left = n;
+    let recorded: Vec<(u64, u64)> = h
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect();
+    for (value, count) in recorded.into_iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let take = count.min(left);
+        out.saturating_record_n(value.max(1), take);
+        left -= take;
+    }
+    Ok(out)
+}
+
 /// Distribution of `A + B` for independent `A ~ a` and `B ~ b`: every pair of recorded buckets
 /// (values va, vb with counts ca, cb) contributes ca*cb samples at va+vb. The result's count is
 /// the product of the counts, so percentiles are exact up to the histograms' bucket precision.
@@ -283,5 +303,15 @@ mod tests {
         assert_eq!(h.len(), 4);
         assert_eq!(h.value_at_quantile(0.5), h.lowest_equivalent(1088));
         assert_eq!(h.max(), h.highest_equivalent(4096 + 256));
+    }
+
+    #[test]
+    fn top_n_keeps_the_slowest_samples() {
+        let h = from_samples(&[3_000, 4_000, 5_000, 60_000, 70_000, 80_000]).unwrap();
+        let t = top_n(&h, 3).unwrap();
+        assert_eq!(t.len(), 3);
+        assert!(t.min() >= 59_000, "{}", t.min());
+        assert_eq!(top_n(&h, 100).unwrap().len(), 6);
+        assert_eq!(top_n(&h, 0).unwrap().len(), 0);
     }
 }
