@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use migration::auth::Secret;
 use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
-use migration::postcopy::{PostcopyEngine, PostcopyStats, PrepareReport, Strategy};
+use migration::postcopy::{PostcopyEngine, PostcopyStats, PrepareReport, ServeMode, Strategy};
 use migration::types::{Granularity, Mode, PageFetcher, PageSet, PAGE_SIZE};
 use serde::Serialize;
 
@@ -148,6 +148,10 @@ struct DestSide {
     vm: Arc<Vm>,
     strategy: Strategy,
     engine: Mutex<Option<Arc<EngineSink>>>,
+    /// The memslots were registered for postcopy before Ready ([`DestSide::preregister`]),
+    /// with dirty logging on where `dirty_logged` says.
+    preregistered: bool,
+    dirty_logged: bool,
 }
 
 /// The postcopy engine as the protocol driver's bulk-page sink.
@@ -194,6 +198,32 @@ impl PostcopySink for EngineSink {
 }
 
 impl DestSide {
+    /// Whether the postcopy engine will most likely stage this backing (and so log dirty
+    /// pages): hugetlb unless whole-page service was asked for (native falls back to staging
+    /// on kernels without HGM), and guest_memfd always.
+    fn expects_staging(backing: Backing, strategy: Strategy) -> bool {
+        match backing {
+            Backing::GuestMemfd => true,
+            b if b.is_hugetlb() => strategy != Strategy::Huge,
+            _ => false,
+        }
+    }
+
+    /// Postcopy and hybrid: register the memslots now, before Ready, the way begin_postcopy
+    /// needs them (a guest_memfd region as a plain slot), with dirty logging already on where
+    /// the engine is expected to stage. Creating a memslot allocates KVM's per-page metadata
+    /// and turning dirty logging on its bitmap: 0.6-7.5 ms for 1 GiB measured here, which
+    /// begin_postcopy would otherwise spend inside the blackout.
+    fn preregister(&self, dirty_log: bool) -> Result<(), String> {
+        let ram = self.vm.ram();
+        let bind = ram.backing() != Backing::GuestMemfd;
+        for i in 0..ram.regions().len() {
+            ram.set_slot(self.vm.fd(), i, dirty_log, bind)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     fn register_memory(&self, postcopy: bool) -> Result<(), String> {
         let ram = self.vm.ram();
         // A staged guest_memfd region runs from a plain slot until its collapse binds it.
@@ -230,10 +260,15 @@ impl DestinationVm for DestSide {
         fetcher: Arc<dyn PageFetcher>,
         present: &PageSet,
     ) -> Result<Arc<dyn PostcopySink>, String> {
+        let t0 = std::time::Instant::now();
         if present.count() > 0 {
             discard_absent_pages(self.vm.ram(), present)?;
         }
-        self.register_memory(true)?;
+        let t_discard = t0.elapsed();
+        if !self.preregistered {
+            self.register_memory(true)?;
+        }
+        let t_register = t0.elapsed();
         let regions = super::ram_regions(self.vm.ram());
         let swapped = SwappedSlots::default();
         let mut engine = PostcopyEngine::new(
@@ -252,7 +287,27 @@ impl DestinationVm for DestSide {
             }),
         )
         .map_err(|e| e.to_string())?;
+        let t_new = t0.elapsed();
         let report = engine.prepare().map_err(|e| e.to_string())?;
+        if self.preregistered && self.dirty_logged {
+            // A region the engine does not stage after all (native service) needs no log.
+            let bind = self.vm.ram().backing() != Backing::GuestMemfd;
+            for r in &report.regions {
+                if !matches!(r.mode, ServeMode::Staged(_)) {
+                    self.vm
+                        .ram()
+                        .set_slot(self.vm.fd(), r.slot as usize, false, bind)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        tracing::info!(
+            discard_us = t_discard.as_micros() as u64,
+            register_us = (t_register - t_discard).as_micros() as u64,
+            engine_new_us = (t_new - t_register).as_micros() as u64,
+            prepare_us = (t0.elapsed() - t_new).as_micros() as u64,
+            "postcopy set up (inside the blackout)"
+        );
         let serve = RegionServe::from_report(&report);
         // Say how every region is served, and why native was not used where it was asked for:
         // on stderr (operators, the harness log) as well as in the statistics.
@@ -454,11 +509,24 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     let mut vm = vm;
     vm.start_vcpus_paused()?;
     let vm = Arc::new(vm);
+    let strategy = Strategy::from(cfg.granularity);
+    let preregistered = config.mode != Mode::Precopy;
+    let dirty_logged = preregistered && DestSide::expects_staging(cfg.backing, strategy);
     let side = DestSide {
         vm: vm.clone(),
-        strategy: Strategy::from(cfg.granularity),
+        strategy,
         engine: Mutex::new(None),
+        preregistered,
+        dirty_logged,
     };
+    if preregistered {
+        if let Err(e) = side.preregister(dirty_logged) {
+            incoming.reject(&e);
+            return Err(ReceiveError::Incompatible(format!(
+                "registering guest memory with KVM: {e}"
+            )));
+        }
+    }
     let summary = incoming.receive(&side).map_err(ReceiveError::Receive);
     receiving.store(false, std::sync::atomic::Ordering::SeqCst);
     let summary = summary?;
