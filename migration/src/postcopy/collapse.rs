@@ -699,6 +699,8 @@ fn pause_and_swap(
 ) -> Result<SwapTimes, PostcopyError> {
     let slot = r.region.slot;
     let mut t = SwapTimes::default();
+    // Every vCPU waits for this section: do not get preempted inside it.
+    let _boost = sys::RealtimeBoost::new();
     let t_pause = Instant::now();
     shared
         .vcpus
