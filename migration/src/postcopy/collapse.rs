@@ -436,14 +436,7 @@ fn collapse_staged(
     let len = (end - first) * PAGE_SIZE;
     let addr = r.region.host_addr + off as usize;
     let fd = r.region.fd.ok_or(PostcopyError::NotPrepared)?;
-    let err = |what: &'static str| {
-        move |source: std::io::Error| PostcopyError::Collapse {
-            slot,
-            offset: off,
-            what,
-            source,
-        }
-    };
+    let err = |what| collapse_error(slot, off, what);
     let stage_alias = {
         let st = r.staging.read().unwrap_or_else(|p| p.into_inner());
         match st.as_ref() {
@@ -610,6 +603,20 @@ struct UnitRange {
     end: u64,
 }
 
+/// Maps an I/O error of step `what` of collapsing the unit at `offset` of `slot`.
+fn collapse_error(
+    slot: u32,
+    offset: u64,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> PostcopyError {
+    move |source| PostcopyError::Collapse {
+        slot,
+        offset,
+        what,
+        source,
+    }
+}
+
 fn ns(d: std::time::Duration) -> u64 {
     d.as_nanos() as u64
 }
@@ -628,14 +635,7 @@ fn freeze_and_swap(
     u: &UnitRange,
 ) -> Result<SwapTimes, PostcopyError> {
     let slot = r.region.slot;
-    let err = |what: &'static str| {
-        move |source: std::io::Error| PostcopyError::Collapse {
-            slot,
-            offset: u.off,
-            what,
-            source,
-        }
-    };
+    let err = |what| collapse_error(slot, u.off, what);
     let mut t = SwapTimes::default();
     // Every vCPU that touches the unit waits for the freeze: do not get preempted inside it.
     let _boost = sys::RealtimeBoost::new();
@@ -723,12 +723,11 @@ fn pause_and_swap(
         // Keep the primary address showing the final memory for the VMM's own accesses (its
         // devices): map the guest_memfd there too.
         sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off).map_err(
-            |source| PostcopyError::Collapse {
+            collapse_error(
                 slot,
-                offset: u.off,
-                what: "mmap(MAP_FIXED) of the guest_memfd over the staging",
-                source,
-            },
+                u.off,
+                "mmap(MAP_FIXED) of the guest_memfd over the staging",
+            ),
         )?;
         t.swap_ns = ns(t_swap.elapsed());
         *collapsed = true;
