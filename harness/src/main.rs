@@ -42,7 +42,8 @@ enum Cmd {
         kernel: PathBuf,
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// Guest passes. The migration starts after the first; the guest prints its histograms
+        /// Guest passes of the random pattern (sequential and hot-set scenarios run 6 times as
+        /// many: their passes are that much shorter). The migration starts after the first; the guest prints its histograms
         /// after the last, so there must be enough passes left to span the migration (a hugetlb
         /// destination faults in all guest RAM before it answers the source, seconds on a cold
         /// pool). 0 = until the harness stops it (then no guest histograms: VMM-side figures
