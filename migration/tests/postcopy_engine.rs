@@ -358,25 +358,60 @@ fn push_bulk(eng: &PostcopyEngine, gpa: u64, size: usize, pace: Duration) -> (u6
     (applied, ignored)
 }
 
+/// A file-backed guest region for the engine: its memfd, the primary mapping (aligned to
+/// `align`) and the alias (aligned to the page size), unmapped on drop.
+struct FileRegion {
+    region: RamRegion,
+    _maps: (Unmap, Unmap),
+    _fd: OwnedFd,
+}
+
+impl FileRegion {
+    fn new(
+        name: &str,
+        flags: libc::c_uint,
+        size: usize,
+        align: usize,
+        slot: u32,
+        kind: MemoryKind,
+        page_size: usize,
+    ) -> Self {
+        let fd = memfd(name, flags, size);
+        let host = map_aligned(fd.as_raw_fd(), size, align);
+        let alias = map_aligned(fd.as_raw_fd(), size, page_size);
+        FileRegion {
+            region: RamRegion {
+                slot,
+                gpa: GPA_BASE,
+                size: size as u64,
+                host_addr: host,
+                alias_addr: Some(alias),
+                fd: Some(fd.as_raw_fd()),
+                fd_offset: 0,
+                kind,
+                page_size: page_size as u64,
+            },
+            _maps: (Unmap(host, size), Unmap(alias, size)),
+            _fd: fd,
+        }
+    }
+
+    fn host(&self) -> usize {
+        self.region.host_addr
+    }
+
+    fn alias(&self) -> usize {
+        self.region.alias_addr.unwrap_or(0)
+    }
+}
+
 // ---------------------------------------------------------------- tests
 
 #[test]
 fn shmem_4k_faults_then_madv_collapse() {
     let size = 4 * MIB;
-    let fd = memfd("shmem-guest", 0, size);
-    let host = map_aligned(fd.as_raw_fd(), size, 2 * MIB);
-    let alias = map_aligned(fd.as_raw_fd(), size, PAGE);
-    let region = RamRegion {
-        slot: 0,
-        gpa: GPA_BASE,
-        size: size as u64,
-        host_addr: host,
-        alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()),
-        fd_offset: 0,
-        kind: MemoryKind::Shmem,
-        page_size: PAGE as u64,
-    };
+    let f = FileRegion::new("shmem-guest", 0, size, 2 * MIB, 0, MemoryKind::Shmem, PAGE);
+    let (host, region) = (f.host(), f.region.clone());
     let fetcher = Arc::new(LocalFetcher {
         fetches: AtomicU64::new(0),
         delay: Duration::from_micros(50),
@@ -541,21 +576,16 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
             return;
         }
     };
-    let fd = memfd("hugetlb-guest", libc::MFD_HUGETLB | mfd_flag, size);
-    let host = map_aligned(fd.as_raw_fd(), size, huge);
-    let alias = map_aligned(fd.as_raw_fd(), size, huge);
-    let _maps = (Unmap(host, size), Unmap(alias, size));
-    let region = RamRegion {
-        slot: 2,
-        gpa: GPA_BASE,
-        size: size as u64,
-        host_addr: host,
-        alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()),
-        fd_offset: 0,
+    let f = FileRegion::new(
+        "hugetlb-guest",
+        libc::MFD_HUGETLB | mfd_flag,
+        size,
+        huge,
+        2,
         kind,
-        page_size: huge as u64,
-    };
+        huge,
+    );
+    let (host, alias, region) = (f.host(), f.alias(), f.region.clone());
     let fetcher = TcpFetcher::start();
     let vcpus = Arc::new(SimVcpus::default());
     let wp = Arc::new(UffdWpDirtyLog::new().unwrap());
@@ -677,25 +707,16 @@ fn hugetlb_2m_whole_page_baseline() {
     let huge = 2 * MIB;
     let size = 2 * huge;
     let _pool = HugePool::reserve(2048, 2).expect("2 MiB pool");
-    let fd = memfd(
+    let f = FileRegion::new(
         "hugetlb-guest",
         libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
         size,
+        huge,
+        3,
+        MemoryKind::Hugetlb2m,
+        huge,
     );
-    let host = map_aligned(fd.as_raw_fd(), size, huge);
-    let alias = map_aligned(fd.as_raw_fd(), size, huge);
-    let _maps = (Unmap(host, size), Unmap(alias, size));
-    let region = RamRegion {
-        slot: 3,
-        gpa: GPA_BASE,
-        size: size as u64,
-        host_addr: host,
-        alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()),
-        fd_offset: 0,
-        kind: MemoryKind::Hugetlb2m,
-        page_size: huge as u64,
-    };
+    let (host, region) = (f.host(), f.region.clone());
     let fetcher = Arc::new(LocalFetcher {
         fetches: AtomicU64::new(0),
         delay: Duration::ZERO,
@@ -869,25 +890,16 @@ fn zero_runs_mark_arrived_without_fetching() {
 fn native_strategy_falls_back_with_reason() {
     let huge = 2 * MIB;
     let _pool = HugePool::reserve(2048, 1).expect("2 MiB pool");
-    let fd = memfd(
+    let f = FileRegion::new(
         "hugetlb-guest",
         libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
         huge,
+        huge,
+        4,
+        MemoryKind::Hugetlb2m,
+        huge,
     );
-    let host = map_aligned(fd.as_raw_fd(), huge, huge);
-    let alias = map_aligned(fd.as_raw_fd(), huge, huge);
-    let _maps = (Unmap(host, huge), Unmap(alias, huge));
-    let region = RamRegion {
-        slot: 4,
-        gpa: GPA_BASE,
-        size: huge as u64,
-        host_addr: host,
-        alias_addr: Some(alias),
-        fd: Some(fd.as_raw_fd()),
-        fd_offset: 0,
-        kind: MemoryKind::Hugetlb2m,
-        page_size: huge as u64,
-    };
+    let region = f.region.clone();
     let fetcher = Arc::new(LocalFetcher {
         fetches: AtomicU64::new(0),
         delay: Duration::ZERO,
