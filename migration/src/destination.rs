@@ -254,7 +254,8 @@ struct Postcopy {
     sink: Arc<dyn PostcopySink>,
     client: Arc<UrgentClient>,
     reader: Option<std::thread::JoinHandle<()>>,
-    /// The bulk receive loop (this thread) yields to the urgent path while postcopy runs.
+    /// The bulk receive loop (this thread) in the Bulk role while postcopy runs (today the
+    /// default priority: the urgent threads are the ones raised; see `thread_priority`).
     _bulk_priority: Option<PriorityGuard>,
 }
 

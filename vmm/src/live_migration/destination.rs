@@ -148,9 +148,8 @@ struct DestSide {
     vm: Arc<Vm>,
     strategy: Strategy,
     engine: Mutex<Option<Arc<EngineSink>>>,
-    /// The memslots were registered for postcopy before Ready ([`DestSide::preregister`]),
-    /// with dirty logging on where `dirty_logged` says.
-    preregistered: bool,
+    /// Postcopy and hybrid: the memslots were registered before Ready with dirty logging on
+    /// (see `receive`), because the engine is expected to stage.
     dirty_logged: bool,
 }
 
@@ -209,27 +208,12 @@ impl DestSide {
         }
     }
 
-    /// Postcopy and hybrid: register the memslots now, before Ready, the way begin_postcopy
-    /// needs them (a guest_memfd region as a plain slot), with dirty logging already on where
-    /// the engine is expected to stage. Creating a memslot allocates KVM's per-page metadata
-    /// and turning dirty logging on its bitmap: 0.6-7.5 ms for 1 GiB measured here, which
-    /// begin_postcopy would otherwise spend inside the blackout.
-    fn preregister(&self, dirty_log: bool) -> Result<(), String> {
+    /// Registers every memslot, with dirty logging if `dirty_log`, bound to its guest_memfd if
+    /// `bind` (a staged guest_memfd region runs from a plain slot until its collapse binds it).
+    fn register_slots(&self, dirty_log: bool, bind: bool) -> Result<(), String> {
         let ram = self.vm.ram();
-        let bind = ram.backing() != Backing::GuestMemfd;
         for i in 0..ram.regions().len() {
             ram.set_slot(self.vm.fd(), i, dirty_log, bind)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    fn register_memory(&self, postcopy: bool) -> Result<(), String> {
-        let ram = self.vm.ram();
-        // A staged guest_memfd region runs from a plain slot until its collapse binds it.
-        let bind = !(postcopy && ram.backing() == Backing::GuestMemfd);
-        for i in 0..ram.regions().len() {
-            ram.set_slot(self.vm.fd(), i, false, bind)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -265,10 +249,6 @@ impl DestinationVm for DestSide {
             discard_absent_pages(self.vm.ram(), present)?;
         }
         let t_discard = t0.elapsed();
-        if !self.preregistered {
-            self.register_memory(true)?;
-        }
-        let t_register = t0.elapsed();
         let regions = super::ram_regions(self.vm.ram());
         let swapped = SwappedSlots::default();
         let mut engine = PostcopyEngine::new(
@@ -289,7 +269,7 @@ impl DestinationVm for DestSide {
         .map_err(|e| e.to_string())?;
         let t_new = t0.elapsed();
         let report = engine.prepare().map_err(|e| e.to_string())?;
-        if self.preregistered && self.dirty_logged {
+        if self.dirty_logged {
             // A region the engine does not stage after all (native service) needs no log.
             let bind = self.vm.ram().backing() != Backing::GuestMemfd;
             for r in &report.regions {
@@ -303,8 +283,7 @@ impl DestinationVm for DestSide {
         }
         tracing::info!(
             discard_us = t_discard.as_micros() as u64,
-            register_us = (t_register - t_discard).as_micros() as u64,
-            engine_new_us = (t_new - t_register).as_micros() as u64,
+            engine_new_us = (t_new - t_discard).as_micros() as u64,
             prepare_us = (t0.elapsed() - t_new).as_micros() as u64,
             "postcopy set up (inside the blackout)"
         );
@@ -345,7 +324,7 @@ impl DestinationVm for DestSide {
     fn start(&self) -> Result<(), String> {
         let postcopy = self.engine.lock().map(|e| e.is_some()).unwrap_or(false);
         if !postcopy {
-            self.register_memory(false)?;
+            self.register_slots(false, true)?;
         }
         self.vm.resume();
         Ok(())
@@ -510,17 +489,21 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     vm.start_vcpus_paused()?;
     let vm = Arc::new(vm);
     let strategy = Strategy::from(cfg.granularity);
-    let preregistered = config.mode != Mode::Precopy;
-    let dirty_logged = preregistered && DestSide::expects_staging(cfg.backing, strategy);
+    let postcopy = config.mode != Mode::Precopy;
+    let dirty_logged = postcopy && DestSide::expects_staging(cfg.backing, strategy);
     let side = DestSide {
         vm: vm.clone(),
         strategy,
         engine: Mutex::new(None),
-        preregistered,
         dirty_logged,
     };
-    if preregistered {
-        if let Err(e) = side.preregister(dirty_logged) {
+    if postcopy {
+        // Register the memslots now, before Ready, the way begin_postcopy needs them, with
+        // dirty logging already on where the engine is expected to stage. Creating a memslot
+        // allocates KVM's per-page metadata and turning dirty logging on its bitmap: 0.6-7.5 ms
+        // for 1 GiB measured here, which begin_postcopy would otherwise spend in the blackout.
+        let bind = cfg.backing != Backing::GuestMemfd;
+        if let Err(e) = side.register_slots(dirty_logged, bind) {
             incoming.reject(&e);
             return Err(ReceiveError::Incompatible(format!(
                 "registering guest memory with KVM: {e}"
