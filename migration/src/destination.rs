@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use crate::auth::Secret;
 use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
-use crate::transport::{Acceptor, Channel, Timeouts, TransportError};
+use crate::liveness::{self, Heartbeat, SharedWriter};
+use crate::transport::{Acceptor, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{AtomicPageSet, FetchError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
 use crate::wire::{
-    self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message,
-    MigrationConfig, WireError,
+    self, check_run, DoneStats, ErrorCode, FrameReader, Kind, Message, MigrationConfig,
+    WireError, MAX_RUN_PAGES,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -86,11 +87,33 @@ pub enum DestinationError {
     Vm { op: &'static str, message: String },
     #[error("protocol violation by the source: {0}")]
     Protocol(String),
-    #[error("cannot start the urgent channel reader thread: {0}")]
+    #[error("cannot start a migration thread: {0}")]
     Thread(#[source] std::io::Error),
-    /// The VM already runs here; without recovery it cannot be saved.
-    #[error("migration failed after the VM started on the destination: {0}")]
+    #[error("the source did not come back within {} s: {source}", waited_ms / 1000)]
+    RecoverTimeout {
+        waited_ms: u64,
+        #[source]
+        source: TransportError,
+    },
+    /// The switchover had begun (the source's State arrived) but the VM never started here:
+    /// the source keeps the VM (it resumes it, or an operator decides).
+    #[error("the migration was abandoned before the VM started here (the source keeps the VM): {0}")]
+    Abandoned(Box<DestinationError>),
+    /// The VM already runs here and pages are missing that only the source has.
+    #[error("VM lost: the VM runs here with pages that never arrived, and the migration cannot be completed: {0}")]
     AfterStart(Box<DestinationError>),
+}
+
+impl DestinationError {
+    /// Whether the error is a failure of the link (reset, closed, silent), which the migration
+    /// survives once the source's State arrived, by recovering.
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            DestinationError::Wire(e) => e.is_link_failure(),
+            DestinationError::Session(t) => t.is_link_failure(),
+            _ => false,
+        }
+    }
 }
 
 fn vm_err(op: &'static str) -> impl FnOnce(String) -> DestinationError {
@@ -103,7 +126,7 @@ fn protocol(msg: impl Into<String>) -> DestinationError {
 
 /// Listen for one incoming migration at a time.
 pub struct Listener {
-    acceptor: Acceptor,
+    acceptor: Arc<Acceptor>,
 }
 
 /// Listen on `addr` with default timeouts. Without a secret only loopback addresses are allowed.
@@ -118,7 +141,7 @@ pub fn listen_with(
     timeouts: Timeouts,
 ) -> Result<Listener, DestinationError> {
     Ok(Listener {
-        acceptor: Acceptor::bind(addr, secret, timeouts)?,
+        acceptor: Arc::new(Acceptor::bind(addr, secret, timeouts)?),
     })
 }
 
@@ -152,6 +175,7 @@ impl Listener {
             main,
             urgent: session.urgent,
             timeouts,
+            acceptor: Arc::clone(&self.acceptor),
         })
     }
 }
@@ -163,6 +187,8 @@ pub struct IncomingMigration {
     main: Channel,
     urgent: Channel,
     timeouts: Timeouts,
+    /// Where a recovering source reconnects.
+    acceptor: Arc<Acceptor>,
 }
 
 impl IncomingMigration {
@@ -188,30 +214,44 @@ impl IncomingMigration {
     }
 
     /// Receive the VM into `vm` and start it. On error before the start nothing was started
-    /// and the caller releases the memory it built.
+    /// and the caller releases the memory it built. From the moment the source's State
+    /// arrived, a failed link does not end the migration: the destination is postcopy-paused
+    /// (faulting vCPUs wait, the others run, collapses go on) and waits up to the recover
+    /// timeout for the source to come back into this session.
     pub fn receive(self, vm: &dyn DestinationVm) -> Result<ReceiveSummary, DestinationError> {
         let IncomingMigration {
             session_id,
             config,
-            mut main,
+            main,
             urgent,
             timeouts,
+            acceptor,
         } = self;
         let mut rx = Receiver {
             config: &config,
             timeouts,
+            session_id,
+            acceptor,
             have: PageSet::new(config.layout.total_pages()),
             data_written: PageSet::new(config.layout.total_pages()),
             stats: DoneStats::default(),
             state: None,
             complete: false,
             started: false,
+            live: false,
+            done_sent: false,
             start_ms: 0.0,
             postcopy: None,
+            heartbeat: None,
+            recoveries: 0,
+            paused: Duration::ZERO,
+            bytes_before: 0,
         };
         let t0 = Instant::now();
-        let mut urgent = Some(urgent);
+        let mut main = main.into_shared();
+        let mut urgent = Some(urgent.into_shared());
         let result = rx.run(vm, &mut main, &mut urgent);
+        rx.heartbeat.take();
         if let Some(pc) = rx.postcopy.take() {
             pc.stop();
         }
@@ -225,11 +265,17 @@ impl IncomingMigration {
                 total_ms: t0.elapsed().as_secs_f64() * 1000.0,
                 start_ms: rx.start_ms,
                 state_bytes: rx.state.as_ref().map_or(0, |s| s.len() as u64),
-                bytes_received: main.reader.bytes_read(),
+                bytes_received: rx.bytes_before + main.reader.bytes_read(),
+                recoveries: rx.recoveries,
+                paused_ms: rx.paused.as_secs_f64() * 1000.0,
                 stats: rx.stats,
             }),
             Err(e) => {
-                if !matches!(e, DestinationError::Wire(WireError::Remote { .. })) {
+                if !matches!(
+                    e,
+                    DestinationError::Wire(WireError::Remote { .. })
+                        | DestinationError::RecoverTimeout { .. }
+                ) {
                     let code = match e {
                         DestinationError::Vm { .. } | DestinationError::Thread(_) => {
                             ErrorCode::Internal
@@ -241,6 +287,8 @@ impl IncomingMigration {
                 main.shutdown();
                 if rx.started {
                     Err(DestinationError::AfterStart(Box::new(e)))
+                } else if rx.state.is_some() {
+                    Err(DestinationError::Abandoned(Box::new(e)))
                 } else {
                     Err(e)
                 }
@@ -249,28 +297,32 @@ impl IncomingMigration {
     }
 }
 
-/// The postcopy part of a receive: the engine's sink and the urgent client with its reader.
+/// The postcopy part of a receive: the engine's sink and the urgent client.
 struct Postcopy {
     sink: Arc<dyn PostcopySink>,
     client: Arc<UrgentClient>,
-    reader: Option<std::thread::JoinHandle<()>>,
     /// The bulk receive loop (this thread) in the Bulk role while postcopy runs (today the
     /// default priority: the urgent threads are the ones raised; see `thread_priority`).
     _bulk_priority: Option<PriorityGuard>,
 }
 
 impl Postcopy {
-    fn stop(mut self) {
+    fn stop(self) {
         self.client.close("the migration ended");
-        if let Some(h) = self.reader.take() {
-            let _ = h.join();
-        }
     }
+}
+
+/// What one step of the receive state machine leaves to do.
+enum Flow {
+    Continue,
+    Finished,
 }
 
 struct Receiver<'a> {
     config: &'a MigrationConfig,
     timeouts: Timeouts,
+    session_id: u64,
+    acceptor: Arc<Acceptor>,
     /// Pages the destination holds (precopy writes, bulk pages, zero runs).
     have: PageSet,
     /// Pages that got non-zero data before the vCPUs ran (a later zero run must overwrite them).
@@ -279,8 +331,17 @@ struct Receiver<'a> {
     state: Option<Vec<u8>>,
     complete: bool,
     started: bool,
+    /// The switchover frame arrived: both sides send heartbeats and watch liveness.
+    live: bool,
+    /// Done went out; the source closing the connection ends the receive.
+    done_sent: bool,
     start_ms: f64,
     postcopy: Option<Postcopy>,
+    heartbeat: Option<Heartbeat>,
+    recoveries: u32,
+    paused: Duration,
+    /// Bytes read on main channels before the current one.
+    bytes_before: u64,
 }
 
 impl Receiver<'_> {
@@ -291,120 +352,313 @@ impl Receiver<'_> {
     fn run(
         &mut self,
         vm: &dyn DestinationVm,
-        main: &mut Channel,
-        urgent: &mut Option<Channel>,
+        main: &mut LiveChannel,
+        urgent: &mut Option<LiveChannel>,
     ) -> Result<(), DestinationError> {
         main.send(&Message::Ready, "sending Ready")?;
         loop {
-            match main.reader.read("receiving the migration stream")? {
-                Message::Pages { gpa, data } => {
-                    let count = (data.len() / PAGE) as u64;
-                    let first = check_run(self.layout(), Kind::Pages, gpa, count)?;
-                    match &self.postcopy {
-                        Some(pc) => pc
-                            .sink
-                            .bulk_pages(gpa, data)
-                            .map_err(vm_err("storing bulk pages"))?,
-                        None => {
-                            vm.write_pages(gpa, data).map_err(vm_err("writing pages"))?;
-                            for i in first..first + count {
-                                self.data_written.insert(i);
-                            }
+            match self.step(vm, main, urgent) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Finished) => return Ok(()),
+                Err(e) if self.state.is_some() && e.is_link_failure() => {
+                    match self.recover(main, &e) {
+                        Ok(()) => {}
+                        // Every page is here and Done went out: the source may report a
+                        // failure, but the VM runs complete here.
+                        Err(_) if self.done_sent => {
+                            tracing::warn!(
+                                "the source did not confirm Done before the link failed ({e}); every page is here"
+                            );
+                            return Ok(());
+                        }
+                        Err(r) => return Err(r),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Read and handle one frame of the main channel.
+    fn step(
+        &mut self,
+        vm: &dyn DestinationVm,
+        main: &mut LiveChannel,
+        urgent: &mut Option<LiveChannel>,
+    ) -> Result<Flow, DestinationError> {
+        let msg = match main.reader.read("receiving the migration stream") {
+            Ok(m) => m,
+            Err(WireError::Closed { .. }) if self.done_sent => return Ok(Flow::Finished),
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            Message::Pages { gpa, data } => {
+                let count = (data.len() / PAGE) as u64;
+                let first = check_run(self.layout(), Kind::Pages, gpa, count)?;
+                match &self.postcopy {
+                    Some(pc) => pc
+                        .sink
+                        .bulk_pages(gpa, data)
+                        .map_err(vm_err("storing bulk pages"))?,
+                    None => {
+                        vm.write_pages(gpa, data).map_err(vm_err("writing pages"))?;
+                        for i in first..first + count {
+                            self.data_written.insert(i);
                         }
                     }
-                    for i in first..first + count {
-                        self.have.insert(i);
-                    }
-                    self.stats.bulk_pages += count;
                 }
-                Message::ZeroPages { gpa, count } => {
-                    let count = count as u64;
-                    let first = check_run(self.layout(), Kind::ZeroPages, gpa, count)?;
-                    match &self.postcopy {
-                        Some(pc) => {
-                            // Memory that got data in a precopy round (and was discarded since)
-                            // must be overwritten; the rest is still zero-filled.
-                            let mut i = first;
-                            while i < first + count {
-                                let page_gpa = gpa + (i - first) * PAGE_SIZE;
-                                if self.data_written.contains(i) {
-                                    pc.sink
-                                        .bulk_page(page_gpa, &ZERO_PAGE)
-                                        .map_err(vm_err("storing a bulk zero page"))?;
-                                    self.data_written.remove(i);
-                                    i += 1;
-                                    continue;
-                                }
-                                let mut j = i + 1;
-                                while j < first + count && !self.data_written.contains(j) {
-                                    j += 1;
-                                }
-                                pc.sink
-                                    .bulk_zero(page_gpa, j - i)
-                                    .map_err(vm_err("storing bulk zero pages"))?;
-                                i = j;
-                            }
-                        }
-                        None => {
-                            for i in first..first + count {
-                                if self.data_written.contains(i) {
-                                    vm.write_pages(gpa + (i - first) * PAGE_SIZE, &ZERO_PAGE)
-                                        .map_err(vm_err("zeroing a page"))?;
-                                    self.data_written.remove(i);
-                                }
-                            }
-                        }
-                    }
-                    for i in first..first + count {
-                        self.have.insert(i);
-                    }
-                    self.stats.zero_pages += count;
+                for i in first..first + count {
+                    self.have.insert(i);
                 }
-                Message::Discard { gpa, count } => {
-                    let count = count as u64;
-                    let first = check_run(self.layout(), Kind::Discard, gpa, count)?;
-                    if self.postcopy.is_some() || self.config.mode != Mode::Hybrid {
-                        return Err(protocol(
-                            "Discard outside the switchover of a hybrid migration",
-                        ));
-                    }
-                    for i in first..first + count {
-                        self.have.remove(i);
-                    }
+                self.stats.bulk_pages += count;
+            }
+            Message::ZeroPages { gpa, count } => {
+                let count = count as u64;
+                let first = check_run(self.layout(), Kind::ZeroPages, gpa, count)?;
+                self.zero_pages(vm, gpa, first, count)?;
+            }
+            Message::Discard { gpa, count } => {
+                let count = count as u64;
+                let first = check_run(self.layout(), Kind::Discard, gpa, count)?;
+                if self.postcopy.is_some() || self.config.mode != Mode::Hybrid {
+                    return Err(protocol(
+                        "Discard outside the switchover of a hybrid migration",
+                    ));
                 }
-                Message::RoundEnd { round, pages } => {
-                    tracing::debug!(round, pages, "precopy round received");
+                for i in first..first + count {
+                    self.have.remove(i);
                 }
-                Message::State(blob) => {
-                    if self.state.is_some() {
-                        return Err(protocol("State sent twice"));
-                    }
-                    self.state = Some(blob.to_vec());
+            }
+            Message::RoundEnd { round, pages } => {
+                tracing::debug!(round, pages, "precopy round received");
+            }
+            Message::State(blob) => {
+                if self.state.is_some() {
+                    return Err(protocol("State sent twice"));
                 }
-                Message::Complete { pages } => {
-                    if pages != self.layout().total_pages() {
-                        return Err(protocol(format!(
-                            "Complete names {pages} pages but the layout has {}",
-                            self.layout().total_pages()
-                        )));
-                    }
-                    self.complete = true;
-                    if self.postcopy.is_some() {
-                        return self.finish_postcopy(main);
-                    }
+                self.state = Some(blob.to_vec());
+            }
+            Message::Complete { pages } => {
+                if pages != self.layout().total_pages() {
+                    return Err(protocol(format!(
+                        "Complete names {pages} pages but the layout has {}",
+                        self.layout().total_pages()
+                    )));
                 }
-                Message::Switchover => return self.switchover(vm, main),
-                Message::PostcopyStart => self.postcopy_start(vm, main, urgent)?,
-                other => {
-                    return Err(wire::unexpected(
-                        other,
-                        "receiving the migration stream",
-                        "a page, state or control message",
-                    )
-                    .into())
+                self.complete = true;
+                if self.postcopy.is_some() {
+                    self.finish_postcopy(main)?;
+                } else if self.started {
+                    // A precopy whose Done was lost: every page is here.
+                    self.send_done(main)?;
+                }
+            }
+            Message::Switchover => {
+                self.go_live(main, None)?;
+                self.switchover(vm, main)?;
+            }
+            Message::PostcopyStart => {
+                self.go_live(main, urgent.as_mut())?;
+                self.postcopy_start(vm, main, urgent)?;
+            }
+            other => {
+                return Err(wire::unexpected(
+                    other,
+                    "receiving the migration stream",
+                    "a page, state or control message",
+                )
+                .into())
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// A zero run arrived: mark it, overwriting only pages that got data before.
+    fn zero_pages(
+        &mut self,
+        vm: &dyn DestinationVm,
+        gpa: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<(), DestinationError> {
+        match &self.postcopy {
+            Some(pc) => {
+                // Memory that got data in a precopy round (and was discarded since) must be
+                // overwritten; the rest is still zero-filled.
+                let mut i = first;
+                while i < first + count {
+                    let page_gpa = gpa + (i - first) * PAGE_SIZE;
+                    if self.data_written.contains(i) {
+                        pc.sink
+                            .bulk_page(page_gpa, &ZERO_PAGE)
+                            .map_err(vm_err("storing a bulk zero page"))?;
+                        self.data_written.remove(i);
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < first + count && !self.data_written.contains(j) {
+                        j += 1;
+                    }
+                    pc.sink
+                        .bulk_zero(page_gpa, j - i)
+                        .map_err(vm_err("storing bulk zero pages"))?;
+                    i = j;
+                }
+            }
+            None => {
+                for i in first..first + count {
+                    if self.data_written.contains(i) {
+                        vm.write_pages(gpa + (i - first) * PAGE_SIZE, &ZERO_PAGE)
+                            .map_err(vm_err("zeroing a page"))?;
+                        self.data_written.remove(i);
+                    }
                 }
             }
         }
+        for i in first..first + count {
+            self.have.insert(i);
+        }
+        self.stats.zero_pages += count;
+        Ok(())
+    }
+
+    /// The switchover frame arrived: from now on both sides send heartbeats and a silent link
+    /// is a dead one.
+    fn go_live(
+        &mut self,
+        main: &mut LiveChannel,
+        urgent: Option<&mut LiveChannel>,
+    ) -> Result<(), DestinationError> {
+        if self.live {
+            return Err(protocol("a second switchover frame"));
+        }
+        self.live = true;
+        main.set_liveness(self.timeouts.liveness);
+        let mut writers = vec![main.writer.clone()];
+        if let Some(u) = urgent {
+            u.set_liveness(self.timeouts.liveness);
+            writers.push(u.writer.clone());
+        }
+        self.heartbeat = Some(
+            Heartbeat::start(writers, self.timeouts.heartbeat).map_err(DestinationError::Thread)?,
+        );
+        Ok(())
+    }
+
+    /// postcopy-paused: wait for the source to come back into this session, tell it what we
+    /// hold and whether the VM runs, and carry on with the new channels.
+    fn recover(
+        &mut self,
+        main: &mut LiveChannel,
+        why: &DestinationError,
+    ) -> Result<(), DestinationError> {
+        let since = Instant::now();
+        let deadline = since + self.timeouts.recover;
+        self.heartbeat.take();
+        main.shutdown();
+        if let Some(pc) = &self.postcopy {
+            pc.client.detach(&format!("the link failed: {why}"));
+        }
+        tracing::warn!(
+            "postcopy-paused: the link to the source failed ({why}); {}; waiting up to {} s for the source to reconnect",
+            if self.started {
+                "vCPUs that touch a missing page wait, the others run"
+            } else {
+                "the VM has not started here"
+            },
+            self.timeouts.recover.as_secs()
+        );
+        let session = loop {
+            let mut session = match self.acceptor.accept_recovery(self.session_id, deadline) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.paused += since.elapsed();
+                    return Err(DestinationError::RecoverTimeout {
+                        waited_ms: since.elapsed().as_millis() as u64,
+                        source: e,
+                    });
+                }
+            };
+            match self.send_recover_state(&mut session.main) {
+                Ok(()) => break session,
+                Err(e) => {
+                    tracing::warn!("recovery handshake failed: {e}");
+                    session.main.shutdown();
+                    session.urgent.shutdown();
+                }
+            }
+        };
+        self.bytes_before += main.reader.bytes_read();
+        *main = session.main.into_shared();
+        let mut urgent = session.urgent.into_shared();
+        main.set_liveness(self.timeouts.liveness);
+        let mut writers = vec![main.writer.clone()];
+        if let Some(pc) = &self.postcopy {
+            urgent.set_liveness(self.timeouts.liveness);
+            writers.push(urgent.writer.clone());
+            pc.client
+                .attach(urgent, main.stream_handle().ok())
+                .map_err(DestinationError::Thread)?;
+        }
+        self.heartbeat = Some(
+            Heartbeat::start(writers, self.timeouts.heartbeat).map_err(DestinationError::Thread)?,
+        );
+        self.recoveries += 1;
+        self.paused += since.elapsed();
+        tracing::warn!(
+            "postcopy resumed after {} ms (recovery #{})",
+            since.elapsed().as_millis(),
+            self.recoveries
+        );
+        Ok(())
+    }
+
+    /// Pages the destination holds: what came on the main channel and as urgent replies.
+    fn held(&self) -> PageSet {
+        let mut all = self.have.clone();
+        if let Some(pc) = &self.postcopy {
+            for i in pc.client.received.snapshot().iter() {
+                all.insert(i);
+            }
+        }
+        all
+    }
+
+    /// Send ReceivedMap runs of every page held, then RecoverState.
+    fn send_recover_state(&self, main: &mut Channel) -> Result<(), DestinationError> {
+        let held = self.held();
+        let layout = self.layout();
+        for (ri, r) in layout.regions().iter().enumerate() {
+            let first = layout.region_first_page(ri);
+            let pages = r.size / PAGE_SIZE;
+            let mut p = 0;
+            while p < pages {
+                if !held.contains(first + p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && p - start < MAX_RUN_PAGES as u64 && held.contains(first + p) {
+                    p += 1;
+                }
+                main.send(
+                    &Message::ReceivedMap {
+                        gpa: r.gpa + start * PAGE_SIZE,
+                        count: (p - start) as u32,
+                    },
+                    "sending the received map",
+                )?;
+            }
+        }
+        main.send(
+            &Message::RecoverState {
+                started: self.started,
+                held_pages: held.count(),
+            },
+            "sending RecoverState",
+        )?;
+        Ok(())
     }
 
     fn take_state(&mut self) -> Result<&[u8], DestinationError> {
@@ -413,10 +667,16 @@ impl Receiver<'_> {
             .ok_or_else(|| protocol("switchover before the State message"))
     }
 
+    fn send_done(&mut self, main: &mut LiveChannel) -> Result<(), DestinationError> {
+        main.send(&Message::Done(self.stats), "sending Done")?;
+        self.done_sent = true;
+        Ok(())
+    }
+
     fn switchover(
         &mut self,
         vm: &dyn DestinationVm,
-        main: &mut Channel,
+        main: &mut LiveChannel,
     ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode != Mode::Precopy {
             return Err(protocol("Switchover in a postcopy or hybrid migration"));
@@ -438,15 +698,14 @@ impl Receiver<'_> {
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
         main.send(&Message::Started, "sending Started")?;
         self.stats.pages_received = self.have.count();
-        main.send(&Message::Done(self.stats), "sending Done")?;
-        Ok(())
+        self.send_done(main)
     }
 
     fn postcopy_start(
         &mut self,
         vm: &dyn DestinationVm,
-        main: &mut Channel,
-        urgent: &mut Option<Channel>,
+        main: &mut LiveChannel,
+        urgent: &mut Option<LiveChannel>,
     ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode == Mode::Precopy {
             return Err(protocol(
@@ -458,26 +717,15 @@ impl Receiver<'_> {
             .ok_or_else(|| protocol("PostcopyStart sent twice"))?;
         let t = Instant::now();
         self.take_state()?;
-        let (client, reader) = UrgentClient::new(channel, self.layout().clone(), self.timeouts.io);
-        let thread_client = Arc::clone(&client);
-        let handle = std::thread::Builder::new()
-            .name("mig-urgent-rx".into())
-            .spawn(move || {
-                let _priority = thread_priority::enter(ThreadRole::Urgent);
-                thread_client.run_reader(reader)
-            })
+        let client = UrgentClient::new(self.layout().clone(), self.timeouts.io);
+        client
+            .attach(channel, main.stream_handle().ok())
             .map_err(DestinationError::Thread)?;
         let fetcher: Arc<dyn PageFetcher> = client.clone();
         let sink = match vm.begin_postcopy(fetcher, &self.have) {
             Ok(s) => s,
             Err(message) => {
-                Postcopy {
-                    sink: Arc::new(NoSink),
-                    client,
-                    reader: Some(handle),
-                    _bulk_priority: None,
-                }
-                .stop();
+                client.close("setting up postcopy failed");
                 return Err(DestinationError::Vm {
                     op: "setting up postcopy",
                     message,
@@ -487,7 +735,6 @@ impl Receiver<'_> {
         self.postcopy = Some(Postcopy {
             sink,
             client,
-            reader: Some(handle),
             _bulk_priority: Some(thread_priority::enter(ThreadRole::Bulk)),
         });
         vm.load_state(self.take_state()?)
@@ -499,7 +746,7 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    fn finish_postcopy(&mut self, main: &mut Channel) -> Result<(), DestinationError> {
+    fn finish_postcopy(&mut self, main: &mut LiveChannel) -> Result<(), DestinationError> {
         let Some(pc) = &self.postcopy else {
             return Err(protocol("postcopy not started"));
         };
@@ -515,6 +762,14 @@ impl Receiver<'_> {
             if missing == 0 {
                 break;
             }
+            if let Some(reason) = pc.client.down_reason() {
+                // The urgent link failed with replies outstanding: recover, after which the
+                // source pushes what is missing and sends Complete again.
+                return Err(DestinationError::Wire(WireError::Io {
+                    during: "waiting for the last page replies",
+                    source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, reason),
+                }));
+            }
             if Instant::now() >= deadline {
                 return Err(protocol(format!(
                     "Complete with {missing} page(s) neither pushed nor fetched"
@@ -527,20 +782,7 @@ impl Receiver<'_> {
         self.stats.urgent_pages = pc.client.replies.load(Ordering::Relaxed);
         self.stats.collapses = outcome.collapses;
         self.stats.faults = outcome.faults;
-        main.send(&Message::Done(self.stats), "sending Done")?;
-        Ok(())
-    }
-}
-
-/// Placeholder sink used only to tear down a postcopy set-up that failed.
-struct NoSink;
-
-impl PostcopySink for NoSink {
-    fn bulk_page(&self, _: u64, _: &[u8]) -> Result<(), String> {
-        Err("postcopy was not set up".into())
-    }
-    fn finished(&self) -> Result<PostcopyOutcome, String> {
-        Err("postcopy was not set up".into())
+        self.send_done(main)
     }
 }
 
@@ -559,8 +801,8 @@ struct Slot {
 
 struct Pending {
     map: HashMap<u64, Arc<Slot>>,
-    /// Why the channel is down, once it is.
-    closed: Option<String>,
+    /// Why the channel is down, while it is.
+    down: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -568,46 +810,100 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The destination's end of the urgent channel: many threads fetch pages, each blocked until
-/// the reply with its request id arrives; one reader thread dispatches the replies.
-pub struct UrgentClient {
-    writer: Mutex<FrameWriter<TcpStream>>,
+/// The urgent channel of one connected stretch of the session.
+struct UrgentLink {
+    writer: SharedWriter,
     stream: TcpStream,
+    /// The main channel of the same stretch: shut down when the urgent one fails, so the
+    /// receive loop notices at once.
+    main: Option<TcpStream>,
+    epoch: u64,
+}
+
+/// The destination's end of the urgent channel: many threads fetch pages, each blocked until
+/// the reply with its request id arrives; one reader thread per connected stretch dispatches
+/// the replies. While the link is down (between [`UrgentClient::detach`] and
+/// [`UrgentClient::attach`]) fetches fail with `Disconnected` at once and the fault service
+/// retries them, so a faulting vCPU waits and its request is issued again after a recovery.
+pub struct UrgentClient {
+    link: Mutex<Option<UrgentLink>>,
+    readers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
+    epoch: AtomicU64,
     layout: RamLayout,
     timeout: Duration,
-    stop: AtomicBool,
+    closed: AtomicBool,
     /// Pages that arrived as replies.
     received: AtomicPageSet,
     replies: AtomicU64,
 }
 
 impl UrgentClient {
-    /// Wrap an authenticated urgent channel; returns the client and the reader half for
-    /// [`UrgentClient::run_reader`]. `timeout` bounds each fetch.
-    pub fn new(
-        channel: Channel,
-        layout: RamLayout,
-        timeout: Duration,
-    ) -> (Arc<Self>, FrameReader<TcpStream>) {
-        let (reader, writer, stream) = channel.into_parts();
+    /// A client with no channel yet ([`UrgentClient::attach`] one). `timeout` bounds each fetch.
+    pub fn new(layout: RamLayout, timeout: Duration) -> Arc<Self> {
         let received = AtomicPageSet::new(layout.total_pages());
-        let client = UrgentClient {
-            writer: Mutex::new(writer),
-            stream,
+        Arc::new(UrgentClient {
+            link: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
             pending: Mutex::new(Pending {
                 map: HashMap::new(),
-                closed: None,
+                down: Some("the urgent channel is not connected yet".into()),
             }),
             next_id: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             layout,
             timeout,
-            stop: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             received,
             replies: AtomicU64::new(0),
-        };
-        (Arc::new(client), reader)
+        })
+    }
+
+    /// Serve fetches over `channel` (a new connected stretch), with a reader thread of its
+    /// own; `main` is shut down if this channel fails.
+    pub fn attach(
+        self: &Arc<Self>,
+        channel: LiveChannel,
+        main: Option<TcpStream>,
+    ) -> std::io::Result<()> {
+        let stream = channel
+            .stream_handle()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let LiveChannel { reader, writer, .. } = channel;
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let client = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name("mig-urgent-rx".into())
+            .spawn(move || {
+                let _priority = thread_priority::enter(ThreadRole::Urgent);
+                client.run_reader(reader, epoch)
+            })?;
+        lock(&self.readers).push(handle);
+        *lock(&self.link) = Some(UrgentLink {
+            writer,
+            stream,
+            main,
+            epoch,
+        });
+        if !self.closed.load(Ordering::Acquire) {
+            lock(&self.pending).down = None;
+        }
+        Ok(())
+    }
+
+    /// The link failed: fail every outstanding fetch (the fault service retries them) and
+    /// refuse new ones until the next [`UrgentClient::attach`].
+    pub fn detach(&self, reason: &str) {
+        if let Some(link) = lock(&self.link).take() {
+            let _ = link.stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.fail_all(reason.to_owned());
+    }
+
+    /// Why the channel is down, if it is.
+    pub fn down_reason(&self) -> Option<String> {
+        lock(&self.pending).down.clone()
     }
 
     /// Number of replies received so far.
@@ -617,8 +913,8 @@ impl UrgentClient {
 
     fn fail_all(&self, reason: String) {
         let mut p = lock(&self.pending);
-        if p.closed.is_none() {
-            p.closed = Some(reason.clone());
+        if p.down.is_none() {
+            p.down = Some(reason.clone());
         }
         for (_, slot) in p.map.drain() {
             *lock(&slot.state) = SlotState::Failed(reason.clone());
@@ -626,25 +922,28 @@ impl UrgentClient {
         }
     }
 
-    /// Shut the channel down; blocked and later fetches fail with `Disconnected`.
+    /// Shut the channel down for good; blocked and later fetches fail with `Disconnected`.
     pub fn close(&self, reason: &str) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        self.fail_all(reason.to_owned());
+        self.closed.store(true, Ordering::Release);
+        self.detach(reason);
+        for h in lock(&self.readers).drain(..) {
+            let _ = h.join();
+        }
     }
 
     /// Read replies until the channel closes or fails; dispatches each to its waiting fetch.
-    pub fn run_reader(&self, mut reader: FrameReader<TcpStream>) {
+    fn run_reader(&self, mut reader: FrameReader<TcpStream>, epoch: u64) {
+        let current = || self.epoch.load(Ordering::Acquire) == epoch;
         let reason = loop {
-            if self.stop.load(Ordering::Acquire) {
-                break "the urgent channel was closed".to_owned();
+            if self.closed.load(Ordering::Acquire) || !current() {
+                return;
             }
             match reader.poll("waiting for page replies") {
                 Ok(None) => {}
                 Ok(Some(Message::PageReply { id, gpa, data })) => {
                     let slot = lock(&self.pending).map.remove(&id);
                     let Some(slot) = slot else {
-                        // A reply to a request that timed out already.
+                        // A reply to a request that timed out or failed already.
                         tracing::debug!(id, gpa, "late page reply dropped");
                         continue;
                     };
@@ -655,7 +954,7 @@ impl UrgentClient {
                         );
                         *lock(&slot.state) = SlotState::Failed(e.clone());
                         slot.cv.notify_all();
-                        break e;
+                        break (e, false);
                     }
                     let mut page = Box::new([0u8; PAGE]);
                     page.copy_from_slice(data);
@@ -667,14 +966,34 @@ impl UrgentClient {
                     slot.cv.notify_all();
                 }
                 Ok(Some(other)) => {
-                    break wire::unexpected(other, "waiting for page replies", "PageReply")
-                        .to_string();
+                    break (
+                        wire::unexpected(other, "waiting for page replies", "PageReply")
+                            .to_string(),
+                        false,
+                    );
                 }
-                Err(e) => break e.to_string(),
+                Err(e) => break (e.to_string(), matches!(e, WireError::Closed { .. })),
             }
         };
-        if !self.stop.load(Ordering::Acquire) {
+        let (reason, clean_close) = reason;
+        if self.closed.load(Ordering::Acquire) || !current() {
+            return;
+        }
+        if clean_close {
+            tracing::debug!("urgent channel reader stops: {reason}");
+        } else {
             tracing::warn!("urgent channel reader stops: {reason}");
+        }
+        if !clean_close {
+            // Wake the receive loop at once: the link is gone. (A clean close is the source
+            // ending the session; the main channel says why.)
+            let link = lock(&self.link);
+            if let Some(l) = link.as_ref().filter(|l| l.epoch == epoch) {
+                let _ = l.stream.shutdown(std::net::Shutdown::Both);
+                if let Some(m) = &l.main {
+                    let _ = m.shutdown(std::net::Shutdown::Both);
+                }
+            }
         }
         self.fail_all(reason);
     }
@@ -693,7 +1012,7 @@ impl PageFetcher for UrgentClient {
         });
         {
             let mut p = lock(&self.pending);
-            if let Some(reason) = &p.closed {
+            if let Some(reason) = &p.down {
                 return Err(FetchError::Disconnected {
                     gpa,
                     reason: reason.clone(),
@@ -701,12 +1020,15 @@ impl PageFetcher for UrgentClient {
             }
             p.map.insert(id, Arc::clone(&slot));
         }
-        if let Err(e) =
-            lock(&self.writer).send(&Message::PageRequest { id, gpa }, "sending a page request")
-        {
+        let writer = lock(&self.link).as_ref().map(|l| l.writer.clone());
+        let sent = match &writer {
+            Some(w) => liveness::lock(w)
+                .send(&Message::PageRequest { id, gpa }, "sending a page request")
+                .map_err(|e| e.to_string()),
+            None => Err("the urgent channel is down".to_owned()),
+        };
+        if let Err(reason) = sent {
             lock(&self.pending).map.remove(&id);
-            let reason = e.to_string();
-            self.fail_all(reason.clone());
             return Err(FetchError::Disconnected { gpa, reason });
         }
         let started = Instant::now();

@@ -3,7 +3,9 @@
 
 pub mod auth;
 pub mod destination;
+pub mod liveness;
 pub mod postcopy;
+pub mod relay;
 pub mod source;
 pub mod stats;
 pub mod thread_priority;

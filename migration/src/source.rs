@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -13,7 +14,8 @@ use holes::RegionHoles;
 use crate::auth::Secret;
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::thread_priority::{self, ThreadRole};
-use crate::transport::{self, Channel, Timeouts, TransportError};
+use crate::liveness::{self, Heartbeat, SharedWriter};
+use crate::transport::{self, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
     AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion,
     PAGE_SIZE,
@@ -57,6 +59,39 @@ pub struct MigrateOptions {
     pub hybrid_rounds: u32,
     /// Announce all-zero pages as zero runs instead of sending their bytes.
     pub zero_runs: bool,
+    /// Shared with whoever controls the migration (the VMM's API): where to reconnect after a
+    /// link failure, and what phase the migration is in.
+    pub control: Arc<MigrationControl>,
+}
+
+/// A running migration's handle for its controller: reads the phase, points recovery at a new
+/// address.
+#[derive(Debug, Default)]
+pub struct MigrationControl {
+    target: Mutex<Option<SocketAddr>>,
+    phase: Mutex<Option<Phase>>,
+}
+
+impl MigrationControl {
+    /// Reconnect to `addr` (from the next recovery attempt on) instead of the address the
+    /// migration started with, e.g. over a different network path.
+    pub fn retarget(&self, addr: SocketAddr) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    }
+
+    /// Where recovery reconnects, if retargeted.
+    pub fn target(&self) -> Option<SocketAddr> {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The phase the migration is in (None: not started or over).
+    pub fn phase(&self) -> Option<Phase> {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(&self, phase: Option<Phase>) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    }
 }
 
 impl MigrateOptions {
@@ -70,18 +105,37 @@ impl MigrateOptions {
             max_rounds: 30,
             hybrid_rounds: 3,
             zero_runs: true,
+            control: Arc::default(),
         }
     }
 }
 
-/// Where the source is.
+/// Where the source is (serialized kebab-case: "postcopy-paused").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Phase {
     Connecting,
     Precopy,
     Switchover,
     Postcopy,
+    /// The link failed after the switchover: the VM stays paused here and the source
+    /// reconnects until the recover timeout.
+    PostcopyPaused,
     Done,
+}
+
+impl Phase {
+    /// The phase's name as the API and the CLI show it (QEMU's names where they exist).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "setup",
+            Phase::Precopy => "active",
+            Phase::Switchover => "device",
+            Phase::Postcopy => "postcopy-active",
+            Phase::PostcopyPaused => "postcopy-paused",
+            Phase::Done => "completed",
+        }
+    }
 }
 
 /// A progress report (given at the end of each round and now and then during the push).
@@ -121,10 +175,24 @@ pub enum SourceError {
     UrgentServer(WireError),
     #[error("the destination had {missing} page(s) left after Complete")]
     Incomplete { missing: u64 },
+    #[error("protocol violation by the destination: {0}")]
+    Protocol(String),
+    #[error("the link did not come back within {} s ({attempts} reconnect attempt(s); last: {last})", waited_ms / 1000)]
+    RecoverTimeout {
+        waited_ms: u64,
+        attempts: u32,
+        last: String,
+    },
+    /// The switchover did not complete and the destination confirmed it never started the VM
+    /// (or the switchover frame never left): the source runs the VM again.
+    #[error("the switchover did not complete; the destination did not start the VM: {0}")]
+    NotStarted(Box<SourceError>),
+    /// The switchover frame may have reached the destination and it could not be asked
+    /// whether it started the VM: the source VM stays paused.
+    #[error("the switchover outcome is unknown: the destination may or may not run the VM, and could not be asked ({0}); the VM stays paused here: resume it with the API request {{\"cmd\":\"resume\",\"force\":true}} only if the destination surely does not run it")]
+    OutcomeUnknown(Box<SourceError>),
     /// The destination already runs the VM: the source stays paused and must not resume it.
-    #[error(
-        "migration failed after the destination started the VM (the source VM stays paused): {0}"
-    )]
+    #[error("VM lost: the destination started the VM and the migration cannot be completed (the source's copy is stale and stays paused): {0}")]
     AfterStart(Box<SourceError>),
 }
 
@@ -133,6 +201,24 @@ impl SourceError {
     /// VM must stay paused).
     pub fn destination_started(&self) -> bool {
         matches!(self, SourceError::AfterStart(_))
+    }
+
+    /// Whether the source VM must stay paused: the destination runs it, or may.
+    pub fn keeps_paused(&self) -> bool {
+        matches!(
+            self,
+            SourceError::AfterStart(_) | SourceError::OutcomeUnknown(_)
+        )
+    }
+
+    /// Whether the error is a failure of the link (reset, closed, silent), which the migration
+    /// survives after the switchover by recovering.
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            SourceError::Wire(e) | SourceError::UrgentServer(e) => e.is_link_failure(),
+            SourceError::Session { source, .. } => source.is_link_failure(),
+            _ => false,
+        }
     }
 }
 
@@ -335,7 +421,11 @@ impl<'a> PageSender<'a> {
 struct Cleanup {
     dirty_slots: Vec<u32>,
     paused: bool,
+    /// The destination said it started the VM.
     started: bool,
+    /// The switchover frame may have reached the destination.
+    switch_sent: bool,
+    /// The main channel before the switchover (to report an error on).
     main: Option<Channel>,
 }
 
@@ -413,7 +503,13 @@ pub fn migrate(
     progress: &dyn Fn(Progress),
 ) -> Result<MigrationSummary, SourceError> {
     let mut cleanup = Cleanup::default();
-    let result = run(vm, to, &opts, progress, &mut cleanup);
+    let control = opts.control.clone();
+    let tracked = |p: Progress| {
+        control.set_phase(Some(p.phase));
+        progress(p)
+    };
+    let result = run(vm, to, &opts, &tracked, &mut cleanup);
+    control.set_phase(None);
     for slot in cleanup.dirty_slots.drain(..) {
         if let Err(e) = vm.dirty_log().disable(slot) {
             tracing::warn!("disabling dirty logging of slot {slot} failed: {e}");
@@ -434,7 +530,14 @@ pub fn migrate(
                 main.shutdown();
             }
             if cleanup.started {
-                return Err(SourceError::AfterStart(Box::new(e)));
+                return Err(match e {
+                    e @ SourceError::AfterStart(_) => e,
+                    e => SourceError::AfterStart(Box::new(e)),
+                });
+            }
+            if e.keeps_paused() {
+                tracing::error!("{e}");
+                return Err(e);
             }
             if cleanup.paused {
                 if let Err(r) = vm.resume() {
@@ -582,59 +685,64 @@ fn run(
         return Err(SourceError::StateTooLarge { len: state.len() });
     }
 
-    let done = if opts.mode == Mode::Precopy {
-        let mut sender = PageSender::new(&ram, &counters, opts.zero_runs, false);
-        for index in pending.iter() {
-            sender.add(&mut main.writer, index)?;
+    // Pages the destination holds once State is on its way: everything in precopy (the last
+    // dirty pages go first), everything but what was dirtied since its last round in hybrid,
+    // nothing in postcopy.
+    let holds = match opts.mode {
+        Mode::Precopy => {
+            let mut sender = PageSender::new(&ram, &counters, opts.zero_runs, false);
+            for index in pending.iter() {
+                sender.add(&mut main.writer, index)?;
+            }
+            sender.flush(&mut main.writer)?;
+            PageSet::full(total)
         }
-        sender.flush(&mut main.writer)?;
-        send_counted(main, &counters, &Message::State(&state), "sending State")?;
-        send_counted(
-            main,
-            &counters,
-            &Message::Complete { pages: total },
-            "sending Complete",
-        )?;
-        send_counted(main, &counters, &Message::Switchover, "sending Switchover")?;
-        wait_started(main, &opts.timeouts)?;
-        cleanup.started = true;
-        let blackout = blackout_start.elapsed();
-        let done = wait_done(main, &opts.timeouts)?;
-        (blackout, done)
-    } else {
-        // Pages the destination holds now: everything in hybrid except what was dirtied since
-        // it got it; nothing in postcopy.
-        let holds = if opts.mode == Mode::Hybrid {
+        Mode::Hybrid => {
             send_discards(main, &counters, &ram, &pending)?;
             let mut h = PageSet::full(total);
             for i in pending.iter() {
                 h.remove(i);
             }
             h
-        } else {
-            PageSet::new(total)
-        };
-        postcopy(
-            main,
-            urgent,
-            &ram,
-            &counters,
-            &state,
-            holds,
-            opts,
-            &mut cleanup.started,
-            blackout_start,
-            &report,
-            rounds,
-        )?
+        }
+        Mode::Postcopy => PageSet::new(total),
     };
-    let (blackout, dest) = done;
+    send_counted(main, &counters, &Message::State(&state), "sending State")?;
+    // From here on the destination may start the VM: a lost link is settled by recovery, never
+    // by guessing (see `Handover`).
+    let main = cleanup.main.take().ok_or(SourceError::Vm {
+        op: "the switchover",
+        message: "the main channel is gone".into(),
+    })?;
+    let live = Link {
+        main: main.into_live(opts.timeouts.liveness),
+        urgent: urgent.into_live(opts.timeouts.liveness),
+    };
+    let mut handover = Handover {
+        ram: &ram,
+        counters: &counters,
+        opts,
+        session_id,
+        to,
+        report: &report,
+        rounds,
+        switch_sent: false,
+        started: false,
+        blackout: None,
+        blackout_start,
+        recoveries: 0,
+        paused: Duration::ZERO,
+    };
+    let result = handover.drive(live, holds);
+    cleanup.started = handover.started;
+    cleanup.switch_sent = handover.switch_sent;
+    let dest = result?;
+    let blackout = handover.blackout.unwrap_or_default();
     if dest.pages_received != total {
         return Err(SourceError::Incomplete {
             missing: total.saturating_sub(dest.pages_received),
         });
     }
-    cleanup.main.take();
     report(Phase::Done, rounds, 0);
     Ok(MigrationSummary {
         mode: opts.mode,
@@ -652,28 +760,414 @@ fn run(
         bandwidth_bytes_per_s: bandwidth,
         transfer_ms: SourceCounters::get(&counters.transfer_ns) as f64 / 1e6,
         transfer_bytes: SourceCounters::get(&counters.transfer_bytes),
+        recoveries: handover.recoveries,
+        paused_ms: handover.paused.as_secs_f64() * 1000.0,
         destination: dest,
     })
 }
 
-fn wait_started(main: &mut Channel, timeouts: &Timeouts) -> Result<(), SourceError> {
-    match main
-        .reader
-        .read_within(timeouts.setup, "waiting for Started")?
-    {
-        Message::Started => Ok(()),
-        other => Err(wire::unexpected(other, "waiting for Started", "Started").into()),
+/// Both channels of one connected stretch of the session, from the switchover on.
+struct Link {
+    main: LiveChannel,
+    urgent: LiveChannel,
+}
+
+impl Link {
+    fn shutdown(&self) {
+        self.main.shutdown();
+        self.urgent.shutdown();
     }
 }
 
-fn wait_done(main: &mut Channel, timeouts: &Timeouts) -> Result<DoneStats, SourceError> {
-    match main
-        .reader
-        .read_within(timeouts.setup, "waiting for Done")?
-    {
-        Message::Done(stats) => Ok(stats),
-        other => Err(wire::unexpected(other, "waiting for Done", "Done").into()),
+/// What a recovery handshake told the source.
+struct Recovered {
+    link: Link,
+    started: bool,
+    held: PageSet,
+}
+
+/// The switchover and everything after it: starting the VM on the destination, the postcopy
+/// push beside the urgent page server, Complete and Done, over as many connected stretches
+/// ("epochs") as link failures make necessary. Between two of them the source is
+/// postcopy-paused: the VM stays paused here with all its memory, and the source reconnects.
+struct Handover<'a> {
+    ram: &'a GuestRam,
+    counters: &'a SourceCounters,
+    opts: &'a MigrateOptions,
+    session_id: u64,
+    to: SocketAddr,
+    report: &'a dyn Fn(Phase, u32, u64),
+    rounds: u32,
+    /// The switchover frame (Switchover or PostcopyStart) may have reached the destination.
+    switch_sent: bool,
+    /// The destination said it started the VM (Started, or a recovery's RecoverState).
+    started: bool,
+    /// Pause to the destination's Started.
+    blackout: Option<Duration>,
+    blackout_start: Instant,
+    recoveries: u32,
+    paused: Duration,
+}
+
+impl Handover<'_> {
+    fn drive(&mut self, mut link: Link, mut held: PageSet) -> Result<DoneStats, SourceError> {
+        loop {
+            let err = match self.epoch(&mut link, &held) {
+                Ok(done) => return Ok(done),
+                Err(e) => e,
+            };
+            // A destination that gave up sent its reason before closing: prefer it over the
+            // broken pipe it left.
+            let err = match (err.is_link_failure(), link.main.reader.poll("reading a last report")) {
+                (true, Ok(Some(Message::Error { code, message }))) => {
+                    SourceError::Wire(WireError::Remote { code, message })
+                }
+                _ => err,
+            };
+            if !err.is_link_failure() {
+                if !matches!(err, SourceError::Wire(WireError::Remote { .. })) {
+                    link.main.send_error(ErrorCode::Internal, &err.to_string());
+                }
+                link.shutdown();
+                return Err(err);
+            }
+            link.shutdown();
+            let recovered = self.recover(&err)?;
+            link = recovered.link;
+            if !recovered.started {
+                if self.started {
+                    link.main.send_error(
+                        ErrorCode::Protocol,
+                        "the destination said it started the VM, and now that it did not",
+                    );
+                    return Err(SourceError::Protocol(
+                        "after Started the destination claims it never started the VM".into(),
+                    ));
+                }
+                link.main.send_error(
+                    ErrorCode::Rejected,
+                    "the switchover did not complete: the source runs the VM again",
+                );
+                link.shutdown();
+                return Err(SourceError::NotStarted(Box::new(err)));
+            }
+            if !self.started {
+                self.started = true;
+                self.blackout = Some(self.blackout_start.elapsed());
+            }
+            held = recovered.held;
+        }
     }
+
+    /// One connected stretch: returns Done, or the error that ended the stretch.
+    fn epoch(&mut self, link: &mut Link, held: &PageSet) -> Result<DoneStats, SourceError> {
+        let opts = self.opts;
+        let counters = self.counters;
+        let precopy = opts.mode == Mode::Precopy;
+        let Link { main, urgent } = link;
+        let main_writer = main.writer.clone();
+        let urgent_writer = urgent.writer.clone();
+        let main_stream = main.stream_handle().ok();
+        let urgent_stream = urgent.stream_handle().ok();
+        let main_reader = &mut main.reader;
+        let urgent_reader = &mut urgent.reader;
+        let mut writers = vec![main_writer.clone()];
+        if !precopy {
+            writers.push(urgent_writer.clone());
+        }
+        let _heartbeat = Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(|e| {
+            SourceError::Vm {
+                op: "spawning the heartbeat thread",
+                message: e.to_string(),
+            }
+        })?;
+        let send = |msg: &Message<'_>, during| -> Result<(), WireError> {
+            let mut w = liveness::lock(&main_writer);
+            let before = w.bytes_written();
+            let r = w.send(msg, during);
+            SourceCounters::add(&counters.bytes_sent, w.bytes_written() - before);
+            r
+        };
+        let mut complete_sent = false;
+        if !self.switch_sent {
+            // Set first: a failed write may still have delivered the frame.
+            self.switch_sent = true;
+            if precopy {
+                send(
+                    &Message::Complete {
+                        pages: self.ram.layout.total_pages(),
+                    },
+                    "sending Complete",
+                )?;
+                complete_sent = true;
+                send(&Message::Switchover, "sending Switchover")?;
+            } else {
+                send(&Message::PostcopyStart, "sending PostcopyStart")?;
+            }
+        }
+        // The urgent server must run before the destination's vCPUs do.
+        let push = PushState {
+            sent: AtomicPageSet::from_set(held),
+            hint: AtomicU64::new(u64::MAX),
+            stop: AtomicBool::new(false),
+        };
+        std::thread::scope(|scope| {
+            let server = if precopy {
+                None
+            } else {
+                let (ram, push) = (self.ram, &push);
+                let urgent_writer = &urgent_writer;
+                Some(
+                    std::thread::Builder::new()
+                        .name("mig-urgent-srv".into())
+                        .spawn_scoped(scope, move || {
+                            let _priority = thread_priority::enter(ThreadRole::Urgent);
+                            let r = urgent_server(urgent_reader, urgent_writer, ram, push, counters);
+                            if matches!(&r, Err(e) if e.is_link_failure() && !matches!(e, WireError::Closed { .. })) {
+                                // Wake the push at once: the link is gone. (A clean close is
+                                // the destination ending the session: its reason follows on
+                                // the main channel.)
+                                if let Some(s) = main_stream {
+                                    let _ = s.shutdown(std::net::Shutdown::Both);
+                                }
+                            }
+                            r
+                        })
+                        .map_err(|e| SourceError::Vm {
+                            op: "spawning the urgent page server thread",
+                            message: e.to_string(),
+                        })?,
+                )
+            };
+            let result = (|| -> Result<DoneStats, SourceError> {
+                if !self.started {
+                    wait_for(main_reader, opts.timeouts.setup, "waiting for Started", |m| {
+                        matches!(m, Message::Started)
+                    })?;
+                    self.started = true;
+                    self.blackout = Some(self.blackout_start.elapsed());
+                }
+                let total = self.ram.layout.total_pages();
+                (self.report)(Phase::Postcopy, self.rounds, total - held.count());
+                self.push(&main_writer, &push)?;
+                if !complete_sent {
+                    send(&Message::Complete { pages: total }, "sending Complete")?;
+                }
+                let mut done = DoneStats::default();
+                wait_for(main_reader, opts.timeouts.setup, "waiting for Done", |m| {
+                    if let Message::Done(s) = m {
+                        done = *s;
+                        true
+                    } else {
+                        false
+                    }
+                })?;
+                Ok(done)
+            })();
+            push.stop.store(true, Ordering::Release);
+            if let Some(s) = &urgent_stream {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            let served = server.map(|s| s.join());
+            match (result, served) {
+                (Ok(done), _) => Ok(done),
+                // The urgent server saw the link fail first: report that, not its echo.
+                (Err(e), Some(Ok(Err(se))))
+                    if e.is_link_failure() && !matches!(se, WireError::Closed { .. }) =>
+                {
+                    Err(SourceError::UrgentServer(se))
+                }
+                (Err(e), _) => Err(e),
+            }
+        })
+    }
+
+    /// The bulk push of every page the destination does not hold, from a cursor that jumps to
+    /// the page after the latest fault.
+    fn push(&self, main: &SharedWriter, push: &PushState) -> Result<(), SourceError> {
+        let (ram, counters) = (self.ram, self.counters);
+        let total = ram.layout.total_pages();
+        let push_start = Instant::now();
+        let bytes_before = SourceCounters::get(&counters.bytes_sent);
+        let mut sender = PageSender::new(ram, counters, self.opts.zero_runs, true);
+        let mut cursor = 0u64;
+        let mut frames = 0u64;
+        let result = (|| -> Result<(), SourceError> {
+            loop {
+                let hint = push.hint.swap(u64::MAX, Ordering::AcqRel);
+                if hint != u64::MAX {
+                    // Move on to the pages after the latest fault: the guest is likely to want
+                    // them next.
+                    sender.flush(&mut liveness::lock(main))?;
+                    cursor = hint + 1;
+                }
+                let Some(index) = push.sent.next_absent(cursor) else {
+                    break;
+                };
+                if index < cursor {
+                    // Wrapped around: finish the pending frame before starting over.
+                    sender.flush(&mut liveness::lock(main))?;
+                }
+                cursor = index + 1;
+                if push.sent.insert(index) {
+                    sender.add(&mut liveness::lock(main), index)?;
+                    frames += 1;
+                    if frames.is_multiple_of(16384) {
+                        (self.report)(
+                            Phase::Postcopy,
+                            self.rounds,
+                            total - push.sent.snapshot().count(),
+                        );
+                    }
+                }
+            }
+            sender.flush(&mut liveness::lock(main))?;
+            Ok(())
+        })();
+        SourceCounters::add(
+            &counters.transfer_bytes,
+            SourceCounters::get(&counters.bytes_sent) - bytes_before,
+        );
+        SourceCounters::add(
+            &counters.transfer_ns,
+            push_start.elapsed().as_nanos() as u64,
+        );
+        result
+    }
+
+    /// postcopy-paused: reconnect into the session with backoff until the recover timeout, and
+    /// learn what the destination holds and whether it runs the VM.
+    fn recover(&mut self, why: &SourceError) -> Result<Recovered, SourceError> {
+        let opts = self.opts;
+        let since = Instant::now();
+        let deadline = since + opts.timeouts.recover;
+        let total = self.ram.layout.total_pages();
+        (self.report)(Phase::PostcopyPaused, self.rounds, 0);
+        tracing::warn!(
+            "postcopy-paused: the link to the destination failed ({why}); reconnecting for up to {} s",
+            opts.timeouts.recover.as_secs()
+        );
+        let mut backoff = Duration::from_millis(50);
+        let mut attempts = 0u32;
+        let mut last: String = why.to_string();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                self.paused += since.elapsed();
+                let e = SourceError::RecoverTimeout {
+                    waited_ms: since.elapsed().as_millis() as u64,
+                    attempts,
+                    last,
+                };
+                return Err(if self.started {
+                    e
+                } else if self.switch_sent {
+                    SourceError::OutcomeUnknown(Box::new(e))
+                } else {
+                    SourceError::NotStarted(Box::new(e))
+                });
+            }
+            attempts += 1;
+            let addr = opts.control.target().unwrap_or(self.to);
+            match transport::reconnect(addr, self.session_id, opts.secret.as_ref(), &opts.timeouts)
+                .map_err(|source| SourceError::Session { addr, source })
+                .and_then(|s| read_recover_state(s, &self.ram.layout, &opts.timeouts))
+            {
+                Ok(r) => {
+                    self.recoveries += 1;
+                    self.paused += since.elapsed();
+                    tracing::warn!(
+                        "postcopy resumed after {} ms ({attempts} attempt(s), recovery #{}): the destination holds {} of {total} pages",
+                        since.elapsed().as_millis(),
+                        self.recoveries,
+                        r.held.count()
+                    );
+                    return Ok(r);
+                }
+                Err(e) => {
+                    tracing::info!("recovery attempt {attempts} to {addr} failed: {e}");
+                    last = e.to_string();
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            std::thread::sleep(backoff.min(left));
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Read the destination's ReceivedMap runs and RecoverState on a freshly recovered session.
+fn read_recover_state(
+    s: transport::Session,
+    layout: &RamLayout,
+    timeouts: &Timeouts,
+) -> Result<Recovered, SourceError> {
+    let transport::Session {
+        mut main, urgent, ..
+    } = s;
+    let mut held = PageSet::new(layout.total_pages());
+    let r = loop {
+        match main.reader.read("reading the destination's received map") {
+            Ok(Message::ReceivedMap { gpa, count }) => {
+                match check_run(layout, Kind::ReceivedMap, gpa, count as u64) {
+                    Ok(first) => held.insert_range(first, count as u64),
+                    Err(e) => break Err(e.into()),
+                }
+            }
+            Ok(Message::RecoverState {
+                started,
+                held_pages,
+            }) => {
+                if held_pages != held.count() {
+                    break Err(SourceError::Protocol(format!(
+                        "RecoverState says {held_pages} pages are held, the map named {}",
+                        held.count()
+                    )));
+                }
+                break Ok(started);
+            }
+            Ok(other) => {
+                break Err(wire::unexpected(
+                    other,
+                    "reading the destination's received map",
+                    "ReceivedMap or RecoverState",
+                )
+                .into())
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    match r {
+        Ok(started) => Ok(Recovered {
+            link: Link {
+                main: main.into_live(timeouts.liveness),
+                urgent: urgent.into_live(timeouts.liveness),
+            },
+            started,
+            held,
+        }),
+        Err(e) => {
+            main.shutdown();
+            urgent.shutdown();
+            Err(e)
+        }
+    }
+}
+
+/// Read until a frame `want` accepts arrives; waits up to `wait` in all (the destination may
+/// legitimately take long, e.g. collapsing before Done), but fails as soon as the link is
+/// silent past its liveness bound.
+fn wait_for(
+    reader: &mut FrameReader<std::net::TcpStream>,
+    wait: Duration,
+    during: &'static str,
+    mut want: impl FnMut(&Message<'_>) -> bool,
+) -> Result<(), SourceError> {
+    let msg = reader.read_within(wait, during)?;
+    if want(&msg) {
+        return Ok(());
+    }
+    Err(wire::unexpected(msg, during, "Started or Done").into())
 }
 
 /// Shared between the bulk push and the urgent page server.
@@ -687,12 +1181,21 @@ struct PushState {
 
 /// Answer page requests on the urgent channel until `stop` (or the destination closes it).
 fn urgent_server(
-    mut reader: FrameReader<std::net::TcpStream>,
-    mut writer: FrameWriter<std::net::TcpStream>,
+    reader: &mut FrameReader<std::net::TcpStream>,
+    writer: &SharedWriter,
     ram: &GuestRam,
     push: &PushState,
     counters: &SourceCounters,
 ) -> Result<(), WireError> {
+    let report = |e: &WireError| {
+        let _ = liveness::lock(writer).send(
+            &Message::Error {
+                code: ErrorCode::Protocol,
+                message: e.to_string(),
+            },
+            "reporting an error",
+        );
+    };
     let mut page = vec![0u8; PAGE];
     while !push.stop.load(Ordering::Acquire) {
         let (id, gpa) = match reader.poll("waiting for page requests") {
@@ -700,159 +1203,37 @@ fn urgent_server(
             Ok(Some(Message::PageRequest { id, gpa })) => (id, gpa),
             Ok(Some(other)) => {
                 let e = wire::unexpected(other, "waiting for page requests", "PageRequest");
-                let _ = writer.send(
-                    &Message::Error {
-                        code: ErrorCode::Protocol,
-                        message: e.to_string(),
-                    },
-                    "reporting an error",
-                );
+                report(&e);
                 return Err(e);
             }
-            Err(WireError::Closed { .. }) if push.stop.load(Ordering::Acquire) => return Ok(()),
+            Err(_) if push.stop.load(Ordering::Acquire) => return Ok(()),
             Err(e) => return Err(e),
         };
         let index = match check_run(&ram.layout, Kind::PageRequest, gpa, 1) {
             Ok(i) => i,
             Err(e) => {
-                let _ = writer.send(
-                    &Message::Error {
-                        code: ErrorCode::Protocol,
-                        message: e.to_string(),
-                    },
-                    "reporting an error",
-                );
+                report(&e);
                 return Err(e);
             }
         };
         ram.copy_pages(index, &mut page);
-        let before = writer.bytes_written();
-        writer.send(
-            &Message::PageReply {
-                id,
-                gpa,
-                data: &page,
-            },
-            "sending a page reply",
-        )?;
-        SourceCounters::add(&counters.bytes_sent, writer.bytes_written() - before);
+        {
+            let mut w = liveness::lock(writer);
+            let before = w.bytes_written();
+            w.send(
+                &Message::PageReply {
+                    id,
+                    gpa,
+                    data: &page,
+                },
+                "sending a page reply",
+            )?;
+            SourceCounters::add(&counters.bytes_sent, w.bytes_written() - before);
+        }
         SourceCounters::add(&counters.pages_sent, 1);
         SourceCounters::add(&counters.faults_served, 1);
         push.sent.insert(index);
         push.hint.store(index, Ordering::Release);
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn postcopy(
-    main: &mut Channel,
-    urgent: Channel,
-    ram: &GuestRam,
-    counters: &SourceCounters,
-    state: &[u8],
-    holds: PageSet,
-    opts: &MigrateOptions,
-    started: &mut bool,
-    blackout_start: Instant,
-    report: &dyn Fn(Phase, u32, u64),
-    rounds: u32,
-) -> Result<(Duration, DoneStats), SourceError> {
-    let total = ram.layout.total_pages();
-    let push = PushState {
-        sent: AtomicPageSet::from_set(&holds),
-        hint: AtomicU64::new(u64::MAX),
-        stop: AtomicBool::new(false),
-    };
-    send_counted(main, counters, &Message::State(state), "sending State")?;
-    let (ureader, uwriter, ustream) = urgent.into_parts();
-    std::thread::scope(|scope| {
-        let server = std::thread::Builder::new()
-            .name("mig-urgent-srv".into())
-            .spawn_scoped(scope, || {
-                let _priority = thread_priority::enter(ThreadRole::Urgent);
-                urgent_server(ureader, uwriter, ram, &push, counters)
-            })
-            .map_err(|e| SourceError::Vm {
-                op: "spawning the urgent page server thread",
-                message: e.to_string(),
-            });
-        let server = match server {
-            Ok(s) => s,
-            Err(e) => return Err(e),
-        };
-        let result = (|| -> Result<(Duration, DoneStats), SourceError> {
-            send_counted(
-                main,
-                counters,
-                &Message::PostcopyStart,
-                "sending PostcopyStart",
-            )?;
-            wait_started(main, &opts.timeouts)?;
-            *started = true;
-            let blackout = blackout_start.elapsed();
-            report(Phase::Postcopy, rounds, total - holds.count());
-            let push_start = Instant::now();
-            let bytes_before = SourceCounters::get(&counters.bytes_sent);
-            let mut sender = PageSender::new(ram, counters, opts.zero_runs, true);
-            let mut cursor = 0u64;
-            let mut frames = 0u64;
-            loop {
-                let hint = push.hint.swap(u64::MAX, Ordering::AcqRel);
-                if hint != u64::MAX {
-                    // Move on to the pages after the latest fault: the guest is likely to want them next.
-                    sender.flush(&mut main.writer)?;
-                    cursor = hint + 1;
-                }
-                let Some(index) = push.sent.next_absent(cursor) else {
-                    break;
-                };
-                if index < cursor {
-                    // Wrapped around: finish the pending frame before starting over.
-                    sender.flush(&mut main.writer)?;
-                }
-                cursor = index + 1;
-                if push.sent.insert(index) {
-                    sender.add(&mut main.writer, index)?;
-                    frames += 1;
-                    if frames.is_multiple_of(16384) {
-                        report(
-                            Phase::Postcopy,
-                            rounds,
-                            total - push.sent.snapshot().count(),
-                        );
-                    }
-                }
-            }
-            sender.flush(&mut main.writer)?;
-            SourceCounters::add(
-                &counters.transfer_bytes,
-                SourceCounters::get(&counters.bytes_sent) - bytes_before,
-            );
-            SourceCounters::add(
-                &counters.transfer_ns,
-                push_start.elapsed().as_nanos() as u64,
-            );
-            send_counted(
-                main,
-                counters,
-                &Message::Complete { pages: total },
-                "sending Complete",
-            )?;
-            let done = wait_done(main, &opts.timeouts)?;
-            Ok((blackout, done))
-        })();
-        push.stop.store(true, Ordering::Release);
-        let _ = ustream.shutdown(std::net::Shutdown::Both);
-        let served = server.join();
-        let done = result?;
-        match served {
-            Ok(Ok(())) | Ok(Err(WireError::Closed { .. })) => Ok(done),
-            Ok(Err(e)) => Err(SourceError::UrgentServer(e)),
-            Err(_) => Err(SourceError::Vm {
-                op: "urgent page server thread",
-                message: "panicked".into(),
-            }),
-        }
-    })
 }

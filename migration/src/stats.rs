@@ -68,6 +68,10 @@ pub struct MigrationSummary {
     pub transfer_ms: f64,
     /// Bytes written on both channels during `transfer_ms` (urgent replies included).
     pub transfer_bytes: u64,
+    /// Times the link failed after the switchover and the source reconnected.
+    pub recoveries: u32,
+    /// Time spent postcopy-paused (link down until reconnected), in all.
+    pub paused_ms: f64,
     /// The destination's own account.
     pub destination: DoneStats,
 }
@@ -83,5 +87,9 @@ pub struct ReceiveSummary {
     pub start_ms: f64,
     pub state_bytes: u64,
     pub bytes_received: u64,
+    /// Times the link failed after the switchover and the source came back.
+    pub recoveries: u32,
+    /// Time spent postcopy-paused (link down until the source came back), in all.
+    pub paused_ms: f64,
     pub stats: DoneStats,
 }

@@ -4,9 +4,11 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, AuthError, Role, Secret, Transcript};
+use crate::liveness::{self, SharedWriter};
 use crate::wire::{ChannelKind, ErrorCode, FrameReader, FrameWriter, Message, WireError};
 
 /// Timeouts of a migration connection.
@@ -21,6 +23,20 @@ pub struct Timeouts {
     pub setup: Duration,
     /// Socket read/write timeout used as the polling tick.
     pub tick: Duration,
+    /// From the switchover on, each side sends a heartbeat on a channel it wrote nothing on
+    /// for this long.
+    pub heartbeat: Duration,
+    /// From the switchover on, a channel on which nothing arrived (not even a heartbeat) for
+    /// this long, or a write that made no progress for this long, is a dead link. Also the
+    /// sockets' `TCP_USER_TIMEOUT`, so a link that silently drops packets fails in the kernel
+    /// as well.
+    pub liveness: Duration,
+    /// How long a side waits in `postcopy-paused` for the link to come back before it gives
+    /// up (the source reconnects with backoff meanwhile, the destination listens).
+    pub recover: Duration,
+    /// Connecting and each handshake step of a recovery attempt (short: a black-holed path
+    /// must not hold up the next attempt).
+    pub recover_handshake: Duration,
 }
 
 impl Default for Timeouts {
@@ -30,6 +46,10 @@ impl Default for Timeouts {
             io: Duration::from_secs(10),
             setup: Duration::from_secs(300),
             tick: Duration::from_millis(50),
+            heartbeat: Duration::from_millis(200),
+            liveness: Duration::from_millis(1000),
+            recover: Duration::from_secs(600),
+            recover_handshake: Duration::from_secs(2),
         }
     }
 }
@@ -75,6 +95,25 @@ pub enum TransportError {
     SessionMismatch { expected: u64, got: u64 },
     #[error("connection from non-loopback peer {peer} refused: no shared secret configured")]
     PeerNotLoopback { peer: SocketAddr },
+    #[error("a new migration from {peer} refused: this destination is recovering session {session:#x}")]
+    Busy { peer: SocketAddr, session: u64 },
+    #[error("no recovery connection arrived within {waited_ms} ms")]
+    RecoverTimeout { waited_ms: u64 },
+}
+
+impl TransportError {
+    /// Whether setting up the session failed on the link (refused, reset, silent, timed out)
+    /// rather than on authentication or the peer's answer: a recovering source tries again.
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            TransportError::Connect { .. }
+            | TransportError::Socket { .. }
+            | TransportError::Accept(_)
+            | TransportError::AcceptTimeout { .. } => true,
+            TransportError::Wire(e) => e.is_link_failure(),
+            _ => false,
+        }
+    }
 }
 
 /// One authenticated connection: a frame reader and writer over the same TCP stream.
@@ -133,6 +172,21 @@ impl Channel {
         self.writer.set_stall_timeout(t);
     }
 
+    /// From the switchover on: the peer sends heartbeats, so silence longer than `t` in either
+    /// direction is a dead link.
+    pub fn set_liveness(&mut self, t: Duration) {
+        self.reader.set_liveness(t);
+        self.writer.set_stall_timeout(t);
+    }
+
+    /// Another handle on the connection (to shut it down from another thread).
+    pub fn stream_handle(&self) -> Result<TcpStream, TransportError> {
+        self.stream.try_clone().map_err(|source| TransportError::Socket {
+            what: "dup",
+            source,
+        })
+    }
+
     /// Close both directions (wakes a thread blocked reading this channel).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(Shutdown::Both);
@@ -141,6 +195,80 @@ impl Channel {
     /// Split into reader and writer (the writer side keeps the stream for shutdown).
     pub fn into_parts(self) -> (FrameReader<TcpStream>, FrameWriter<TcpStream>, TcpStream) {
         (self.reader, self.writer, self.stream)
+    }
+}
+
+/// A channel from the switchover on: its writer is shared with the heartbeat thread, and its
+/// reader fails on silence longer than the liveness bound.
+pub struct LiveChannel {
+    pub reader: FrameReader<TcpStream>,
+    pub writer: SharedWriter,
+    stream: TcpStream,
+}
+
+impl LiveChannel {
+    /// Send one message.
+    pub fn send(&self, msg: &Message<'_>, during: &'static str) -> Result<(), WireError> {
+        liveness::lock(&self.writer).send(msg, during)
+    }
+
+    /// Tell the peer why we give up (best effort).
+    pub fn send_error(&self, code: ErrorCode, message: &str) {
+        let _ = self.send(
+            &Message::Error {
+                code,
+                message: message.to_owned(),
+            },
+            "sending an error report",
+        );
+    }
+
+    /// Close both directions (wakes a thread blocked reading or writing it).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// From now on the peer sends heartbeats: silence longer than `t` in either direction is
+    /// a dead link. The socket's `TCP_USER_TIMEOUT` becomes twice that, so the kernel too
+    /// fails a connection whose data stays unacknowledged (a path that drops packets) even
+    /// where no read or write of ours is waiting.
+    pub fn set_liveness(&mut self, t: Duration) {
+        self.reader.set_liveness(t);
+        liveness::lock(&self.writer).set_stall_timeout(t);
+        let ms = u32::try_from(t.as_millis().saturating_mul(2)).unwrap_or(u32::MAX);
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &self.stream,
+            nix::sys::socket::sockopt::TcpUserTimeout,
+            &ms,
+        ) {
+            tracing::debug!("TCP_USER_TIMEOUT not set: {e}");
+        }
+    }
+
+    /// Another handle on the connection (to shut it down from another thread).
+    pub fn stream_handle(&self) -> Result<TcpStream, TransportError> {
+        self.stream.try_clone().map_err(|source| TransportError::Socket {
+            what: "dup",
+            source,
+        })
+    }
+}
+
+impl Channel {
+    /// The channel as used from the switchover on (see [`LiveChannel`]).
+    pub fn into_live(self, liveness: Duration) -> LiveChannel {
+        let mut live = self.into_shared();
+        live.set_liveness(liveness);
+        live
+    }
+
+    /// The channel with its writer shareable, before liveness is watched.
+    pub fn into_shared(self) -> LiveChannel {
+        LiveChannel {
+            reader: self.reader,
+            writer: Arc::new(Mutex::new(self.writer)),
+            stream: self.stream,
+        }
     }
 }
 
@@ -196,11 +324,8 @@ fn source_handshake(
             )))
         }
     };
-    if channel == ChannelKind::Urgent && sid != session_id {
-        ch.send_error(
-            ErrorCode::Protocol,
-            "urgent channel bound to the wrong session",
-        );
+    if session_id != 0 && sid != session_id {
+        ch.send_error(ErrorCode::Protocol, "channel bound to the wrong session");
         return Err(TransportError::SessionMismatch {
             expected: session_id,
             got: sid,
@@ -248,6 +373,46 @@ fn connect_channel(
     let stream = TcpStream::connect_timeout(&addr, timeouts.handshake)
         .map_err(|source| TransportError::Connect { addr, source })?;
     Channel::new(stream, timeouts, nodelay)
+}
+
+/// Source side of a recovery: connect both channels to `addr` again and authenticate them
+/// into the running session `session_id` (fresh nonces; the destination accepts only this
+/// session). Connecting and each handshake step are bounded by `timeouts.recover_handshake`.
+pub fn reconnect(
+    addr: SocketAddr,
+    session_id: u64,
+    secret: Option<&Secret>,
+    timeouts: &Timeouts,
+) -> Result<Session, TransportError> {
+    auth::check_address(&addr, secret)?;
+    let short = Timeouts {
+        handshake: timeouts.recover_handshake,
+        ..*timeouts
+    };
+    let mut main = connect_channel(addr, &short, true)?;
+    let run = |main: &mut Channel| -> Result<Channel, TransportError> {
+        source_handshake(main, ChannelKind::Main, session_id, secret)?;
+        let mut urgent = connect_channel(addr, &short, true)?;
+        if let Err(e) = source_handshake(&mut urgent, ChannelKind::Urgent, session_id, secret) {
+            urgent.shutdown();
+            return Err(e);
+        }
+        Ok(urgent)
+    };
+    let mut urgent = match run(&mut main) {
+        Ok(u) => u,
+        Err(e) => {
+            main.shutdown();
+            return Err(e);
+        }
+    };
+    main.set_stall_timeout(timeouts.io);
+    urgent.set_stall_timeout(timeouts.io);
+    Ok(Session {
+        id: session_id,
+        main,
+        urgent,
+    })
 }
 
 /// Source side: connect both channels to `addr` and authenticate them. Without a secret only a
@@ -340,11 +505,14 @@ impl Acceptor {
         }
     }
 
+    /// `claim` is the session id the Hello must name: 0 for a new session on main, the
+    /// session's id on urgent and on a recovery's main.
     fn destination_handshake(
         &self,
         ch: &mut Channel,
         expected: ChannelKind,
         session_id: u64,
+        claim: u64,
     ) -> Result<(), TransportError> {
         let secret = self.secret.as_ref();
         let (channel, claimed, source_nonce) = match ch.reader.read("waiting for Hello")? {
@@ -366,16 +534,21 @@ impl Acceptor {
                 got: channel,
             });
         }
-        // A new session starts with id 0 (a recovering source would name its old session here).
-        let want = if expected == ChannelKind::Main {
-            0
-        } else {
-            session_id
-        };
-        if claimed != want {
+        // A new session starts with id 0; a recovering source names its session.
+        if claimed != claim {
+            if claimed == 0 {
+                ch.send_error(
+                    ErrorCode::Rejected,
+                    "busy: this destination is recovering another migration",
+                );
+                return Err(TransportError::Busy {
+                    peer: ch.peer(),
+                    session: session_id,
+                });
+            }
             ch.send_error(ErrorCode::Protocol, "unknown session");
             return Err(TransportError::SessionMismatch {
-                expected: want,
+                expected: claim,
                 got: claimed,
             });
         }
@@ -421,7 +594,7 @@ impl Acceptor {
         let t = &self.timeouts;
         let mut main = Channel::new(self.accept_stream(None, ChannelKind::Main)?, t, true)?;
         let id = auth::session_id();
-        if let Err(e) = self.destination_handshake(&mut main, ChannelKind::Main, id) {
+        if let Err(e) = self.destination_handshake(&mut main, ChannelKind::Main, id, 0) {
             main.shutdown();
             return Err(e);
         }
@@ -435,7 +608,7 @@ impl Acceptor {
                 }
             };
         let mut urgent = Channel::new(stream, t, true)?;
-        if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id) {
+        if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id, id) {
             urgent.shutdown();
             main.send_error(ErrorCode::AuthFailed, "urgent channel handshake failed");
             main.shutdown();
@@ -444,5 +617,57 @@ impl Acceptor {
         main.set_stall_timeout(t.io);
         urgent.set_stall_timeout(t.io);
         Ok(Session { id, main, urgent })
+    }
+
+    /// Wait until `deadline` for the source of session `id` to come back, and authenticate
+    /// its main and urgent channels into that session. Every other connection (a new
+    /// migration, another session's id, a wrong secret, garbage, a replayed handshake: the
+    /// nonces are fresh) is refused and logged, and the wait goes on; connections are handled
+    /// one at a time, each step bounded by `recover_handshake`.
+    pub fn accept_recovery(&self, id: u64, deadline: Instant) -> Result<Session, TransportError> {
+        let t = Timeouts {
+            handshake: self.timeouts.recover_handshake,
+            ..self.timeouts
+        };
+        let started = Instant::now();
+        loop {
+            if Instant::now() >= deadline {
+                return Err(TransportError::RecoverTimeout {
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            let attempt = (|| -> Result<Session, TransportError> {
+                let stream = self.accept_stream(Some(deadline), ChannelKind::Main)?;
+                let mut main = Channel::new(stream, &t, true)?;
+                if let Err(e) = self.destination_handshake(&mut main, ChannelKind::Main, id, id) {
+                    main.shutdown();
+                    return Err(e);
+                }
+                let urgent_by = (Instant::now() + t.handshake).min(deadline);
+                let stream = match self.accept_stream(Some(urgent_by), ChannelKind::Urgent) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        main.shutdown();
+                        return Err(e);
+                    }
+                };
+                let mut urgent = Channel::new(stream, &t, true)?;
+                if let Err(e) =
+                    self.destination_handshake(&mut urgent, ChannelKind::Urgent, id, id)
+                {
+                    urgent.shutdown();
+                    main.shutdown();
+                    return Err(e);
+                }
+                main.set_stall_timeout(t.io);
+                urgent.set_stall_timeout(t.io);
+                Ok(Session { id, main, urgent })
+            })();
+            match attempt {
+                Ok(s) => return Ok(s),
+                Err(TransportError::AcceptTimeout { .. }) if Instant::now() >= deadline => {}
+                Err(e) => tracing::warn!("refused a connection while waiting for recovery: {e}"),
+            }
+        }
     }
 }

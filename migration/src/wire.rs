@@ -176,6 +176,19 @@ pub struct DoneBody {
 }
 const _: () = assert!(size_of::<DoneBody>() == 48);
 
+/// Body of RecoverState (destination → source, main channel of a recovery session): ends the
+/// ReceivedMap runs and says whether the VM runs on the destination.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct RecoverStateBody {
+    /// Pages the ReceivedMap runs before this frame named, in all.
+    pub held_pages: U64,
+    /// 1 if the destination started the VM, 0 if it never did.
+    pub started: u8,
+    pub reserved: [u8; 7],
+}
+const _: () = assert!(size_of::<RecoverStateBody>() == 16);
+
 /// Head of Error; followed by `len` bytes of UTF-8 text.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
@@ -208,6 +221,9 @@ pub enum Kind {
     Complete = 17,
     Done = 18,
     Error = 19,
+    Heartbeat = 20,
+    ReceivedMap = 21,
+    RecoverState = 22,
 }
 
 impl Kind {
@@ -234,6 +250,9 @@ impl Kind {
             17 => Complete,
             18 => Done,
             19 => Error,
+            20 => Heartbeat,
+            21 => ReceivedMap,
+            22 => RecoverState,
             _ => return None,
         })
     }
@@ -252,12 +271,13 @@ impl Kind {
                 (size_of::<ConfigHead>() + size_of::<RegionEntry>()) as u32,
                 (size_of::<ConfigHead>() + MAX_REGIONS * size_of::<RegionEntry>()) as u32,
             ),
-            Kind::Ready | Kind::Switchover | Kind::PostcopyStart => (0, 0),
+            Kind::Ready | Kind::Switchover | Kind::PostcopyStart | Kind::Heartbeat => (0, 0),
             Kind::Pages => (
                 (size_of::<RunHead>() + PAGE) as u32,
                 size_of::<RunHead>() as u32 + MAX_PAGES_PER_FRAME * PAGE_SIZE as u32,
             ),
-            Kind::ZeroPages | Kind::Discard => exact(size_of::<RunHead>()),
+            Kind::ZeroPages | Kind::Discard | Kind::ReceivedMap => exact(size_of::<RunHead>()),
+            Kind::RecoverState => exact(size_of::<RecoverStateBody>()),
             Kind::RoundEnd => exact(size_of::<RoundEndBody>()),
             Kind::State => (0, MAX_STATE_BYTES),
             Kind::PageRequest => exact(size_of::<PageHead>()),
@@ -394,6 +414,19 @@ pub enum Message<'a> {
         code: ErrorCode,
         message: String,
     },
+    /// "Still here": sent on an idle channel from the switchover on, so a silent link is
+    /// detected within the liveness timeout. Readers skip it.
+    Heartbeat,
+    /// Recovery: `count` pages from `gpa` that the destination holds.
+    ReceivedMap {
+        gpa: u64,
+        count: u32,
+    },
+    /// Recovery: the end of the ReceivedMap runs.
+    RecoverState {
+        started: bool,
+        held_pages: u64,
+    },
 }
 
 impl Message<'_> {
@@ -419,6 +452,9 @@ impl Message<'_> {
             Message::Complete { .. } => Kind::Complete,
             Message::Done(_) => Kind::Done,
             Message::Error { .. } => Kind::Error,
+            Message::Heartbeat => Kind::Heartbeat,
+            Message::ReceivedMap { .. } => Kind::ReceivedMap,
+            Message::RecoverState { .. } => Kind::RecoverState,
         }
     }
 }
@@ -478,6 +514,19 @@ impl WireError {
     /// Whether the error is a read/write timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, WireError::Timeout { .. })
+    }
+
+    /// Whether the error says the link failed (reset, closed, silent, an I/O error) rather
+    /// than that the peer broke the protocol or reported an error: a postcopy migration
+    /// pauses and recovers from these.
+    pub fn is_link_failure(&self) -> bool {
+        matches!(
+            self,
+            WireError::Io { .. }
+                | WireError::Closed { .. }
+                | WireError::Truncated { .. }
+                | WireError::Timeout { .. }
+        )
     }
 }
 
@@ -655,15 +704,29 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
                 data,
             }
         }
-        Kind::ZeroPages | Kind::Discard => {
+        Kind::ZeroPages | Kind::Discard | Kind::ReceivedMap => {
             let (head, _) = read_body::<RunHead>(kind, payload)?;
             run_count(kind, head.count.get(), MAX_RUN_PAGES)?;
             aligned(kind, head.gpa.get())?;
+            if head.reserved.get() != 0 {
+                return Err(bad(kind, "reserved field is not zero"));
+            }
             let (gpa, count) = (head.gpa.get(), head.count.get());
-            if kind == Kind::ZeroPages {
-                Message::ZeroPages { gpa, count }
-            } else {
-                Message::Discard { gpa, count }
+            match kind {
+                Kind::ZeroPages => Message::ZeroPages { gpa, count },
+                Kind::Discard => Message::Discard { gpa, count },
+                _ => Message::ReceivedMap { gpa, count },
+            }
+        }
+        Kind::Heartbeat => Message::Heartbeat,
+        Kind::RecoverState => {
+            let (b, _) = read_body::<RecoverStateBody>(kind, payload)?;
+            if b.started > 1 || b.reserved != [0; 7] {
+                return Err(bad(kind, "started flag must be 0 or 1 and reserved bytes zero"));
+            }
+            Message::RecoverState {
+                started: b.started == 1,
+                held_pages: b.held_pages.get(),
             }
         }
         Kind::RoundEnd => {
@@ -805,7 +868,18 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
                 );
             }
         }
-        Message::Ready | Message::Switchover | Message::PostcopyStart => {}
+        Message::Ready | Message::Switchover | Message::PostcopyStart | Message::Heartbeat => {}
+        Message::RecoverState {
+            started,
+            held_pages,
+        } => out.extend_from_slice(
+            RecoverStateBody {
+                held_pages: U64::new(*held_pages),
+                started: u8::from(*started),
+                reserved: [0; 7],
+            }
+            .as_bytes(),
+        ),
         Message::Pages { gpa, data } => {
             out.extend_from_slice(
                 RunHead {
@@ -817,7 +891,9 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
             );
             tail = data;
         }
-        Message::ZeroPages { gpa, count } | Message::Discard { gpa, count } => out
+        Message::ZeroPages { gpa, count }
+        | Message::Discard { gpa, count }
+        | Message::ReceivedMap { gpa, count } => out
             .extend_from_slice(
                 RunHead {
                     gpa: U64::new(*gpa),
@@ -899,10 +975,17 @@ enum Fill {
 
 /// Reads frames from a stream. The stream's own read timeout (if any) is the polling tick; the
 /// reader fails with [`WireError::Timeout`] once no byte arrived for `stall_timeout`.
+///
+/// Heartbeat frames are read and skipped by every method. With a liveness bound set
+/// ([`FrameReader::set_liveness`]), even the waits that may idle ([`FrameReader::poll`],
+/// [`FrameReader::read_within`]) fail once no byte at all (a heartbeat included) arrived for
+/// that long: the link is dead even if the peer may legitimately take long to say something.
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     stall_timeout: Duration,
+    liveness: Option<Duration>,
+    last_byte: Instant,
     bytes: u64,
 }
 
@@ -912,6 +995,8 @@ impl<R: Read> FrameReader<R> {
             inner,
             buf: Vec::new(),
             stall_timeout,
+            liveness: None,
+            last_byte: Instant::now(),
             bytes: 0,
         }
     }
@@ -919,6 +1004,14 @@ impl<R: Read> FrameReader<R> {
     /// Change how long the peer may stay silent.
     pub fn set_stall_timeout(&mut self, t: Duration) {
         self.stall_timeout = t;
+    }
+
+    /// From now on, fail every read once the peer sent no byte for `t` (the peer sends
+    /// heartbeats); also bounds the stall timeout to `t`. Counting starts now.
+    pub fn set_liveness(&mut self, t: Duration) {
+        self.liveness = Some(t);
+        self.stall_timeout = self.stall_timeout.min(t);
+        self.last_byte = Instant::now();
     }
 
     /// Total bytes read so far.
@@ -954,10 +1047,20 @@ impl<R: Read> FrameReader<R> {
                     got += n;
                     self.bytes += n as u64;
                     last_progress = Instant::now();
+                    self.last_byte = last_progress;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
                     if allow_idle && got == 0 {
+                        if let Some(live) = self.liveness {
+                            let silent = self.last_byte.elapsed();
+                            if silent >= live {
+                                return Err(WireError::Timeout {
+                                    during,
+                                    waited_ms: silent.as_millis() as u64,
+                                });
+                            }
+                        }
                         return Ok(Fill::Idle);
                     }
                     let waited = last_progress.elapsed();
@@ -974,9 +1077,24 @@ impl<R: Read> FrameReader<R> {
         Ok(Fill::Done)
     }
 
-    /// Read one whole frame into the buffer; returns its kind and payload length, or None if
-    /// idling is allowed and nothing arrived within one tick.
+    /// Read one whole frame other than a heartbeat into the buffer; returns its kind and
+    /// payload length, or None if idling is allowed and nothing (or only heartbeats) arrived
+    /// within one tick.
     fn next(
+        &mut self,
+        allow_idle: bool,
+        during: &'static str,
+    ) -> Result<Option<(Kind, usize)>, WireError> {
+        loop {
+            match self.next_frame(allow_idle, during)? {
+                Some((Kind::Heartbeat, _)) if allow_idle => return Ok(None),
+                Some((Kind::Heartbeat, _)) => {}
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn next_frame(
         &mut self,
         allow_idle: bool,
         during: &'static str,
@@ -1050,6 +1168,7 @@ pub struct FrameWriter<W> {
     buf: Vec<u8>,
     bytes: u64,
     stall_timeout: Duration,
+    last_write: Instant,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -1059,7 +1178,13 @@ impl<W: Write> FrameWriter<W> {
             buf: Vec::new(),
             bytes: 0,
             stall_timeout,
+            last_write: Instant::now(),
         }
+    }
+
+    /// How long ago the last frame was written in full (or the writer was made).
+    pub fn idle_for(&self) -> Duration {
+        self.last_write.elapsed()
     }
 
     /// Change how long a write may make no progress.
@@ -1124,6 +1249,9 @@ impl<W: Write> FrameWriter<W> {
         }
         self.bytes += done as u64;
         self.buf = head;
+        if result.is_ok() {
+            self.last_write = Instant::now();
+        }
         result
     }
 
@@ -1251,10 +1379,60 @@ mod tests {
                 code: ErrorCode::AuthFailed,
                 message: "authentication failed".into(),
             },
+            Message::ReceivedMap {
+                gpa: 0x3000,
+                count: 7,
+            },
+            Message::RecoverState {
+                started: true,
+                held_pages: 12345,
+            },
         ];
         for m in &msgs {
             roundtrip(m);
         }
+    }
+
+    #[test]
+    fn heartbeat_is_an_empty_frame() {
+        let mut out = Vec::new();
+        encode(&Message::Heartbeat, &mut out);
+        assert_eq!(out.len(), size_of::<FrameHeader>());
+        let h = FrameHeader::read_from_bytes(&out[..]).unwrap();
+        assert_eq!(check_header(&h).unwrap(), (Kind::Heartbeat, 0));
+        assert_eq!(decode(Kind::Heartbeat, &[]).unwrap(), Message::Heartbeat);
+    }
+
+    #[test]
+    fn readers_skip_heartbeats() {
+        let mut w = FrameWriter::new(Vec::new(), Duration::from_secs(1));
+        w.send(&Message::Heartbeat, "t").unwrap();
+        w.send(&Message::Heartbeat, "t").unwrap();
+        w.send(&Message::Ready, "t").unwrap();
+        let bytes = w.get_ref().clone();
+        let mut r = FrameReader::new(&bytes[..], Duration::from_secs(1));
+        assert_eq!(r.read("t").unwrap(), Message::Ready);
+        let mut r = FrameReader::new(&bytes[..], Duration::from_secs(1));
+        // poll reports a heartbeat as "nothing yet", never as a message.
+        assert_eq!(r.poll("t").unwrap(), None);
+        assert_eq!(r.poll("t").unwrap(), None);
+        assert_eq!(r.poll("t").unwrap(), Some(Message::Ready));
+    }
+
+    #[test]
+    fn recover_state_fields_are_checked() {
+        let mut buf = Vec::new();
+        encode(
+            &Message::RecoverState {
+                started: false,
+                held_pages: 1,
+            },
+            &mut buf,
+        );
+        let hlen = size_of::<FrameHeader>();
+        buf[hlen + 8] = 2; // started flag neither 0 nor 1
+        let e = decode(Kind::RecoverState, &buf[hlen..]).unwrap_err();
+        assert!(e.to_string().contains("started flag"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ fn timeouts() -> Timeouts {
         io: Duration::from_secs(2),
         setup: Duration::from_secs(20),
         tick: Duration::from_millis(20),
+        recover: Duration::from_secs(15),
+        ..Timeouts::default()
     }
 }
 
@@ -431,7 +433,19 @@ impl DestinationVm for TestDest {
                             continue;
                         }
                         let gpa = mem.layout.page_gpa(page).unwrap();
-                        fetcher.fetch(gpa, &mut buf)?;
+                        // Like the real fault service: a fetch that fails because the link is
+                        // down waits and tries again (the page may also arrive meanwhile).
+                        loop {
+                            match fetcher.fetch(gpa, &mut buf) {
+                                Ok(()) => break,
+                                Err(e @ FetchError::BadAddress { .. }) => return Err(e),
+                                Err(_) if present.contains(page) => break,
+                                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                            }
+                        }
+                        if present.contains(page) {
+                            continue;
+                        }
                         // Like the real engine: the first copy to arrive wins.
                         if present.insert(page) {
                             mem.write_bytes(gpa, &buf);

@@ -1,8 +1,10 @@
 //! The control API: a Unix socket (mode 0600) speaking one JSON object per line.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"migrate","to":ADDR,"mode":"precopy|postcopy|hybrid","secret_file":PATH?}` (the VMM
-//! reads the secret itself, so it never crosses the socket).
+//! Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume","force":false}`,
+//! `{"cmd":"migrate","to":ADDR,"mode":"precopy|postcopy|hybrid","secret_file":PATH?,
+//! "recover_timeout_s":N?}` (the VMM reads the secret itself, so it never crosses the socket),
+//! and `{"cmd":"migrate-retarget","to":ADDR}` (a running migration reconnects to ADDR from its
+//! next recovery attempt on).
 //! Every reply is one line `{"ok":true,...}` or `{"ok":false,"error":MSG}`; `migrate` first
 //! streams `{"progress":{...}}` lines while it works.
 
@@ -51,13 +53,24 @@ pub enum ApiError {
 pub enum Request {
     Status,
     Pause,
-    Resume,
+    Resume {
+        /// Resume even though the last migration's outcome is unknown (the destination may
+        /// run the VM: only an operator who knows it does not may say so).
+        #[serde(default)]
+        force: bool,
+    },
     Migrate {
         to: String,
         mode: String,
         #[serde(default)]
         secret_file: Option<String>,
+        /// How long to keep reconnecting after the link fails past the switchover (default
+        /// 600 s).
+        #[serde(default)]
+        recover_timeout_s: Option<u64>,
     },
+    /// Point the running migration's recovery at another destination address.
+    MigrateRetarget { to: String },
 }
 
 /// What the VMM does with requests; the launcher implements it.

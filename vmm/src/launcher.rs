@@ -1,8 +1,10 @@
 //! What `vmm run` does: build the VM, boot the guest, serve the API, and wait for the guest to
 //! exit or for SIGINT/SIGTERM.
 
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::api::{ApiError, ApiHandler, ApiServer, Request};
@@ -55,6 +57,9 @@ pub enum LaunchError {
     GuestCrashed(String),
     #[error("the guest reset itself (reset request or triple fault)")]
     GuestReset,
+    /// A migration failed after the destination started the VM: this copy is stale.
+    #[error("{0}")]
+    VmLost(String),
 }
 
 /// How a run ended.
@@ -115,20 +120,28 @@ pub fn run(
     })?;
     tracing::info!(entry = format!("{:#x}", info.entry), kind = ?info.kind, "guest started");
     let vm = Arc::new(vm);
+    let api = Arc::new(VmApi {
+        vm: vm.clone(),
+        migrate,
+        handed_over: AtomicBool::new(false),
+        lost: Mutex::new(None),
+        outcome_unknown: AtomicBool::new(false),
+        control: Mutex::new(None),
+    });
     let _api = match &cfg.api_socket {
-        Some(p) => Some(ApiServer::start(
-            p,
-            Arc::new(VmApi {
-                vm: vm.clone(),
-                migrate,
-                handed_over: std::sync::atomic::AtomicBool::new(false),
-            }),
-        )?),
+        Some(p) => Some(ApiServer::start(p, api.clone())?),
         None => None,
     };
     let outcome = wait(&vm);
     vm.shutdown();
+    if let Some(why) = lock(&api.lost).take() {
+        return Err(LaunchError::VmLost(why));
+    }
     outcome
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Waits for the VM to stop, turning the stop reason into an outcome.
@@ -148,23 +161,48 @@ pub fn wait(vm: &Vm) -> Result<RunOutcome, LaunchError> {
     }
 }
 
-/// A failed migration: what went wrong, and whether the VM was handed over anyway (the
-/// destination runs it, so this VMM must stop without resuming it).
+/// How a failed migration left the VM here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Nothing was handed over: the VM runs here again.
+    Resumed,
+    /// The destination started the VM and the migration could not be completed: the VM is
+    /// lost (this copy is stale); this VMM stops, exiting non-zero.
+    Lost,
+    /// The destination may or may not run the VM: it stays paused here until an operator
+    /// decides (`resume` with `force`).
+    Unknown,
+}
+
+/// A failed migration: what went wrong, and what became of the VM here.
 #[derive(Debug)]
 pub struct MigrateFailure {
     pub message: String,
-    pub handed_over: bool,
+    pub after: AfterFailure,
 }
+
+/// What a `migrate` request asks for.
+#[derive(Debug, Clone)]
+pub struct MigrateRequest {
+    pub to: String,
+    pub mode: String,
+    pub secret_file: Option<std::path::PathBuf>,
+    /// How long to keep reconnecting after a link failure past the switchover.
+    pub recover_timeout: Duration,
+}
+
+/// Default of [`MigrateRequest::recover_timeout`].
+pub const DEFAULT_RECOVER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Carries out `migrate` requests for a running VM (the migration glue implements it). On
 /// success the VM runs on the destination, and this VMM stops once the reply is sent.
+/// `control` is the running migration's handle (its phase; where recovery reconnects).
 pub trait MigrateHandler: Send + Sync {
     fn migrate(
         &self,
         vm: &Arc<Vm>,
-        to: &str,
-        mode: &str,
-        secret_file: Option<&std::path::Path>,
+        req: &MigrateRequest,
+        control: Arc<migration::source::MigrationControl>,
         progress: &mut dyn FnMut(serde_json::Value),
     ) -> Result<serde_json::Value, MigrateFailure>;
 }
@@ -173,7 +211,14 @@ struct VmApi {
     vm: Arc<Vm>,
     migrate: Option<Arc<dyn MigrateHandler>>,
     /// Set when a migration handed the VM over; the VM stops once the reply is written.
-    handed_over: std::sync::atomic::AtomicBool,
+    handed_over: AtomicBool,
+    /// Set when a migration lost the VM (why); the VM stops once the reply is written and
+    /// `run` fails with it.
+    lost: Mutex<Option<String>>,
+    /// The last migration left the VM paused with its outcome unknown.
+    outcome_unknown: AtomicBool,
+    /// The running migration, if any.
+    control: Mutex<Option<Arc<migration::source::MigrationControl>>>,
 }
 
 impl ApiHandler for VmApi {
@@ -188,42 +233,90 @@ impl ApiHandler for VmApi {
                 "vcpus": self.vm.vcpu_count(),
                 "memory_bytes": self.vm.ram().size(),
                 "backing": self.vm.ram().backing().name(),
+                "migration": lock(&self.control).as_ref().and_then(|c| c.phase()).map(|p| p.name()),
+                "migration_outcome_unknown": self.outcome_unknown.load(Ordering::SeqCst),
             })),
             Request::Pause => self
                 .vm
                 .pause()
                 .map(|_| serde_json::json!({}))
                 .map_err(|e| e.to_string()),
-            Request::Resume => {
+            Request::Resume { force } => {
+                if lock(&self.control).is_some() {
+                    return Err("a migration is in progress: the VM stays paused until it ends".into());
+                }
+                if self.outcome_unknown.load(Ordering::SeqCst) && !force {
+                    return Err("the last migration's outcome is unknown: the destination may run this VM; resume with \"force\":true only if it surely does not".into());
+                }
+                self.outcome_unknown.store(false, Ordering::SeqCst);
                 self.vm.resume();
                 Ok(serde_json::json!({}))
+            }
+            Request::MigrateRetarget { to } => {
+                let control = lock(&self.control).clone();
+                let Some(control) = control else {
+                    return Err("no migration is in progress".into());
+                };
+                let addr = to
+                    .to_socket_addrs()
+                    .map_err(|e| format!("cannot resolve '{to}': {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("'{to}' has no address"))?;
+                control.retarget(addr);
+                Ok(serde_json::json!({ "to": addr.to_string() }))
             }
             Request::Migrate {
                 to,
                 mode,
                 secret_file,
-            } => match &self.migrate {
-                Some(m) => {
-                    let r = m.migrate(
-                        &self.vm,
-                        &to,
-                        &mode,
-                        secret_file.as_deref().map(std::path::Path::new),
-                        progress,
-                    );
-                    if r.as_ref().map_or_else(|e| e.handed_over, |_| true) {
-                        self.handed_over
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    r.map_err(|e| e.message)
+                recover_timeout_s,
+            } => {
+                let Some(m) = &self.migrate else {
+                    return Err("this VMM cannot migrate".into());
+                };
+                if self.outcome_unknown.load(Ordering::SeqCst) {
+                    return Err("the last migration's outcome is unknown: resolve it first (resume with force, or stop this VMM)".into());
                 }
-                None => Err("this VMM cannot migrate".into()),
-            },
+                let control = Arc::new(migration::source::MigrationControl::default());
+                {
+                    let mut c = lock(&self.control);
+                    if c.is_some() {
+                        return Err("a migration is in progress already".into());
+                    }
+                    *c = Some(control.clone());
+                }
+                let req = MigrateRequest {
+                    to,
+                    mode,
+                    secret_file: secret_file.map(std::path::PathBuf::from),
+                    recover_timeout: recover_timeout_s
+                        .map(Duration::from_secs)
+                        .unwrap_or(DEFAULT_RECOVER_TIMEOUT),
+                };
+                let r = m.migrate(&self.vm, &req, control, progress);
+                lock(&self.control).take();
+                match r {
+                    Ok(v) => {
+                        self.handed_over.store(true, Ordering::SeqCst);
+                        Ok(v)
+                    }
+                    Err(e) => {
+                        match e.after {
+                            AfterFailure::Resumed => {}
+                            AfterFailure::Lost => *lock(&self.lost) = Some(e.message.clone()),
+                            AfterFailure::Unknown => {
+                                self.outcome_unknown.store(true, Ordering::SeqCst)
+                            }
+                        }
+                        Err(e.message)
+                    }
+                }
+            }
         }
     }
 
     fn after_reply(&self) {
-        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.handed_over.load(Ordering::SeqCst) || lock(&self.lost).is_some() {
             self.vm.stop_signal().stop(StopReason::Stopped);
         }
     }

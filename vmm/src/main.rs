@@ -45,8 +45,12 @@ enum Command {
     /// output as with `run`) and exit with the guest's exit code.
     Receive(ReceiveArgs),
     /// Migrate the VM behind an API socket to a waiting `vmm receive`; shows progress on stderr
-    /// and prints a summary at the end.
+    /// and prints a summary at the end. Exits 0 only once the destination confirmed every page.
     Migrate(MigrateArgs),
+    /// Point a running migration's recovery at another destination address (e.g. another
+    /// network path to the same `vmm receive`): the source reconnects there from its next
+    /// attempt on.
+    MigrateRetarget(RetargetArgs),
     /// Measure the raw vCPU userfault round trip with the page already local (the floor under a
     /// postcopy fault): boot the workload guest with every page behind a minimal userfault
     /// handler and print the latency the guest and the VMM saw.
@@ -105,6 +109,11 @@ struct ReceiveArgs {
     /// file as JSON once every page has arrived.
     #[arg(long)]
     stats_json: Option<PathBuf>,
+    /// Once the source's state arrived, a lost link pauses the migration (postcopy-paused:
+    /// vCPUs that touch a missing page wait, the others run) and the destination waits this
+    /// many seconds for the source to reconnect; then the VM is lost and it exits non-zero.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    recover_timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +134,21 @@ struct MigrateArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// After the switchover, a lost link pauses the migration (postcopy-paused) and the source
+    /// reconnects with backoff for up to this many seconds; then the VM is lost (if the
+    /// destination runs it) or stays paused here (if that is unknown).
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    recover_timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct RetargetArgs {
+    /// The source VM's control socket (`vmm run --api-socket`).
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// The destination address to reconnect to.
+    #[arg(long)]
+    to: String,
 }
 
 #[derive(clap::Args)]
@@ -209,6 +233,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(a) => cmd_run(a),
         Command::Receive(a) => cmd_receive(a),
         Command::Migrate(a) => cmd_migrate(a),
+        Command::MigrateRetarget(a) => {
+            let reply = vmm::api::call(
+                &a.api_socket,
+                &Request::MigrateRetarget { to: a.to.clone() },
+                |_| {},
+            )
+            .with_context(|| format!("retargeting the migration to {}", a.to))?;
+            println!(
+                "the migration reconnects to {} from its next attempt on",
+                reply["to"].as_str().unwrap_or(&a.to)
+            );
+            Ok(0)
+        }
         Command::FaultLimit(a) => cmd_fault_limit(a),
         Command::Probe { json } => {
             let report = vmm::probe::probe();
@@ -285,6 +322,7 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
         secret_file: a.secret_file,
         serial: serial_target(&a.serial),
         stats_json: a.stats_json,
+        recover_timeout: std::time::Duration::from_secs(a.recover_timeout),
     };
     let outcome = destination::receive(&cfg).context("receiving the VM")?;
     Ok(outcome.exit_code())
@@ -307,12 +345,16 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
         to: a.to.clone(),
         mode: a.mode.clone(),
         secret_file,
+        recover_timeout_s: Some(a.recover_timeout),
     };
     let start = std::time::Instant::now();
     let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let mut last_phase = String::new();
     let summary = vmm::api::call(&a.api_socket, &req, |p| {
-        // Progress on stderr, at most a few lines a second.
-        if last.elapsed().as_millis() >= 250 {
+        // Progress on stderr, at most a few lines a second, and every change of phase.
+        let phase = p["phase"].as_str().unwrap_or("?").to_string();
+        if last.elapsed().as_millis() >= 250 || phase != last_phase {
+            last_phase = phase;
             last = std::time::Instant::now();
             eprintln!("{}", progress_line(p, start.elapsed().as_secs_f64()));
         }
@@ -372,6 +414,11 @@ fn print_summary(s: &serde_json::Value) {
     println!("  pages pushed   {}", u("pages_pushed"));
     println!("  collapses      {}", u("collapses"));
     println!("  precopy rounds {}", u("rounds"));
+    println!(
+        "  recoveries     {} ({:.1} ms postcopy-paused)",
+        u("recoveries"),
+        f("paused_ms")
+    );
     let ms = f("transfer_ms");
     if ms > 0.0 {
         println!(

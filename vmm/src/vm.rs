@@ -239,6 +239,16 @@ impl Vm {
         Ok(())
     }
 
+    /// Asks every vCPU to leave the guest, without waiting (a vCPU blocked in a userfault
+    /// leaves only once its page is served). Returns the errors of vCPUs that could not be
+    /// asked.
+    pub fn request_pause_all(&self) -> Vec<VmError> {
+        self.vcpus()
+            .iter()
+            .filter_map(|v| v.request_pause().err().map(VmError::from))
+            .collect()
+    }
+
     /// Resumes every vCPU.
     pub fn resume(&self) {
         for v in self.vcpus().iter() {

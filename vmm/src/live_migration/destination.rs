@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct ReceiveConfig {
     pub serial: SerialTarget,
     /// Where to write the destination's statistics as JSON when the migration completes.
     pub stats_json: Option<PathBuf>,
+    /// How long to wait in postcopy-paused for the source to reconnect after a link failure.
+    pub recover_timeout: Duration,
 }
 
 /// Errors of `vmm receive`.
@@ -49,6 +52,10 @@ pub enum ReceiveError {
     Vm(#[from] VmError),
     #[error("the migration failed: {0}")]
     Receive(#[source] destination::DestinationError),
+    /// The VM ran here and cannot be completed. Its memory and vCPU threads were left as
+    /// they were (faulting vCPUs blocked, nothing torn down), for the process to exit.
+    #[error("{0}")]
+    Lost(#[source] destination::DestinationError),
     #[error("running the VM: {0}")]
     Run(#[from] LaunchError),
     #[error("writing statistics to {path}: {source}")]
@@ -83,6 +90,10 @@ pub struct DestinationStats {
     pub staging_peak_bytes: u64,
     /// Staging memory still allocated when the stats were taken (0 once every region collapsed).
     pub staging_current_bytes: u64,
+    /// Times the link failed after the switchover and the source came back.
+    pub recoveries: u32,
+    /// Time spent postcopy-paused, in all.
+    pub paused_ms: f64,
     /// Huge-mapped guest RAM at the end, from /proc/self/smaps (kB).
     pub smaps_hugetlb_kb: u64,
     pub smaps_shmem_pmd_kb: u64,
@@ -151,6 +162,8 @@ struct DestSide {
     /// Postcopy and hybrid: the memslots were registered before Ready with dirty logging on
     /// (see `receive`), because the engine is expected to stage.
     dirty_logged: bool,
+    /// Set once the vCPUs were started.
+    started: Arc<AtomicBool>,
 }
 
 /// The postcopy engine as the protocol driver's bulk-page sink.
@@ -326,6 +339,7 @@ impl DestinationVm for DestSide {
         if !postcopy {
             self.register_slots(false, true)?;
         }
+        self.started.store(true, Ordering::SeqCst);
         self.vm.resume();
         Ok(())
     }
@@ -399,16 +413,28 @@ fn for_each_run(
 pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     signals::install().map_err(|e| ReceiveError::Run(LaunchError::Signals(e)))?;
     // Accepting and receiving block; a SIGINT/SIGTERM before the migration completes ends
-    // the process at once (the kernel frees guest RAM and its huge pages with it).
-    let receiving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // the process at once, from this thread: nothing is torn down first (no userfaultfd is
+    // closed, no staging unmapped), so a vCPU waiting for a page that never arrived never runs
+    // on (exit_group kills it in its wait), and the kernel frees guest RAM with the process.
+    let receiving = Arc::new(AtomicBool::new(true));
+    let started = Arc::new(AtomicBool::new(false));
     {
         let receiving = receiving.clone();
+        let started = started.clone();
         std::thread::Builder::new()
             .name("signal-watch".into())
             .spawn(move || {
-                while receiving.load(std::sync::atomic::Ordering::SeqCst) {
+                while receiving.load(Ordering::SeqCst) {
                     if let Some(sig) = signals::received() {
-                        eprintln!("vmm: signal {sig} during the migration, exiting");
+                        if started.load(Ordering::SeqCst) {
+                            eprintln!(
+                                "vmm: signal {sig} during the migration: VM lost (it ran here with pages that had not arrived; the source's copy is stale)"
+                            );
+                        } else {
+                            eprintln!(
+                                "vmm: signal {sig} during the migration, exiting (the VM never started here; the source keeps it)"
+                            );
+                        }
                         std::process::exit(128 + sig);
                     }
                     std::thread::sleep(POLL);
@@ -420,11 +446,16 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         Some(p) => Some(Secret::from_file(p).map_err(|e| ReceiveError::Secret(e.to_string()))?),
         None => None,
     };
-    let listener =
-        destination::listen(cfg.listen, secret).map_err(|source| ReceiveError::Listen {
+    let timeouts = migration::Timeouts {
+        recover: cfg.recover_timeout,
+        ..Default::default()
+    };
+    let listener = destination::listen_with(cfg.listen, secret, timeouts).map_err(|source| {
+        ReceiveError::Listen {
             addr: cfg.listen,
             source,
-        })?;
+        }
+    })?;
     eprintln!("vmm: waiting for a migration on {}", cfg.listen);
     let incoming = listener.accept().map_err(ReceiveError::Accept)?;
     let config = incoming.config().clone();
@@ -496,6 +527,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         strategy,
         engine: Mutex::new(None),
         dirty_logged,
+        started: started.clone(),
     };
     if postcopy {
         // Register the memslots now, before Ready, the way begin_postcopy needs them, with
@@ -510,9 +542,27 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
             )));
         }
     }
-    let summary = incoming.receive(&side).map_err(ReceiveError::Receive);
-    receiving.store(false, std::sync::atomic::Ordering::SeqCst);
-    let summary = summary?;
+    let summary = match incoming.receive(&side) {
+        Ok(s) => s,
+        Err(e) if started.load(Ordering::SeqCst) => {
+            // The guest ran here and pages are missing that only the source had. Tearing
+            // anything down now (the engine closes its userfaultfd, the staging is unmapped)
+            // would let a vCPU read those pages as zeros: stop the vCPUs that can be stopped,
+            // keep the rest blocked in their faults, and leave the whole VM to the process
+            // exit, which kills every thread where it waits.
+            for v in vm.request_pause_all() {
+                tracing::debug!("pausing a vCPU of the lost VM: {v}");
+            }
+            std::mem::forget(side);
+            std::mem::forget(vm);
+            return Err(ReceiveError::Lost(e));
+        }
+        Err(e) => {
+            receiving.store(false, Ordering::SeqCst);
+            return Err(ReceiveError::Receive(e));
+        }
+    };
+    receiving.store(false, Ordering::SeqCst);
     tracing::info!(?summary, "migration received");
     let engine = side.engine.lock().ok().and_then(|e| e.clone());
     if let Some(path) = &cfg.stats_json {
@@ -563,6 +613,8 @@ fn destination_stats(
         fault_ns: e.fault_latency_ns,
         staging_peak_bytes: (e.staging_peak_mib * 1024.0 * 1024.0) as u64,
         staging_current_bytes: e.staging_current_bytes,
+        recoveries: summary.recoveries,
+        paused_ms: summary.paused_ms,
         smaps_hugetlb_kb: hugetlb,
         smaps_shmem_pmd_kb: pmd,
         native_fallback: native_fallback(&regions),

@@ -6,11 +6,11 @@ use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
 use migration::auth::Secret;
-use migration::source::{self, MigrateOptions, SourceVm};
+use migration::source::{self, MigrateOptions, MigrationControl, SourceVm};
 use migration::types::{DirtyLog, Mode, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
-use crate::launcher::{MigrateFailure, MigrateHandler};
+use crate::launcher::{AfterFailure, MigrateFailure, MigrateHandler, MigrateRequest};
 use crate::vm::Vm;
 
 /// A running VM seen by the source protocol driver.
@@ -67,23 +67,25 @@ impl MigrateHandler for Migrator {
     fn migrate(
         &self,
         vm: &Arc<Vm>,
-        to: &str,
-        mode: &str,
-        secret_file: Option<&std::path::Path>,
+        req: &MigrateRequest,
+        control: Arc<MigrationControl>,
         progress: &mut dyn FnMut(serde_json::Value),
     ) -> Result<serde_json::Value, MigrateFailure> {
         let fail = |message: String| MigrateFailure {
             message,
-            handed_over: false,
+            after: AfterFailure::Resumed,
         };
-        let mode: Mode = mode.parse().map_err(fail)?;
+        let to = &req.to;
+        let mode: Mode = req.mode.parse().map_err(fail)?;
         let addr = to
             .to_socket_addrs()
             .map_err(|e| fail(format!("cannot resolve destination '{to}': {e}")))?
             .next()
             .ok_or_else(|| fail(format!("destination '{to}' has no address")))?;
         let mut opts = MigrateOptions::new(mode);
-        if let Some(p) = secret_file {
+        opts.timeouts.recover = req.recover_timeout;
+        opts.control = control;
+        if let Some(p) = &req.secret_file {
             opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.to_string()))?);
         }
         let side = SourceSide::new(vm.clone());
@@ -95,13 +97,19 @@ impl MigrateHandler for Migrator {
         };
         match source::migrate(&side, addr, opts, &report) {
             // The destination runs the VM now: the launcher stops this one after replying.
-            Ok(summary) => serde_json::to_value(summary).map_err(|e| MigrateFailure {
-                message: e.to_string(),
-                handed_over: true,
-            }),
+            // Every page reached the destination (Done): the summary is only a report, and the
+            // handover stands even if it cannot be encoded.
+            Ok(summary) => Ok(serde_json::to_value(summary)
+                .unwrap_or_else(|e| serde_json::json!({ "summary_error": e.to_string() }))),
             Err(e) => Err(MigrateFailure {
                 message: e.to_string(),
-                handed_over: e.destination_started(),
+                after: if e.destination_started() {
+                    AfterFailure::Lost
+                } else if e.keeps_paused() {
+                    AfterFailure::Unknown
+                } else {
+                    AfterFailure::Resumed
+                },
             }),
         }
     }

@@ -1,0 +1,76 @@
+//! Link liveness from the switchover on: each side sends a heartbeat on every channel it has
+//! written nothing on for a while, and each reader treats silence longer than the liveness
+//! bound as a dead link (see `FrameReader::set_liveness`). A link that silently drops packets
+//! (no reset, no FIN) is so detected within about the liveness bound, in both directions.
+
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::wire::{FrameWriter, Message};
+
+/// A frame writer several threads share (the thread that owns the channel's traffic and the
+/// heartbeat thread).
+pub type SharedWriter = Arc<Mutex<FrameWriter<TcpStream>>>;
+
+/// Locks a shared writer. A thread that panicked while writing leaves at worst a torn frame,
+/// which the peer rejects; the writer itself stays usable.
+pub fn lock(w: &SharedWriter) -> MutexGuard<'_, FrameWriter<TcpStream>> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The heartbeat thread of one connected stretch of a session; stops when dropped.
+pub struct Heartbeat {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Sends a heartbeat on each of `writers` whenever it has been idle for `interval`. A
+    /// writer busy with another frame is alive and skipped; a failed write is left to the
+    /// channel's owner, whose next read or write fails too.
+    pub fn start(writers: Vec<SharedWriter>, interval: Duration) -> std::io::Result<Heartbeat> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = stop.clone();
+        let tick = (interval / 4).max(Duration::from_millis(5));
+        let thread = std::thread::Builder::new()
+            .name("mig-heartbeat".into())
+            .spawn(move || {
+                let (m, cv) = &*flag;
+                let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+                while !*stopped {
+                    stopped = cv
+                        .wait_timeout(stopped, tick)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    if *stopped {
+                        break;
+                    }
+                    for w in &writers {
+                        let Ok(mut w) = w.try_lock() else { continue };
+                        if w.idle_for() >= interval {
+                            if let Err(e) = w.send(&Message::Heartbeat, "sending a heartbeat") {
+                                tracing::debug!("heartbeat not sent: {e}");
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.stop;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
