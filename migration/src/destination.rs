@@ -9,14 +9,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::auth::Secret;
+use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
-use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::transport::{Acceptor, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{AtomicPageSet, FetchError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
 use crate::wire::{
-    self, check_run, DoneStats, ErrorCode, FrameReader, Kind, Message, MigrationConfig,
-    WireError, MAX_RUN_PAGES,
+    self, check_run, DoneStats, ErrorCode, FrameReader, Kind, Message, MigrationConfig, WireError,
+    MAX_RUN_PAGES,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -97,7 +97,9 @@ pub enum DestinationError {
     },
     /// The switchover had begun (the source's State arrived) but the VM never started here:
     /// the source keeps the VM (it resumes it, or an operator decides).
-    #[error("the migration was abandoned before the VM started here (the source keeps the VM): {0}")]
+    #[error(
+        "the migration was abandoned before the VM started here (the source keeps the VM): {0}"
+    )]
     Abandoned(Box<DestinationError>),
     /// The VM already runs here and pages are missing that only the source has.
     #[error("VM lost: the VM runs here with pages that never arrived, and the migration cannot be completed: {0}")]
@@ -240,6 +242,7 @@ impl IncomingMigration {
             started: false,
             live: false,
             done_sent: false,
+            discarded: false,
             start_ms: 0.0,
             postcopy: None,
             heartbeat: None,
@@ -335,6 +338,8 @@ struct Receiver<'a> {
     live: bool,
     /// Done went out; the source closing the connection ends the receive.
     done_sent: bool,
+    /// A hybrid's Discard frames arrived (its switchover has begun).
+    discarded: bool,
     start_ms: f64,
     postcopy: Option<Postcopy>,
     heartbeat: Option<Heartbeat>,
@@ -360,7 +365,7 @@ impl Receiver<'_> {
             match self.step(vm, main, urgent) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Finished) => return Ok(()),
-                Err(e) if self.state.is_some() && e.is_link_failure() => {
+                Err(e) if e.is_link_failure() && (self.state.is_some() || self.switch_near()) => {
                     match self.recover(main, &e) {
                         Ok(()) => {}
                         // Every page is here and Done went out: the source may report a
@@ -376,6 +381,28 @@ impl Receiver<'_> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The source may have paused the VM and sent its State although none of it arrived: a
+    /// hybrid's Discards came, or a postcopy's Ready went out. Then the destination waits a
+    /// short while for the source to ask whether the VM started here (it did not), so the
+    /// source can resume it instead of staying paused with the outcome unknown.
+    fn switch_near(&self) -> bool {
+        match self.config.mode {
+            Mode::Postcopy => true,
+            Mode::Hybrid => self.discarded,
+            Mode::Precopy => self.complete,
+        }
+    }
+
+    /// How long to wait for the source to come back: the recover timeout once its State
+    /// arrived, else a few liveness bounds (see [`Receiver::switch_near`]).
+    fn recover_wait(&self) -> Duration {
+        if self.state.is_some() {
+            self.timeouts.recover
+        } else {
+            self.timeouts.recover.min(self.timeouts.liveness * 5)
         }
     }
 
@@ -428,6 +455,7 @@ impl Receiver<'_> {
                 for i in first..first + count {
                     self.have.remove(i);
                 }
+                self.discarded = true;
             }
             Message::RoundEnd { round, pages } => {
                 tracing::debug!(round, pages, "precopy round received");
@@ -554,7 +582,8 @@ impl Receiver<'_> {
         why: &DestinationError,
     ) -> Result<(), DestinationError> {
         let since = Instant::now();
-        let deadline = since + self.timeouts.recover;
+        let wait = self.recover_wait();
+        let deadline = since + wait;
         self.heartbeat.take();
         main.shutdown();
         if let Some(pc) = &self.postcopy {
@@ -567,7 +596,7 @@ impl Receiver<'_> {
             } else {
                 "the VM has not started here"
             },
-            self.timeouts.recover.as_secs()
+            wait.as_secs()
         );
         let session = loop {
             let mut session = match self.acceptor.accept_recovery(self.session_id, deadline) {

@@ -12,9 +12,9 @@ mod holes;
 use holes::RegionHoles;
 
 use crate::auth::Secret;
+use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::thread_priority::{self, ThreadRole};
-use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::transport::{self, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
     AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion,
@@ -818,7 +818,10 @@ impl Handover<'_> {
             };
             // A destination that gave up sent its reason before closing: prefer it over the
             // broken pipe it left.
-            let err = match (err.is_link_failure(), link.main.reader.poll("reading a last report")) {
+            let err = match (
+                err.is_link_failure(),
+                link.main.reader.poll("reading a last report"),
+            ) {
                 (true, Ok(Some(Message::Error { code, message }))) => {
                     SourceError::Wire(WireError::Remote { code, message })
                 }
@@ -875,12 +878,11 @@ impl Handover<'_> {
         if !precopy {
             writers.push(urgent_writer.clone());
         }
-        let _heartbeat = Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(|e| {
-            SourceError::Vm {
+        let _heartbeat =
+            Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(|e| SourceError::Vm {
                 op: "spawning the heartbeat thread",
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let send = |msg: &Message<'_>, during| -> Result<(), WireError> {
             let mut w = liveness::lock(&main_writer);
             let before = w.bytes_written();
@@ -941,9 +943,12 @@ impl Handover<'_> {
             };
             let result = (|| -> Result<DoneStats, SourceError> {
                 if !self.started {
-                    wait_for(main_reader, opts.timeouts.setup, "waiting for Started", |m| {
-                        matches!(m, Message::Started)
-                    })?;
+                    wait_for(
+                        main_reader,
+                        opts.timeouts.setup,
+                        "waiting for Started",
+                        |m| matches!(m, Message::Started),
+                    )?;
                     self.started = true;
                     self.blackout = Some(self.blackout_start.elapsed());
                 }

@@ -95,7 +95,9 @@ pub enum TransportError {
     SessionMismatch { expected: u64, got: u64 },
     #[error("connection from non-loopback peer {peer} refused: no shared secret configured")]
     PeerNotLoopback { peer: SocketAddr },
-    #[error("a new migration from {peer} refused: this destination is recovering session {session:#x}")]
+    #[error(
+        "a new migration from {peer} refused: this destination is recovering session {session:#x}"
+    )]
     Busy { peer: SocketAddr, session: u64 },
     #[error("no recovery connection arrived within {waited_ms} ms")]
     RecoverTimeout { waited_ms: u64 },
@@ -181,10 +183,12 @@ impl Channel {
 
     /// Another handle on the connection (to shut it down from another thread).
     pub fn stream_handle(&self) -> Result<TcpStream, TransportError> {
-        self.stream.try_clone().map_err(|source| TransportError::Socket {
-            what: "dup",
-            source,
-        })
+        self.stream
+            .try_clone()
+            .map_err(|source| TransportError::Socket {
+                what: "dup",
+                source,
+            })
     }
 
     /// Close both directions (wakes a thread blocked reading this channel).
@@ -247,10 +251,12 @@ impl LiveChannel {
 
     /// Another handle on the connection (to shut it down from another thread).
     pub fn stream_handle(&self) -> Result<TcpStream, TransportError> {
-        self.stream.try_clone().map_err(|source| TransportError::Socket {
-            what: "dup",
-            source,
-        })
+        self.stream
+            .try_clone()
+            .map_err(|source| TransportError::Socket {
+                what: "dup",
+                source,
+            })
     }
 }
 
@@ -652,8 +658,7 @@ impl Acceptor {
                     }
                 };
                 let mut urgent = Channel::new(stream, &t, true)?;
-                if let Err(e) =
-                    self.destination_handshake(&mut urgent, ChannelKind::Urgent, id, id)
+                if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id, id)
                 {
                     urgent.shutdown();
                     main.shutdown();

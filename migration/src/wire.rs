@@ -722,7 +722,10 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         Kind::RecoverState => {
             let (b, _) = read_body::<RecoverStateBody>(kind, payload)?;
             if b.started > 1 || b.reserved != [0; 7] {
-                return Err(bad(kind, "started flag must be 0 or 1 and reserved bytes zero"));
+                return Err(bad(
+                    kind,
+                    "started flag must be 0 or 1 and reserved bytes zero",
+                ));
             }
             Message::RecoverState {
                 started: b.started == 1,
@@ -893,15 +896,14 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
         }
         Message::ZeroPages { gpa, count }
         | Message::Discard { gpa, count }
-        | Message::ReceivedMap { gpa, count } => out
-            .extend_from_slice(
-                RunHead {
-                    gpa: U64::new(*gpa),
-                    count: U32::new(*count),
-                    reserved: U32::new(0),
-                }
-                .as_bytes(),
-            ),
+        | Message::ReceivedMap { gpa, count } => out.extend_from_slice(
+            RunHead {
+                gpa: U64::new(*gpa),
+                count: U32::new(*count),
+                reserved: U32::new(0),
+            }
+            .as_bytes(),
+        ),
         Message::RoundEnd { round, pages } => out.extend_from_slice(
             RoundEndBody {
                 pages: U64::new(*pages),

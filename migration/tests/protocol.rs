@@ -14,6 +14,7 @@ use migration::auth::Secret;
 use migration::destination::{
     self, DestinationError, DestinationVm, PostcopyOutcome, PostcopySink,
 };
+use migration::relay::Relay;
 use migration::source::{self, MigrateOptions, SourceError, SourceVm};
 use migration::transport::{self, Acceptor, Timeouts};
 use migration::types::{AtomicPageSet, PageSet, RamLayout, RegionLayout};
@@ -314,7 +315,11 @@ struct TestDest {
     fetcher: Mutex<Option<Arc<dyn PageFetcher>>>,
     faulters: Faulters,
     faults: Arc<AtomicU64>,
+    /// Runs at the start of `start` (a test's hook into the switchover).
+    before_start: Option<StartHook>,
 }
+
+type StartHook = Box<dyn Fn() + Send + Sync>;
 
 impl TestDest {
     fn new(config: &MigrationConfig) -> Self {
@@ -328,6 +333,7 @@ impl TestDest {
             fetcher: Mutex::new(None),
             faulters: Arc::new(Mutex::new(Vec::new())),
             faults: Arc::new(AtomicU64::new(0)),
+            before_start: None,
         }
     }
 }
@@ -406,6 +412,9 @@ impl DestinationVm for TestDest {
         }))
     }
     fn start(&self) -> Result<(), String> {
+        if let Some(hook) = &self.before_start {
+            hook();
+        }
         if self.fail_start {
             return Err("test: the vCPUs refuse to start".into());
         }
@@ -465,10 +474,25 @@ fn spawn_destination(
     listener: destination::Listener,
     fail_start: bool,
 ) -> JoinHandle<DestinationResult> {
+    spawn_destination_with(listener, fail_start, None, None)
+}
+
+/// [`spawn_destination`] that also reports the session id on `session` once accepted, and runs
+/// `before_start` when the VM starts.
+fn spawn_destination_with(
+    listener: destination::Listener,
+    fail_start: bool,
+    session: Option<std::sync::mpsc::Sender<u64>>,
+    before_start: Option<StartHook>,
+) -> JoinHandle<DestinationResult> {
     std::thread::spawn(move || {
         let incoming = listener.accept()?;
+        if let Some(tx) = session {
+            let _ = tx.send(incoming.session_id());
+        }
         let mut vm = TestDest::new(incoming.config());
         vm.fail_start = fail_start;
+        vm.before_start = before_start;
         let summary = incoming.receive(&vm)?;
         let state = vm.state.lock().unwrap().clone().unwrap_or_default();
         Ok((vm.mem.clone(), state, summary))
@@ -932,4 +956,234 @@ fn page_fetch_of_a_bad_address_is_refused() {
     assert!(e.to_string().contains("probe done"), "{e}");
     assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
     assert!(dest.join().unwrap().to_string().contains("probe done"));
+}
+
+// ---- postcopy recovery: the link fails after the switchover, through a relay the test drives ----
+
+const LAYOUT_128M: &[(u32, u64, u64)] = &[(0, 0, 96 * MIB), (1, 4 << 30, 32 * MIB)];
+
+/// Polls `cond` every millisecond for up to `limit`; true if it held.
+fn wait_until(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cond()
+}
+
+fn relay_to(addr: SocketAddr) -> Relay {
+    Relay::start("127.0.0.1:0".parse().unwrap(), addr).unwrap()
+}
+
+/// What every recovered migration must give: the same memory and state on both sides, the
+/// source never resumed, both sides counting the recoveries.
+fn assert_recovered(
+    src: &TestSource,
+    summary: &migration::MigrationSummary,
+    dest: JoinHandle<DestinationResult>,
+    at_least: u32,
+) {
+    let (mem, state, recv) = dest.join().unwrap().unwrap();
+    println!("source: {}", serde_json::to_string(summary).unwrap());
+    println!("destination: {}", serde_json::to_string(&recv).unwrap());
+    assert_eq!(
+        mem.first_difference(&src.mem),
+        None,
+        "destination memory differs from the source after recovery"
+    );
+    assert_eq!(state, src.state, "state blob");
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 0, "the source resumed");
+    assert!(
+        summary.recoveries >= at_least,
+        "source counted {} recoveries, want at least {at_least}",
+        summary.recoveries
+    );
+    assert!(
+        recv.recoveries >= at_least,
+        "destination counted {} recoveries, want at least {at_least}",
+        recv.recoveries
+    );
+    assert!(summary.paused_ms > 0.0 && recv.paused_ms > 0.0);
+    assert_eq!(
+        summary.destination.pages_received,
+        src.mem.layout.total_pages()
+    );
+}
+
+#[test]
+fn postcopy_recovers_from_three_resets_and_a_blackhole() {
+    let (l, addr) = listener(Some(secret(1)));
+    let dest = spawn_destination(l, false);
+    let relay = relay_to(addr);
+    let src = TestSource::new(LAYOUT_128M);
+    let over = AtomicBool::new(false);
+    let summary = std::thread::scope(|s| {
+        s.spawn(|| {
+            let limit = Duration::from_secs(30);
+            for k in 0..3 {
+                relay.reset_after_bytes(12 * MIB);
+                wait_until(limit, || relay.resets() > k || over.load(Ordering::Relaxed));
+                std::thread::sleep(Duration::from_millis(1));
+                wait_until(limit, || {
+                    relay.open_connections() >= 2 || over.load(Ordering::Relaxed)
+                });
+            }
+            // Then a silent link: nothing forwarded, nothing reset, for three times the
+            // liveness bound.
+            let before = relay.forwarded().0;
+            wait_until(limit, || {
+                relay.forwarded().0 > before + 4 * MIB || over.load(Ordering::Relaxed)
+            });
+            relay.set_blackhole(true);
+            std::thread::sleep(Duration::from_secs(3));
+            relay.set_blackhole(false);
+        });
+        let r = source::migrate(
+            &src,
+            relay.addr(),
+            options(Mode::Postcopy, Some(secret(1))),
+            &|_| {},
+        );
+        over.store(true, Ordering::Relaxed);
+        r
+    })
+    .unwrap();
+    assert_eq!(relay.resets(), 3, "the script's resets did not all fire");
+    assert_recovered(&src, &summary, dest, 4);
+}
+
+#[test]
+fn hybrid_recovers_from_a_reset_in_the_push() {
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let relay = relay_to(addr);
+    let src = TestSource::new(LAYOUT_64M);
+    src.run_guest(2048);
+    // Reset as the postcopy push begins (the destination runs the VM).
+    let armed = AtomicBool::new(false);
+    let summary = source::migrate(&src, relay.addr(), options(Mode::Hybrid, None), &|p| {
+        if p.phase == source::Phase::Postcopy && !armed.swap(true, Ordering::Relaxed) {
+            relay.reset();
+        }
+    });
+    src.stop_guest();
+    let summary = summary.unwrap();
+    assert_eq!(relay.resets(), 1);
+    assert_recovered(&src, &summary, dest, 1);
+}
+
+#[test]
+fn a_link_lost_between_postcopy_start_and_started_is_settled_by_recovery() {
+    let (l, addr) = listener(None);
+    let relay = Arc::new(relay_to(addr));
+    let r = relay.clone();
+    // The destination starts the VM while the link is cut: the source cannot know whether it
+    // started until it asks.
+    let hook: StartHook = Box::new(move || {
+        r.set_refuse(true);
+        r.reset();
+        std::thread::sleep(Duration::from_millis(1500));
+        r.set_refuse(false);
+    });
+    let dest = spawn_destination_with(l, false, None, Some(hook));
+    let src = TestSource::new(&[(0, 0, 16 * MIB)]);
+    let summary =
+        source::migrate(&src, relay.addr(), options(Mode::Postcopy, None), &|_| {}).unwrap();
+    assert_recovered(&src, &summary, dest, 1);
+}
+
+#[test]
+fn a_link_that_never_returns_loses_the_vm_on_both_sides() {
+    let mut t = timeouts();
+    t.recover = Duration::from_secs(3);
+    let l = destination::listen_with("127.0.0.1:0".parse().unwrap(), None, t).unwrap();
+    let addr = l.local_addr().unwrap();
+    let dest = spawn_destination(l, false);
+    let relay = relay_to(addr);
+    let src = TestSource::new(LAYOUT_64M);
+    relay.reset_after_bytes(8 * MIB);
+    let cut = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            wait_until(Duration::from_secs(20), || relay.resets() > 0);
+            relay.set_refuse(true);
+            relay.reset();
+        });
+        let mut o = options(Mode::Postcopy, None);
+        o.timeouts.recover = Duration::from_secs(3);
+        let start = Instant::now();
+        let e = source::migrate(&src, relay.addr(), o, &|_| {}).unwrap_err();
+        h.join().unwrap();
+        (e, start.elapsed())
+    });
+    let (e, took) = cut;
+    assert!(e.destination_started(), "{e}");
+    assert!(e.to_string().contains("VM lost"), "{e}");
+    assert!(e.to_string().contains("did not come back"), "{e}");
+    assert!(took < Duration::from_secs(20), "gave up after {took:?}");
+    assert_eq!(
+        src.resumes.load(Ordering::Relaxed),
+        0,
+        "a stale copy resumed"
+    );
+    let de = dest
+        .join()
+        .unwrap()
+        .err()
+        .expect("the destination must fail");
+    assert!(de.to_string().contains("VM lost"), "{de}");
+}
+
+#[test]
+fn strangers_are_refused_while_paused_and_the_source_still_recovers() {
+    let (l, addr) = listener(Some(secret(1)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dest = spawn_destination_with(l, false, Some(tx), None);
+    let relay = relay_to(addr);
+    let src = TestSource::new(LAYOUT_64M);
+    relay.reset_after_bytes(8 * MIB);
+    let summary = std::thread::scope(|s| {
+        let relay = &relay;
+        s.spawn(move || {
+            let session = rx.recv().unwrap();
+            assert!(wait_until(Duration::from_secs(20), || relay.resets() > 0));
+            relay.set_refuse(true);
+            relay.reset();
+            std::thread::sleep(Duration::from_millis(1200)); // the destination notices
+            let t = timeouts();
+            // Garbage.
+            let mut g = TcpStream::connect(addr).unwrap();
+            g.write_all(&[0xab; 64]).unwrap();
+            let mut buf = [0u8; 256];
+            g.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = g.read(&mut buf);
+            drop(g);
+            // A new migration.
+            let e = transport::connect(addr, Some(&secret(1)), &t)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("busy"), "{e}");
+            // Another session.
+            let e = transport::reconnect(addr, session ^ 0x5a5a, Some(&secret(1)), &t)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("unknown session"), "{e}");
+            // This session, the wrong secret.
+            let e = transport::reconnect(addr, session, Some(&secret(2)), &t)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("authentication failed"), "{e}");
+            relay.set_refuse(false);
+        });
+        source::migrate(
+            &src,
+            relay.addr(),
+            options(Mode::Postcopy, Some(secret(1))),
+            &|_| {},
+        )
+    })
+    .unwrap();
+    assert_recovered(&src, &summary, dest, 1);
 }

@@ -70,7 +70,9 @@ pub enum Request {
         recover_timeout_s: Option<u64>,
     },
     /// Point the running migration's recovery at another destination address.
-    MigrateRetarget { to: String },
+    MigrateRetarget {
+        to: String,
+    },
 }
 
 /// What the VMM does with requests; the launcher implements it.

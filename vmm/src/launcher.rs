@@ -243,7 +243,9 @@ impl ApiHandler for VmApi {
                 .map_err(|e| e.to_string()),
             Request::Resume { force } => {
                 if lock(&self.control).is_some() {
-                    return Err("a migration is in progress: the VM stays paused until it ends".into());
+                    return Err(
+                        "a migration is in progress: the VM stays paused until it ends".into(),
+                    );
                 }
                 if self.outcome_unknown.load(Ordering::SeqCst) && !force {
                     return Err("the last migration's outcome is unknown: the destination may run this VM; resume with \"force\":true only if it surely does not".into());

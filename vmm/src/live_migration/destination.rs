@@ -458,6 +458,11 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     })?;
     eprintln!("vmm: waiting for a migration on {}", cfg.listen);
     let incoming = listener.accept().map_err(ReceiveError::Accept)?;
+    eprintln!(
+        "vmm: incoming migration session {:#x} from {}",
+        incoming.session_id(),
+        incoming.peer()
+    );
     let config = incoming.config().clone();
     let memory = config.layout.total_bytes();
     let vcpus = match u8::try_from(config.vcpu_count) {
