@@ -696,7 +696,13 @@ impl Receiver<'_> {
             .ok_or_else(|| protocol("switchover before the State message"))
     }
 
+    /// Every page is here: say Done, then send nothing more (no heartbeat, no page request),
+    /// so the source can close cleanly once it read it; its close (EOF) ends the receive.
     fn send_done(&mut self, main: &mut LiveChannel) -> Result<(), DestinationError> {
+        self.heartbeat.take();
+        if let Some(pc) = &self.postcopy {
+            pc.client.detach("every page arrived");
+        }
         main.send(&Message::Done(self.stats), "sending Done")?;
         self.done_sent = true;
         Ok(())

@@ -777,6 +777,29 @@ impl Link {
         self.main.shutdown();
         self.urgent.shutdown();
     }
+
+    /// The destination said Done: end the session cleanly. Half-close main (the destination
+    /// reads EOF: the source has all it needs) and read what the destination may still have
+    /// sent until it closes too, so closing never resets the connection (a reset would look
+    /// like a link failure, and the destination would wait for a recovery).
+    fn close_after_done(&mut self) {
+        let _ = self
+            .main
+            .stream_handle()
+            .map(|s| s.shutdown(std::net::Shutdown::Write));
+        let _ = self
+            .urgent
+            .stream_handle()
+            .map(|s| s.shutdown(std::net::Shutdown::Write));
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            match self.main.reader.poll("closing the session") {
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        self.shutdown();
+    }
 }
 
 /// What a recovery handshake told the source.
@@ -813,7 +836,10 @@ impl Handover<'_> {
     fn drive(&mut self, mut link: Link, mut held: PageSet) -> Result<DoneStats, SourceError> {
         loop {
             let err = match self.epoch(&mut link, &held) {
-                Ok(done) => return Ok(done),
+                Ok(done) => {
+                    link.close_after_done();
+                    return Ok(done);
+                }
                 Err(e) => e,
             };
             // A destination that gave up sent its reason before closing: prefer it over the

@@ -133,6 +133,17 @@ pub fn run(
         None => None,
     };
     let outcome = wait(&vm);
+    if let Ok(RunOutcome::Signalled(sig)) = &outcome {
+        let phase = lock(&api.control).as_ref().and_then(|c| c.phase());
+        if matches!(
+            phase,
+            Some(migration::source::Phase::Postcopy | migration::source::Phase::PostcopyPaused)
+        ) {
+            eprintln!(
+                "vmm: signal {sig} during postcopy: VM lost (the destination runs it, and pages that only this VMM had are gone with it)"
+            );
+        }
+    }
     vm.shutdown();
     if let Some(why) = lock(&api.lost).take() {
         return Err(LaunchError::VmLost(why));

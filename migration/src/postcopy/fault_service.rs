@@ -161,8 +161,8 @@ struct Inflight<'a> {
 
 impl Inflight<'_> {
     /// The fault is resolved (CONTINUE / COPY / wake done): record its latency and that of the
-    /// faults that joined it.
-    fn served(mut self) {
+    /// faults that joined it; `outage`: its fetch waited for a link that was down.
+    fn served(mut self, outage: bool) {
         let now = Instant::now();
         let joined = self
             .shared
@@ -172,9 +172,12 @@ impl Inflight<'_> {
             .remove(&self.key)
             .unwrap_or_default();
         let stats = &self.shared.stats;
-        stats.fault_latency(now.saturating_duration_since(self.read_at).as_nanos() as u64);
+        stats.fault_latency(
+            now.saturating_duration_since(self.read_at).as_nanos() as u64,
+            outage,
+        );
         for t in joined {
-            stats.fault_latency(now.saturating_duration_since(t).as_nanos() as u64);
+            stats.fault_latency(now.saturating_duration_since(t).as_nanos() as u64, outage);
         }
         self.done = true;
     }
@@ -214,13 +217,15 @@ fn claim(shared: &Shared, key: (usize, u64), read_at: Instant) -> Option<Infligh
     })
 }
 
-/// Fetch `gpa` from the source, retrying while the link is slow or down (a faulting vCPU waits);
-/// returns None if the page arrived meanwhile by another path or the engine shuts down.
+/// Fetch `gpa` from the source, retrying while the link is slow or down (a faulting vCPU waits:
+/// across a postcopy-paused outage, until the source is back); returns None if the page arrived
+/// meanwhile by another path or the engine shuts down. Sets `outage` if an attempt failed.
 fn fetch(
     shared: &Shared,
     region: usize,
     page: u64,
     buf: &mut [u8; 4096],
+    outage: &mut bool,
 ) -> Result<Option<()>, PostcopyError> {
     let r = &shared.regions[region];
     let gpa = r.region.gpa + page * PAGE_SIZE;
@@ -239,6 +244,7 @@ fn fetch(
                 return Err(PostcopyError::Fetch { gpa, source })
             }
             Err(e) => {
+                *outage = true;
                 // The page may still arrive by another path (the bulk stream, a reconnect):
                 // wait for progress rather than hammer a channel that is down, and serve the
                 // fault locally as soon as the page is there.
@@ -280,7 +286,9 @@ fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Pos
     };
     let mut buf = [0u8; 4096];
     let mut copied = false;
-    if !r.tracker.arrived(page) && fetch(shared, job.region, page, &mut buf)?.is_some() {
+    let mut outage = false;
+    if !r.tracker.arrived(page) && fetch(shared, job.region, page, &mut buf, &mut outage)?.is_some()
+    {
         let _g = r.tracker.lock_page(page);
         copied = shared.store_final_locked(job.region, page, &buf)?;
     } else {
@@ -303,7 +311,7 @@ fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Pos
         }
         _ => shared.continue_or_zero(job.region, addr)?,
     }
-    claim.served();
+    claim.served(outage);
     Ok(())
 }
 
@@ -317,10 +325,11 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
     };
     let addr = r.host_page(page);
     let mut buf = [0u8; 4096];
+    let mut outage = false;
     let fetched = if r.tracker.arrived(page) {
         false
     } else {
-        fetch(shared, ri, page, &mut buf)?.is_some()
+        fetch(shared, ri, page, &mut buf, &mut outage)?.is_some()
     };
     let unit = r.tracker.unit_of(page);
     let collapsed = r.units[unit as usize]
@@ -332,7 +341,7 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
             .uffd
             .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
         drop(collapsed);
-        claim.served();
+        claim.served(outage);
         return Ok(());
     }
     let staging = r.staging.read().unwrap_or_else(|p| p.into_inner());
@@ -342,7 +351,7 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
             .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
         drop(staging);
         drop(collapsed);
-        claim.served();
+        claim.served(outage);
         return Ok(());
     };
     let final_alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
@@ -376,7 +385,7 @@ fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postco
     // every region that collapses (never from here: see prepare()).
     shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?;
     drop(collapsed);
-    claim.served();
+    claim.served(outage);
     Ok(())
 }
 
@@ -391,6 +400,7 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
     };
     let (first, end) = r.tracker.unit_pages(hidx);
     let missing = r.tracker.missing_in(first, end);
+    let outage = std::sync::atomic::AtomicBool::new(false);
     if missing.is_empty() {
         shared
             .stats
@@ -402,10 +412,16 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
             let handles: Vec<_> = missing
                 .chunks(chunk)
                 .map(|pages| {
+                    let outage = &outage;
                     scope.spawn(move || -> Result<(), PostcopyError> {
                         let mut buf = [0u8; 4096];
+                        let mut waited = false;
                         for &p in pages {
-                            if fetch(shared, ri, p, &mut buf)?.is_some() {
+                            let got = fetch(shared, ri, p, &mut buf, &mut waited)?;
+                            if waited {
+                                outage.store(true, Ordering::Relaxed);
+                            }
+                            if got.is_some() {
                                 let _g = r.tracker.lock_page(p);
                                 shared.store_final_locked(ri, p, &buf)?;
                             }
@@ -449,6 +465,6 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
         })?;
     }
     shared.continue_or_wake(r.region.slot, addr, huge)?;
-    claim.served();
+    claim.served(outage.load(Ordering::Relaxed));
     Ok(())
 }

@@ -87,6 +87,9 @@ pub struct DestinationStats {
     pub collapse_stall_ns: Vec<u64>,
     pub collapse_total_ns: Vec<u64>,
     pub fault_ns: Vec<u64>,
+    /// Latency of the faults that waited through a postcopy-paused outage (kept apart from
+    /// `fault_ns`), nanoseconds.
+    pub outage_fault_ns: Vec<u64>,
     pub staging_peak_bytes: u64,
     /// Staging memory still allocated when the stats were taken (0 once every region collapsed).
     pub staging_current_bytes: u64,
@@ -616,6 +619,7 @@ fn destination_stats(
         collapse_stall_ns: e.collapse_records.iter().map(|r| r.stall_ns).collect(),
         collapse_total_ns: e.collapse_records.iter().map(|r| r.total_ns).collect(),
         fault_ns: e.fault_latency_ns,
+        outage_fault_ns: e.outage_fault_latency_ns,
         staging_peak_bytes: (e.staging_peak_mib * 1024.0 * 1024.0) as u64,
         staging_current_bytes: e.staging_current_bytes,
         recoveries: summary.recoveries,
