@@ -333,6 +333,13 @@ pub struct MigrateSummary {
     /// Bytes sent during `transfer_ms`.
     #[serde(default)]
     pub transfer_bytes: Option<u64>,
+    /// Times the link failed after the switchover and the source reconnected into the same
+    /// session (postcopy recovery).
+    #[serde(default)]
+    pub recoveries: Option<u32>,
+    /// Time the source spent postcopy-paused (link down, waiting to reconnect), in all, ms.
+    #[serde(default)]
+    pub paused_ms: Option<f64>,
     /// Every other field, kept for the raw record.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -362,6 +369,16 @@ pub struct DestinationStats {
     /// the vCPUs. Without it the latency-over-time plot uses the fault's sequence number.
     #[serde(default)]
     pub fault_at_ns: Vec<u64>,
+    /// VMM-side latency of the faults whose page fetch failed at least once because the link
+    /// was down (they waited through a postcopy-paused outage), ns. Not in `fault_ns`.
+    #[serde(default)]
+    pub outage_fault_ns: Vec<u64>,
+    /// Times the link failed after the switchover and the source came back.
+    #[serde(default)]
+    pub recoveries: Option<u32>,
+    /// Time the destination spent postcopy-paused, in all, ms.
+    #[serde(default)]
+    pub paused_ms: Option<f64>,
     pub staging_peak_bytes: Option<u64>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -490,5 +507,25 @@ WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50
         assert_eq!(s.collapse_stall_ns, vec![400_000]);
         assert_eq!(s.staging_peak_bytes, Some(12288));
         assert!(s.fault_at_ns.is_empty());
+        assert!(s.outage_fault_ns.is_empty());
+        assert_eq!((s.recoveries, s.paused_ms), (None, None));
+        assert_eq!((m.recoveries, m.paused_ms), (None, None));
+    }
+
+    #[test]
+    fn parses_recovery_figures() {
+        let m = MigrateSummary::parse(
+            r#"{"blackout_ms":1.0,"total_ms":3000,"recoveries":1,"paused_ms":1012.5}"#,
+        )
+        .unwrap();
+        assert_eq!((m.recoveries, m.paused_ms), (Some(1), Some(1012.5)));
+        let s = DestinationStats::parse(
+            r#"{"faults_served":4,"fault_ns":[20000,30000],"outage_fault_ns":[900000000,950000000],"recoveries":1,"paused_ms":998.0}"#,
+        )
+        .unwrap();
+        assert_eq!(s.fault_ns, vec![20_000, 30_000]);
+        assert_eq!(s.outage_fault_ns, vec![900_000_000, 950_000_000]);
+        assert_eq!((s.recoveries, s.paused_ms), (Some(1), Some(998.0)));
+        assert!(!s.extra.contains_key("outage_fault_ns"));
     }
 }

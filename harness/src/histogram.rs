@@ -149,6 +149,31 @@ pub fn top_n(h: &LatencyHistogram, n: u64) -> Result<LatencyHistogram, Histogram
     Ok(out)
 }
 
+/// `h` split into (everything but its `n` highest samples, those `n` highest samples), at the
+/// values `h` recorded them; `n` larger than `h` puts everything in the second part.
+pub fn split_top_n(
+    h: &LatencyHistogram,
+    n: u64,
+) -> Result<(LatencyHistogram, LatencyHistogram), HistogramError> {
+    let (mut rest, mut top) = (new_histogram()?, new_histogram()?);
+    let mut left = n;
+    let recorded: Vec<(u64, u64)> = h
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect();
+    for (value, count) in recorded.into_iter().rev() {
+        let take = count.min(left);
+        if take > 0 {
+            top.saturating_record_n(value.max(1), take);
+            left -= take;
+        }
+        if count > take {
+            rest.saturating_record_n(value.max(1), count - take);
+        }
+    }
+    Ok((rest, top))
+}
+
 /// Distribution of `A + B` for independent `A ~ a` and `B ~ b`: every pair of recorded buckets
 /// (values va, vb with counts ca, cb) contributes ca*cb samples at va+vb. The result's count is
 /// the product of the counts, so percentiles are exact up to the histograms' bucket precision.
@@ -313,5 +338,21 @@ mod tests {
         assert!(t.min() >= 59_000, "{}", t.min());
         assert_eq!(top_n(&h, 100).unwrap().len(), 6);
         assert_eq!(top_n(&h, 0).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn split_top_n_separates_the_slowest_samples() {
+        let h = from_samples(&[3_000, 4_000, 4_000, 900_000_000, 950_000_000]).unwrap();
+        let (rest, top) = split_top_n(&h, 2).unwrap();
+        assert_eq!((rest.len(), top.len()), (3, 2));
+        assert!(rest.max() < 5_000, "{}", rest.max());
+        assert!(top.min() >= 899_000_000, "{}", top.min());
+        // Ties are split by count, not by value.
+        let (rest, top) = split_top_n(&h, 4).unwrap();
+        assert_eq!((rest.len(), top.len()), (1, 4));
+        let (rest, top) = split_top_n(&h, 0).unwrap();
+        assert_eq!((rest.len(), top.len()), (5, 0));
+        let (rest, top) = split_top_n(&h, 10).unwrap();
+        assert_eq!((rest.len(), top.len()), (0, 5));
     }
 }

@@ -190,7 +190,10 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         &mut out,
     );
 
+    // A link with a fault pauses the push for the outage: its throughput says nothing about
+    // the link (see the "Postcopy recovery" section).
     let rows = ok_scenarios(r)
+        .filter(|s| s.link_fault.is_none())
         .filter_map(|s| Some((s, s.throughput_gbps?, s.raw_throughput_gbps?)))
         .filter(|(_, _, raw)| *raw > 0.0)
         .map(|(s, t, raw)| TargetCheck {
@@ -302,6 +305,94 @@ fn native_section(md: &mut String, r: &Results) {
             ),
             None => writeln!(md, "- {}: served natively (serve mode {modes})", s.name),
         };
+    }
+}
+
+fn count_u32(v: Option<u32>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// The scenarios whose link injected a fault (failed ones included: a fault that never fired
+/// shows as 0 resets): what the relay did, what both sides counted, and the outage faults next
+/// to the normal ones of the same scenario.
+fn recovery_section(md: &mut String, r: &Results) {
+    let faulty: Vec<&ScenarioResult> = r
+        .scenarios
+        .iter()
+        .filter(|s| s.link_fault.is_some())
+        .collect();
+    if faulty.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "
+## Postcopy recovery
+"
+    );
+    let _ = writeln!(
+        md,
+        "Links with a fault: a relay between source and destination injects it during the \
+         postcopy push; both sides pause (\"postcopy-paused\"), the source reconnects into the \
+         same session and the push goes on. \"outage faults\" = the faults whose page fetch \
+         failed at least once because the link was down (VMM side, `outage_fault_ns`); they \
+         are *not* in the normal fault figures (VMM p50/p99 here and in the tables above, and \
+         the CDF plots). The guest-side outage faults are an estimate: the guest's slowest \
+         fault samples, as many as the VMM counted outage faults. The throughput target is not \
+         applied to these scenarios (the push stands still during the outage).\n"
+    );
+    for s in &faulty {
+        let _ = writeln!(
+            md,
+            "- {}: {}",
+            s.name,
+            s.link_fault.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| scenario | status | relay resets | recoveries src / dst | paused ms src / dst | \
+         outage faults | outage p50 | outage p99 | outage max | normal VMM faults | normal VMM p50 | \
+         normal VMM p99 | guest outage faults | guest outage p50 / max | normal guest p50 / p99 |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for s in faulty {
+        let (o, v, go, g) = (
+            &s.outage_fault_us,
+            &s.vmm_fault_us,
+            &s.guest_outage_fault_us,
+            &s.fault_us,
+        );
+        let status = match (s.status, s.link_resets) {
+            (_, Some(0)) => "**fault never fired**",
+            (Status::Ok, _) => "ok",
+            (Status::Failed, _) => "**failed**",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {status} | {} | {} / {} | {} / {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            s.name,
+            count_opt(s.link_resets),
+            count_u32(s.recoveries),
+            count_u32(s.dst_recoveries),
+            opt(s.paused_ms, 1),
+            opt(s.dst_paused_ms, 1),
+            o.count,
+            o.p50,
+            o.p99,
+            o.max,
+            v.count,
+            v.p50,
+            v.p99,
+            go.count,
+            go.p50,
+            go.max,
+            g.p50,
+            g.p99
+        );
     }
 }
 
@@ -509,6 +600,8 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
             count_opt(s.pages_fetched_local)
         );
     }
+
+    recovery_section(&mut md, r);
 
     let failed: Vec<_> = r
         .scenarios
@@ -805,6 +898,45 @@ pub fn compare(a: &Results, b: &Results) -> String {
     {
         let _ = writeln!(md, "| {} | (only in B) |||||||||", sb.name);
     }
+    // Scenarios with a link fault, in both runs: the recovery figures.
+    let pairs: Vec<(&ScenarioResult, &ScenarioResult)> = a
+        .scenarios
+        .iter()
+        .filter_map(|sa| Some((sa, b.scenarios.iter().find(|s| s.name == sa.name)?)))
+        .filter(|(sa, sb)| sa.link_fault.is_some() || sb.link_fault.is_some())
+        .collect();
+    if !pairs.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n| scenario (link fault) | resets A | resets B | recoveries A | recoveries B | paused ms A | paused ms B | B/A | outage p50 A | outage p50 B | B/A | outage max A | outage max B |"
+        );
+        let _ = writeln!(
+            md,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (sa, sb) in pairs {
+            let (oa, ob) = (&sa.outage_fault_us, &sb.outage_fault_us);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+                sa.name,
+                count_opt(sa.link_resets),
+                count_opt(sb.link_resets),
+                count_u32(sa.recoveries),
+                count_u32(sa.dst_recoveries),
+                count_u32(sb.recoveries),
+                count_u32(sb.dst_recoveries),
+                opt(sa.paused_ms, 1),
+                opt(sb.paused_ms, 1),
+                ratio(sb.paused_ms.unwrap_or(0.0), sa.paused_ms.unwrap_or(0.0)),
+                oa.p50,
+                ob.p50,
+                ratio(ob.p50, oa.p50),
+                oa.max,
+                ob.max
+            );
+        }
+    }
     md
 }
 
@@ -939,6 +1071,86 @@ mod tests {
             .unwrap();
         let svg = std::fs::read_to_string(cdf).unwrap();
         assert!(svg.contains("4k-staged (guest)") && svg.contains("limit"));
+    }
+
+    /// The sample run plus a reset scenario (and one whose reset never fired).
+    fn with_reset(dir: &Path) -> Results {
+        let mut r = sample(dir);
+        let mut s = scenario(dir, "4k-staged", "hugetlb-2m", &[40_000, 50_000, 60_000]);
+        s.name = "hugetlb-2m-4k-staged-random-loopback-reset1".into();
+        s.link = "loopback-reset1".into();
+        s.link_fault = Some("reset every connection once, after 89478485 bytes".into());
+        s.link_resets = Some(1);
+        s.recoveries = Some(1);
+        s.dst_recoveries = Some(1);
+        s.paused_ms = Some(5.5);
+        s.dst_paused_ms = Some(6.9);
+        s.throughput_gbps = Some(1.0); // far below raw: not judged
+        let vmm = histogram::from_samples(&[30_000, 35_000, 45_000]).unwrap();
+        s.vmm_fault_us = Percentiles::us(&vmm);
+        let outage = histogram::from_samples(&[26_000_000, 30_000_000]).unwrap();
+        s.outage_fault_us = Percentiles::us(&outage);
+        save_histogram(dir, &mut s, kind::OUTAGE_FAULT, &outage).unwrap();
+        let mut never = s.clone();
+        never.name = "never".into();
+        never.status = Status::Failed;
+        never.error = Some("the link fault never fired".into());
+        never.link_resets = Some(0);
+        never.outage_fault_us = Percentiles::default();
+        r.scenarios.push(s);
+        r.scenarios.push(never);
+        r
+    }
+
+    #[test]
+    fn recovery_section_keeps_outage_faults_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let r = with_reset(d.path());
+        let md = render_markdown(&r, &[]);
+        assert!(md.contains("## Postcopy recovery"), "{md}");
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| hugetlb-2m-4k-staged-random-loopback-reset1 | ok |"))
+            .unwrap_or_else(|| panic!("{md}"));
+        // resets, recoveries, paused, outage n/p50, next to the normal VMM faults.
+        assert!(
+            row.contains("| 1 | 1 / 1 | 5.5 / 6.9 | 2 | 26001.4 | 30015.5 |"),
+            "{row}"
+        );
+        assert!(row.contains("| 3 | 35.0 | 45.0 |"), "{row}");
+        let never = md
+            .lines()
+            .find(|l| l.starts_with("| never |"))
+            .unwrap_or_else(|| panic!("{md}"));
+        assert!(never.contains("fault never fired"), "{never}");
+        // The throughput target skips the faulty link.
+        assert!(check_targets(&r)
+            .iter()
+            .filter(|t| t.target.starts_with("throughput"))
+            .all(|t| !t.scenario.contains("reset1")));
+        // A run without faults has no such section.
+        assert!(!render_markdown(&sample(d.path()), &[]).contains("Postcopy recovery"));
+        // The CDF plot of the faulty scenario exists and shows only the normal faults.
+        write_report(d.path(), &r).unwrap();
+        assert!(d
+            .path()
+            .join("plots/cdf-loopback-reset1-hugetlb-2m-random.svg")
+            .is_file());
+    }
+
+    #[test]
+    fn compare_lists_recovery_figures() {
+        let d = tempfile::tempdir().unwrap();
+        let a = with_reset(d.path());
+        let mut b = a.clone();
+        b.scenarios[3].paused_ms = Some(11.0);
+        let t = compare(&a, &b);
+        assert!(t.contains("| scenario (link fault) |"), "{t}");
+        assert!(
+            t.contains("| hugetlb-2m-4k-staged-random-loopback-reset1 | 1 | 1 | 1 / 1 | 1 / 1 | 5.5 | 11.0 | 2.00x |"),
+            "{t}"
+        );
+        assert!(!compare(&sample(d.path()), &sample(d.path())).contains("link fault"));
     }
 
     #[test]

@@ -37,6 +37,13 @@ pub mod kind {
     pub const COLLAPSE_STALL: &str = "collapse_stall";
     /// Guest first-touch latency before migration (source side).
     pub const FIRST_TOUCH: &str = "first_touch";
+    /// VMM-side latency of the faults that waited through a postcopy-paused outage (stats
+    /// `outage_fault_ns`); never part of [`VMM_FAULT`].
+    pub const OUTAGE_FAULT: &str = "outage_fault";
+    /// The guest-seen counterpart of [`OUTAGE_FAULT`]: the slowest of the guest's fault
+    /// samples, as many as the destination counted outage faults; never part of
+    /// [`GUEST_FAULT`].
+    pub const GUEST_OUTAGE_FAULT: &str = "guest_outage_fault";
 }
 
 /// Errors reading or writing results.
@@ -199,6 +206,37 @@ pub struct ScenarioResult {
     /// "native-hugetlb-4k-continue").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub serve_modes: Vec<String>,
+    /// The fault the link injected, in words (e.g. "reset every connection once after N
+    /// bytes source->destination"); absent on links without a fault.
+    #[serde(default)]
+    pub link_fault: Option<String>,
+    /// Reset operations the fault-injecting relay performed (each resets every connection
+    /// open then); absent on links without a fault. 0 means the fault never fired and the
+    /// scenario measured an ordinary migration (it is then marked failed).
+    #[serde(default)]
+    pub link_resets: Option<u64>,
+    /// Postcopy recoveries the source counted (`vmm migrate --json` `recoveries`): times the
+    /// link failed after the switchover and it reconnected into the same session.
+    #[serde(default)]
+    pub recoveries: Option<u32>,
+    /// Postcopy recoveries the destination counted (stats `recoveries`).
+    #[serde(default)]
+    pub dst_recoveries: Option<u32>,
+    /// Time the source spent postcopy-paused, ms (`vmm migrate --json` `paused_ms`).
+    #[serde(default)]
+    pub paused_ms: Option<f64>,
+    /// Time the destination spent postcopy-paused, ms (stats `paused_ms`).
+    #[serde(default)]
+    pub dst_paused_ms: Option<f64>,
+    /// VMM-side latency of the faults whose page fetch failed at least once because the link
+    /// was down (stats `outage_fault_ns`), us. They are not in `vmm_fault_us`.
+    #[serde(default)]
+    pub outage_fault_us: Percentiles,
+    /// The guest-seen estimate of those faults: of the guest's fault samples, the
+    /// `outage_fault_us.count` slowest (an outage fault waits for the link to come back, then
+    /// for its page); they are taken out of `fault_us`.
+    #[serde(default)]
+    pub guest_outage_fault_us: Percentiles,
 }
 
 fn one() -> u32 {
@@ -260,6 +298,14 @@ impl ScenarioResult {
             runs: 1,
             native_fallback: None,
             serve_modes: Vec::new(),
+            link_fault: None,
+            link_resets: None,
+            recoveries: None,
+            dst_recoveries: None,
+            paused_ms: None,
+            dst_paused_ms: None,
+            outage_fault_us: Percentiles::default(),
+            guest_outage_fault_us: Percentiles::default(),
         }
     }
 }
@@ -389,7 +435,17 @@ pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(
     if let Some(h) = load_histogram(dir, r, kind::COLLAPSE_STALL)? {
         r.collapse_stall_us = ShortSummary::us(&h);
     }
+    if let Some(h) = load_histogram(dir, r, kind::OUTAGE_FAULT)? {
+        r.outage_fault_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::GUEST_OUTAGE_FAULT)? {
+        r.guest_outage_fault_us = Percentiles::us(&h);
+    }
     Ok(())
+}
+
+fn saturating_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
@@ -440,6 +496,8 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.overall_gbps = pick(|s| s.overall_gbps);
         m.raw_throughput_gbps = pick(|s| s.raw_throughput_gbps);
         m.peak_link_gbps = pick(|s| s.peak_link_gbps);
+        m.paused_ms = pick(|s| s.paused_ms);
+        m.dst_paused_ms = pick(|s| s.dst_paused_ms);
         m.staging_peak_mib = ok
             .iter()
             .filter_map(|s| s.staging_peak_mib)
@@ -458,6 +516,9 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.guest_slow_before_migration = sum(|s| s.guest_slow_before_migration);
         m.guest_slow_after_migration = sum(|s| s.guest_slow_after_migration);
         m.guest_mismatches = sum(|s| s.guest_mismatches);
+        m.link_resets = sum(|s| s.link_resets);
+        m.recoveries = sum(|s| s.recoveries.map(u64::from)).map(saturating_u32);
+        m.dst_recoveries = sum(|s| s.dst_recoveries.map(u64::from)).map(saturating_u32);
         let kinds: std::collections::BTreeSet<String> = runs
             .iter()
             .flat_map(|(_, s)| s.histograms.keys().cloned())
@@ -524,6 +585,71 @@ mod tests {
         assert!(load_histogram(d.path(), &r.scenarios[0], kind::LIMIT)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn results_without_the_recovery_fields_still_load() {
+        let d = run_dir(&[10_000], 1.0);
+        let path = d.path().join("results.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let s = v["scenarios"][0].as_object_mut().unwrap();
+        for k in [
+            "link_fault",
+            "link_resets",
+            "recoveries",
+            "dst_recoveries",
+            "paused_ms",
+            "dst_paused_ms",
+            "outage_fault_us",
+            "guest_outage_fault_us",
+        ] {
+            assert!(s.remove(k).is_some(), "{k} not written");
+        }
+        std::fs::write(&path, v.to_string()).unwrap();
+        let r = Results::load(d.path()).unwrap();
+        let s = &r.scenarios[0];
+        assert_eq!(
+            (s.link_resets, s.recoveries, s.paused_ms),
+            (None, None, None)
+        );
+        assert_eq!(s.outage_fault_us.count, 0);
+    }
+
+    #[test]
+    fn merge_sums_recoveries_and_merges_outage_faults_apart() {
+        let dirs: Vec<tempfile::TempDir> = [(1u32, 5.0f64, 26_000_000u64), (2, 15.0, 40_000_000)]
+            .iter()
+            .map(|&(rec, paused, outage_ns)| {
+                let d = run_dir(&[10_000, 20_000], 2.0);
+                let mut res = Results::load(d.path()).unwrap();
+                let r = &mut res.scenarios[0];
+                r.link_resets = Some(u64::from(rec));
+                r.recoveries = Some(rec);
+                r.dst_recoveries = Some(rec);
+                r.paused_ms = Some(paused);
+                r.dst_paused_ms = Some(paused + 1.0);
+                let h = histogram::from_samples(&[outage_ns]).unwrap();
+                r.outage_fault_us = Percentiles::us(&h);
+                save_histogram(d.path(), r, kind::OUTAGE_FAULT, &h).unwrap();
+                res.save(d.path()).unwrap();
+                d
+            })
+            .collect();
+        let out = tempfile::tempdir().unwrap();
+        let inputs: Vec<PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+        let m = merge_dirs(&inputs, out.path()).unwrap();
+        let s = &m.scenarios[0];
+        assert_eq!(
+            (s.link_resets, s.recoveries, s.dst_recoveries),
+            (Some(3), Some(3), Some(3))
+        );
+        assert_eq!((s.paused_ms, s.dst_paused_ms), (Some(10.0), Some(11.0)));
+        assert_eq!(s.outage_fault_us.count, 2);
+        assert!(s.outage_fault_us.max > 39_000.0, "{:?}", s.outage_fault_us);
+        // The normal fault distribution is untouched by the outage faults.
+        assert_eq!(s.fault_us.count, 4);
+        assert!(s.fault_us.max < 30.0, "{:?}", s.fault_us);
     }
 
     #[test]

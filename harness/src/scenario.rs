@@ -7,7 +7,9 @@
 //!
 //! For namespace links the source runs in the `src` namespace and the destination in `dst`
 //! (`ip netns exec`); with a delay, `migrate --to` points at a [`DelayProxy`] in `src` that
-//! forwards to the destination.
+//! forwards to the destination. A link with a [`LinkFault`] puts a fault-injecting
+//! [`Relay`] (run inside the harness process) in front of that, armed right before `vmm
+//! migrate` starts.
 
 use crate::delay_proxy::{DelayProxy, ProxyError};
 use crate::guest_output::{self, DestinationStats, GuestLine, GuestOutput, MigrateSummary};
@@ -19,6 +21,7 @@ use crate::probe;
 use crate::process::{Line, Proc};
 use crate::results::{self, kind, Results, ScenarioResult, Status, RESULTS_VERSION};
 use crate::secret::SecretFile;
+use migration::relay::{Relay, RelayError};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -138,6 +141,49 @@ impl Pattern {
     }
 }
 
+/// A fault a link injects into the migration, through a [`Relay`] the harness runs between
+/// `vmm migrate --to` and the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkFault {
+    /// Reset every connection (an RST to both ends) once, in the middle of the postcopy push:
+    /// when [`RESET_AT_FRACTION`] of the guest RAM size has gone source->destination through
+    /// the relay since `vmm migrate` started.
+    ResetOnce,
+}
+
+/// [`LinkFault::ResetOnce`] fires after this fraction of the guest RAM size went
+/// source->destination: past the switchover (the device state is small), well before the end
+/// of the push.
+pub const RESET_AT_FRACTION: f64 = 1.0 / 3.0;
+
+impl LinkFault {
+    /// The suffix of the link's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkFault::ResetOnce => "reset1",
+        }
+    }
+
+    /// Bytes source->destination after which the relay resets, for `memory_mib` of guest RAM.
+    pub fn reset_after_bytes(self, memory_mib: u64) -> u64 {
+        match self {
+            LinkFault::ResetOnce => ((memory_mib << 20) as f64 * RESET_AT_FRACTION) as u64,
+        }
+    }
+
+    /// What the fault does, in words (results.json `link_fault`).
+    pub fn describe(self, memory_mib: u64) -> String {
+        match self {
+            LinkFault::ResetOnce => format!(
+                "reset every connection once, after {} bytes source->destination ({:.0}% of the \
+                 guest RAM size) since vmm migrate started",
+                self.reset_after_bytes(memory_mib),
+                RESET_AT_FRACTION * 100.0
+            ),
+        }
+    }
+}
+
 /// The link between source and destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -148,6 +194,8 @@ pub struct Link {
     pub rate_mbit: Option<u64>,
     /// Added one-way delay per direction (userspace proxy).
     pub delay: Duration,
+    /// A fault injected by a relay in front of the destination (postcopy only).
+    pub fault: Option<LinkFault>,
 }
 
 impl Link {
@@ -157,7 +205,16 @@ impl Link {
             netns: false,
             rate_mbit: None,
             delay: Duration::ZERO,
+            fault: None,
         }
+    }
+
+    /// This link with `fault` injected (its name gets the fault's suffix, e.g.
+    /// `loopback-reset1`).
+    pub fn with_fault(mut self, fault: LinkFault) -> Self {
+        self.name = format!("{}-{}", self.name, fault.as_str());
+        self.fault = Some(fault);
+        self
     }
 
     /// veth between namespaces, capped at `gbit` Gbit/s, with `delay_us` one-way delay.
@@ -171,6 +228,7 @@ impl Link {
             netns: true,
             rate_mbit: Some(gbit * 1000),
             delay: Duration::from_micros(delay_us),
+            fault: None,
         }
     }
 
@@ -231,7 +289,8 @@ impl Scenario {
 
 /// Every combination: 4 backings x 2 strategies x 3 patterns x 4 links, 1 GiB of guest RAM;
 /// plus the native strategy on loopback for the backings it can serve differently from
-/// 4k-staged (hugetlb, guest_memfd; shmem is served by the kernel's own 4 KiB path anyway).
+/// 4k-staged (hugetlb, guest_memfd; shmem is served by the kernel's own 4 KiB path anyway);
+/// plus one postcopy-recovery scenario (a link reset mid-push, see [`reset_scenario`]).
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     for link in Link::all() {
@@ -254,12 +313,25 @@ pub fn all() -> Vec<Scenario> {
             ));
         }
     }
+    v.push(reset_scenario());
     v
 }
 
+/// Postcopy recovery: the link is reset once in the middle of the postcopy push (256 MiB of
+/// guest RAM, in `--all` too: the figure of interest is the outage, not the push).
+fn reset_scenario() -> Scenario {
+    Scenario::new(
+        Backing::Hugetlb2m,
+        Strategy::FourKStaged,
+        Pattern::Random,
+        Link::loopback().with_fault(LinkFault::ResetOnce),
+        256,
+    )
+}
+
 /// The `--quick` subset (each scenario well under half a minute): the loopback latency target
-/// on every backing at 4 KiB, 4k-staged vs huge on 2 MiB and 1 GiB pages, and one capped
-/// namespace link for throughput against raw TCP.
+/// on every backing at 4 KiB, 4k-staged vs huge on 2 MiB and 1 GiB pages, one capped
+/// namespace link for throughput against raw TCP, and one postcopy recovery (link reset).
 pub fn quick() -> Vec<Scenario> {
     use Backing::*;
     use Pattern::*;
@@ -275,6 +347,7 @@ pub fn quick() -> Vec<Scenario> {
         Scenario::new(Hugetlb1g, Huge, Random, lo(), 1024),
         Scenario::new(GuestMemfd, FourKStaged, Random, lo(), 256),
         Scenario::new(Hugetlb2m, FourKStaged, Sequential, Link::veth(1, 0), 256),
+        reset_scenario(),
     ]
 }
 
@@ -324,6 +397,8 @@ pub enum RunError {
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     #[error(transparent)]
+    Relay(#[from] RelayError),
+    #[error(transparent)]
     Process(#[from] crate::process::ProcessError),
     #[error(transparent)]
     Pool(#[from] crate::hugepool::PoolError),
@@ -340,9 +415,11 @@ pub enum RunError {
 }
 
 /// Everything set up once per link: namespaces, echo server (plus a delay proxy in front of it
-/// for delayed links) and the link's measured limits. Fields drop in order: proxy and server
-/// before the namespaces.
+/// for delayed links, and a relay, never armed, in front of that for links with a fault: the
+/// limits are those of the relayed path) and the link's measured limits. Fields drop in order:
+/// relay, proxy and server before the namespaces.
 struct LinkEnv {
+    _echo_relay: Option<Relay>,
     _echo_proxy: Option<DelayProxy>,
     _echo: EchoServer,
     limits: LinkLimits,
@@ -390,12 +467,19 @@ impl LinkEnv {
                 (echo, proxy, target)
             }
         };
+        // The migration of a link with a fault goes through a relay: measure through one too.
+        let relay = match link.fault {
+            None => None,
+            Some(_) => Some(start_relay(pair.as_ref(), target)?),
+        };
+        let target = relay.as_ref().map_or(target, Relay::addr);
         let (n, t) = (cfg.rtt_samples, cfg.throughput_for);
         let limits = match &pair {
             Some(p) => p.run_in(Side::Src, move || limits::measure_link(target, n, t))??,
             None => limits::measure_link(target, n, t)?,
         };
         Ok(Self {
+            _echo_relay: relay,
             _echo_proxy: proxy,
             _echo: echo,
             limits,
@@ -426,6 +510,18 @@ impl LinkEnv {
             None => "lo".into(),
         }
     }
+}
+
+/// A relay forwarding to `upstream`, listening on the source side: in the `src` namespace on
+/// namespace links (its threads inherit it), else on 127.0.0.1.
+fn start_relay(pair: Option<&NetnsPair>, upstream: SocketAddr) -> Result<Relay, RunError> {
+    Ok(match pair {
+        Some(p) => {
+            let listen = SocketAddr::new(p.ip(Side::Src).into(), 0);
+            p.run_in(Side::Src, move || Relay::start(listen, upstream))??
+        }
+        None => Relay::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), upstream)?,
+    })
 }
 
 /// A free TCP port on `ip` in the harness's namespace, or a fixed one from a private range in
@@ -474,7 +570,11 @@ struct RateSampler {
 }
 
 impl RateSampler {
-    fn start(pid: u32, dev: String, t0: Instant) -> Self {
+    /// `copies`: how many times the device carries each migration byte (2 on loopback through
+    /// a relay in the harness: source->relay and relay->destination both go over `lo`); the
+    /// rate is divided by it.
+    fn start(pid: u32, dev: String, t0: Instant, copies: u32) -> Self {
+        let copies = f64::from(copies.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
@@ -486,7 +586,7 @@ impl RateSampler {
                     if let Some((t, prev)) = last {
                         let dt = now.duration_since(t).as_secs_f64();
                         if dt > 0.0 {
-                            let gbps = b.saturating_sub(prev) as f64 * 8.0 / dt / 1e9;
+                            let gbps = b.saturating_sub(prev) as f64 * 8.0 / dt / 1e9 / copies;
                             series.push((now.duration_since(t0).as_secs_f64(), gbps));
                         }
                     }
@@ -755,6 +855,16 @@ fn run_one(
         _proxy = proxy;
         a
     };
+    // The fault-injecting relay, in front of all that (armed right before `vmm migrate`).
+    let relay = match env.link.fault {
+        Some(fault) => {
+            r.link_fault = Some(fault.describe(s.memory_mib));
+            r.link_resets = Some(0);
+            Some((fault, start_relay(env.pair.as_ref(), to)?))
+        }
+        None => None,
+    };
+    let to = relay.as_ref().map_or(to, |(_, relay)| relay.addr());
 
     // Source.
     let sock = std::env::temp_dir().join(format!("harness-{}-{index}.sock", std::process::id()));
@@ -803,7 +913,17 @@ fn run_one(
 
     progress.phase("migrating");
     let t0 = Instant::now();
-    let sampler = RateSampler::start(src.pid(), env.src_device(), t0);
+    let copies = if relay.is_some() && !env.link.netns {
+        2
+    } else {
+        1
+    };
+    let sampler = RateSampler::start(src.pid(), env.src_device(), t0, copies);
+    if let Some((fault, relay)) = &relay {
+        match fault {
+            LinkFault::ResetOnce => relay.reset_after_bytes(fault.reset_after_bytes(s.memory_mib)),
+        }
+    }
     let mut mcmd = env.command(Side::Src, &cfg.vmm);
     mcmd.arg("migrate")
         .arg("--api-socket")
@@ -822,6 +942,12 @@ fn run_one(
     let mstatus = mig.wait_timeout(cfg.phase_timeout)?;
     // `migrate` returns once the source has sent every page: postcopy is over.
     let migrated_at = Instant::now();
+    // What the relay did, recorded before anything below can end the scenario; nothing
+    // reconnects once `migrate` is done, so it stays armed harmlessly until it is dropped.
+    let relay_seen = relay.as_ref().map(|(fault, relay)| {
+        r.link_resets = Some(relay.resets());
+        (*fault, relay.resets(), relay.forwarded().0)
+    });
     // The background push may continue after `migrate` returns; keep sampling until the
     // source exits or 2 s more.
     let _ = src.wait_timeout(Duration::from_secs(2))?;
@@ -873,8 +999,44 @@ fn run_one(
             "the guest saw {mismatches} memory mismatches after migration (figures kept)"
         ));
     }
+    if let Some((fault, resets, forwarded)) = relay_seen {
+        if let Some(why) = fault_not_exercised(r, fault, s.memory_mib, resets, forwarded) {
+            r.status = Status::Failed;
+            r.error = Some(match r.error.take() {
+                Some(e) => format!("{e}; {why}"),
+                None => why,
+            });
+        }
+    }
     let _ = std::fs::remove_file(&sock);
     Ok(())
+}
+
+/// Why a scenario with a link fault did not measure what it is for, if it did not: the relay
+/// never reset (`resets`; `forwarded` bytes went source->destination through it), or it reset
+/// but neither side counted a recovery.
+pub fn fault_not_exercised(
+    r: &ScenarioResult,
+    fault: LinkFault,
+    memory_mib: u64,
+    resets: u64,
+    forwarded: u64,
+) -> Option<String> {
+    if resets == 0 {
+        return Some(format!(
+            "the link fault never fired: the relay forwarded {forwarded} bytes source->destination, \
+             the reset was armed for {} (figures are those of a migration without a fault)",
+            fault.reset_after_bytes(memory_mib)
+        ));
+    }
+    let counted = r.recoveries.unwrap_or(0).max(r.dst_recoveries.unwrap_or(0));
+    (counted == 0).then(|| {
+        format!(
+            "the relay reset the link {resets} time(s) but neither side counted a postcopy \
+             recovery (source {:?}, destination {:?})",
+            r.recoveries, r.dst_recoveries
+        )
+    })
 }
 
 /// The numbers of the passes in `lines` (one process's stdout) that began before `until`. A
@@ -958,6 +1120,24 @@ pub fn fill(
         }
         _ => guest,
     };
+    // Faults that waited through a postcopy-paused outage (for the link to come back, then for
+    // their page) are kept apart on the VMM side (`outage_fault_ns`); the guest cannot tell
+    // them apart, but they should be its slowest: take that many of the slowest out of the
+    // guest's distribution (an estimate, like the userfault count above).
+    let outage_n = stats.map_or(0, |st| st.outage_fault_ns.len() as u64);
+    let guest = if outage_n > 0 && !guest.is_empty() {
+        let (normal, outage) = histogram::split_top_n(&guest, outage_n)?;
+        r.guest_fault_source = format!(
+            "{}; its {} slowest taken out as outage faults (the destination's outage fault count)",
+            r.guest_fault_source,
+            outage.len()
+        );
+        r.guest_outage_fault_us = Percentiles::us(&outage);
+        results::save_histogram(dir, r, kind::GUEST_OUTAGE_FAULT, &outage)?;
+        normal
+    } else {
+        guest
+    };
     r.fault_us = Percentiles::us(&guest);
     results::save_histogram(dir, r, kind::GUEST_FAULT, &guest)?;
 
@@ -967,6 +1147,8 @@ pub fn fill(
     r.pages_sent = summary.pages_sent;
     r.pages_pushed = summary.pages_pushed;
     r.faults_served = summary.faults_served;
+    r.recoveries = summary.recoveries;
+    r.paused_ms = summary.paused_ms;
     let gbps = |bytes: Option<u64>, ms: Option<f64>| match (bytes, ms) {
         (Some(b), Some(ms)) if ms > 0.0 && b > 0 => Some(b as f64 * 8.0 / (ms / 1e3) / 1e9),
         _ => None,
@@ -987,6 +1169,15 @@ pub fn fill(
         let vmm = histogram::from_samples(&st.fault_ns)?;
         r.vmm_fault_us = Percentiles::us(&vmm);
         results::save_histogram(dir, r, kind::VMM_FAULT, &vmm)?;
+        // Never merged into `vmm`: a fault that waited for the link to come back is not a
+        // sample of the fault service's latency.
+        let outage = histogram::from_samples(&st.outage_fault_ns)?;
+        r.outage_fault_us = Percentiles::us(&outage);
+        if !outage.is_empty() {
+            results::save_histogram(dir, r, kind::OUTAGE_FAULT, &outage)?;
+        }
+        r.dst_recoveries = st.recoveries;
+        r.dst_paused_ms = st.paused_ms;
         let stall = histogram::from_samples(&st.collapse_stall_ns)?;
         r.collapse_stall_us = ShortSummary::us(&stall);
         results::save_histogram(dir, r, kind::COLLAPSE_STALL, &stall)?;
@@ -1049,7 +1240,7 @@ mod tests {
     #[test]
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
-        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3);
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 1);
         assert!(all
             .iter()
             .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb1g));
@@ -1072,6 +1263,93 @@ mod tests {
             .iter()
             .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb2m));
         assert_eq!(q[1].huge_pages_needed(), vec![(2048, 256)]);
+        // One postcopy-recovery scenario in both lists, on a loopback link with a reset.
+        let name = "hugetlb-2m-4k-staged-random-loopback-reset1";
+        for list in [&q, &all] {
+            let faulty: Vec<_> = list.iter().filter(|s| s.link.fault.is_some()).collect();
+            assert_eq!(faulty.len(), 1);
+            assert_eq!(faulty[0].name, name);
+            assert_eq!(faulty[0].memory_mib, 256);
+            assert!(!faulty[0].link.netns);
+        }
+        let found = by_names(&[name.into()]).unwrap();
+        assert_eq!(found[0].link.fault, Some(LinkFault::ResetOnce));
+        assert_ne!(found[0].link, Link::loopback());
+    }
+
+    #[test]
+    fn reset_fault_fires_a_third_into_the_guest_ram() {
+        let f = LinkFault::ResetOnce;
+        assert_eq!(f.reset_after_bytes(256), (256u64 << 20) / 3);
+        assert!(f.describe(256).contains(&((256u64 << 20) / 3).to_string()));
+        assert_eq!(
+            Link::veth(1, 0).with_fault(f).name,
+            "veth-1g-reset1".to_string()
+        );
+    }
+
+    #[test]
+    fn a_fault_that_never_fired_or_was_not_recovered_is_reported() {
+        let mut r =
+            ScenarioResult::new("s", "hugetlb-2m", "4k-staged", "loopback-reset1", "random");
+        let f = LinkFault::ResetOnce;
+        let why = fault_not_exercised(&r, f, 256, 0, 1234).unwrap();
+        assert!(why.contains("never fired") && why.contains("1234"), "{why}");
+        let why = fault_not_exercised(&r, f, 256, 1, 1 << 28).unwrap();
+        assert!(why.contains("neither side counted"), "{why}");
+        r.recoveries = Some(1);
+        r.dst_recoveries = Some(1);
+        assert_eq!(fault_not_exercised(&r, f, 256, 1, 1 << 28), None);
+    }
+
+    #[test]
+    fn outage_faults_are_kept_apart_from_normal_faults() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r =
+            ScenarioResult::new("s", "hugetlb-2m", "4k-staged", "loopback-reset1", "random");
+        let summary = MigrateSummary::parse(
+            r#"{"blackout_ms":1,"total_ms":2000,"recoveries":1,"paused_ms":1010.5}"#,
+        )
+        .unwrap();
+        // Four userfaults: two normal (50, 80 us), two that waited through the outage (~0.9 s).
+        let out = GuestOutput::parse(
+            "WORKLOAD pass n=2 pages=1 mismatches=0 elapsed_ms=1500 slow_accesses=5\n\
+             WORKLOAD HIST name=access_slow pass=2 unit=ns buckets=2048:1,49152:1,81920:1,805306368:2\n",
+        );
+        let stats = DestinationStats::parse(
+            r#"{"faults_served":4,"fault_ns":[45000,75000],"outage_fault_ns":[880000000,910000000],"recoveries":1,"paused_ms":990.0}"#,
+        )
+        .unwrap();
+        fill(d.path(), &mut r, &summary, &out, &[2], Some(&stats)).unwrap();
+        assert_eq!((r.recoveries, r.dst_recoveries), (Some(1), Some(1)));
+        assert_eq!((r.paused_ms, r.dst_paused_ms), (Some(1010.5), Some(990.0)));
+        // VMM side: the normal distribution keeps only `fault_ns`.
+        assert_eq!(r.vmm_fault_us.count, 2);
+        assert!(r.vmm_fault_us.max < 100.0, "{:?}", r.vmm_fault_us);
+        assert_eq!(r.outage_fault_us.count, 2);
+        assert!(r.outage_fault_us.p50 > 800_000.0, "{:?}", r.outage_fault_us);
+        // Guest side: the 4 slowest are the userfaults, the 2 slowest of those the outage ones.
+        assert_eq!(r.fault_us.count, 2);
+        assert!(r.fault_us.max < 100.0, "{:?}", r.fault_us);
+        assert_eq!(r.guest_outage_fault_us.count, 2);
+        assert!(r.guest_outage_fault_us.p50 > 800_000.0);
+        assert!(
+            r.guest_fault_source.contains("2 slowest taken out"),
+            "{}",
+            r.guest_fault_source
+        );
+        let load = |k| {
+            results::load_histogram(d.path(), &r, k)
+                .unwrap()
+                .unwrap()
+                .len()
+        };
+        assert_eq!(load(kind::GUEST_FAULT), 2);
+        assert_eq!(load(kind::VMM_FAULT), 2);
+        assert_eq!(load(kind::OUTAGE_FAULT), 2);
+        assert_eq!(load(kind::GUEST_OUTAGE_FAULT), 2);
+        // The latency-over-time series is the normal faults only.
+        assert_eq!(r.fault_series.len(), 2);
     }
 
     #[test]
@@ -1140,6 +1418,11 @@ mod tests {
         assert_eq!(r.fault_series_x, "fault number");
         assert!(r.histograms.contains_key(kind::GUEST_FAULT));
         assert!(r.histograms.contains_key(kind::VMM_FAULT));
+        // No outage: nothing recorded for it.
+        assert_eq!(r.outage_fault_us.count, 0);
+        assert!(!r.histograms.contains_key(kind::OUTAGE_FAULT));
+        assert!(!r.histograms.contains_key(kind::GUEST_OUTAGE_FAULT));
+        assert_eq!((r.recoveries, r.dst_recoveries), (None, None));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! One quick scenario end to end: real source and destination VMM processes, a real migration,
-//! and every field of results.json checked. Needs the vmm binary (`HARNESS_VMM`, else
+//! and every field of results.json checked; and the postcopy-recovery scenario (the link reset
+//! once mid-push by a relay in the harness), checked for the reset, the recovery on both sides
+//! and a verified guest. Needs the vmm binary (`HARNESS_VMM`, else
 //! target/release/vmm or target/debug/vmm of this workspace) and the workload guest
 //! (guest-images/out/workload.elf, `guest-images/build-workload.sh`). Runs as root (huge pages).
 
@@ -45,8 +47,8 @@ fn number(v: &serde_json::Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} is not a number: {v}"))
 }
 
-#[test]
-fn quick_scenario_writes_every_field() {
+/// Runs `harness run --quick --scenario NAME` into `out`; returns results.json.
+fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
     let vmm = vmm_binary();
     let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/workload.elf");
     assert!(
@@ -54,11 +56,6 @@ fn quick_scenario_writes_every_field() {
         "no workload guest at {}: run guest-images/build-workload.sh",
         kernel.display()
     );
-    let out = tempfile::tempdir().unwrap();
-    // guest_memfd RAM (256 MiB) received through 4 KiB shmem staging and swapped in at the end:
-    // faults, one "collapse" (the memslot swap) and a staging peak. It takes no huge pages, so
-    // it never waits for the huge page lock other test runs hold for minutes.
-    let scenario = "guest-memfd-4k-staged-random-loopback";
     let status = Command::new(env!("CARGO_BIN_EXE_harness"))
         .args([
             "run",
@@ -73,13 +70,22 @@ fn quick_scenario_writes_every_field() {
         .arg("--kernel")
         .arg(&kernel)
         .arg("--out")
-        .arg(out.path())
+        .arg(out)
         .status()
         .unwrap();
     assert!(status.success(), "harness run exited with {status}");
+    let text = std::fs::read_to_string(out.join("results.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
 
-    let text = std::fs::read_to_string(out.path().join("results.json")).unwrap();
-    let res: serde_json::Value = serde_json::from_str(&text).unwrap();
+#[test]
+fn quick_scenario_writes_every_field() {
+    let out = tempfile::tempdir().unwrap();
+    // guest_memfd RAM (256 MiB) received through 4 KiB shmem staging and swapped in at the end:
+    // faults, one "collapse" (the memslot swap) and a staging peak. It takes no huge pages, so
+    // it never waits for the huge page lock other test runs hold for minutes.
+    let scenario = "guest-memfd-4k-staged-random-loopback";
+    let res = run_scenario(scenario, out.path());
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
@@ -189,4 +195,57 @@ fn quick_scenario_writes_every_field() {
     let plots = std::fs::read_dir(out.path().join("plots")).unwrap().count();
     assert!(plots >= 2, "{plots} plots");
     assert!(Path::new(&out.path().join("raw")).is_dir());
+}
+
+#[test]
+fn reset_scenario_recovers_and_keeps_outage_faults_apart() {
+    let out = tempfile::tempdir().unwrap();
+    // 256 MiB on 2 MiB pages (it waits for the huge page lock if another test run holds it);
+    // the relay resets every connection once a third of the guest RAM size has gone through.
+    let scenario = "hugetlb-2m-4k-staged-random-loopback-reset1";
+    let res = run_scenario(scenario, out.path());
+    let scenarios = res["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 1);
+    let s = &scenarios[0];
+    assert_eq!(s["status"], "ok", "scenario failed: {}", s["error"]);
+    assert_eq!(s["name"], scenario);
+    assert_eq!(s["link"], "loopback-reset1");
+    assert!(s["link_fault"].as_str().unwrap().contains("reset"));
+    // The relay reset the link, both sides recovered, both were paused for a while.
+    assert!(number(&s["link_resets"], "link_resets") >= 1.0);
+    assert!(number(&s["recoveries"], "recoveries") >= 1.0);
+    assert!(number(&s["dst_recoveries"], "dst_recoveries") >= 1.0);
+    assert!(number(&s["paused_ms"], "paused_ms") > 0.0);
+    assert!(number(&s["dst_paused_ms"], "dst_paused_ms") > 0.0);
+    // The guest verified every page after the migration.
+    assert_eq!(s["guest_ok"], true);
+    assert_eq!(number(&s["guest_mismatches"], "guest_mismatches"), 0.0);
+    // Normal faults measured; outage faults (if a vCPU faulted during the outage) kept apart:
+    // their own summary and histogram, never in the normal ones.
+    assert!(number(&s["vmm_fault_us"]["count"], "vmm_fault_us.count") > 0.0);
+    assert!(number(&s["fault_us"]["count"], "fault_us.count") > 0.0);
+    for field in ["outage_fault_us", "guest_outage_fault_us"] {
+        for p in PERCENTILES {
+            number(&s[field][p], &format!("{field}.{p}"));
+        }
+    }
+    let outage = number(&s["outage_fault_us"]["count"], "outage_fault_us.count");
+    let hist = s["histograms"].as_object().unwrap();
+    assert_eq!(hist.contains_key("outage_fault"), outage > 0.0);
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join(format!("raw/{scenario}.stats.json"))).unwrap(),
+    )
+    .unwrap();
+    let raw_outage = stats["outage_fault_ns"].as_array().unwrap().len();
+    assert_eq!(raw_outage as f64, outage);
+    let raw_normal = stats["fault_ns"].as_array().unwrap().len();
+    assert_eq!(
+        raw_normal as f64,
+        number(&s["vmm_fault_us"]["count"], "vmm_fault_us.count")
+    );
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(md.contains("## Postcopy recovery"));
+    assert!(md
+        .lines()
+        .any(|l| l.starts_with(&format!("| {scenario} | ok |"))));
 }

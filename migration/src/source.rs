@@ -979,7 +979,9 @@ impl Handover<'_> {
                     self.blackout = Some(self.blackout_start.elapsed());
                 }
                 let total = self.ram.layout.total_pages();
-                (self.report)(Phase::Postcopy, self.rounds, total - held.count());
+                if !precopy {
+                    (self.report)(Phase::Postcopy, self.rounds, total - held.count());
+                }
                 self.push(&main_writer, &push)?;
                 if !complete_sent {
                     send(&Message::Complete { pages: total }, "sending Complete")?;
