@@ -864,6 +864,8 @@ pub struct UrgentClient {
     link: Mutex<Option<UrgentLink>>,
     readers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pending: Mutex<Pending>,
+    /// Signalled when a channel is attached (`pending.down` cleared) or closed for good.
+    up: Condvar,
     next_id: AtomicU64,
     epoch: AtomicU64,
     layout: RamLayout,
@@ -885,6 +887,7 @@ impl UrgentClient {
                 map: HashMap::new(),
                 down: Some("the urgent channel is not connected yet".into()),
             }),
+            up: Condvar::new(),
             next_id: AtomicU64::new(1),
             epoch: AtomicU64::new(0),
             layout,
@@ -923,6 +926,7 @@ impl UrgentClient {
         });
         if !self.closed.load(Ordering::Acquire) {
             lock(&self.pending).down = None;
+            self.up.notify_all();
         }
         Ok(())
     }
@@ -946,8 +950,20 @@ impl UrgentClient {
         self.replies.load(Ordering::Relaxed)
     }
 
+    /// [`UrgentClient::fail_all`] if stretch `epoch` is still the current one (a failure seen
+    /// on an old stretch's channel says nothing about the new one).
+    fn fail_epoch(&self, epoch: u64, reason: String) {
+        let p = lock(&self.pending);
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            self.fail_locked(p, reason);
+        }
+    }
+
     fn fail_all(&self, reason: String) {
-        let mut p = lock(&self.pending);
+        self.fail_locked(lock(&self.pending), reason);
+    }
+
+    fn fail_locked(&self, mut p: MutexGuard<'_, Pending>, reason: String) {
         if p.down.is_none() {
             p.down = Some(reason.clone());
         }
@@ -961,6 +977,7 @@ impl UrgentClient {
     pub fn close(&self, reason: &str) {
         self.closed.store(true, Ordering::Release);
         self.detach(reason);
+        self.up.notify_all();
         for h in lock(&self.readers).drain(..) {
             let _ = h.join();
         }
@@ -1030,11 +1047,28 @@ impl UrgentClient {
                 }
             }
         }
-        self.fail_all(reason);
+        self.fail_epoch(epoch, reason);
     }
 }
 
 impl PageFetcher for UrgentClient {
+    fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = lock(&self.pending);
+        while p.down.is_some() && !self.closed.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            p = self
+                .up
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        p.down.is_none()
+    }
+
     fn fetch(&self, gpa: u64, buf: &mut [u8; 4096]) -> Result<(), FetchError> {
         if self.layout.page_index(gpa).is_none() {
             return Err(FetchError::BadAddress { gpa });
@@ -1055,15 +1089,21 @@ impl PageFetcher for UrgentClient {
             }
             p.map.insert(id, Arc::clone(&slot));
         }
-        let writer = lock(&self.link).as_ref().map(|l| l.writer.clone());
-        let sent = match &writer {
-            Some(w) => liveness::lock(w)
+        let link = lock(&self.link)
+            .as_ref()
+            .map(|l| (l.writer.clone(), l.epoch));
+        let sent = match &link {
+            Some((w, epoch)) => liveness::lock(w)
                 .send(&Message::PageRequest { id, gpa }, "sending a page request")
-                .map_err(|e| e.to_string()),
-            None => Err("the urgent channel is down".to_owned()),
+                .map_err(|e| (e.to_string(), Some(*epoch))),
+            None => Err(("the urgent channel is down".to_owned(), None)),
         };
-        if let Err(reason) = sent {
+        if let Err((reason, epoch)) = sent {
             lock(&self.pending).map.remove(&id);
+            if let Some(epoch) = epoch {
+                // The channel failed under this write: fetches wait for the next one.
+                self.fail_epoch(epoch, reason.clone());
+            }
             return Err(FetchError::Disconnected { gpa, reason });
         }
         let started = Instant::now();

@@ -1,6 +1,8 @@
 //! Types shared by the migration modules and the VMM that drives them: guest RAM regions as the
 //! migration code sees them, the migration mode, and the traits the VMM implements.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// Size of the page the protocol moves (and the postcopy fault granularity of the 4 KiB path).
@@ -179,6 +181,14 @@ pub enum FetchError {
 /// driver implements it on top of the transport; the postcopy fault service uses it).
 pub trait PageFetcher: Send + Sync {
     fn fetch(&self, gpa: u64, buf: &mut [u8; 4096]) -> Result<(), FetchError>;
+
+    /// While the channel is down (a postcopy-paused outage), wait up to `timeout` for it to
+    /// come back; returns whether it is up. A fetcher that cannot tell returns false at once
+    /// (the caller then waits its own way).
+    fn wait_connected(&self, timeout: Duration) -> bool {
+        let _ = timeout;
+        false
+    }
 }
 
 /// One region of the RAM layout the source announces (gpa range and memslot number).

@@ -257,8 +257,14 @@ fn fetch(
                 } else {
                     tracing::debug!("fetch of gpa {gpa:#x} failed again: {e}");
                 }
-                shared.wait_progress(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(100));
+                // A link that is down: wait for the urgent channel to come back (woken the
+                // moment it is re-attached), else for any page to arrive.
+                if !matches!(e, FetchError::Disconnected { .. })
+                    || !shared.fetcher.wait_connected(Duration::from_millis(100))
+                {
+                    shared.wait_progress(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
             }
         }
     }
