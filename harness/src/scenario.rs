@@ -149,7 +149,15 @@ pub enum LinkFault {
     /// when [`RESET_AT_FRACTION`] of the guest RAM size has gone source->destination through
     /// the relay since `vmm migrate` started.
     ResetOnce,
+    /// Forward nothing, in either direction, for [`BLACKHOLE_FOR`] once, from the same point:
+    /// no reset, no FIN, as a path that silently drops packets. Both sides must notice through
+    /// their heartbeats (liveness bound 1 s).
+    BlackholeOnce,
 }
+
+/// How long [`LinkFault::BlackholeOnce`] forwards nothing: longer than the liveness bound, so
+/// both sides detect the dead link and pause.
+pub const BLACKHOLE_FOR: Duration = Duration::from_millis(1500);
 
 /// [`LinkFault::ResetOnce`] fires after this fraction of the guest RAM size went
 /// source->destination: past the switchover (the device state is small), well before the end
@@ -161,14 +169,13 @@ impl LinkFault {
     pub fn as_str(self) -> &'static str {
         match self {
             LinkFault::ResetOnce => "reset1",
+            LinkFault::BlackholeOnce => "blackhole1",
         }
     }
 
-    /// Bytes source->destination after which the relay resets, for `memory_mib` of guest RAM.
-    pub fn reset_after_bytes(self, memory_mib: u64) -> u64 {
-        match self {
-            LinkFault::ResetOnce => ((memory_mib << 20) as f64 * RESET_AT_FRACTION) as u64,
-        }
+    /// Bytes source->destination after which the fault fires, for `memory_mib` of guest RAM.
+    pub fn fires_after_bytes(self, memory_mib: u64) -> u64 {
+        ((memory_mib << 20) as f64 * RESET_AT_FRACTION) as u64
     }
 
     /// What the fault does, in words (results.json `link_fault`).
@@ -177,7 +184,14 @@ impl LinkFault {
             LinkFault::ResetOnce => format!(
                 "reset every connection once, after {} bytes source->destination ({:.0}% of the \
                  guest RAM size) since vmm migrate started",
-                self.reset_after_bytes(memory_mib),
+                self.fires_after_bytes(memory_mib),
+                RESET_AT_FRACTION * 100.0
+            ),
+            LinkFault::BlackholeOnce => format!(
+                "forward nothing (no reset) for {} ms once, after {} bytes source->destination \
+                 ({:.0}% of the guest RAM size) since vmm migrate started",
+                BLACKHOLE_FOR.as_millis(),
+                self.fires_after_bytes(memory_mib),
                 RESET_AT_FRACTION * 100.0
             ),
         }
@@ -313,20 +327,26 @@ pub fn all() -> Vec<Scenario> {
             ));
         }
     }
-    v.push(reset_scenario());
+    v.extend(recovery_scenarios());
     v
 }
 
-/// Postcopy recovery: the link is reset once in the middle of the postcopy push (256 MiB of
-/// guest RAM, in `--all` too: the figure of interest is the outage, not the push).
-fn reset_scenario() -> Scenario {
-    Scenario::new(
-        Backing::Hugetlb2m,
-        Strategy::FourKStaged,
-        Pattern::Random,
-        Link::loopback().with_fault(LinkFault::ResetOnce),
-        256,
-    )
+/// Postcopy recovery: the link is reset, or black-holed, once in the middle of the postcopy
+/// push (256 MiB of guest RAM, in `--all` too: the figure of interest is the outage, not the
+/// push).
+fn recovery_scenarios() -> Vec<Scenario> {
+    [LinkFault::ResetOnce, LinkFault::BlackholeOnce]
+        .into_iter()
+        .map(|f| {
+            Scenario::new(
+                Backing::Hugetlb2m,
+                Strategy::FourKStaged,
+                Pattern::Random,
+                Link::loopback().with_fault(f),
+                256,
+            )
+        })
+        .collect()
 }
 
 /// The `--quick` subset (each scenario well under half a minute): the loopback latency target
@@ -347,8 +367,64 @@ pub fn quick() -> Vec<Scenario> {
         Scenario::new(Hugetlb1g, Huge, Random, lo(), 1024),
         Scenario::new(GuestMemfd, FourKStaged, Random, lo(), 256),
         Scenario::new(Hugetlb2m, FourKStaged, Sequential, Link::veth(1, 0), 256),
-        reset_scenario(),
     ]
+    .into_iter()
+    .chain(recovery_scenarios())
+    .collect()
+}
+
+/// Drives a [`LinkFault::BlackholeOnce`]: a thread that waits until enough bytes crossed the
+/// relay, then black-holes it for [`BLACKHOLE_FOR`]. Dropping it stops the thread (and ends a
+/// black-hole in progress).
+struct BlackholeDriver {
+    stop: Arc<AtomicBool>,
+    fired: Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackholeDriver {
+    fn arm(relay: Arc<Relay>, after_bytes: u64) -> Result<Self, RunError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let fired = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, fired2) = (stop.clone(), fired.clone());
+        let start = relay.forwarded().0;
+        let thread = std::thread::Builder::new()
+            .name("harness-blackhole".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    if relay.forwarded().0.saturating_sub(start) >= after_bytes {
+                        relay.set_blackhole(true);
+                        fired2.fetch_add(1, Ordering::Relaxed);
+                        let until = Instant::now() + BLACKHOLE_FOR;
+                        while Instant::now() < until && !stop2.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        relay.set_blackhole(false);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            })
+            .map_err(|e| RunError::Scenario(format!("starting the black-hole thread: {e}")))?;
+        Ok(Self {
+            stop,
+            fired,
+            thread: Some(thread),
+        })
+    }
+
+    fn fired(&self) -> u64 {
+        self.fired.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BlackholeDriver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Looks scenarios up by name in `--all` (and the quick list, whose memory sizes differ).
@@ -860,7 +936,7 @@ fn run_one(
         Some(fault) => {
             r.link_fault = Some(fault.describe(s.memory_mib));
             r.link_resets = Some(0);
-            Some((fault, start_relay(env.pair.as_ref(), to)?))
+            Some((fault, Arc::new(start_relay(env.pair.as_ref(), to)?)))
         }
         None => None,
     };
@@ -919,9 +995,14 @@ fn run_one(
         1
     };
     let sampler = RateSampler::start(src.pid(), env.src_device(), t0, copies);
+    let mut blackhole = None;
     if let Some((fault, relay)) = &relay {
+        let after = fault.fires_after_bytes(s.memory_mib);
         match fault {
-            LinkFault::ResetOnce => relay.reset_after_bytes(fault.reset_after_bytes(s.memory_mib)),
+            LinkFault::ResetOnce => relay.reset_after_bytes(after),
+            LinkFault::BlackholeOnce => {
+                blackhole = Some(BlackholeDriver::arm(relay.clone(), after)?);
+            }
         }
     }
     let mut mcmd = env.command(Side::Src, &cfg.vmm);
@@ -945,9 +1026,14 @@ fn run_one(
     // What the relay did, recorded before anything below can end the scenario; nothing
     // reconnects once `migrate` is done, so it stays armed harmlessly until it is dropped.
     let relay_seen = relay.as_ref().map(|(fault, relay)| {
-        r.link_resets = Some(relay.resets());
-        (*fault, relay.resets(), relay.forwarded().0)
+        let fired = match fault {
+            LinkFault::ResetOnce => relay.resets(),
+            LinkFault::BlackholeOnce => blackhole.as_ref().map_or(0, BlackholeDriver::fired),
+        };
+        r.link_resets = Some(fired);
+        (*fault, fired, relay.forwarded().0)
     });
+    drop(blackhole);
     // The background push may continue after `migrate` returns; keep sampling until the
     // source exits or 2 s more.
     let _ = src.wait_timeout(Duration::from_secs(2))?;
@@ -1025,8 +1111,8 @@ pub fn fault_not_exercised(
     if resets == 0 {
         return Some(format!(
             "the link fault never fired: the relay forwarded {forwarded} bytes source->destination, \
-             the reset was armed for {} (figures are those of a migration without a fault)",
-            fault.reset_after_bytes(memory_mib)
+             the fault was armed for {} (figures are those of a migration without a fault)",
+            fault.fires_after_bytes(memory_mib)
         ));
     }
     let counted = r.recoveries.unwrap_or(0).max(r.dst_recoveries.unwrap_or(0));
@@ -1240,7 +1326,7 @@ mod tests {
     #[test]
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
-        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 1);
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2);
         assert!(all
             .iter()
             .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb1g));
@@ -1263,24 +1349,34 @@ mod tests {
             .iter()
             .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb2m));
         assert_eq!(q[1].huge_pages_needed(), vec![(2048, 256)]);
-        // One postcopy-recovery scenario in both lists, on a loopback link with a reset.
-        let name = "hugetlb-2m-4k-staged-random-loopback-reset1";
+        // Two postcopy-recovery scenarios in both lists, on loopback: a reset, a black-hole.
+        let names = [
+            "hugetlb-2m-4k-staged-random-loopback-reset1",
+            "hugetlb-2m-4k-staged-random-loopback-blackhole1",
+        ];
         for list in [&q, &all] {
             let faulty: Vec<_> = list.iter().filter(|s| s.link.fault.is_some()).collect();
-            assert_eq!(faulty.len(), 1);
-            assert_eq!(faulty[0].name, name);
-            assert_eq!(faulty[0].memory_mib, 256);
-            assert!(!faulty[0].link.netns);
+            assert_eq!(faulty.len(), 2);
+            for (f, name) in faulty.iter().zip(names) {
+                assert_eq!(f.name, name);
+                assert_eq!(f.memory_mib, 256);
+                assert!(!f.link.netns);
+            }
         }
-        let found = by_names(&[name.into()]).unwrap();
+        let found = by_names(&[names[0].into()]).unwrap();
         assert_eq!(found[0].link.fault, Some(LinkFault::ResetOnce));
         assert_ne!(found[0].link, Link::loopback());
+        let found = by_names(&[names[1].into()]).unwrap();
+        assert_eq!(found[0].link.fault, Some(LinkFault::BlackholeOnce));
     }
 
     #[test]
     fn reset_fault_fires_a_third_into_the_guest_ram() {
         let f = LinkFault::ResetOnce;
-        assert_eq!(f.reset_after_bytes(256), (256u64 << 20) / 3);
+        assert_eq!(f.fires_after_bytes(256), (256u64 << 20) / 3);
+        let b = LinkFault::BlackholeOnce;
+        assert_eq!(b.fires_after_bytes(256), (256u64 << 20) / 3);
+        assert!(b.describe(256).contains("1500 ms"), "{}", b.describe(256));
         assert!(f.describe(256).contains(&((256u64 << 20) / 3).to_string()));
         assert_eq!(
             Link::veth(1, 0).with_fault(f).name,
