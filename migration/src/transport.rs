@@ -91,7 +91,7 @@ pub enum TransportError {
         expected: ChannelKind,
         got: ChannelKind,
     },
-    #[error("urgent channel names session {got:#x}, but the session is {expected:#x}")]
+    #[error("the connection names session {got:#x}, but the session is {expected:#x}")]
     SessionMismatch { expected: u64, got: u64 },
     #[error("connection from non-loopback peer {peer} refused: no shared secret configured")]
     PeerNotLoopback { peer: SocketAddr },

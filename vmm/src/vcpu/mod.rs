@@ -131,6 +131,19 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), noop_handler).map_err(VcpuError::Signal)
 }
 
+/// Marks a vCPU thread finished (and parked) when dropped.
+struct Finished<'a>(&'a Shared);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.ctl.lock().unwrap_or_else(|p| p.into_inner());
+        c.finished = true;
+        c.parked = true;
+        drop(c);
+        self.0.cond.notify_all();
+    }
+}
+
 /// How long a pause waits between kicks.
 const KICK_INTERVAL: Duration = Duration::from_micros(50);
 
@@ -157,12 +170,18 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                run_loop(index, &mut fd, &devices, &stop, &s);
-                if let Ok(mut c) = s.ctl.lock() {
-                    c.finished = true;
-                    c.parked = true;
+                // Marks the thread finished however it ends, a panic included: `quit` and
+                // `wait_paused` wait for that mark, and would wait forever for a thread that
+                // unwound without it.
+                let _finished = Finished(&s);
+                let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_loop(index, &mut fd, &devices, &stop, &s)
+                }));
+                if crashed.is_err() {
+                    stop.stop(StopReason::Crash(format!(
+                        "the thread of vCPU {index} panicked"
+                    )));
                 }
-                s.cond.notify_all();
             })
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle {
