@@ -51,6 +51,9 @@ enum Command {
     /// network path to the same `vmm receive`): the source reconnects there from its next
     /// attempt on.
     MigrateRetarget(RetargetArgs),
+    /// Resume a paused VM behind an API socket. After a migration whose switchover outcome is
+    /// unknown (the destination may run the VM) this is refused unless --force is given.
+    Resume(ResumeArgs),
     /// Measure the raw vCPU userfault round trip with the page already local (the floor under a
     /// postcopy fault): boot the workload guest with every page behind a minimal userfault
     /// handler and print the latency the guest and the VMM saw.
@@ -139,6 +142,17 @@ struct MigrateArgs {
     /// destination runs it) or stays paused here (if that is unknown).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     recover_timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct ResumeArgs {
+    /// The VM's control socket (`vmm run --api-socket`).
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Resume even though the last migration's outcome is unknown: only when the destination
+    /// surely does not run the VM (else two copies run).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -233,6 +247,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(a) => cmd_run(a),
         Command::Receive(a) => cmd_receive(a),
         Command::Migrate(a) => cmd_migrate(a),
+        Command::Resume(a) => {
+            vmm::api::call(&a.api_socket, &Request::Resume { force: a.force }, |_| {})
+                .with_context(|| format!("resuming the VM behind {}", a.api_socket.display()))?;
+            println!("the VM runs");
+            Ok(0)
+        }
         Command::MigrateRetarget(a) => {
             let reply = vmm::api::call(
                 &a.api_socket,

@@ -1,6 +1,6 @@
 //! The CPUID table a vCPU gets: what KVM supports, with per-vCPU topology fixed up.
 //!
-//! Under PVM `KVM_SET_CPUID2` is only partly honoured (PLATFORM.md): nothing here relies on
+//! Under PVM `KVM_SET_CPUID2` is only partly honoured (docs/platform.md): nothing here relies on
 //! hiding a feature from the guest.
 
 use kvm_bindings::CpuId;
