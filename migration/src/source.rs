@@ -622,8 +622,11 @@ fn run(
             let round_start = Instant::now();
             let bytes_before = SourceCounters::get(&counters.bytes_sent);
             let mut sender = PageSender::new(&ram, &counters, opts.zero_runs, false);
-            for index in to_send.iter() {
+            for (n, index) in to_send.iter().enumerate() {
                 sender.add(&mut main.writer, index)?;
+                if n % 8192 == 8191 {
+                    check_peer_silent(main)?;
+                }
             }
             sender.flush(&mut main.writer)?;
             send_counted(
@@ -707,6 +710,9 @@ fn run(
         }
         Mode::Postcopy => PageSet::new(total),
     };
+    // Nothing may have come from the destination since Ready: an Error means it gave up, and
+    // anything else (a Started before any switchover frame) breaks the protocol.
+    check_peer_silent(main)?;
     send_counted(main, &counters, &Message::State(&state), "sending State")?;
     // From here on the destination may start the VM: a lost link is settled by recovery, never
     // by guessing (see `Handover`).
@@ -764,6 +770,31 @@ fn run(
         paused_ms: handover.paused.as_secs_f64() * 1000.0,
         destination: dest,
     })
+}
+
+/// Between Ready and the switchover the destination says nothing on the main channel. If it
+/// did (an Error: it gave up; anything else, e.g. a Started before any switchover frame: a
+/// protocol violation), fail now, without waiting for the next read.
+fn check_peer_silent(main: &mut Channel) -> Result<(), SourceError> {
+    use std::os::fd::AsFd;
+    let readable = {
+        let fd = main.reader.get_ref().as_fd();
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+    };
+    if !readable {
+        return Ok(());
+    }
+    match main.reader.poll("checking the destination during precopy") {
+        Ok(None) => Ok(()),
+        Ok(Some(m)) => Err(wire::unexpected(
+            m,
+            "checking the destination during precopy",
+            "nothing before the switchover",
+        )
+        .into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Both channels of one connected stretch of the session, from the switchover on.
@@ -950,10 +981,12 @@ impl Handover<'_> {
                         .name("mig-urgent-srv".into())
                         .spawn_scoped(scope, move || {
                             let _priority = thread_priority::enter(ThreadRole::Urgent);
-                            let r = urgent_server(urgent_reader, urgent_writer, ram, push, counters);
-                            if matches!(&r, Err(e) if e.is_link_failure() && !matches!(e, WireError::Closed { .. })) {
-                                // Wake the push at once: the link is gone. (A clean close is
-                                // the destination ending the session: its reason follows on
+                            let r =
+                                urgent_server(urgent_reader, urgent_writer, ram, push, counters);
+                            if matches!(&r, Err(e) if !matches!(e, WireError::Closed { .. })) {
+                                // Wake the push (or the wait for Started) at once: the link is
+                                // gone, or the destination broke the protocol. (A clean close
+                                // is the destination ending the session: its reason follows on
                                 // the main channel.)
                                 if let Some(s) = main_stream {
                                     let _ = s.shutdown(std::net::Shutdown::Both);
@@ -1240,7 +1273,12 @@ fn urgent_server(
                 return Err(e);
             }
             Err(_) if push.stop.load(Ordering::Acquire) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) if e.is_link_failure() => return Err(e),
+            Err(e) => {
+                // A malformed request (e.g. an unaligned gpa): say so, then give up.
+                report(&e);
+                return Err(e);
+            }
         };
         let index = match check_run(&ram.layout, Kind::PageRequest, gpa, 1) {
             Ok(i) => i,

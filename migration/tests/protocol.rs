@@ -1187,3 +1187,64 @@ fn strangers_are_refused_while_paused_and_the_source_still_recovers() {
     .unwrap();
     assert_recovered(&src, &summary, dest, 1);
 }
+
+// ---- a destination that speaks out of turn before the switchover ----
+
+/// A fake destination: reads Config, answers Ready and then `then` at once, and drains what
+/// the source sends until it closes.
+fn speaking_destination(then: Message<'static>) -> (SocketAddr, JoinHandle<()>) {
+    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut s = acceptor.accept().unwrap();
+        assert!(matches!(
+            s.main.reader.read("config").unwrap(),
+            Message::Config(_)
+        ));
+        // Both frames in one write: they arrive together, as from a peer that does not wait.
+        let mut bytes = Vec::new();
+        wire::encode(&Message::Ready, &mut bytes);
+        wire::encode(&then, &mut bytes);
+        (&*s.main.writer.get_ref()).write_all(&bytes).unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if s.main.reader.poll("drain").is_err() {
+                break;
+            }
+        }
+    });
+    (addr, peer)
+}
+
+#[test]
+fn an_error_right_after_ready_fails_precopy_before_the_pause() {
+    let (addr, peer) = speaking_destination(Message::Error {
+        code: wire::ErrorCode::Rejected,
+        message: "test: out of memory".into(),
+    });
+    let src = TestSource::new(LAYOUT_128M);
+    src.run_guest(1024);
+    let e = source::migrate(&src, addr, options(Mode::Precopy, None), &|_| {}).unwrap_err();
+    src.stop_guest();
+    assert!(e.to_string().contains("out of memory"), "{e}");
+    assert_eq!(
+        src.pauses.load(Ordering::Relaxed),
+        0,
+        "the source paused although the destination had given up"
+    );
+    peer.join().unwrap();
+}
+
+#[test]
+fn a_started_before_any_switchover_frame_is_refused() {
+    let (addr, peer) = speaking_destination(Message::Started);
+    let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("Started"), "{e}");
+    assert!(!e.destination_started(), "{e}");
+    assert_eq!(
+        src.resumes.load(Ordering::Relaxed),
+        src.pauses.load(Ordering::Relaxed)
+    );
+    peer.join().unwrap();
+}

@@ -192,17 +192,31 @@ impl Shared {
         match r.plan.mode {
             ServeMode::AnonCopy => {
                 let dst = r.host_page(page);
-                // SAFETY: `dst` is a page of the MISSING-registered anonymous region the engine
-                // manages; `data` is a live 4 KiB buffer; UFFDIO_COPY does not overwrite a
-                // present page (EEXIST).
-                let res = unsafe {
-                    self.uffd.copy(
-                        data.as_ptr() as *const libc::c_void,
-                        dst as *mut libc::c_void,
-                        PAGE_SIZE as usize,
-                        true,
-                    )
+                let copy = || {
+                    // SAFETY: `dst` is a page of the MISSING-registered anonymous region the
+                    // engine manages; `data` is a live 4 KiB buffer; UFFDIO_COPY does not
+                    // overwrite a present page (EEXIST).
+                    unsafe {
+                        self.uffd.copy(
+                            data.as_ptr() as *const libc::c_void,
+                            dst as *mut libc::c_void,
+                            PAGE_SIZE as usize,
+                            true,
+                        )
+                    }
                 };
+                // EAGAIN: the address space is changing under userfaultfd (mmap_changing, e.g.
+                // an madvise or a fork in flight); nothing was copied, and the kernel asks us
+                // to try again.
+                let mut res = copy();
+                let mut tries = 0;
+                while matches!(&res, Err(e) if sys::uffd_errno(e) == Some(libc::EAGAIN))
+                    && tries < 10_000
+                {
+                    tries += 1;
+                    std::thread::yield_now();
+                    res = copy();
+                }
                 match res {
                     Ok(_) => {}
                     Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {

@@ -506,7 +506,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         .map(|r| (r.guest_addr, r.size))
         .collect();
     if theirs != ours {
-        let msg = format!("RAM layout differs: source {theirs:x?}, destination {ours:x?}");
+        let msg = layout_mismatch(&theirs, &ours);
         incoming.reject(&msg);
         return Err(ReceiveError::Incompatible(msg));
     }
@@ -590,6 +590,25 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     vm.shutdown();
     drop(engine);
     Ok(outcome?)
+}
+
+/// A short, one-line account of how two RAM layouts differ: the region counts and the first
+/// region that is not the same (a layout of hundreds of regions must not make an error line of
+/// kilobytes).
+fn layout_mismatch(theirs: &[(u64, u64)], ours: &[(u64, u64)]) -> String {
+    let first = theirs.iter().zip(ours).position(|(a, b)| a != b);
+    let at = match first {
+        Some(i) => format!(
+            "; region {i} is {:#x}+{:#x} on the source, {:#x}+{:#x} here",
+            theirs[i].0, theirs[i].1, ours[i].0, ours[i].1
+        ),
+        None => String::new(),
+    };
+    format!(
+        "RAM layout differs: the source has {} region(s), this destination {}{at}",
+        theirs.len(),
+        ours.len()
+    )
 }
 
 fn destination_stats(
