@@ -1205,7 +1205,7 @@ fn speaking_destination(then: Message<'static>) -> (SocketAddr, JoinHandle<()>) 
         let mut bytes = Vec::new();
         wire::encode(&Message::Ready, &mut bytes);
         wire::encode(&then, &mut bytes);
-        (&*s.main.writer.get_ref()).write_all(&bytes).unwrap();
+        s.main.writer.get_ref().write_all(&bytes).unwrap();
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
             if s.main.reader.poll("drain").is_err() {
