@@ -11,6 +11,7 @@ pub mod boot_regs;
 pub mod cpuid;
 pub mod state;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -110,6 +111,36 @@ struct Control {
 struct Shared {
     ctl: Mutex<Control>,
     cond: Condvar,
+    /// The vCPU's `kvm_run.immediate_exit` (linux/kvm.h, `struct kvm_run`): KVM_RUN returns
+    /// EINTR at once while it is 1. Set with `want` = Pause / Quit before the kick, so a kick
+    /// that lands just before KVM_RUN (where the signal alone would be lost) still stops the
+    /// vCPU; cleared by the vCPU thread before it runs again.
+    immediate_exit: ImmediateExit,
+}
+
+/// A pointer to a vCPU's `kvm_run.immediate_exit` byte, used as an atomic. It points into the
+/// vCPU fd's `kvm_run` mapping, which lives as long as the vCPU thread: it is written only
+/// under `Shared::ctl` while `Control::finished` is false (the thread sets `finished` under
+/// that lock before its `VcpuFd`, and with it the mapping, is dropped).
+struct ImmediateExit(std::ptr::NonNull<AtomicU8>);
+
+// SAFETY: the pointee is a byte of shared memory that KVM and every thread access as a single
+// byte (atomically here); the pointer itself is only dereferenced under the rules above.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: as for Send: all accesses through it are atomic byte stores.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    /// Sets or clears the flag.
+    ///
+    /// # Safety
+    /// The vCPU fd whose `kvm_run` the pointer points into must still be alive: call it with
+    /// `Shared::ctl` held and `Control::finished` false, or from the vCPU thread itself.
+    unsafe fn set(&self, on: bool) {
+        // SAFETY: the caller guarantees the mapping is alive; AtomicU8 has the size and
+        // alignment of u8, and KVM only reads the byte.
+        unsafe { self.0.as_ref() }.store(u8::from(on), Ordering::Release);
+    }
 }
 
 /// Handle to a running vCPU thread.
@@ -145,7 +176,7 @@ impl Drop for Finished<'_> {
 }
 
 /// How long a pause waits between kicks.
-const KICK_INTERVAL: Duration = Duration::from_micros(50);
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
 
 impl VcpuHandle {
     /// Starts the run loop of `fd` on a new thread. With `start_paused`, the vCPU waits for
@@ -157,6 +188,7 @@ impl VcpuHandle {
         stop: Arc<StopSignal>,
         start_paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
+        let immediate_exit = std::ptr::NonNull::from(&mut fd.get_kvm_run().immediate_exit).cast();
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Control {
                 want: if start_paused { Want::Pause } else { Want::Run },
@@ -165,6 +197,7 @@ impl VcpuHandle {
                 jobs: Vec::new(),
             }),
             cond: Condvar::new(),
+            immediate_exit: ImmediateExit(immediate_exit),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -224,13 +257,17 @@ impl VcpuHandle {
             if c.parked || c.finished {
                 return Ok(());
             }
+            // SAFETY: under the ctl lock with `finished` false: the vCPU fd is alive.
+            unsafe { self.shared.immediate_exit.set(true) };
         }
         self.kick();
         Ok(())
     }
 
-    /// Waits until the vCPU has parked after [`VcpuHandle::request_pause`], kicking it again
-    /// every [`KICK_INTERVAL`] (a kick that lands just before `KVM_RUN` is lost).
+    /// Waits until the vCPU has parked after [`VcpuHandle::request_pause`]. The kick cannot be
+    /// lost (`immediate_exit` stops a KVM_RUN it arrives just before); a vCPU blocked in a
+    /// userfault parks once the fault is served. It is kicked again only every
+    /// [`KICK_INTERVAL`], as a safety net.
     pub fn wait_paused(&self) -> Result<(), VcpuError> {
         let mut c = self
             .shared
@@ -294,6 +331,10 @@ impl VcpuHandle {
     pub fn quit(&mut self) {
         if let Ok(mut c) = self.shared.ctl.lock() {
             c.want = Want::Quit;
+            if !c.finished {
+                // SAFETY: under the ctl lock with `finished` false: the vCPU fd is alive.
+                unsafe { self.shared.immediate_exit.set(true) };
+            }
         }
         self.shared.cond.notify_all();
         loop {
@@ -337,6 +378,8 @@ fn wait_while_paused(shared: &Shared, fd: &mut VcpuFd) -> bool {
         match c.want {
             Want::Run => {
                 c.parked = false;
+                // SAFETY: on the vCPU thread, which owns the fd.
+                unsafe { shared.immediate_exit.set(false) };
                 return true;
             }
             Want::Quit => return false,
