@@ -145,10 +145,14 @@ impl std::str::FromStr for Granularity {
     }
 }
 
+/// What a hook the VMM implements reports when it fails, across the crate seam: the VMM's own
+/// typed error, boxed, with its source chain intact.
+pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Destination: stop/start all vCPUs for a collapse's final step. `pause()` must return only when
 /// every vCPU is out of KVM_RUN or blocked in a userfault (the fault service keeps running).
 pub trait VcpuControl: Send + Sync {
-    fn pause(&self) -> Result<(), String>;
+    fn pause(&self) -> Result<(), HookError>;
     fn resume(&self);
 }
 
@@ -163,7 +167,7 @@ pub trait DirtyLog: Send + Sync {
 /// Destination: swap a guest_memfd region's memslot from the staging mapping to the guest_memfd
 /// (collapse for guest_memfd).
 pub trait MemslotSwap: Send + Sync {
-    fn swap_to_final(&self, region: &RamRegion) -> Result<(), String>;
+    fn swap_to_final(&self, region: &RamRegion) -> Result<(), HookError>;
 }
 
 /// Why fetching a page from the source failed.

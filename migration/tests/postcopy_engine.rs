@@ -121,7 +121,7 @@ impl SimVcpus {
 }
 
 impl VcpuControl for SimVcpus {
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), migration::types::HookError> {
         self.paused.store(true, Ordering::Release);
         self.pauses.fetch_add(1, Ordering::Relaxed);
         let t = Instant::now();
@@ -141,8 +141,8 @@ impl VcpuControl for SimVcpus {
 
 struct NoSwap;
 impl MemslotSwap for NoSwap {
-    fn swap_to_final(&self, region: &RamRegion) -> Result<(), String> {
-        Err(format!("slot {} is not a guest_memfd region", region.slot))
+    fn swap_to_final(&self, region: &RamRegion) -> Result<(), migration::types::HookError> {
+        Err(format!("slot {} is not a guest_memfd region", region.slot).into())
     }
 }
 

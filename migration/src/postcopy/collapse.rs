@@ -56,7 +56,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<CollapseJob>) {
             .partition(|j| matches!(shared.regions[j.region].plan.mode, ServeMode::ShmemContinue));
         if !shmem.is_empty() {
             if let Err(e) = collapse_shmem_batch(&shared, shmem) {
-                shared.fail(e.to_string());
+                shared.fail(e);
             }
             shared.notify_progress();
         }
@@ -69,7 +69,7 @@ pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<CollapseJob>) {
                 _ => Ok(()),
             };
             if let Err(e) = res {
-                shared.fail(e.to_string());
+                shared.fail(e);
             }
             shared.notify_progress();
         }
@@ -705,7 +705,7 @@ fn pause_and_swap(
     shared
         .vcpus
         .pause()
-        .map_err(|reason| PostcopyError::Pause { slot, reason })?;
+        .map_err(|source| PostcopyError::Pause { slot, source })?;
     let t_paused = Instant::now();
     t.pause_ns = ns(t_paused - t_pause);
     let result = (|| -> Result<(), PostcopyError> {
@@ -719,7 +719,7 @@ fn pause_and_swap(
         shared
             .memslots
             .swap_to_final(&r.region)
-            .map_err(|reason| PostcopyError::MemslotSwap { slot, reason })?;
+            .map_err(|source| PostcopyError::MemslotSwap { slot, source })?;
         // Keep the primary address showing the final memory for the VMM's own accesses (its
         // devices): map the guest_memfd there too.
         sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off).map_err(

@@ -91,7 +91,7 @@ pub(crate) struct Shared {
     pub faults_pending: AtomicU64,
     pub collapse_tx: Mutex<Option<mpsc::Sender<CollapseJob>>>,
     pub shutdown: AtomicBool,
-    pub fatal: Mutex<Option<String>>,
+    pub fatal: Mutex<Option<Arc<PostcopyError>>>,
     pub progress: Mutex<()>,
     pub progress_cv: Condvar,
 }
@@ -115,12 +115,12 @@ impl Shared {
         })
     }
 
-    /// Record the first fatal error.
-    pub fn fail(&self, msg: String) {
-        tracing::error!("postcopy engine: {msg}");
+    /// Record the first fatal error (later ones are logged only).
+    pub fn fail(&self, err: PostcopyError) {
+        tracing::error!("postcopy engine: {err}");
         let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
-            *f = Some(msg);
+            *f = Some(Arc::new(err));
         }
         drop(f);
         self.notify_progress();
@@ -151,10 +151,10 @@ impl Shared {
                 .as_ref()
                 .map(|tx| tx.send(CollapseJob { region: ri, unit }).is_ok());
             if sent == Some(false) {
-                self.fail(format!(
-                    "collapse thread is gone; unit {unit} of slot {} cannot collapse",
-                    r.region.slot
-                ));
+                self.fail(PostcopyError::CollapseThreadGone {
+                    slot: r.region.slot,
+                    unit,
+                });
             }
         }
         self.notify_progress();

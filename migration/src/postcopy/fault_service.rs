@@ -2,7 +2,6 @@
 //! a small pool serves them (fetch over the urgent channel, write the page, CONTINUE / COPY,
 //! wake). It keeps serving while a collapse has the vCPUs paused.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -78,10 +77,10 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                shared.fail(format!(
-                    "poll on userfaultfd {} failed: {e}",
-                    shared.uffd.as_raw_fd()
-                ));
+                shared.fail(PostcopyError::FaultService {
+                    what: "poll on the userfaultfd",
+                    source: e.into(),
+                });
                 return;
             }
         }
@@ -89,13 +88,13 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
             .revents()
             .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
         {
-            shared.fail("userfaultfd poll reported POLLERR/POLLHUP".into());
+            shared.fail(PostcopyError::UffdHangup);
             return;
         }
         let events = match shared.uffd.read_events(&mut buf) {
             Ok(ev) => ev,
             Err(e) => {
-                shared.fail(format!("reading userfaultfd events failed: {e}"));
+                shared.fail(PostcopyError::Uffd(e));
                 return;
             }
         };
@@ -140,7 +139,7 @@ fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
         let Ok(job) = job else { return };
         shared.stats.faults_served.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = serve(&shared, &job) {
-            shared.fail(e.to_string());
+            shared.fail(e);
         }
         let left = shared.faults_pending.fetch_sub(1, Ordering::AcqRel) - 1;
         if left == 0 && shared.all_arrived() {
@@ -440,9 +439,9 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(PostcopyError::Failed(
-                            "a huge-page fetch thread panicked".into(),
-                        ))
+                        Err(PostcopyError::Panicked {
+                            what: "huge-page fetch",
+                        })
                     })
                 })
                 .collect()

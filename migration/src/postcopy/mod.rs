@@ -67,8 +67,12 @@ pub enum PostcopyError {
         what: &'static str,
         reason: String,
     },
-    #[error("pausing the vCPUs for the collapse of slot {slot} failed: {reason}")]
-    Pause { slot: u32, reason: String },
+    #[error("pausing the vCPUs for the collapse of slot {slot} failed: {source}")]
+    Pause {
+        slot: u32,
+        #[source]
+        source: crate::types::HookError,
+    },
     #[error("collapse of slot {slot} unit at offset {offset:#x}: {what} failed: {source}")]
     Collapse {
         slot: u32,
@@ -91,15 +95,31 @@ pub enum PostcopyError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("memslot swap of slot {slot} to its guest_memfd failed: {reason}")]
-    MemslotSwap { slot: u32, reason: String },
+    #[error("memslot swap of slot {slot} to its guest_memfd failed: {source}")]
+    MemslotSwap {
+        slot: u32,
+        #[source]
+        source: crate::types::HookError,
+    },
     #[error("fetching gpa {gpa:#x} failed for good: {source}")]
     Fetch {
         gpa: u64,
         source: crate::types::FetchError,
     },
     #[error("postcopy engine failed earlier: {0}")]
-    Failed(String),
+    Failed(#[source] std::sync::Arc<PostcopyError>),
+    #[error("the userfaultfd fault service: {what} failed: {source}")]
+    FaultService {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the userfaultfd reported an error condition (POLLERR/POLLHUP)")]
+    UffdHangup,
+    #[error("the collapse thread is gone: unit {unit} of slot {slot} cannot collapse")]
+    CollapseThreadGone { slot: u32, unit: u64 },
+    #[error("a {what} thread panicked")]
+    Panicked { what: &'static str },
     #[error("timed out after {ms} ms waiting for postcopy to complete ({arrived}/{total} pages arrived, {collapsed}/{units} units collapsed)")]
     Timeout {
         ms: u64,

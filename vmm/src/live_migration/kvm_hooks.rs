@@ -4,9 +4,27 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use migration::types::{DirtyLog, MemslotSwap, RamRegion, VcpuControl};
+use migration::types::{DirtyLog, HookError, MemslotSwap, RamRegion, VcpuControl};
 
+use crate::memory::MemoryError;
 use crate::vm::Vm;
+
+/// Why the guest_memfd memslot swap of a collapse failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("deleting staging memslot {idx}: {source}")]
+    DeleteStaging {
+        idx: usize,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("binding memslot {idx} to its guest_memfd: {source}")]
+    Bind {
+        idx: usize,
+        #[source]
+        source: MemoryError,
+    },
+}
 
 /// `KVM_GET_DIRTY_LOG` per memslot; enabling re-sets the slot with `KVM_MEM_LOG_DIRTY_PAGES`.
 pub struct KvmDirtyLog {
@@ -62,8 +80,8 @@ impl DirtyLog for KvmDirtyLog {
 pub struct KvmVcpus(pub Arc<Vm>);
 
 impl VcpuControl for KvmVcpus {
-    fn pause(&self) -> Result<(), String> {
-        self.0.pause().map_err(|e| e.to_string())
+    fn pause(&self) -> Result<(), HookError> {
+        Ok(self.0.pause()?)
     }
 
     fn resume(&self) {
@@ -79,13 +97,13 @@ pub struct GuestMemfdSwap {
 }
 
 impl MemslotSwap for GuestMemfdSwap {
-    fn swap_to_final(&self, region: &RamRegion) -> Result<(), String> {
+    fn swap_to_final(&self, region: &RamRegion) -> Result<(), HookError> {
         let ram = self.vm.ram();
         let idx = region.slot as usize;
         ram.delete_slot(self.vm.fd(), idx)
-            .map_err(|e| format!("deleting staging memslot {idx}: {e}"))?;
+            .map_err(|source| SwapError::DeleteStaging { idx, source })?;
         ram.set_slot(self.vm.fd(), idx, false, true)
-            .map_err(|e| format!("binding memslot {idx} to its guest_memfd: {e}"))?;
+            .map_err(|source| SwapError::Bind { idx, source })?;
         if let Ok(mut s) = self.swapped.lock() {
             s.insert(region.slot);
         }
