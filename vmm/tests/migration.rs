@@ -16,8 +16,6 @@ use common::*;
 use serde_json::Value;
 use vmm::memory::{PAGE_SIZE_1G, PAGE_SIZE_2M};
 
-/// Longest a VM may take to boot and print its first pass.
-const BOOT_LIMIT: Duration = Duration::from_secs(60);
 /// Longest a migration may take.
 const MIGRATE_LIMIT: Duration = Duration::from_secs(120);
 /// Longest the destination guest may run after the migration.
@@ -48,62 +46,14 @@ struct Migrated {
     dst_stderr: String,
 }
 
-/// The `vmm run` arguments of a source running the workload with an API socket.
-fn run_args(backing: &str, memory: &str, vcpus: u8, passes: u32, sock: &Path) -> Vec<String> {
-    let kernel = image("workload.elf");
-    [
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        memory,
-        "--vcpus",
-        &vcpus.to_string(),
-        "--backing",
-        backing,
-        "--cmdline",
-        &format!("span=64M passes={passes} pattern=random"),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// Starts the source VM and waits until its API socket is up and the guest finished a pass.
 fn start_source(backing: &str, memory: &str, vcpus: u8, passes: u32, sock: &Path) -> Proc {
-    let args = run_args(backing, memory, vcpus, passes, sock);
-    let mut src = Proc::vmm("source", &strs(&args));
-    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
-        out.contains("WORKLOAD pass ")
-    });
-    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
-    src
+    start_workload_source(backing, memory, vcpus, passes, sock)
 }
 
 /// Starts `vmm receive` on `port` and waits until it listens.
 fn start_destination(backing: &str, granularity: &str, port: u16, extra: &[&str]) -> Proc {
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "receive",
-        "--listen",
-        &listen,
-        "--backing",
-        backing,
-        "--granularity",
-        granularity,
-    ];
-    args.extend_from_slice(extra);
-    let mut dst = Proc::vmm("destination", &args);
-    dst.wait_for("'waiting for a migration'", BOOT_LIMIT, |_, err| {
-        err.contains("waiting for a migration")
-    });
-    dst
+    start_receive("destination", backing, granularity, port, extra)
 }
 
 /// Runs `vmm migrate` to `to`; returns (exit code, stdout, stderr, how long it took).

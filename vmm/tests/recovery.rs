@@ -36,8 +36,6 @@ use migration::{Secret, Timeouts};
 use serde_json::Value;
 use vmm::memory::PAGE_SIZE_2M;
 
-/// Longest a VM may take to boot and print its first pass.
-const BOOT_LIMIT: Duration = Duration::from_secs(60);
 /// Longest a migration may take, recoveries included.
 const MIGRATE_LIMIT: Duration = Duration::from_secs(90);
 /// Longest the destination guest may run after the migration.
@@ -63,42 +61,10 @@ const STREAM_BYTES: u64 = 64 * MIB;
 
 // ---- processes ----
 
-/// `vmm run` arguments of a source running the workload with an API socket.
-fn run_args(backing: &str, passes: u32, sock: &Path) -> Vec<String> {
-    let kernel = image("workload.elf");
-    [
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        MEMORY,
-        "--vcpus",
-        "1",
-        "--backing",
-        backing,
-        "--cmdline",
-        &format!("span=64M passes={passes} pattern=random"),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// Starts the source VM and waits until its API socket is up and the guest finished a pass.
+/// Starts the source VM (1 vCPU, [`MEMORY`]) and waits until its API socket is up and the guest
+/// finished a pass.
 fn start_source(backing: &str, passes: u32, sock: &Path) -> Proc {
-    let args = run_args(backing, passes, sock);
-    let mut src = Proc::vmm("source", &strs(&args));
-    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
-        out.contains("WORKLOAD pass ")
-    });
-    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
-    src
+    start_workload_source(backing, MEMORY, 1, passes, sock)
 }
 
 /// Starts `vmm receive` on `port` and waits until it listens.
@@ -109,22 +75,7 @@ fn start_destination(
     port: u16,
     extra: &[&str],
 ) -> Proc {
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "receive",
-        "--listen",
-        &listen,
-        "--backing",
-        backing,
-        "--granularity",
-        granularity,
-    ];
-    args.extend_from_slice(extra);
-    let mut dst = Proc::vmm(name, &args);
-    dst.wait_for("'waiting for a migration'", BOOT_LIMIT, |_, err| {
-        err.contains("waiting for a migration")
-    });
-    dst
+    start_receive(name, backing, granularity, port, extra)
 }
 
 /// Starts `vmm migrate --json` to `to` in the background.

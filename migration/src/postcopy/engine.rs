@@ -205,19 +205,7 @@ impl Shared {
                         )
                     }
                 };
-                // EAGAIN: the address space is changing under userfaultfd (mmap_changing, e.g.
-                // an madvise or a fork in flight); nothing was copied, and the kernel asks us
-                // to try again.
-                let mut res = copy();
-                let mut tries = 0;
-                while matches!(&res, Err(e) if sys::uffd_errno(e) == Some(libc::EAGAIN))
-                    && tries < 10_000
-                {
-                    tries += 1;
-                    std::thread::yield_now();
-                    res = copy();
-                }
-                match res {
+                match sys::retry_eagain(copy) {
                     Ok(_) => {}
                     Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
                         let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
@@ -266,18 +254,7 @@ impl Shared {
         addr: usize,
         len: usize,
     ) -> Result<(), PostcopyError> {
-        // EAGAIN: the address space is changing under userfaultfd (mmap_changing); the kernel
-        // asks us to try again.
-        let mut result = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
-        let mut tries = 0;
-        while matches!(&result, Err(e) if sys::uffd_errno(e) == Some(libc::EAGAIN))
-            && tries < 10_000
-        {
-            tries += 1;
-            std::thread::yield_now();
-            result = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
-        }
-        match result {
+        match sys::retry_eagain(|| self.uffd.r#continue(addr as *mut libc::c_void, len, true)) {
             Ok(_) => Ok(()),
             Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
                 let _ = self.uffd.wake(addr as *mut libc::c_void, len);
@@ -309,16 +286,7 @@ impl Shared {
             // hole) and never replaces a page that is there (EEXIST).
             unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) }
         };
-        let mut result = zeropage();
-        let mut tries = 0;
-        while matches!(&result, Err(e) if sys::uffd_errno(e) == Some(libc::EAGAIN))
-            && tries < 10_000
-        {
-            tries += 1;
-            std::thread::yield_now();
-            result = zeropage();
-        }
-        match result {
+        match sys::retry_eagain(zeropage) {
             Ok(_) => Ok(()),
             Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
                 let _ = self.uffd.wake(addr as *mut libc::c_void, len);

@@ -134,6 +134,23 @@ pub fn uffd_errno(e: &userfaultfd::Error) -> Option<i32> {
     }
 }
 
+/// Runs a userfaultfd ioctl (`UFFDIO_COPY`, `UFFDIO_CONTINUE`, `UFFDIO_ZEROPAGE`) again while
+/// it fails with EAGAIN: the address space is changing under userfaultfd (`mmap_changing`, e.g.
+/// an madvise, a remap or a fork in flight), nothing was done, and the kernel asks the caller
+/// to try again. Gives up after 10 000 tries (returning the EAGAIN) rather than spin forever.
+pub fn retry_eagain<T>(
+    mut op: impl FnMut() -> Result<T, userfaultfd::Error>,
+) -> Result<T, userfaultfd::Error> {
+    let mut result = op();
+    let mut tries = 0;
+    while matches!(&result, Err(e) if uffd_errno(e) == Some(libc::EAGAIN)) && tries < 10_000 {
+        tries += 1;
+        std::thread::yield_now();
+        result = op();
+    }
+    result
+}
+
 /// While alive, the calling thread runs SCHED_FIFO (lowest real-time priority), so that on a
 /// machine with every core busy it is not preempted by ordinary threads; dropped, it goes back
 /// to SCHED_OTHER. For short critical sections that other threads wait on (a collapse freeze).

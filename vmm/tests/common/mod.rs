@@ -296,3 +296,82 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local_addr").port()
 }
+
+/// Longest a VM may take to boot and print its first pass, or `vmm receive` to listen.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+/// `vmm run` arguments of a source running the workload guest (`span=64M pattern=random`,
+/// `passes` passes) with an API socket at `sock`.
+pub fn workload_source_args(
+    backing: &str,
+    memory: &str,
+    vcpus: u8,
+    passes: u32,
+    sock: &std::path::Path,
+) -> Vec<String> {
+    let kernel = image("workload.elf");
+    [
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        memory,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--backing",
+        backing,
+        "--cmdline",
+        &format!("span=64M passes={passes} pattern=random"),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Starts a workload source VM (see [`workload_source_args`]) and waits until its API socket is
+/// up and the guest finished a pass.
+pub fn start_workload_source(
+    backing: &str,
+    memory: &str,
+    vcpus: u8,
+    passes: u32,
+    sock: &std::path::Path,
+) -> Proc {
+    let args = workload_source_args(backing, memory, vcpus, passes, sock);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Proc::vmm("source", &args);
+    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
+        out.contains("WORKLOAD pass ")
+    });
+    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
+    src
+}
+
+/// Starts `vmm receive` (labelled `name`) on 127.0.0.1:`port` with `extra` arguments and waits
+/// until it listens.
+pub fn start_receive(
+    name: &str,
+    backing: &str,
+    granularity: &str,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "receive",
+        "--listen",
+        &listen,
+        "--backing",
+        backing,
+        "--granularity",
+        granularity,
+    ];
+    args.extend_from_slice(extra);
+    let mut dst = Proc::vmm(name, &args);
+    dst.wait_for("'waiting for a migration'", BOOT_LIMIT, |_, err| {
+        err.contains("waiting for a migration")
+    });
+    dst
+}
