@@ -889,9 +889,12 @@ fn run_one(
         .args(["--granularity", s.strategy.granularity()])
         .arg("--stats-json")
         .arg(&stats_path);
-    // `vmm` refuses non-loopback addresses without a shared secret.
+    // `vmm` refuses non-loopback addresses without TLS; the netns link is the harness's own:
+    // plaintext with a secret, allowed explicitly.
     if env.link.netns {
-        dcmd.arg("--secret-file").arg(secret);
+        dcmd.arg("--secret-file")
+            .arg(secret)
+            .arg("--allow-plaintext");
     }
     progress.phase("starting the destination");
     let mut dst = Proc::spawn(
@@ -1013,7 +1016,9 @@ fn run_one(
         .arg(to.to_string())
         .args(["--mode", "postcopy", "--json"]);
     if env.link.netns {
-        mcmd.arg("--secret-file").arg(secret);
+        mcmd.arg("--secret-file")
+            .arg(secret)
+            .arg("--allow-plaintext");
     }
     let mut mig = Proc::spawn(
         "vmm migrate",

@@ -27,8 +27,10 @@ pub enum AuthError {
     },
     #[error("secret{} is {len} bytes; at least {MIN_SECRET_LEN} are required", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
     SecretTooShort { path: Option<PathBuf>, len: usize },
-    #[error("refusing to migrate over non-loopback address {addr} without a shared secret (give --secret-file)")]
+    #[error("refusing to migrate over non-loopback address {addr} without TLS (give --tls-dir) and without a shared secret (--secret-file)")]
     SecretRequired { addr: SocketAddr },
+    #[error("refusing to migrate over non-loopback address {addr} in plaintext: the shared secret authenticates the handshake, but nothing encrypts or protects the pages (give --tls-dir, or --allow-plaintext to accept this)")]
+    PlaintextRefused { addr: SocketAddr },
     #[error("authentication failed: {0}")]
     Failed(&'static str),
 }
@@ -90,12 +92,37 @@ impl Secret {
     }
 }
 
-/// Without a secret, only loopback peers are allowed.
+/// Without a secret, only loopback peers are allowed (the rule before TLS; see
+/// [`check_policy`]).
 pub fn check_address(addr: &SocketAddr, secret: Option<&Secret>) -> Result<(), AuthError> {
     if secret.is_none() && !addr.ip().is_loopback() {
         return Err(AuthError::SecretRequired { addr: *addr });
     }
     Ok(())
+}
+
+/// What may be used on `addr`: with TLS anything; without TLS a loopback address always, a
+/// non-loopback one only with a shared secret and `allow_plaintext` (returns `true` then: the
+/// caller warns that the traffic is in the clear).
+pub fn check_policy(
+    addr: &SocketAddr,
+    secret: Option<&Secret>,
+    tls: bool,
+    allow_plaintext: bool,
+) -> Result<bool, AuthError> {
+    if tls || addr.ip().is_loopback() {
+        return Ok(false);
+    }
+    if secret.is_none() {
+        return Err(AuthError::SecretRequired { addr: *addr });
+    }
+    if !allow_plaintext {
+        return Err(AuthError::PlaintextRefused { addr: *addr });
+    }
+    tracing::warn!(
+        "migrating over non-loopback address {addr} in plaintext (--allow-plaintext): pages and state can be read and altered on the way"
+    );
+    Ok(true)
 }
 
 /// Which side computes a proof.
@@ -226,5 +253,19 @@ mod tests {
         assert!(e.to_string().contains("without a shared secret"));
         let s = Secret::from_bytes(vec![7; 16]).unwrap();
         assert!(check_address(&"10.0.0.1:1".parse().unwrap(), Some(&s)).is_ok());
+    }
+
+    #[test]
+    fn off_loopback_needs_tls_or_an_explicit_plaintext_opt_in() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let far: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let s = Secret::from_bytes(vec![7; 16]).unwrap();
+        assert!(!check_policy(&lo, None, false, false).unwrap());
+        assert!(!check_policy(&far, None, true, false).unwrap());
+        let e = check_policy(&far, None, false, true).unwrap_err();
+        assert!(e.to_string().contains("--tls-dir"), "{e}");
+        let e = check_policy(&far, Some(&s), false, false).unwrap_err();
+        assert!(e.to_string().contains("--allow-plaintext"), "{e}");
+        assert!(check_policy(&far, Some(&s), false, true).unwrap());
     }
 }

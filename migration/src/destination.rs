@@ -136,7 +136,7 @@ pub fn listen(addr: SocketAddr, secret: Option<Secret>) -> Result<Listener, Dest
     listen_with(addr, secret, Timeouts::default())
 }
 
-/// Listen on `addr` with the given timeouts.
+/// Listen on `addr` with the given timeouts (plaintext: loopback only).
 pub fn listen_with(
     addr: SocketAddr,
     secret: Option<Secret>,
@@ -144,6 +144,27 @@ pub fn listen_with(
 ) -> Result<Listener, DestinationError> {
     Ok(Listener {
         acceptor: Arc::new(Acceptor::bind(addr, secret, timeouts)?),
+    })
+}
+
+/// Listen on `addr`; with `tls` every connection, recoveries included, must run TLS 1.3 with a
+/// client certificate of the CA. A non-loopback address needs TLS, or a secret and
+/// `allow_plaintext`.
+pub fn listen_secure(
+    addr: SocketAddr,
+    secret: Option<Secret>,
+    tls: Option<crate::tls::ServerTls>,
+    allow_plaintext: bool,
+    timeouts: Timeouts,
+) -> Result<Listener, DestinationError> {
+    Ok(Listener {
+        acceptor: Arc::new(Acceptor::bind_with(
+            addr,
+            secret,
+            tls,
+            allow_plaintext,
+            timeouts,
+        )?),
     })
 }
 
@@ -984,7 +1005,7 @@ impl UrgentClient {
     }
 
     /// Read replies until the channel closes or fails; dispatches each to its waiting fetch.
-    fn run_reader(&self, mut reader: FrameReader<TcpStream>, epoch: u64) {
+    fn run_reader(&self, mut reader: FrameReader<crate::transport::ReadHalf>, epoch: u64) {
         let current = || self.epoch.load(Ordering::Acquire) == epoch;
         let reason = loop {
             if self.closed.load(Ordering::Acquire) || !current() {

@@ -9,6 +9,7 @@ pub mod relay;
 pub mod source;
 pub mod stats;
 pub mod thread_priority;
+pub mod tls;
 pub mod transport;
 pub mod types;
 pub mod wire;

@@ -3,7 +3,7 @@
 //! bound as a dead link (see `FrameReader::set_liveness`). A link that silently drops packets
 //! (no reset, no FIN) is so detected within about the liveness bound, in both directions.
 
-use std::net::TcpStream;
+use crate::transport::WriteHalf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -12,11 +12,11 @@ use crate::wire::{FrameWriter, Message};
 
 /// A frame writer several threads share (the thread that owns the channel's traffic and the
 /// heartbeat thread).
-pub type SharedWriter = Arc<Mutex<FrameWriter<TcpStream>>>;
+pub type SharedWriter = Arc<Mutex<FrameWriter<WriteHalf>>>;
 
 /// Locks a shared writer. A thread that panicked while writing leaves at worst a torn frame,
 /// which the peer rejects; the writer itself stays usable.
-pub fn lock(w: &SharedWriter) -> MutexGuard<'_, FrameWriter<TcpStream>> {
+pub fn lock(w: &SharedWriter) -> MutexGuard<'_, FrameWriter<WriteHalf>> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -15,6 +15,7 @@ use crate::auth::Secret;
 use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::thread_priority::{self, ThreadRole};
+use crate::tls::ClientTls;
 use crate::transport::{self, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
     AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion,
@@ -47,8 +48,13 @@ pub trait SourceVm {
 #[derive(Debug)]
 pub struct MigrateOptions {
     pub mode: Mode,
-    /// Shared secret; without one only a loopback destination is allowed.
+    /// Shared secret (the HMAC handshake; inside TLS when both are given).
     pub secret: Option<Secret>,
+    /// TLS 1.3 with mutual certificates on both channels (recoveries included). Without it a
+    /// non-loopback destination needs a secret and `allow_plaintext`.
+    pub tls: Option<ClientTls>,
+    /// Allow plaintext (with a secret) to a non-loopback destination.
+    pub allow_plaintext: bool,
     pub timeouts: Timeouts,
     /// Precopy stops iterating once the remaining dirty pages would take this long to send at
     /// the measured bandwidth.
@@ -95,11 +101,21 @@ impl MigrationControl {
 }
 
 impl MigrateOptions {
+    fn security(&self) -> transport::ClientSecurity<'_> {
+        transport::ClientSecurity {
+            secret: self.secret.as_ref(),
+            tls: self.tls.as_ref(),
+            allow_plaintext: self.allow_plaintext,
+        }
+    }
+
     /// Defaults: no secret, default timeouts, 10 ms downtime target, 30 rounds, hybrid 3 rounds.
     pub fn new(mode: Mode) -> Self {
         MigrateOptions {
             mode,
             secret: None,
+            tls: None,
+            allow_plaintext: false,
             timeouts: Timeouts::default(),
             downtime_target: Duration::from_millis(10),
             max_rounds: 30,
@@ -324,7 +340,7 @@ impl<'a> PageSender<'a> {
 
     fn add(
         &mut self,
-        w: &mut FrameWriter<std::net::TcpStream>,
+        w: &mut FrameWriter<transport::WriteHalf>,
         index: u64,
     ) -> Result<(), WireError> {
         let (region, gpa) = self.ram.locate(index);
@@ -381,7 +397,7 @@ impl<'a> PageSender<'a> {
         }
     }
 
-    fn flush_data(&mut self, w: &mut FrameWriter<std::net::TcpStream>) -> Result<(), WireError> {
+    fn flush_data(&mut self, w: &mut FrameWriter<transport::WriteHalf>) -> Result<(), WireError> {
         if let Some((first, count, _)) = self.run.take() {
             let gpa = self.ram.locate(first).1;
             let before = w.bytes_written();
@@ -399,7 +415,7 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
-    fn flush_zero(&mut self, w: &mut FrameWriter<std::net::TcpStream>) -> Result<(), WireError> {
+    fn flush_zero(&mut self, w: &mut FrameWriter<transport::WriteHalf>) -> Result<(), WireError> {
         if let Some((first, count, _)) = self.zero.take() {
             let gpa = self.ram.locate(first).1;
             let before = w.bytes_written();
@@ -410,7 +426,7 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
-    fn flush(&mut self, w: &mut FrameWriter<std::net::TcpStream>) -> Result<(), WireError> {
+    fn flush(&mut self, w: &mut FrameWriter<transport::WriteHalf>) -> Result<(), WireError> {
         self.flush_data(w)?;
         self.flush_zero(w)
     }
@@ -580,7 +596,7 @@ fn run(
     };
     report(Phase::Connecting, 0, 0);
 
-    let session = transport::connect(to, opts.secret.as_ref(), &opts.timeouts)
+    let session = transport::connect_with(to, opts.security(), &opts.timeouts)
         .map_err(|source| SourceError::Session { addr: to, source })?;
     let session_id = session.id;
     let urgent = session.urgent;
@@ -1135,7 +1151,7 @@ impl Handover<'_> {
             }
             attempts += 1;
             let addr = opts.control.target().unwrap_or(self.to);
-            match transport::reconnect(addr, self.session_id, opts.secret.as_ref(), &opts.timeouts)
+            match transport::reconnect_with(addr, self.session_id, opts.security(), &opts.timeouts)
                 .map_err(|source| SourceError::Session { addr, source })
                 .and_then(|s| read_recover_state(s, &self.ram.layout, &opts.timeouts))
             {
@@ -1224,7 +1240,7 @@ fn read_recover_state(
 /// legitimately take long, e.g. collapsing before Done), but fails as soon as the link is
 /// silent past its liveness bound.
 fn wait_for(
-    reader: &mut FrameReader<std::net::TcpStream>,
+    reader: &mut FrameReader<transport::ReadHalf>,
     wait: Duration,
     during: &'static str,
     mut want: impl FnMut(&Message<'_>) -> bool,
@@ -1247,7 +1263,7 @@ struct PushState {
 
 /// Answer page requests on the urgent channel until `stop` (or the destination closes it).
 fn urgent_server(
-    reader: &mut FrameReader<std::net::TcpStream>,
+    reader: &mut FrameReader<transport::ReadHalf>,
     writer: &SharedWriter,
     ram: &GuestRam,
     push: &PushState,

@@ -1,14 +1,16 @@
 //! TCP transport: connecting and accepting the two channels of a migration session (main = control
 //! and bulk pages, urgent = page requests and replies), each authenticated and bound to one
-//! session id by the handshake.
+//! session id by the handshake; with TLS configured, each runs over TLS 1.3 with mutual
+//! certificate authentication first (see [`crate::tls`]).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, AuthError, Role, Secret, Transcript};
 use crate::liveness::{self, SharedWriter};
+use crate::tls::{self, ClientTls, ServerTls, TlsError, TlsReader, TlsWriter};
 use crate::wire::{ChannelKind, ErrorCode, FrameReader, FrameWriter, Message, WireError};
 
 /// Timeouts of a migration connection.
@@ -101,6 +103,93 @@ pub enum TransportError {
     Busy { peer: SocketAddr, session: u64 },
     #[error("no recovery connection arrived within {waited_ms} ms")]
     RecoverTimeout { waited_ms: u64 },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the source {peer} speaks TLS, but this destination does not use TLS (start `vmm receive` with --tls-dir, or migrate without it)")]
+    NotTls { peer: SocketAddr },
+}
+
+/// The read half of a connection: the socket itself, or TLS over it.
+pub enum ReadHalf {
+    Plain(TcpStream),
+    Tls(TlsReader),
+}
+
+impl Read for ReadHalf {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ReadHalf::Plain(s) => s.read(buf),
+            ReadHalf::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for ReadHalf {
+    /// The socket (readable when bytes, maybe TLS records, arrived).
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            ReadHalf::Plain(s) => s.as_fd(),
+            ReadHalf::Tls(t) => t.socket().as_fd(),
+        }
+    }
+}
+
+/// The write half of a connection: the socket itself, or TLS over it.
+pub enum WriteHalf {
+    Plain(TcpStream),
+    Tls(TlsWriter),
+}
+
+impl WriteHalf {
+    /// Another handle on the socket underneath (bytes written to it bypass TLS).
+    pub fn try_clone(&self) -> io::Result<TcpStream> {
+        match self {
+            WriteHalf::Plain(s) => s.try_clone(),
+            WriteHalf::Tls(t) => t.socket_handle(),
+        }
+    }
+}
+
+impl Write for &WriteHalf {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            WriteHalf::Plain(s) => (&*s).write(buf),
+            WriteHalf::Tls(t) => (&*t).write(buf),
+        }
+    }
+
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            WriteHalf::Plain(s) => (&*s).write_vectored(bufs),
+            WriteHalf::Tls(t) => (&*t).write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            WriteHalf::Plain(s) => (&*s).flush(),
+            WriteHalf::Tls(t) => (&*t).flush(),
+        }
+    }
+}
+
+impl Write for WriteHalf {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self).flush()
+    }
 }
 
 impl TransportError {
@@ -113,6 +202,7 @@ impl TransportError {
             | TransportError::Accept(_)
             | TransportError::AcceptTimeout { .. } => true,
             TransportError::Wire(e) => e.is_link_failure(),
+            TransportError::Tls(e) => e.is_link_failure(),
             _ => false,
         }
     }
@@ -120,14 +210,19 @@ impl TransportError {
 
 /// One authenticated connection: a frame reader and writer over the same TCP stream.
 pub struct Channel {
-    pub reader: FrameReader<TcpStream>,
-    pub writer: FrameWriter<TcpStream>,
+    pub reader: FrameReader<ReadHalf>,
+    pub writer: FrameWriter<WriteHalf>,
     stream: TcpStream,
     peer: SocketAddr,
 }
 
 impl Channel {
-    fn new(stream: TcpStream, timeouts: &Timeouts, nodelay: bool) -> Result<Self, TransportError> {
+    fn new(
+        stream: TcpStream,
+        timeouts: &Timeouts,
+        nodelay: bool,
+        tls: Option<tls::Side<'_>>,
+    ) -> Result<Self, TransportError> {
         let sock = |what| move |source| TransportError::Socket { what, source };
         stream
             .set_read_timeout(Some(timeouts.tick))
@@ -137,8 +232,36 @@ impl Channel {
             .map_err(sock("SO_SNDTIMEO"))?;
         stream.set_nodelay(nodelay).map_err(sock("TCP_NODELAY"))?;
         let peer = stream.peer_addr().map_err(sock("getpeername"))?;
-        let r = stream.try_clone().map_err(sock("dup"))?;
-        let w = stream.try_clone().map_err(sock("dup"))?;
+        let (r, w) = match tls {
+            None => (
+                ReadHalf::Plain(stream.try_clone().map_err(sock("dup"))?),
+                WriteHalf::Plain(stream.try_clone().map_err(sock("dup"))?),
+            ),
+            Some(side) => {
+                let server = matches!(side, tls::Side::Server(_));
+                match tls::handshake(side, &stream, peer, timeouts.handshake) {
+                    Ok((r, w)) => (ReadHalf::Tls(r), WriteHalf::Tls(w)),
+                    Err(e) => {
+                        if server && matches!(e, TlsError::PlaintextPeer { .. }) {
+                            // Tell a plaintext source in its own language.
+                            if let Ok(w) = stream.try_clone() {
+                                let _ = FrameWriter::new(w, timeouts.handshake).send(
+                                    &Message::Error {
+                                        code: ErrorCode::Rejected,
+                                        message:
+                                            "this destination requires TLS (migrate with --tls-dir)"
+                                                .into(),
+                                    },
+                                    "refusing a plaintext source",
+                                );
+                            }
+                        }
+                        let _ = stream.shutdown(Shutdown::Both);
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
         Ok(Channel {
             reader: FrameReader::new(r, timeouts.handshake),
             writer: FrameWriter::new(w, timeouts.handshake),
@@ -197,7 +320,7 @@ impl Channel {
     }
 
     /// Split into reader and writer (the writer side keeps the stream for shutdown).
-    pub fn into_parts(self) -> (FrameReader<TcpStream>, FrameWriter<TcpStream>, TcpStream) {
+    pub fn into_parts(self) -> (FrameReader<ReadHalf>, FrameWriter<WriteHalf>, TcpStream) {
         (self.reader, self.writer, self.stream)
     }
 }
@@ -205,7 +328,7 @@ impl Channel {
 /// A channel from the switchover on: its writer is shared with the heartbeat thread, and its
 /// reader fails on silence longer than the liveness bound.
 pub struct LiveChannel {
-    pub reader: FrameReader<TcpStream>,
+    pub reader: FrameReader<ReadHalf>,
     pub writer: SharedWriter,
     stream: TcpStream,
 }
@@ -375,10 +498,29 @@ fn connect_channel(
     addr: SocketAddr,
     timeouts: &Timeouts,
     nodelay: bool,
+    tls: Option<&ClientTls>,
 ) -> Result<Channel, TransportError> {
     let stream = TcpStream::connect_timeout(&addr, timeouts.handshake)
         .map_err(|source| TransportError::Connect { addr, source })?;
-    Channel::new(stream, timeouts, nodelay)
+    Channel::new(stream, timeouts, nodelay, tls.map(tls::Side::Client))
+}
+
+/// How the source protects a session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientSecurity<'a> {
+    /// Shared secret for the HMAC handshake (inside TLS when both are given).
+    pub secret: Option<&'a Secret>,
+    /// TLS settings; without them the connections are plaintext.
+    pub tls: Option<&'a ClientTls>,
+    /// Allow a plaintext session (with a secret) over a non-loopback address.
+    pub allow_plaintext: bool,
+}
+
+impl ClientSecurity<'_> {
+    fn check(&self, addr: &SocketAddr) -> Result<(), TransportError> {
+        auth::check_policy(addr, self.secret, self.tls.is_some(), self.allow_plaintext)?;
+        Ok(())
+    }
 }
 
 /// Source side of a recovery: connect both channels to `addr` again and authenticate them
@@ -390,15 +532,35 @@ pub fn reconnect(
     secret: Option<&Secret>,
     timeouts: &Timeouts,
 ) -> Result<Session, TransportError> {
-    auth::check_address(&addr, secret)?;
+    reconnect_with(
+        addr,
+        session_id,
+        ClientSecurity {
+            secret,
+            ..Default::default()
+        },
+        timeouts,
+    )
+}
+
+/// [`reconnect`] with the session's protection (TLS settings, as the session started).
+pub fn reconnect_with(
+    addr: SocketAddr,
+    session_id: u64,
+    security: ClientSecurity<'_>,
+    timeouts: &Timeouts,
+) -> Result<Session, TransportError> {
+    security.check(&addr)?;
+    let secret = security.secret;
+    let tls = security.tls;
     let short = Timeouts {
         handshake: timeouts.recover_handshake,
         ..*timeouts
     };
-    let mut main = connect_channel(addr, &short, true)?;
+    let mut main = connect_channel(addr, &short, true, tls)?;
     let run = |main: &mut Channel| -> Result<Channel, TransportError> {
         source_handshake(main, ChannelKind::Main, session_id, secret)?;
-        let mut urgent = connect_channel(addr, &short, true)?;
+        let mut urgent = connect_channel(addr, &short, true, tls)?;
         if let Err(e) = source_handshake(&mut urgent, ChannelKind::Urgent, session_id, secret) {
             urgent.shutdown();
             return Err(e);
@@ -421,17 +583,41 @@ pub fn reconnect(
     })
 }
 
-/// Source side: connect both channels to `addr` and authenticate them. Without a secret only a
-/// loopback address is allowed.
+/// Source side: connect both channels to `addr` in plaintext and authenticate them. Only a
+/// loopback address is allowed (see [`connect_with`]).
 pub fn connect(
     addr: SocketAddr,
     secret: Option<&Secret>,
     timeouts: &Timeouts,
 ) -> Result<Session, TransportError> {
-    auth::check_address(&addr, secret)?;
-    let mut main = connect_channel(addr, timeouts, true)?;
-    let id = source_handshake(&mut main, ChannelKind::Main, 0, secret)?;
-    let mut urgent = connect_channel(addr, timeouts, true)?;
+    connect_with(
+        addr,
+        ClientSecurity {
+            secret,
+            ..Default::default()
+        },
+        timeouts,
+    )
+}
+
+/// Source side: connect both channels to `addr` (over TLS if configured) and authenticate
+/// them. A non-loopback address needs TLS, or a secret and `allow_plaintext`.
+pub fn connect_with(
+    addr: SocketAddr,
+    security: ClientSecurity<'_>,
+    timeouts: &Timeouts,
+) -> Result<Session, TransportError> {
+    security.check(&addr)?;
+    let secret = security.secret;
+    let mut main = connect_channel(addr, timeouts, true, security.tls)?;
+    let id = match source_handshake(&mut main, ChannelKind::Main, 0, secret) {
+        Ok(id) => id,
+        Err(e) => {
+            main.shutdown();
+            return Err(e);
+        }
+    };
+    let mut urgent = connect_channel(addr, timeouts, true, security.tls)?;
     source_handshake(&mut urgent, ChannelKind::Urgent, id, secret)?;
     main.set_stall_timeout(timeouts.io);
     urgent.set_stall_timeout(timeouts.io);
@@ -442,24 +628,49 @@ pub fn connect(
 pub struct Acceptor {
     listener: TcpListener,
     secret: Option<Secret>,
+    tls: Option<ServerTls>,
     timeouts: Timeouts,
 }
 
 impl Acceptor {
-    /// Listen on `addr`. Without a secret only a loopback address is allowed.
+    /// Listen on `addr` in plaintext. Only a loopback address is allowed (see
+    /// [`Acceptor::bind_with`]).
     pub fn bind(
         addr: SocketAddr,
         secret: Option<Secret>,
         timeouts: Timeouts,
     ) -> Result<Self, TransportError> {
-        auth::check_address(&addr, secret.as_ref())?;
+        Self::bind_with(addr, secret, None, false, timeouts)
+    }
+
+    /// Listen on `addr`; with `tls` every connection (recoveries included) must run TLS with
+    /// a client certificate of the CA. A non-loopback address needs TLS, or a secret and
+    /// `allow_plaintext`.
+    pub fn bind_with(
+        addr: SocketAddr,
+        secret: Option<Secret>,
+        tls: Option<ServerTls>,
+        allow_plaintext: bool,
+        timeouts: Timeouts,
+    ) -> Result<Self, TransportError> {
+        auth::check_policy(&addr, secret.as_ref(), tls.is_some(), allow_plaintext)?;
         let listener =
             TcpListener::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Acceptor {
             listener,
             secret,
+            tls,
             timeouts,
         })
+    }
+
+    /// Whether connections must run TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn channel(&self, stream: TcpStream, t: &Timeouts) -> Result<Channel, TransportError> {
+        Channel::new(stream, t, true, self.tls.as_ref().map(tls::Side::Server))
     }
 
     /// The address actually bound (useful with port 0).
@@ -491,7 +702,7 @@ impl Acceptor {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     stream.set_nonblocking(false).map_err(accept_err)?;
-                    if self.secret.is_none() && !peer.ip().is_loopback() {
+                    if self.secret.is_none() && self.tls.is_none() && !peer.ip().is_loopback() {
                         return Err(TransportError::PeerNotLoopback { peer });
                     }
                     return Ok(stream);
@@ -521,7 +732,17 @@ impl Acceptor {
         claim: u64,
     ) -> Result<(), TransportError> {
         let secret = self.secret.as_ref();
-        let (channel, claimed, source_nonce) = match ch.reader.read("waiting for Hello")? {
+        let hello = match ch.reader.read("waiting for Hello") {
+            Ok(m) => m,
+            // A TLS record (handshake, version 3.x) where a frame was expected.
+            Err(WireError::BadMagic { got }) if self.tls.is_none() && got & 0xffff == 0x0316 => {
+                // Answer in plaintext: the source's TLS handshake reports a plaintext peer.
+                ch.send_error(ErrorCode::Rejected, "this destination does not use TLS");
+                return Err(TransportError::NotTls { peer: ch.peer() });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (channel, claimed, source_nonce) = match hello {
             Message::Hello {
                 channel,
                 session_id,
@@ -598,7 +819,7 @@ impl Acceptor {
     /// Wait for a source, then authenticate its main and urgent channels.
     pub fn accept(&self) -> Result<Session, TransportError> {
         let t = &self.timeouts;
-        let mut main = Channel::new(self.accept_stream(None, ChannelKind::Main)?, t, true)?;
+        let mut main = self.channel(self.accept_stream(None, ChannelKind::Main)?, t)?;
         let id = auth::session_id();
         if let Err(e) = self.destination_handshake(&mut main, ChannelKind::Main, id, 0) {
             main.shutdown();
@@ -613,7 +834,14 @@ impl Acceptor {
                     return Err(e);
                 }
             };
-        let mut urgent = Channel::new(stream, t, true)?;
+        let mut urgent = match self.channel(stream, t) {
+            Ok(u) => u,
+            Err(e) => {
+                main.send_error(ErrorCode::AuthFailed, "urgent channel handshake failed");
+                main.shutdown();
+                return Err(e);
+            }
+        };
         if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id, id) {
             urgent.shutdown();
             main.send_error(ErrorCode::AuthFailed, "urgent channel handshake failed");
@@ -644,7 +872,7 @@ impl Acceptor {
             }
             let attempt = (|| -> Result<Session, TransportError> {
                 let stream = self.accept_stream(Some(deadline), ChannelKind::Main)?;
-                let mut main = Channel::new(stream, &t, true)?;
+                let mut main = self.channel(stream, &t)?;
                 if let Err(e) = self.destination_handshake(&mut main, ChannelKind::Main, id, id) {
                     main.shutdown();
                     return Err(e);
@@ -657,7 +885,13 @@ impl Acceptor {
                         return Err(e);
                     }
                 };
-                let mut urgent = Channel::new(stream, &t, true)?;
+                let mut urgent = match self.channel(stream, &t) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        main.shutdown();
+                        return Err(e);
+                    }
+                };
                 if let Err(e) = self.destination_handshake(&mut urgent, ChannelKind::Urgent, id, id)
                 {
                     urgent.shutdown();

@@ -64,6 +64,16 @@ pub enum Request {
         mode: String,
         #[serde(default)]
         secret_file: Option<String>,
+        /// Directory with ca-cert.pem, client-cert.pem and client-key.pem: run both channels
+        /// over TLS 1.3 with mutual certificate authentication.
+        #[serde(default)]
+        tls_dir: Option<String>,
+        /// The name the destination's certificate must carry (default: the host of `to`).
+        #[serde(default)]
+        tls_server_name: Option<String>,
+        /// Allow plaintext (with a secret) to a non-loopback destination.
+        #[serde(default)]
+        allow_plaintext: bool,
         /// How long to keep reconnecting after the link fails past the switchover (default
         /// 600 s).
         #[serde(default)]

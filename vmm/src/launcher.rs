@@ -198,6 +198,12 @@ pub struct MigrateRequest {
     pub to: String,
     pub mode: String,
     pub secret_file: Option<std::path::PathBuf>,
+    /// TLS directory (QEMU's layout: ca-cert.pem, client-cert.pem, client-key.pem).
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of `to`).
+    pub tls_server_name: Option<String>,
+    /// Allow plaintext (with a secret) to a non-loopback destination.
+    pub allow_plaintext: bool,
     /// How long to keep reconnecting after a link failure past the switchover.
     pub recover_timeout: Duration,
 }
@@ -282,6 +288,9 @@ impl ApiHandler for VmApi {
                 to,
                 mode,
                 secret_file,
+                tls_dir,
+                tls_server_name,
+                allow_plaintext,
                 recover_timeout_s,
             } => {
                 let Some(m) = &self.migrate else {
@@ -302,6 +311,9 @@ impl ApiHandler for VmApi {
                     to,
                     mode,
                     secret_file: secret_file.map(std::path::PathBuf::from),
+                    tls_dir: tls_dir.map(std::path::PathBuf::from),
+                    tls_server_name,
+                    allow_plaintext,
                     recover_timeout: recover_timeout_s
                         .map(Duration::from_secs)
                         .unwrap_or(DEFAULT_RECOVER_TIMEOUT),

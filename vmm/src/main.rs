@@ -58,6 +58,11 @@ enum Command {
     /// postcopy fault): boot the workload guest with every page behind a minimal userfault
     /// handler and print the latency the guest and the VMM saw.
     FaultLimit(FaultLimitArgs),
+    /// Write a CA and server and client certificates for migration TLS into DIR (QEMU's file
+    /// names: ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem,
+    /// plus ca-key.pem; keys mode 0600). Copy DIR to both hosts (the destination needs the
+    /// server files, the source the client files, both ca-cert.pem).
+    TlsInit(TlsInitArgs),
 }
 
 #[derive(clap::Args)]
@@ -105,6 +110,15 @@ struct ReceiveArgs {
     /// File holding the shared secret (at least 16 bytes) both sides prove they know.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Run both channels over TLS 1.3 with mutual certificate authentication: DIR holds
+    /// ca-cert.pem, server-cert.pem and server-key.pem (`vmm tls-init` makes them); only
+    /// sources with a client certificate of that CA are accepted.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// With --secret-file and without --tls-dir, accept listening on a non-loopback address
+    /// in plaintext (pages and state travel in the clear).
+    #[arg(long)]
+    allow_plaintext: bool,
     /// Where guest serial output goes: "stdout" or a file path (appended).
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -117,6 +131,19 @@ struct ReceiveArgs {
     /// many seconds for the source to reconnect; then the VM is lost and it exits non-zero.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     recover_timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct TlsInitArgs {
+    /// Where to write the files (created if missing).
+    dir: PathBuf,
+    /// The destination's names and addresses its certificate covers (IP addresses become IP
+    /// SANs, other names DNS names), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +161,17 @@ struct MigrateArgs {
     /// File holding the shared secret (at least 16 bytes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Run both channels over TLS 1.3 with mutual certificate authentication: DIR holds
+    /// ca-cert.pem, client-cert.pem and client-key.pem (`vmm tls-init` makes them).
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the host of --to).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    tls_server_name: Option<String>,
+    /// With --secret-file and without --tls-dir, allow a non-loopback destination in
+    /// plaintext (pages and state travel in the clear).
+    #[arg(long)]
+    allow_plaintext: bool,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -246,6 +284,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Command::Run(a) => cmd_run(a),
         Command::Receive(a) => cmd_receive(a),
+        Command::TlsInit(a) => {
+            let files = migration::tls::generate(&a.dir, &a.hosts, a.force)
+                .with_context(|| format!("writing TLS files into {}", a.dir.display()))?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(0)
+        }
         Command::Migrate(a) => cmd_migrate(a),
         Command::Resume(a) => {
             vmm::api::call(&a.api_socket, &Request::Resume { force: a.force }, |_| {})
@@ -340,10 +386,18 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
             .parse::<Granularity>()
             .map_err(anyhow::Error::msg)?,
         secret_file: a.secret_file,
+        tls_dir: a.tls_dir,
+        allow_plaintext: a.allow_plaintext,
         serial: serial_target(&a.serial),
         stats_json: a.stats_json,
         recover_timeout: std::time::Duration::from_secs(a.recover_timeout),
     };
+    if cfg.tls_dir.is_none() && cfg.allow_plaintext && !cfg.listen.ip().is_loopback() {
+        eprintln!(
+            "vmm: warning: --allow-plaintext: the migration on {} is not encrypted (pages and state can be read and altered on the way)",
+            cfg.listen
+        );
+    }
     let outcome = destination::receive(&cfg).context("receiving the VM")?;
     Ok(outcome.exit_code())
 }
@@ -361,10 +415,31 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
         }
         None => None,
     };
+    // The VMM reads the TLS files itself: give it an absolute path.
+    let tls_dir = match &a.tls_dir {
+        Some(d) => Some(
+            std::fs::canonicalize(d)
+                .with_context(|| format!("resolving TLS directory {}", d.display()))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        None => None,
+    };
+    let loopback =
+        a.to.parse::<std::net::SocketAddr>()
+            .is_ok_and(|s| s.ip().is_loopback());
+    if tls_dir.is_none() && a.allow_plaintext && !loopback {
+        eprintln!(
+            "vmm: warning: --allow-plaintext: a migration to a non-loopback address is not encrypted (pages and state can be read and altered on the way)"
+        );
+    }
     let req = Request::Migrate {
         to: a.to.clone(),
         mode: a.mode.clone(),
         secret_file,
+        tls_dir,
+        tls_server_name: a.tls_server_name.clone(),
+        allow_plaintext: a.allow_plaintext,
         recover_timeout_s: Some(a.recover_timeout),
     };
     let start = std::time::Instant::now();

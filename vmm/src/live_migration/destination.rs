@@ -27,6 +27,11 @@ pub struct ReceiveConfig {
     pub backing: Backing,
     pub granularity: Granularity,
     pub secret_file: Option<PathBuf>,
+    /// TLS directory (QEMU's layout: ca-cert.pem, server-cert.pem, server-key.pem): every
+    /// connection, recoveries included, must run TLS 1.3 with a client certificate of the CA.
+    pub tls_dir: Option<PathBuf>,
+    /// Allow plaintext (with a secret) on a non-loopback address.
+    pub allow_plaintext: bool,
     pub serial: SerialTarget,
     /// Where to write the destination's statistics as JSON when the migration completes.
     pub stats_json: Option<PathBuf>,
@@ -39,6 +44,11 @@ pub struct ReceiveConfig {
 pub enum ReceiveError {
     #[error("reading the secret file: {0}")]
     Secret(String),
+    #[error("TLS settings from {dir}: {source}", dir = dir.display())]
+    Tls {
+        dir: PathBuf,
+        source: migration::tls::TlsError,
+    },
     #[error("listening for a migration on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -453,13 +463,31 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         recover: cfg.recover_timeout,
         ..Default::default()
     };
-    let listener = destination::listen_with(cfg.listen, secret, timeouts).map_err(|source| {
-        ReceiveError::Listen {
-            addr: cfg.listen,
-            source,
+    let tls =
+        match &cfg.tls_dir {
+            Some(dir) => Some(migration::tls::ServerTls::from_dir(dir).map_err(|source| {
+                ReceiveError::Tls {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+    let listener =
+        destination::listen_secure(cfg.listen, secret, tls, cfg.allow_plaintext, timeouts)
+            .map_err(|source| ReceiveError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+    eprintln!(
+        "vmm: waiting for a migration on {}{}",
+        cfg.listen,
+        if cfg.tls_dir.is_some() {
+            " (TLS 1.3, client certificate required)"
+        } else {
+            ""
         }
-    })?;
-    eprintln!("vmm: waiting for a migration on {}", cfg.listen);
+    );
     let incoming = listener.accept().map_err(ReceiveError::Accept)?;
     eprintln!(
         "vmm: incoming migration session {:#x} from {}",

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use migration::auth::Secret;
 use migration::source::{self, MigrateOptions, MigrationControl, SourceVm};
+use migration::tls::ClientTls;
 use migration::types::{DirtyLog, Mode, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
@@ -60,6 +61,20 @@ impl SourceVm for SourceSide {
     }
 }
 
+/// The host of a `host:port` destination if it is a DNS name (None for an IP address).
+fn dns_host(to: &str) -> Option<&str> {
+    if to.parse::<std::net::SocketAddr>().is_ok() {
+        return None;
+    }
+    let host = to.rsplit_once(':').map(|(h, _)| h).unwrap_or(to);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
+        None
+    } else {
+        Some(host)
+    }
+}
+
 /// Serves `migrate` requests of the control API.
 pub struct Migrator;
 
@@ -87,6 +102,20 @@ impl MigrateHandler for Migrator {
         opts.control = control;
         if let Some(p) = &req.secret_file {
             opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.to_string()))?);
+        }
+        opts.allow_plaintext = req.allow_plaintext;
+        if let Some(dir) = &req.tls_dir {
+            // The destination's certificate must name the host of `--to` (an IP address is
+            // checked against the address each connection goes to, so a retargeted recovery
+            // checks its new address), or `--tls-server-name`.
+            let name = req
+                .tls_server_name
+                .clone()
+                .or_else(|| dns_host(to).map(str::to_owned));
+            opts.tls = Some(
+                ClientTls::from_dir(dir, name.as_deref())
+                    .map_err(|e| fail(format!("TLS settings from {}: {e}", dir.display())))?,
+            );
         }
         let side = SourceSide::new(vm.clone());
         let progress = RefCell::new(progress);
