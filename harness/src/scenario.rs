@@ -210,6 +210,8 @@ pub struct Link {
     pub delay: Duration,
     /// A fault injected by a relay in front of the destination (postcopy only).
     pub fault: Option<LinkFault>,
+    /// Both channels over TLS 1.3 with mutual certificates (`vmm tls-init`, `--tls-dir`).
+    pub tls: bool,
 }
 
 impl Link {
@@ -220,6 +222,7 @@ impl Link {
             rate_mbit: None,
             delay: Duration::ZERO,
             fault: None,
+            tls: false,
         }
     }
 
@@ -228,6 +231,13 @@ impl Link {
     pub fn with_fault(mut self, fault: LinkFault) -> Self {
         self.name = format!("{}-{}", self.name, fault.as_str());
         self.fault = Some(fault);
+        self
+    }
+
+    /// This link with both migration channels over TLS (its name gets `-tls`).
+    pub fn with_tls(mut self) -> Self {
+        self.name = format!("{}-tls", self.name);
+        self.tls = true;
         self
     }
 
@@ -243,6 +253,7 @@ impl Link {
             rate_mbit: Some(gbit * 1000),
             delay: Duration::from_micros(delay_us),
             fault: None,
+            tls: false,
         }
     }
 
@@ -328,7 +339,20 @@ pub fn all() -> Vec<Scenario> {
         }
     }
     v.extend(recovery_scenarios());
+    v.push(tls_scenario());
     v
+}
+
+/// The cost of TLS: hugetlb-2m 4k-staged random on loopback with both channels over TLS 1.3,
+/// beside the same scenario in plaintext (256 MiB in `--all` too, as in `--quick`).
+fn tls_scenario() -> Scenario {
+    Scenario::new(
+        Backing::Hugetlb2m,
+        Strategy::FourKStaged,
+        Pattern::Random,
+        Link::loopback().with_tls(),
+        256,
+    )
 }
 
 /// Postcopy recovery: the link is reset, or black-holed, once in the middle of the postcopy
@@ -370,6 +394,7 @@ pub fn quick() -> Vec<Scenario> {
     ]
     .into_iter()
     .chain(recovery_scenarios())
+    .chain([tls_scenario()])
     .collect()
 }
 
@@ -598,6 +623,26 @@ fn start_relay(pair: Option<&NetnsPair>, upstream: SocketAddr) -> Result<Relay, 
         }
         None => Relay::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), upstream)?,
     })
+}
+
+/// Certificates for a TLS link: `vmm tls-init DIR --hosts 127.0.0.1 --force` (a CA, a server
+/// certificate for 127.0.0.1, a client certificate).
+fn tls_init(vmm: &Path, dir: &Path) -> Result<(), RunError> {
+    let out = Command::new(vmm)
+        .arg("tls-init")
+        .arg(dir)
+        .args(["--hosts", "127.0.0.1", "--force"])
+        .output()
+        .map_err(|e| RunError::Scenario(format!("running vmm tls-init: {e}")))?;
+    if !out.status.success() {
+        return Err(RunError::Scenario(format!(
+            "vmm tls-init {} failed ({}): {}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// A free TCP port on `ip` in the harness's namespace, or a fixed one from a private range in
@@ -896,6 +941,11 @@ fn run_one(
             .arg(secret)
             .arg("--allow-plaintext");
     }
+    let tls_dir = raw.join("tls");
+    if env.link.tls {
+        tls_init(&cfg.vmm, &tls_dir)?;
+        dcmd.arg("--tls-dir").arg(&tls_dir);
+    }
     progress.phase("starting the destination");
     let mut dst = Proc::spawn(
         "destination vmm",
@@ -1019,6 +1069,9 @@ fn run_one(
         mcmd.arg("--secret-file")
             .arg(secret)
             .arg("--allow-plaintext");
+    }
+    if env.link.tls {
+        mcmd.arg("--tls-dir").arg(&tls_dir);
     }
     let mut mig = Proc::spawn(
         "vmm migrate",
@@ -1331,7 +1384,11 @@ mod tests {
     #[test]
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
-        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2);
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 1);
+        let tls: Vec<_> = all.iter().filter(|s| s.link.tls).collect();
+        assert_eq!(tls.len(), 1);
+        assert_eq!(tls[0].name, "hugetlb-2m-4k-staged-random-loopback-tls");
+        assert!(quick().iter().any(|s| s.link.tls));
         assert!(all
             .iter()
             .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb1g));
