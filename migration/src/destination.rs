@@ -181,7 +181,10 @@ impl Listener {
         let mut main = session.main;
         let timeouts = *self.acceptor.timeouts();
         let config = match main.reader.read("waiting for Config") {
-            Ok(Message::Config(c)) => c,
+            Ok(Message::Config(c)) => {
+                main.lift_size_limit();
+                c
+            }
             Ok(other) => {
                 let e = wire::unexpected(other, "waiting for Config", "Config");
                 main.send_error(ErrorCode::Protocol, &e.to_string());

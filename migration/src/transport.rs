@@ -216,7 +216,18 @@ pub struct Channel {
     peer: SocketAddr,
 }
 
+/// Largest frame payload accepted before the peer authenticated (and, on the destination,
+/// sent its Config): every handshake frame and an Error fit, and so does a Config of the most
+/// regions (24 + 512 x 24 bytes).
+pub const HANDSHAKE_MAX_PAYLOAD: u32 = 16 * 1024;
+
 impl Channel {
+    /// The peer is authenticated (and its Config read): accept frames up to each kind's own
+    /// bound from now on.
+    pub fn lift_size_limit(&mut self) {
+        self.reader.set_max_payload(u32::MAX);
+    }
+
     fn new(
         stream: TcpStream,
         timeouts: &Timeouts,
@@ -263,7 +274,11 @@ impl Channel {
             }
         };
         Ok(Channel {
-            reader: FrameReader::new(r, timeouts.handshake),
+            reader: {
+                let mut r = FrameReader::new(r, timeouts.handshake);
+                r.set_max_payload(HANDSHAKE_MAX_PAYLOAD);
+                r
+            },
             writer: FrameWriter::new(w, timeouts.handshake),
             stream,
             peer,
@@ -576,6 +591,8 @@ pub fn reconnect_with(
     };
     main.set_stall_timeout(timeouts.io);
     urgent.set_stall_timeout(timeouts.io);
+    main.lift_size_limit();
+    urgent.lift_size_limit();
     Ok(Session {
         id: session_id,
         main,
@@ -621,6 +638,8 @@ pub fn connect_with(
     source_handshake(&mut urgent, ChannelKind::Urgent, id, secret)?;
     main.set_stall_timeout(timeouts.io);
     urgent.set_stall_timeout(timeouts.io);
+    main.lift_size_limit();
+    urgent.lift_size_limit();
     Ok(Session { id, main, urgent })
 }
 
@@ -816,7 +835,9 @@ impl Acceptor {
         Ok(())
     }
 
-    /// Wait for a source, then authenticate its main and urgent channels.
+    /// Wait for a source, then authenticate its main and urgent channels. The main channel
+    /// still refuses frames over [`HANDSHAKE_MAX_PAYLOAD`]: read the Config, then call
+    /// [`Channel::lift_size_limit`] (as `destination::Listener::accept` does).
     pub fn accept(&self) -> Result<Session, TransportError> {
         let t = &self.timeouts;
         let mut main = self.channel(self.accept_stream(None, ChannelKind::Main)?, t)?;
@@ -850,6 +871,8 @@ impl Acceptor {
         }
         main.set_stall_timeout(t.io);
         urgent.set_stall_timeout(t.io);
+        // Main stays bounded until the Config is read (`Listener::accept`).
+        urgent.lift_size_limit();
         Ok(Session { id, main, urgent })
     }
 
@@ -900,6 +923,8 @@ impl Acceptor {
                 }
                 main.set_stall_timeout(t.io);
                 urgent.set_stall_timeout(t.io);
+                main.lift_size_limit();
+                urgent.lift_size_limit();
                 Ok(Session { id, main, urgent })
             })();
             match attempt {

@@ -989,6 +989,9 @@ pub struct FrameReader<R> {
     liveness: Option<Duration>,
     last_byte: Instant,
     bytes: u64,
+    /// Largest payload accepted now, below the kinds' own bounds (see
+    /// [`FrameReader::set_max_payload`]).
+    max_payload: u32,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -1000,7 +1003,15 @@ impl<R: Read> FrameReader<R> {
             liveness: None,
             last_byte: Instant::now(),
             bytes: 0,
+            max_payload: u32::MAX,
         }
+    }
+
+    /// Refuse frames whose payload is longer than `max` (on top of each kind's own bound)
+    /// before anything is allocated for them: until a peer has authenticated, it must not make
+    /// us allocate a 64 MiB State buffer. `u32::MAX` lifts the limit.
+    pub fn set_max_payload(&mut self, max: u32) {
+        self.max_payload = max;
     }
 
     /// Change how long the peer may stay silent.
@@ -1113,6 +1124,14 @@ impl<R: Read> FrameReader<R> {
         let h = FrameHeader::read_from_bytes(&self.buf[..hlen])
             .map_err(|_| bad(Kind::Error, "header size"))?;
         let (kind, len) = check_header(&h)?;
+        if len > self.max_payload {
+            return Err(WireError::BadLength {
+                kind,
+                len,
+                min: kind.len_bounds().0,
+                max: self.max_payload,
+            });
+        }
         let total = hlen + len as usize;
         if self.buf.len() < total {
             self.buf.resize(total, 0);

@@ -745,7 +745,16 @@ fn hugetlb_2m_whole_page_baseline() {
         }
     }
     assert_eq!(smaps_kb(&smaps_of(host), "KernelPageSize"), 2048);
-    let st = eng.stats();
+    // A fault's latency is recorded right after the CONTINUE that woke the faulting thread, so
+    // give the fault service a moment to record the last one.
+    let t = Instant::now();
+    let mut st = eng.stats();
+    while (st.fault_latency_ns.len() as u64) < st.faults_served
+        && t.elapsed() < Duration::from_secs(2)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+        st = eng.stats();
+    }
     assert_eq!(st.pages_fetched, 512);
     println!(
         "whole-page: fault latency samples {:?}",

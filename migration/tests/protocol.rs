@@ -663,6 +663,29 @@ fn garbage_instead_of_hello_is_rejected() {
 }
 
 #[test]
+fn a_huge_frame_before_authentication_is_refused_without_allocating_it() {
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let mut s = TcpStream::connect(addr).unwrap();
+    // A State header announcing 64 MiB, as the very first frame: nothing may be sized for it
+    // before the peer authenticated.
+    let h = wire::FrameHeader {
+        magic: zerocopy::little_endian::U32::new(wire::MAGIC),
+        version: zerocopy::little_endian::U16::new(wire::VERSION),
+        kind: zerocopy::little_endian::U16::new(wire::Kind::State as u16),
+        len: zerocopy::little_endian::U32::new(wire::MAX_STATE_BYTES),
+        reserved: zerocopy::little_endian::U32::new(0),
+    };
+    s.write_all(zerocopy::IntoBytes::as_bytes(&h)).unwrap();
+    let e = dest.join().unwrap().err().unwrap();
+    assert!(
+        e.to_string()
+            .contains(&format!("allowed 0..={}", transport::HANDSHAKE_MAX_PAYLOAD)),
+        "{e}"
+    );
+}
+
+#[test]
 fn garbage_after_the_handshake_is_rejected() {
     let (l, addr) = listener(Some(secret(3)));
     let dest = spawn_destination(l, false);
@@ -1201,6 +1224,7 @@ fn speaking_destination(then: Message<'static>) -> (SocketAddr, JoinHandle<()>) 
             s.main.reader.read("config").unwrap(),
             Message::Config(_)
         ));
+        s.main.lift_size_limit();
         // Both frames in one write: they arrive together, as from a peer that does not wait.
         let mut bytes = Vec::new();
         wire::encode(&Message::Ready, &mut bytes);
