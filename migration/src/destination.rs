@@ -681,28 +681,11 @@ impl Receiver<'_> {
     /// Send ReceivedMap runs of every page held, then RecoverState.
     fn send_recover_state(&self, main: &mut Channel) -> Result<(), DestinationError> {
         let held = self.held();
-        let layout = self.layout();
-        for (ri, r) in layout.regions().iter().enumerate() {
-            let first = layout.region_first_page(ri);
-            let pages = r.size / PAGE_SIZE;
-            let mut p = 0;
-            while p < pages {
-                if !held.contains(first + p) {
-                    p += 1;
-                    continue;
-                }
-                let start = p;
-                while p < pages && p - start < MAX_RUN_PAGES as u64 && held.contains(first + p) {
-                    p += 1;
-                }
-                main.send(
-                    &Message::ReceivedMap {
-                        gpa: r.gpa + start * PAGE_SIZE,
-                        count: (p - start) as u32,
-                    },
-                    "sending the received map",
-                )?;
-            }
+        for (gpa, count) in self.layout().runs(&held, MAX_RUN_PAGES) {
+            main.send(
+                &Message::ReceivedMap { gpa, count },
+                "sending the received map",
+            )?;
         }
         main.send(
             &Message::RecoverState {
@@ -812,14 +795,11 @@ impl Receiver<'_> {
         // Pages the push skipped were answered on the urgent channel; a reply may still be on its
         // way there, so give the urgent reader a bounded time to catch up.
         let deadline = Instant::now() + self.timeouts.io;
-        let mut all = self.have.clone();
-        loop {
-            for i in pc.client.received.snapshot().iter() {
-                all.insert(i);
-            }
+        let all = loop {
+            let all = self.held();
             let missing = self.config.layout.total_pages() - all.count();
             if missing == 0 {
-                break;
+                break all;
             }
             if let Some(reason) = pc.client.down_reason() {
                 // The urgent link failed with replies outstanding: recover, after which the
@@ -835,7 +815,7 @@ impl Receiver<'_> {
                 )));
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
+        };
         let outcome = pc.sink.finished().map_err(vm_err("finishing postcopy"))?;
         self.stats.pages_received = all.count();
         self.stats.urgent_pages = pc.client.replies.load(Ordering::Relaxed);

@@ -477,34 +477,13 @@ fn send_discards(
     ram: &GuestRam,
     set: &PageSet,
 ) -> Result<(), WireError> {
-    let mut run: Option<(u64, u32, usize)> = None;
-    let flush = |main: &mut Channel, run: (u64, u32, usize)| {
-        let gpa = ram.locate(run.0).1;
+    for (gpa, count) in ram.layout.runs(set, MAX_RUN_PAGES) {
         send_counted(
             main,
             counters,
-            &Message::Discard { gpa, count: run.1 },
+            &Message::Discard { gpa, count },
             "sending discards",
-        )
-    };
-    for index in set.iter() {
-        let region = ram.locate(index).0;
-        match &mut run {
-            Some((first, count, r))
-                if *r == region && *first + *count as u64 == index && *count < MAX_RUN_PAGES =>
-            {
-                *count += 1
-            }
-            _ => {
-                if let Some(r) = run.take() {
-                    flush(main, r)?;
-                }
-                run = Some((index, 1, region));
-            }
-        }
-    }
-    if let Some(r) = run {
-        flush(main, r)?;
+        )?;
     }
     Ok(())
 }
@@ -832,10 +811,6 @@ impl Link {
     fn close_after_done(&mut self) {
         let _ = self
             .main
-            .stream_handle()
-            .map(|s| s.shutdown(std::net::Shutdown::Write));
-        let _ = self
-            .urgent
             .stream_handle()
             .map(|s| s.shutdown(std::net::Shutdown::Write));
         let until = Instant::now() + Duration::from_secs(2);

@@ -341,6 +341,30 @@ impl RamLayout {
         let end = gpa.checked_add(count.checked_mul(PAGE_SIZE)?)?;
         (count > 0 && end <= r.gpa + r.size).then_some(first)
     }
+
+    /// The maximal runs of the pages in `set` (global page indexes of this layout), each inside
+    /// one region and at most `max` pages long, in order, as (gpa of the first page, count):
+    /// what run-carrying frames (Discard, ReceivedMap) name.
+    pub fn runs(&self, set: &PageSet, max: u32) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        // The last page taken and its region.
+        let mut last: Option<(u64, usize)> = None;
+        for index in set.iter() {
+            let Some(gpa) = self.page_gpa(index) else {
+                break;
+            };
+            let Some(region) = self.region_of(gpa) else {
+                continue;
+            };
+            let extends = last.is_some_and(|(prev, r)| r == region && prev + 1 == index);
+            match out.last_mut() {
+                Some((_, count)) if extends && *count < max => *count += 1,
+                _ => out.push((gpa, 1)),
+            }
+            last = Some((index, region));
+        }
+        out
+    }
 }
 
 /// A set of pages of a [`RamLayout`], by global page index (which pages a side holds or must
@@ -529,6 +553,48 @@ impl AtomicPageSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_split_at_region_ends_and_at_the_limit() {
+        let l = RamLayout::new(vec![
+            RegionLayout {
+                slot: 0,
+                gpa: 0,
+                size: 8 * PAGE_SIZE,
+            },
+            RegionLayout {
+                slot: 1,
+                gpa: 1 << 32,
+                size: 8 * PAGE_SIZE,
+            },
+        ])
+        .unwrap();
+        let mut s = PageSet::new(16);
+        s.insert_range(1, 2); // 1, 2
+        s.insert_range(5, 6); // 5..8 in region 0, 8..11 in region 1
+        s.insert(15);
+        assert_eq!(
+            l.runs(&s, 2),
+            vec![
+                (PAGE_SIZE, 2),
+                (5 * PAGE_SIZE, 2),
+                (7 * PAGE_SIZE, 1),
+                (1 << 32, 2),
+                ((1 << 32) + 2 * PAGE_SIZE, 1),
+                ((1 << 32) + 7 * PAGE_SIZE, 1),
+            ]
+        );
+        assert_eq!(
+            l.runs(&s, 100),
+            vec![
+                (PAGE_SIZE, 2),
+                (5 * PAGE_SIZE, 3),
+                (1 << 32, 3),
+                ((1 << 32) + 7 * PAGE_SIZE, 1),
+            ]
+        );
+        assert!(l.runs(&PageSet::new(16), 4).is_empty());
+    }
 
     #[test]
     fn page_sets() {
