@@ -540,7 +540,7 @@ pub fn migrate(
                         "migration failed ({e}) and resuming the source VM failed too: {r}"
                     );
                 } else {
-                    tracing::info!("migration failed ({e}); the source VM runs again");
+                    tracing::debug!("migration failed ({e}); the source VM runs again");
                 }
             }
             Err(e)
@@ -1142,7 +1142,7 @@ impl Handover<'_> {
                     return Ok(r);
                 }
                 Err(e) => {
-                    tracing::info!("recovery attempt {attempts} to {addr} failed: {e}");
+                    tracing::debug!("recovery attempt {attempts} to {addr} failed: {e}");
                     last = e.to_string();
                 }
             }

@@ -607,7 +607,9 @@ pub fn measure(cfg: &FaultLimitConfig) -> Result<FaultLimitReport, FaultLimitErr
             })
         }
         Ok(RunOutcome::Signalled(s)) => return Err(FaultLimitError::Signalled(s)),
-        Ok(RunOutcome::MigratedAway) => return Err(FaultLimitError::MigratedAway),
+        Ok(RunOutcome::MigratedAway | RunOutcome::ShutDown) => {
+            return Err(FaultLimitError::MigratedAway)
+        }
         Err(source) => {
             return Err(FaultLimitError::Run {
                 source,

@@ -10,12 +10,15 @@
 
 pub mod api;
 pub mod boot;
+pub mod control;
 pub mod devices;
+pub mod events;
 pub mod fault_limit;
 pub mod launcher;
 pub mod live_migration;
 pub mod memory;
 pub mod probe;
+pub mod progress;
 pub mod signals;
 pub mod size;
 pub mod vcpu;

@@ -11,7 +11,9 @@ use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
 use migration::types::Granularity;
-use vmm::api::Request;
+use vmm::api::model::{SendMigration, Tunables};
+use vmm::api::Client;
+use vmm::events::{EventMonitor, EventTarget};
 use vmm::launcher::{self, RunConfig, SerialTarget};
 use vmm::live_migration::destination::{self, ReceiveConfig};
 use vmm::live_migration::source::Migrator;
@@ -25,6 +27,8 @@ use vmm::size::parse_size;
     about = "A minimal KVM VMM with huge-page guest RAM and 4 KiB postcopy live migration"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: vmm_logging::LogArgs,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -44,9 +48,21 @@ enum Command {
     /// Migration destination: wait for one incoming VM on ADDR, receive it, run it (serial
     /// output as with `run`) and exit with the guest's exit code.
     Receive(ReceiveArgs),
-    /// Migrate the VM behind an API socket to a waiting `vmm receive`; shows progress on stderr
-    /// and prints a summary at the end. Exits 0 only once the destination confirmed every page.
+    /// Migrate the VM behind an API socket to a waiting `vmm receive` (API vm.send-migration);
+    /// shows a progress bar on stderr (from vm.migration) and prints a summary at the end.
+    /// Exits 0 only once the destination confirmed every page.
     Migrate(MigrateArgs),
+    /// Show the VM behind an API socket: its state, configuration and the live statistics of
+    /// its migration (API vm.info and vm.migration).
+    Status(StatusArgs),
+    /// Pause the VM behind an API socket (API vm.pause).
+    Pause(SocketArgs),
+    /// Stop the VM behind an API socket; its VMM exits with status 0 (API vm.shutdown).
+    Shutdown(SocketArgs),
+    /// Cancel the outgoing migration of the VM behind an API socket; allowed only before the
+    /// switchover (the VM runs on here). After it, the destination runs the VM and a cancel is
+    /// refused with the reason (API vm.migration-cancel).
+    Cancel(SocketArgs),
     /// Point a running migration's recovery at another destination address (e.g. another
     /// network path to the same `vmm receive`): the source reconnects there from its next
     /// attempt on.
@@ -131,6 +147,14 @@ struct ReceiveArgs {
     /// many seconds for the source to reconnect; then the VM is lost and it exits non-zero.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     recover_timeout: u64,
+    /// Create a control socket (mode 0600) at this path. It answers from the start (vm.info,
+    /// vm.migration while the VM arrives) and, once every page arrived, every request a booted
+    /// VM answers: pause, resume, shutdown, and migrating it on.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Write events (one JSON object per line) to path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
+    event_monitor: Option<EventTarget>,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +204,41 @@ struct MigrateArgs {
     /// destination runs it) or stays paused here (if that is unknown).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     recover_timeout: u64,
+    /// Precopy stops iterating once the rest would take this long to send (QEMU's
+    /// downtime-limit).
+    #[arg(long, value_name = "MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    downtime_limit: u64,
+    /// Cap precopy rounds at this many bytes per second (e.g. 100M; QEMU's max-bandwidth).
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    max_bandwidth: Option<u64>,
+    /// Cap postcopy's background push at this many bytes per second (QEMU's
+    /// max-postcopy-bandwidth); pages a vCPU waits for are never capped.
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate)]
+    max_postcopy_bandwidth: Option<u64>,
+    /// Most precopy rounds, the full pass included.
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    max_rounds: u32,
+    /// Give up if the migration has not switched over within this many seconds (the VM runs
+    /// on here).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// The VM's control socket (`vmm run|receive --api-socket`).
+    #[arg(long)]
+    api_socket: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The VM's control socket (`vmm run|receive --api-socket`).
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Print {"vm": vm.info, "migration": vm.migration} as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -229,9 +288,13 @@ struct RunArgs {
     /// Where guest serial output goes: "stdout" or a file path (appended).
     #[arg(long, default_value = "stdout")]
     serial: String,
-    /// Create a control socket (mode 0600) at this path, for `vmm migrate` and friends.
+    /// Create a control socket (mode 0600) at this path: an HTTP API (docs/api.md) for `vmm
+    /// status|pause|resume|shutdown|migrate|cancel` and curl.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Write events (one JSON object per line) to path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
+    event_monitor: Option<EventTarget>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -242,22 +305,48 @@ fn parse_backing(s: &str) -> Result<Backing, String> {
     s.parse::<Backing>().map_err(|e| e.to_string())
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+fn parse_rate(s: &str) -> Result<u64, String> {
+    // A rate is bytes per second: a bare number is bytes here, not MiB.
+    let v = if s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>().map_err(|e| e.to_string())?
+    } else {
+        parse_size(s).map_err(|e| e.to_string())?
+    };
+    if v == 0 {
+        return Err("a bandwidth cap must be above 0 (leave the option out for no cap)".into());
+    }
+    Ok(v)
+}
+
+fn parse_event_target(s: &str) -> Result<EventTarget, String> {
+    s.parse::<EventTarget>().map_err(|e| e.to_string())
+}
+
+fn open_events(t: &Option<EventTarget>) -> Result<Option<Arc<EventMonitor>>> {
+    match t {
+        Some(t) => Ok(Some(Arc::new(
+            EventMonitor::open(t).context("opening the event monitor")?,
+        ))),
+        None => Ok(None),
+    }
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    if let Err(e) = vmm_logging::init(&cli.log, "vmm") {
+        eprintln!("vmm: error: {e}");
+        return ExitCode::from(1);
+    }
+    let logs_to_file = cli.log.log_file.is_some();
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("vmm: error: {}", error_chain(&e));
+            let msg = error_chain(&e);
+            tracing::error!("{msg}");
+            if logs_to_file {
+                // The log goes to a file: the user still sees why the command failed.
+                eprintln!("vmm: error: {msg}");
+            }
             ExitCode::from(1)
         }
     }
@@ -293,22 +382,42 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Migrate(a) => cmd_migrate(a),
+        Command::Status(a) => cmd_status(a),
+        Command::Pause(a) => {
+            Client::new(&a.api_socket)
+                .pause()
+                .with_context(|| format!("pausing the VM behind {}", a.api_socket.display()))?;
+            println!("the VM is paused");
+            Ok(0)
+        }
+        Command::Shutdown(a) => {
+            Client::new(&a.api_socket).shutdown().with_context(|| {
+                format!("shutting down the VM behind {}", a.api_socket.display())
+            })?;
+            println!("the VM was shut down");
+            Ok(0)
+        }
+        Command::Cancel(a) => {
+            Client::new(&a.api_socket).cancel().with_context(|| {
+                format!("cancelling the migration of {}", a.api_socket.display())
+            })?;
+            println!("the migration was cancelled; the VM runs here");
+            Ok(0)
+        }
         Command::Resume(a) => {
-            vmm::api::call(&a.api_socket, &Request::Resume { force: a.force }, |_| {})
+            Client::new(&a.api_socket)
+                .resume(a.force)
                 .with_context(|| format!("resuming the VM behind {}", a.api_socket.display()))?;
             println!("the VM runs");
             Ok(0)
         }
         Command::MigrateRetarget(a) => {
-            let reply = vmm::api::call(
-                &a.api_socket,
-                &Request::MigrateRetarget { to: a.to.clone() },
-                |_| {},
-            )
-            .with_context(|| format!("retargeting the migration to {}", a.to))?;
+            let reply = Client::new(&a.api_socket)
+                .retarget(&a.to)
+                .with_context(|| format!("retargeting the migration to {}", a.to))?;
             println!(
                 "the migration reconnects to {} from its next attempt on",
-                reply["to"].as_str().unwrap_or(&a.to)
+                reply.destination
             );
             Ok(0)
         }
@@ -340,7 +449,9 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         serial,
         api_socket: a.api_socket,
     };
-    let outcome = launcher::run(&cfg, Some(Arc::new(Migrator))).context("running the VM")?;
+    let events = open_events(&a.event_monitor)?;
+    let outcome =
+        launcher::run(&cfg, Some(Arc::new(Migrator)), events).context("running the VM")?;
     Ok(outcome.exit_code())
 }
 
@@ -391,14 +502,16 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
         serial: serial_target(&a.serial),
         stats_json: a.stats_json,
         recover_timeout: std::time::Duration::from_secs(a.recover_timeout),
+        api_socket: a.api_socket,
     };
+    let events = open_events(&a.event_monitor)?;
     if cfg.tls_dir.is_none() && cfg.allow_plaintext && !cfg.listen.ip().is_loopback() {
-        eprintln!(
-            "vmm: warning: --allow-plaintext: the migration on {} is not encrypted (pages and state can be read and altered on the way)",
+        tracing::warn!(
+            "--allow-plaintext: the migration on {} is not encrypted (pages and state can be read and altered on the way)",
             cfg.listen
         );
     }
-    let outcome = destination::receive(&cfg).context("receiving the VM")?;
+    let outcome = destination::receive(&cfg, events).context("receiving the VM")?;
     Ok(outcome.exit_code())
 }
 
@@ -429,64 +542,79 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
         a.to.parse::<std::net::SocketAddr>()
             .is_ok_and(|s| s.ip().is_loopback());
     if tls_dir.is_none() && a.allow_plaintext && !loopback {
-        eprintln!(
-            "vmm: warning: --allow-plaintext: a migration to a non-loopback address is not encrypted (pages and state can be read and altered on the way)"
+        tracing::warn!(
+            "--allow-plaintext: a migration to a non-loopback address is not encrypted (pages and state can be read and altered on the way)"
         );
     }
-    let req = Request::Migrate {
-        to: a.to.clone(),
+    let req = SendMigration {
+        destination_url: a.to.clone(),
         mode: a.mode.clone(),
         secret_file,
         tls_dir,
         tls_server_name: a.tls_server_name.clone(),
         allow_plaintext: a.allow_plaintext,
         recover_timeout_s: Some(a.recover_timeout),
+        tunables: Tunables {
+            downtime_limit_ms: Some(a.downtime_limit),
+            max_bandwidth: a.max_bandwidth,
+            max_postcopy_bandwidth: a.max_postcopy_bandwidth,
+            max_rounds: Some(a.max_rounds),
+            timeout_s: a.timeout,
+        },
     };
-    let start = std::time::Instant::now();
-    let mut last = std::time::Instant::now() - std::time::Duration::from_secs(1);
-    let mut last_phase = String::new();
-    let summary = vmm::api::call(&a.api_socket, &req, |p| {
-        // Progress on stderr, at most a few lines a second, and every change of phase.
-        let phase = p["phase"].as_str().unwrap_or("?").to_string();
-        if last.elapsed().as_millis() >= 250 || phase != last_phase {
-            last_phase = phase;
-            last = std::time::Instant::now();
-            eprintln!("{}", progress_line(p, start.elapsed().as_secs_f64()));
-        }
-    })
-    .with_context(|| format!("migrating to {}", a.to))?;
+    let client = Client::new(&a.api_socket);
+    let summary = vmm::progress::migrate_with_progress(&client, &req)
+        .with_context(|| format!("migrating to {}", a.to))?;
     if a.json {
-        let mut s = summary.clone();
-        if let Some(o) = s.as_object_mut() {
-            o.remove("ok");
-        }
-        println!("{s}");
+        println!("{summary}");
     } else {
         print_summary(&summary);
     }
     Ok(0)
 }
 
-fn progress_line(p: &serde_json::Value, secs: f64) -> String {
-    let total = p["total_pages"].as_u64().unwrap_or(0);
-    let sent = p["pages_sent"].as_u64().unwrap_or(0);
-    // The first pass counts up to the RAM size; later rounds re-send dirty pages.
-    let pages = if sent <= total && total > 0 {
-        format!(
-            "{sent}/{total} pages ({:5.1}%)",
-            sent as f64 * 100.0 / total as f64
-        )
-    } else {
-        format!("{sent} pages ({total} in RAM)")
-    };
-    format!(
-        "[{secs:6.1}s] {:<10} round {:>2}  {pages}  {:.1} MiB sent  dirty {}  faults {}",
-        p["phase"].as_str().unwrap_or("?"),
-        p["round"].as_u64().unwrap_or(0),
-        p["bytes_sent"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64,
-        p["dirty_pages"].as_u64().unwrap_or(0),
-        p["faults_served"].as_u64().unwrap_or(0),
-    )
+fn cmd_status(a: StatusArgs) -> Result<i32> {
+    let client = Client::new(&a.api_socket);
+    let ctx = || format!("asking the VM behind {}", a.api_socket.display());
+    let info = client.info().with_context(ctx)?;
+    let migration = client.migration().with_context(ctx)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "vm": info, "migration": migration })
+        );
+        return Ok(0);
+    }
+    println!(
+        "state      {}",
+        serde_json::to_value(info.state)?.as_str().unwrap_or("?")
+    );
+    if let Some(c) = &info.config {
+        println!(
+            "config     {} vCPU(s), {} MiB on {} ({}, {})",
+            c.vcpus,
+            c.memory_bytes >> 20,
+            c.backing,
+            c.origin,
+            c.kernel.as_deref().unwrap_or("no kernel file")
+        );
+    }
+    for r in &info.memory {
+        println!(
+            "memslot {}  {:#x}..{:#x}",
+            r.slot,
+            r.guest_addr,
+            r.guest_addr + r.size
+        );
+    }
+    println!(
+        "migration  {}",
+        migration["status"].as_str().unwrap_or("none")
+    );
+    if info.migration_outcome_unknown {
+        println!("           the last migration's outcome is unknown: `vmm resume --force` only if the destination surely does not run the VM");
+    }
+    Ok(0)
 }
 
 fn print_summary(s: &serde_json::Value) {

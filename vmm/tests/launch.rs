@@ -360,9 +360,12 @@ fn api_socket_is_private_and_answers_status() {
     }
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let reply = vmm::api::call(&sock, &vmm::api::Request::Status, |_| {}).unwrap();
+    let reply = vmm::api::Client::new(&sock)
+        .info()
+        .map(|i| serde_json::to_value(i).expect("vm.info encodes"))
+        .unwrap();
     assert_eq!(reply["state"], "running");
-    assert_eq!(reply["backing"], "anon");
+    assert_eq!(reply["config"]["backing"], "anon");
     // SAFETY: `child.id()` is the PID of the process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();

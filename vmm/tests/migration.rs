@@ -583,12 +583,15 @@ fn pass_lines(out: &str) -> usize {
 /// The source still answers `status` with "running", its guest keeps completing passes without
 /// mismatches, and it ends on SIGTERM.
 fn assert_source_still_runs(mut src: RunningSource) {
-    let reply = vmm::api::call(&src.sock, &vmm::api::Request::Status, |_| {}).unwrap_or_else(|e| {
-        panic!(
-            "status after the failed migration: {e}\n{}",
-            src.proc.describe()
-        )
-    });
+    let reply = vmm::api::Client::new(&src.sock)
+        .info()
+        .map(|i| serde_json::to_value(i).expect("vm.info encodes"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "status after the failed migration: {e}\n{}",
+                src.proc.describe()
+            )
+        });
     assert_eq!(
         reply["state"],
         "running",

@@ -216,7 +216,9 @@ fn logs(procs: &[&Proc]) -> String {
 
 /// The source VMM's `status` reply.
 fn api_status(sock: &Path, ctx: &str) -> Value {
-    vmm::api::call(sock, &vmm::api::Request::Status, |_| {})
+    vmm::api::Client::new(sock)
+        .info()
+        .map(|i| serde_json::to_value(i).expect("vm.info encodes"))
         .unwrap_or_else(|e| panic!("status request: {e}\n{ctx}"))
 }
 
@@ -844,7 +846,7 @@ fn strangers_are_refused_by_a_paused_destination_and_the_source_recovers() {
     rig.wait_paused(&mig, 1);
     let status = api_status(&rig.sock, &rig.context(&mig));
     assert_eq!(
-        status["migration"],
+        status["migration_status"],
         "postcopy-paused",
         "the source's status during the outage: {status}\n{}",
         rig.context(&mig)
@@ -1052,12 +1054,15 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     assert!(clean(&rig.dst.stdout()) && workload_result(&rig.dst.stdout()).is_none());
 
     // The source still runs the VM.
-    let reply = vmm::api::call(&rig.sock, &vmm::api::Request::Status, |_| {}).unwrap_or_else(|e| {
-        panic!(
-            "status after the failed migration: {e}\n{}",
-            rig.context(&mig)
-        )
-    });
+    let reply = vmm::api::Client::new(&rig.sock)
+        .info()
+        .map(|i| serde_json::to_value(i).expect("vm.info encodes"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "status after the failed migration: {e}\n{}",
+                rig.context(&mig)
+            )
+        });
     assert_eq!(reply["state"], "running", "{reply}\n{}", rig.context(&mig));
     let before = pass_lines(&rig.src.stdout());
     wait_output(
@@ -1270,22 +1275,15 @@ fn state_cut_and_no_way_back_leaves_the_source_paused_with_the_outcome_unknown()
         rig.context(&mig)
     );
     // Only a forced resume lets it run again.
-    let refused = vmm::api::call(
-        &rig.sock,
-        &vmm::api::Request::Resume { force: false },
-        |_| {},
-    );
+    let refused = vmm::api::Client::new(&rig.sock).resume(false);
     assert!(
         refused.is_err(),
         "resume without force was accepted: {refused:?}\n{}",
         rig.context(&mig)
     );
-    vmm::api::call(
-        &rig.sock,
-        &vmm::api::Request::Resume { force: true },
-        |_| {},
-    )
-    .unwrap_or_else(|e| panic!("forced resume: {e}\n{}", rig.context(&mig)));
+    vmm::api::Client::new(&rig.sock)
+        .resume(true)
+        .unwrap_or_else(|e| panic!("forced resume: {e}\n{}", rig.context(&mig)));
     assert_guest_finished_ok(&mut rig.src, PASSES, &[&mig, &rig.dst], Some(&rig.relay));
     // The destination never ran the guest and gave up on its own.
     let status = wait_exit(

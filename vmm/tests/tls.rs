@@ -183,7 +183,10 @@ fn plaintext_and_non_loopback_without_tls_are_refused() {
     );
 
     // The source VM still runs.
-    let reply = vmm::api::call(&sock, &vmm::api::Request::Status, |_| {}).unwrap();
+    let reply = vmm::api::Client::new(&sock)
+        .info()
+        .map(|i| serde_json::to_value(i).expect("vm.info encodes"))
+        .unwrap();
     assert_eq!(reply["state"], "running", "{reply}\n{}", src.describe());
     src.kill();
 }

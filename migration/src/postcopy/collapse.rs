@@ -183,7 +183,7 @@ fn collapse_shmem_run(shared: &Shared, run: &[CollapseJob]) -> Result<(), Postco
     let mut ok = vec![false; run.len()];
     let t1 = Instant::now();
     collapse_split(shared, run, 0, &mut spent, &mut ok);
-    tracing::info!(
+    tracing::debug!(
         slot = r.region.slot,
         first_unit = head.unit,
         units = run.len(),
@@ -237,7 +237,7 @@ fn collapse_split(
     match rc {
         Ok(()) => ok[base..base + run.len()].fill(true),
         Err(e) if run.len() == 1 => {
-            tracing::info!(
+            tracing::debug!(
                 "MADV_COLLAPSE of slot {} at {addr:#x} failed: {e}",
                 r.region.slot
             );
@@ -265,7 +265,7 @@ fn fill_holes(r: &RegionState, off: u64, len: u64) {
     let resident = match page_cache_map(alias, len as usize) {
         Ok(v) => v,
         Err(e) => {
-            tracing::info!(
+            tracing::debug!(
                 "mincore of slot {} at {alias:#x} failed: {e}",
                 r.region.slot
             );
@@ -295,7 +295,7 @@ fn fill_holes(r: &RegionState, off: u64, len: u64) {
             ),
         };
         if let Err(e) = res {
-            tracing::info!(
+            tracing::debug!(
                 "filling the page-cache holes of slot {} at offset {h_off:#x} (+{h_len:#x}) failed: {e}",
                 r.region.slot
             );
@@ -540,7 +540,7 @@ fn collapse_staged(
         free_ns: t_free.elapsed().as_nanos() as u64,
         ok: true,
     });
-    tracing::info!(
+    tracing::debug!(
         slot,
         offset = off,
         size = len,

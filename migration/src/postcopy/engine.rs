@@ -532,13 +532,13 @@ impl PostcopyEngine {
             let plan = plan_region_with(r, strategy, &probe);
             validate(r, &plan)?;
             match &plan.note {
-                Some(note) => tracing::info!(
+                Some(note) => tracing::debug!(
                     "postcopy slot {} ({:?}): serve mode {}: {note}",
                     r.slot,
                     r.kind,
                     plan.mode.name()
                 ),
-                None => tracing::info!(
+                None => tracing::debug!(
                     "postcopy slot {} ({:?}): serve mode {}",
                     r.slot,
                     r.kind,

@@ -44,7 +44,7 @@ pub(crate) fn settle_unit(shared: &Shared, ri: usize, unit: u64) {
         Ok(()) => METHOD_MADV_COLLAPSE,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => METHOD_LEFT_EINVAL,
         Err(e) => {
-            tracing::info!(
+            tracing::debug!(
                 "MADV_COLLAPSE of native hugetlb slot {} at {addr:#x}+{len:#x} failed: {e}",
                 r.region.slot
             );

@@ -69,7 +69,7 @@ impl DebugDevice {
                 let mut v = [0u8; 8];
                 let n = data.len().min(8);
                 v[..n].copy_from_slice(&data[..n]);
-                tracing::info!(
+                tracing::debug!(
                     mark = u64::from_le_bytes(v),
                     t_us = self.start.elapsed().as_micros() as u64,
                     "guest mark"

@@ -15,6 +15,9 @@ use migration::types::{Granularity, Mode, PageFetcher, PageSet, PAGE_SIZE};
 use serde::Serialize;
 
 use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus, SwappedSlots};
+use crate::api::ApiServer;
+use crate::control::{Origin, VmController};
+use crate::events::EventMonitor;
 use crate::launcher::{self, LaunchError, RunOutcome, SerialTarget};
 use crate::memory::{Backing, GuestRam, Region};
 use crate::signals;
@@ -37,6 +40,9 @@ pub struct ReceiveConfig {
     pub stats_json: Option<PathBuf>,
     /// How long to wait in postcopy-paused for the source to reconnect after a link failure.
     pub recover_timeout: Duration,
+    /// The control API's socket: it answers from the start (the migration's statistics while
+    /// the VM arrives) and, once the VM runs, every request a booted VM answers.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Errors of `vmm receive`.
@@ -68,6 +74,8 @@ pub enum ReceiveError {
     Lost(#[source] destination::DestinationError),
     #[error("running the VM: {0}")]
     Run(#[from] LaunchError),
+    #[error("control API: {0}")]
+    Api(#[from] crate::api::ApiError),
     #[error("writing statistics to {path}: {source}")]
     Stats {
         path: PathBuf,
@@ -177,6 +185,7 @@ struct DestSide {
     dirty_logged: bool,
     /// Set once the vCPUs were started.
     started: Arc<AtomicBool>,
+    ctl: Arc<VmController>,
 }
 
 /// The postcopy engine as the protocol driver's bulk-page sink.
@@ -307,7 +316,7 @@ impl DestinationVm for DestSide {
                 }
             }
         }
-        tracing::info!(
+        tracing::debug!(
             discard_us = t_discard.as_micros() as u64,
             engine_new_us = (t_new - t_discard).as_micros() as u64,
             prepare_us = (t0.elapsed() - t_new).as_micros() as u64,
@@ -317,8 +326,8 @@ impl DestinationVm for DestSide {
         // Say how every region is served, and why native was not used where it was asked for:
         // on stderr (operators, the harness log) as well as in the statistics.
         for r in &serve {
-            eprintln!(
-                "vmm: postcopy slot {} ({}): serve mode {}{}",
+            tracing::info!(
+                "postcopy slot {} ({}): serve mode {}{}",
                 r.slot,
                 r.kind,
                 r.serve_mode,
@@ -329,7 +338,7 @@ impl DestinationVm for DestSide {
             );
         }
         if let Some(why) = native_fallback(&serve) {
-            eprintln!("vmm: native postcopy fell back to 4 KiB staging: {why}");
+            tracing::info!("native postcopy fell back to 4 KiB staging: {why}");
         }
         // Pages that came in precopy rounds (hybrid) are in guest memory already (page cache,
         // huge page, anonymous mapping): the engine only marks them, serves them locally and
@@ -353,6 +362,7 @@ impl DestinationVm for DestSide {
             self.register_slots(false, true)?;
         }
         self.started.store(true, Ordering::SeqCst);
+        self.ctl.incoming_started();
         self.vm.resume();
         Ok(())
     }
@@ -423,8 +433,16 @@ fn for_each_run(
 }
 
 /// Runs `vmm receive`: returns how the received guest ended.
-pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
+pub fn receive(
+    cfg: &ReceiveConfig,
+    events: Option<Arc<EventMonitor>>,
+) -> Result<RunOutcome, ReceiveError> {
     signals::install().map_err(|e| ReceiveError::Run(LaunchError::Signals(e)))?;
+    let ctl = VmController::new(
+        Origin::Received,
+        Some(Arc::new(super::source::Migrator)),
+        events,
+    );
     // Accepting and receiving block; a SIGINT/SIGTERM before the migration completes ends
     // the process at once, from this thread: nothing is torn down first (no userfaultfd is
     // closed, no staging unmapped), so a vCPU waiting for a page that never arrived never runs
@@ -434,19 +452,23 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     {
         let receiving = receiving.clone();
         let started = started.clone();
+        let api_socket = cfg.api_socket.clone();
         std::thread::Builder::new()
             .name("signal-watch".into())
             .spawn(move || {
                 while receiving.load(Ordering::SeqCst) {
                     if let Some(sig) = signals::received() {
                         if started.load(Ordering::SeqCst) {
-                            eprintln!(
-                                "vmm: signal {sig} during the migration: VM lost (it ran here with pages that had not arrived; the source's copy is stale)"
+                            tracing::error!(
+                                "signal {sig} during the migration: VM lost (it ran here with pages that had not arrived; the source's copy is stale)"
                             );
                         } else {
-                            eprintln!(
-                                "vmm: signal {sig} during the migration, exiting (the VM never started here; the source keeps it)"
+                            tracing::warn!(
+                                "signal {sig} during the migration, exiting (the VM never started here; the source keeps it)"
                             );
+                        }
+                        if let Some(p) = &api_socket {
+                            let _ = std::fs::remove_file(p);
                         }
                         std::process::exit(128 + sig);
                     }
@@ -479,8 +501,8 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
                 addr: cfg.listen,
                 source,
             })?;
-    eprintln!(
-        "vmm: waiting for a migration on {}{}",
+    tracing::info!(
+        "waiting for a migration on {}{}",
         cfg.listen,
         if cfg.tls_dir.is_some() {
             " (TLS 1.3, client certificate required)"
@@ -488,9 +510,27 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
             ""
         }
     );
+    {
+        let started = started.clone();
+        let receiving = receiving.clone();
+        ctl.set_incoming(Arc::new(move || {
+            let status = if !receiving.load(Ordering::SeqCst) {
+                "completed"
+            } else if started.load(Ordering::SeqCst) {
+                "postcopy-active"
+            } else {
+                "active"
+            };
+            serde_json::json!({ "status": status })
+        }));
+    }
+    let api = match &cfg.api_socket {
+        Some(p) => Some(ApiServer::start(p, ctl.clone())?),
+        None => None,
+    };
     let incoming = listener.accept().map_err(ReceiveError::Accept)?;
-    eprintln!(
-        "vmm: incoming migration session {:#x} from {}",
+    tracing::info!(
+        "incoming migration session {:#x} from {}",
         incoming.session_id(),
         incoming.peer()
     );
@@ -511,7 +551,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     }
     if cfg.backing == Backing::Anon && config.mode != Mode::Precopy {
         // Anonymous memory is served by UFFDIO_COPY; that needs no alias, so it works too.
-        tracing::info!("postcopy into anonymous memory: faults are served with UFFDIO_COPY");
+        tracing::debug!("postcopy into anonymous memory: faults are served with UFFDIO_COPY");
     }
     let console = launcher::console_for(&cfg.serial)?;
     let vm = match Vm::with_memslots(cfg.backing, memory, vcpus, console, false) {
@@ -545,7 +585,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
             incoming.reject(&e.to_string());
             return Err(ReceiveError::Vm(e.into()));
         }
-        tracing::info!(
+        tracing::debug!(
             "faulted in {} MiB of {} guest memory in {:.0} ms",
             memory >> 20,
             cfg.backing,
@@ -555,6 +595,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
     let mut vm = vm;
     vm.start_vcpus_paused()?;
     let vm = Arc::new(vm);
+    ctl.set_vm(vm.clone());
     let strategy = Strategy::from(cfg.granularity);
     let postcopy = config.mode != Mode::Precopy;
     let dirty_logged = postcopy && DestSide::expects_staging(cfg.backing, strategy);
@@ -564,6 +605,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         engine: Mutex::new(None),
         dirty_logged,
         started: started.clone(),
+        ctl: ctl.clone(),
     };
     if postcopy {
         // Register the memslots now, before Ready, the way begin_postcopy needs them, with
@@ -591,6 +633,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
             }
             std::mem::forget(side);
             std::mem::forget(vm);
+            drop(api);
             return Err(ReceiveError::Lost(e));
         }
         Err(e) => {
@@ -599,7 +642,7 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
         }
     };
     receiving.store(false, Ordering::SeqCst);
-    tracing::info!(?summary, "migration received");
+    tracing::debug!(?summary, "migration received");
     let engine = side.engine.lock().ok().and_then(|e| e.clone());
     if let Some(path) = &cfg.stats_json {
         let stats = destination_stats(
@@ -614,8 +657,8 @@ pub fn receive(cfg: &ReceiveConfig) -> Result<RunOutcome, ReceiveError> {
             source,
         })?;
     }
-    let outcome = launcher::wait(&vm);
-    vm.shutdown();
+    ctl.incoming_completed();
+    let outcome = launcher::run_until_stopped(&vm, &ctl, api);
     drop(engine);
     Ok(outcome?)
 }

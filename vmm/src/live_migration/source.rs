@@ -1,17 +1,17 @@
 //! The source side: a running VM as `migration::source::SourceVm`, and the `migrate` request of
 //! the control API.
 
-use std::cell::RefCell;
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
 use migration::auth::Secret;
 use migration::source::{self, MigrateOptions, MigrationControl, SourceVm};
 use migration::tls::ClientTls;
-use migration::types::{DirtyLog, Mode, RamRegion};
+use migration::types::{DirtyLog, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
-use crate::launcher::{AfterFailure, MigrateFailure, MigrateHandler, MigrateRequest};
+use crate::control::{AfterFailure, MigrateFailure, MigrateHandler, MigrateRequest};
+use crate::events::{EventMonitor, EventSource};
 use crate::vm::Vm;
 
 /// A running VM seen by the source protocol driver.
@@ -84,14 +84,14 @@ impl MigrateHandler for Migrator {
         vm: &Arc<Vm>,
         req: &MigrateRequest,
         control: Arc<MigrationControl>,
-        progress: &mut dyn FnMut(serde_json::Value),
+        events: Option<Arc<EventMonitor>>,
     ) -> Result<serde_json::Value, MigrateFailure> {
         let fail = |message: String| MigrateFailure {
             message,
             after: AfterFailure::Resumed,
         };
         let to = &req.to;
-        let mode: Mode = req.mode.parse().map_err(fail)?;
+        let mode = req.mode;
         let addr = to
             .to_socket_addrs()
             .map_err(|e| fail(format!("cannot resolve destination '{to}': {e}")))?
@@ -99,6 +99,13 @@ impl MigrateHandler for Migrator {
             .ok_or_else(|| fail(format!("destination '{to}' has no address")))?;
         let mut opts = MigrateOptions::new(mode);
         opts.timeouts.recover = req.recover_timeout;
+        let t = &req.tunables;
+        if let Some(ms) = t.downtime_limit_ms {
+            opts.downtime_target = std::time::Duration::from_millis(ms);
+        }
+        if let Some(r) = t.max_rounds {
+            opts.max_rounds = r;
+        }
         opts.control = control;
         if let Some(p) = &req.secret_file {
             opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.to_string()))?);
@@ -118,12 +125,13 @@ impl MigrateHandler for Migrator {
             );
         }
         let side = SourceSide::new(vm.clone());
-        let progress = RefCell::new(progress);
-        let report = |p: source::Progress| {
-            if let Ok(v) = serde_json::to_value(p) {
-                (progress.borrow_mut())(v);
-            }
-        };
+        let report = |_: source::Progress| {};
+        crate::events::emit(
+            events.as_deref(),
+            EventSource::Migration,
+            "started",
+            serde_json::json!({ "mode": format!("{mode:?}").to_lowercase(), "destination": addr.to_string() }),
+        );
         match source::migrate(&side, addr, opts, &report) {
             // The destination runs the VM now: the launcher stops this one after replying.
             // Every page reached the destination (Done): the summary is only a report, and the
