@@ -5,7 +5,7 @@
 //! The server runs on a small tokio runtime of its own thread ([`ApiServer`]); what a request
 //! does to the VM is [`VmControl`]'s business (the VMM's `control` module implements it), and
 //! slow requests (a migration) run on tokio's blocking pool, never on the vCPU or fault-service
-//! threads. The endpoints and bodies are described in docs/api.yaml (OpenAPI 3), which a test
+//! threads. The endpoints and bodies are described in docs/openapi.json (OpenAPI 3), which a test
 //! checks against live replies.
 
 mod client;

@@ -1,5 +1,5 @@
 //! The control API's JSON bodies, shared by the server, the client and the OpenAPI document
-//! (docs/api.yaml). Field names are snake_case like Cloud Hypervisor's; the migration statistics
+//! (docs/openapi.json). Field names are snake_case like Cloud Hypervisor's; the migration statistics
 //! keep QEMU's `query-migrate` names (see [`migration::live_stats`]).
 
 use serde::{Deserialize, Serialize};

@@ -133,7 +133,7 @@ fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(listener)
 }
 
-/// The endpoints (docs/api.yaml describes each).
+/// The endpoints (docs/openapi.json describes each).
 fn router(control: Ctl) -> Router {
     let routes: [(&str, MethodRouter<Ctl>); 9] = [
         ("vmm.ping", only_get(get(ping))),
@@ -165,7 +165,7 @@ async fn not_found(uri: Uri) -> Response {
     error(
         404,
         format!(
-            "no endpoint {} (endpoints are {PREFIX}vmm.ping, {PREFIX}vm.info, ...; see docs/api.yaml)",
+            "no endpoint {} (endpoints are {PREFIX}vmm.ping, {PREFIX}vm.info, ...; see docs/openapi.json)",
             uri.path()
         ),
     )
@@ -234,9 +234,18 @@ fn body<T: DeserializeOwned + Default>(
             })
         };
     }
-    serde_json::from_slice(&raw).map_err(|e| Reject {
-        status: 400,
-        message: format!("malformed request body: {e}"),
+    let mut de = serde_json::Deserializer::from_slice(&raw);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." || path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        Reject {
+            status: 400,
+            message: format!("malformed request body: {at}{}", e.inner()),
+        }
     })
 }
 

@@ -1,0 +1,384 @@
+//! The control API as a user drives it: the real curl against `vmm run --api-socket`, the
+//! OpenAPI document (docs/openapi.json) checked against live replies, bad requests answered
+//! with JSON errors while the VM runs on, and the event stream of a VM's life.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// One request with the real curl: (HTTP status, body).
+fn curl(sock: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
+    let url = format!("http://localhost/api/v1/{endpoint}");
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-S",
+        "--max-time",
+        "60",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ])
+    .arg("--unix-socket")
+    .arg(sock);
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    let out = cmd.arg(&url).output().unwrap_or_else(|e| {
+        panic!("running curl (is it installed? ci/install-deps.sh installs it): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "curl {method} {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no status from curl: {text}"));
+    (code, body.to_string())
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {body}"))
+}
+
+/// A JSON error reply with this status whose message contains `want`.
+fn assert_error(reply: (u16, String), status: u16, want: &str) {
+    let (code, body) = reply;
+    assert_eq!(code, status, "{body}");
+    let v = json(&body);
+    assert_eq!(v["status"], status, "{body}");
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error text: {body}"));
+    assert!(msg.contains(want), "error '{msg}' does not say '{want}'");
+}
+
+fn pass_lines(out: &str) -> usize {
+    out.matches("WORKLOAD pass ").count()
+}
+
+/// Starts a workload VM (anon, 256 MiB, endless passes) with an API socket and an event file.
+fn start_vm(dir: &Path) -> (Proc, PathBuf, PathBuf) {
+    let sock = dir.join("api.sock");
+    let events = dir.join("events.jsonl");
+    let mut args = workload_source_args("anon", "256M", 1, 0, &sock);
+    args.push("--event-monitor".into());
+    args.push(format!("path={}", events.display()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Proc::vmm("vm", &args);
+    vm.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
+        out.contains("WORKLOAD pass ")
+    });
+    vm.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
+    (vm, sock, events)
+}
+
+/// Waits until the guest printed `more` pass lines after `before`.
+fn wait_passes(vm: &mut Proc, more: usize) {
+    let before = pass_lines(&vm.stdout());
+    vm.wait_for(
+        "more WORKLOAD pass lines",
+        Duration::from_secs(60),
+        |out, _| pass_lines(out) >= before + more,
+    );
+}
+
+fn events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(json)
+        .collect()
+}
+
+#[test]
+fn curl_drives_a_vm_and_bad_requests_leave_it_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, sock, event_file) = start_vm(dir.path());
+
+    let (code, body) = curl(&sock, "GET", "vmm.ping", None);
+    assert_eq!(code, 200, "{body}");
+    let ping = json(&body);
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(ping["pid"], vm.pid());
+    assert!(ping["capabilities"]["kvm"].is_object(), "{body}");
+
+    let (code, body) = curl(&sock, "GET", "vm.info", None);
+    assert_eq!(code, 200, "{body}");
+    let info = json(&body);
+    assert_eq!(info["state"], "running", "{body}");
+    assert_eq!(info["config"]["backing"], "anon", "{body}");
+    assert_eq!(info["config"]["origin"], "booted", "{body}");
+    let ram: u64 = info["memory"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["size"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ram, 256 << 20, "{body}");
+
+    // Bad requests: each a JSON error, none harms the VM.
+    assert_error(
+        curl(&sock, "PUT", "vm.send-migration", Some("{bad")),
+        400,
+        "malformed request body",
+    );
+    assert_error(
+        curl(
+            &sock,
+            "PUT",
+            "vm.send-migration",
+            Some(r#"{"destination_url":"127.0.0.1:1","mode":"sideways"}"#),
+        ),
+        400,
+        "sideways",
+    );
+    assert_error(
+        curl(&sock, "PUT", "vm.send-migration", None),
+        400,
+        "needs a JSON body",
+    );
+    assert_error(
+        curl(&sock, "GET", "vm.nothing", None),
+        404,
+        "no endpoint /api/v1/vm.nothing",
+    );
+    assert_error(curl(&sock, "POST", "vm.pause", None), 405, "takes PUT");
+    assert_error(curl(&sock, "PUT", "vm.info", None), 405, "takes GET");
+    assert_error(
+        curl(&sock, "PUT", "vm.migration-cancel", None),
+        409,
+        "no migration",
+    );
+    wait_passes(&mut vm, 2);
+    assert_eq!(
+        json(&curl(&sock, "GET", "vm.info", None).1)["state"],
+        "running"
+    );
+    assert_eq!(
+        json(&curl(&sock, "GET", "vm.migration", None).1)["status"],
+        "none"
+    );
+
+    // Pause: no pass completes; resume: passes go on.
+    let (code, body) = curl(&sock, "PUT", "vm.pause", None);
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(
+        json(&curl(&sock, "GET", "vm.info", None).1)["state"],
+        "paused"
+    );
+    let frozen = pass_lines(&vm.stdout());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        pass_lines(&vm.stdout()),
+        frozen,
+        "the guest ran while paused"
+    );
+    assert_error(
+        curl(&sock, "PUT", "vm.resume", Some(r#"{"force":"yes"}"#)),
+        400,
+        "force",
+    );
+    let (code, body) = curl(&sock, "PUT", "vm.resume", Some("{}"));
+    assert_eq!(code, 204, "{body}");
+    wait_passes(&mut vm, 2);
+
+    // Shutdown through the API: exit status 0, socket gone, the events in order.
+    let (code, body) = curl(&sock, "PUT", "vm.shutdown", None);
+    assert_eq!(code, 204, "{body}");
+    let status = vm.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", vm.describe());
+    assert!(!sock.exists(), "API socket left behind");
+    let names: Vec<String> = events(&event_file)
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["source"].as_str().unwrap(),
+                e["event"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["vm/booted", "vm/paused", "vm/resumed", "vm/shutdown"],
+        "{names:?}"
+    );
+    let all = events(&event_file);
+    assert_eq!(all[3]["properties"]["reason"], "api");
+    let t0 = all[0]["timestamp"]["seconds"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        t0 <= now && now - t0 < 600,
+        "timestamp {t0} is not now ({now})"
+    );
+}
+
+/// A minimal OpenAPI 3.0 schema check: type, nullable, enum, required, properties, items,
+/// allOf and $ref into components.schemas. Returns what does not match.
+fn check_schema(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.rsplit('/').next().unwrap();
+        let target = &doc["components"]["schemas"][name];
+        assert!(target.is_object(), "dangling $ref {r}");
+        return check_schema(doc, target, v, at, errs);
+    }
+    if v.is_null() {
+        if schema["nullable"] != true {
+            errs.push(format!("{at}: null but not nullable"));
+        }
+        return;
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        for s in all {
+            check_schema(doc, s, v, at, errs);
+        }
+    }
+    let ok = match schema["type"].as_str() {
+        None => true,
+        Some("object") => v.is_object(),
+        Some("array") => v.is_array(),
+        Some("string") => v.is_string(),
+        Some("integer") => v.is_u64() || v.is_i64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        Some(t) => panic!("schema type {t} at {at} not understood"),
+    };
+    if !ok {
+        errs.push(format!("{at}: {v} is not a {}", schema["type"]));
+        return;
+    }
+    if let Some(e) = schema["enum"].as_array() {
+        if !e.contains(v) {
+            errs.push(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    for r in schema["required"].as_array().into_iter().flatten() {
+        let k = r.as_str().unwrap();
+        if v.get(k).is_none() {
+            errs.push(format!("{at}: required '{k}' missing"));
+        }
+    }
+    if let (Some(props), Some(obj)) = (schema["properties"].as_object(), v.as_object()) {
+        for (k, s) in props {
+            if let Some(x) = obj.get(k) {
+                check_schema(doc, s, x, &format!("{at}.{k}"), errs);
+            }
+        }
+        for k in obj.keys() {
+            if !props.contains_key(k) {
+                errs.push(format!("{at}: '{k}' is not documented"));
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            check_schema(doc, items, x, &format!("{at}[{i}]"), errs);
+        }
+    }
+}
+
+/// Checks one live reply against the document: its status is documented for the operation,
+/// and its body matches that response's schema.
+fn check_reply(
+    doc: &Value,
+    method: &str,
+    endpoint: &str,
+    reply: (u16, String),
+    seen: &mut Vec<String>,
+) {
+    let (code, body) = reply;
+    let op = &doc["paths"][format!("/{endpoint}")][method.to_lowercase()];
+    if !op.is_object() {
+        // An undocumented method: a 405 with the documented Error body.
+        assert_eq!(
+            code, 405,
+            "{method} {endpoint} is not documented yet answered: {body}"
+        );
+        let mut errs = Vec::new();
+        let error = serde_json::json!({ "$ref": "#/components/schemas/Error" });
+        check_schema(doc, &error, &json(&body), endpoint, &mut errs);
+        assert!(errs.is_empty(), "405 body vs Error: {errs:#?}\n{body}");
+        return;
+    }
+    let resp = &op["responses"][code.to_string()];
+    assert!(
+        resp.is_object(),
+        "{method} {endpoint} answered {code}, which docs/openapi.json does not list: {body}"
+    );
+    let schema = &resp["content"]["application/json"]["schema"];
+    if schema.is_object() {
+        let mut errs = Vec::new();
+        check_schema(doc, schema, &json(&body), endpoint, &mut errs);
+        assert!(
+            errs.is_empty(),
+            "{method} {endpoint} ({code}) vs docs/openapi.json: {errs:#?}\n{body}"
+        );
+    } else {
+        assert!(
+            body.is_empty(),
+            "{method} {endpoint} ({code}) has an undocumented body: {body}"
+        );
+    }
+    seen.push(format!("{method} {endpoint}"));
+}
+
+#[test]
+fn openapi_document_matches_live_replies() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let doc = json(&std::fs::read_to_string(&path).expect("docs/openapi.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, sock, _) = start_vm(dir.path());
+    let mut seen = Vec::new();
+    for (method, endpoint, body) in [
+        ("GET", "vmm.ping", None),
+        ("GET", "vm.info", None),
+        ("GET", "vm.migration", None),
+        ("PUT", "vm.pause", None),
+        ("GET", "vm.info", None),
+        ("PUT", "vm.resume", None),
+        ("PUT", "vm.resume", Some("[1]")),
+        ("PUT", "vm.migration-cancel", None),
+        (
+            "PUT",
+            "vm.migration-retarget",
+            Some(r#"{"destination_url":"127.0.0.1:9"}"#),
+        ),
+        ("PUT", "vm.migration-retarget", Some("{}")),
+        (
+            "PUT",
+            "vm.send-migration",
+            Some(r#"{"destination_url":"127.0.0.1:9","mode":"precopy","max_rounds":0}"#),
+        ),
+        ("GET", "vm.pause", None),
+        ("PUT", "vm.shutdown", None),
+    ] {
+        let reply = curl(&sock, method, endpoint, body);
+        check_reply(&doc, method, endpoint, reply, &mut seen);
+    }
+    // Every documented operation was exercised.
+    for (p, ops) in doc["paths"].as_object().unwrap() {
+        for m in ops.as_object().unwrap().keys() {
+            let op = format!("{} {}", m.to_uppercase(), p.trim_start_matches('/'));
+            assert!(
+                seen.contains(&op),
+                "{op} is documented but not checked here"
+            );
+        }
+    }
+    let status = vm.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", vm.describe());
+}
