@@ -3,7 +3,8 @@
 #
 #   bash ci/demo.sh
 #
-# Installs what is missing, builds the guest images and the VMM (release), then boots the workload
+# Installs what is missing, builds the guest images, the VMM and the harness (release), puts `vmm`
+# and `harness` on PATH (symlinks in $DEMO_BINDIR, default /usr/local/bin), then boots the workload
 # guest in a VM whose RAM is on 2 MiB hugetlb pages (1 GiB, 2 vCPUs). The huge pages are reserved
 # for the VM's lifetime with ci/hugepages.sh and given back afterwards. Exits with the VM's status.
 #
@@ -13,6 +14,7 @@
 #   DEMO_BACKING [hugetlb-2m]   anon | shmem | hugetlb-2m | hugetlb-1g | guest-memfd
 #   DEMO_CMDLINE [passes=2]     the workload guest's command line
 #   DEMO_TIMEOUT [900]          seconds before the VM is stopped (exit status 124)
+#   DEMO_BINDIR [/usr/local/bin] where the vmm and harness symlinks go (empty: none)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -58,10 +60,19 @@ bash guest-images/build-all.sh
 kernel=guest-images/out/workload.elf
 [ -f "$kernel" ] || die "$kernel was not built (guest-images/build-workload.sh)"
 
-log "step 3/4: the VMM (cargo build --release)"
-cargo build --release -p vmm --bin vmm
+log "step 3/4: the VMM and the harness (cargo build --release)"
+cargo build --release -p vmm --bin vmm -p harness --bin harness
 vmm=target/release/vmm
 [ -x "$vmm" ] || die "$vmm was not built"
+[ -x target/release/harness ] || die "target/release/harness was not built"
+bindir=${DEMO_BINDIR-/usr/local/bin}
+if [ -n "$bindir" ]; then
+    mkdir -p "$bindir"
+    for b in vmm harness; do
+        ln -sf "$root/target/release/$b" "$bindir/$b"
+    done
+    log "vmm and harness are on PATH: $bindir/vmm, $bindir/harness (symlinks into target/release)"
+fi
 
 log "platform:"
 "$vmm" probe || log "warning: 'vmm probe' failed (status $?); going on"

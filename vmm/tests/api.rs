@@ -382,3 +382,380 @@ fn openapi_document_matches_live_replies() {
     let status = vm.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", vm.describe());
 }
+
+/// `vm.migration` of `sock` every 100 ms on a thread of its own until `stop` is set: every
+/// reply, in order.
+fn poll_stats(
+    sock: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Value>> {
+    std::thread::spawn(move || {
+        let client = vmm::api::Client::new(&sock);
+        let mut seen = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok(v) = client.migration() {
+                seen.push(v);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    })
+}
+
+/// The counters of successive `vm.migration` replies never decrease.
+fn assert_monotonic(side: &str, seen: &[Value]) {
+    let counters = [
+        ("total-time", None),
+        ("ram", Some("transferred")),
+        ("ram", Some("duplicate")),
+        ("ram", Some("normal")),
+        ("ram", Some("dirty-sync-count")),
+        ("ram", Some("postcopy-requests")),
+        ("postcopy-blocktime", None),
+        ("collapses-done", None),
+    ];
+    for (k, sub) in counters {
+        let mut last = 0u64;
+        for v in seen {
+            let x = match sub {
+                Some(s) => &v[k][s],
+                None => &v[k],
+            };
+            let Some(x) = x.as_u64() else { continue };
+            assert!(
+                x >= last,
+                "{side}: {k}{} went from {last} to {x}: {seen:#?}",
+                sub.map(|s| format!(".{s}")).unwrap_or_default()
+            );
+            last = x;
+        }
+    }
+}
+
+fn statuses(seen: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in seen {
+        let s = v["status"].as_str().unwrap_or("?").to_string();
+        if out.last() != Some(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+fn send(mode: &str, port: u16) -> vmm::api::model::SendMigration {
+    vmm::api::model::SendMigration {
+        destination_url: format!("127.0.0.1:{port}"),
+        mode: mode.into(),
+        ..Default::default()
+    }
+}
+
+/// Starts `vmm receive` for one hop with an API socket and an event file in `dir`.
+fn start_hop(dir: &Path, name: &str, backing: &str, port: u16) -> (Proc, PathBuf, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let events = dir.join(format!("{name}.events"));
+    let ev = format!("path={}", events.display());
+    let p = start_receive(
+        name,
+        backing,
+        "4k",
+        port,
+        &[
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--event-monitor",
+            &ev,
+        ],
+    );
+    (p, sock, events)
+}
+
+/// Waits until the VM behind `sock` runs with every page arrived.
+fn wait_arrived(p: &mut Proc, sock: &Path) {
+    let client = vmm::api::Client::new(sock);
+    let start = std::time::Instant::now();
+    loop {
+        let done = client
+            .migration()
+            .map(|m| m["status"] == "completed")
+            .unwrap_or(false);
+        let running = client
+            .info()
+            .map(|i| i.state == vmm::api::model::VmState::Running)
+            .unwrap_or(false);
+        if done && running {
+            return;
+        }
+        assert!(
+            p.try_wait().is_none(),
+            "{} exited before every page arrived\n{}",
+            p.describe(),
+            p.describe()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no completed incoming migration\n{}",
+            p.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn clean(out: &str) -> bool {
+    !out.contains("WORKLOAD MISMATCH") && !out.contains("WORKLOAD EXCEPTION")
+}
+
+fn event_names(path: &Path) -> Vec<String> {
+    events(path)
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["source"].as_str().unwrap_or("?"),
+                e["event"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// A → B (postcopy onto hugetlb-2m) → C (hybrid onto shmem) → D (postcopy onto hugetlb-1g at
+/// 4 KiB): every received VM is a full VM that migrates on; the workload verifies its memory on
+/// each; statistics polled every 100 ms during the first hop; D is shut down through the API.
+#[test]
+fn a_received_vm_migrates_on_a_to_b_to_c_to_d() {
+    // B holds 512 pages of 2 MiB until it migrated on; D one page of 1 GiB.
+    let _pools = reserve_hugepages_of(&[(2 << 20, 512), (1 << 30, 1)])
+        .unwrap_or_else(|e| panic!("huge pages for hops B and D: {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock_a = dir.path().join("a.sock");
+    let events_a = dir.path().join("a.events");
+    let mut args = workload_source_args("anon", "1G", 2, 0, &sock_a);
+    args.extend([
+        "--event-monitor".into(),
+        format!("path={}", events_a.display()),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Proc::vmm("A", &args);
+    a.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
+        out.contains("WORKLOAD pass ")
+    });
+    a.wait_for("API socket", BOOT_LIMIT, |_, _| sock_a.exists());
+
+    // A → B, postcopy onto hugetlb-2m, both sides' statistics polled every 100 ms.
+    let port_b = free_port();
+    let (mut b, sock_b, events_b) = start_hop(dir.path(), "B", "hugetlb-2m", port_b);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poll_a = poll_stats(sock_a.clone(), stop.clone());
+    let poll_b = poll_stats(sock_b.clone(), stop.clone());
+    let summary = vmm::api::Client::new(&sock_a)
+        .send_migration(&send("postcopy", port_b))
+        .unwrap_or_else(|e| panic!("A → B: {e}\n{}\n{}", a.describe(), b.describe()));
+    assert_eq!(
+        a.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        a.describe()
+    );
+    wait_arrived(&mut b, &sock_b);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (seen_a, seen_b) = (poll_a.join().unwrap(), poll_b.join().unwrap());
+    assert!(summary["blackout_ms"].as_f64().is_some(), "{summary}");
+    assert_monotonic("A", &seen_a);
+    assert_monotonic("B", &seen_b);
+    let st_b = statuses(&seen_b);
+    assert!(
+        st_b.contains(&"postcopy-active".to_string())
+            && st_b.last().map(String::as_str) == Some("completed"),
+        "B's statuses {st_b:?}"
+    );
+    let last_b = seen_b.last().unwrap();
+    assert!(
+        last_b["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
+        "{last_b:#}"
+    );
+    let vcpu_block = last_b["postcopy-vcpu-blocktime"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        vcpu_block.len(),
+        2,
+        "per-vCPU blocktime of 2 vCPUs: {last_b:#}"
+    );
+    assert!(
+        vcpu_block
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(0))
+            .sum::<u64>()
+            > 0,
+        "{last_b:#}"
+    );
+    assert!(
+        last_b["postcopy-latency-dist"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty()),
+        "{last_b:#}"
+    );
+    assert!(
+        statuses(&seen_a).contains(&"postcopy-active".to_string()),
+        "{:?}",
+        statuses(&seen_a)
+    );
+    // The event sequence of that migration, on both sides.
+    let ev_a = event_names(&events_a);
+    assert_eq!(
+        ev_a.first().map(String::as_str),
+        Some("vm/booted"),
+        "{ev_a:?}"
+    );
+    let pos = |evs: &[String], e: &str| evs.iter().position(|x| x == e);
+    for seq in [
+        ["migration/started", "migration/postcopy-active"],
+        ["migration/postcopy-active", "migration/completed"],
+    ] {
+        let (x, y) = (pos(&ev_a, seq[0]), pos(&ev_a, seq[1]));
+        assert!(x.is_some() && y.is_some() && x < y, "A's events {ev_a:?}");
+    }
+    assert_eq!(
+        ev_a.last().map(String::as_str),
+        Some("vm/shutdown"),
+        "{ev_a:?}"
+    );
+    let ev_b = event_names(&events_b);
+    for e in [
+        "migration/started",
+        "migration/postcopy-active",
+        "migration/completed",
+    ] {
+        assert!(
+            ev_b.contains(&e.to_string()),
+            "B's events lack {e}: {ev_b:?}"
+        );
+    }
+    assert!(clean(&b.stdout()), "{}", b.describe());
+    wait_passes(&mut b, 2);
+
+    // B → C, hybrid onto shmem.
+    let port_c = free_port();
+    let (mut c, sock_c, _) = start_hop(dir.path(), "C", "shmem", port_c);
+    vmm::api::Client::new(&sock_b)
+        .send_migration(&send("hybrid", port_c))
+        .unwrap_or_else(|e| panic!("B → C: {e}\n{}\n{}", b.describe(), c.describe()));
+    assert_eq!(
+        b.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        b.describe()
+    );
+    wait_arrived(&mut c, &sock_c);
+    wait_passes(&mut c, 2);
+    assert!(clean(&c.stdout()), "{}", c.describe());
+
+    // C → D, postcopy onto hugetlb-1g at 4 KiB.
+    let port_d = free_port();
+    let (mut d, sock_d, events_d) = start_hop(dir.path(), "D", "hugetlb-1g", port_d);
+    vmm::api::Client::new(&sock_c)
+        .send_migration(&send("postcopy", port_d))
+        .unwrap_or_else(|e| panic!("C → D: {e}\n{}\n{}", c.describe(), d.describe()));
+    assert_eq!(
+        c.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        c.describe()
+    );
+    wait_arrived(&mut d, &sock_d);
+    wait_passes(&mut d, 2);
+    assert!(clean(&d.stdout()), "{}", d.describe());
+    let info = vmm::api::Client::new(&sock_d).info().unwrap();
+    let cfg = info.config.expect("D's config");
+    assert_eq!(
+        (cfg.backing.as_str(), cfg.origin.as_str(), cfg.vcpus),
+        ("hugetlb-1g", "received", 2)
+    );
+
+    // D is shut down through the API.
+    vmm::api::Client::new(&sock_d).shutdown().unwrap();
+    assert_eq!(
+        d.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        d.describe()
+    );
+    assert_eq!(
+        event_names(&events_d).last().map(String::as_str),
+        Some("vm/shutdown")
+    );
+}
+
+/// A cancel during precopy: the VM runs on at the source, the migration says cancelled, the
+/// destination gives up; a cancel with no migration is refused.
+#[test]
+fn cancel_in_precopy_leaves_the_vm_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, sock, event_file) = start_vm(dir.path());
+    let port = free_port();
+    let mut dst = start_receive("dst", "anon", "4k", port, &[]);
+    // A slow precopy (8 MiB/s over 256 MiB) that is surely still running when cancelled.
+    let mut req = send("precopy", port);
+    req.tunables.max_bandwidth = Some(8 << 20);
+    let migrating = {
+        let sock = sock.clone();
+        std::thread::spawn(move || vmm::api::Client::new(&sock).send_migration(&req))
+    };
+    let client = vmm::api::Client::new(&sock);
+    let start = std::time::Instant::now();
+    while client
+        .migration()
+        .map(|m| m["status"] != "active")
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "precopy never became active"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, body) = curl(&sock, "PUT", "vm.migration-cancel", None);
+    assert_eq!(code, 204, "{body}");
+    let r = migrating.join().unwrap();
+    let err = r
+        .expect_err("a cancelled migration reported success")
+        .to_string();
+    assert!(err.contains("cancel"), "{err}");
+    let m = client.migration().unwrap();
+    assert_eq!(m["status"], "cancelled", "{m:#}");
+    // The bandwidth cap held: at most the cap over the elapsed time plus one burst.
+    let sent = m["ram"]["transferred"].as_f64().unwrap_or(0.0);
+    let secs = m["total-time"].as_f64().unwrap_or(0.0) / 1e3;
+    assert!(
+        sent <= (8u64 << 20) as f64 * secs * 1.3 + 4e6,
+        "{sent} bytes in {secs} s"
+    );
+    assert_eq!(
+        client.info().unwrap().state,
+        vmm::api::model::VmState::Running
+    );
+    wait_passes(&mut src, 2);
+    assert!(clean(&src.stdout()));
+    let status = dst.wait(Duration::from_secs(30));
+    assert_ne!(status.code(), Some(0), "{}", dst.describe());
+    assert!(
+        !dst.stdout().contains("WORKLOAD"),
+        "the destination ran the guest"
+    );
+    assert_error(
+        curl(&sock, "PUT", "vm.migration-cancel", None),
+        409,
+        "no migration",
+    );
+    let ev = event_names(&event_file);
+    let (s, c) = (
+        ev.iter().position(|e| e == "migration/started"),
+        ev.iter().position(|e| e == "migration/cancelled"),
+    );
+    assert!(s.is_some() && c.is_some() && s < c, "{ev:?}");
+    src.kill();
+}

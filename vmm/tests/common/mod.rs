@@ -114,6 +114,27 @@ pub fn reserve_hugepages(page_size: u64, pages: u64) -> Result<Hugepages, String
     })
 }
 
+/// Huge pages of several sizes for one test, under one lock (the lock is not reentrant: two
+/// [`reserve_hugepages`] calls in one test would wait for each other).
+pub struct HugepagesOf {
+    _reservations: Vec<PoolReservation>,
+    _lock: HugepageLock,
+}
+
+/// Reserves `pages` free pages of each `(page_size, pages)`, or returns why not.
+pub fn reserve_hugepages_of(wants: &[(u64, u64)]) -> Result<HugepagesOf, String> {
+    let lock = lock_hugepages().map_err(|e| format!("huge page lock: {e}"))?;
+    let mut reservations = Vec::new();
+    for &(page_size, pages) in wants {
+        reservations
+            .push(PoolReservation::ensure_available(page_size, pages).map_err(|e| e.to_string())?);
+    }
+    Ok(HugepagesOf {
+        _reservations: reservations,
+        _lock: lock,
+    })
+}
+
 /// A process a test started: its output is collected in the background (so it never blocks on
 /// a full pipe) and it is killed, by its PID, when dropped without having been waited for.
 pub struct Proc {
