@@ -35,8 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Launch a VM and run it until the guest exits (the process exits with the guest's exit code)
-    /// or SIGINT/SIGTERM arrives (exit code 128 + signal number).
+    /// Launch a VM and run it until the guest exits (the process exits with the guest's exit code),
+    /// SIGINT/SIGTERM arrives (exit code 128 + signal number), or it is shut down (exit code 0)
+    /// or migrated away through its API socket.
     Run(RunArgs),
     /// Print what this host offers the VMM: KVM flavour, userfaultfd features, huge page pools,
     /// guest_memfd flags, dirty ring.
