@@ -410,7 +410,7 @@ impl Phases {
 /// thread. The postcopy engine's figures join it on their own when the VMM's
 /// [`crate::destination::PostcopySink::live`] returns them (or through
 /// [`ReceiveMonitor::attach_engine`]).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ReceiveMonitor {
     phases: Mutex<Phases>,
     status: AtomicU8,
@@ -420,7 +420,16 @@ pub struct ReceiveMonitor {
     pub(crate) requests: AtomicU64,
     state_at: Mutex<Option<Instant>>,
     engine: Mutex<Option<Arc<EngineLive>>>,
+    urgent: Mutex<Option<Arc<crate::destination::UrgentClient>>>,
     events: Mutex<Option<Arc<dyn EventSink>>>,
+}
+
+impl std::fmt::Debug for ReceiveMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveMonitor")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReceiveMonitor {
@@ -453,7 +462,11 @@ impl ReceiveMonitor {
         let bytes = self.bytes.load(Ordering::Relaxed);
         let pages = self.pages.load(Ordering::Relaxed);
         let zero = self.zero_pages.load(Ordering::Relaxed);
-        let requests = self.requests.load(Ordering::Relaxed);
+        let requests = match lock(&self.urgent).as_ref() {
+            Some(u) => u.replies(),
+            None => self.requests.load(Ordering::Relaxed),
+        };
+        let bytes = bytes + requests * PAGE_SIZE;
         let mut info = lock(&self.phases).info(bytes, pages + zero + requests);
         info.ram.duplicate = zero;
         info.ram.normal = pages + requests;
@@ -490,6 +503,12 @@ impl ReceiveMonitor {
         }
         *lock(&self.state_at) = None;
         *lock(&self.engine) = None;
+        *lock(&self.urgent) = None;
+    }
+
+    /// The urgent client of this receive (its replies are the postcopy requests).
+    pub(crate) fn attach_urgent(&self, client: Arc<crate::destination::UrgentClient>) {
+        *lock(&self.urgent) = Some(client);
     }
 
     /// Ready went out: precopy (or postcopy's wait for the switchover) begins.
@@ -566,6 +585,10 @@ impl ReceiveMonitor {
             };
             p.finish(s, error.clone());
             self.set_status(&mut p, s);
+            if let Some(u) = lock(&self.urgent).take() {
+                // Keep the final count, drop the client.
+                self.requests.store(u.replies(), Ordering::Relaxed);
+            }
             (ms(p.elapsed()), p.downtime_ms)
         };
         self.emit(match error {
@@ -599,18 +622,24 @@ fn latency_bucket(ns: u64) -> usize {
     ((63 - us.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
 }
 
+/// The vCPU threads and their blocked state.
+#[derive(Debug, Default)]
+struct VcpuTable {
+    /// Thread id of each vCPU (index = vCPU index).
+    tids: Vec<i32>,
+    /// Per vCPU: 1 + ns since the epoch at which it blocked (0: not blocked).
+    since: Vec<AtomicU64>,
+    /// Per vCPU: blocked ns accumulated over resolved faults.
+    blocked_ns: Vec<AtomicU64>,
+}
+
 /// A postcopy engine's live figures, cheap to read from any thread
 /// ([`crate::postcopy::PostcopyEngine::live`]). The fault service updates them with a few
 /// relaxed atomics per fault.
 #[derive(Debug)]
 pub struct EngineLive {
     epoch: Instant,
-    /// Thread id of each vCPU (index = vCPU index).
-    tids: Mutex<Arc<Vec<i32>>>,
-    /// Per vCPU: 1 + ns since `epoch` at which it blocked (0: not blocked).
-    blocked_since: Mutex<Arc<Vec<AtomicU64>>>,
-    /// Per vCPU: blocked ns accumulated over resolved faults.
-    blocked_ns: Mutex<Arc<Vec<AtomicU64>>>,
+    vcpus: Mutex<Arc<VcpuTable>>,
     blocked_count: AtomicU64,
     all_since: AtomicU64,
     all_ns: AtomicU64,
@@ -632,9 +661,7 @@ impl Default for EngineLive {
     fn default() -> Self {
         EngineLive {
             epoch: Instant::now(),
-            tids: Mutex::default(),
-            blocked_since: Mutex::default(),
-            blocked_ns: Mutex::default(),
+            vcpus: Mutex::default(),
             blocked_count: AtomicU64::new(0),
             all_since: AtomicU64::new(0),
             all_ns: AtomicU64::new(0),
@@ -658,9 +685,11 @@ impl EngineLive {
     /// before the vCPUs run; setting it again resets the blocktime figures.
     pub fn set_vcpu_tids(&self, tids: Vec<i32>) {
         let n = tids.len();
-        *lock(&self.blocked_since) = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-        *lock(&self.blocked_ns) = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-        *lock(&self.tids) = Arc::new(tids);
+        *lock(&self.vcpus) = Arc::new(VcpuTable {
+            tids,
+            since: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            blocked_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        });
         self.blocked_count.store(0, Ordering::Relaxed);
         self.all_ns.store(0, Ordering::Relaxed);
     }
@@ -686,13 +715,24 @@ impl EngineLive {
         }
     }
 
-    /// The fault-service side: vCPU index of thread `tid`, if it is a vCPU's.
-    pub(crate) fn vcpu_of(&self, tid: i32) -> Option<usize> {
+    /// vCPU index of thread `tid`, if it is a vCPU's.
+    pub fn vcpu_of(&self, tid: i32) -> Option<usize> {
         if tid <= 0 {
             return None;
         }
-        let tids = lock(&self.tids).clone();
-        tids.iter().position(|&t| t == tid)
+        lock(&self.vcpus).tids.iter().position(|&t| t == tid)
+    }
+
+    /// A userfault of thread `tid` was read at `at`: if `tid` is a vCPU's, it is blocked from
+    /// then on; returns its index.
+    pub(crate) fn fault_read(&self, tid: i32, at: Instant) -> Option<usize> {
+        if tid <= 0 {
+            return None;
+        }
+        let table = lock(&self.vcpus).clone();
+        let vcpu = table.tids.iter().position(|&t| t == tid)?;
+        self.block(&table, vcpu, at);
+        Some(vcpu)
     }
 
     fn stamp(&self, at: Instant) -> u64 {
@@ -700,12 +740,19 @@ impl EngineLive {
     }
 
     /// vCPU `vcpu` blocked in a userfault read at `at`.
-    pub(crate) fn vcpu_blocked(&self, vcpu: usize, at: Instant) {
-        let since = lock(&self.blocked_since).clone();
-        let Some(slot) = since.get(vcpu) else { return };
+    #[cfg(test)]
+    fn vcpu_blocked(&self, vcpu: usize, at: Instant) {
+        let table = lock(&self.vcpus).clone();
+        self.block(&table, vcpu, at);
+    }
+
+    fn block(&self, table: &VcpuTable, vcpu: usize, at: Instant) {
+        let Some(slot) = table.since.get(vcpu) else {
+            return;
+        };
         let t = self.stamp(at);
         if slot.swap(t, Ordering::AcqRel) == 0 {
-            let n = since.len() as u64;
+            let n = table.since.len() as u64;
             if self.blocked_count.fetch_add(1, Ordering::AcqRel) + 1 == n {
                 self.all_since.store(t, Ordering::Release);
             }
@@ -714,17 +761,19 @@ impl EngineLive {
 
     /// vCPU `vcpu`'s fault was resolved (woken) at `at`.
     pub(crate) fn vcpu_woken(&self, vcpu: usize, at: Instant) {
-        let since = lock(&self.blocked_since).clone();
-        let Some(slot) = since.get(vcpu) else { return };
+        let table = lock(&self.vcpus).clone();
+        let Some(slot) = table.since.get(vcpu) else {
+            return;
+        };
         let s = slot.swap(0, Ordering::AcqRel);
         if s == 0 {
             return;
         }
         let t = self.stamp(at);
-        if let Some(acc) = lock(&self.blocked_ns).get(vcpu) {
+        if let Some(acc) = table.blocked_ns.get(vcpu) {
             acc.fetch_add(t.saturating_sub(s), Ordering::Relaxed);
         }
-        let n = since.len() as u64;
+        let n = table.since.len() as u64;
         if self.blocked_count.fetch_sub(1, Ordering::AcqRel) == n {
             let all = self.all_since.load(Ordering::Acquire);
             self.all_ns
@@ -741,7 +790,8 @@ impl EngineLive {
 
     /// Blocked ns of each vCPU (resolved faults).
     pub fn vcpu_blocked_ns(&self) -> Vec<u64> {
-        lock(&self.blocked_ns)
+        lock(&self.vcpus)
+            .blocked_ns
             .iter()
             .map(|a| a.load(Ordering::Relaxed))
             .collect()
@@ -819,6 +869,7 @@ impl TokenBucket {
     }
 
     /// The burst: bytes that may go out at once after a pause.
+    #[cfg(test)]
     pub fn burst(&self) -> u64 {
         self.burst as u64
     }
