@@ -194,6 +194,8 @@ impl Listener {
     ) -> Result<IncomingMigration, DestinationError> {
         monitor.accepting();
         let session = self.acceptor.accept()?;
+        // The clock starts with the source, not with the wait for one.
+        monitor.accepting();
         let mut main = session.main;
         let timeouts = *self.acceptor.timeouts();
         let config = match main.reader.read("waiting for Config") {

@@ -289,7 +289,11 @@ impl RateWindow {
             self.cur = Some((now, bytes, pages));
         }
         let (t, b, p) = self.prev.unwrap_or((since, 0, 0));
-        rates(now.saturating_duration_since(t), bytes - b.min(bytes), pages - p.min(pages))
+        rates(
+            now.saturating_duration_since(t),
+            bytes - b.min(bytes),
+            pages - p.min(pages),
+        )
     }
 }
 
@@ -816,7 +820,7 @@ impl EngineLive {
         }
         LatencyDist {
             count,
-            mean_us: if count == 0 { 0 } else { sum / count / 1000 },
+            mean_us: sum.checked_div(count).unwrap_or(0) / 1000,
             dist,
         }
     }

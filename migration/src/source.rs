@@ -879,7 +879,9 @@ fn run(
                     .is_finite()
                     .then(|| (estimate * 1000.0).round() as u64);
             }
-            control.remaining_pages.store(dirty_count, Ordering::Relaxed);
+            control
+                .remaining_pages
+                .store(dirty_count, Ordering::Relaxed);
             tracing::debug!(
                 round = rounds,
                 dirty_count,

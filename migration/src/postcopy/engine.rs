@@ -75,6 +75,9 @@ impl RegionState {
     }
 }
 
+/// A fault that joined one being served: when it was read, and its vCPU (if a vCPU's).
+pub(crate) type Joined = (Instant, Option<usize>);
+
 /// State shared by the engine's threads.
 pub(crate) struct Shared {
     pub regions: Vec<RegionState>,
@@ -85,9 +88,9 @@ pub(crate) struct Shared {
     pub memslots: Arc<dyn MemslotSwap>,
     pub stats: StatsCollector,
     /// Faults being served: (region, page) for 4 KiB modes, (region, huge index | HUGE_KEY) for
-    /// whole-page mode, with the read times of later faults on the same key: those are left to
+    /// whole-page mode, with the read times (and vCPUs) of later faults on the same key: those are left to
     /// the first one's CONTINUE / wake, which also records their latency.
-    pub inflight: Mutex<HashMap<(usize, u64), Vec<(Instant, Option<usize>)>>>,
+    pub inflight: Mutex<HashMap<(usize, u64), Vec<Joined>>>,
     /// Fault events read and not yet finished by a worker.
     pub faults_pending: AtomicU64,
     pub collapse_tx: Mutex<Option<mpsc::Sender<CollapseJob>>>,
@@ -624,15 +627,16 @@ impl PostcopyEngine {
         };
         // The faulting thread's id in every fault message (UFFD_FEATURE_THREAD_ID, Linux 4.14),
         // for per-vCPU blocktime; without it the engine works the same, the blocktime stays 0.
-        let uffd = match create(features | FeatureFlags::from_bits_retain(sys::UFFD_FEATURE_THREAD_ID)) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::info!(
-                    "userfaultfd without UFFD_FEATURE_THREAD_ID ({e}): no per-vCPU blocktime"
-                );
-                create(features).map_err(PostcopyError::Uffd)?
-            }
-        };
+        let uffd =
+            match create(features | FeatureFlags::from_bits_retain(sys::UFFD_FEATURE_THREAD_ID)) {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::info!(
+                        "userfaultfd without UFFD_FEATURE_THREAD_ID ({e}): no per-vCPU blocktime"
+                    );
+                    create(features).map_err(PostcopyError::Uffd)?
+                }
+            };
 
         let mut states = Vec::with_capacity(cfg.regions.len());
         let mut report = Vec::new();
