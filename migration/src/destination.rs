@@ -192,7 +192,7 @@ impl Listener {
         &self,
         monitor: Arc<ReceiveMonitor>,
     ) -> Result<IncomingMigration, DestinationError> {
-        monitor.accepting();
+        monitor.waiting();
         let session = self.acceptor.accept()?;
         // The clock starts with the source, not with the wait for one.
         monitor.accepting();

@@ -497,7 +497,13 @@ impl ReceiveMonitor {
         self.status.store(s.to_u8(), Ordering::Release);
     }
 
-    /// Accepting a source began (status setup).
+    /// Waiting for a source (status setup, the clock not running yet).
+    pub(crate) fn waiting(&self) {
+        self.accepting();
+        lock(&self.phases).started = None;
+    }
+
+    /// A source was accepted (status setup, the clock runs from now).
     pub(crate) fn accepting(&self) {
         let mut p = lock(&self.phases);
         p.begin(MigrationStatus::Setup);

@@ -130,7 +130,7 @@ impl MigrationControl {
         *lock(&self.phase) = phase;
         if let Some(p) = phase {
             let mut ph = lock(&self.phases);
-            // Terminal states are set by `finish` only; a paused pause is ended by recover().
+            // Terminal states are set by `finish` only; a pause is ended by recover().
             if !ph.status.is_terminal() && ph.paused_since.is_none() {
                 ph.status = p.status();
             }
@@ -767,6 +767,7 @@ fn run(
     let ram = GuestRam::new(&regions)?;
     let total = ram.layout.total_pages();
     control.phases().total_pages = total;
+    control.remaining_pages.store(total, Ordering::Relaxed);
     let memory_kind = regions.first().map(|r| r.kind).unwrap_or(MemoryKind::Anon);
     let report = |phase, round, dirty_pages| {
         progress(Progress {
