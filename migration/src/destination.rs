@@ -213,6 +213,7 @@ impl Listener {
                 return Err(e.into());
             }
         };
+        monitor.config_known(config.layout.total_pages());
         Ok(IncomingMigration {
             session_id: session.id,
             config,
@@ -247,6 +248,7 @@ impl IncomingMigration {
     /// now.
     pub fn set_monitor(&mut self, monitor: Arc<ReceiveMonitor>) {
         monitor.accepting();
+        monitor.config_known(self.config.layout.total_pages());
         self.monitor = monitor;
     }
 

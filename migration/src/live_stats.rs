@@ -521,6 +521,11 @@ impl ReceiveMonitor {
         *lock(&self.urgent) = Some(client);
     }
 
+    /// The source's Config arrived: guest RAM is `total_pages` pages.
+    pub(crate) fn config_known(&self, total_pages: u64) {
+        lock(&self.phases).total_pages = total_pages;
+    }
+
     /// Ready went out: precopy (or postcopy's wait for the switchover) begins.
     pub(crate) fn ready(&self, mode: Mode, total_pages: u64) {
         {
@@ -701,6 +706,7 @@ impl EngineLive {
             blocked_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
         });
         self.blocked_count.store(0, Ordering::Relaxed);
+        self.all_since.store(0, Ordering::Relaxed);
         self.all_ns.store(0, Ordering::Relaxed);
     }
 
@@ -785,9 +791,13 @@ impl EngineLive {
         }
         let n = table.since.len() as u64;
         if self.blocked_count.fetch_sub(1, Ordering::AcqRel) == n {
-            let all = self.all_since.load(Ordering::Acquire);
-            self.all_ns
-                .fetch_add(t.saturating_sub(all), Ordering::Relaxed);
+            // Taken (0: none), so a stretch whose start another thread has not stored yet
+            // counts nothing rather than reaching back to an older one.
+            let all = self.all_since.swap(0, Ordering::AcqRel);
+            if all != 0 {
+                self.all_ns
+                    .fetch_add(t.saturating_sub(all), Ordering::Relaxed);
+            }
         }
     }
 
