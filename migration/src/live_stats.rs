@@ -206,7 +206,9 @@ impl MigrationInfo {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum MigrationEvent {
+    /// `mode` as the CLI spells it: "precopy", "postcopy", "hybrid".
     Started {
+        #[serde(serialize_with = "mode_name")]
         mode: Mode,
     },
     PostcopyActive,
@@ -232,6 +234,14 @@ pub enum MigrationEvent {
         error: String,
     },
     Cancelled,
+}
+
+fn mode_name<S: serde::Serializer>(mode: &Mode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match mode {
+        Mode::Precopy => "precopy",
+        Mode::Postcopy => "postcopy",
+        Mode::Hybrid => "hybrid",
+    })
 }
 
 /// Where events go. `emit` must be cheap and must not block (e.g. push to a channel that a
@@ -973,6 +983,14 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(e["event"], "postcopy-paused");
         assert_eq!(e["reason"], "x");
+        let e = serde_json::to_value(MigrationEvent::Started {
+            mode: Mode::Postcopy,
+        })
+        .unwrap_or_default();
+        assert_eq!(
+            e,
+            serde_json::json!({"event": "started", "mode": "postcopy"})
+        );
     }
 
     #[test]
