@@ -54,6 +54,12 @@ impl Drop for Secret {
     }
 }
 
+impl Clone for Secret {
+    fn clone(&self) -> Self {
+        Secret(self.0.clone())
+    }
+}
+
 impl Secret {
     /// A secret from raw bytes (at least [`MIN_SECRET_LEN`]).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, AuthError> {

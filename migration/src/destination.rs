@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::auth::Secret;
+use crate::live_stats::{EngineLive, ReceiveMonitor};
 use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
@@ -74,6 +75,11 @@ pub trait PostcopySink: Send + Sync {
     }
     /// Every page has been sent: finish (e.g. the last collapses) and report.
     fn finished(&self) -> Result<PostcopyOutcome, String>;
+    /// The engine's live figures ([`crate::postcopy::PostcopyEngine::live`]), which the
+    /// receive's [`ReceiveMonitor`] then includes; None (the default): none.
+    fn live(&self) -> Option<Arc<EngineLive>> {
+        None
+    }
 }
 
 /// Why receiving a migration failed.
@@ -177,7 +183,19 @@ impl Listener {
     /// Wait for a source; authenticate both channels and read and validate its Config.
     /// An error concerns that one connection attempt; the listener stays usable.
     pub fn accept(&self) -> Result<IncomingMigration, DestinationError> {
+        self.accept_with(Arc::default())
+    }
+
+    /// [`Listener::accept`], publishing the receive's live statistics and events on `monitor`
+    /// (status setup from now on).
+    pub fn accept_with(
+        &self,
+        monitor: Arc<ReceiveMonitor>,
+    ) -> Result<IncomingMigration, DestinationError> {
+        monitor.waiting();
         let session = self.acceptor.accept()?;
+        // The clock starts with the source, not with the wait for one.
+        monitor.accepting();
         let mut main = session.main;
         let timeouts = *self.acceptor.timeouts();
         let config = match main.reader.read("waiting for Config") {
@@ -195,6 +213,7 @@ impl Listener {
                 return Err(e.into());
             }
         };
+        monitor.config_known(config.layout.total_pages());
         Ok(IncomingMigration {
             session_id: session.id,
             config,
@@ -202,6 +221,7 @@ impl Listener {
             urgent: session.urgent,
             timeouts,
             acceptor: Arc::clone(&self.acceptor),
+            monitor,
         })
     }
 }
@@ -215,9 +235,23 @@ pub struct IncomingMigration {
     timeouts: Timeouts,
     /// Where a recovering source reconnects.
     acceptor: Arc<Acceptor>,
+    monitor: Arc<ReceiveMonitor>,
 }
 
 impl IncomingMigration {
+    /// The receive's live statistics and events.
+    pub fn monitor(&self) -> &Arc<ReceiveMonitor> {
+        &self.monitor
+    }
+
+    /// Publish on `monitor` instead (before [`IncomingMigration::receive`]); its clock starts
+    /// now.
+    pub fn set_monitor(&mut self, monitor: Arc<ReceiveMonitor>) {
+        monitor.accepting();
+        monitor.config_known(self.config.layout.total_pages());
+        self.monitor = monitor;
+    }
+
     /// What the source announced (build guest memory from `config().layout`).
     pub fn config(&self) -> &MigrationConfig {
         &self.config
@@ -252,8 +286,10 @@ impl IncomingMigration {
             urgent,
             timeouts,
             acceptor,
+            monitor,
         } = self;
         let mut rx = Receiver {
+            monitor: monitor.clone(),
             config: &config,
             timeouts,
             session_id,
@@ -285,6 +321,11 @@ impl IncomingMigration {
         if let Some(u) = urgent {
             u.shutdown();
         }
+        monitor.bytes.store(
+            rx.bytes_before + main.reader.bytes_read(),
+            Ordering::Relaxed,
+        );
+        monitor.finished(result.as_ref().err().map(|e| e.to_string()));
         match result {
             Ok(()) => Ok(ReceiveSummary {
                 mode: config.mode,
@@ -346,6 +387,7 @@ enum Flow {
 }
 
 struct Receiver<'a> {
+    monitor: Arc<ReceiveMonitor>,
     config: &'a MigrationConfig,
     timeouts: Timeouts,
     session_id: u64,
@@ -385,6 +427,8 @@ impl Receiver<'_> {
         urgent: &mut Option<LiveChannel>,
     ) -> Result<(), DestinationError> {
         main.send(&Message::Ready, "sending Ready")?;
+        self.monitor
+            .ready(self.config.mode, self.layout().total_pages());
         loop {
             match self.step(vm, main, urgent) {
                 Ok(Flow::Continue) => {}
@@ -437,6 +481,10 @@ impl Receiver<'_> {
         main: &mut LiveChannel,
         urgent: &mut Option<LiveChannel>,
     ) -> Result<Flow, DestinationError> {
+        self.monitor.bytes.store(
+            self.bytes_before + main.reader.bytes_read(),
+            Ordering::Relaxed,
+        );
         let msg = match main.reader.read("receiving the migration stream") {
             Ok(m) => m,
             Err(WireError::Closed { .. }) if self.done_sent => return Ok(Flow::Finished),
@@ -462,6 +510,7 @@ impl Receiver<'_> {
                     self.have.insert(i);
                 }
                 self.stats.bulk_pages += count;
+                self.monitor.pages.fetch_add(count, Ordering::Relaxed);
             }
             Message::ZeroPages { gpa, count } => {
                 let count = count as u64;
@@ -483,12 +532,14 @@ impl Receiver<'_> {
             }
             Message::RoundEnd { round, pages } => {
                 tracing::debug!(round, pages, "precopy round received");
+                self.monitor.round_received();
             }
             Message::State(blob) => {
                 if self.state.is_some() {
                     return Err(protocol("State sent twice"));
                 }
                 self.state = Some(blob.to_vec());
+                self.monitor.state_received();
             }
             Message::Complete { pages } => {
                 if pages != self.layout().total_pages() {
@@ -572,6 +623,7 @@ impl Receiver<'_> {
             self.have.insert(i);
         }
         self.stats.zero_pages += count;
+        self.monitor.zero_pages.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 
@@ -613,6 +665,7 @@ impl Receiver<'_> {
         if let Some(pc) = &self.postcopy {
             pc.client.detach(&format!("the link failed: {why}"));
         }
+        self.monitor.paused(why.to_string());
         tracing::warn!(
             "postcopy-paused: the link to the source failed ({why}); {}; waiting up to {} s for the source to reconnect",
             if self.started {
@@ -659,6 +712,7 @@ impl Receiver<'_> {
         );
         self.recoveries += 1;
         self.paused += since.elapsed();
+        self.monitor.recovered(self.postcopy.is_some());
         tracing::warn!(
             "postcopy resumed after {} ms (recovery #{})",
             since.elapsed().as_millis(),
@@ -737,6 +791,7 @@ impl Receiver<'_> {
             .map_err(vm_err("loading device and vCPU state"))?;
         vm.start().map_err(vm_err("starting the vCPUs"))?;
         self.started = true;
+        self.monitor.vm_started(false);
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
         main.send(&Message::Started, "sending Started")?;
         self.stats.pages_received = self.have.count();
@@ -763,6 +818,7 @@ impl Receiver<'_> {
         client
             .attach(channel, main.stream_handle().ok())
             .map_err(DestinationError::Thread)?;
+        self.monitor.attach_urgent(client.clone());
         let fetcher: Arc<dyn PageFetcher> = client.clone();
         let sink = match vm.begin_postcopy(fetcher, &self.have) {
             Ok(s) => s,
@@ -774,6 +830,9 @@ impl Receiver<'_> {
                 });
             }
         };
+        if let Some(live) = sink.live() {
+            self.monitor.attach_engine(live);
+        }
         self.postcopy = Some(Postcopy {
             sink,
             client,
@@ -783,6 +842,7 @@ impl Receiver<'_> {
             .map_err(vm_err("loading device and vCPU state"))?;
         vm.start().map_err(vm_err("starting the vCPUs"))?;
         self.started = true;
+        self.monitor.vm_started(true);
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
         main.send(&Message::Started, "sending Started")?;
         Ok(())

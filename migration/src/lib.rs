@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod destination;
+pub mod live_stats;
 pub mod liveness;
 pub mod postcopy;
 pub mod relay;
@@ -16,7 +17,10 @@ pub mod wire;
 
 pub use auth::Secret;
 pub use destination::{listen, DestinationVm, IncomingMigration, Listener, PostcopySink};
-pub use source::{migrate, MigrateOptions, Progress, SourceVm};
+pub use live_stats::{
+    EventSink, MigrationEvent, MigrationInfo, MigrationStatus, RamInfo, ReceiveMonitor,
+};
+pub use source::{migrate, CancelError, MigrateOptions, MigrationControl, Progress, SourceVm};
 pub use stats::{MigrationSummary, ReceiveSummary};
 pub use transport::Timeouts;
 pub use types::{

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -12,6 +12,9 @@ mod holes;
 use holes::RegionHoles;
 
 use crate::auth::Secret;
+use crate::live_stats::{
+    self, EventSink, MigrationEvent, MigrationInfo, MigrationStatus, Phases, TokenBucket,
+};
 use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::thread_priority::{self, ThreadRole};
@@ -57,7 +60,7 @@ pub struct MigrateOptions {
     pub allow_plaintext: bool,
     pub timeouts: Timeouts,
     /// Precopy stops iterating once the remaining dirty pages would take this long to send at
-    /// the measured bandwidth.
+    /// the measured bandwidth (QEMU's `downtime-limit`).
     pub downtime_target: Duration,
     /// Most precopy rounds (the full pass included) before stopping anyway.
     pub max_rounds: u32,
@@ -65,39 +68,150 @@ pub struct MigrateOptions {
     pub hybrid_rounds: u32,
     /// Announce all-zero pages as zero runs instead of sending their bytes.
     pub zero_runs: bool,
-    /// Shared with whoever controls the migration (the VMM's API): where to reconnect after a
-    /// link failure, and what phase the migration is in.
+    /// Cap of the precopy rounds (precopy, and hybrid's rounds), bytes per second (QEMU's
+    /// `max-bandwidth`); None: unlimited. The stop-and-copy inside the blackout is not capped.
+    pub precopy_bandwidth: Option<u64>,
+    /// Cap of the postcopy background push, bytes per second (QEMU's
+    /// `max-postcopy-bandwidth`); the urgent channel's page replies are never capped.
+    pub postcopy_bandwidth: Option<u64>,
+    /// Bound of connecting, precopy and the switchover up to the point of no return: past it
+    /// the migration fails with [`SourceError::Timeout`] and the VM runs on here, as after a
+    /// cancel. Once the destination may run the VM nothing is abandoned: postcopy and recovery
+    /// keep their own bounds (`timeouts.setup`, `timeouts.recover`).
+    pub timeout: Option<Duration>,
+    /// Where migration events go.
+    pub events: Option<Arc<dyn EventSink>>,
+    /// Shared with whoever controls the migration (the VMM's API): live statistics, cancel,
+    /// where to reconnect after a link failure, and what phase the migration is in.
     pub control: Arc<MigrationControl>,
 }
 
-/// A running migration's handle for its controller: reads the phase, points recovery at a new
-/// address.
+/// Why [`MigrationControl::cancel`] refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum CancelError {
+    #[error("no migration is running")]
+    NotRunning,
+    #[error("the migration is past the switchover: the destination runs the VM (or may), so the source cannot take it back; it completes or fails there")]
+    PastSwitchover,
+}
+
+/// A running migration's handle for its controller: live statistics, cancel, the phase, and
+/// where recovery reconnects. One per migration (a new `migrate` resets it).
 #[derive(Debug, Default)]
 pub struct MigrationControl {
     target: Mutex<Option<SocketAddr>>,
     phase: Mutex<Option<Phase>>,
+    counters: SourceCounters,
+    phases: Mutex<Phases>,
+    /// Pages of the current round not sent yet, or (postcopy) not held by the destination.
+    remaining_pages: AtomicU64,
+    /// Cancel asked (checked by the send loop; set only before the point of no return).
+    cancel: AtomicBool,
 }
 
 impl MigrationControl {
     /// Reconnect to `addr` (from the next recovery attempt on) instead of the address the
     /// migration started with, e.g. over a different network path.
     pub fn retarget(&self, addr: SocketAddr) {
-        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        *lock(&self.target) = Some(addr);
     }
 
     /// Where recovery reconnects, if retargeted.
     pub fn target(&self) -> Option<SocketAddr> {
-        *self.target.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.target)
     }
 
     /// The phase the migration is in (None: not started or over).
     pub fn phase(&self) -> Option<Phase> {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.phase)
     }
 
     fn set_phase(&self, phase: Option<Phase>) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        *lock(&self.phase) = phase;
+        if let Some(p) = phase {
+            let mut ph = lock(&self.phases);
+            // Terminal states are set by `finish` only; a pause is ended by recover().
+            if !ph.status.is_terminal() && ph.paused_since.is_none() {
+                ph.status = p.status();
+            }
+        }
     }
+
+    /// The live statistics (also after the end: the final figures and the outcome).
+    pub fn info(&self) -> MigrationInfo {
+        let c = &self.counters;
+        let bytes = SourceCounters::get(&c.bytes_sent);
+        let normal = SourceCounters::get(&c.pages_sent);
+        let zero = SourceCounters::get(&c.zero_pages);
+        let mut info = lock(&self.phases).info(bytes, normal + zero);
+        info.ram.duplicate = zero;
+        info.ram.normal = normal;
+        info.ram.normal_bytes = normal * PAGE_SIZE;
+        info.ram.postcopy_requests = SourceCounters::get(&c.faults_served);
+        info.ram.remaining = if info.status == MigrationStatus::Completed {
+            0
+        } else {
+            self.remaining_pages.load(Ordering::Relaxed) * PAGE_SIZE
+        };
+        info
+    }
+
+    /// Cancel the migration. Before the switchover's point of no return `migrate` then returns
+    /// [`SourceError::Cancelled`] within a few milliseconds (one page batch of the send loop,
+    /// a connect or Ready wait's poll tick), tells the destination with an Error frame if the
+    /// channel is up, and leaves the VM running here. After it the destination runs the VM
+    /// (or may), and cancel is refused.
+    pub fn cancel(&self) -> Result<(), CancelError> {
+        let p = lock(&self.phases);
+        if p.status == MigrationStatus::None || p.status.is_terminal() {
+            return Err(CancelError::NotRunning);
+        }
+        if p.committed {
+            return Err(CancelError::PastSwitchover);
+        }
+        self.cancel.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn begin(&self, total_pages: u64) {
+        let mut p = lock(&self.phases);
+        p.begin(MigrationStatus::Setup);
+        p.total_pages = total_pages;
+        drop(p);
+        self.counters.reset();
+        self.cancel.store(false, Ordering::Release);
+        self.remaining_pages.store(total_pages, Ordering::Relaxed);
+    }
+
+    /// The switchover passes its point of no return: from now on cancel is refused. Fails if a
+    /// cancel came first.
+    fn commit(&self, deadline: Option<Instant>) -> Result<(), SourceError> {
+        let mut p = lock(&self.phases);
+        check_abort(self, deadline)?;
+        p.committed = true;
+        Ok(())
+    }
+
+    fn phases(&self) -> MutexGuard<'_, Phases> {
+        lock(&self.phases)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A cancel or the overall timeout: the error to abort with.
+fn check_abort(control: &MigrationControl, deadline: Option<Instant>) -> Result<(), SourceError> {
+    if control.cancel.load(Ordering::Acquire) {
+        return Err(SourceError::Cancelled);
+    }
+    if let Some(d) = deadline {
+        if Instant::now() >= d {
+            return Err(SourceError::Timeout);
+        }
+    }
+    Ok(())
 }
 
 impl MigrateOptions {
@@ -109,7 +223,12 @@ impl MigrateOptions {
         }
     }
 
-    /// Defaults: no secret, default timeouts, 10 ms downtime target, 30 rounds, hybrid 3 rounds.
+    fn emit(&self, e: MigrationEvent) {
+        live_stats::emit(&self.events, e);
+    }
+
+    /// Defaults: no secret, default timeouts, 10 ms downtime target, 30 rounds, hybrid 3
+    /// rounds, no bandwidth caps, no overall timeout, no events.
     pub fn new(mode: Mode) -> Self {
         MigrateOptions {
             mode,
@@ -121,6 +240,10 @@ impl MigrateOptions {
             max_rounds: 30,
             hybrid_rounds: 3,
             zero_runs: true,
+            precopy_bandwidth: None,
+            postcopy_bandwidth: None,
+            timeout: None,
+            events: None,
             control: Arc::default(),
         }
     }
@@ -141,16 +264,21 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The phase's name as the API and the CLI show it (QEMU's names where they exist).
-    pub fn name(self) -> &'static str {
+    /// The status this phase shows (QEMU's names; the one mapping of phases to statuses).
+    pub fn status(self) -> MigrationStatus {
         match self {
-            Phase::Connecting => "setup",
-            Phase::Precopy => "active",
-            Phase::Switchover => "device",
-            Phase::Postcopy => "postcopy-active",
-            Phase::PostcopyPaused => "postcopy-paused",
-            Phase::Done => "completed",
+            Phase::Connecting => MigrationStatus::Setup,
+            Phase::Precopy => MigrationStatus::Active,
+            Phase::Switchover => MigrationStatus::Device,
+            Phase::Postcopy => MigrationStatus::PostcopyActive,
+            Phase::PostcopyPaused => MigrationStatus::PostcopyPaused,
+            Phase::Done => MigrationStatus::Completed,
         }
+    }
+
+    /// The phase's name as the API and the CLI show it (its [`Phase::status`]'s name).
+    pub fn name(self) -> &'static str {
+        self.status().name()
     }
 }
 
@@ -207,6 +335,12 @@ pub enum SourceError {
     /// whether it started the VM: the source VM stays paused.
     #[error("the switchover outcome is unknown: the destination may or may not run the VM, and could not be asked ({0}); the VM stays paused here: resume it with the API request {{\"cmd\":\"resume\",\"force\":true}} only if the destination surely does not run it")]
     OutcomeUnknown(Box<SourceError>),
+    /// [`MigrationControl::cancel`] before the switchover: the VM runs on here.
+    #[error("the migration was cancelled; the VM runs on here")]
+    Cancelled,
+    /// [`MigrateOptions::timeout`] passed before the switchover: the VM runs on here.
+    #[error("the migration did not reach the switchover within its overall timeout; the VM runs on here")]
+    Timeout,
     /// The destination already runs the VM: the source stays paused and must not resume it.
     #[error("VM lost: the destination started the VM and the migration cannot be completed (the source's copy is stale and stays paused): {0}")]
     AfterStart(Box<SourceError>),
@@ -322,6 +456,8 @@ struct PageSender<'a> {
     push: bool,
     /// Never-written ranges of each region (sent as zero runs without reading them).
     holes: Vec<RegionHoles>,
+    /// Bytes written since the last [`PageSender::take_bytes`] (for the bandwidth cap).
+    bytes: u64,
 }
 
 impl<'a> PageSender<'a> {
@@ -335,7 +471,28 @@ impl<'a> PageSender<'a> {
             zero: None,
             push,
             holes: if zero_runs { ram.holes() } else { Vec::new() },
+            bytes: 0,
         }
+    }
+
+    /// Bytes written since the last call.
+    fn take_bytes(&mut self) -> u64 {
+        std::mem::take(&mut self.bytes)
+    }
+
+    /// Charge the bytes written since the last call to `bucket` (sleeping while over the cap).
+    fn throttle(
+        &mut self,
+        bucket: &mut Option<TokenBucket>,
+        abort: impl FnMut() -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        if let Some(b) = bucket.as_mut() {
+            let bytes = self.take_bytes();
+            if bytes > 0 {
+                b.consume(bytes, abort)?;
+            }
+        }
+        Ok(())
     }
 
     fn add(
@@ -408,6 +565,7 @@ impl<'a> PageSender<'a> {
                 },
                 "sending pages",
             )?;
+            self.bytes += w.bytes_written() - before;
             SourceCounters::add(&self.counters.bytes_sent, w.bytes_written() - before);
             self.count(count as u64, false);
             self.data.clear();
@@ -420,6 +578,7 @@ impl<'a> PageSender<'a> {
             let gpa = self.ram.locate(first).1;
             let before = w.bytes_written();
             w.send(&Message::ZeroPages { gpa, count }, "sending zero pages")?;
+            self.bytes += w.bytes_written() - before;
             SourceCounters::add(&self.counters.bytes_sent, w.bytes_written() - before);
             self.count(count as u64, true);
         }
@@ -497,14 +656,58 @@ pub fn migrate(
     opts: MigrateOptions,
     progress: &dyn Fn(Progress),
 ) -> Result<MigrationSummary, SourceError> {
-    let mut cleanup = Cleanup::default();
     let control = opts.control.clone();
+    control.begin(0);
+    opts.emit(MigrationEvent::Started { mode: opts.mode });
     let tracked = |p: Progress| {
         control.set_phase(Some(p.phase));
+        if matches!(
+            p.phase,
+            Phase::Precopy | Phase::Switchover | Phase::Postcopy | Phase::Done
+        ) {
+            control
+                .remaining_pages
+                .store(p.dirty_pages, Ordering::Relaxed);
+        }
         progress(p)
     };
-    let result = run(vm, to, &opts, &tracked, &mut cleanup);
+    let result = migrate_inner(vm, to, &opts, &tracked);
     control.set_phase(None);
+    let (status, error, event) = match &result {
+        Ok(s) => (
+            MigrationStatus::Completed,
+            None,
+            MigrationEvent::Completed {
+                total_ms: s.total_ms as u64,
+                downtime_ms: Some(s.blackout_ms as u64),
+            },
+        ),
+        Err(SourceError::Cancelled) => {
+            (MigrationStatus::Cancelled, None, MigrationEvent::Cancelled)
+        }
+        Err(e) => (
+            MigrationStatus::Failed,
+            Some(e.to_string()),
+            MigrationEvent::Failed {
+                error: e.to_string(),
+            },
+        ),
+    };
+    control.phases().finish(status, error);
+    opts.emit(event);
+    result
+}
+
+/// [`migrate`] without the bookkeeping of the outcome: runs it and undoes what a failure
+/// leaves.
+fn migrate_inner(
+    vm: &dyn SourceVm,
+    to: SocketAddr,
+    opts: &MigrateOptions,
+    progress: &dyn Fn(Progress),
+) -> Result<MigrationSummary, SourceError> {
+    let mut cleanup = Cleanup::default();
+    let result = run(vm, to, opts, progress, &mut cleanup);
     for slot in cleanup.dirty_slots.drain(..) {
         if let Err(e) = vm.dirty_log().disable(slot) {
             tracing::warn!("disabling dirty logging of slot {slot} failed: {e}");
@@ -556,10 +759,15 @@ fn run(
     cleanup: &mut Cleanup,
 ) -> Result<MigrationSummary, SourceError> {
     let t0 = Instant::now();
-    let counters = SourceCounters::default();
+    let control = &*opts.control;
+    let deadline = opts.timeout.map(|t| t0 + t);
+    let abort = || check_abort(control, deadline);
+    let counters = &control.counters;
     let regions = vm.ram_regions();
     let ram = GuestRam::new(&regions)?;
     let total = ram.layout.total_pages();
+    control.phases().total_pages = total;
+    control.remaining_pages.store(total, Ordering::Relaxed);
     let memory_kind = regions.first().map(|r| r.kind).unwrap_or(MemoryKind::Anon);
     let report = |phase, round, dirty_pages| {
         progress(Progress {
@@ -575,8 +783,7 @@ fn run(
     };
     report(Phase::Connecting, 0, 0);
 
-    let session = transport::connect_with(to, opts.security(), &opts.timeouts)
-        .map_err(|source| SourceError::Session { addr: to, source })?;
+    let session = connect_abortable(to, opts, &abort)?;
     let session_id = session.id;
     let urgent = session.urgent;
     let main = cleanup.main.insert(session.main);
@@ -586,14 +793,18 @@ fn run(
         vcpu_count: vm.vcpu_count(),
         layout: ram.layout.clone(),
     };
-    send_counted(main, &counters, &Message::Config(config), "sending Config")?;
-    match main
-        .reader
-        .read_within(opts.timeouts.setup, "waiting for Ready")?
-    {
+    send_counted(main, counters, &Message::Config(config), "sending Config")?;
+    let ready_until = Instant::now() + opts.timeouts.setup;
+    wait_readable(main, ready_until, &abort)?;
+    match main.reader.read_within(
+        ready_until.saturating_duration_since(Instant::now()),
+        "waiting for Ready",
+    )? {
         Message::Ready => {}
         other => return Err(wire::unexpected(other, "waiting for Ready", "Ready").into()),
     }
+    control.phases().setup_ms = t0.elapsed().as_millis() as u64;
+    let mut precopy_cap = opts.precopy_bandwidth.map(TokenBucket::new);
 
     // Precopy rounds (precopy and hybrid).
     let mut rounds = 0u32;
@@ -616,17 +827,26 @@ fn run(
             report(Phase::Precopy, rounds, to_send.count());
             let round_start = Instant::now();
             let bytes_before = SourceCounters::get(&counters.bytes_sent);
-            let mut sender = PageSender::new(&ram, &counters, opts.zero_runs, false);
+            let mut sender = PageSender::new(&ram, counters, opts.zero_runs, false);
+            let round_pages = to_send.count();
             for (n, index) in to_send.iter().enumerate() {
                 sender.add(&mut main.writer, index)?;
+                if n % 64 == 63 {
+                    abort()?;
+                    sender.throttle(&mut precopy_cap, abort)?;
+                    control
+                        .remaining_pages
+                        .store(round_pages - n as u64 - 1, Ordering::Relaxed);
+                }
                 if n % 8192 == 8191 {
                     check_peer_silent(main)?;
                 }
             }
             sender.flush(&mut main.writer)?;
+            sender.throttle(&mut precopy_cap, abort)?;
             send_counted(
                 main,
-                &counters,
+                counters,
                 &Message::RoundEnd {
                     round: rounds,
                     pages: to_send.count(),
@@ -648,6 +868,21 @@ fn run(
             } else {
                 f64::INFINITY
             };
+            {
+                let mut p = control.phases();
+                p.rounds = rounds as u64;
+                p.dirty_rate = if secs > 0.0 {
+                    (dirty_count as f64 / secs) as u64
+                } else {
+                    0
+                };
+                p.expected_downtime_ms = estimate
+                    .is_finite()
+                    .then(|| (estimate * 1000.0).round() as u64);
+            }
+            control
+                .remaining_pages
+                .store(dirty_count, Ordering::Relaxed);
             tracing::debug!(
                 round = rounds,
                 dirty_count,
@@ -665,6 +900,7 @@ fn run(
     }
 
     // Switchover.
+    abort()?;
     report(Phase::Switchover, rounds, pending.count());
     vm.pause().map_err(vm_err("pausing the vCPUs"))?;
     cleanup.paused = true;
@@ -688,15 +924,18 @@ fn run(
     // nothing in postcopy.
     let holds = match opts.mode {
         Mode::Precopy => {
-            let mut sender = PageSender::new(&ram, &counters, opts.zero_runs, false);
-            for index in pending.iter() {
+            let mut sender = PageSender::new(&ram, counters, opts.zero_runs, false);
+            for (n, index) in pending.iter().enumerate() {
                 sender.add(&mut main.writer, index)?;
+                if n % 64 == 63 {
+                    abort()?;
+                }
             }
             sender.flush(&mut main.writer)?;
             PageSet::full(total)
         }
         Mode::Hybrid => {
-            send_discards(main, &counters, &ram, &pending)?;
+            send_discards(main, counters, &ram, &pending)?;
             let mut h = PageSet::full(total);
             for i in pending.iter() {
                 h.remove(i);
@@ -708,7 +947,9 @@ fn run(
     // Nothing may have come from the destination since Ready: an Error means it gave up, and
     // anything else (a Started before any switchover frame) breaks the protocol.
     check_peer_silent(main)?;
-    send_counted(main, &counters, &Message::State(&state), "sending State")?;
+    // The point of no return: once State is on its way, cancel is refused.
+    control.commit(deadline)?;
+    send_counted(main, counters, &Message::State(&state), "sending State")?;
     // From here on the destination may start the VM: a lost link is settled by recovery, never
     // by guessing (see `Handover`).
     let main = cleanup.main.take().ok_or(SourceError::Vm {
@@ -721,7 +962,7 @@ fn run(
     };
     let mut handover = Handover {
         ram: &ram,
-        counters: &counters,
+        counters,
         opts,
         session_id,
         to,
@@ -733,6 +974,7 @@ fn run(
         blackout_start,
         recoveries: 0,
         paused: Duration::ZERO,
+        announced: false,
     };
     let result = handover.drive(live, holds);
     cleanup.started = handover.started;
@@ -765,6 +1007,73 @@ fn run(
         paused_ms: handover.paused.as_secs_f64() * 1000.0,
         destination: dest,
     })
+}
+
+/// Connect and authenticate both channels on a helper thread, so that a cancel (or the overall
+/// timeout) ends the wait at once; an abandoned attempt's session is dropped (closed) when its
+/// thread finishes.
+fn connect_abortable(
+    to: SocketAddr,
+    opts: &MigrateOptions,
+    abort: &dyn Fn() -> Result<(), SourceError>,
+) -> Result<transport::Session, SourceError> {
+    let secret = opts.secret.clone();
+    let tls = opts.tls.clone();
+    let allow_plaintext = opts.allow_plaintext;
+    let timeouts = opts.timeouts;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("mig-connect".into())
+        .spawn(move || {
+            let security = transport::ClientSecurity {
+                secret: secret.as_ref(),
+                tls: tls.as_ref(),
+                allow_plaintext,
+            };
+            let _ = tx.send(transport::connect_with(to, security, &timeouts));
+        })
+        .map_err(|e| SourceError::Vm {
+            op: "spawning the connect thread",
+            message: e.to_string(),
+        })?;
+    loop {
+        abort()?;
+        match rx.recv_timeout(Duration::from_millis(5)) {
+            Ok(r) => return r.map_err(|source| SourceError::Session { addr: to, source }),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(SourceError::Vm {
+                    op: "connecting",
+                    message: "the connect thread ended without an answer".into(),
+                })
+            }
+        }
+    }
+}
+
+/// Wait until the main channel has something to read (or `until`), asking `abort` every few
+/// milliseconds.
+fn wait_readable(
+    main: &Channel,
+    until: Instant,
+    abort: &dyn Fn() -> Result<(), SourceError>,
+) -> Result<(), SourceError> {
+    use std::os::fd::AsFd;
+    loop {
+        abort()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let fd = main.reader.get_ref().as_fd();
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let tick = left.min(Duration::from_millis(5)).as_millis() as u16;
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(tick.max(1))) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            // Readable, or an error the read that follows reports properly.
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// Between Ready and the switchover the destination says nothing on the main channel. If it
@@ -852,9 +1161,18 @@ struct Handover<'a> {
     blackout_start: Instant,
     recoveries: u32,
     paused: Duration,
+    /// The postcopy-active event went out.
+    announced: bool,
 }
 
 impl Handover<'_> {
+    /// The blackout is known: show it as the downtime.
+    fn publish_downtime(&self) {
+        if let Some(b) = self.blackout {
+            self.opts.control.phases().downtime_ms = Some(b.as_millis() as u64);
+        }
+    }
+
     fn drive(&mut self, mut link: Link, mut held: PageSet) -> Result<DoneStats, SourceError> {
         loop {
             let err = match self.epoch(&mut link, &held) {
@@ -905,6 +1223,7 @@ impl Handover<'_> {
             if !self.started {
                 self.started = true;
                 self.blackout = Some(self.blackout_start.elapsed());
+                self.publish_downtime();
             }
             held = recovered.held;
         }
@@ -1001,10 +1320,15 @@ impl Handover<'_> {
                     )?;
                     self.started = true;
                     self.blackout = Some(self.blackout_start.elapsed());
+                    self.publish_downtime();
                 }
                 let total = self.ram.layout.total_pages();
                 if !precopy {
                     (self.report)(Phase::Postcopy, self.rounds, total - held.count());
+                    if !self.announced {
+                        self.announced = true;
+                        opts.emit(MigrationEvent::PostcopyActive);
+                    }
                 }
                 self.push(&main_writer, &push)?;
                 if !complete_sent {
@@ -1047,6 +1371,7 @@ impl Handover<'_> {
         let push_start = Instant::now();
         let bytes_before = SourceCounters::get(&counters.bytes_sent);
         let mut sender = PageSender::new(ram, counters, self.opts.zero_runs, true);
+        let mut cap = self.opts.postcopy_bandwidth.map(TokenBucket::new);
         let mut cursor = 0u64;
         let mut frames = 0u64;
         let result = (|| -> Result<(), SourceError> {
@@ -1068,6 +1393,8 @@ impl Handover<'_> {
                 cursor = index + 1;
                 if push.sent.insert(index) {
                     sender.add(&mut liveness::lock(main), index)?;
+                    // Only the push is capped: the urgent server answers at full speed.
+                    sender.throttle(&mut cap, || Ok(()))?;
                     frames += 1;
                     if frames.is_multiple_of(16384) {
                         (self.report)(
@@ -1100,6 +1427,10 @@ impl Handover<'_> {
         let deadline = since + opts.timeouts.recover;
         let total = self.ram.layout.total_pages();
         (self.report)(Phase::PostcopyPaused, self.rounds, 0);
+        opts.control.phases().pause_begins();
+        opts.emit(MigrationEvent::PostcopyPaused {
+            reason: why.to_string(),
+        });
         tracing::warn!(
             "postcopy-paused: the link to the destination failed ({why}); reconnecting for up to {} s",
             opts.timeouts.recover.as_secs()
@@ -1111,6 +1442,7 @@ impl Handover<'_> {
             let now = Instant::now();
             if now >= deadline {
                 self.paused += since.elapsed();
+                opts.control.phases().pause_ends(false);
                 let e = SourceError::RecoverTimeout {
                     waited_ms: since.elapsed().as_millis() as u64,
                     attempts,
@@ -1133,6 +1465,18 @@ impl Handover<'_> {
                 Ok(r) => {
                     self.recoveries += 1;
                     self.paused += since.elapsed();
+                    {
+                        let mut p = opts.control.phases();
+                        let d = p.pause_ends(true);
+                        if opts.mode == Mode::Precopy {
+                            p.status = MigrationStatus::Device;
+                        }
+                        drop(p);
+                        opts.emit(MigrationEvent::Recovered {
+                            attempt: self.recoveries as u64,
+                            paused_ms: d.as_millis() as u64,
+                        });
+                    }
                     tracing::warn!(
                         "postcopy resumed after {} ms ({attempts} attempt(s), recovery #{}): the destination holds {} of {total} pages",
                         since.elapsed().as_millis(),

@@ -34,6 +34,21 @@ impl SourceCounters {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// Every counter back to zero (a new migration on the same control).
+    pub fn reset(&self) {
+        for c in [
+            &self.bytes_sent,
+            &self.pages_sent,
+            &self.zero_pages,
+            &self.faults_served,
+            &self.pages_pushed,
+            &self.transfer_ns,
+            &self.transfer_bytes,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What a finished migration reports on the source.

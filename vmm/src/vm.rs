@@ -350,6 +350,12 @@ impl Vm {
         self.vcpu_count
     }
 
+    /// The kernel thread id of each running vCPU thread, by vCPU index (empty before they
+    /// start); the postcopy engine maps userfaults to vCPUs with it.
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        self.vcpus().iter().map(|v| v.tid()).collect()
+    }
+
     /// Stops every vCPU thread and joins them.
     pub fn shutdown(&self) {
         let mut handles = self.vcpus();

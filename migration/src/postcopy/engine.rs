@@ -22,6 +22,7 @@ use super::strategy::{
 use super::sys;
 use super::wp_dirty_log::UffdWpDirtyLog;
 use super::PostcopyError;
+use crate::live_stats::EngineLive;
 use crate::types::{
     DirtyLog, MemoryKind, MemslotSwap, PageFetcher, RamRegion, VcpuControl, PAGE_SIZE,
 };
@@ -74,6 +75,9 @@ impl RegionState {
     }
 }
 
+/// A fault that joined one being served: when it was read, and its vCPU (if a vCPU's).
+pub(crate) type Joined = (Instant, Option<usize>);
+
 /// State shared by the engine's threads.
 pub(crate) struct Shared {
     pub regions: Vec<RegionState>,
@@ -84,9 +88,9 @@ pub(crate) struct Shared {
     pub memslots: Arc<dyn MemslotSwap>,
     pub stats: StatsCollector,
     /// Faults being served: (region, page) for 4 KiB modes, (region, huge index | HUGE_KEY) for
-    /// whole-page mode, with the read times of later faults on the same key: those are left to
+    /// whole-page mode, with the read times (and vCPUs) of later faults on the same key: those are left to
     /// the first one's CONTINUE / wake, which also records their latency.
-    pub inflight: Mutex<HashMap<(usize, u64), Vec<Instant>>>,
+    pub inflight: Mutex<HashMap<(usize, u64), Vec<Joined>>>,
     /// Fault events read and not yet finished by a worker.
     pub faults_pending: AtomicU64,
     pub collapse_tx: Mutex<Option<mpsc::Sender<CollapseJob>>>,
@@ -432,6 +436,7 @@ enum State {
 /// The destination postcopy memory engine.
 pub struct PostcopyEngine {
     state: State,
+    live: Arc<EngineLive>,
 }
 
 fn bad(region: &RamRegion, reason: impl Into<String>) -> PostcopyError {
@@ -557,6 +562,7 @@ impl PostcopyEngine {
                 memslots,
                 wp_log: None,
             })),
+            live: Arc::default(),
         })
     }
 
@@ -571,6 +577,18 @@ impl PostcopyEngine {
             }
             _ => Err(PostcopyError::AlreadyPrepared),
         }
+    }
+
+    /// The live figures (per-vCPU blocktime, fault latency, collapses, staging), cheap to read
+    /// from any thread, before, during and after the run.
+    pub fn live(&self) -> Arc<EngineLive> {
+        Arc::clone(&self.live)
+    }
+
+    /// The vCPU threads' ids (index = vCPU index): their faults count as vCPU blocktime
+    /// ([`EngineLive::set_vcpu_tids`]). Call before the vCPUs run.
+    pub fn set_vcpu_tids(&self, tids: Vec<i32>) {
+        self.live.set_vcpu_tids(tids);
     }
 
     /// The per-region plans (valid before and after prepare()).
@@ -593,17 +611,32 @@ impl PostcopyEngine {
             }
         };
         let wp = cfg.wp_log.is_some();
-        let mut builder = UffdBuilder::new();
-        builder
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false);
+        let mut features = FeatureFlags::empty();
         if wp {
-            builder.require_features(FeatureFlags::from_bits_retain(
+            features |= FeatureFlags::from_bits_retain(
                 sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-            ));
+            );
         }
-        let uffd = builder.create().map_err(PostcopyError::Uffd)?;
+        let create = |features: FeatureFlags| {
+            UffdBuilder::new()
+                .close_on_exec(true)
+                .non_blocking(true)
+                .user_mode_only(false)
+                .require_features(features)
+                .create()
+        };
+        // The faulting thread's id in every fault message (UFFD_FEATURE_THREAD_ID, Linux 4.14),
+        // for per-vCPU blocktime; without it the engine works the same, the blocktime stays 0.
+        let uffd =
+            match create(features | FeatureFlags::from_bits_retain(sys::UFFD_FEATURE_THREAD_ID)) {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::info!(
+                        "userfaultfd without UFFD_FEATURE_THREAD_ID ({e}): no per-vCPU blocktime"
+                    );
+                    create(features).map_err(PostcopyError::Uffd)?
+                }
+            };
 
         let mut states = Vec::with_capacity(cfg.regions.len());
         let mut report = Vec::new();
@@ -673,6 +706,18 @@ impl PostcopyEngine {
             });
         }
 
+        *self.live.slot_gpa.lock().unwrap_or_else(|p| p.into_inner()) = states
+            .iter()
+            .map(|r| (r.region.slot, r.region.gpa))
+            .collect();
+        self.live.units_to_collapse.store(
+            states
+                .iter()
+                .filter(|r| r.needs_collapse())
+                .map(|r| r.tracker.units())
+                .sum(),
+            Ordering::Relaxed,
+        );
         let (collapse_tx, collapse_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             regions: states,
@@ -681,7 +726,7 @@ impl PostcopyEngine {
             vcpus: cfg.vcpus,
             dirty: cfg.dirty,
             memslots: cfg.memslots,
-            stats: StatsCollector::default(),
+            stats: StatsCollector::with_live(Arc::clone(&self.live)),
             inflight: Mutex::new(HashMap::new()),
             faults_pending: AtomicU64::new(0),
             collapse_tx: Mutex::new(Some(collapse_tx)),

@@ -28,6 +28,8 @@ struct FaultJob {
     region: usize,
     addr: usize,
     read_at: Instant,
+    /// The faulting vCPU (None: another thread, or no thread ids).
+    vcpu: Option<usize>,
 }
 
 /// Start the reader thread and `workers` serving threads.
@@ -101,16 +103,21 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
         let read_at = Instant::now();
         for ev in events {
             match ev {
-                Ok(Event::Pagefault { addr, .. }) => {
+                Ok(Event::Pagefault {
+                    addr, thread_id, ..
+                }) => {
                     let addr = addr as usize;
                     match shared.locate_host(addr) {
                         Some(region) => {
                             shared.faults_pending.fetch_add(1, Ordering::AcqRel);
+                            // UFFD_FEATURE_THREAD_ID: the faulting thread; a vCPU's blocks.
+                            let vcpu = shared.stats.live.fault_read(thread_id.as_raw(), read_at);
                             if tx
                                 .send(FaultJob {
                                     region,
                                     addr,
                                     read_at,
+                                    vcpu,
                                 })
                                 .is_err()
                             {
@@ -155,6 +162,7 @@ struct Inflight<'a> {
     shared: &'a Shared,
     key: (usize, u64),
     read_at: Instant,
+    vcpu: Option<usize>,
     done: bool,
 }
 
@@ -175,8 +183,14 @@ impl Inflight<'_> {
             now.saturating_duration_since(self.read_at).as_nanos() as u64,
             outage,
         );
-        for t in joined {
+        if let Some(v) = self.vcpu {
+            stats.live.vcpu_woken(v, now);
+        }
+        for (t, vcpu) in joined {
             stats.fault_latency(now.saturating_duration_since(t).as_nanos() as u64, outage);
+            if let Some(v) = vcpu {
+                stats.live.vcpu_woken(v, now);
+            }
         }
         self.done = true;
     }
@@ -196,10 +210,11 @@ impl Drop for Inflight<'_> {
 
 /// Claim `key` for the fault read at `read_at`; None if a fault on it is being served already
 /// (this one then joins it and is resolved by its wake).
-fn claim(shared: &Shared, key: (usize, u64), read_at: Instant) -> Option<Inflight<'_>> {
+fn claim<'a>(shared: &'a Shared, key: (usize, u64), job: &FaultJob) -> Option<Inflight<'a>> {
+    let (read_at, vcpu) = (job.read_at, job.vcpu);
     let mut map = shared.inflight.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(joined) = map.get_mut(&key) {
-        joined.push(read_at);
+        joined.push((read_at, vcpu));
         drop(map);
         shared
             .stats
@@ -212,6 +227,7 @@ fn claim(shared: &Shared, key: (usize, u64), read_at: Instant) -> Option<Infligh
         shared,
         key,
         read_at,
+        vcpu,
         done: false,
     })
 }
@@ -286,7 +302,7 @@ fn serve(shared: &Shared, job: &FaultJob) -> Result<(), PostcopyError> {
 /// the final place is the faulting one.
 fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
     let r = &shared.regions[job.region];
-    let Some(claim) = claim(shared, (job.region, page), job.read_at) else {
+    let Some(claim) = claim(shared, (job.region, page), job) else {
         return Ok(()); // the first fault on this page wakes every waiter
     };
     let mut buf = [0u8; 4096];
@@ -325,7 +341,7 @@ fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Pos
 fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
     let ri = job.region;
     let r = &shared.regions[ri];
-    let Some(claim) = claim(shared, (ri, page), job.read_at) else {
+    let Some(claim) = claim(shared, (ri, page), job) else {
         return Ok(());
     };
     let addr = r.host_page(page);
@@ -400,7 +416,7 @@ fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), Postcopy
     let r = &shared.regions[ri];
     let ppu = r.tracker.pages_per_unit();
     let hidx = page / ppu;
-    let Some(claim) = claim(shared, (ri, hidx | HUGE_KEY), job.read_at) else {
+    let Some(claim) = claim(shared, (ri, hidx | HUGE_KEY), job) else {
         return Ok(()); // the first fault on this huge page continues it for every waiter
     };
     let (first, end) = r.tracker.unit_pages(hidx);

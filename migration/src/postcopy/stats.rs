@@ -1,7 +1,9 @@
 //! Counters and samples the postcopy engine records, and the snapshot it hands out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::live_stats::{EngineLive, MigrationEvent};
 
 use serde::Serialize;
 
@@ -219,6 +221,8 @@ pub struct StatsCollector {
     fault_latency: Mutex<LatencyLog>,
     outage_fault_latency: Mutex<LatencyLog>,
     collapses: Mutex<Vec<CollapseRecord>>,
+    /// The live figures the engine hands out ([`crate::postcopy::PostcopyEngine::live`]).
+    pub(crate) live: Arc<EngineLive>,
 }
 
 fn percentile(sorted: &[u64], pct: usize) -> u64 {
@@ -230,13 +234,28 @@ fn percentile(sorted: &[u64], pct: usize) -> u64 {
 
 impl StatsCollector {
     /// Count `n` new staging pages and update the peak.
+    /// A collector feeding `live` too.
+    pub(crate) fn with_live(live: Arc<EngineLive>) -> Self {
+        StatsCollector {
+            live,
+            ..StatsCollector::default()
+        }
+    }
+
     pub fn staging_add(&self, n: u64) {
+        self.live.staging_pages.fetch_add(n, Ordering::Relaxed);
         let now = self.staging_pages.fetch_add(n, Ordering::AcqRel) + n;
         self.staging_peak_pages.fetch_max(now, Ordering::AcqRel);
     }
 
     /// Count `n` staging pages freed.
     pub fn staging_sub(&self, n: u64) {
+        let _ = self
+            .live
+            .staging_pages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
         let _ = self
             .staging_pages
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
@@ -247,6 +266,7 @@ impl StatsCollector {
     /// Record one fault's VMM-side latency; `outage`: its fetch waited for the link to come
     /// back (see [`PostcopyStats::outage_fault_latency_ns`]).
     pub fn fault_latency(&self, ns: u64, outage: bool) {
+        self.live.fault_latency(ns);
         let log = if outage {
             &self.outage_fault_latency
         } else {
@@ -257,6 +277,26 @@ impl StatsCollector {
 
     /// Record one collapse.
     pub fn collapse(&self, record: CollapseRecord) {
+        let live = &self.live;
+        live.units_settled.fetch_add(1, Ordering::Relaxed);
+        if record.ok && record.method != METHOD_SKIPPED_EMPTY {
+            live.collapses_done.fetch_add(1, Ordering::Relaxed);
+            let base = live
+                .slot_gpa
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|(s, _)| *s == record.slot)
+                .map(|(_, g)| *g);
+            if let Some(base) = base {
+                live.emit(MigrationEvent::UnitCollapsed {
+                    gpa: base + record.unit_offset,
+                    bytes: record.unit_size,
+                    method: record.method.to_owned(),
+                    stall_ns: record.stall_ns,
+                });
+            }
+        }
         self.collapses
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -4,6 +4,10 @@
 use std::io;
 use std::os::fd::RawFd;
 
+/// `UFFD_FEATURE_THREAD_ID` from include/uapi/linux/userfaultfd.h: fault messages carry the
+/// faulting thread's id (`uffd_msg.arg.pagefault.feat.ptid`), which the userfaultfd crate
+/// decodes into `Event::Pagefault::thread_id` with its `linux4_14` feature.
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` from include/uapi/linux/userfaultfd.h.
 pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `UFFD_FEATURE_WP_ASYNC` from include/uapi/linux/userfaultfd.h.

@@ -221,6 +221,10 @@ impl PostcopySink for EngineSink {
             .map_err(|e| e.to_string())
     }
 
+    fn live(&self) -> Option<Arc<migration::live_stats::EngineLive>> {
+        Some(self.engine.live())
+    }
+
     fn finished(&self) -> Result<PostcopyOutcome, String> {
         self.engine.wait_complete().map_err(|e| e.to_string())?;
         let s = self.engine.stats();
@@ -302,6 +306,7 @@ impl DestinationVm for DestSide {
             }),
         )
         .map_err(|e| e.to_string())?;
+        engine.set_vcpu_tids(self.vm.vcpu_tids());
         let t_new = t0.elapsed();
         let report = engine.prepare().map_err(|e| e.to_string())?;
         if self.dirty_logged {

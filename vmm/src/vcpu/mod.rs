@@ -148,6 +148,8 @@ pub struct VcpuHandle {
     index: u8,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's kernel id (`gettid()`), 0 if it never reported it.
+    tid: i32,
 }
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
@@ -200,9 +202,12 @@ impl VcpuHandle {
             immediate_exit: ImmediateExit(immediate_exit),
         });
         let s = shared.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // The postcopy engine tells this thread's userfaults by its id.
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
                 // Marks the thread finished however it ends, a panic included: `quit` and
                 // `wait_paused` wait for that mark, and would wait forever for a thread that
                 // unwound without it.
@@ -217,11 +222,18 @@ impl VcpuHandle {
                 }
             })
             .map_err(VcpuError::Spawn)?;
+        let tid = tid_rx.recv().unwrap_or(0);
         Ok(VcpuHandle {
             index,
             shared,
             thread: Some(thread),
+            tid,
         })
+    }
+
+    /// The vCPU thread's kernel thread id (`gettid()`; 0 if unknown).
+    pub fn tid(&self) -> i32 {
+        self.tid
     }
 
     /// This vCPU's index.
