@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use migration::source::{MigrationControl, Phase};
+use migration::{MigrationInfo, MigrationStatus};
 
 use crate::api::model::{
     Ping, RegionInfo, RetargetReply, SendMigration, VcpuInfo, VmConfigInfo, VmInfo, VmState,
@@ -75,7 +76,7 @@ pub trait MigrateHandler: Send + Sync {
 }
 
 /// The live statistics of an incoming migration (the receive side provides them).
-pub type IncomingInfo = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub type IncomingInfo = Arc<migration::ReceiveMonitor>;
 
 /// Where the VM came from.
 #[derive(Debug, Clone)]
@@ -170,6 +171,13 @@ impl VmController {
         self.events.as_deref()
     }
 
+    /// The event monitor as the migration crate's event sink.
+    pub fn event_sink(&self) -> Option<Arc<dyn migration::EventSink>> {
+        self.events
+            .clone()
+            .map(|e| e as Arc<dyn migration::EventSink>)
+    }
+
     /// Emits a VM event.
     pub fn emit(&self, event: &str, properties: serde_json::Value) {
         crate::events::emit(self.events(), EventSource::Vm, event, properties);
@@ -183,6 +191,21 @@ impl VmController {
     /// `vm.shutdown` stopped the VM.
     pub fn shutdown_requested(&self) -> bool {
         self.shutdown_requested.load(Ordering::SeqCst)
+    }
+
+    /// The statistics of the outgoing migration in progress (or the last one), else of the
+    /// incoming one, else none.
+    fn migration_info(&self) -> MigrationInfo {
+        let outgoing = lock(&self.outgoing)
+            .clone()
+            .or_else(|| lock(&self.last_outgoing).clone());
+        if let Some(c) = outgoing {
+            return c.info();
+        }
+        if let Some(m) = lock(&self.incoming).clone() {
+            return m.info();
+        }
+        MigrationInfo::default()
     }
 
     /// The outgoing migration's phase, if one runs.
@@ -350,12 +373,8 @@ impl VmControl for VmController {
             })
             .unwrap_or_default();
         let migration_status = match phase {
-            Some(p) => Some(p.name().to_string()),
-            None => self
-                .migration()
-                .ok()
-                .and_then(|v| v["status"].as_str().map(str::to_owned))
-                .filter(|s| s != "none"),
+            Some(p) => Some(p.status()),
+            None => Some(self.migration_info().status).filter(|s| *s != MigrationStatus::None),
         };
         VmInfo {
             state,
@@ -459,19 +478,8 @@ impl VmControl for VmController {
         r
     }
 
-    fn migration(&self) -> Result<serde_json::Value, ControlError> {
-        let outgoing = lock(&self.outgoing)
-            .clone()
-            .or_else(|| lock(&self.last_outgoing).clone());
-        if let Some(c) = outgoing {
-            return Ok(
-                serde_json::json!({ "status": c.phase().map(|p| p.name()).unwrap_or("completed") }),
-            );
-        }
-        if let Some(f) = lock(&self.incoming).clone() {
-            return Ok(f());
-        }
-        Ok(serde_json::json!({ "status": "none" }))
+    fn migration(&self) -> Result<MigrationInfo, ControlError> {
+        Ok(self.migration_info())
     }
 
     fn cancel_migration(&self) -> Result<(), ControlError> {

@@ -151,3 +151,24 @@ pub fn emit(
         m.emit(source, event, properties);
     }
 }
+
+/// Migration events (from the migration crate's threads) become `source: "migration"` lines:
+/// the event's tag is the line's `event`, its other fields the `properties`.
+impl migration::EventSink for EventMonitor {
+    fn emit(&self, e: migration::MigrationEvent) {
+        let mut v = match serde_json::to_value(&e) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return,
+        };
+        let name = match v.remove("event") {
+            Some(serde_json::Value::String(n)) => n,
+            _ => return,
+        };
+        EventMonitor::emit(
+            self,
+            EventSource::Migration,
+            &name,
+            serde_json::Value::Object(v),
+        );
+    }
+}

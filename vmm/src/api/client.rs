@@ -63,7 +63,8 @@ impl Client {
         decode("vm.send-migration", &raw)
     }
 
-    /// `GET vm.migration`: the live statistics.
+    /// `GET vm.migration`: the live statistics (as JSON, QEMU's names; see
+    /// [`migration::MigrationInfo`]).
     pub fn migration(&self) -> Result<serde_json::Value, ApiError> {
         self.get("vm.migration")
     }

@@ -62,7 +62,7 @@ pub trait VmControl: Send + Sync + 'static {
     /// Migrates the VM away; returns when the migration ended (the summary on success).
     fn send_migration(&self, req: SendMigration) -> Result<serde_json::Value, ControlError>;
     /// The live statistics of the migration in progress (or the last one).
-    fn migration(&self) -> Result<serde_json::Value, ControlError>;
+    fn migration(&self) -> Result<migration::MigrationInfo, ControlError>;
     /// Cancels an outgoing migration before its switchover.
     fn cancel_migration(&self) -> Result<(), ControlError>;
     /// Points a running migration's recovery at another destination.

@@ -67,7 +67,7 @@ pub struct VmInfo {
     pub memory: Vec<RegionInfo>,
     pub vcpus: Vec<VcpuInfo>,
     /// The status of the migration in progress or the last one (QEMU's names), if any.
-    pub migration_status: Option<String>,
+    pub migration_status: Option<migration::MigrationStatus>,
     /// The last outgoing migration left the VM paused with its outcome unknown (the
     /// destination may run it): `vm.resume` needs `force`.
     pub migration_outcome_unknown: bool,

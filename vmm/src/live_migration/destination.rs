@@ -515,25 +515,18 @@ pub fn receive(
             ""
         }
     );
-    {
-        let started = started.clone();
-        let receiving = receiving.clone();
-        ctl.set_incoming(Arc::new(move || {
-            let status = if !receiving.load(Ordering::SeqCst) {
-                "completed"
-            } else if started.load(Ordering::SeqCst) {
-                "postcopy-active"
-            } else {
-                "active"
-            };
-            serde_json::json!({ "status": status })
-        }));
+    let monitor = migration::ReceiveMonitor::new();
+    if let Some(ev) = ctl.event_sink() {
+        monitor.set_event_sink(ev);
     }
+    ctl.set_incoming(monitor.clone());
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p, ctl.clone())?),
         None => None,
     };
-    let incoming = listener.accept().map_err(ReceiveError::Accept)?;
+    let incoming = listener
+        .accept_with(monitor)
+        .map_err(ReceiveError::Accept)?;
     tracing::info!(
         "incoming migration session {:#x} from {}",
         incoming.session_id(),

@@ -11,7 +11,7 @@ use migration::types::{DirtyLog, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
 use crate::control::{AfterFailure, MigrateFailure, MigrateHandler, MigrateRequest};
-use crate::events::{EventMonitor, EventSource};
+use crate::events::EventMonitor;
 use crate::vm::Vm;
 
 /// A running VM seen by the source protocol driver.
@@ -106,6 +106,10 @@ impl MigrateHandler for Migrator {
         if let Some(r) = t.max_rounds {
             opts.max_rounds = r;
         }
+        opts.precopy_bandwidth = t.max_bandwidth;
+        opts.postcopy_bandwidth = t.max_postcopy_bandwidth;
+        opts.timeout = t.timeout_s.map(std::time::Duration::from_secs);
+        opts.events = events.map(|e| e as Arc<dyn migration::EventSink>);
         opts.control = control;
         if let Some(p) = &req.secret_file {
             opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.to_string()))?);
@@ -126,12 +130,6 @@ impl MigrateHandler for Migrator {
         }
         let side = SourceSide::new(vm.clone());
         let report = |_: source::Progress| {};
-        crate::events::emit(
-            events.as_deref(),
-            EventSource::Migration,
-            "started",
-            serde_json::json!({ "mode": format!("{mode:?}").to_lowercase(), "destination": addr.to_string() }),
-        );
         match source::migrate(&side, addr, opts, &report) {
             // The destination runs the VM now: the launcher stops this one after replying.
             // Every page reached the destination (Done): the summary is only a report, and the
