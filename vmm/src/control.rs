@@ -493,10 +493,9 @@ impl VmControl for VmController {
             }
             return Err(ControlError::Conflict("no migration is in progress".into()));
         };
-        let _ = control;
-        Err(ControlError::Unsupported(
-            "cancel is not available yet".into(),
-        ))
+        control
+            .cancel()
+            .map_err(|e| ControlError::Conflict(e.to_string()))
     }
 
     fn retarget(&self, to: &str) -> Result<RetargetReply, ControlError> {
