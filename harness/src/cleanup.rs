@@ -1,19 +1,24 @@
-//! Teardown that must happen even when the harness is interrupted: child processes it started
-//! and network namespaces it created are registered here, and a signal thread kills/deletes
+//! Teardown that must happen even when the harness is interrupted: child processes it started,
+//! network namespaces it created and hugetlbfs mounts it made are registered here, and a signal thread kills/deletes
 //! them on SIGINT, SIGTERM or SIGHUP before the process exits. (Normal teardown is RAII in
 //! the owners; they unregister what they removed.)
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 #[derive(Default)]
 struct Registry {
     namespaces: Vec<String>,
     children: Vec<i32>,
+    mounts: Vec<PathBuf>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     namespaces: Vec::new(),
     children: Vec::new(),
+    mounts: Vec::new(),
 });
 
 fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
@@ -42,6 +47,32 @@ pub fn unregister_child(pid: u32) {
     with(|r| r.children.retain(|&p| p != pid as i32));
 }
 
+/// Records a mount point to unmount (and remove) on a signal.
+pub fn register_mount(dir: &Path) {
+    with(|r| r.mounts.push(dir.to_path_buf()));
+}
+
+/// Forgets a mount point (it was unmounted normally).
+pub fn unregister_mount(dir: &Path) {
+    with(|r| r.mounts.retain(|m| m != dir));
+}
+
+/// Unmounts `dir` (lazily, should a process still hold a file there) and removes the
+/// directory.
+pub fn unmount(dir: &Path) -> Result<(), String> {
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| format!("{} has a NUL byte", dir.display()))?;
+    // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(format!(
+            "unmounting {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    std::fs::remove_dir(dir).map_err(|e| format!("removing {}: {e}", dir.display()))
+}
+
 /// Deletes a network namespace with `ip netns del` (errors are returned as text).
 pub fn delete_namespace(name: &str) -> Result<(), String> {
     let out = std::process::Command::new("ip")
@@ -58,12 +89,14 @@ pub fn delete_namespace(name: &str) -> Result<(), String> {
     }
 }
 
-/// Kills every registered child and deletes every registered namespace.
+/// Kills every registered child, deletes every registered namespace and unmounts every
+/// registered mount (after the children, which may hold files there).
 pub fn run_all() {
-    let (children, namespaces) = with(|r| {
+    let (children, namespaces, mounts) = with(|r| {
         (
             std::mem::take(&mut r.children),
             std::mem::take(&mut r.namespaces),
+            std::mem::take(&mut r.mounts),
         )
     });
     for pid in children {
@@ -73,6 +106,11 @@ pub fn run_all() {
     }
     for ns in namespaces {
         if let Err(e) = delete_namespace(&ns) {
+            eprintln!("harness cleanup: {e}");
+        }
+    }
+    for m in mounts {
+        if let Err(e) = unmount(&m) {
             eprintln!("harness cleanup: {e}");
         }
     }
@@ -92,7 +130,7 @@ pub fn install_signal_cleanup() -> std::io::Result<()> {
         .name("signal-cleanup".into())
         .spawn(move || {
             let sig = set.wait().map(|s| s as i32).unwrap_or(libc::SIGTERM);
-            eprintln!("harness: signal {sig}: killing children and deleting namespaces");
+            eprintln!("harness: signal {sig}: killing children, deleting namespaces, unmounting");
             run_all();
             std::process::exit(128 + sig);
         })?;
