@@ -10,6 +10,7 @@ pub mod hugepool;
 pub mod limits;
 pub mod netns;
 pub mod peer;
+pub mod peer_report;
 pub mod probe;
 pub mod process;
 pub mod qemu;
