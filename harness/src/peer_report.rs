@@ -51,7 +51,7 @@ fn ratio(ours: Option<f64>, qemu: Option<f64>) -> String {
     match (ours, qemu) {
         (Some(a), Some(b)) if a > 0.0 && b > 0.0 => {
             let r = a / b;
-            if r >= 100.0 || r < 0.01 {
+            if !(0.01..100.0).contains(&r) {
                 format!("{r:.2e}x")
             } else {
                 format!("{r:.2}x")
@@ -131,7 +131,8 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
             out.extend(rows);
         }
     };
-    let t = format!("4k-staged on hugetlb-1g: guest p50 >= {HUGETLB_1G_FACTOR}x below QEMU's");
+    let t =
+        format!("vs QEMU: 4k-staged on hugetlb-1g: guest p50 >= {HUGETLB_1G_FACTOR}x below QEMU's");
     let rows = ps
         .iter()
         .filter(|p| p.ours.backing == "hugetlb-1g" && p.ours.strategy == "4k-staged")
@@ -152,7 +153,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         .collect();
     missing(t, rows);
 
-    let t = "shmem 4 KiB: guest p50 and p99 <= QEMU's".to_string();
+    let t = "vs QEMU: shmem 4 KiB: guest p50 and p99 <= QEMU's".to_string();
     let rows = ps
         .iter()
         .filter(|p| p.ours.backing == "shmem" && p.ours.strategy == "4k-staged")
@@ -177,7 +178,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         .collect();
     missing(t, rows);
 
-    let t = "blackout <= QEMU's".to_string();
+    let t = "vs QEMU: blackout <= QEMU's".to_string();
     let rows = ps
         .iter()
         .filter_map(|p| Some((p, p.ours.blackout_ms?, p.qemu.blackout_ms?)))
@@ -363,14 +364,17 @@ mod tests {
         };
         assert_eq!(pairs(&r).len(), 2);
         let t = check_targets(&r);
-        let shmem = t.iter().find(|t| t.target.starts_with("shmem")).unwrap();
+        let shmem = t
+            .iter()
+            .find(|t| t.target.starts_with("vs QEMU: shmem"))
+            .unwrap();
         assert_eq!(shmem.verdict, Verdict::Met, "{shmem:?}");
         let g1 = t.iter().find(|t| t.target.contains("hugetlb-1g")).unwrap();
         // 900 ms per request vs 60 us = 15000x.
         assert_eq!(g1.verdict, Verdict::Met, "{g1:?}");
         let blackout: Vec<_> = t
             .iter()
-            .filter(|t| t.target.starts_with("blackout"))
+            .filter(|t| t.target.starts_with("vs QEMU: blackout"))
             .collect();
         assert_eq!(blackout.len(), 2);
         assert_eq!(blackout[0].verdict, Verdict::Missed);
