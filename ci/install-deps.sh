@@ -18,6 +18,7 @@ die() { printf '[install-deps] error: %s\n' "$*" >&2; exit 1; }
 # - xz-utils, zstd, lz4, bzip2, gzip: unpacking the kernel payload out of a bzImage.
 # - binutils, file: readelf/objcopy and type checks on the kernel and the workload guest.
 # - ca-certificates: apt's https mirrors on some machines.
+# - qemu-system-x86: the peer the harness measures beside ours (QEMU scenarios, its tests).
 # The workload guest links with rust-lld, which ships with the Rust toolchain (no package needed).
 PACKAGES=(
     libclang-dev
@@ -33,6 +34,7 @@ PACKAGES=(
     file
     python3
     ca-certificates
+    qemu-system-x86
 )
 
 if [ "$(id -u)" -ne 0 ]; then
