@@ -1,5 +1,6 @@
 //! Teardown that must happen even when the harness is interrupted: child processes it started,
-//! network namespaces it created and hugetlbfs mounts it made are registered here, and a signal thread kills/deletes
+//! network namespaces it created, hugetlbfs mounts it made and huge page pools it grew are
+//! registered here, and a signal thread kills/deletes
 //! them on SIGINT, SIGTERM or SIGHUP before the process exits. (Normal teardown is RAII in
 //! the owners; they unregister what they removed.)
 
@@ -13,12 +14,15 @@ struct Registry {
     namespaces: Vec<String>,
     children: Vec<i32>,
     mounts: Vec<PathBuf>,
+    /// (nr_hugepages file, value to write back).
+    pools: Vec<(String, u64)>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     namespaces: Vec::new(),
     children: Vec::new(),
     mounts: Vec::new(),
+    pools: Vec::new(),
 });
 
 fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
@@ -57,6 +61,16 @@ pub fn unregister_mount(dir: &Path) {
     with(|r| r.mounts.retain(|m| m != dir));
 }
 
+/// Records a hugetlb pool size to write back on a signal.
+pub fn register_pool(nr_file: &str, restore: u64) {
+    with(|r| r.pools.push((nr_file.to_string(), restore)));
+}
+
+/// Forgets a pool size (it was written back normally).
+pub fn unregister_pool(nr_file: &str) {
+    with(|r| r.pools.retain(|(f, _)| f != nr_file));
+}
+
 /// Unmounts `dir` (lazily, should a process still hold a file there) and removes the
 /// directory.
 pub fn unmount(dir: &Path) -> Result<(), String> {
@@ -89,14 +103,17 @@ pub fn delete_namespace(name: &str) -> Result<(), String> {
     }
 }
 
-/// Kills every registered child, deletes every registered namespace and unmounts every
-/// registered mount (after the children, which may hold files there).
+/// Kills every registered child, deletes every registered namespace, unmounts every
+/// registered mount and writes back every registered pool size (after the children, which may
+/// hold files and pages there; pages still in use when the pool shrinks become surplus pages
+/// the kernel frees when they are released).
 pub fn run_all() {
-    let (children, namespaces, mounts) = with(|r| {
+    let (children, namespaces, mounts, pools) = with(|r| {
         (
             std::mem::take(&mut r.children),
             std::mem::take(&mut r.namespaces),
             std::mem::take(&mut r.mounts),
+            std::mem::take(&mut r.pools),
         )
     });
     for pid in children {
@@ -112,6 +129,11 @@ pub fn run_all() {
     for m in mounts {
         if let Err(e) = unmount(&m) {
             eprintln!("harness cleanup: {e}");
+        }
+    }
+    for (file, n) in pools.into_iter().rev() {
+        if let Err(e) = std::fs::write(&file, n.to_string()) {
+            eprintln!("harness cleanup: writing {n} to {file}: {e}");
         }
     }
 }

@@ -432,6 +432,20 @@ mod tests {
     }
 
     #[test]
+    fn hugetlbfs_mount_is_made_and_removed() {
+        let m = HugetlbMount::new(2048, "unit-test").unwrap();
+        let dir = m.dir().to_path_buf();
+        let entry = format!(" {} hugetlbfs ", dir.display());
+        let mounts = || std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(mounts().contains(&entry), "{}", mounts());
+        assert!(mounts().contains("pagesize=2M"));
+        assert_eq!(m.file("x.ram"), dir.join("x.ram"));
+        drop(m);
+        assert!(!mounts().contains(&entry));
+        assert!(!dir.exists());
+    }
+
+    #[test]
     fn tsc_rate_is_plausible() {
         let khz = measure_tsc_khz(Duration::from_millis(50));
         assert!((100_000..10_000_000).contains(&khz), "{khz} kHz");
