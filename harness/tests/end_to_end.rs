@@ -320,7 +320,7 @@ fn qemu_scenario_writes_the_same_fields_and_names_the_peer() {
     assert_eq!(s["guest_ok"], true);
     assert_eq!(number(&s["guest_mismatches"], "guest_mismatches"), 0.0);
     let hist = s["histograms"].as_object().unwrap();
-    for kind in ["guest_fault", "limit", "first_touch"] {
+    for kind in ["guest_fault", "limit", "tcp_rtt", "vcpu_uffd_rtt"] {
         let file = hist[kind].as_str().unwrap();
         let b64 = std::fs::read_to_string(out.path().join("hist").join(file)).unwrap();
         assert!(!harness::histogram::from_base64(&b64).unwrap().is_empty());
