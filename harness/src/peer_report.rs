@@ -31,9 +31,9 @@ pub fn pairs(r: &Results) -> Vec<Pair<'_>> {
 }
 
 /// The QEMU side's per-fault latency, us: its guest-seen p50/p99 when the guest timed any
-/// fault, else its vCPU blocktime per postcopy request (on 1 GiB pages QEMU fetches the page
-/// holding the guest's own code and stack first, before any timed load, and then no timed
-/// load faults at all). Returns (p50, p99, what it is).
+/// fault, else its vCPU blocktime per postcopy request (on 1 GiB pages QEMU fetches the whole
+/// page on the first access after the switchover, which the guest times only if it was its
+/// timed load; nothing faults after that). Returns (p50, p99, what it is).
 pub fn qemu_fault(q: &ScenarioResult) -> Option<(f64, f64, &'static str)> {
     if q.fault_us.count > 0 {
         return Some((q.fault_us.p50, q.fault_us.p99, "guest-seen"));
