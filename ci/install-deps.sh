@@ -19,6 +19,7 @@ die() { printf '[install-deps] error: %s\n' "$*" >&2; exit 1; }
 # - binutils, file: readelf/objcopy and type checks on the kernel and the workload guest.
 # - ca-certificates: apt's https mirrors on some machines.
 # - curl: the API tests talk to the VMM's socket with the real curl.
+# - qemu-system-x86: the peer the harness measures beside ours (QEMU scenarios, its tests).
 # The workload guest links with rust-lld, which ships with the Rust toolchain (no package needed).
 PACKAGES=(
     libclang-dev
@@ -35,6 +36,7 @@ PACKAGES=(
     python3
     ca-certificates
     curl
+    qemu-system-x86
 )
 
 if [ "$(id -u)" -ne 0 ]; then

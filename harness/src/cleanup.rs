@@ -1,19 +1,28 @@
-//! Teardown that must happen even when the harness is interrupted: child processes it started
-//! and network namespaces it created are registered here, and a signal thread kills/deletes
+//! Teardown that must happen even when the harness is interrupted: child processes it started,
+//! network namespaces it created, hugetlbfs mounts it made and huge page pools it grew are
+//! registered here, and a signal thread kills/deletes
 //! them on SIGINT, SIGTERM or SIGHUP before the process exits. (Normal teardown is RAII in
 //! the owners; they unregister what they removed.)
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 #[derive(Default)]
 struct Registry {
     namespaces: Vec<String>,
     children: Vec<i32>,
+    mounts: Vec<PathBuf>,
+    /// (nr_hugepages file, value to write back).
+    pools: Vec<(String, u64)>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     namespaces: Vec::new(),
     children: Vec::new(),
+    mounts: Vec::new(),
+    pools: Vec::new(),
 });
 
 fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
@@ -42,6 +51,42 @@ pub fn unregister_child(pid: u32) {
     with(|r| r.children.retain(|&p| p != pid as i32));
 }
 
+/// Records a mount point to unmount (and remove) on a signal.
+pub fn register_mount(dir: &Path) {
+    with(|r| r.mounts.push(dir.to_path_buf()));
+}
+
+/// Forgets a mount point (it was unmounted normally).
+pub fn unregister_mount(dir: &Path) {
+    with(|r| r.mounts.retain(|m| m != dir));
+}
+
+/// Records a hugetlb pool size to write back on a signal.
+pub fn register_pool(nr_file: &str, restore: u64) {
+    with(|r| r.pools.push((nr_file.to_string(), restore)));
+}
+
+/// Forgets a pool size (it was written back normally).
+pub fn unregister_pool(nr_file: &str) {
+    with(|r| r.pools.retain(|(f, _)| f != nr_file));
+}
+
+/// Unmounts `dir` (lazily, should a process still hold a file there) and removes the
+/// directory.
+pub fn unmount(dir: &Path) -> Result<(), String> {
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| format!("{} has a NUL byte", dir.display()))?;
+    // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(format!(
+            "unmounting {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    std::fs::remove_dir(dir).map_err(|e| format!("removing {}: {e}", dir.display()))
+}
+
 /// Deletes a network namespace with `ip netns del` (errors are returned as text).
 pub fn delete_namespace(name: &str) -> Result<(), String> {
     let out = std::process::Command::new("ip")
@@ -58,12 +103,17 @@ pub fn delete_namespace(name: &str) -> Result<(), String> {
     }
 }
 
-/// Kills every registered child and deletes every registered namespace.
+/// Kills every registered child, deletes every registered namespace, unmounts every
+/// registered mount and writes back every registered pool size (after the children, which may
+/// hold files and pages there; pages still in use when the pool shrinks become surplus pages
+/// the kernel frees when they are released).
 pub fn run_all() {
-    let (children, namespaces) = with(|r| {
+    let (children, namespaces, mounts, pools) = with(|r| {
         (
             std::mem::take(&mut r.children),
             std::mem::take(&mut r.namespaces),
+            std::mem::take(&mut r.mounts),
+            std::mem::take(&mut r.pools),
         )
     });
     for pid in children {
@@ -74,6 +124,16 @@ pub fn run_all() {
     for ns in namespaces {
         if let Err(e) = delete_namespace(&ns) {
             eprintln!("harness cleanup: {e}");
+        }
+    }
+    for m in mounts {
+        if let Err(e) = unmount(&m) {
+            eprintln!("harness cleanup: {e}");
+        }
+    }
+    for (file, n) in pools.into_iter().rev() {
+        if let Err(e) = std::fs::write(&file, n.to_string()) {
+            eprintln!("harness cleanup: writing {n} to {file}: {e}");
         }
     }
 }
@@ -92,7 +152,7 @@ pub fn install_signal_cleanup() -> std::io::Result<()> {
         .name("signal-cleanup".into())
         .spawn(move || {
             let sig = set.wait().map(|s| s as i32).unwrap_or(libc::SIGTERM);
-            eprintln!("harness: signal {sig}: killing children and deleting namespaces");
+            eprintln!("harness: signal {sig}: killing children, deleting namespaces, unmounting");
             run_all();
             std::process::exit(128 + sig);
         })?;

@@ -1,6 +1,7 @@
 //! Temporary growth of the hugetlb pools for a scenario: takes the shared huge-page lock
 //! (`/run/lock/vmm-tests-hugepages.lock`, the same one the project's tests use), raises
-//! `nr_hugepages` by what the scenario needs and restores the previous value on drop.
+//! `nr_hugepages` by what the scenario needs and restores the previous value on drop (and, through
+//! [`crate::cleanup`], on a signal).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -91,6 +92,7 @@ impl HugePool {
             }
             let before = read_count(&nr)?;
             pool.restore.push((nr.clone(), before));
+            crate::cleanup::register_pool(&nr, before);
             write_count(&nr, before + (pages - free))?;
             let got = read_count(&pool_file(size_kib, "free_hugepages"))?;
             if got < pages {
@@ -111,6 +113,7 @@ impl Drop for HugePool {
             if let Err(e) = write_count(&path, n) {
                 eprintln!("harness: restoring the huge page pool: {e}");
             }
+            crate::cleanup::unregister_pool(&path);
         }
     }
 }

@@ -32,6 +32,12 @@ enum Cmd {
         /// The quick subset (the default when no scenario is named).
         #[arg(long, conflicts_with = "all")]
         quick: bool,
+        /// Also run the peer beside the chosen scenarios: `qemu` adds QEMU's postcopy on the
+        /// same backing, pattern, link and memory size for each (shmem and hugetlb; `--all`
+        /// includes them anyway). Needs qemu-system-x86_64; without it they are skipped, and
+        /// the run says so.
+        #[arg(long, value_enum, value_name = "PEER")]
+        peer: Option<PeerArg>,
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// The vmm binary (default: next to this binary, else `vmm` on PATH).
@@ -88,6 +94,11 @@ enum Cmd {
     Cleanup,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PeerArg {
+    Qemu,
+}
+
 struct Bars {
     overall: ProgressBar,
     phase: ProgressBar,
@@ -132,6 +143,7 @@ fn main() -> Result<()> {
             scenarios,
             all,
             quick,
+            peer,
             out,
             vmm,
             kernel,
@@ -140,13 +152,17 @@ fn main() -> Result<()> {
             post_passes,
             phase_timeout,
         } => {
-            let list = if all {
+            let mut list = if all {
                 scenario::all()
             } else if !scenarios.is_empty() {
                 scenario::by_names(&scenarios).map_err(anyhow::Error::msg)?
             } else {
                 scenario::quick()
             };
+            if let Some(PeerArg::Qemu) = peer {
+                let twins = scenario::peer_twins(&list);
+                list.extend(twins);
+            }
             let is_quick = quick || (!all && scenarios.is_empty());
             let cfg = RunConfig {
                 vmm: vmm.unwrap_or_else(default_vmm),
@@ -265,6 +281,9 @@ fn main() -> Result<()> {
         Cmd::List => {
             for s in scenario::quick() {
                 println!("{} (quick, {} MiB)", s.name, s.memory_mib);
+            }
+            for s in scenario::peer_twins(&scenario::quick()) {
+                println!("{} (quick --peer qemu, {} MiB)", s.name, s.memory_mib);
             }
             for s in scenario::all() {
                 println!("{}", s.name);

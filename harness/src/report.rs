@@ -49,7 +49,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn of(ok: bool) -> Self {
+    pub(crate) fn of(ok: bool) -> Self {
         if ok {
             Verdict::Met
         } else {
@@ -79,8 +79,14 @@ fn ok_scenarios(r: &Results) -> impl Iterator<Item = &ScenarioResult> {
     r.scenarios.iter().filter(|s| s.status == Status::Ok)
 }
 
-/// Checks every target against every scenario it applies to; a target no scenario measured
-/// gets one "not measured" row.
+/// Ok scenarios run by our VMM (not the peer): the project's own targets apply to these.
+fn our_scenarios(r: &Results) -> impl Iterator<Item = &ScenarioResult> {
+    ok_scenarios(r).filter(|s| s.peer.is_none())
+}
+
+/// Checks every target against every scenario of ours it applies to, then the targets against
+/// the peer ([`crate::peer_report::check_targets`]); a target no scenario measured gets one
+/// "not measured" row.
 pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
     use targets::*;
     let mut out = Vec::new();
@@ -97,7 +103,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         }
     };
 
-    let rows = ok_scenarios(r)
+    let rows = our_scenarios(r)
         .filter(|s| s.strategy == "4k-staged" && s.link == "loopback")
         .filter(|s| s.fault_us.count > 0 && s.limit_us.count > 0)
         .flat_map(|s| {
@@ -132,8 +138,8 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
     );
 
     let mut rows = Vec::new();
-    for s in ok_scenarios(r).filter(|s| s.backing == "hugetlb-1g" && s.strategy == "4k-staged") {
-        let huge = ok_scenarios(r).find(|h| {
+    for s in our_scenarios(r).filter(|s| s.backing == "hugetlb-1g" && s.strategy == "4k-staged") {
+        let huge = our_scenarios(r).find(|h| {
             h.backing == s.backing
                 && h.strategy == "huge"
                 && h.link == s.link
@@ -172,7 +178,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         &mut out,
     );
 
-    let rows = ok_scenarios(r)
+    let rows = our_scenarios(r)
         .filter(|s| s.collapse_stall_us.count > 0)
         .map(|s| TargetCheck {
             target: format!("collapse stall <= {COLLAPSE_STALL_US} us per region"),
@@ -192,7 +198,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
 
     // A link with a fault pauses the push for the outage: its throughput says nothing about
     // the link (see the "Postcopy recovery" section).
-    let rows = ok_scenarios(r)
+    let rows = our_scenarios(r)
         .filter(|s| s.link_fault.is_none())
         .filter_map(|s| Some((s, s.throughput_gbps?, s.raw_throughput_gbps?)))
         .filter(|(_, _, raw)| *raw > 0.0)
@@ -215,7 +221,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         &mut out,
     );
 
-    let rows = ok_scenarios(r)
+    let rows = our_scenarios(r)
         .filter_map(|s| Some((s, s.blackout_ms?)))
         .map(|(s, b)| TargetCheck {
             target: format!("blackout <= {BLACKOUT_MS} ms"),
@@ -225,6 +231,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         })
         .collect();
     push_or_missing(format!("blackout <= {BLACKOUT_MS} ms"), rows, &mut out);
+    out.extend(crate::peer_report::check_targets(r));
     out
 }
 
@@ -602,6 +609,7 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     }
 
     recovery_section(&mut md, r);
+    crate::peer_report::section(&mut md, r);
 
     let failed: Vec<_> = r
         .scenarios
@@ -782,7 +790,12 @@ pub fn draw_plots(dir: &Path, r: &Results) -> Result<Vec<(String, String)>, Repo
         for s in &scenarios {
             if let Some(h) = results::load_histogram(dir, s, kind::GUEST_FAULT)? {
                 if !h.is_empty() {
-                    series.push((format!("{} (guest)", s.strategy), cdf_points(&h)));
+                    let who = match (&s.peer, &s.peer_version) {
+                        (Some(p), Some(v)) => format!("{} {v}", p.to_uppercase()),
+                        (Some(p), None) => p.to_uppercase(),
+                        (None, _) => format!("ours {}", s.strategy),
+                    };
+                    series.push((format!("{who} (guest)"), cdf_points(&h)));
                 }
             }
         }
@@ -795,7 +808,7 @@ pub fn draw_plots(dir: &Path, r: &Results) -> Result<Vec<(String, String)>, Repo
         }
         if !series.is_empty() {
             let file = format!("plots/cdf-{}.svg", slug(&group));
-            let title = format!("Fault latency CDF per strategy: {group}");
+            let title = format!("Fault latency CDF per strategy (and QEMU, if run): {group}");
             line_chart(
                 &dir.join(&file),
                 &title,
@@ -1070,7 +1083,7 @@ mod tests {
             .find(|p| p.to_string_lossy().contains("cdf-"))
             .unwrap();
         let svg = std::fs::read_to_string(cdf).unwrap();
-        assert!(svg.contains("4k-staged (guest)") && svg.contains("limit"));
+        assert!(svg.contains("ours 4k-staged (guest)") && svg.contains("limit"));
     }
 
     /// The sample run plus a reset scenario (and one whose reset never fired).

@@ -237,6 +237,35 @@ pub struct ScenarioResult {
     /// for its page); they are taken out of `fault_us`.
     #[serde(default)]
     pub guest_outage_fault_us: Percentiles,
+    /// The VMM that ran the scenario when it is not ours: `"qemu"` (the peer), else absent.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// The peer's version (QMP `query-version`, e.g. `7.2.22`) and its `--version` line.
+    #[serde(default)]
+    pub peer_version: Option<String>,
+    #[serde(default)]
+    pub peer_version_line: Option<String>,
+    /// Migration capabilities turned on at the peer (e.g. postcopy-ram, postcopy-preempt).
+    #[serde(default)]
+    pub peer_capabilities: Vec<String>,
+    /// QEMU `query-migrate` `ram.postcopy-requests` on the source: pages the destination asked
+    /// for (also in `faults_served`/`uffd_faults` for QEMU scenarios).
+    #[serde(default)]
+    pub postcopy_requests: Option<u64>,
+    /// QEMU's `postcopy-blocktime` on the destination, ms: time during which *all* vCPUs
+    /// waited for a page.
+    #[serde(default)]
+    pub peer_blocktime_ms: Option<f64>,
+    /// QEMU's `postcopy-vcpu-blocktime`, ms per vCPU.
+    #[serde(default)]
+    pub peer_vcpu_blocktime_ms: Vec<f64>,
+    /// vCPUs of the guest.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Guest-seen blocktime per vCPU, ms: the sum of the `fault_us` samples divided by the
+    /// vCPU count (the same measure for every VMM).
+    #[serde(default)]
+    pub guest_blocktime_ms: Option<f64>,
 }
 
 fn one() -> u32 {
@@ -306,6 +335,15 @@ impl ScenarioResult {
             dst_paused_ms: None,
             outage_fault_us: Percentiles::default(),
             guest_outage_fault_us: Percentiles::default(),
+            peer: None,
+            peer_version: None,
+            peer_version_line: None,
+            peer_capabilities: Vec::new(),
+            postcopy_requests: None,
+            peer_blocktime_ms: None,
+            peer_vcpu_blocktime_ms: Vec::new(),
+            vcpus: None,
+            guest_blocktime_ms: None,
         }
     }
 }

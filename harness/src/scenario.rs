@@ -76,6 +76,9 @@ pub enum Strategy {
     /// destination's probe finds them; otherwise the destination falls back to 4k-staged and
     /// says why (results.json `native_fallback`).
     Native,
+    /// Not ours: QEMU's postcopy (the peer, [`crate::peer`]), which requests whole host pages
+    /// (4 KiB on shmem, the huge page on hugetlb).
+    Qemu,
 }
 
 impl Strategy {
@@ -88,15 +91,17 @@ impl Strategy {
             Strategy::FourKStaged => "4k-staged",
             Strategy::Huge => "huge",
             Strategy::Native => "native",
+            Strategy::Qemu => "qemu",
         }
     }
 
-    /// The destination's `--granularity` value.
+    /// The destination's `--granularity` value (for QEMU, what it requests: a host page).
     pub fn granularity(self) -> &'static str {
         match self {
             Strategy::FourKStaged => "4k",
             Strategy::Huge => "huge",
             Strategy::Native => "native",
+            Strategy::Qemu => "host-page",
         }
     }
 }
@@ -340,7 +345,40 @@ pub fn all() -> Vec<Scenario> {
     }
     v.extend(recovery_scenarios());
     v.push(tls_scenario());
+    let twins = peer_twins(&v);
+    v.extend(twins);
     v
+}
+
+/// The QEMU scenario beside each of ours in `list` that QEMU can run the same way: same
+/// backing (shmem, hugetlb 2 MiB or 1 GiB; QEMU has no guest_memfd postcopy), pattern, link
+/// and memory size; no injected link fault and no TLS (QEMU's TLS and recovery are not what
+/// these scenarios compare). Each once, in the order of `list`.
+pub fn peer_twins(list: &[Scenario]) -> Vec<Scenario> {
+    let mut out: Vec<Scenario> = Vec::new();
+    for s in list {
+        let comparable = s.strategy != Strategy::Qemu
+            && matches!(
+                s.backing,
+                Backing::Shmem | Backing::Hugetlb2m | Backing::Hugetlb1g
+            )
+            && s.link.fault.is_none()
+            && !s.link.tls;
+        if !comparable {
+            continue;
+        }
+        let twin = Scenario::new(
+            s.backing,
+            Strategy::Qemu,
+            s.pattern,
+            s.link.clone(),
+            s.memory_mib,
+        );
+        if !out.iter().any(|t| t.name == twin.name) && !list.iter().any(|t| t.name == twin.name) {
+            out.push(twin);
+        }
+    }
+    out
 }
 
 /// The cost of TLS: hugetlb-2m 4k-staged random on loopback with both channels over TLS 1.3,
@@ -455,6 +493,7 @@ impl Drop for BlackholeDriver {
 /// Looks scenarios up by name in `--all` (and the quick list, whose memory sizes differ).
 pub fn by_names(names: &[String]) -> Result<Vec<Scenario>, String> {
     let mut known = quick();
+    known.extend(peer_twins(&quick()));
     known.extend(all());
     names
         .iter()
@@ -511,6 +550,8 @@ pub enum RunError {
     Results(#[from] results::ResultsError),
     #[error(transparent)]
     Secret(#[from] crate::secret::SecretError),
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
     #[error("{0}")]
     Scenario(String),
 }
@@ -519,13 +560,13 @@ pub enum RunError {
 /// for delayed links, and a relay, never armed, in front of that for links with a fault: the
 /// limits are those of the relayed path) and the link's measured limits. Fields drop in order:
 /// relay, proxy and server before the namespaces.
-struct LinkEnv {
+pub(crate) struct LinkEnv {
     _echo_relay: Option<Relay>,
     _echo_proxy: Option<DelayProxy>,
     _echo: EchoServer,
-    limits: LinkLimits,
-    pair: Option<NetnsPair>,
-    link: Link,
+    pub(crate) limits: LinkLimits,
+    pub(crate) pair: Option<NetnsPair>,
+    pub(crate) link: Link,
 }
 
 impl LinkEnv {
@@ -590,14 +631,14 @@ impl LinkEnv {
     }
 
     /// A command running `program` on one side.
-    fn command(&self, side: Side, program: &Path) -> Command {
+    pub(crate) fn command(&self, side: Side, program: &Path) -> Command {
         match &self.pair {
             Some(p) => p.command(side, program.as_os_str()),
             None => Command::new(program),
         }
     }
 
-    fn dst_ip(&self) -> IpAddr {
+    pub(crate) fn dst_ip(&self) -> IpAddr {
         match &self.pair {
             Some(p) => p.ip(Side::Dst).into(),
             None => Ipv4Addr::LOCALHOST.into(),
@@ -605,7 +646,7 @@ impl LinkEnv {
     }
 
     /// The network device the source transmits on, as named inside its namespace.
-    fn src_device(&self) -> String {
+    pub(crate) fn src_device(&self) -> String {
         match &self.pair {
             Some(p) => p.veth_name(Side::Src).to_string(),
             None => "lo".into(),
@@ -647,7 +688,7 @@ fn tls_init(vmm: &Path, dir: &Path) -> Result<(), RunError> {
 
 /// A free TCP port on `ip` in the harness's namespace, or a fixed one from a private range in
 /// a fresh namespace (nothing else listens there).
-fn pick_port(ip: IpAddr, netns: bool, n: usize) -> Result<u16, RunError> {
+pub(crate) fn pick_port(ip: IpAddr, netns: bool, n: usize) -> Result<u16, RunError> {
     if netns {
         return Ok(42_000 + (n % 10_000) as u16);
     }
@@ -685,7 +726,7 @@ fn tx_bytes(pid: u32, dev: &str) -> Option<u64> {
 }
 
 /// Samples a device's transmit rate every 50 ms on a thread until stopped.
-struct RateSampler {
+pub(crate) struct RateSampler {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<(f64, f64)>>>,
 }
@@ -694,7 +735,7 @@ impl RateSampler {
     /// `copies`: how many times the device carries each migration byte (2 on loopback through
     /// a relay in the harness: source->relay and relay->destination both go over `lo`); the
     /// rate is divided by it.
-    fn start(pid: u32, dev: String, t0: Instant, copies: u32) -> Self {
+    pub(crate) fn start(pid: u32, dev: String, t0: Instant, copies: u32) -> Self {
         let copies = f64::from(copies.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
@@ -723,7 +764,7 @@ impl RateSampler {
         }
     }
 
-    fn finish(mut self) -> Vec<(f64, f64)> {
+    pub(crate) fn finish(mut self) -> Vec<(f64, f64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .take()
@@ -772,6 +813,27 @@ pub fn run(
     let secret = SecretFile::create(
         std::env::temp_dir().join(format!("harness-{}.secret", std::process::id())),
     )?;
+    // QEMU scenarios need QEMU: without it they are left out, and the run says so.
+    let qemu = crate::qemu::find();
+    let skipped = scenarios
+        .iter()
+        .filter(|s| s.strategy == Strategy::Qemu)
+        .count();
+    let scenarios: Vec<Scenario> = if qemu.is_none() && skipped > 0 {
+        eprintln!(
+            "harness: SKIPPING {skipped} QEMU scenario(s): {} not found on PATH (and \
+             HARNESS_QEMU not set); install qemu-system-x86 (ci/install-deps.sh) to run them",
+            crate::qemu::QEMU_BINARY
+        );
+        scenarios
+            .iter()
+            .filter(|s| s.strategy != Strategy::Qemu)
+            .cloned()
+            .collect()
+    } else {
+        scenarios.to_vec()
+    };
+    let scenarios = &scenarios[..];
     progress.phase("measuring the raw userfault round trip");
     let uffd = limits::uffd_round_trip(cfg.uffd_samples)?;
     // The vCPU userfault round trip, measured once per backing it is taken on (see
@@ -798,9 +860,13 @@ pub fn run(
                 &s.link.name,
                 s.pattern.as_str(),
             );
+            r.vcpus = Some(cfg.vcpus);
             let vcpu = vcpu_limit_for(cfg, s, &mut vcpu_limits, progress);
-            let outcome = match &env {
-                Ok(env) => run_one(
+            let outcome = match (&env, &qemu) {
+                (Ok(env), Some(qemu)) if s.strategy == Strategy::Qemu => crate::peer::run_qemu_one(
+                    cfg, qemu, env, &uffd, vcpu, s, index, &mut r, progress,
+                ),
+                (Ok(env), _) => run_one(
                     cfg,
                     env,
                     &uffd,
@@ -811,7 +877,7 @@ pub fn run(
                     &mut r,
                     progress,
                 ),
-                Err(e) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
+                (Err(e), _) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
             };
             if let Err(e) = outcome {
                 r.status = Status::Failed;
@@ -867,21 +933,15 @@ fn vcpu_limit_for<'a>(
     entry.as_ref().map_err(String::as_str)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_one(
-    cfg: &RunConfig,
+/// Records this run's limits on this link in `r` (and their histograms): the vCPU userfault
+/// round trip as the guest sees it plus the TCP round trip (the thread one kept beside it).
+pub(crate) fn record_limits(
+    dir: &Path,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
     vcpu: Result<&VcpuFaultLimit, &str>,
-    secret: &Path,
-    s: &Scenario,
-    index: usize,
     r: &mut ScenarioResult,
-    progress: &mut dyn Progress,
 ) -> Result<(), RunError> {
-    let dir = &cfg.out;
-    let raw = dir.join("raw");
-    r.granularity = s.strategy.granularity().to_string();
     // Limits first: they are this run's, on this link. The limit is the vCPU userfault round
     // trip as the guest sees it plus the TCP round trip; the thread one is kept beside it.
     let thread_limit = histogram::convolve(uffd, &env.limits.tcp_rtt)?;
@@ -911,6 +971,25 @@ fn run_one(
     };
     r.limit_us = Percentiles::us(&limit);
     results::save_histogram(dir, r, kind::LIMIT, &limit)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    cfg: &RunConfig,
+    env: &LinkEnv,
+    uffd: &LatencyHistogram,
+    vcpu: Result<&VcpuFaultLimit, &str>,
+    secret: &Path,
+    s: &Scenario,
+    index: usize,
+    r: &mut ScenarioResult,
+    progress: &mut dyn Progress,
+) -> Result<(), RunError> {
+    let dir = &cfg.out;
+    let raw = dir.join("raw");
+    r.granularity = s.strategy.granularity().to_string();
+    record_limits(dir, env, uffd, vcpu, r)?;
 
     // Only huge backings take the shared pool lock (other test runs hold it for minutes).
     let needs = s.huge_pages_needed();
@@ -1283,6 +1362,8 @@ pub fn fill(
         guest
     };
     r.fault_us = Percentiles::us(&guest);
+    r.guest_blocktime_ms = (!guest.is_empty())
+        .then(|| guest.mean() * guest.len() as f64 / 1e6 / f64::from(r.vcpus.unwrap_or(1).max(1)));
     results::save_histogram(dir, r, kind::GUEST_FAULT, &guest)?;
 
     r.blackout_ms = summary.blackout_ms;
@@ -1384,7 +1465,30 @@ mod tests {
     #[test]
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
-        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 1);
+        // Ours, native, recovery, TLS, then a QEMU twin of each plain shmem/hugetlb scenario.
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 1 + 3 * 3 * 4);
+        let qemu: Vec<_> = all
+            .iter()
+            .filter(|s| s.strategy == Strategy::Qemu)
+            .collect();
+        assert_eq!(qemu.len(), 3 * 3 * 4);
+        assert!(qemu.iter().all(|s| s.link.fault.is_none() && !s.link.tls));
+        assert!(all
+            .iter()
+            .any(|s| s.name == "hugetlb-1g-qemu-random-loopback"));
+        let twins = peer_twins(&quick());
+        let names: Vec<_> = twins.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "shmem-qemu-random-loopback",
+                "hugetlb-2m-qemu-random-loopback",
+                "hugetlb-1g-qemu-random-loopback",
+                "hugetlb-2m-qemu-sequential-veth-1g",
+            ]
+        );
+        assert_eq!(twins[2].memory_mib, 1024);
+        assert_eq!(by_names(&[names[0].into()]).unwrap()[0].memory_mib, 256);
         let tls: Vec<_> = all.iter().filter(|s| s.link.tls).collect();
         assert_eq!(tls.len(), 1);
         assert_eq!(tls[0].name, "hugetlb-2m-4k-staged-random-loopback-tls");

@@ -249,3 +249,90 @@ fn reset_scenario_recovers_and_keeps_outage_faults_apart() {
         .lines()
         .any(|l| l.starts_with(&format!("| {scenario} | ok |"))));
 }
+
+#[test]
+fn qemu_scenario_writes_the_same_fields_and_names_the_peer() {
+    if harness::qemu::find().is_none() {
+        println!(
+            "SKIP qemu_scenario_writes_the_same_fields_and_names_the_peer: {} not found on PATH \
+             (install qemu-system-x86, ci/install-deps.sh)",
+            harness::qemu::QEMU_BINARY
+        );
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    // QEMU's postcopy of 256 MiB of shmem (memory-backend-memfd, no huge pages) on loopback.
+    let scenario = "shmem-qemu-random-loopback";
+    let res = run_scenario(scenario, out.path());
+    let scenarios = res["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 1);
+    let s = &scenarios[0];
+    assert_eq!(s["status"], "ok", "scenario failed: {}", s["error"]);
+    assert_eq!(s["name"], scenario);
+    assert_eq!(s["backing"], "shmem");
+    assert_eq!(s["strategy"], "qemu");
+    assert_eq!(s["granularity"], "host-page");
+    assert_eq!(s["link"], "loopback");
+    assert_eq!(s["pattern"], "random");
+    // The peer and its version.
+    assert_eq!(s["peer"], "qemu");
+    let version = s["peer_version"].as_str().unwrap();
+    let parts: Vec<_> = version.split('.').collect();
+    assert!(
+        parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok()),
+        "peer_version {version:?}"
+    );
+    assert!(s["peer_version_line"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("QEMU emulator version {version}")));
+    let caps: Vec<_> = s["peer_capabilities"].as_array().unwrap().iter().collect();
+    assert!(caps.iter().any(|c| *c == "postcopy-ram"), "{caps:?}");
+    // The same figures as ours: guest-seen faults and the limit, both non-empty.
+    for field in ["fault_us", "limit_us", "tcp_rtt_us", "vcpu_uffd_rtt_us"] {
+        for p in PERCENTILES {
+            let v = number(&s[field][p], &format!("{field}.{p}"));
+            assert!(v > 0.0, "{field}.{p} = {v}");
+        }
+    }
+    assert_eq!(s["limit_basis"], "vcpu", "{}", s["vcpu_limit_error"]);
+    for field in [
+        "blackout_ms",
+        "total_s",
+        "throughput_gbps",
+        "raw_throughput_gbps",
+    ] {
+        let v = number(&s[field], field);
+        assert!(v > 0.0, "{field} = {v}");
+    }
+    assert!(!s["guest_fault_passes"].as_array().unwrap().is_empty());
+    assert!(s["guest_fault_source"]
+        .as_str()
+        .unwrap()
+        .starts_with("per-pass"));
+    // QEMU's own counters beside them: pages the destination requested, per-vCPU blocktime.
+    let requests = number(&s["postcopy_requests"], "postcopy_requests");
+    assert!(requests > 0.0);
+    assert_eq!(number(&s["faults_served"], "faults_served"), requests);
+    assert_eq!(s["peer_vcpu_blocktime_ms"].as_array().unwrap().len(), 1);
+    number(&s["peer_blocktime_ms"], "peer_blocktime_ms");
+    assert!(number(&s["guest_blocktime_ms"], "guest_blocktime_ms") > 0.0);
+    assert_eq!(s["guest_ok"], true);
+    assert_eq!(number(&s["guest_mismatches"], "guest_mismatches"), 0.0);
+    let hist = s["histograms"].as_object().unwrap();
+    for kind in ["guest_fault", "limit", "tcp_rtt", "vcpu_uffd_rtt"] {
+        let file = hist[kind].as_str().unwrap();
+        let b64 = std::fs::read_to_string(out.path().join("hist").join(file)).unwrap();
+        assert!(!harness::histogram::from_base64(&b64).unwrap().is_empty());
+    }
+    assert!(!hist.contains_key("vmm_fault"));
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(
+        md.contains("## Beside QEMU") && md.contains(version),
+        "{md}"
+    );
+    assert!(out
+        .path()
+        .join(format!("raw/{scenario}.query-migrate.json"))
+        .is_file());
+}

@@ -14,6 +14,18 @@
 //!    the task register and the IDT, then `iretq` to ring 3 at [`crate::workload_entry`]
 //!    with rdi = vCPU index, rsi = boot_params, rdx = vCPU count.
 //!
+//! Under QEMU the guest enters through the PVH entry instead ([`pvh`](#pvh-entry) below:
+//! `XEN_ELFNOTE_PHYS32_ENTRY`, 32-bit protected mode, paging off, ebx = `hvm_start_info`).
+//! It turns the start info's memory map and command line into a boot_params page of its own,
+//! enters long mode on temporary page tables and joins `_start` as vCPU 0 of 1 (QEMU starts
+//! only the bootstrap processor; the harness runs QEMU with one vCPU, as it runs ours).
+//! [`BOOT_PVH`] records the path taken. Ring 3 cannot do port I/O under PVM and QEMU has no
+//! MMIO debug device, so on the PVH path ring 3 still writes its port I/O (`rep outsb` of a
+//! line to the UART at 0x3f8, `out dx, al` of the exit code to port 0xf4, QEMU's
+//! `isa-debug-exit`) and the stub's #GP handler performs it: a #GP from ring 3 at one of
+//! those two instructions is carried out in ring 0 and the guest resumes after it. (`int n`
+//! from ring 3 raises #UD here, and a `syscall` handler does not run with I/O privilege.)
+//!
 //! Exceptions (vectors 0-31) print one line on the UART
 //! (`WORKLOAD EXCEPTION vector=.. error=.. rip=.. cr2=.. rsp=.. vcpu=..`) and end the VM
 //! with exit code [`EXCEPTION_EXIT_CODE`] (exit port 0xf4, then the MMIO exit register).
@@ -38,6 +50,15 @@ pub static FREE_START: AtomicU64 = AtomicU64::new(0);
 pub static MAPPED_LIMIT: AtomicU64 = AtomicU64::new(0);
 /// 1 when the stub used 1 GiB pages, 0 for 2 MiB pages.
 pub static USED_1G_PAGES: AtomicU64 = AtomicU64::new(0);
+/// 1 when the guest entered through the PVH entry (QEMU), 0 through the 64-bit entry (our
+/// VMM). Written by the 32-bit entry code before anything else runs.
+pub static BOOT_PVH: AtomicU64 = AtomicU64::new(0);
+/// `hvm_start_info.magic`.
+pub const PVH_MAGIC: u32 = 0x336e_c578;
+/// Exit code when the PVH entry finds no valid `hvm_start_info` (ebx) or no memory map.
+pub const BAD_START_INFO_EXIT_CODE: u8 = 5;
+/// IDT entries: the 32 exception vectors.
+const IDT_ENTRIES: u64 = 32;
 
 core::arch::global_asm!(
     r#"
@@ -50,6 +71,15 @@ core::arch::global_asm!(
     .balign 4
     .long 1
     .balign 4
+    # XEN_ELFNOTE_PHYS32_ENTRY (18): the 32-bit PVH entry QEMU's -kernel jumps to. QEMU reads
+    # the descriptor as a native-size word, so it is 8 bytes (the address fits in 32 bits).
+    .long 4
+    .long 8
+    .long 18
+    .asciz "Xen"
+    .balign 4
+    .quad pvh_start
+    .balign 4
 
     .section .bss.boot, "aw", @nobits
     .balign 4096
@@ -58,7 +88,7 @@ boot_pml4:
 boot_pdpt:
     .space 4096
 boot_idt:
-    .space 32 * 16
+    .space {idt_entries} * 16
     .balign 64
 boot_tss:
     .space {max_vcpus} * 128
@@ -72,6 +102,17 @@ boot_ready:
     .quad 0
 boot_probing:
     .quad 0
+    # The PVH entry's boot_params page and its temporary page tables (first 1 GiB, 2 MiB
+    # pages; PDPT slot 1 left empty for boot_probe_1g).
+    .balign 4096
+pvh_zero_page:
+    .space 4096
+pvh_pml4:
+    .space 4096
+pvh_pdpt:
+    .space 4096
+pvh_pd:
+    .space 4096
 
     .section .data.boot, "aw"
     .balign 16
@@ -96,7 +137,7 @@ boot_gdt_ptr:
     .word 0
     .word 0
 boot_idt_ptr:
-    .word 32 * 16 - 1
+    .word {idt_entries} * 16 - 1
     .quad boot_idt
 boot_exc_table:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
@@ -121,6 +162,8 @@ boot_msg_vcpu:
     .asciz " vcpu="
 boot_msg_many:
     .asciz "WORKLOAD ERROR vcpu index too large, max vcpus=64\n"
+boot_msg_pvh:
+    .asciz "WORKLOAD ERROR PVH entry without a valid hvm_start_info memory map\n"
 
     .section .text.boot, "ax"
     .code64
@@ -241,6 +284,127 @@ boot_too_many:
     cli
     hlt
     jmp 4b
+
+# PVH entry (QEMU): 32-bit protected mode, paging off, flat segments, ebx = hvm_start_info.
+# Builds pvh_zero_page (e820 table at 0x2d0 and its count at 0x1e8, cmd_line_ptr at 0x228,
+# cmdline_size at 0x238) from the start info, enters long mode on pvh_pml4 and continues at
+# _start as vCPU 0 of 1 with rsi = pvh_zero_page.
+    .code32
+    .global pvh_start
+pvh_start:
+    cli
+    cld
+    lea esp, [boot_kernel_stacks + {kstack}]
+    mov dword ptr [{boot_pvh}], 1
+    cmp dword ptr [ebx], {pvh_magic}
+    jne 36f
+    # memmap needs start info version >= 1 and at least one entry.
+    cmp dword ptr [ebx + 4], 1
+    jb 36f
+    mov ecx, dword ptr [ebx + 48]
+    test ecx, ecx
+    jz 36f
+    cmp ecx, 128
+    jbe 30f
+    mov ecx, 128
+30:
+    mov byte ptr [pvh_zero_page + 0x1e8], cl
+    mov esi, dword ptr [ebx + 40]
+    lea edi, [pvh_zero_page + 0x2d0]
+31:
+    # hvm_memmap_table_entry {{ u64 addr, u64 size, u32 type, u32 reserved }} -> e820 (20 bytes)
+    mov eax, dword ptr [esi]
+    mov dword ptr [edi], eax
+    mov eax, dword ptr [esi + 4]
+    mov dword ptr [edi + 4], eax
+    mov eax, dword ptr [esi + 8]
+    mov dword ptr [edi + 8], eax
+    mov eax, dword ptr [esi + 12]
+    mov dword ptr [edi + 12], eax
+    mov eax, dword ptr [esi + 16]
+    mov dword ptr [edi + 16], eax
+    add esi, 24
+    add edi, 20
+    dec ecx
+    jnz 31b
+    # Command line (its low 32 bits: QEMU puts it below 4 GiB), size = length + NUL.
+    mov esi, dword ptr [ebx + 24]
+    mov dword ptr [pvh_zero_page + 0x228], esi
+    xor ecx, ecx
+    test esi, esi
+    jz 33f
+32:
+    cmp byte ptr [esi + ecx], 0
+    je 34f
+    inc ecx
+    cmp ecx, 4095
+    jb 32b
+34:
+    inc ecx
+33:
+    mov dword ptr [pvh_zero_page + 0x238], ecx
+    # Temporary page tables: PML4[0] -> PDPT[0] -> PD, 512 x 2 MiB = the first 1 GiB.
+    lea eax, [pvh_pdpt + 3]
+    mov dword ptr [pvh_pml4], eax
+    lea eax, [pvh_pd + 3]
+    mov dword ptr [pvh_pdpt], eax
+    lea edi, [pvh_pd]
+    xor ecx, ecx
+    mov eax, 0x83
+35:
+    mov dword ptr [edi + ecx * 8], eax
+    mov dword ptr [edi + ecx * 8 + 4], 0
+    add eax, 0x200000
+    inc ecx
+    cmp ecx, 512
+    jb 35b
+    # PAE, CR3, EFER.LME, paging; then a far return into the 64-bit code segment.
+    mov eax, cr4
+    or eax, 0x20
+    mov cr4, eax
+    lea eax, [pvh_pml4]
+    mov cr3, eax
+    mov ecx, 0xc0000080
+    rdmsr
+    or eax, 0x100
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000001
+    mov cr0, eax
+    lgdt [boot_gdt_ptr]
+    push 0x10
+    lea eax, [pvh_long]
+    push eax
+    retf
+36:
+    lea esi, [boot_msg_pvh]
+    mov dx, 0x3f8
+37:
+    mov al, byte ptr [esi]
+    test al, al
+    jz 38f
+    out dx, al
+    inc esi
+    jmp 37b
+38:
+    mov al, {bad_start_info}
+    out 0xf4, al
+39:
+    cli
+    hlt
+    jmp 39b
+
+    .code64
+pvh_long:
+    mov ax, 0x18
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor edi, edi
+    lea rsi, [rip + pvh_zero_page]
+    mov edx, 1
+    jmp _start
+
 
 # vCPU 0 only. In: r13 = boot_params. Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8-r11.
 boot_build_page_tables:
@@ -441,6 +605,59 @@ boot_exc_common:
     mov [rsp], rax
     iretq
 24:
+    # PVH path: a #GP from ring 3 at `out dx, al` or `rep outsb` is ring 3 asking for port
+    # I/O (see the module doc): do it here and resume after the instruction.
+    cmp qword ptr [rsp], 13
+    jne 26f
+    cmp qword ptr [rip + {boot_pvh}], 1
+    jne 26f
+    test qword ptr [rsp + 24], 3
+    jz 26f
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    # Now: rsi [rsp], rdx [rsp+8], rcx [rsp+16], rax [rsp+24], vector [rsp+32],
+    # error [rsp+40], rip [rsp+48].
+    mov rax, [rsp + 48]
+    cmp byte ptr [rax], 0xee
+    je 27f
+    cmp word ptr [rax], 0x6ef3
+    jne 28f
+    mov rsi, [rsp]
+    mov rcx, [rsp + 16]
+    mov rdx, [rsp + 8]
+29:
+    test rcx, rcx
+    jz 30f
+    mov al, byte ptr [rsi]
+    out dx, al
+    inc rsi
+    dec rcx
+    jmp 29b
+30:
+    mov [rsp], rsi
+    mov [rsp + 16], rcx
+    add qword ptr [rsp + 48], 2
+    jmp 31f
+27:
+    mov rax, [rsp + 24]
+    mov rdx, [rsp + 8]
+    out dx, al
+    add qword ptr [rsp + 48], 1
+31:
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    add rsp, 16
+    iretq
+28:
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+26:
     mov r15, rsp
     lea rsi, [rip + boot_msg_exc]
     call boot_puts
@@ -535,4 +752,13 @@ boot_puthex:
     free_start = sym FREE_START,
     mapped_limit = sym MAPPED_LIMIT,
     used_1g = sym USED_1G_PAGES,
+    boot_pvh = sym BOOT_PVH,
+    pvh_magic = const PVH_MAGIC,
+    bad_start_info = const BAD_START_INFO_EXIT_CODE,
+    idt_entries = const IDT_ENTRIES,
 );
+
+/// True when the guest entered through the PVH entry, i.e. runs under QEMU.
+pub fn on_qemu() -> bool {
+    BOOT_PVH.load(core::sync::atomic::Ordering::Relaxed) == 1
+}

@@ -2,7 +2,8 @@
 //!
 //! A small ring-0 stub ([`boot`]) sets up paging, GDT/TSS/IDT and drops to ring 3, where
 //! [`workload`] writes and verifies an address-dependent pattern over guest RAM and times
-//! page accesses. All output goes through the MMIO debug device ([`mmio`]).
+//! page accesses. Output goes through [`console`]: the MMIO debug device ([`mmio`]) under our
+//! VMM, the ring-0 stub's serial call under QEMU.
 
 #![no_std]
 #![no_main]
@@ -32,7 +33,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         use core::fmt::Write;
         let _ = writeln!(w, "WORKLOAD PANIC {}", info);
     });
-    mmio::exit(2)
+    console::exit(2)
 }
 
 /// Never called (panic=abort), but the precompiled `core` refers to it in unoptimized

@@ -16,7 +16,6 @@ use crate::cmdline::{self, Fault, Options};
 use crate::console;
 use crate::hist::Hist;
 use crate::layout::{Layout, PAGE};
-use crate::mmio;
 use crate::order::Order;
 use crate::pattern::{self, mix64};
 use crate::tsc::{self, Clock};
@@ -87,7 +86,7 @@ fn fail(vcpu: u64, what: &str, detail: &[u8]) -> ! {
             }
             let _ = w.write_str("\n");
         });
-        mmio::exit(SETUP_EXIT_CODE)
+        console::exit(SETUP_EXIT_CODE)
     }
     park()
 }
@@ -182,7 +181,7 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
     }
     let total = sum_snapshots(vcpus, pass);
     let code = print_result(vcpus, &layout, &clock, pass, &total);
-    mmio::exit(code)
+    console::exit(code)
 }
 
 impl Worker<'_> {
@@ -301,10 +300,16 @@ fn print_start(vcpus: u64, layout: &Layout, o: &Options) {
     } else {
         "2m"
     };
+    // Which VMM, from the boot path: the PVH entry is QEMU's, the 64-bit entry ours.
+    let (vmm, boot) = if crate::boot::on_qemu() {
+        ("qemu", "pvh")
+    } else {
+        ("vmm", "elf64")
+    };
     console::with(|w| {
         let _ = writeln!(
             w,
-            "WORKLOAD start vcpus={vcpus} span_bytes={} pages={} pattern={} writes={} passes={} seed={} tsc_khz={} pt={pt} usable_bytes={}",
+            "WORKLOAD start vcpus={vcpus} span_bytes={} pages={} pattern={} writes={} passes={} seed={} tsc_khz={} pt={pt} usable_bytes={} vmm={vmm} boot={boot}",
             layout.pages * PAGE,
             layout.pages,
             o.pattern.name(),
