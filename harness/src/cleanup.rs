@@ -123,17 +123,17 @@ pub fn run_all() {
     }
     for ns in namespaces {
         if let Err(e) = delete_namespace(&ns) {
-            eprintln!("harness cleanup: {e}");
+            tracing::error!("cleanup: {e}");
         }
     }
     for m in mounts {
         if let Err(e) = unmount(&m) {
-            eprintln!("harness cleanup: {e}");
+            tracing::error!("cleanup: {e}");
         }
     }
     for (file, n) in pools.into_iter().rev() {
         if let Err(e) = std::fs::write(&file, n.to_string()) {
-            eprintln!("harness cleanup: writing {n} to {file}: {e}");
+            tracing::error!("cleanup: writing {n} to {file}: {e}");
         }
     }
 }
@@ -152,7 +152,7 @@ pub fn install_signal_cleanup() -> std::io::Result<()> {
         .name("signal-cleanup".into())
         .spawn(move || {
             let sig = set.wait().map(|s| s as i32).unwrap_or(libc::SIGTERM);
-            eprintln!("harness: signal {sig}: killing children, deleting namespaces, unmounting");
+            tracing::warn!("signal {sig}: killing children, deleting namespaces, unmounting");
             run_all();
             std::process::exit(128 + sig);
         })?;

@@ -111,7 +111,7 @@ impl Drop for HugePool {
     fn drop(&mut self) {
         for (path, n) in self.restore.drain(..).rev() {
             if let Err(e) = write_count(&path, n) {
-                eprintln!("harness: restoring the huge page pool: {e}");
+                tracing::error!("restoring the huge page pool: {e}");
             }
             crate::cleanup::unregister_pool(&path);
         }

@@ -14,6 +14,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "harness", about = "Postcopy latency-measurement harness")]
 struct Cli {
+    #[command(flatten)]
+    log: vmm_logging::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -133,11 +135,8 @@ fn print_p(name: &str, p: &Percentiles) {
 
 fn main() -> Result<()> {
     cleanup::install_signal_cleanup().context("installing the signal cleanup thread")?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    vmm_logging::init(&cli.log, "harness").context("setting up logging")?;
     match cli.cmd {
         Cmd::Run {
             scenarios,

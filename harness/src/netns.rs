@@ -225,7 +225,7 @@ impl Drop for NetnsPair {
             if let Err(e) = cleanup::delete_namespace(ns) {
                 // Already gone (creation failed half-way) is fine; say anything else.
                 if std::path::Path::new(&format!("/run/netns/{ns}")).exists() {
-                    eprintln!("harness: {e}");
+                    tracing::error!("{e}");
                 }
             }
             cleanup::unregister_namespace(ns);

@@ -368,7 +368,7 @@ impl HugetlbMount {
 impl Drop for HugetlbMount {
     fn drop(&mut self) {
         if let Err(e) = crate::cleanup::unmount(&self.dir) {
-            eprintln!("harness: {e}");
+            tracing::error!("{e}");
         }
         crate::cleanup::unregister_mount(&self.dir);
     }

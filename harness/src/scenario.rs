@@ -820,8 +820,8 @@ pub fn run(
         .filter(|s| s.strategy == Strategy::Qemu)
         .count();
     let scenarios: Vec<Scenario> = if qemu.is_none() && skipped > 0 {
-        eprintln!(
-            "harness: SKIPPING {skipped} QEMU scenario(s): {} not found on PATH (and \
+        tracing::warn!(
+            "SKIPPING {skipped} QEMU scenario(s): {} not found on PATH (and \
              HARNESS_QEMU not set); install qemu-system-x86 (ci/install-deps.sh) to run them",
             crate::qemu::QEMU_BINARY
         );
