@@ -380,6 +380,12 @@ pub struct DestinationStats {
     #[serde(default)]
     pub paused_ms: Option<f64>,
     pub staging_peak_bytes: Option<u64>,
+    /// The VMM's own per-vCPU blocktime (userfaultfd thread ids), ms.
+    #[serde(default)]
+    pub postcopy_vcpu_blocktime_ms: Vec<f64>,
+    /// The time every vCPU was blocked at once, ms.
+    #[serde(default)]
+    pub postcopy_blocktime_ms: Option<f64>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }

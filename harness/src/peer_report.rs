@@ -221,8 +221,8 @@ pub fn section(md: &mut String, r: &Results) {
          `migrate-start-postcopy` at once). Guest-seen figures come from the same guest lines \
          for both VMMs; for QEMU the guest's fault samples are its `postcopy-requests` slowest \
          slow accesses (ours: the destination's userfault count). Blocktime per vCPU = the \
-         sum of the guest-seen fault latencies / vCPUs (QEMU's own `postcopy-vcpu-blocktime` \
-         beside it). Each ratio is ours / QEMU's: below 1 is better for ours, except \
+         sum of the guest-seen fault latencies / vCPUs (each VMM's own counter beside it: ours from \
+         userfaultfd's faulting thread ids, QEMU's `postcopy-vcpu-blocktime`). Each ratio is ours / QEMU's: below 1 is better for ours, except \
          throughput.\n",
         if versions.is_empty() {
             "QEMU".to_string()
@@ -237,7 +237,7 @@ pub fn section(md: &mut String, r: &Results) {
         let _ = writeln!(
             md,
             "| ours | QEMU | p50 us ours / QEMU | ratio | p99 us ours / QEMU | ratio | \
-             blocktime ms/vCPU ours / QEMU (QEMU's own) | ratio | blackout ms ours / QEMU | ratio | \
+             blocktime ms/vCPU ours / QEMU (each VMM's own counter, ours / QEMU's) | ratio | blackout ms ours / QEMU | ratio | \
              total s ours / QEMU | ratio | background Gbit/s ours / QEMU | ratio | QEMU faults (requests) |"
         );
         let _ = writeln!(
@@ -246,16 +246,21 @@ pub fn section(md: &mut String, r: &Results) {
         );
         for p in &ps {
             let (o, q) = (figures(p.ours, false), figures(p.qemu, true));
-            let own = if p.qemu.peer_vcpu_blocktime_ms.is_empty() {
-                "-".to_string()
-            } else {
-                p.qemu
-                    .peer_vcpu_blocktime_ms
-                    .iter()
-                    .map(|v| format!("{v:.0}"))
-                    .collect::<Vec<_>>()
-                    .join("/")
+            let counters = |v: &[f64]| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.iter()
+                        .map(|v| format!("{v:.0}"))
+                        .collect::<Vec<_>>()
+                        .join("/")
+                }
             };
+            let own = format!(
+                "{} / {}",
+                counters(&p.ours.vmm_vcpu_blocktime_ms),
+                counters(&p.qemu.peer_vcpu_blocktime_ms)
+            );
             let qsrc = qemu_fault(p.qemu).map_or("", |(_, _, what)| {
                 if what == "guest-seen" {
                     ""

@@ -259,6 +259,10 @@ pub struct ScenarioResult {
     /// QEMU's `postcopy-vcpu-blocktime`, ms per vCPU.
     #[serde(default)]
     pub peer_vcpu_blocktime_ms: Vec<f64>,
+    /// Our VMM's own per-vCPU blocktime (from userfaultfd's faulting thread ids), ms; QEMU
+    /// scenarios carry theirs in `peer_vcpu_blocktime_ms`.
+    #[serde(default)]
+    pub vmm_vcpu_blocktime_ms: Vec<f64>,
     /// vCPUs of the guest.
     #[serde(default)]
     pub vcpus: Option<u32>,
@@ -342,6 +346,7 @@ impl ScenarioResult {
             postcopy_requests: None,
             peer_blocktime_ms: None,
             peer_vcpu_blocktime_ms: Vec::new(),
+            vmm_vcpu_blocktime_ms: Vec::new(),
             vcpus: None,
             guest_blocktime_ms: None,
         }

@@ -1410,6 +1410,7 @@ pub fn fill(
         r.uffd_faults = st.faults_served;
         r.pages_fetched = st.pages_fetched;
         r.staging_peak_mib = st.staging_peak_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
+        r.vmm_vcpu_blocktime_ms = st.postcopy_vcpu_blocktime_ms.clone();
         r.pages_fetched_local = st.pages_fetched_local;
         // The destination says why native was not used (`native_fallback`, a string) and how
         // it served each region (`regions[].serve_mode`).

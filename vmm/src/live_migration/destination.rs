@@ -115,6 +115,11 @@ pub struct DestinationStats {
     pub recoveries: u32,
     /// Time spent postcopy-paused, in all.
     pub paused_ms: f64,
+    /// Per vCPU, the time it was blocked in userfaults (fault read to its page's wake), ms
+    /// (QEMU's postcopy-vcpu-blocktime).
+    pub postcopy_vcpu_blocktime_ms: Vec<f64>,
+    /// The time every vCPU was blocked at once, ms (QEMU's postcopy-blocktime).
+    pub postcopy_blocktime_ms: Option<f64>,
     /// Huge-mapped guest RAM at the end, from /proc/self/smaps (kB).
     pub smaps_hugetlb_kb: u64,
     pub smaps_shmem_pmd_kb: u64,
@@ -647,6 +652,7 @@ pub fn receive(
             cfg,
             &summary,
             engine.as_ref().map(|e| e.engine.stats()),
+            engine.as_ref().map(|e| e.engine.live()),
             engine.as_ref().map(|e| e.serve.clone()).unwrap_or_default(),
         );
         let text = serde_json::to_string_pretty(&stats).unwrap_or_default();
@@ -684,8 +690,10 @@ fn destination_stats(
     cfg: &ReceiveConfig,
     summary: &migration::stats::ReceiveSummary,
     engine: Option<PostcopyStats>,
+    live: Option<Arc<migration::live_stats::EngineLive>>,
     regions: Vec<RegionServe>,
 ) -> DestinationStats {
+    let ms = |ns: u64| ns as f64 / 1e6;
     let e = engine.unwrap_or_default();
     let (hugetlb, pmd) = smaps_huge_kb();
     DestinationStats {
@@ -712,6 +720,11 @@ fn destination_stats(
         staging_current_bytes: e.staging_current_bytes,
         recoveries: summary.recoveries,
         paused_ms: summary.paused_ms,
+        postcopy_vcpu_blocktime_ms: live
+            .as_ref()
+            .map(|l| l.vcpu_blocked_ns().into_iter().map(ms).collect())
+            .unwrap_or_default(),
+        postcopy_blocktime_ms: live.as_ref().map(|l| ms(l.all_blocked_ns())),
         smaps_hugetlb_kb: hugetlb,
         smaps_shmem_pmd_kb: pmd,
         native_fallback: native_fallback(&regions),
