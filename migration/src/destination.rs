@@ -918,6 +918,7 @@ impl UrgentClient {
         let handle = std::thread::Builder::new()
             .name("mig-urgent-rx".into())
             .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
                 let _priority = thread_priority::enter(ThreadRole::Urgent);
                 client.run_reader(reader, epoch)
             })?;

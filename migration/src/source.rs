@@ -971,6 +971,7 @@ impl Handover<'_> {
                     std::thread::Builder::new()
                         .name("mig-urgent-srv".into())
                         .spawn_scoped(scope, move || {
+                            crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
                             let _priority = thread_priority::enter(ThreadRole::Urgent);
                             let r =
                                 urgent_server(urgent_reader, urgent_writer, ram, push, counters);

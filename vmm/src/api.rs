@@ -136,6 +136,7 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Role::Api);
                 for conn in listener.incoming() {
                     match conn {
                         Ok(stream) => {

@@ -131,6 +131,11 @@ struct ReceiveArgs {
     /// many seconds for the source to reconnect; then the VM is lost and it exits non-zero.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     recover_timeout: u64,
+    /// System call filtering (seccomp): on (each thread may make only the system calls of its
+    /// role; any other stops the VMM with a message naming it, exit status 159), log (allowed,
+    /// and logged by the kernel to the audit log: for finding what a new code path needs), off.
+    #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
+    seccomp: String,
 }
 
 #[derive(clap::Args)]
@@ -232,6 +237,11 @@ struct RunArgs {
     /// Create a control socket (mode 0600) at this path, for `vmm migrate` and friends.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// System call filtering (seccomp): on (each thread may make only the system calls of its
+    /// role; any other stops the VMM with a message naming it, exit status 159), log (allowed,
+    /// and logged by the kernel to the audit log: for finding what a new code path needs), off.
+    #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
+    seccomp: String,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -328,7 +338,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Sets up seccomp for this process (before any thread starts).
+fn init_seccomp(mode: &str) -> Result<()> {
+    let mode = mode.parse::<vmm::seccomp::Mode>()?;
+    vmm::seccomp::init(mode).context("setting up seccomp (--seccomp off runs without it)")?;
+    Ok(())
+}
+
 fn cmd_run(a: RunArgs) -> Result<i32> {
+    init_seccomp(&a.seccomp)?;
     let serial = serial_target(&a.serial);
     let cfg = RunConfig {
         kernel: a.kernel,
@@ -372,6 +390,7 @@ fn serial_target(s: &str) -> SerialTarget {
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
+    init_seccomp(&a.seccomp)?;
     let listen = a
         .listen
         .to_socket_addrs()

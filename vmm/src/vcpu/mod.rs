@@ -203,6 +203,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Role::Vcpu);
                 // Marks the thread finished however it ends, a panic included: `quit` and
                 // `wait_paused` wait for that mark, and would wait forever for a thread that
                 // unwound without it.
