@@ -505,13 +505,13 @@ impl Receiver<'_> {
                     self.send_done(main)?;
                 }
             }
-            Message::Switchover => {
+            Message::Switchover { nonce } => {
                 self.go_live(main, None)?;
-                self.switchover(vm, main)?;
+                self.switchover(vm, main, nonce)?;
             }
-            Message::PostcopyStart => {
+            Message::PostcopyStart { nonce } => {
                 self.go_live(main, urgent.as_mut())?;
-                self.postcopy_start(vm, main, urgent)?;
+                self.postcopy_start(vm, main, urgent, nonce)?;
             }
             other => {
                 return Err(wire::unexpected(
@@ -715,10 +715,13 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// Precopy switchover: load the state, start the vCPUs, and answer Started with the
+    /// switchover's `nonce`.
     fn switchover(
         &mut self,
         vm: &dyn DestinationVm,
         main: &mut LiveChannel,
+        nonce: u64,
     ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode != Mode::Precopy {
             return Err(protocol("Switchover in a postcopy or hybrid migration"));
@@ -738,7 +741,7 @@ impl Receiver<'_> {
         vm.start().map_err(vm_err("starting the vCPUs"))?;
         self.started = true;
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
-        main.send(&Message::Started, "sending Started")?;
+        main.send(&Message::Started { nonce }, "sending Started")?;
         self.stats.pages_received = self.have.count();
         self.send_done(main)
     }
@@ -748,6 +751,7 @@ impl Receiver<'_> {
         vm: &dyn DestinationVm,
         main: &mut LiveChannel,
         urgent: &mut Option<LiveChannel>,
+        nonce: u64,
     ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode == Mode::Precopy {
             return Err(protocol(
@@ -784,7 +788,7 @@ impl Receiver<'_> {
         vm.start().map_err(vm_err("starting the vCPUs"))?;
         self.started = true;
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
-        main.send(&Message::Started, "sending Started")?;
+        main.send(&Message::Started { nonce }, "sending Started")?;
         Ok(())
     }
 

@@ -697,9 +697,77 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
     peer.join().unwrap();
 }
 
+/// A hostile destination that answers State with a Started of its own, before PostcopyStart
+/// reached it (it cannot know the switchover nonce yet): the source refuses that Started,
+/// says why, and runs the VM again.
+#[test]
+fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
+    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut s = acceptor.accept().unwrap();
+        assert!(matches!(
+            s.main.reader.read("config").unwrap(),
+            Message::Config(_)
+        ));
+        s.main.lift_size_limit();
+        s.main.send(&Message::Ready, "ready").unwrap();
+        // Read up to State, then claim the VM started, before reading PostcopyStart.
+        loop {
+            match s.main.reader.read("stream").unwrap() {
+                Message::State(_) => break,
+                Message::Pages { .. } | Message::ZeroPages { .. } | Message::RoundEnd { .. } => {}
+                other => panic!("unexpected {other:?} before State"),
+            }
+        }
+        s.main
+            .send(&Message::Started { nonce: 0x1234_5678 }, "early Started")
+            .unwrap();
+        let nonce = match s.main.reader.read("switchover").unwrap() {
+            Message::PostcopyStart { nonce } => nonce,
+            other => panic!("expected PostcopyStart, got {other:?}"),
+        };
+        assert_ne!(nonce, 0x1234_5678);
+        // The source answers with an Error naming the refusal, then closes.
+        let t = Instant::now();
+        let mut said = None;
+        while t.elapsed() < Duration::from_secs(10) {
+            match s.main.reader.poll("drain") {
+                Ok(Some(Message::Error { message, .. })) => said = Some(message),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        said
+    });
+    let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            source::SourceError::EarlyStarted {
+                got: 0x1234_5678,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not written in answer"), "{e}");
+    assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
+    // It got as far as the pause, and the VM runs again.
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    let said = peer.join().unwrap();
+    assert!(
+        said.as_deref()
+            .is_some_and(|m| m.contains("switchover nonce")),
+        "{said:?}"
+    );
+}
+
 #[test]
 fn a_started_before_any_switchover_frame_is_refused() {
-    let (addr, peer) = speaking_destination(Message::Started);
+    let (addr, peer) = speaking_destination(Message::Started { nonce: 1 });
     let src = TestSource::new(&[(0, 0, 4 * MIB)]);
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("Started"), "{e}");

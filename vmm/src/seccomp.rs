@@ -290,6 +290,7 @@ const BASE: &[(i64, &str)] = &[
     (libc::SYS_mremap, "mremap"),
     (libc::SYS_mprotect, "mprotect"),
     (libc::SYS_madvise, "madvise"),
+    (libc::SYS_mincore, "mincore"),
     (libc::SYS_brk, "brk"),
     (libc::SYS_exit, "exit"),
     (libc::SYS_exit_group, "exit_group"),
@@ -333,6 +334,9 @@ const CHANNEL_IO: &[(i64, &str)] = &[
     (libc::SYS_sched_setattr, "sched_setattr"),
     (libc::SYS_setpriority, "setpriority"),
     (libc::SYS_getpriority, "getpriority"),
+    (libc::SYS_sched_setscheduler, "sched_setscheduler"),
+    (libc::SYS_sched_getscheduler, "sched_getscheduler"),
+    (libc::SYS_sched_getparam, "sched_getparam"),
 ];
 
 /// The rest of what the main thread (and the API, which drives migrations) does: files,
@@ -371,7 +375,6 @@ const PROCESS: &[(i64, &str)] = &[
     (libc::SYS_fdatasync, "fdatasync"),
     (libc::SYS_flock, "flock"),
     (libc::SYS_memfd_create, "memfd_create"),
-    (libc::SYS_mincore, "mincore"),
     (libc::SYS_dup, "dup"),
     (libc::SYS_dup2, "dup2"),
     (libc::SYS_dup3, "dup3"),
@@ -405,9 +408,6 @@ const PROCESS: &[(i64, &str)] = &[
     (libc::SYS_getegid, "getegid"),
     (libc::SYS_uname, "uname"),
     (libc::SYS_prlimit64, "prlimit64"),
-    (libc::SYS_sched_setscheduler, "sched_setscheduler"),
-    (libc::SYS_sched_getscheduler, "sched_getscheduler"),
-    (libc::SYS_sched_getparam, "sched_getparam"),
     (libc::SYS_sched_setaffinity, "sched_setaffinity"),
     (libc::SYS_clock_getres, "clock_getres"),
     (libc::SYS_gettimeofday, "gettimeofday"),
@@ -443,21 +443,30 @@ const IOCTL_KVM: u64 = 0xAE;
 const IOCTL_UFFD: u64 = 0xAA;
 /// Terminal and socket ioctls (TCGETS, TIOCGWINSZ, FIONBIO, FIONREAD: 0x54xx).
 const IOCTL_TTY: u64 = 0x54;
+/// /proc/self/pagemap (PAGEMAP_SCAN, 'f').
+const IOCTL_PAGEMAP: u64 = 0x66;
 
-/// The syscall lists of `role`, and the ioctl types it may use (None: any).
-fn lists(
-    role: Role,
-) -> (
-    Vec<&'static [(i64, &'static str)]>,
-    Option<&'static [u64]>,
-    bool,
-) {
-    match role {
+/// A list of system calls: (number, name).
+type List = &'static [(i64, &'static str)];
+
+/// What a role allows.
+struct Allowed {
+    /// System calls allowed with any arguments.
+    lists: Vec<List>,
+    /// The ioctl request types (bits 8..16) it may use; None: any.
+    ioctl_types: Option<&'static [u64]>,
+    /// Whether it may start threads (`clone` with CLONE_THREAD).
+    threads: bool,
+}
+
+/// What `role` allows.
+fn allowed(role: Role) -> Allowed {
+    let (lists, ioctl_types, threads): (Vec<List>, Option<&'static [u64]>, bool) = match role {
         Role::Main | Role::Api => (vec![BASE, THREADS, CHANNEL_IO, PROCESS], None, true),
         Role::Vcpu => (vec![BASE], Some(&[IOCTL_KVM, IOCTL_TTY]), false),
         Role::FaultService => (
             vec![BASE, THREADS, CHANNEL_IO],
-            Some(&[IOCTL_UFFD, IOCTL_KVM, IOCTL_TTY]),
+            Some(&[IOCTL_UFFD, IOCTL_KVM, IOCTL_TTY, IOCTL_PAGEMAP]),
             true,
         ),
         Role::Migration => (
@@ -465,11 +474,20 @@ fn lists(
             Some(&[IOCTL_UFFD, IOCTL_TTY]),
             true,
         ),
+    };
+    Allowed {
+        lists,
+        ioctl_types,
+        threads,
     }
 }
 
 fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
-    let (lists, ioctl_types, threads) = lists(role);
+    let Allowed {
+        lists,
+        ioctl_types,
+        threads,
+    } = allowed(role);
     let mut rules: Rules = BTreeMap::new();
     for list in lists {
         for &(nr, _) in list {
@@ -513,7 +531,7 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
 
 /// Whether `role` allows system call `nr` (any arguments: ioctl and clone are checked further).
 pub fn allows(role: Role, nr: i64) -> bool {
-    let (lists, _, threads) = lists(role);
+    let Allowed { lists, threads, .. } = allowed(role);
     nr == libc::SYS_ioctl
         || (threads && (nr == libc::SYS_clone || nr == libc::SYS_clone3))
         || lists.iter().any(|l| l.iter().any(|&(n, _)| n == nr))
@@ -663,8 +681,7 @@ mod tests {
             }
             // A thread inherits its spawner's filter: nothing a role allows may be missing
             // from the main thread's.
-            let (lists, _, _) = lists(role);
-            for &(nr, name) in lists.iter().flat_map(|l| l.iter()) {
+            for &(nr, name) in allowed(role).lists.iter().flat_map(|l| l.iter()) {
                 assert!(
                     allows(Role::Main, nr),
                     "{role:?} allows {name}, main does not"
