@@ -697,11 +697,11 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
     peer.join().unwrap();
 }
 
-/// A hostile destination that answers State with a Started of its own, before PostcopyStart
-/// reached it (it cannot know the switchover nonce yet): the source refuses that Started,
-/// says why, and runs the VM again.
-#[test]
-fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
+/// A hostile destination that follows the protocol up to State, then runs `act` (which may read
+/// on), and returns the text of the Error the source sends it, if any.
+fn destination_turning_at_state(
+    act: fn(&mut transport::Session),
+) -> (SocketAddr, JoinHandle<Option<String>>) {
     let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
     let addr = acceptor.local_addr().unwrap();
     let peer = std::thread::spawn(move || {
@@ -712,7 +712,6 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
         ));
         s.main.lift_size_limit();
         s.main.send(&Message::Ready, "ready").unwrap();
-        // Read up to State, then claim the VM started, before reading PostcopyStart.
         loop {
             match s.main.reader.read("stream").unwrap() {
                 Message::State(_) => break,
@@ -720,14 +719,7 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
                 other => panic!("unexpected {other:?} before State"),
             }
         }
-        s.main
-            .send(&Message::Started { nonce: 0x1234_5678 }, "early Started")
-            .unwrap();
-        let nonce = match s.main.reader.read("switchover").unwrap() {
-            Message::PostcopyStart { nonce } => nonce,
-            other => panic!("expected PostcopyStart, got {other:?}"),
-        };
-        assert_ne!(nonce, 0x1234_5678);
+        act(&mut s);
         // The source answers with an Error naming the refusal, then closes.
         let t = Instant::now();
         let mut said = None;
@@ -739,6 +731,24 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
             }
         }
         said
+    });
+    (addr, peer)
+}
+
+/// A hostile destination that answers State with a Started of its own, before PostcopyStart
+/// reached it (it cannot know the switchover nonce yet): the source refuses that Started,
+/// says why, and runs the VM again.
+#[test]
+fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
+    let (addr, peer) = destination_turning_at_state(|s| {
+        s.main
+            .send(&Message::Started { nonce: 0x1234_5678 }, "early Started")
+            .unwrap();
+        let nonce = match s.main.reader.read("switchover").unwrap() {
+            Message::PostcopyStart { nonce } => nonce,
+            other => panic!("expected PostcopyStart, got {other:?}"),
+        };
+        assert_ne!(nonce, 0x1234_5678);
     });
     let src = TestSource::new(&[(0, 0, 4 * MIB)]);
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
@@ -763,6 +773,38 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
             .is_some_and(|m| m.contains("switchover nonce")),
         "{said:?}"
     );
+}
+
+/// A hostile destination that sends an unaligned PageRequest on the urgent channel after
+/// PostcopyStart, before Started: the source's urgent server reports the malformed request, the
+/// migration fails naming it (not as a lost link left to recovery), and the VM runs again.
+#[test]
+fn an_unaligned_page_request_before_started_fails_the_migration_at_once() {
+    let (addr, peer) = destination_turning_at_state(|s| {
+        assert!(matches!(
+            s.main.reader.read("switchover").unwrap(),
+            Message::PostcopyStart { .. }
+        ));
+        s.urgent
+            .send(
+                &Message::PageRequest { id: 1, gpa: 0x1001 },
+                "a bad request",
+            )
+            .unwrap();
+    });
+    let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    // Reported as the destination's protocol violation: not a link failure that would pause
+    // the migration for recovery (and end as an unknown outcome, the VM kept paused).
+    let text = e.to_string();
+    assert!(
+        text.contains("PageRequest") && text.contains("0x1001"),
+        "{text}"
+    );
+    assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    peer.join().unwrap();
 }
 
 #[test]
