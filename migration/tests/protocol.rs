@@ -184,7 +184,22 @@ fn garbage_after_the_handshake_is_rejected() {
     let mut raw = s.main.writer.get_ref().try_clone().unwrap();
     // A header with the right magic and version but an unknown kind.
     raw.write_all(&[
-        b'V', b'M', b'M', b'G', 1, 0, 0xee, 0x7f, 0, 0, 0, 0, 0, 0, 0, 0,
+        b'V',
+        b'M',
+        b'M',
+        b'G',
+        wire::VERSION as u8,
+        0,
+        0xee,
+        0x7f,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     ])
     .unwrap();
     let e = dest.join().unwrap().err().unwrap();
@@ -350,12 +365,15 @@ fn version_mismatch_is_reported_on_both_sides() {
         },
         &mut hello,
     );
-    hello[4] = 2;
+    let newer = wire::VERSION + 1;
+    hello[4] = newer as u8;
     s.write_all(&hello).unwrap();
     let e = dest.join().unwrap().err().unwrap();
     assert!(
-        e.to_string()
-            .contains("version mismatch: peer speaks version 2, we speak 1"),
+        e.to_string().contains(&format!(
+            "version mismatch: peer speaks version {newer}, we speak {}",
+            wire::VERSION
+        )),
         "{e}"
     );
 
@@ -375,7 +393,7 @@ fn version_mismatch_is_reported_on_both_sides() {
             },
             &mut reply,
         );
-        reply[4] = 2;
+        reply[4] = (wire::VERSION + 1) as u8;
         s.write_all(&reply).unwrap();
         std::thread::sleep(Duration::from_millis(200));
     });
@@ -779,7 +797,7 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
 /// PostcopyStart, before Started: the source's urgent server reports the malformed request, the
 /// migration fails naming it (not as a lost link left to recovery), and the VM runs again.
 #[test]
-fn an_unaligned_page_request_before_started_fails_the_migration_at_once() {
+fn an_unaligned_page_request_before_started_fails_the_migration() {
     let (addr, peer) = destination_turning_at_state(|s| {
         assert!(matches!(
             s.main.reader.read("switchover").unwrap(),
