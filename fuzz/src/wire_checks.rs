@@ -229,15 +229,15 @@ pub fn check_message(msg: &Message<'_>) {
             assert!(!c.layout.regions().is_empty() && c.layout.regions().len() <= MAX_REGIONS);
             check_layout(&c.layout);
         }
+        Message::Switchover { nonce }
+        | Message::PostcopyStart { nonce }
+        | Message::Started { nonce } => assert_ne!(*nonce, 0),
         Message::Hello { .. }
         | Message::Challenge { .. }
         | Message::Response { .. }
         | Message::AuthOk { .. }
         | Message::Ready
         | Message::RoundEnd { .. }
-        | Message::Switchover
-        | Message::PostcopyStart
-        | Message::Started
         | Message::Complete { .. }
         | Message::Done(_)
         | Message::Error { .. }
@@ -340,6 +340,19 @@ pub fn check_decode(data: &[u8]) {
         }
         Err(WireError::BadLayout(_)) => {
             assert_eq!(kind, Kind::Config);
+            return;
+        }
+        Err(WireError::Reserved { kind: k, value, .. }) => {
+            assert_eq!(k, kind);
+            assert_ne!(value, 0);
+            return;
+        }
+        Err(WireError::ZeroNonce { kind: k }) => {
+            assert_eq!(k, kind);
+            assert!(matches!(
+                kind,
+                Kind::Switchover | Kind::PostcopyStart | Kind::Started
+            ));
             return;
         }
         Err(e) => panic!("decode failed with an unexpected error: {e:?}"),
@@ -451,7 +464,12 @@ pub fn check_frame_reader(data: &[u8]) {
                 assert_eq!(bad_at + HEADER, end, "header error not at a frame boundary");
                 return;
             }
-            Err(WireError::BadField { .. } | WireError::BadLayout(_)) => return,
+            Err(
+                WireError::BadField { .. }
+                | WireError::BadLayout(_)
+                | WireError::Reserved { .. }
+                | WireError::ZeroNonce { .. },
+            ) => return,
             Err(e) => panic!("reading a byte slice failed with {e:?}"),
         }
     }
@@ -595,10 +613,10 @@ pub fn sample_messages() -> Vec<Message<'static>> {
             round: 1,
             pages: 300,
         },
-        Message::Switchover,
+        Message::Switchover { nonce: 0x5eed },
         Message::State(br#"{"serial":{}}"#),
-        Message::PostcopyStart,
-        Message::Started,
+        Message::PostcopyStart { nonce: 0x5eed },
+        Message::Started { nonce: 0x5eed },
         Message::PageRequest {
             id: 1,
             gpa: 0x9_f000,

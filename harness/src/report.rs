@@ -38,6 +38,10 @@ pub mod targets {
     pub const THROUGHPUT_FRACTION: f64 = 0.8;
     /// Blackout, ms.
     pub const BLACKOUT_MS: f64 = 10.0;
+    /// TLS: 4 KiB fault p50 at most this factor of the same scenario in plaintext.
+    pub const TLS_P50_RATIO: f64 = 1.10;
+    /// TLS: background throughput at least this fraction of the same scenario in plaintext.
+    pub const TLS_THROUGHPUT_FRACTION: f64 = 0.8;
 }
 
 /// Where a scenario stands against a target.
@@ -231,6 +235,40 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         })
         .collect();
     push_or_missing(format!("blackout <= {BLACKOUT_MS} ms"), rows, &mut out);
+
+    let mut rows = Vec::new();
+    for (p, t) in tls_pairs(r) {
+        if p.fault_us.count > 0 && t.fault_us.count > 0 && p.fault_us.p50 > 0.0 {
+            let q = t.fault_us.p50 / p.fault_us.p50;
+            rows.push(TargetCheck {
+                target: format!("TLS fault p50 <= {TLS_P50_RATIO}x plaintext"),
+                scenario: format!("{} vs {}", t.name, p.name),
+                value: format!(
+                    "{:.1} us (n={}) / {:.1} us (n={}) = {q:.2}x",
+                    t.fault_us.p50, t.fault_us.count, p.fault_us.p50, p.fault_us.count
+                ),
+                verdict: Verdict::of(q <= TLS_P50_RATIO),
+            });
+        }
+        if let (Some(tg), Some(pg)) = (t.throughput_gbps, p.throughput_gbps) {
+            if pg > 0.0 {
+                rows.push(TargetCheck {
+                    target: format!(
+                        "TLS background >= {:.0}% of plaintext",
+                        TLS_THROUGHPUT_FRACTION * 100.0
+                    ),
+                    scenario: format!("{} vs {}", t.name, p.name),
+                    value: format!("{tg:.2} / {pg:.2} Gbit/s = {:.0}%", tg / pg * 100.0),
+                    verdict: Verdict::of(tg >= TLS_THROUGHPUT_FRACTION * pg),
+                });
+            }
+        }
+    }
+    push_or_missing(
+        "TLS vs plaintext (fault p50, background)".into(),
+        rows,
+        &mut out,
+    );
     out.extend(crate::peer_report::check_targets(r));
     out
 }
@@ -312,6 +350,68 @@ fn native_section(md: &mut String, r: &Results) {
             ),
             None => writeln!(md, "- {}: served natively (serve mode {modes})", s.name),
         };
+    }
+}
+
+/// Each TLS scenario (`NAME-tls`) beside its plaintext twin (`NAME`) in the same results, both
+/// ok.
+fn tls_pairs(r: &Results) -> Vec<(&ScenarioResult, &ScenarioResult)> {
+    ok_scenarios(r)
+        .filter_map(|t| {
+            let plain = t.name.strip_suffix("-tls")?;
+            Some((ok_scenarios(r).find(|p| p.name == plain)?, t))
+        })
+        .collect()
+}
+
+/// TLS vs plaintext: guest-seen and VMM-side 4 KiB fault p50/p99 and background throughput of
+/// each pair, as TLS / plaintext.
+fn tls_section(md: &mut String, r: &Results) {
+    let pairs = tls_pairs(r);
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## TLS vs plaintext\n");
+    let _ = writeln!(
+        md,
+        "Each TLS 1.3 scenario beside the same scenario in plaintext, as TLS / plaintext. \
+         Targets: fault p50 at most {:.0}% more, background throughput at least {:.0}%. Guest = \
+         the guest's timed slow loads; VMM = fault read to CONTINUE done.\n",
+        (targets::TLS_P50_RATIO - 1.0) * 100.0,
+        targets::TLS_THROUGHPUT_FRACTION * 100.0
+    );
+    let _ = writeln!(
+        md,
+        "| pair | guest faults plain / TLS | guest p50 plain | TLS | ratio | guest p99 plain | TLS | ratio | \
+         VMM p50 plain | TLS | ratio | VMM p99 plain | TLS | ratio | Gbit/s plain | TLS | ratio |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (p, t) in pairs {
+        let _ = writeln!(
+            md,
+            "| {} | {} / {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            t.name,
+            p.fault_us.count,
+            t.fault_us.count,
+            p.fault_us.p50,
+            t.fault_us.p50,
+            ratio(t.fault_us.p50, p.fault_us.p50),
+            p.fault_us.p99,
+            t.fault_us.p99,
+            ratio(t.fault_us.p99, p.fault_us.p99),
+            p.vmm_fault_us.p50,
+            t.vmm_fault_us.p50,
+            ratio(t.vmm_fault_us.p50, p.vmm_fault_us.p50),
+            p.vmm_fault_us.p99,
+            t.vmm_fault_us.p99,
+            ratio(t.vmm_fault_us.p99, p.vmm_fault_us.p99),
+            opt(p.throughput_gbps, 2),
+            opt(t.throughput_gbps, 2),
+            ratio(
+                t.throughput_gbps.unwrap_or(0.0),
+                p.throughput_gbps.unwrap_or(0.0)
+            ),
+        );
     }
 }
 
@@ -609,6 +709,7 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     }
 
     recovery_section(&mut md, r);
+    tls_section(&mut md, r);
     crate::peer_report::section(&mut md, r);
 
     let failed: Vec<_> = r
@@ -1177,6 +1278,56 @@ mod tests {
         assert!(
             t.contains("| hugetlb-1g-4k-staged-random-loopback | 36.0 | 72.0 | 2.00x |"),
             "{t}"
+        );
+    }
+    #[test]
+    fn tls_pairs_are_judged_as_ratios_to_plaintext() {
+        let d = tempfile::tempdir().unwrap();
+        let plain = scenario(
+            d.path(),
+            "4k-staged",
+            "hugetlb-2m",
+            &[20_000, 22_000, 24_000],
+        );
+        let mut tls = scenario(
+            d.path(),
+            "4k-staged",
+            "hugetlb-2m",
+            &[30_000, 33_000, 36_000],
+        );
+        tls.name = format!("{}-tls", plain.name);
+        tls.link = "loopback-tls".into();
+        tls.throughput_gbps = Some(8.1);
+        let mut r = sample(d.path());
+        r.scenarios = vec![plain, tls];
+        let checks = check_targets(&r);
+        let p50 = checks
+            .iter()
+            .find(|c| c.target.starts_with("TLS fault p50"))
+            .unwrap();
+        // 33 / 22 us: half again as slow, so the +10% target is missed.
+        assert_eq!(p50.verdict, Verdict::Missed, "{}", p50.value);
+        assert!(p50.value.contains("1.50x"), "{}", p50.value);
+        let bg = checks
+            .iter()
+            .find(|c| c.target.starts_with("TLS background"))
+            .unwrap();
+        // 8.1 / 9.0 Gbit/s = 90%.
+        assert_eq!(bg.verdict, Verdict::Met, "{}", bg.value);
+        let md = render_markdown(&r, &[]);
+        assert!(md.contains("## TLS vs plaintext"), "{md}");
+        assert!(
+            md.contains("| hugetlb-2m-4k-staged-random-loopback-tls | 3 / 3 |"),
+            "{md}"
+        );
+        // Without a twin there is no pair, and the target says it was not measured.
+        r.scenarios.remove(0);
+        assert!(!render_markdown(&r, &[]).contains("## TLS vs plaintext"));
+        assert!(
+            check_targets(&r)
+                .iter()
+                .any(|c| c.target.starts_with("TLS vs plaintext")
+                    && c.verdict == Verdict::NotMeasured)
         );
     }
 }

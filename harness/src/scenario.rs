@@ -344,7 +344,7 @@ pub fn all() -> Vec<Scenario> {
         }
     }
     v.extend(recovery_scenarios());
-    v.push(tls_scenario());
+    v.extend(tls_scenarios(1024));
     let twins = peer_twins(&v);
     v.extend(twins);
     v
@@ -381,16 +381,23 @@ pub fn peer_twins(list: &[Scenario]) -> Vec<Scenario> {
     out
 }
 
-/// The cost of TLS: hugetlb-2m 4k-staged random on loopback with both channels over TLS 1.3,
-/// beside the same scenario in plaintext (256 MiB in `--all` too, as in `--quick`).
-fn tls_scenario() -> Scenario {
-    Scenario::new(
-        Backing::Hugetlb2m,
-        Strategy::FourKStaged,
-        Pattern::Random,
-        Link::loopback().with_tls(),
-        256,
-    )
+/// The cost of TLS: hugetlb-2m 4k-staged random with both channels over TLS 1.3, on loopback
+/// and on a 10 Gbit/s veth pair, each beside the same scenario in plaintext (the report pairs
+/// `NAME-tls` with `NAME`: same backing, pattern, link and RAM size; `--quick` runs both
+/// members of each pair at 256 MiB, `--all` at 1024 MiB like its other scenarios).
+fn tls_scenarios(memory_mib: u64) -> Vec<Scenario> {
+    [Link::loopback(), Link::veth(10, 0)]
+        .into_iter()
+        .map(|l| {
+            Scenario::new(
+                Backing::Hugetlb2m,
+                Strategy::FourKStaged,
+                Pattern::Random,
+                l.with_tls(),
+                memory_mib,
+            )
+        })
+        .collect()
 }
 
 /// Postcopy recovery: the link is reset, or black-holed, once in the middle of the postcopy
@@ -413,7 +420,8 @@ fn recovery_scenarios() -> Vec<Scenario> {
 
 /// The `--quick` subset (each scenario well under half a minute): the loopback latency target
 /// on every backing at 4 KiB, 4k-staged vs huge on 2 MiB and 1 GiB pages, one capped
-/// namespace link for throughput against raw TCP, and one postcopy recovery (link reset).
+/// namespace link for throughput against raw TCP, postcopy recovery (a link reset, a
+/// black-hole), and the TLS pairs on loopback and veth.
 pub fn quick() -> Vec<Scenario> {
     use Backing::*;
     use Pattern::*;
@@ -429,10 +437,12 @@ pub fn quick() -> Vec<Scenario> {
         Scenario::new(Hugetlb1g, Huge, Random, lo(), 1024),
         Scenario::new(GuestMemfd, FourKStaged, Random, lo(), 256),
         Scenario::new(Hugetlb2m, FourKStaged, Sequential, Link::veth(1, 0), 256),
+        // The plaintext half of the veth TLS pair (the loopback half is above).
+        Scenario::new(Hugetlb2m, FourKStaged, Random, Link::veth(10, 0), 256),
     ]
     .into_iter()
     .chain(recovery_scenarios())
-    .chain([tls_scenario()])
+    .chain(tls_scenarios(256))
     .collect()
 }
 
@@ -666,13 +676,13 @@ fn start_relay(pair: Option<&NetnsPair>, upstream: SocketAddr) -> Result<Relay, 
     })
 }
 
-/// Certificates for a TLS link: `vmm tls-init DIR --hosts 127.0.0.1 --force` (a CA, a server
-/// certificate for 127.0.0.1, a client certificate).
-fn tls_init(vmm: &Path, dir: &Path) -> Result<(), RunError> {
+/// Certificates for a TLS link: `vmm tls-init DIR --hosts IP --force` (a CA, a server
+/// certificate for the destination's address `ip`, a client certificate).
+fn tls_init(vmm: &Path, dir: &Path, ip: IpAddr) -> Result<(), RunError> {
     let out = Command::new(vmm)
         .arg("tls-init")
         .arg(dir)
-        .args(["--hosts", "127.0.0.1", "--force"])
+        .args(["--hosts", &ip.to_string(), "--force"])
         .output()
         .map_err(|e| RunError::Scenario(format!("running vmm tls-init: {e}")))?;
     if !out.status.success() {
@@ -1014,15 +1024,16 @@ fn run_one(
         .arg("--stats-json")
         .arg(&stats_path);
     // `vmm` refuses non-loopback addresses without TLS; the netns link is the harness's own:
-    // plaintext with a secret, allowed explicitly.
+    // plaintext with a secret, allowed explicitly (with TLS: the secret on top of it).
     if env.link.netns {
-        dcmd.arg("--secret-file")
-            .arg(secret)
-            .arg("--allow-plaintext");
+        dcmd.arg("--secret-file").arg(secret);
+        if !env.link.tls {
+            dcmd.arg("--allow-plaintext");
+        }
     }
     let tls_dir = raw.join("tls");
     if env.link.tls {
-        tls_init(&cfg.vmm, &tls_dir)?;
+        tls_init(&cfg.vmm, &tls_dir, env.dst_ip())?;
         dcmd.arg("--tls-dir").arg(&tls_dir);
     }
     progress.phase("starting the destination");
@@ -1145,9 +1156,10 @@ fn run_one(
         .arg(to.to_string())
         .args(["--mode", "postcopy", "--json"]);
     if env.link.netns {
-        mcmd.arg("--secret-file")
-            .arg(secret)
-            .arg("--allow-plaintext");
+        mcmd.arg("--secret-file").arg(secret);
+        if !env.link.tls {
+            mcmd.arg("--allow-plaintext");
+        }
     }
     if env.link.tls {
         mcmd.arg("--tls-dir").arg(&tls_dir);
@@ -1467,7 +1479,7 @@ mod tests {
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
         // Ours, native, recovery, TLS, then a QEMU twin of each plain shmem/hugetlb scenario.
-        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 1 + 3 * 3 * 4);
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 2 + 3 * 3 * 4);
         let qemu: Vec<_> = all
             .iter()
             .filter(|s| s.strategy == Strategy::Qemu)
@@ -1491,9 +1503,21 @@ mod tests {
         assert_eq!(twins[2].memory_mib, 1024);
         assert_eq!(by_names(&[names[0].into()]).unwrap()[0].memory_mib, 256);
         let tls: Vec<_> = all.iter().filter(|s| s.link.tls).collect();
-        assert_eq!(tls.len(), 1);
+        assert_eq!(tls.len(), 2);
         assert_eq!(tls[0].name, "hugetlb-2m-4k-staged-random-loopback-tls");
-        assert!(quick().iter().any(|s| s.link.tls));
+        assert_eq!(tls[1].name, "hugetlb-2m-4k-staged-random-veth-10g-tls");
+        // Every TLS scenario has its plaintext twin, of the same size, in both lists.
+        for list in [all.clone(), quick()] {
+            for t in list.iter().filter(|s| s.link.tls) {
+                let plain = t.name.strip_suffix("-tls").unwrap();
+                let twin = list.iter().find(|s| s.name == plain);
+                assert!(
+                    twin.is_some_and(|p| p.memory_mib == t.memory_mib && !p.link.tls),
+                    "{plain}"
+                );
+            }
+        }
+        assert_eq!(quick().iter().filter(|s| s.link.tls).count(), 2);
         assert!(all
             .iter()
             .any(|s| s.strategy == Strategy::Native && s.backing == Backing::Hugetlb1g));

@@ -556,13 +556,13 @@ impl Receiver<'_> {
                     self.send_done(main)?;
                 }
             }
-            Message::Switchover => {
+            Message::Switchover { nonce } => {
                 self.go_live(main, None)?;
-                self.switchover(vm, main)?;
+                self.switchover(vm, main, nonce)?;
             }
-            Message::PostcopyStart => {
+            Message::PostcopyStart { nonce } => {
                 self.go_live(main, urgent.as_mut())?;
-                self.postcopy_start(vm, main, urgent)?;
+                self.postcopy_start(vm, main, urgent, nonce)?;
             }
             other => {
                 return Err(wire::unexpected(
@@ -769,10 +769,13 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// Precopy switchover: load the state, start the vCPUs, and answer Started with the
+    /// switchover's `nonce`.
     fn switchover(
         &mut self,
         vm: &dyn DestinationVm,
         main: &mut LiveChannel,
+        nonce: u64,
     ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode != Mode::Precopy {
             return Err(protocol("Switchover in a postcopy or hybrid migration"));
@@ -793,7 +796,7 @@ impl Receiver<'_> {
         self.started = true;
         self.monitor.vm_started(false);
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
-        main.send(&Message::Started, "sending Started")?;
+        main.send(&Message::Started { nonce }, "sending Started")?;
         self.stats.pages_received = self.have.count();
         self.send_done(main)
     }
@@ -803,6 +806,7 @@ impl Receiver<'_> {
         vm: &dyn DestinationVm,
         main: &mut LiveChannel,
         urgent: &mut Option<LiveChannel>,
+        nonce: u64,
     ) -> Result<(), DestinationError> {
         if self.postcopy.is_some() || self.config.mode == Mode::Precopy {
             return Err(protocol(
@@ -844,7 +848,7 @@ impl Receiver<'_> {
         self.started = true;
         self.monitor.vm_started(true);
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
-        main.send(&Message::Started, "sending Started")?;
+        main.send(&Message::Started { nonce }, "sending Started")?;
         Ok(())
     }
 
@@ -978,6 +982,7 @@ impl UrgentClient {
         let handle = std::thread::Builder::new()
             .name("mig-urgent-rx".into())
             .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
                 let _priority = thread_priority::enter(ThreadRole::Urgent);
                 client.run_reader(reader, epoch)
             })?;

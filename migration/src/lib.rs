@@ -9,6 +9,7 @@ pub mod postcopy;
 pub mod relay;
 pub mod source;
 pub mod stats;
+pub mod thread_hook;
 pub mod thread_priority;
 pub mod tls;
 pub mod transport;

@@ -37,6 +37,7 @@ impl Heartbeat {
         let thread = std::thread::Builder::new()
             .name("mig-heartbeat".into())
             .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
                 let (m, cv) = &*flag;
                 let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
                 while !*stopped {

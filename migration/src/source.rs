@@ -327,6 +327,10 @@ pub enum SourceError {
         attempts: u32,
         last: String,
     },
+    /// The destination's Started did not echo the switchover frame's nonce: it was written
+    /// before the switchover frame arrived (or forged). Refused; the source VM runs again.
+    #[error("the destination sent Started with switchover nonce {got:#018x}, not the {sent:#018x} of the switchover frame: a Started not written in answer to it (refused; the source VM runs again)")]
+    EarlyStarted { got: u64, sent: u64 },
     /// The switchover did not complete and the destination confirmed it never started the VM
     /// (or the switchover frame never left): the source runs the VM again.
     #[error("the switchover did not complete; the destination did not start the VM: {0}")]
@@ -969,6 +973,7 @@ fn run(
         report: &report,
         rounds,
         switch_sent: false,
+        switch_nonce: switchover_nonce(),
         started: false,
         blackout: None,
         blackout_start,
@@ -1076,6 +1081,17 @@ fn wait_readable(
     }
 }
 
+/// A fresh random non-zero nonce for the switchover frame.
+fn switchover_nonce() -> u64 {
+    use rand::RngCore;
+    loop {
+        let n = rand::rngs::OsRng.next_u64();
+        if n != 0 {
+            return n;
+        }
+    }
+}
+
 /// Between Ready and the switchover the destination says nothing on the main channel. If it
 /// did (an Error: it gave up; anything else, e.g. a Started before any switchover frame: a
 /// protocol violation), fail now, without waiting for the next read.
@@ -1154,6 +1170,8 @@ struct Handover<'a> {
     rounds: u32,
     /// The switchover frame (Switchover or PostcopyStart) may have reached the destination.
     switch_sent: bool,
+    /// The fresh random nonce of the switchover frame, which Started must echo.
+    switch_nonce: u64,
     /// The destination said it started the VM (Started, or a recovery's RecoverState).
     started: bool,
     /// Pause to the destination's Started.
@@ -1269,9 +1287,19 @@ impl Handover<'_> {
                     "sending Complete",
                 )?;
                 complete_sent = true;
-                send(&Message::Switchover, "sending Switchover")?;
+                send(
+                    &Message::Switchover {
+                        nonce: self.switch_nonce,
+                    },
+                    "sending Switchover",
+                )?;
             } else {
-                send(&Message::PostcopyStart, "sending PostcopyStart")?;
+                send(
+                    &Message::PostcopyStart {
+                        nonce: self.switch_nonce,
+                    },
+                    "sending PostcopyStart",
+                )?;
             }
         }
         // The urgent server must run before the destination's vCPUs do.
@@ -1290,6 +1318,7 @@ impl Handover<'_> {
                     std::thread::Builder::new()
                         .name("mig-urgent-srv".into())
                         .spawn_scoped(scope, move || {
+                            crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
                             let _priority = thread_priority::enter(ThreadRole::Urgent);
                             let r =
                                 urgent_server(urgent_reader, urgent_writer, ram, push, counters);
@@ -1312,12 +1341,27 @@ impl Handover<'_> {
             };
             let result = (|| -> Result<DoneStats, SourceError> {
                 if !self.started {
+                    let mut echoed = 0;
                     wait_for(
                         main_reader,
                         opts.timeouts.setup,
                         "waiting for Started",
-                        |m| matches!(m, Message::Started),
+                        |m| match m {
+                            Message::Started { nonce } => {
+                                echoed = *nonce;
+                                true
+                            }
+                            _ => false,
+                        },
                     )?;
+                    // Only an answer to the switchover frame names its nonce: a Started the
+                    // destination wrote before that frame reached it cannot.
+                    if echoed != self.switch_nonce {
+                        return Err(SourceError::EarlyStarted {
+                            got: echoed,
+                            sent: self.switch_nonce,
+                        });
+                    }
                     self.started = true;
                     self.blackout = Some(self.blackout_start.elapsed());
                     self.publish_downtime();

@@ -17,7 +17,7 @@ use crate::types::{LayoutError, MemoryKind, Mode, RamLayout, RegionLayout, PAGE_
 /// "VMMG" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMMG");
 /// Protocol version this code speaks. Peers must match exactly.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Most RAM regions a Config may announce.
 pub const MAX_REGIONS: usize = 512;
 /// Most vCPUs a Config may announce.
@@ -102,7 +102,8 @@ pub struct ResponseBody {
 }
 const _: () = assert!(size_of::<ResponseBody>() == 32);
 
-/// Body of AuthOk, Started and other frames carrying one u64.
+/// Body of AuthOk, Complete, and of Switchover, PostcopyStart and Started (the switchover
+/// nonce), the frames carrying one u64.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct U64Body {
@@ -266,12 +267,16 @@ impl Kind {
             Kind::Hello => exact(size_of::<HelloBody>()),
             Kind::Challenge => exact(size_of::<ChallengeBody>()),
             Kind::Response => exact(size_of::<ResponseBody>()),
-            Kind::AuthOk | Kind::Started | Kind::Complete => exact(size_of::<U64Body>()),
+            Kind::AuthOk
+            | Kind::Started
+            | Kind::Complete
+            | Kind::Switchover
+            | Kind::PostcopyStart => exact(size_of::<U64Body>()),
             Kind::Config => (
                 (size_of::<ConfigHead>() + size_of::<RegionEntry>()) as u32,
                 (size_of::<ConfigHead>() + MAX_REGIONS * size_of::<RegionEntry>()) as u32,
             ),
-            Kind::Ready | Kind::Switchover | Kind::PostcopyStart | Kind::Heartbeat => (0, 0),
+            Kind::Ready | Kind::Heartbeat => (0, 0),
             Kind::Pages => (
                 (size_of::<RunHead>() + PAGE) as u32,
                 size_of::<RunHead>() as u32 + MAX_PAGES_PER_FRAME * PAGE_SIZE as u32,
@@ -394,9 +399,19 @@ pub enum Message<'a> {
         pages: u64,
     },
     State(&'a [u8]),
-    Switchover,
-    PostcopyStart,
-    Started,
+    /// The precopy switchover; `nonce` (fresh, random, non-zero) must come back in Started.
+    Switchover {
+        nonce: u64,
+    },
+    /// The postcopy (or hybrid) switchover; `nonce` as in Switchover.
+    PostcopyStart {
+        nonce: u64,
+    },
+    /// The destination started the VM, in answer to the switchover frame whose nonce it
+    /// echoes (a Started written before that frame arrived cannot name it).
+    Started {
+        nonce: u64,
+    },
     PageRequest {
         id: u64,
         gpa: u64,
@@ -444,9 +459,9 @@ impl Message<'_> {
             Message::Discard { .. } => Kind::Discard,
             Message::RoundEnd { .. } => Kind::RoundEnd,
             Message::State(_) => Kind::State,
-            Message::Switchover => Kind::Switchover,
-            Message::PostcopyStart => Kind::PostcopyStart,
-            Message::Started => Kind::Started,
+            Message::Switchover { .. } => Kind::Switchover,
+            Message::PostcopyStart { .. } => Kind::PostcopyStart,
+            Message::Started { .. } => Kind::Started,
             Message::PageRequest { .. } => Kind::PageRequest,
             Message::PageReply { .. } => Kind::PageReply,
             Message::Complete { .. } => Kind::Complete,
@@ -496,6 +511,16 @@ pub enum WireError {
     },
     #[error("bad {kind:?} frame: {what}")]
     BadField { kind: Kind, what: String },
+    /// A reserved or padding field that must be zero is not.
+    #[error("bad {kind:?} frame: reserved field {field} is {value:#x}, not 0")]
+    Reserved {
+        kind: Kind,
+        field: &'static str,
+        value: u64,
+    },
+    /// A switchover frame or Started without its nonce.
+    #[error("bad {kind:?} frame: switchover nonce 0")]
+    ZeroNonce { kind: Kind },
     #[error("bad Config frame: {0}")]
     BadLayout(#[from] LayoutError),
     #[error("{kind:?} names {count} page(s) at gpa {gpa:#x}, outside the announced RAM layout")]
@@ -528,6 +553,30 @@ impl WireError {
                 | WireError::Timeout { .. }
         )
     }
+}
+
+/// Fails unless the reserved field `field` of a `kind` frame is zero.
+fn reserved_zero(kind: Kind, field: &'static str, value: u64) -> Result<(), WireError> {
+    if value != 0 {
+        return Err(WireError::Reserved { kind, field, value });
+    }
+    Ok(())
+}
+
+/// A byte array of reserved bytes as one number (little-endian), for [`reserved_zero`].
+fn bytes_value(b: &[u8]) -> u64 {
+    b.iter()
+        .rev()
+        .fold(0u64, |acc, &x| acc.wrapping_shl(8) | u64::from(x))
+}
+
+/// The nonce of a switchover frame or Started: any value but 0.
+fn nonce(kind: Kind, payload: &[u8]) -> Result<u64, WireError> {
+    let n = read_body::<U64Body>(kind, payload)?.0.value.get();
+    if n == 0 {
+        return Err(WireError::ZeroNonce { kind });
+    }
+    Ok(n)
 }
 
 fn bad(kind: Kind, what: impl Into<String>) -> WireError {
@@ -606,9 +655,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
             let (b, _) = read_body::<HelloBody>(kind, payload)?;
             let channel = ChannelKind::from_wire(b.channel)
                 .ok_or_else(|| bad(kind, format!("unknown channel {}", b.channel)))?;
-            if b.reserved != [0; 7] {
-                return Err(bad(kind, "reserved bytes are not zero"));
-            }
+            reserved_zero(kind, "Hello.reserved", bytes_value(&b.reserved))?;
             Message::Hello {
                 channel,
                 session_id: b.session_id.get(),
@@ -638,6 +685,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         }
         Kind::Config => {
             let (head, rest) = read_body::<ConfigHead>(kind, payload)?;
+            reserved_zero(kind, "ConfigHead.reserved", bytes_value(&head.reserved))?;
             let count = head.region_count.get() as usize;
             if count == 0 || count > MAX_REGIONS || rest.len() != count * size_of::<RegionEntry>() {
                 return Err(bad(
@@ -658,6 +706,9 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
             }
             let entries = <[RegionEntry]>::ref_from_bytes(rest)
                 .map_err(|_| bad(kind, "region entries are malformed"))?;
+            for e in entries {
+                reserved_zero(kind, "RegionEntry.reserved", u64::from(e.reserved.get()))?;
+            }
             let regions = entries
                 .iter()
                 .map(|e| RegionLayout {
@@ -687,6 +738,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         Kind::Ready => Message::Ready,
         Kind::Pages => {
             let (head, data) = read_body::<RunHead>(kind, payload)?;
+            reserved_zero(kind, "RunHead.reserved", u64::from(head.reserved.get()))?;
             let count = head.count.get();
             run_count(kind, count, MAX_PAGES_PER_FRAME)?;
             aligned(kind, head.gpa.get())?;
@@ -708,9 +760,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
             let (head, _) = read_body::<RunHead>(kind, payload)?;
             run_count(kind, head.count.get(), MAX_RUN_PAGES)?;
             aligned(kind, head.gpa.get())?;
-            if head.reserved.get() != 0 {
-                return Err(bad(kind, "reserved field is not zero"));
-            }
+            reserved_zero(kind, "RunHead.reserved", u64::from(head.reserved.get()))?;
             let (gpa, count) = (head.gpa.get(), head.count.get());
             match kind {
                 Kind::ZeroPages => Message::ZeroPages { gpa, count },
@@ -721,12 +771,13 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         Kind::Heartbeat => Message::Heartbeat,
         Kind::RecoverState => {
             let (b, _) = read_body::<RecoverStateBody>(kind, payload)?;
-            if b.started > 1 || b.reserved != [0; 7] {
+            if b.started > 1 {
                 return Err(bad(
                     kind,
-                    "started flag must be 0 or 1 and reserved bytes zero",
+                    format!("started flag is {}, not 0 or 1", b.started),
                 ));
             }
+            reserved_zero(kind, "RecoverState.reserved", bytes_value(&b.reserved))?;
             Message::RecoverState {
                 started: b.started == 1,
                 held_pages: b.held_pages.get(),
@@ -734,15 +785,22 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         }
         Kind::RoundEnd => {
             let (b, _) = read_body::<RoundEndBody>(kind, payload)?;
+            reserved_zero(kind, "RoundEnd.reserved", u64::from(b.reserved.get()))?;
             Message::RoundEnd {
                 round: b.round.get(),
                 pages: b.pages.get(),
             }
         }
         Kind::State => Message::State(payload),
-        Kind::Switchover => Message::Switchover,
-        Kind::PostcopyStart => Message::PostcopyStart,
-        Kind::Started => Message::Started,
+        Kind::Switchover => Message::Switchover {
+            nonce: nonce(kind, payload)?,
+        },
+        Kind::PostcopyStart => Message::PostcopyStart {
+            nonce: nonce(kind, payload)?,
+        },
+        Kind::Started => Message::Started {
+            nonce: nonce(kind, payload)?,
+        },
         Kind::PageRequest | Kind::PageReply => {
             let (head, data) = read_body::<PageHead>(kind, payload)?;
             aligned(kind, head.gpa.get())?;
@@ -838,14 +896,16 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
         Message::Response { proof } => {
             out.extend_from_slice(ResponseBody { proof: *proof }.as_bytes())
         }
-        Message::AuthOk { session_id: v } | Message::Complete { pages: v } => out
-            .extend_from_slice(
-                U64Body {
-                    value: U64::new(*v),
-                }
-                .as_bytes(),
-            ),
-        Message::Started => out.extend_from_slice(U64Body { value: U64::new(0) }.as_bytes()),
+        Message::AuthOk { session_id: v }
+        | Message::Complete { pages: v }
+        | Message::Switchover { nonce: v }
+        | Message::PostcopyStart { nonce: v }
+        | Message::Started { nonce: v } => out.extend_from_slice(
+            U64Body {
+                value: U64::new(*v),
+            }
+            .as_bytes(),
+        ),
         Message::Config(c) => {
             let regions = c.layout.regions();
             out.extend_from_slice(
@@ -871,7 +931,7 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
                 );
             }
         }
-        Message::Ready | Message::Switchover | Message::PostcopyStart | Message::Heartbeat => {}
+        Message::Ready | Message::Heartbeat => {}
         Message::RecoverState {
             started,
             held_pages,
@@ -1378,9 +1438,9 @@ mod tests {
             },
             Message::State(b"state blob"),
             Message::State(b""),
-            Message::Switchover,
-            Message::PostcopyStart,
-            Message::Started,
+            Message::Switchover { nonce: 0x1234 },
+            Message::PostcopyStart { nonce: u64::MAX },
+            Message::Started { nonce: 1 },
             Message::PageRequest { id: 1, gpa: 0x5000 },
             Message::PageReply {
                 id: 1,
@@ -1502,6 +1562,130 @@ mod tests {
     }
 
     #[test]
+    fn reserved_fields_must_be_zero() {
+        let page = vec![0u8; 4096];
+        let config = || {
+            Message::Config(MigrationConfig {
+                mode: Mode::Postcopy,
+                memory_kind: MemoryKind::Anon,
+                vcpu_count: 1,
+                layout: layout(),
+            })
+        };
+        // (message, offset of a reserved byte in the frame, kind, field)
+        let cases: Vec<(Message<'_>, usize, Kind, &str)> = vec![
+            (
+                Message::Hello {
+                    channel: ChannelKind::Main,
+                    session_id: 0,
+                    nonce: [1; 32],
+                },
+                16 + 47,
+                Kind::Hello,
+                "Hello.reserved",
+            ),
+            (config(), 16 + 18, Kind::Config, "ConfigHead.reserved"),
+            (config(), 16 + 23, Kind::Config, "ConfigHead.reserved"),
+            // The second region entry's reserved word.
+            (
+                config(),
+                16 + 24 + 24 + 20,
+                Kind::Config,
+                "RegionEntry.reserved",
+            ),
+            (
+                Message::Pages {
+                    gpa: 0,
+                    data: &page,
+                },
+                16 + 12,
+                Kind::Pages,
+                "RunHead.reserved",
+            ),
+            (
+                Message::ZeroPages { gpa: 0, count: 1 },
+                16 + 15,
+                Kind::ZeroPages,
+                "RunHead.reserved",
+            ),
+            (
+                Message::Discard { gpa: 0, count: 1 },
+                16 + 12,
+                Kind::Discard,
+                "RunHead.reserved",
+            ),
+            (
+                Message::ReceivedMap { gpa: 0, count: 1 },
+                16 + 12,
+                Kind::ReceivedMap,
+                "RunHead.reserved",
+            ),
+            (
+                Message::RoundEnd { round: 1, pages: 2 },
+                16 + 12,
+                Kind::RoundEnd,
+                "RoundEnd.reserved",
+            ),
+            (
+                Message::RecoverState {
+                    started: true,
+                    held_pages: 3,
+                },
+                16 + 15,
+                Kind::RecoverState,
+                "RecoverState.reserved",
+            ),
+        ];
+        for (msg, at, kind, field) in cases {
+            let mut out = Vec::new();
+            encode(&msg, &mut out);
+            // The frame as sent is accepted...
+            FrameReader::new(&out[..], Duration::from_secs(1))
+                .read("test")
+                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            // ...and with one reserved byte set, refused naming the field.
+            out[at] = 0x40;
+            match read_err(&out) {
+                WireError::Reserved {
+                    kind: k,
+                    field: f,
+                    value,
+                } => {
+                    assert_eq!((k, f), (kind, field));
+                    assert_ne!(value, 0);
+                }
+                e => panic!("{kind:?} with reserved byte {at} set: {e:?}"),
+            }
+            assert!(read_err(&out).to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn switchover_frames_and_started_carry_a_nonzero_nonce() {
+        for msg in [
+            Message::Switchover { nonce: 0 },
+            Message::PostcopyStart { nonce: 0 },
+            Message::Started { nonce: 0 },
+        ] {
+            let kind = msg.kind();
+            let mut out = Vec::new();
+            encode(&msg, &mut out);
+            assert!(matches!(read_err(&out), WireError::ZeroNonce { kind: k } if k == kind));
+        }
+        // The nonce is part of the fixed length: a bare switchover frame is refused.
+        let mut out = Vec::new();
+        encode(&Message::Ready, &mut out);
+        out[6..8].copy_from_slice(&(Kind::PostcopyStart as u16).to_le_bytes());
+        assert!(matches!(
+            read_err(&out),
+            WireError::BadLength {
+                kind: Kind::PostcopyStart,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn rejects_garbage_and_wrong_version() {
         assert!(matches!(
             read_err(b"GET / HTTP/1.1\r\n\r\n"),
@@ -1509,10 +1693,10 @@ mod tests {
         ));
         let mut out = Vec::new();
         encode(&Message::Ready, &mut out);
-        out[4] = 2; // version
+        out[4] = 1; // version 1: before the switchover nonce
         assert!(matches!(
             read_err(&out),
-            WireError::VersionMismatch { ours: 1, theirs: 2 }
+            WireError::VersionMismatch { ours: 2, theirs: 1 }
         ));
         let mut out = Vec::new();
         encode(&Message::Ready, &mut out);

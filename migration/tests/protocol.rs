@@ -184,7 +184,22 @@ fn garbage_after_the_handshake_is_rejected() {
     let mut raw = s.main.writer.get_ref().try_clone().unwrap();
     // A header with the right magic and version but an unknown kind.
     raw.write_all(&[
-        b'V', b'M', b'M', b'G', 1, 0, 0xee, 0x7f, 0, 0, 0, 0, 0, 0, 0, 0,
+        b'V',
+        b'M',
+        b'M',
+        b'G',
+        wire::VERSION as u8,
+        0,
+        0xee,
+        0x7f,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     ])
     .unwrap();
     let e = dest.join().unwrap().err().unwrap();
@@ -350,12 +365,15 @@ fn version_mismatch_is_reported_on_both_sides() {
         },
         &mut hello,
     );
-    hello[4] = 2;
+    let newer = wire::VERSION + 1;
+    hello[4] = newer as u8;
     s.write_all(&hello).unwrap();
     let e = dest.join().unwrap().err().unwrap();
     assert!(
-        e.to_string()
-            .contains("version mismatch: peer speaks version 2, we speak 1"),
+        e.to_string().contains(&format!(
+            "version mismatch: peer speaks version {newer}, we speak {}",
+            wire::VERSION
+        )),
         "{e}"
     );
 
@@ -375,7 +393,7 @@ fn version_mismatch_is_reported_on_both_sides() {
             },
             &mut reply,
         );
-        reply[4] = 2;
+        reply[4] = (wire::VERSION + 1) as u8;
         s.write_all(&reply).unwrap();
         std::thread::sleep(Duration::from_millis(200));
     });
@@ -697,9 +715,119 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
     peer.join().unwrap();
 }
 
+/// A hostile destination that follows the protocol up to State, then runs `act` (which may read
+/// on), and returns the text of the Error the source sends it, if any.
+fn destination_turning_at_state(
+    act: fn(&mut transport::Session),
+) -> (SocketAddr, JoinHandle<Option<String>>) {
+    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut s = acceptor.accept().unwrap();
+        assert!(matches!(
+            s.main.reader.read("config").unwrap(),
+            Message::Config(_)
+        ));
+        s.main.lift_size_limit();
+        s.main.send(&Message::Ready, "ready").unwrap();
+        loop {
+            match s.main.reader.read("stream").unwrap() {
+                Message::State(_) => break,
+                Message::Pages { .. } | Message::ZeroPages { .. } | Message::RoundEnd { .. } => {}
+                other => panic!("unexpected {other:?} before State"),
+            }
+        }
+        act(&mut s);
+        // The source answers with an Error naming the refusal, then closes.
+        let t = Instant::now();
+        let mut said = None;
+        while t.elapsed() < Duration::from_secs(10) {
+            match s.main.reader.poll("drain") {
+                Ok(Some(Message::Error { message, .. })) => said = Some(message),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        said
+    });
+    (addr, peer)
+}
+
+/// A hostile destination that answers State with a Started of its own, before PostcopyStart
+/// reached it (it cannot know the switchover nonce yet): the source refuses that Started,
+/// says why, and runs the VM again.
+#[test]
+fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
+    let (addr, peer) = destination_turning_at_state(|s| {
+        s.main
+            .send(&Message::Started { nonce: 0x1234_5678 }, "early Started")
+            .unwrap();
+        let nonce = match s.main.reader.read("switchover").unwrap() {
+            Message::PostcopyStart { nonce } => nonce,
+            other => panic!("expected PostcopyStart, got {other:?}"),
+        };
+        assert_ne!(nonce, 0x1234_5678);
+    });
+    let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            source::SourceError::EarlyStarted {
+                got: 0x1234_5678,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not written in answer"), "{e}");
+    assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
+    // It got as far as the pause, and the VM runs again.
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    let said = peer.join().unwrap();
+    assert!(
+        said.as_deref()
+            .is_some_and(|m| m.contains("switchover nonce")),
+        "{said:?}"
+    );
+}
+
+/// A hostile destination that sends an unaligned PageRequest on the urgent channel after
+/// PostcopyStart, before Started: the source's urgent server reports the malformed request, the
+/// migration fails naming it (not as a lost link left to recovery), and the VM runs again.
+#[test]
+fn an_unaligned_page_request_before_started_fails_the_migration() {
+    let (addr, peer) = destination_turning_at_state(|s| {
+        assert!(matches!(
+            s.main.reader.read("switchover").unwrap(),
+            Message::PostcopyStart { .. }
+        ));
+        s.urgent
+            .send(
+                &Message::PageRequest { id: 1, gpa: 0x1001 },
+                "a bad request",
+            )
+            .unwrap();
+    });
+    let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+    let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
+    // Reported as the destination's protocol violation: not a link failure that would pause
+    // the migration for recovery (and end as an unknown outcome, the VM kept paused).
+    let text = e.to_string();
+    assert!(
+        text.contains("PageRequest") && text.contains("0x1001"),
+        "{text}"
+    );
+    assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    peer.join().unwrap();
+}
+
 #[test]
 fn a_started_before_any_switchover_frame_is_refused() {
-    let (addr, peer) = speaking_destination(Message::Started);
+    let (addr, peer) = speaking_destination(Message::Started { nonce: 1 });
     let src = TestSource::new(&[(0, 0, 4 * MIB)]);
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("Started"), "{e}");

@@ -6,7 +6,8 @@
 //! protocol and the workload guest), [`vcpu`] (vCPU threads and state), [`devices`] (serial,
 //! reset, exit port, MMIO debug device), [`vm`] (the VM and its VM-wide state), [`api`] (the
 //! control socket), [`launcher`] (what `vmm run` does), [`probe`] (what the host offers),
-//! [`fault_limit`] (the raw vCPU userfault round trip, `vmm fault-limit`).
+//! [`fault_limit`] (the raw vCPU userfault round trip, `vmm fault-limit`), [`seccomp`] (the
+//! system calls each thread may make).
 
 pub mod api;
 pub mod boot;
@@ -19,6 +20,7 @@ pub mod live_migration;
 pub mod memory;
 pub mod probe;
 pub mod progress;
+pub mod seccomp;
 pub mod signals;
 pub mod size;
 pub mod vcpu;

@@ -156,6 +156,11 @@ struct ReceiveArgs {
     /// Write events (one JSON object per line) to path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
     event_monitor: Option<EventTarget>,
+    /// System call filtering (seccomp): on (each thread may make only the system calls of its
+    /// role; any other stops the VMM with a message naming it, exit status 159), log (allowed,
+    /// and logged by the kernel to the audit log: for finding what a new code path needs), off.
+    #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
+    seccomp: String,
 }
 
 #[derive(clap::Args)]
@@ -296,6 +301,11 @@ struct RunArgs {
     /// Write events (one JSON object per line) to path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
     event_monitor: Option<EventTarget>,
+    /// System call filtering (seccomp): on (each thread may make only the system calls of its
+    /// role; any other stops the VMM with a message naming it, exit status 159), log (allowed,
+    /// and logged by the kernel to the audit log: for finding what a new code path needs), off.
+    #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
+    seccomp: String,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -438,7 +448,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Sets up seccomp for this process (before any thread starts).
+fn init_seccomp(mode: &str) -> Result<()> {
+    let mode = mode.parse::<vmm::seccomp::Mode>()?;
+    vmm::seccomp::init(mode).context("setting up seccomp (--seccomp off runs without it)")?;
+    Ok(())
+}
+
 fn cmd_run(a: RunArgs) -> Result<i32> {
+    init_seccomp(&a.seccomp)?;
     let serial = serial_target(&a.serial);
     let cfg = RunConfig {
         kernel: a.kernel,
@@ -484,6 +502,7 @@ fn serial_target(s: &str) -> SerialTarget {
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
+    init_seccomp(&a.seccomp)?;
     let listen = a
         .listen
         .to_socket_addrs()

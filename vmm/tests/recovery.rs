@@ -755,6 +755,16 @@ fn link_never_comes_back_both_sides_give_up_vm_lost() {
     let mut rig = Rig::start("anon", "anon", "4k", PASSES, &["--recover-timeout", "5"]);
     let mut mig = rig.migrate("postcopy", &["--recover-timeout", "5"]);
     rig.wait_postcopy_started(&mig);
+    // The source must have seen Started (its progress enters the postcopy phase): a cut before
+    // that leaves the outcome unknown at the source (a case of its own, below), not "VM lost".
+    wait_output(
+        &mut mig,
+        "the source's postcopy phase (it saw Started)",
+        MIGRATE_LIMIT,
+        &[&rig.src, &rig.dst],
+        Some(&rig.relay),
+        |_, err| err.contains("] postcopy   round"),
+    );
     rig.relay.set_refuse(true);
     rig.relay.reset();
     let cut = Instant::now();

@@ -749,7 +749,10 @@ impl PostcopyEngine {
         threads.push(
             std::thread::Builder::new()
                 .name("postcopy-collapse".into())
-                .spawn(move || collapse::run(s, collapse_rx))
+                .spawn(move || {
+                    crate::thread_hook::started(crate::thread_hook::ThreadKind::Collapse);
+                    collapse::run(s, collapse_rx)
+                })
                 .map_err(|source| PostcopyError::Spawn {
                     what: "collapse",
                     source,

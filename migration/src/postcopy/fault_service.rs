@@ -46,7 +46,10 @@ pub(crate) fn spawn(
         threads.push(
             std::thread::Builder::new()
                 .name(format!("postcopy-fault-{i}"))
-                .spawn(move || worker(s, rx))
+                .spawn(move || {
+                    crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
+                    worker(s, rx)
+                })
                 .map_err(|source| PostcopyError::Spawn {
                     what: "fault worker",
                     source,
@@ -57,7 +60,10 @@ pub(crate) fn spawn(
     threads.push(
         std::thread::Builder::new()
             .name("postcopy-uffd-reader".into())
-            .spawn(move || reader(s, tx))
+            .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
+                reader(s, tx)
+            })
             .map_err(|source| PostcopyError::Spawn {
                 what: "uffd reader",
                 source,

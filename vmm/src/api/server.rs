@@ -45,6 +45,7 @@ impl ApiServer {
             .enable_all()
             .thread_name("api-blocking")
             .max_blocking_threads(8)
+            .on_thread_start(|| crate::seccomp::enter_or_exit(crate::seccomp::Role::Api))
             .build()
             .map_err(ApiError::Runtime)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -52,6 +53,7 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Role::Api);
                 rt.block_on(async move {
                     let listener = match tokio::net::UnixListener::from_std(listener) {
                         Ok(l) => l,

@@ -208,6 +208,7 @@ impl VcpuHandle {
             .spawn(move || {
                 // The postcopy engine tells this thread's userfaults by its id.
                 let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                crate::seccomp::enter_or_exit(crate::seccomp::Role::Vcpu);
                 // Marks the thread finished however it ends, a panic included: `quit` and
                 // `wait_paused` wait for that mark, and would wait forever for a thread that
                 // unwound without it.

@@ -1,0 +1,134 @@
+//! Seccomp: a thread that makes a system call its role forbids stops the process with a report
+//! naming the role and the call (real filters, in a child process of this test binary); log
+//! mode lets the call through; `vmm run --seccomp off` and `--seccomp log` run the workload
+//! guest (the default, on, is what every other VM and migration test runs under).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use vmm::seccomp::{self, Mode, Role, VIOLATION_EXIT};
+
+/// Set in the child process this test binary starts: which mode and role it filters with.
+const CHILD_ENV: &str = "VMM_SECCOMP_TEST_CHILD";
+
+/// In the child: set seccomp up as `vmm run` does, then in a thread narrowed to `role`, open a
+/// TCP socket (no role but main and api may) and exit 0 if that returned.
+fn child(mode: Mode, role: Role) -> ! {
+    seccomp::init(mode).expect("seccomp init");
+    let t = std::thread::spawn(move || {
+        seccomp::enter(role).expect("entering the role");
+        // SAFETY: socket has no memory arguments; the descriptor is closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: fd is the descriptor socket just returned.
+            unsafe { libc::close(fd) };
+        }
+        fd
+    });
+    let fd = t.join().expect("the filtered thread");
+    // SAFETY: _exit ends the process at once (no libtest teardown under the filter).
+    unsafe { libc::_exit(if fd >= 0 { 0 } else { 2 }) }
+}
+
+/// Runs `child_process` of this binary with `mode`/`role`; returns (status code, stderr).
+fn run_child(mode: &str, role: &str) -> (Option<i32>, String) {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "child_process", "--ignored", "--nocapture"])
+        .env(CHILD_ENV, format!("{mode}:{role}"))
+        .output()
+        .expect("running the child");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Not a test of its own: the body of the child process the tests below start.
+#[test]
+#[ignore]
+fn child_process() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (mode, role) = spec.split_once(':').expect("mode:role");
+    let mode: Mode = mode.parse().expect("mode");
+    let role = match role {
+        "vcpu" => Role::Vcpu,
+        "fault-service" => Role::FaultService,
+        "migration" => Role::Migration,
+        "api" => Role::Api,
+        other => panic!("role {other}"),
+    };
+    child(mode, role);
+}
+
+#[test]
+fn a_forbidden_system_call_stops_the_process_and_names_the_thread_role_and_call() {
+    for role in ["vcpu", "fault-service", "migration"] {
+        let (code, err) = run_child("on", role);
+        assert_eq!(code, Some(VIOLATION_EXIT), "{role}: {err}");
+        assert!(
+            err.contains(&format!("seccomp: the {role} thread"))
+                && err.contains(&format!("system call {} (socket)", libc::SYS_socket))
+                && err.contains("forbids"),
+            "{role}: {err}"
+        );
+    }
+}
+
+#[test]
+fn log_mode_lets_the_call_through_and_api_may_open_sockets() {
+    let (code, err) = run_child("log", "vcpu");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = run_child("on", "api");
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn vmm_run_works_with_seccomp_off_and_log() {
+    let kernel = image("workload.elf");
+    for mode in ["off", "log"] {
+        let out = run_vmm(
+            &[
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--memory",
+                "64M",
+                "--vcpus",
+                "2",
+                "--seccomp",
+                mode,
+                "--cmdline",
+                "span=16M passes=1 pattern=random",
+            ],
+            Duration::from_secs(120),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let result = workload_result(&stdout).unwrap_or_else(|| {
+            panic!(
+                "--seccomp {mode}: no WORKLOAD RESULT line\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_eq!(field(&result, "status"), Some("ok"), "{stdout}");
+        assert_eq!(out.status.code(), Some(0), "--seccomp {mode}");
+    }
+    let out = run_vmm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--seccomp",
+            "maybe",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seccomp"));
+}
