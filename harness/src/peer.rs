@@ -18,13 +18,13 @@
 //!    stands in for the destination's userfault count when picking the guest's fault samples.
 
 use crate::guest_output::{DestinationStats, GuestOutput, MigrateSummary};
-use crate::histogram::{self, LatencyHistogram};
+use crate::histogram::LatencyHistogram;
 use crate::hugepool::HugePool;
 use crate::limits::VcpuFaultLimit;
 use crate::netns::Side;
 use crate::process::Proc;
 use crate::qemu::{self, GuestConfig, HugetlbMount, Memory, Qmp};
-use crate::results::{self, kind, ScenarioResult, Status};
+use crate::results::{kind, ScenarioResult, Status};
 use crate::scenario::{
     self, passes_begun_before, pick_port, LinkEnv, Progress, RateSampler, RunConfig, RunError,
     Scenario,
@@ -135,28 +135,7 @@ pub(crate) fn run_qemu_one(
     let mut src = Proc::spawn("source qemu", scmd, &raw.join(format!("{}.src", s.name)))?;
     let mut sq = Qmp::connect(&src_qmp, cfg.phase_timeout)?;
     sq.set_capabilities(&wanted)?;
-    if !src.wait_for_lines(|l| l.contains("WORKLOAD pass"), 1, cfg.phase_timeout)? {
-        return Err(RunError::Scenario(format!(
-            "the source guest finished no pass within {:?} (see raw/{}.src.out/.err)",
-            cfg.phase_timeout, s.name
-        )));
-    }
-    if src.try_wait()?.is_some() {
-        return Err(RunError::Scenario(format!(
-            "the source guest finished all {} passes before the migration began: raise --passes",
-            s.pattern.passes_for(cfg.passes)
-        )));
-    }
-    let src_out = GuestOutput::parse(&src.text());
-    r.guest_slow_before_migration = Some(src_out.passes.iter().map(|p| p.slow_accesses).sum());
-    if let Some(ft) = src_out.hists_named("first_touch").last() {
-        results::save_histogram(
-            dir,
-            r,
-            kind::FIRST_TOUCH,
-            &histogram::from_buckets(&ft.buckets)?,
-        )?;
-    }
+    scenario::source_first_pass(&mut src, cfg, s, r)?;
 
     progress.phase("migrating (QEMU postcopy)");
     let t0 = Instant::now();

@@ -1107,28 +1107,7 @@ fn run_one(
     progress.phase("starting the source guest");
     let mut src = Proc::spawn("source vmm", scmd, &raw.join(format!("{}.src", s.name)))?;
     // Migrate once the guest has written its memory once (first pass done).
-    if !src.wait_for_lines(|l| l.contains("WORKLOAD pass"), 1, cfg.phase_timeout)? {
-        return Err(RunError::Scenario(format!(
-            "the source guest finished no pass within {:?} (see raw/{}.src.out/.err)",
-            cfg.phase_timeout, s.name
-        )));
-    }
-    if src.try_wait()?.is_some() {
-        return Err(RunError::Scenario(format!(
-            "the source guest finished all {} passes before the migration began: raise --passes",
-            s.pattern.passes_for(cfg.passes)
-        )));
-    }
-    let src_out = GuestOutput::parse(&src.text());
-    r.guest_slow_before_migration = Some(src_out.passes.iter().map(|p| p.slow_accesses).sum());
-    if let Some(ft) = src_out.hists_named("first_touch").last() {
-        results::save_histogram(
-            dir,
-            r,
-            kind::FIRST_TOUCH,
-            &histogram::from_buckets(&ft.buckets)?,
-        )?;
-    }
+    source_first_pass(&mut src, cfg, s, r)?;
 
     progress.phase("migrating");
     let t0 = Instant::now();
@@ -1250,6 +1229,40 @@ fn run_one(
 /// Why a scenario with a link fault did not measure what it is for, if it did not: the relay
 /// never reset (`resets`; `forwarded` bytes went source->destination through it), or it reset
 /// but neither side counted a recovery.
+/// Waits until the source guest (ours or QEMU's) wrote its memory once (its first pass line),
+/// checks it is still running, and records what it saw before the migration (slow accesses,
+/// the first-touch histogram).
+pub(crate) fn source_first_pass(
+    src: &mut Proc,
+    cfg: &RunConfig,
+    s: &Scenario,
+    r: &mut ScenarioResult,
+) -> Result<(), RunError> {
+    if !src.wait_for_lines(|l| l.contains("WORKLOAD pass"), 1, cfg.phase_timeout)? {
+        return Err(RunError::Scenario(format!(
+            "the source guest finished no pass within {:?} (see raw/{}.src.out/.err)",
+            cfg.phase_timeout, s.name
+        )));
+    }
+    if src.try_wait()?.is_some() {
+        return Err(RunError::Scenario(format!(
+            "the source guest finished all {} passes before the migration began: raise --passes",
+            s.pattern.passes_for(cfg.passes)
+        )));
+    }
+    let src_out = GuestOutput::parse(&src.text());
+    r.guest_slow_before_migration = Some(src_out.passes.iter().map(|p| p.slow_accesses).sum());
+    if let Some(ft) = src_out.hists_named("first_touch").last() {
+        results::save_histogram(
+            &cfg.out,
+            r,
+            kind::FIRST_TOUCH,
+            &histogram::from_buckets(&ft.buckets)?,
+        )?;
+    }
+    Ok(())
+}
+
 pub fn fault_not_exercised(
     r: &ScenarioResult,
     fault: LinkFault,
@@ -1498,6 +1511,7 @@ mod tests {
                 "hugetlb-2m-qemu-random-loopback",
                 "hugetlb-1g-qemu-random-loopback",
                 "hugetlb-2m-qemu-sequential-veth-1g",
+                "hugetlb-2m-qemu-random-veth-10g",
             ]
         );
         assert_eq!(twins[2].memory_mib, 1024);
