@@ -44,7 +44,8 @@ pub fn migrate_with_progress(
     while !worker.is_finished() {
         // The source VMM may already be gone once the migration ended: a failed poll only
         // means no new figures.
-        if let Ok(info) = client.migration() {
+        // "none": the request has not started the migration yet.
+        if let Some(info) = client.migration().ok().filter(|i| i["status"] != "none") {
             let status = info["status"].as_str().unwrap_or("?").to_string();
             let ram = &info["ram"];
             let total = ram["total"].as_u64().unwrap_or(0);

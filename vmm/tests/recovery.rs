@@ -63,8 +63,20 @@ const STREAM_BYTES: u64 = 64 * MIB;
 
 /// Starts the source VM (1 vCPU, [`MEMORY`]) and waits until its API socket is up and the guest
 /// finished a pass.
-fn start_source(backing: &str, passes: u32, sock: &Path) -> Proc {
-    start_workload_source(backing, MEMORY, 1, passes, sock)
+/// Starts the source VM with its event stream in `events`.
+fn start_source(backing: &str, passes: u32, sock: &Path, events: &Path) -> Proc {
+    let mut args = workload_source_args(backing, MEMORY, 1, passes, sock);
+    args.extend([
+        "--event-monitor".into(),
+        format!("path={}", events.display()),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Proc::vmm("source", &args);
+    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
+        out.contains("WORKLOAD pass ")
+    });
+    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
+    src
 }
 
 /// Starts `vmm receive` on `port` and waits until it listens.
@@ -263,6 +275,8 @@ struct Rig {
     dir: tempfile::TempDir,
     sock: PathBuf,
     stats_path: PathBuf,
+    /// The source's event stream (`--event-monitor`).
+    events: PathBuf,
     dst_addr: SocketAddr,
     dst: Proc,
     src: Proc,
@@ -291,7 +305,8 @@ impl Rig {
         let mut extra = vec!["--stats-json", stats_path.to_str().unwrap()];
         extra.extend_from_slice(dst_extra);
         let dst = start_destination("destination", dst, granularity, port, &extra);
-        let src = start_source(src, passes, &sock);
+        let events = dir.path().join("source.events");
+        let src = start_source(src, passes, &sock, &events);
         let dst_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let relay =
             Relay::start("127.0.0.1:0".parse().unwrap(), dst_addr).expect("start the relay");
@@ -299,6 +314,7 @@ impl Rig {
             dir,
             sock,
             stats_path,
+            events,
             dst_addr,
             dst,
             src,
@@ -755,16 +771,21 @@ fn link_never_comes_back_both_sides_give_up_vm_lost() {
     let mut rig = Rig::start("anon", "anon", "4k", PASSES, &["--recover-timeout", "5"]);
     let mut mig = rig.migrate("postcopy", &["--recover-timeout", "5"]);
     rig.wait_postcopy_started(&mig);
-    // The source must have seen Started (its progress enters the postcopy phase): a cut before
-    // that leaves the outcome unknown at the source (a case of its own, below), not "VM lost".
-    wait_output(
-        &mut mig,
-        "the source's postcopy phase (it saw Started)",
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-        |_, err| err.contains("] postcopy   round"),
-    );
+    // The source must have seen Started (its event stream says postcopy-active, written the
+    // moment it accepted Started): a cut before that leaves the outcome unknown at the source
+    // (a case of its own, below), not "VM lost".
+    let start = Instant::now();
+    while !std::fs::read_to_string(&rig.events)
+        .unwrap_or_default()
+        .contains("\"event\":\"postcopy-active\"")
+    {
+        assert!(
+            start.elapsed() < MIGRATE_LIMIT,
+            "the source never saw Started\n{}",
+            rig.context(&mig)
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
     rig.relay.set_refuse(true);
     rig.relay.reset();
     let cut = Instant::now();
