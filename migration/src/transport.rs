@@ -95,6 +95,9 @@ pub enum TransportError {
     },
     #[error("the connection names session {got:#x}, but the session is {expected:#x}")]
     SessionMismatch { expected: u64, got: u64 },
+    /// A main-channel Hello naming a session (a recovery) where a new migration must start.
+    #[error("the main channel's Hello names session {got:#x}, a recovery, but this destination waits for a new migration (Hello with session 0) and has no session to recover")]
+    NotRecovering { got: u64 },
     #[error("connection from non-loopback peer {peer} refused: no shared secret configured")]
     PeerNotLoopback { peer: SocketAddr },
     #[error(
@@ -793,6 +796,9 @@ impl Acceptor {
                 });
             }
             ch.send_error(ErrorCode::Protocol, "unknown session");
+            if claim == 0 {
+                return Err(TransportError::NotRecovering { got: claimed });
+            }
             return Err(TransportError::SessionMismatch {
                 expected: claim,
                 got: claimed,

@@ -206,6 +206,26 @@ fn garbage_after_the_handshake_is_rejected() {
     assert!(e.to_string().contains("unknown message kind 32750"), "{e}");
 }
 
+/// A recovery Hello (main channel, naming a session) at a destination waiting for a new
+/// migration: refused, and the destination's error says what is wrong on the main channel
+/// (it names a session to recover, a new migration was expected), not that an urgent channel
+/// names the wrong session.
+#[test]
+fn a_main_hello_naming_a_session_at_a_fresh_destination_says_what_is_wrong() {
+    let (l, addr) = listener(None);
+    let dest = spawn_destination(l, false);
+    let e = transport::reconnect(addr, 0x5a5a, None, &timeouts())
+        .err()
+        .expect("a recovery into no session was accepted");
+    assert!(e.to_string().contains("unknown session"), "{e}");
+    let e = dest.join().unwrap().err().unwrap().to_string();
+    assert!(!e.contains("urgent"), "{e}");
+    assert!(
+        e.contains("main channel") && e.contains("0x5a5a") && e.contains("new migration"),
+        "{e}"
+    );
+}
+
 /// A fake source: handshake, Config, wait for Ready.
 fn fake_source(addr: SocketAddr, layout: &[(u32, u64, u64)]) -> transport::Session {
     let mut s = transport::connect(addr, None, &timeouts()).unwrap();
@@ -837,4 +857,75 @@ fn a_started_before_any_switchover_frame_is_refused() {
         src.pauses.load(Ordering::Relaxed)
     );
     peer.join().unwrap();
+}
+
+// ---- a destination that goes silent after the switchover frame ----
+
+/// A hostile destination reads State and the switchover frame, then sends nothing more (no
+/// Started, no heartbeat) and keeps the connection open. The source must not wait out the
+/// setup timeout paused: the liveness bound (1 s) ends the wait, and since the destination
+/// may have started the VM, the source does not resume but recovers; when no recovery
+/// succeeds before the recover timeout, the outcome is unknown and the VM stays paused.
+fn a_destination_silent_after_the_switchover_frame(mode: Mode) {
+    let (addr, peer) = destination_turning_at_state(|s| loop {
+        match s.main.reader.read("switchover").unwrap() {
+            Message::PostcopyStart { .. } | Message::Switchover { .. } => break,
+            Message::Complete { .. } => {}
+            other => panic!("expected the switchover frame, got {other:?}"),
+        }
+    });
+    let src = TestSource::new(&[(0, 0, 4 * MIB)]);
+    let mut o = options(mode, None);
+    // A Started may legitimately take this long; silence may not.
+    o.timeouts.setup = Duration::from_secs(60);
+    o.timeouts.recover = Duration::from_secs(2);
+    let phases = Mutex::new(Vec::new());
+    let t = Instant::now();
+    let e = source::migrate(&src, addr, o, &|p| {
+        phases.lock().unwrap().push((p.phase, Instant::now()))
+    })
+    .unwrap_err();
+    let took = t.elapsed();
+    let phases = phases.into_inner().unwrap();
+    let at = |want: source::Phase| {
+        phases
+            .iter()
+            .find(|(p, _)| *p == want)
+            .map(|&(_, t)| t)
+            .unwrap_or_else(|| panic!("no {want:?} phase in {phases:?}"))
+    };
+    let blackout = at(source::Phase::PostcopyPaused) - at(source::Phase::Switchover);
+    println!("{e}\nsilence noticed {blackout:?} after the pause; migrate returned after {took:?}");
+    assert!(
+        blackout < Duration::from_secs(3),
+        "the source stayed paused {blackout:?} before it noticed the silence"
+    );
+    assert!(took < Duration::from_secs(30), "migrate took {took:?}");
+    // Recovery was tried and timed out; the outcome is unknown, so the VM stays paused.
+    match &e {
+        SourceError::OutcomeUnknown(inner) => assert!(
+            matches!(**inner, SourceError::RecoverTimeout { attempts, .. } if attempts >= 1),
+            "{inner:?}"
+        ),
+        other => panic!("expected OutcomeUnknown, got {other:?}"),
+    }
+    assert!(e.keeps_paused() && !e.destination_started(), "{e}");
+    assert!(e.to_string().contains("the VM stays paused here"), "{e}");
+    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        src.resumes.load(Ordering::Relaxed),
+        0,
+        "resumed although the destination may run the VM"
+    );
+    peer.join().unwrap();
+}
+
+#[test]
+fn a_destination_silent_after_postcopy_start_pauses_the_source_about_a_second() {
+    a_destination_silent_after_the_switchover_frame(Mode::Postcopy);
+}
+
+#[test]
+fn a_destination_silent_after_switchover_pauses_the_source_about_a_second() {
+    a_destination_silent_after_the_switchover_frame(Mode::Precopy);
 }

@@ -696,6 +696,64 @@ fn garbage_sent_to_receive_is_refused() {
     assert!(err.contains("bad frame magic"), "{}", dst.describe());
 }
 
+/// A source announcing 512 RAM regions (the most the protocol allows) that the destination's
+/// layout does not match: `vmm receive` refuses it with one short line naming the region counts
+/// and the first region that differs, to the source and on its stderr (not a list of all 512).
+#[test]
+fn a_config_of_512_regions_is_refused_with_one_short_line() {
+    use migration::types::{RamLayout, RegionLayout};
+    use migration::wire::{Message, MigrationConfig};
+    const LINE_MAX: usize = 300;
+    let port = free_port();
+    let mut dst = start_destination("anon", "4k", port, &[]);
+    let regions = (0..migration::wire::MAX_REGIONS as u64)
+        .map(|i| RegionLayout {
+            slot: i as u32,
+            gpa: i << 19,
+            size: 256 << 10,
+        })
+        .collect();
+    let config = MigrationConfig {
+        mode: migration::Mode::Precopy,
+        memory_kind: migration::MemoryKind::Anon,
+        vcpu_count: 1,
+        layout: RamLayout::new(regions).unwrap(),
+    };
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let timeouts = migration::transport::Timeouts::default();
+    let mut s = migration::transport::connect(addr, None, &timeouts).unwrap();
+    s.main.send(&Message::Config(config), "config").unwrap();
+    let told = match s.main.reader.read("the answer to Config") {
+        Ok(Message::Error { message, .. }) => message,
+        other => panic!("expected an Error, got {other:?}\n{}", dst.describe()),
+    };
+    let status = dst.wait(Duration::from_secs(30));
+    eprintln!("destination failed (expected): {}", dst.stderr().trim_end());
+    assert_eq!(status.code(), Some(1), "{}", dst.describe());
+    for (whom, line) in [("the source", told.as_str())].into_iter().chain(
+        dst.stderr()
+            .lines()
+            .filter(|l| l.contains("layout"))
+            .map(|l| ("stderr", l))
+            .collect::<Vec<_>>(),
+    ) {
+        assert!(
+            line.len() < LINE_MAX,
+            "{whom} got an error line of {} bytes: {line}",
+            line.len()
+        );
+        assert!(
+            line.contains("512 region(s)") && line.contains("region 0 is 0x0+0x40000"),
+            "{whom} was not told the counts and the first differing region: {line}"
+        );
+    }
+    assert!(
+        dst.stderr().contains("RAM layout differs"),
+        "{}",
+        dst.describe()
+    );
+}
+
 /// A TCP listener in the test standing in for a destination; `serve` gets each connection.
 struct FakeDestination {
     port: u16,
