@@ -571,6 +571,11 @@ fn a_received_vm_migrates_on_a_to_b_to_c_to_d() {
         "B's statuses {st_b:?}"
     );
     let last_b = seen_b.last().unwrap();
+    eprintln!(
+        "B's final statistics ({} polls of A, {} of B): {last_b:#}",
+        seen_a.len(),
+        seen_b.len()
+    );
     assert!(
         last_b["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0,
         "{last_b:#}"
