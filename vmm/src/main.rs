@@ -394,34 +394,24 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Migrate(a) => cmd_migrate(a),
         Command::Status(a) => cmd_status(a),
-        Command::Pause(a) => {
-            Client::new(&a.api_socket)
-                .pause()
-                .with_context(|| format!("pausing the VM behind {}", a.api_socket.display()))?;
-            println!("the VM is paused");
-            Ok(0)
-        }
-        Command::Shutdown(a) => {
-            Client::new(&a.api_socket).shutdown().with_context(|| {
-                format!("shutting down the VM behind {}", a.api_socket.display())
-            })?;
-            println!("the VM was shut down");
-            Ok(0)
-        }
-        Command::Cancel(a) => {
-            Client::new(&a.api_socket).cancel().with_context(|| {
-                format!("cancelling the migration of {}", a.api_socket.display())
-            })?;
-            println!("the migration was cancelled; the VM runs here");
-            Ok(0)
-        }
-        Command::Resume(a) => {
-            Client::new(&a.api_socket)
-                .resume(a.force)
-                .with_context(|| format!("resuming the VM behind {}", a.api_socket.display()))?;
-            println!("the VM runs");
-            Ok(0)
-        }
+        Command::Pause(a) => api_action(&a.api_socket, "pausing the VM", "the VM is paused", |c| {
+            c.pause()
+        }),
+        Command::Shutdown(a) => api_action(
+            &a.api_socket,
+            "shutting down the VM",
+            "the VM was shut down",
+            Client::shutdown,
+        ),
+        Command::Cancel(a) => api_action(
+            &a.api_socket,
+            "cancelling the migration of the VM",
+            "the migration was cancelled; the VM runs here",
+            Client::cancel,
+        ),
+        Command::Resume(a) => api_action(&a.api_socket, "resuming the VM", "the VM runs", |c| {
+            c.resume(a.force)
+        }),
         Command::MigrateRetarget(a) => {
             let reply = Client::new(&a.api_socket)
                 .retarget(&a.to)
@@ -590,6 +580,19 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
     } else {
         print_summary(&summary);
     }
+    Ok(0)
+}
+
+/// One API request without a reply body: says `done` on success, else fails with `doing` and
+/// the socket as context.
+fn api_action(
+    socket: &std::path::Path,
+    doing: &str,
+    done: &str,
+    f: impl FnOnce(&Client) -> Result<(), vmm::api::ApiError>,
+) -> Result<i32> {
+    f(&Client::new(socket)).with_context(|| format!("{doing} behind {}", socket.display()))?;
+    println!("{done}");
     Ok(0)
 }
 
