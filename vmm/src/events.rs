@@ -1,8 +1,9 @@
 //! The event monitor (`--event-monitor path=FILE` or `fd=N`): one JSON object per line,
 //! `{"timestamp":{"seconds":S,"microseconds":US},"source":"vm"|"migration","event":NAME,
 //! "properties":{...}}`, like Cloud Hypervisor's. Lines are written whole with one `write` on
-//! an append-mode file, from the thread the event happened on (never a vCPU or fault-service
-//! thread), so none is lost when the VMM exits right after.
+//! an append-mode file, from the thread the event happened on (never a vCPU thread; a
+//! unit-collapsed event comes from the collapse thread, or in native mode from the fault worker
+//! that settled the unit), so none is lost when the VMM exits right after.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
