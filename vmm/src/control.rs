@@ -75,8 +75,10 @@ pub trait MigrateHandler: Send + Sync {
     ) -> Result<serde_json::Value, MigrateFailure>;
 }
 
-/// The live statistics of an incoming migration (the receive side provides them).
-pub type IncomingInfo = Arc<migration::ReceiveMonitor>;
+/// A destination URL without Cloud Hypervisor's `tcp:` prefix (`tcp:HOST:PORT` or `HOST:PORT`).
+fn host_port(url: &str) -> &str {
+    url.strip_prefix("tcp:").unwrap_or(url)
+}
 
 /// Where the VM came from.
 #[derive(Debug, Clone)]
@@ -94,7 +96,7 @@ pub struct VmController {
     migrate: Option<Arc<dyn MigrateHandler>>,
     events: Option<Arc<EventMonitor>>,
     /// An incoming migration's statistics, from accept until the VMM exits.
-    incoming: Mutex<Option<IncomingInfo>>,
+    incoming: Mutex<Option<Arc<migration::ReceiveMonitor>>>,
     /// The incoming VM's vCPUs have not run yet.
     arriving: AtomicBool,
     /// Pages are still arriving (postcopy after the VM started here).
@@ -151,7 +153,7 @@ impl VmController {
     }
 
     /// The incoming migration's statistics source.
-    pub fn set_incoming(&self, info: IncomingInfo) {
+    pub fn set_incoming(&self, info: Arc<migration::ReceiveMonitor>) {
         *lock(&self.incoming) = Some(info);
     }
 
@@ -254,11 +256,7 @@ impl VmController {
     }
 
     fn check_request(&self, req: SendMigration) -> Result<MigrateRequest, ControlError> {
-        let to = req
-            .destination_url
-            .strip_prefix("tcp:")
-            .unwrap_or(&req.destination_url)
-            .to_string();
+        let to = host_port(&req.destination_url).to_string();
         if to.is_empty() {
             return Err(ControlError::BadRequest(
                 "destination_url is empty (HOST:PORT of a waiting vmm receive)".into(),
@@ -503,9 +501,7 @@ impl VmControl for VmController {
         let Some(control) = control else {
             return Err(ControlError::Conflict("no migration is in progress".into()));
         };
-        let addr = to
-            .strip_prefix("tcp:")
-            .unwrap_or(to)
+        let addr = host_port(to)
             .to_socket_addrs()
             .map_err(|e| ControlError::BadRequest(format!("cannot resolve '{to}': {e}")))?
             .next()
