@@ -61,8 +61,14 @@ pub enum TlsError {
     Config(String),
     #[error("invalid TLS server name '{0}' (give a DNS name or an IP address)")]
     ServerName(String),
+    /// `reason` says in plain words what rustls' `source` means for this peer.
     #[error("TLS handshake with {peer} failed: {reason}")]
-    Handshake { peer: SocketAddr, reason: String },
+    Handshake {
+        peer: SocketAddr,
+        reason: String,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("TLS handshake with {peer}: {during}: {source}")]
     Io {
         peer: SocketAddr,
@@ -543,6 +549,7 @@ pub fn handshake(
                 return Err(TlsError::Handshake {
                     peer,
                     reason: describe(&e, client),
+                    source: e,
                 });
             }
         }

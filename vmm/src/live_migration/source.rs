@@ -7,9 +7,10 @@ use std::sync::Arc;
 use migration::auth::Secret;
 use migration::source::{self, MigrateOptions, MigrationControl, SourceVm};
 use migration::tls::ClientTls;
-use migration::types::{DirtyLog, RamRegion};
+use migration::types::{DirtyLog, HookError, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
+use super::StateBlobError;
 use crate::control::{AfterFailure, MigrateFailure, MigrateHandler, MigrateRequest};
 use crate::events::EventMonitor;
 use crate::vm::Vm;
@@ -46,18 +47,18 @@ impl SourceVm for SourceSide {
         u32::from(self.vm.vcpu_count())
     }
 
-    fn pause(&self) -> Result<(), String> {
-        self.vm.pause().map_err(|e| e.to_string())
+    fn pause(&self) -> Result<(), HookError> {
+        Ok(self.vm.pause()?)
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), HookError> {
         self.vm.resume();
         Ok(())
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, String> {
-        let state = self.vm.save_state().map_err(|e| e.to_string())?;
-        serde_json::to_vec(&state).map_err(|e| format!("encoding VM state: {e}"))
+    fn save_state(&self) -> Result<Vec<u8>, HookError> {
+        let state = self.vm.save_state()?;
+        Ok(serde_json::to_vec(&state).map_err(StateBlobError::Encode)?)
     }
 }
 
