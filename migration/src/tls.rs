@@ -67,7 +67,7 @@ pub enum TlsError {
         peer: SocketAddr,
         reason: String,
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     #[error("TLS handshake with {peer}: {during}: {source}")]
     Io {
@@ -549,7 +549,7 @@ pub fn handshake(
                 return Err(TlsError::Handshake {
                     peer,
                     reason: describe(&e, client),
-                    source: e,
+                    source: Box::new(e),
                 });
             }
         }
