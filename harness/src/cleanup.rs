@@ -71,35 +71,68 @@ pub fn unregister_pool(nr_file: &str) {
     with(|r| r.pools.retain(|(f, _)| f != nr_file));
 }
 
-/// Unmounts `dir` (lazily, should a process still hold a file there) and removes the
-/// directory.
-pub fn unmount(dir: &Path) -> Result<(), String> {
-    let c = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| format!("{} has a NUL byte", dir.display()))?;
-    // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(format!(
-            "unmounting {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    std::fs::remove_dir(dir).map_err(|e| format!("removing {}: {e}", dir.display()))
+/// Why a mount or a namespace could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error("{} has a NUL byte", dir.display())]
+    NulInPath { dir: PathBuf },
+    #[error("unmounting {}: {source}", dir.display())]
+    Unmount {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing {}: {source}", dir.display())]
+    RemoveDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running `ip netns del {name}`: {source}")]
+    RunIp {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`ip netns del {name}` failed: {stderr}")]
+    DeleteNamespace { name: String, stderr: String },
 }
 
-/// Deletes a network namespace with `ip netns del` (errors are returned as text).
-pub fn delete_namespace(name: &str) -> Result<(), String> {
+/// Unmounts `dir` (lazily, should a process still hold a file there) and removes the
+/// directory.
+pub fn unmount(dir: &Path) -> Result<(), CleanupError> {
+    let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| CleanupError::NulInPath {
+        dir: dir.to_owned(),
+    })?;
+    // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(CleanupError::Unmount {
+            dir: dir.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    std::fs::remove_dir(dir).map_err(|source| CleanupError::RemoveDir {
+        dir: dir.to_owned(),
+        source,
+    })
+}
+
+/// Deletes a network namespace with `ip netns del` (its stderr is in the error).
+pub fn delete_namespace(name: &str) -> Result<(), CleanupError> {
     let out = std::process::Command::new("ip")
         .args(["netns", "del", name])
         .output()
-        .map_err(|e| format!("running `ip netns del {name}`: {e}"))?;
+        .map_err(|source| CleanupError::RunIp {
+            name: name.to_owned(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`ip netns del {name}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(CleanupError::DeleteNamespace {
+            name: name.to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 

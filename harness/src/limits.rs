@@ -10,7 +10,7 @@ use crate::histogram::{self, HistogramError, LatencyHistogram};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -83,8 +83,16 @@ pub enum LimitError {
         what: &'static str,
         source: userfaultfd::Error,
     },
-    #[error("the userfaultfd server thread failed: {0}")]
-    Server(String),
+    #[error("the userfaultfd server thread panicked")]
+    ServerPanicked,
+    #[error("UFFDIO_CONTINUE at {page:#x} failed: {source}")]
+    Continue {
+        page: usize,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("the userfaultfd server served {served} faults for {samples} accesses: the accesses did not fault")]
+    NoFaults { served: u64, samples: usize },
     #[error("{what} with {addr} failed: {source}")]
     Net {
         what: &'static str,
@@ -93,8 +101,44 @@ pub enum LimitError {
     },
     #[error(transparent)]
     Histogram(#[from] HistogramError),
-    #[error("`{command}` failed: {reason}")]
-    FaultLimit { command: String, reason: String },
+    #[error("`{command}` failed: {source}")]
+    FaultLimit {
+        command: String,
+        #[source]
+        source: FaultLimitFailure,
+    },
+}
+
+/// What went wrong running `vmm fault-limit`.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultLimitFailure {
+    #[error("creating {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start it: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("no result within {0:?}")]
+    Timeout(Duration),
+    #[error("waiting for it: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("{status}: {stderr}")]
+    Exit {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("its JSON output does not parse: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("it reported {guest} guest and {vmm} VMM samples")]
+    NoSamples { guest: u64, vmm: u64 },
 }
 
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LimitError {
@@ -193,7 +237,7 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
         let stop = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("uffd-limit-server".into())
-            .spawn(move || -> Result<u64, String> {
+            .spawn(move || -> Result<u64, LimitError> {
                 let mut served = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let mut pfd = libc::pollfd {
@@ -208,16 +252,19 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
                         if e.kind() == std::io::ErrorKind::Interrupted {
                             continue;
                         }
-                        return Err(format!("poll on the userfaultfd: {e}"));
+                        return Err(os("poll on the userfaultfd")(e));
                     }
                     if n == 0 {
                         continue;
                     }
-                    while let Some(ev) = uffd.read_event().map_err(|e| format!("read: {e}"))? {
+                    while let Some(ev) = uffd.read_event().map_err(|source| LimitError::Uffd {
+                        what: "read of a fault event",
+                        source,
+                    })? {
                         if let Event::Pagefault { addr, .. } = ev {
                             let page = (addr as usize) & !(PAGE - 1);
                             uffd.r#continue(page as *mut libc::c_void, PAGE, true)
-                                .map_err(|e| format!("UFFDIO_CONTINUE at {page:#x}: {e}"))?;
+                                .map_err(|source| LimitError::Continue { page, source })?;
                             served += 1;
                         }
                     }
@@ -251,15 +298,10 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let served = server
-        .join()
-        .map_err(|_| LimitError::Server("the thread panicked".into()))?
-        .map_err(LimitError::Server)?;
+    let served = server.join().map_err(|_| LimitError::ServerPanicked)??;
     result?;
     if served < samples as u64 {
-        return Err(LimitError::Server(format!(
-            "served {served} faults for {samples} accesses: the accesses did not fault"
-        )));
+        return Err(LimitError::NoFaults { served, samples });
     }
     Ok(h)
 }
@@ -508,22 +550,30 @@ pub fn vcpu_fault_limit(
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let fail = |reason: String| LimitError::FaultLimit {
+    let fail = |source: FaultLimitFailure| LimitError::FaultLimit {
         command: command.clone(),
-        reason,
+        source,
     };
-    let out = std::fs::File::create(save_to)
-        .map_err(|e| fail(format!("creating {}: {e}", save_to.display())))?;
+    let out = std::fs::File::create(save_to).map_err(|source| {
+        fail(FaultLimitFailure::Create {
+            path: save_to.to_owned(),
+            source,
+        })
+    })?;
     let err_path = save_to.with_extension("stderr");
-    let err = std::fs::File::create(&err_path)
-        .map_err(|e| fail(format!("creating {}: {e}", err_path.display())))?;
+    let err = std::fs::File::create(&err_path).map_err(|source| {
+        fail(FaultLimitFailure::Create {
+            path: err_path.clone(),
+            source,
+        })
+    })?;
     let mut child = std::process::Command::new(vmm)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map_err(|e| fail(format!("cannot start it: {e}")))?;
+        .map_err(|e| fail(FaultLimitFailure::Spawn(e)))?;
     let t0 = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -532,31 +582,37 @@ pub fn vcpu_fault_limit(
                 // Ends only the child we started (by its pid).
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(fail(format!("no result within {timeout:?}")));
+                return Err(fail(FaultLimitFailure::Timeout(timeout)));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(fail(format!("waiting for it: {e}"))),
+            Err(e) => return Err(fail(FaultLimitFailure::Wait(e))),
         }
     };
     if !status.success() {
         let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-        return Err(fail(format!("{status}: {}", stderr.trim())));
+        return Err(fail(FaultLimitFailure::Exit {
+            status,
+            stderr: stderr.trim().to_owned(),
+        }));
     }
-    let text = std::fs::read_to_string(save_to)
-        .map_err(|e| fail(format!("reading {}: {e}", save_to.display())))?;
-    let j: FaultLimitJson = serde_json::from_str(text.trim())
-        .map_err(|e| fail(format!("its JSON output does not parse: {e}")))?;
+    let text = std::fs::read_to_string(save_to).map_err(|source| {
+        fail(FaultLimitFailure::Read {
+            path: save_to.to_owned(),
+            source,
+        })
+    })?;
+    let j: FaultLimitJson =
+        serde_json::from_str(text.trim()).map_err(|e| fail(FaultLimitFailure::Json(e)))?;
     let guest = histogram::from_buckets(&j.guest_buckets_ns)?;
     let mut vmm_h = histogram::new_histogram()?;
     for (v, n) in j.vmm_histogram_ns {
         vmm_h.saturating_record_n(v.max(1), n);
     }
     if guest.is_empty() || vmm_h.is_empty() {
-        return Err(fail(format!(
-            "it reported {} guest and {} VMM samples",
-            guest.len(),
-            vmm_h.len()
-        )));
+        return Err(fail(FaultLimitFailure::NoSamples {
+            guest: guest.len(),
+            vmm: vmm_h.len(),
+        }));
     }
     Ok(VcpuFaultLimit {
         backing: j.measured_backing,

@@ -154,7 +154,7 @@ fn main() -> Result<()> {
             let mut list = if all {
                 scenario::all()
             } else if !scenarios.is_empty() {
-                scenario::by_names(&scenarios).map_err(anyhow::Error::msg)?
+                scenario::by_names(&scenarios)?
             } else {
                 scenario::quick()
             };

@@ -44,7 +44,7 @@ pub(crate) fn run_qemu_one(
     qemu_bin: &Path,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
-    vcpu: Result<&VcpuFaultLimit, &str>,
+    vcpu: Result<&VcpuFaultLimit, &crate::limits::LimitError>,
     s: &Scenario,
     index: usize,
     r: &mut ScenarioResult,

@@ -500,8 +500,15 @@ impl Drop for BlackholeDriver {
     }
 }
 
+/// A scenario name that no list has.
+#[derive(Debug, thiserror::Error)]
+#[error("no scenario named {name:?} (see `harness list`)")]
+pub struct UnknownScenario {
+    pub name: String,
+}
+
 /// Looks scenarios up by name in `--all` (and the quick list, whose memory sizes differ).
-pub fn by_names(names: &[String]) -> Result<Vec<Scenario>, String> {
+pub fn by_names(names: &[String]) -> Result<Vec<Scenario>, UnknownScenario> {
     let mut known = quick();
     known.extend(peer_twins(&quick()));
     known.extend(all());
@@ -512,7 +519,7 @@ pub fn by_names(names: &[String]) -> Result<Vec<Scenario>, String> {
                 .iter()
                 .find(|s| &s.name == n)
                 .cloned()
-                .ok_or_else(|| format!("no scenario named {n:?} (see `harness list`)"))
+                .ok_or_else(|| UnknownScenario { name: n.clone() })
         })
         .collect()
 }
@@ -848,8 +855,7 @@ pub fn run(
     let uffd = limits::uffd_round_trip(cfg.uffd_samples)?;
     // The vCPU userfault round trip, measured once per backing it is taken on (see
     // `limits::vcpu_limit_backing`), the first time a scenario needs it.
-    let mut vcpu_limits: std::collections::BTreeMap<&'static str, Result<VcpuFaultLimit, String>> =
-        std::collections::BTreeMap::new();
+    let mut vcpu_limits: VcpuLimitCache = std::collections::BTreeMap::new();
     let mut links: Vec<Link> = Vec::new();
     for s in scenarios {
         if !links.contains(&s.link) {
@@ -914,13 +920,13 @@ pub fn run(
 }
 
 /// The vCPU userfault round trip for scenario `s`'s backing, measured (`vmm fault-limit`) the
-/// first time a backing needs it and cached in `cache`; an error is cached too (as its text).
+/// first time a backing needs it and cached in `cache`; an error is cached too.
 fn vcpu_limit_for<'a>(
     cfg: &RunConfig,
     s: &Scenario,
-    cache: &'a mut std::collections::BTreeMap<&'static str, Result<VcpuFaultLimit, String>>,
+    cache: &'a mut VcpuLimitCache,
     progress: &mut dyn Progress,
-) -> Result<&'a VcpuFaultLimit, &'a str> {
+) -> Result<&'a VcpuFaultLimit, &'a limits::LimitError> {
     let on = limits::vcpu_limit_backing(s.backing.as_str());
     let entry = cache.entry(on).or_insert_with(|| {
         progress.phase(&format!(
@@ -935,13 +941,14 @@ fn vcpu_limit_for<'a>(
             cfg.phase_timeout,
             &save,
         )
-        .map_err(|e| {
-            tracing::warn!("vCPU userfault limit on {on}: {e}");
-            e.to_string()
-        })
+        .inspect_err(|e| tracing::warn!("vCPU userfault limit on {on}: {e}"))
     });
-    entry.as_ref().map_err(String::as_str)
+    entry.as_ref()
 }
+
+/// The vCPU userfault round trip per backing it was measured on, or why it could not be.
+type VcpuLimitCache =
+    std::collections::BTreeMap<&'static str, Result<VcpuFaultLimit, limits::LimitError>>;
 
 /// Records this run's limits on this link in `r` (and their histograms): the vCPU userfault
 /// round trip as the guest sees it plus the TCP round trip (the thread one kept beside it).
@@ -949,7 +956,7 @@ pub(crate) fn record_limits(
     dir: &Path,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
-    vcpu: Result<&VcpuFaultLimit, &str>,
+    vcpu: Result<&VcpuFaultLimit, &limits::LimitError>,
     r: &mut ScenarioResult,
 ) -> Result<(), RunError> {
     // Limits first: they are this run's, on this link. The limit is the vCPU userfault round
@@ -989,7 +996,7 @@ fn run_one(
     cfg: &RunConfig,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
-    vcpu: Result<&VcpuFaultLimit, &str>,
+    vcpu: Result<&VcpuFaultLimit, &limits::LimitError>,
     secret: &Path,
     s: &Scenario,
     index: usize,

@@ -14,7 +14,9 @@ use crate::liveness::{self, Heartbeat, SharedWriter};
 use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
 use crate::transport::{Acceptor, Channel, LiveChannel, Timeouts, TransportError};
-use crate::types::{AtomicPageSet, FetchError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
+use crate::types::{
+    AtomicPageSet, FetchError, HookError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE,
+};
 use crate::wire::{
     self, check_run, DoneStats, ErrorCode, FrameReader, Kind, Message, MigrationConfig, WireError,
     MAX_RUN_PAGES,
@@ -29,9 +31,9 @@ static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 pub trait DestinationVm {
     /// Write whole pages (`data.len()` a multiple of 4096) at `gpa` before the vCPUs run
     /// (precopy and the precopy part of hybrid). `gpa..gpa+len` lies inside one region.
-    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), HookError>;
     /// Deliver the device and vCPU state blob (called once, just before `start`).
-    fn load_state(&self, state: &[u8]) -> Result<(), String>;
+    fn load_state(&self, state: &[u8]) -> Result<(), HookError>;
     /// Postcopy: set up the memory engine, which fetches missing pages through `fetcher`;
     /// `present` holds the pages already written by `write_pages` (global page indexes of
     /// [`MigrationConfig::layout`]). Returns where bulk pages go from now on.
@@ -39,9 +41,9 @@ pub trait DestinationVm {
         &self,
         fetcher: Arc<dyn PageFetcher>,
         present: &PageSet,
-    ) -> Result<Arc<dyn PostcopySink>, String>;
+    ) -> Result<Arc<dyn PostcopySink>, HookError>;
     /// Start the vCPUs.
-    fn start(&self) -> Result<(), String>;
+    fn start(&self) -> Result<(), HookError>;
 }
 
 /// What the postcopy engine did, reported back to the source in Done.
@@ -54,11 +56,11 @@ pub struct PostcopyOutcome {
 /// The postcopy engine's entry points for bulk pages (the engine implements this).
 pub trait PostcopySink: Send + Sync {
     /// One 4 KiB page arrived on the main channel (it may also have been fetched already).
-    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), HookError>;
     /// Whole pages from `gpa` on (`data.len()` a multiple of 4096, inside one region) arrived
     /// on the main channel: the same as [`PostcopySink::bulk_page`] for each, which the default
     /// does; an implementation may store the run at once.
-    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), HookError> {
         for (i, page) in data.chunks_exact(PAGE).enumerate() {
             self.bulk_page(gpa + i as u64 * PAGE_SIZE, page)?;
         }
@@ -67,14 +69,14 @@ pub trait PostcopySink: Send + Sync {
     /// `count` zero pages from `gpa` arrived (inside one region). The driver calls it only for
     /// pages it never wrote data to, so an implementation may rely on guest memory starting
     /// zero-filled and just mark them arrived; the default writes zeros through `bulk_page`.
-    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
+    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), HookError> {
         for i in 0..count {
             self.bulk_page(gpa + i * PAGE_SIZE, &ZERO_PAGE)?;
         }
         Ok(())
     }
     /// Every page has been sent: finish (e.g. the last collapses) and report.
-    fn finished(&self) -> Result<PostcopyOutcome, String>;
+    fn finished(&self) -> Result<PostcopyOutcome, HookError>;
     /// The engine's live figures ([`crate::postcopy::PostcopyEngine::live`]), which the
     /// receive's [`ReceiveMonitor`] then includes; None (the default): none.
     fn live(&self) -> Option<Arc<EngineLive>> {
@@ -89,8 +91,12 @@ pub enum DestinationError {
     Session(#[from] TransportError),
     #[error("migration stream: {0}")]
     Wire(#[from] WireError),
-    #[error("{op} failed on the destination VM: {message}")]
-    Vm { op: &'static str, message: String },
+    #[error("{op} failed on the destination VM: {source}")]
+    Vm {
+        op: &'static str,
+        #[source]
+        source: HookError,
+    },
     #[error("protocol violation by the source: {0}")]
     Protocol(String),
     #[error("cannot start a migration thread: {0}")]
@@ -124,8 +130,8 @@ impl DestinationError {
     }
 }
 
-fn vm_err(op: &'static str) -> impl FnOnce(String) -> DestinationError {
-    move |message| DestinationError::Vm { op, message }
+fn vm_err(op: &'static str) -> impl FnOnce(HookError) -> DestinationError {
+    move |source| DestinationError::Vm { op, source }
 }
 
 fn protocol(msg: impl Into<String>) -> DestinationError {
@@ -826,11 +832,11 @@ impl Receiver<'_> {
         let fetcher: Arc<dyn PageFetcher> = client.clone();
         let sink = match vm.begin_postcopy(fetcher, &self.have) {
             Ok(s) => s,
-            Err(message) => {
+            Err(source) => {
                 client.close("setting up postcopy failed");
                 return Err(DestinationError::Vm {
                     op: "setting up postcopy",
-                    message,
+                    source,
                 });
             }
         };
@@ -973,9 +979,7 @@ impl UrgentClient {
         channel: LiveChannel,
         main: Option<TcpStream>,
     ) -> std::io::Result<()> {
-        let stream = channel
-            .stream_handle()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let stream = channel.stream_handle().map_err(std::io::Error::other)?;
         let LiveChannel { reader, writer, .. } = channel;
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         let client = Arc::clone(self);

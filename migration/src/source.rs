@@ -21,8 +21,8 @@ use crate::thread_priority::{self, ThreadRole};
 use crate::tls::ClientTls;
 use crate::transport::{self, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
-    AtomicPageSet, DirtyLog, LayoutError, MemoryKind, Mode, PageSet, RamLayout, RamRegion,
-    PAGE_SIZE,
+    AtomicPageSet, DirtyLog, HookError, LayoutError, MemoryKind, Mode, PageSet, RamLayout,
+    RamRegion, PAGE_SIZE,
 };
 use crate::wire::{
     self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message,
@@ -40,11 +40,11 @@ pub trait SourceVm {
     fn dirty_log(&self) -> &dyn DirtyLog;
     fn vcpu_count(&self) -> u32;
     /// Stop every vCPU (returns once none runs guest code) and keep devices from writing RAM.
-    fn pause(&self) -> Result<(), String>;
+    fn pause(&self) -> Result<(), HookError>;
     /// Let the vCPUs run again after a failed switchover.
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), HookError>;
     /// Device and vCPU state, taken while paused (at most 64 MiB).
-    fn save_state(&self) -> Result<Vec<u8>, String>;
+    fn save_state(&self) -> Result<Vec<u8>, HookError>;
 }
 
 /// How to migrate.
@@ -309,8 +309,25 @@ pub enum SourceError {
     Layout(#[from] LayoutError),
     #[error("RAM region slot {slot} has no host mapping of {size} bytes")]
     Region { slot: u32, size: u64 },
-    #[error("{op} failed on the source VM: {message}")]
-    Vm { op: &'static str, message: String },
+    #[error("{op} failed on the source VM: {source}")]
+    Vm {
+        op: &'static str,
+        #[source]
+        source: HookError,
+    },
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step of the driver found its own state broken (a bug, not a condition of the VM or
+    /// the link).
+    #[error("internal error of the source driver during {during}: {what}")]
+    Internal {
+        during: &'static str,
+        what: &'static str,
+    },
     #[error("device state is {len} bytes, more than the protocol allows ({MAX_STATE_BYTES})")]
     StateTooLarge { len: usize },
     #[error("migration stream: {0}")]
@@ -376,8 +393,12 @@ impl SourceError {
     }
 }
 
-fn vm_err(op: &'static str) -> impl FnOnce(String) -> SourceError {
-    move |message| SourceError::Vm { op, message }
+fn vm_err(op: &'static str) -> impl FnOnce(HookError) -> SourceError {
+    move |source| SourceError::Vm { op, source }
+}
+
+fn thread_err(what: &'static str) -> impl FnOnce(std::io::Error) -> SourceError {
+    move |source| SourceError::Thread { what, source }
 }
 
 /// Guest RAM as the source reads it: the layout plus each region's host mapping.
@@ -956,9 +977,9 @@ fn run(
     send_counted(main, counters, &Message::State(&state), "sending State")?;
     // From here on the destination may start the VM: a lost link is settled by recovery, never
     // by guessing (see `Handover`).
-    let main = cleanup.main.take().ok_or(SourceError::Vm {
-        op: "the switchover",
-        message: "the main channel is gone".into(),
+    let main = cleanup.main.take().ok_or(SourceError::Internal {
+        during: "the switchover",
+        what: "the main channel is gone",
     })?;
     let live = Link {
         main: main.into_live(opts.timeouts.liveness),
@@ -1037,19 +1058,16 @@ fn connect_abortable(
             };
             let _ = tx.send(transport::connect_with(to, security, &timeouts));
         })
-        .map_err(|e| SourceError::Vm {
-            op: "spawning the connect thread",
-            message: e.to_string(),
-        })?;
+        .map_err(thread_err("connect"))?;
     loop {
         abort()?;
         match rx.recv_timeout(Duration::from_millis(5)) {
             Ok(r) => return r.map_err(|source| SourceError::Session { addr: to, source }),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(SourceError::Vm {
-                    op: "connecting",
-                    message: "the connect thread ended without an answer".into(),
+                return Err(SourceError::Internal {
+                    during: "connecting",
+                    what: "the connect thread ended without an answer",
                 })
             }
         }
@@ -1264,10 +1282,7 @@ impl Handover<'_> {
             writers.push(urgent_writer.clone());
         }
         let _heartbeat =
-            Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(|e| SourceError::Vm {
-                op: "spawning the heartbeat thread",
-                message: e.to_string(),
-            })?;
+            Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(thread_err("heartbeat"))?;
         let send = |msg: &Message<'_>, during| -> Result<(), WireError> {
             let mut w = liveness::lock(&main_writer);
             let before = w.bytes_written();
@@ -1333,10 +1348,7 @@ impl Handover<'_> {
                             }
                             r
                         })
-                        .map_err(|e| SourceError::Vm {
-                            op: "spawning the urgent page server thread",
-                            message: e.to_string(),
-                        })?,
+                        .map_err(thread_err("urgent page server"))?,
                 )
             };
             let result = (|| -> Result<DoneStats, SourceError> {

@@ -58,11 +58,19 @@ pub enum TlsError {
     #[error("{}: {what}", path.display())]
     BadPem { path: PathBuf, what: String },
     #[error("TLS configuration: {0}")]
-    Config(String),
+    Config(#[source] Box<rustls::Error>),
+    #[error("TLS configuration: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
     #[error("invalid TLS server name '{0}' (give a DNS name or an IP address)")]
     ServerName(String),
+    /// `reason` says in plain words what rustls' `source` means for this peer.
     #[error("TLS handshake with {peer} failed: {reason}")]
-    Handshake { peer: SocketAddr, reason: String },
+    Handshake {
+        peer: SocketAddr,
+        reason: String,
+        #[source]
+        source: Box<rustls::Error>,
+    },
     #[error("TLS handshake with {peer}: {during}: {source}")]
     Io {
         peer: SocketAddr,
@@ -80,7 +88,9 @@ pub enum TlsError {
     #[error("refusing to overwrite existing {} (give --force)", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     Exists(Vec<PathBuf>),
     #[error("generating certificates: {0}")]
-    Generate(String),
+    Generate(#[source] rcgen::Error),
+    #[error("generating certificates: give at least one host name or address (--hosts)")]
+    NoHosts,
     #[error("cannot write {}: {source}", path.display())]
     WriteFile {
         path: PathBuf,
@@ -112,8 +122,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
-fn config_err(e: impl std::fmt::Display) -> TlsError {
-    TlsError::Config(e.to_string())
+fn config_err(e: rustls::Error) -> TlsError {
+    TlsError::Config(Box::new(e))
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -286,7 +296,7 @@ impl ServerTls {
     ) -> Result<Self, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
             .build()
-            .map_err(config_err)?;
+            .map_err(TlsError::Verifier)?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
@@ -554,6 +564,7 @@ pub fn handshake(
                 return Err(TlsError::Handshake {
                     peer,
                     reason: describe(&e, client),
+                    source: Box::new(e),
                 });
             }
         }
@@ -805,7 +816,7 @@ pub struct Generated {
 }
 
 fn gen_err(e: rcgen::Error) -> TlsError {
-    TlsError::Generate(e.to_string())
+    TlsError::Generate(e)
 }
 
 /// A CA, a server certificate for `hosts` (IP addresses become IP SANs, other names DNS
@@ -879,9 +890,7 @@ pub fn generate_pems(hosts: &[String], expired: bool) -> Result<Generated, TlsEr
 pub fn generate(dir: &Path, hosts: &[String], force: bool) -> Result<Vec<PathBuf>, TlsError> {
     use std::os::unix::fs::OpenOptionsExt;
     if hosts.is_empty() {
-        return Err(TlsError::Generate(
-            "give at least one host name or address (--hosts)".into(),
-        ));
+        return Err(TlsError::NoHosts);
     }
     for h in hosts {
         server_name(h)?;

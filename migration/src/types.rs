@@ -159,9 +159,9 @@ pub trait VcpuControl: Send + Sync {
 /// Dirty pages of guest writes since the last call, for one memslot (KVM_GET_DIRTY_LOG bitmap:
 /// bit i = page i of the slot). Used by collapse on the destination and precopy on the source.
 pub trait DirtyLog: Send + Sync {
-    fn enable(&self, slot: u32) -> Result<(), String>;
-    fn disable(&self, slot: u32) -> Result<(), String>;
-    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String>;
+    fn enable(&self, slot: u32) -> Result<(), HookError>;
+    fn disable(&self, slot: u32) -> Result<(), HookError>;
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, HookError>;
 }
 
 /// Destination: swap a guest_memfd region's memslot from the staging mapping to the guest_memfd

@@ -107,13 +107,13 @@ impl MemslotSwap for NoSwap {
 
 struct NoDirty;
 impl DirtyLog for NoDirty {
-    fn enable(&self, _: u32) -> Result<(), String> {
+    fn enable(&self, _: u32) -> Result<(), migration::types::HookError> {
         Err("no dirty log here".into())
     }
-    fn disable(&self, _: u32) -> Result<(), String> {
+    fn disable(&self, _: u32) -> Result<(), migration::types::HookError> {
         Err("no dirty log here".into())
     }
-    fn fetch(&self, _: u32) -> Result<Vec<u64>, String> {
+    fn fetch(&self, _: u32) -> Result<Vec<u64>, migration::types::HookError> {
         Err("no dirty log here".into())
     }
 }
@@ -136,26 +136,26 @@ struct EngineSink {
 }
 
 impl PostcopySink for EngineSink {
-    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), migration::types::HookError> {
         let page: &[u8; 4096] = data.try_into().map_err(|_| "not a page".to_string())?;
         self.engine
             .bulk_page(gpa, page)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
-    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), migration::types::HookError> {
         self.engine
             .bulk_pages(gpa, data)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
-    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
+    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), migration::types::HookError> {
         self.engine
             .bulk_zero(gpa, count)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
-    fn finished(&self) -> Result<PostcopyOutcome, String> {
+    fn finished(&self) -> Result<PostcopyOutcome, migration::types::HookError> {
         for h in self.vcpus.lock().unwrap().drain(..) {
             h.join().map_err(|_| "a vCPU thread panicked".to_string())?;
         }
@@ -174,10 +174,10 @@ impl PostcopySink for EngineSink {
 }
 
 impl DestinationVm for EngineDest {
-    fn write_pages(&self, _: u64, _: &[u8]) -> Result<(), String> {
+    fn write_pages(&self, _: u64, _: &[u8]) -> Result<(), migration::types::HookError> {
         Err("postcopy only".into())
     }
-    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+    fn load_state(&self, state: &[u8]) -> Result<(), migration::types::HookError> {
         *self.state.lock().unwrap() = Some(state.to_vec());
         Ok(())
     }
@@ -185,7 +185,7 @@ impl DestinationVm for EngineDest {
         &self,
         fetcher: Arc<dyn PageFetcher>,
         _present: &PageSet,
-    ) -> Result<Arc<dyn PostcopySink>, String> {
+    ) -> Result<Arc<dyn PostcopySink>, migration::types::HookError> {
         let mut engine = PostcopyEngine::new(
             self.ram.regions(),
             Strategy::FourK,
@@ -203,7 +203,7 @@ impl DestinationVm for EngineDest {
         *self.engine.lock().unwrap() = Some(sink.clone());
         Ok(sink)
     }
-    fn start(&self) -> Result<(), String> {
+    fn start(&self) -> Result<(), migration::types::HookError> {
         let sink = self.engine.lock().unwrap().clone().ok_or("no engine")?;
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let go = Arc::new(std::sync::Barrier::new(VCPUS + 1));

@@ -149,14 +149,14 @@ impl MemslotSwap for NoSwap {
 /// A dirty log for regions that never need one (anon, shmem): any call is a test failure.
 struct NoDirty;
 impl DirtyLog for NoDirty {
-    fn enable(&self, slot: u32) -> Result<(), String> {
-        Err(format!("unexpected dirty-log enable of slot {slot}"))
+    fn enable(&self, slot: u32) -> Result<(), migration::types::HookError> {
+        Err(format!("unexpected dirty-log enable of slot {slot}").into())
     }
-    fn disable(&self, slot: u32) -> Result<(), String> {
-        Err(format!("unexpected dirty-log disable of slot {slot}"))
+    fn disable(&self, slot: u32) -> Result<(), migration::types::HookError> {
+        Err(format!("unexpected dirty-log disable of slot {slot}").into())
     }
-    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
-        Err(format!("unexpected dirty-log fetch of slot {slot}"))
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, migration::types::HookError> {
+        Err(format!("unexpected dirty-log fetch of slot {slot}").into())
     }
 }
 

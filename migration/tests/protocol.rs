@@ -462,17 +462,17 @@ fn destination_rejection_reaches_the_source() {
 fn page_fetch_of_a_bad_address_is_refused() {
     struct Probe(Mutex<Option<Arc<dyn PageFetcher>>>);
     impl DestinationVm for Probe {
-        fn write_pages(&self, _: u64, _: &[u8]) -> Result<(), String> {
+        fn write_pages(&self, _: u64, _: &[u8]) -> Result<(), migration::types::HookError> {
             Ok(())
         }
-        fn load_state(&self, _: &[u8]) -> Result<(), String> {
+        fn load_state(&self, _: &[u8]) -> Result<(), migration::types::HookError> {
             Ok(())
         }
         fn begin_postcopy(
             &self,
             f: Arc<dyn PageFetcher>,
             _: &PageSet,
-        ) -> Result<Arc<dyn PostcopySink>, String> {
+        ) -> Result<Arc<dyn PostcopySink>, migration::types::HookError> {
             let mut buf = [0u8; PAGE];
             assert!(matches!(
                 f.fetch(0x123, &mut buf),
@@ -485,7 +485,7 @@ fn page_fetch_of_a_bad_address_is_refused() {
             *self.0.lock().unwrap() = Some(f);
             Err("probe done".into())
         }
-        fn start(&self) -> Result<(), String> {
+        fn start(&self) -> Result<(), migration::types::HookError> {
             Ok(())
         }
     }

@@ -35,10 +35,14 @@ pub enum AfterFailure {
     Unknown,
 }
 
+/// Why a migration failed, as the migrator reports it (its own typed error, shared: the
+/// controller keeps it as the reason a lost VM stops for).
+pub type MigrateCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A failed migration: what went wrong, and what became of the VM here.
 #[derive(Debug)]
 pub struct MigrateFailure {
-    pub message: String,
+    pub error: MigrateCause,
     pub after: AfterFailure,
 }
 
@@ -109,7 +113,7 @@ pub struct VmController {
     /// Set when a migration handed the VM over.
     handed_over: AtomicBool,
     /// Set when a migration lost the VM (why).
-    lost: Mutex<Option<String>>,
+    lost: Mutex<Option<MigrateCause>>,
     /// The last migration left the VM paused with its outcome unknown.
     outcome_unknown: AtomicBool,
     /// `vm.shutdown` was asked for.
@@ -186,7 +190,7 @@ impl VmController {
     }
 
     /// Why the VM was lost, if a migration lost it.
-    pub fn lost(&self) -> Option<String> {
+    pub fn lost(&self) -> Option<MigrateCause> {
         lock(&self.lost).clone()
     }
 
@@ -464,12 +468,12 @@ impl VmControl for VmController {
                 match e.after {
                     AfterFailure::Resumed => {}
                     AfterFailure::Lost => {
-                        *lock(&self.lost) = Some(e.message.clone());
+                        *lock(&self.lost) = Some(e.error.clone());
                         vm.stop_signal().stop(StopReason::Stopped);
                     }
                     AfterFailure::Unknown => self.outcome_unknown.store(true, Ordering::SeqCst),
                 }
-                Err(ControlError::Failed(e.message))
+                Err(ControlError::Failed(e.error.to_string()))
             }
         };
         lock(&self.outgoing).take();

@@ -98,7 +98,7 @@ pub enum FaultLimitError {
     #[error("cannot map the local zero page: {0}")]
     ZeroPage(#[source] std::io::Error),
     #[error("cannot create a latency histogram: {0}")]
-    Histogram(String),
+    Histogram(#[source] hdrhistogram::CreationError),
     #[error("the VM failed: {source}; last guest output:\n{tail}")]
     Run { source: LaunchError, tail: String },
     #[error("stopped by signal {0} before the guest finished")]
@@ -239,8 +239,7 @@ impl fmt::Display for FaultLimitReport {
 }
 
 fn new_histogram() -> Result<Histogram<u64>, FaultLimitError> {
-    Histogram::new_with_bounds(1, MAX_TRACKED_NS, 3)
-        .map_err(|e| FaultLimitError::Histogram(e.to_string()))
+    Histogram::new_with_bounds(1, MAX_TRACKED_NS, 3).map_err(FaultLimitError::Histogram)
 }
 
 /// Guest console output kept in memory.

@@ -58,8 +58,8 @@ pub enum LaunchError {
     #[error("the guest reset itself (reset request or triple fault)")]
     GuestReset,
     /// A migration failed after the destination started the VM: this copy is stale.
-    #[error("{0}")]
-    VmLost(String),
+    #[error(transparent)]
+    VmLost(crate::control::MigrateCause),
 }
 
 /// How a run ended.

@@ -93,7 +93,7 @@ struct FaultLimitArgs {
           help = "Backing whose faults to measure: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
     backing: Backing,
     /// Guest RAM size, e.g. 256M (a bare number is MiB).
-    #[arg(long, value_parser = parse_size_arg)]
+    #[arg(long, value_parser = parse_size)]
     memory: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -282,7 +282,7 @@ struct RunArgs {
     cmdline: Option<String>,
     /// Guest RAM size, e.g. 512M or 2G (a bare number is MiB). Must be a multiple of the
     /// backing's page size.
-    #[arg(long, value_parser = parse_size_arg)]
+    #[arg(long, value_parser = parse_size)]
     memory: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -308,29 +308,43 @@ struct RunArgs {
     seccomp: String,
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
+fn parse_backing(s: &str) -> Result<Backing, vmm::memory::MemoryError> {
+    s.parse()
 }
 
-fn parse_backing(s: &str) -> Result<Backing, String> {
-    s.parse::<Backing>().map_err(|e| e.to_string())
+/// Why a `--max-bandwidth` / `--max-postcopy-bandwidth` value is refused.
+#[derive(Debug, thiserror::Error)]
+enum RateError {
+    #[error("'{text}' is too large for a number of bytes per second: {source}")]
+    Bytes {
+        text: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error(transparent)]
+    Size(#[from] vmm::size::SizeError),
+    #[error("a bandwidth cap must be above 0 (leave the option out for no cap)")]
+    Zero,
 }
 
-fn parse_rate(s: &str) -> Result<u64, String> {
+fn parse_rate(s: &str) -> Result<u64, RateError> {
     // A rate is bytes per second: a bare number is bytes here, not MiB.
-    let v = if s.bytes().all(|b| b.is_ascii_digit()) {
-        s.parse::<u64>().map_err(|e| e.to_string())?
+    let v = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>().map_err(|source| RateError::Bytes {
+            text: s.to_owned(),
+            source,
+        })?
     } else {
-        parse_size(s).map_err(|e| e.to_string())?
+        parse_size(s)?
     };
     if v == 0 {
-        return Err("a bandwidth cap must be above 0 (leave the option out for no cap)".into());
+        return Err(RateError::Zero);
     }
     Ok(v)
 }
 
-fn parse_event_target(s: &str) -> Result<EventTarget, String> {
-    s.parse::<EventTarget>().map_err(|e| e.to_string())
+fn parse_event_target(s: &str) -> Result<EventTarget, vmm::events::EventError> {
+    s.parse()
 }
 
 fn open_events(t: &Option<EventTarget>) -> Result<Option<Arc<EventMonitor>>> {

@@ -455,6 +455,39 @@ fn is_einval(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
+/// Why a live check could not run to an answer (the check is then `Failed` with this message).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("UFFDIO_REGISTER ({mode}) of guest_memfd: {source}")]
+    Register {
+        mode: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ProbeError {
+    move |source| ProbeError::Io { what, source }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbeError {
+    move |source| ProbeError::Kvm { what, source }
+}
+
 /// Live check "4 KiB UFFDIO_CONTINUE on hugetlb (HGM)": MINOR-registers a 2 MiB hugetlb memfd
 /// mapping, puts the page in the page cache through a second mapping, and asks to map only its
 /// first 4 KiB. EINVAL means the kernel has no high-granularity hugetlb mapping. Needs one free
@@ -471,8 +504,8 @@ pub fn check_hugetlb_4k_continue() -> Check {
         }
         Ok(_) => {}
     }
-    let run = || -> Result<Check, String> {
-        let uffd = uffd_from_syscall().map_err(|e| format!("userfaultfd: {e}"))?;
+    let run = || -> Result<Check, ProbeError> {
+        let uffd = uffd_from_syscall().map_err(io_err("userfaultfd"))?;
         let features = uffd_api(&uffd, uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
         match features {
             Err(e) if is_einval(&e) => {
@@ -480,17 +513,22 @@ pub fn check_hugetlb_4k_continue() -> Check {
                     "UFFDIO_API refuses UFFD_FEATURE_MINOR_HUGETLBFS".into(),
                 ))
             }
-            Err(e) => return Err(format!("UFFDIO_API: {e}")),
+            Err(source) => {
+                return Err(ProbeError::Io {
+                    what: "UFFDIO_API",
+                    source,
+                })
+            }
             Ok(_) => {}
         }
         let size = PAGE_SIZE_2M as usize;
-        let file = hugetlb::create_file(backing, size).map_err(|e| e.to_string())?;
+        let file = hugetlb::create_file(backing, size)?;
         let alias = Mapping::shared(std::os::fd::AsFd::as_fd(&file), 0, size)
-            .map_err(|e| format!("mmap of the alias: {e}"))?;
+            .map_err(io_err("mmap of the alias"))?;
         // The primary mapping is never touched by this thread: a touch of a registered, unmapped
         // page would wait for a CONTINUE that only this thread could send.
         let primary = Mapping::shared(std::os::fd::AsFd::as_fd(&file), 0, size)
-            .map_err(|e| format!("mmap of the primary: {e}"))?;
+            .map_err(io_err("mmap of the primary"))?;
         // SAFETY: in bounds of the live alias mapping; this faults the huge page into the
         // page cache.
         unsafe { alias.as_ptr().write_volatile(0xa5) };
@@ -500,7 +538,7 @@ pub fn check_hugetlb_4k_continue() -> Check {
             PAGE_SIZE_2M,
             uffd_sys::UFFDIO_REGISTER_MODE_MINOR,
         )
-        .map_err(|e| format!("UFFDIO_REGISTER (MINOR) of a 2 MiB hugetlb mapping: {e}"))?;
+        .map_err(io_err("UFFDIO_REGISTER (MINOR) of a 2 MiB hugetlb mapping"))?;
         let small = uffd_continue(&uffd, primary.addr(), PAGE_SIZE_4K);
         // Control: continuing the whole huge page must work, or the test itself is broken.
         let whole = match &small {
@@ -539,24 +577,24 @@ pub fn check_hugetlb_4k_continue() -> Check {
         drop(alias);
         Ok(check)
     };
-    run().unwrap_or_else(Check::Failed)
+    run().unwrap_or_else(|e| Check::Failed(e.to_string()))
 }
 
 /// Live check "userfaultfd on guest_memfd": tries to register a guest_memfd mapping with
 /// userfaultfd MINOR (and MISSING). EINVAL means guest_memfd cannot be userfault-tracked.
 pub fn check_uffd_on_guest_memfd() -> Check {
-    let run = || -> Result<Check, String> {
-        let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
-        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let run = || -> Result<Check, ProbeError> {
+        let kvm = Kvm::new().map_err(kvm_err("/dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let size = PAGE_SIZE_2M;
         let gmem = match guest_memfd::create(&vm, size) {
             Ok(fd) => fd,
             Err(e) => return Ok(Check::Skipped(format!("no mappable guest_memfd: {e}"))),
         };
         let map = Mapping::shared(std::os::fd::AsFd::as_fd(&gmem), 0, size as usize)
-            .map_err(|e| format!("mmap of the guest_memfd: {e}"))?;
-        let uffd = uffd_from_syscall().map_err(|e| format!("userfaultfd: {e}"))?;
-        uffd_api(&uffd, 0).map_err(|e| format!("UFFDIO_API: {e}"))?;
+            .map_err(io_err("mmap of the guest_memfd"))?;
+        let uffd = uffd_from_syscall().map_err(io_err("userfaultfd"))?;
+        uffd_api(&uffd, 0).map_err(io_err("UFFDIO_API"))?;
         let mut accepted = Vec::new();
         let mut refused = Vec::new();
         for (mode, name) in [
@@ -566,7 +604,7 @@ pub fn check_uffd_on_guest_memfd() -> Check {
             match uffd_register(&uffd, map.addr(), size, mode) {
                 Ok(()) => accepted.push(name),
                 Err(e) if is_einval(&e) => refused.push(name),
-                Err(e) => return Err(format!("UFFDIO_REGISTER ({name}) of guest_memfd: {e}")),
+                Err(source) => return Err(ProbeError::Register { mode: name, source }),
             }
         }
         drop(uffd);
@@ -586,7 +624,7 @@ pub fn check_uffd_on_guest_memfd() -> Check {
             )),
         })
     };
-    run().unwrap_or_else(Check::Failed)
+    run().unwrap_or_else(|e| Check::Failed(e.to_string()))
 }
 
 fn yes_no(b: bool) -> &'static str {

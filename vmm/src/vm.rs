@@ -42,8 +42,12 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
     #[error("{vcpus} vCPUs requested; between 1 and {max} are supported")]
     VcpuCount { vcpus: u8, max: u8 },
-    #[error("VM state: {0}")]
-    State(String),
+    #[error("VM state: the state has {state} vCPUs, this VM {vm}")]
+    StateVcpuCount { state: usize, vm: usize },
+    #[error("VM state: the serial device: {0}")]
+    Serial(#[from] crate::devices::serial::SerialRestoreError),
+    #[error("the {what} lock is poisoned (a thread panicked holding it)")]
+    Poisoned { what: &'static str },
 }
 
 /// VM-wide device state: what lives in KVM (PIC, IOAPIC, PIT, kvmclock), the UART, and every
@@ -292,7 +296,9 @@ impl Vm {
                 .devices
                 .serial
                 .lock()
-                .map_err(|_| VmError::State("serial device lock poisoned".into()))?
+                .map_err(|_| VmError::Poisoned {
+                    what: "serial device",
+                })?
                 .save(),
             vcpus,
         })
@@ -302,11 +308,10 @@ impl Vm {
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
         let handles = self.vcpus();
         if state.vcpus.len() != handles.len() {
-            return Err(VmError::State(format!(
-                "state has {} vCPUs, this VM {}",
-                state.vcpus.len(),
-                handles.len()
-            )));
+            return Err(VmError::StateVcpuCount {
+                state: state.vcpus.len(),
+                vm: handles.len(),
+            });
         }
         for c in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd
@@ -325,9 +330,10 @@ impl Vm {
         self.devices
             .serial
             .lock()
-            .map_err(|_| VmError::State("serial device lock poisoned".into()))?
-            .restore(&state.serial)
-            .map_err(VmError::State)?;
+            .map_err(|_| VmError::Poisoned {
+                what: "serial device",
+            })?
+            .restore(&state.serial)?;
         for (v, s) in handles.iter().zip(&state.vcpus) {
             let s = s.clone();
             v.with_fd(move |fd| s.restore(fd))??;

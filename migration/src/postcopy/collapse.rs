@@ -373,10 +373,10 @@ fn take_unit_dirty(
     let fresh = shared
         .dirty
         .fetch(r.region.slot)
-        .map_err(|reason| PostcopyError::DirtyLog {
+        .map_err(|source| PostcopyError::DirtyLog {
             slot: r.region.slot,
             what: "fetch",
-            reason,
+            source,
         })?;
     let mut acc = r.dirty_acc.lock().unwrap_or_else(|p| p.into_inner());
     for (a, f) in acc.iter_mut().zip(fresh.iter()) {
@@ -562,10 +562,10 @@ fn collapse_staged(
             shared
                 .dirty
                 .disable(slot)
-                .map_err(|reason| PostcopyError::DirtyLog {
+                .map_err(|source| PostcopyError::DirtyLog {
                     slot,
                     what: "disable",
-                    reason,
+                    source,
                 })?;
             *on = false;
         }

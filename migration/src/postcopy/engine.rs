@@ -171,10 +171,10 @@ impl Shared {
         if !*on {
             self.dirty
                 .enable(r.region.slot)
-                .map_err(|reason| PostcopyError::DirtyLog {
+                .map_err(|source| PostcopyError::DirtyLog {
                     slot: r.region.slot,
                     what: "enable",
-                    reason,
+                    source,
                 })?;
             *on = true;
         }

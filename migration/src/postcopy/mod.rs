@@ -61,11 +61,12 @@ pub enum PostcopyError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("dirty log of slot {slot}: {what} failed: {reason}")]
+    #[error("dirty log of slot {slot}: {what} failed: {source}")]
     DirtyLog {
         slot: u32,
         what: &'static str,
-        reason: String,
+        #[source]
+        source: crate::types::HookError,
     },
     #[error("pausing the vCPUs for the collapse of slot {slot} failed: {source}")]
     Pause {

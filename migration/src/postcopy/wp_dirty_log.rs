@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
 use super::PostcopyError;
-use crate::types::{DirtyLog, PAGE_SIZE};
+use crate::types::{DirtyLog, HookError, PAGE_SIZE};
 
 /// `struct page_region` from include/uapi/linux/fs.h.
 #[repr(C)]
@@ -142,18 +142,20 @@ impl UffdWpDirtyLog {
 }
 
 impl DirtyLog for UffdWpDirtyLog {
-    fn enable(&self, slot: u32) -> Result<(), String> {
+    fn enable(&self, slot: u32) -> Result<(), HookError> {
         // Arm write-protection over the whole range; what it reports now is history.
         let range = self.range(slot)?;
-        self.scan(range).map(|_| ())
+        self.scan(range)?;
+        Ok(())
     }
 
-    fn disable(&self, slot: u32) -> Result<(), String> {
-        self.range(slot).map(|_| ())
+    fn disable(&self, slot: u32) -> Result<(), HookError> {
+        self.range(slot)?;
+        Ok(())
     }
 
-    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, HookError> {
         let range = self.range(slot)?;
-        self.scan(range)
+        Ok(self.scan(range)?)
     }
 }

@@ -174,15 +174,15 @@ impl TestDirtyLog {
 }
 
 impl DirtyLog for TestDirtyLog {
-    fn enable(&self, _slot: u32) -> Result<(), String> {
+    fn enable(&self, _slot: u32) -> Result<(), migration::types::HookError> {
         self.enabled.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-    fn disable(&self, _slot: u32) -> Result<(), String> {
+    fn disable(&self, _slot: u32) -> Result<(), migration::types::HookError> {
         self.enabled.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
-    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, migration::types::HookError> {
         let ri = self
             .layout
             .regions()
@@ -303,18 +303,18 @@ impl SourceVm for TestSource {
     fn vcpu_count(&self) -> u32 {
         2
     }
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), migration::types::HookError> {
         self.paused.store(true, Ordering::Release);
         drop(self.gate.lock().unwrap());
         self.pauses.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), migration::types::HookError> {
         self.paused.store(false, Ordering::Release);
         self.resumes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-    fn save_state(&self) -> Result<Vec<u8>, String> {
+    fn save_state(&self) -> Result<Vec<u8>, migration::types::HookError> {
         Ok(self.state.clone())
     }
 }
@@ -362,7 +362,7 @@ struct TestSink {
 }
 
 impl PostcopySink for TestSink {
-    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), migration::types::HookError> {
         let page = self.mem.layout.page_index(gpa).ok_or("bad gpa")?;
         let _g = self.lock.lock().unwrap();
         if !self.present.contains(page) {
@@ -371,7 +371,7 @@ impl PostcopySink for TestSink {
         }
         Ok(())
     }
-    fn finished(&self) -> Result<PostcopyOutcome, String> {
+    fn finished(&self) -> Result<PostcopyOutcome, migration::types::HookError> {
         for h in self.faulters.lock().unwrap().drain(..) {
             h.join()
                 .map_err(|_| "faulter panicked")?
@@ -397,7 +397,7 @@ const FAULT_THREADS: usize = 4;
 const FAULTS_PER_THREAD: usize = 150;
 
 impl DestinationVm for TestDest {
-    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), migration::types::HookError> {
         assert!(
             !self.started.load(Ordering::Relaxed),
             "precopy write after start"
@@ -405,7 +405,7 @@ impl DestinationVm for TestDest {
         self.mem.write_bytes(gpa, data);
         Ok(())
     }
-    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+    fn load_state(&self, state: &[u8]) -> Result<(), migration::types::HookError> {
         *self.state.lock().unwrap() = Some(state.to_vec());
         Ok(())
     }
@@ -413,7 +413,7 @@ impl DestinationVm for TestDest {
         &self,
         fetcher: Arc<dyn PageFetcher>,
         present: &PageSet,
-    ) -> Result<Arc<dyn PostcopySink>, String> {
+    ) -> Result<Arc<dyn PostcopySink>, migration::types::HookError> {
         for p in present.iter() {
             self.present.insert(p);
         }
@@ -426,7 +426,7 @@ impl DestinationVm for TestDest {
             faults: self.faults.clone(),
         }))
     }
-    fn start(&self) -> Result<(), String> {
+    fn start(&self) -> Result<(), migration::types::HookError> {
         if let Some(hook) = &self.before_start {
             hook();
         }

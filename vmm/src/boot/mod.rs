@@ -83,11 +83,31 @@ pub enum BootError {
         limit: u64,
     },
     #[error("writing initrd into guest memory failed: {0}")]
-    WriteInitrd(String),
+    WriteInitrd(#[source] vm_memory::GuestMemoryError),
     #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
-    #[error("writing boot structures into guest memory failed: {0}")]
-    GuestWrite(String),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("invalid kernel command line: {source} (command line: {user:?})")]
+    UserCmdline {
+        user: String,
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    #[error("writing the kernel command line into guest memory failed: {0}")]
+    LoadCmdline(#[source] loader::Error),
+    #[error("writing boot structures into guest memory failed: {what}: {source}")]
+    GuestWrite {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("writing boot structures into guest memory failed: at {addr:#x}: {source}")]
+    GuestWriteAt {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("writing boot structures into guest memory failed: {count} e820 entries do not fit the zero page")]
+    E820Overflow { count: usize },
     #[error(
         "guest memory of {0} bytes is too small to boot (need at least 2 MiB plus the kernel)"
     )]
@@ -184,10 +204,10 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootInfo, BootError> {
     };
     let cmdline = build_cmdline(cfg, kind)?;
     loader::load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(BootError::LoadCmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?
+        .map_err(BootError::Cmdline)?
         .as_bytes_with_nul()
         .len();
 
@@ -196,7 +216,10 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootInfo, BootError> {
         None => None,
     };
 
-    long_mode::write_boot_tables(&mem).map_err(|e| BootError::GuestWrite(e.to_string()))?;
+    long_mode::write_boot_tables(&mem).map_err(|source| BootError::GuestWrite {
+        what: "the GDT and the identity page tables",
+        source,
+    })?;
     if kind == GuestKind::Linux {
         mptable::write(&mem, cfg.vcpus)?;
     }
@@ -205,7 +228,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootInfo, BootError> {
 }
 
 fn build_cmdline(cfg: &BootConfig, kind: GuestKind) -> Result<Cmdline, BootError> {
-    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     let user = match (&cfg.cmdline, kind) {
         (Some(s), _) => s.clone(),
         (None, GuestKind::Linux) => DEFAULT_LINUX_CMDLINE.to_string(),
@@ -213,12 +236,15 @@ fn build_cmdline(cfg: &BootConfig, kind: GuestKind) -> Result<Cmdline, BootError
     };
     if !user.trim().is_empty() {
         cl.insert_str(user.trim())
-            .map_err(|e| BootError::Cmdline(format!("{e} (command line: {user:?})")))?;
+            .map_err(|source| BootError::UserCmdline {
+                user: user.clone(),
+                source,
+            })?;
     }
     if kind == GuestKind::Workload {
         if let Some(khz) = cfg.tsc_khz {
             cl.insert("tsc_khz", &khz.to_string())
-                .map_err(|e| BootError::Cmdline(e.to_string()))?;
+                .map_err(BootError::Cmdline)?;
         }
     }
     Ok(cl)
@@ -278,7 +304,7 @@ fn load_initrd(
             limit,
         })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| BootError::WriteInitrd(e.to_string()))?;
+        .map_err(BootError::WriteInitrd)?;
     Ok((addr, size))
 }
 
@@ -289,5 +315,5 @@ pub(crate) fn write_obj<T: vm_memory::ByteValued>(
     addr: u64,
 ) -> Result<(), BootError> {
     mem.write_obj(val, GuestAddress(addr))
-        .map_err(|e| BootError::GuestWrite(format!("at {addr:#x}: {e}")))
+        .map_err(|source| BootError::GuestWriteAt { addr, source })
 }

@@ -222,7 +222,10 @@ fn build(vcpus: u8) -> Result<Vec<u8>, BootError> {
 pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), BootError> {
     let bytes = build(vcpus)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
-        .map_err(|e| BootError::GuestWrite(format!("MP table: {e}")))
+        .map_err(|source| BootError::GuestWrite {
+            what: "MP table",
+            source,
+        })
 }
 
 #[cfg(test)]

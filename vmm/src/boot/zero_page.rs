@@ -55,10 +55,9 @@ pub fn write(
         }
     }
     if entries.len() > params.e820_table.len() {
-        return Err(BootError::GuestWrite(format!(
-            "{} e820 entries do not fit the zero page",
-            entries.len()
-        )));
+        return Err(BootError::E820Overflow {
+            count: entries.len(),
+        });
     }
     for (i, (addr, size, ty)) in entries.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry {

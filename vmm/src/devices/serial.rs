@@ -26,6 +26,15 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Why migrated UART state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    #[error("cloning the serial interrupt eventfd failed: {0}")]
+    Irq(#[source] io::Error),
+    #[error("the migrated serial state is refused: {0}")]
+    State(#[source] vm_superio::serial::Error<io::Error>),
+}
+
 /// COM1 as the guest sees it.
 pub struct SerialDevice {
     inner: Serial<IrqTrigger, NoEvents, Console>,
@@ -77,7 +86,7 @@ impl SerialDevice {
     }
 
     /// Loads migrated state into the UART.
-    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), String> {
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), SerialRestoreError> {
         let state = SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -90,12 +99,9 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let irq = self
-            .irq
-            .try_clone()
-            .map_err(|e| format!("serial interrupt eventfd: {e}"))?;
+        let irq = self.irq.try_clone().map_err(SerialRestoreError::Irq)?;
         self.inner = Serial::from_state(&state, IrqTrigger(irq), NoEvents, self.console.clone())
-            .map_err(|e| format!("serial state: {e}"))?;
+            .map_err(SerialRestoreError::State)?;
         Ok(())
     }
 

@@ -11,15 +11,16 @@ use std::time::Duration;
 use migration::auth::Secret;
 use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
 use migration::postcopy::{PostcopyEngine, PostcopyStats, PrepareReport, ServeMode, Strategy};
-use migration::types::{Granularity, Mode, PageFetcher, PageSet, PAGE_SIZE};
+use migration::types::{Granularity, HookError, Mode, PageFetcher, PageSet, PAGE_SIZE};
 use serde::Serialize;
 
 use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus, SwappedSlots};
+use super::StateBlobError;
 use crate::api::ApiServer;
 use crate::control::{Origin, VmController};
 use crate::events::EventMonitor;
 use crate::launcher::{self, LaunchError, RunOutcome, SerialTarget};
-use crate::memory::{Backing, GuestRam, Region};
+use crate::memory::{Backing, GuestRam, MemoryError, Region};
 use crate::signals;
 use crate::vm::{Vm, VmError, VmState};
 
@@ -49,7 +50,7 @@ pub struct ReceiveConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     #[error("reading the secret file: {0}")]
-    Secret(String),
+    Secret(#[source] migration::auth::AuthError),
     #[error("TLS settings from {dir}: {source}", dir = dir.display())]
     Tls {
         dir: PathBuf,
@@ -64,6 +65,19 @@ pub enum ReceiveError {
     Accept(#[source] destination::DestinationError),
     #[error("the source's VM cannot be built here: {0}")]
     Incompatible(String),
+    #[error("the source's VM cannot be built here: {vcpus} vCPUs is more than this VMM runs")]
+    TooManyVcpus { vcpus: u32 },
+    #[error(
+        "the source's VM cannot be built here: {bytes} bytes of guest RAM on {backing}: {source}"
+    )]
+    Memory {
+        bytes: u64,
+        backing: Backing,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("the source's VM cannot be built here: registering guest memory with KVM: {0}")]
+    Register(#[source] MemoryError),
     #[error("building the VM: {0}")]
     Vm(#[from] VmError),
     #[error("the migration failed: {0}")]
@@ -200,38 +214,55 @@ struct EngineSink {
     serve: Vec<RegionServe>,
 }
 
+/// Why a hook of the incoming VM failed, where the VM's, guest memory's or the postcopy
+/// engine's own error (passed through unchanged) would not say it.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingVmError {
+    #[error("the bulk page at gpa {gpa:#x} is {len} bytes, not 4096")]
+    PageSize { gpa: u64, len: usize },
+    #[error("punching stale pages {gpa:#x}+{len:#x} out of guest memory failed: {source}")]
+    PunchHole {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dropping stale pages {gpa:#x}+{len:#x} from guest memory failed: {source}")]
+    Discard {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl PostcopySink for EngineSink {
-    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let page: &[u8; 4096] = data
-            .try_into()
-            .map_err(|_| format!("bulk page at {gpa:#x} is {} bytes", data.len()))?;
-        self.engine
-            .bulk_page(gpa, page)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn bulk_page(&self, gpa: u64, data: &[u8]) -> Result<(), HookError> {
+        let page: &[u8; 4096] = data.try_into().map_err(|_| IncomingVmError::PageSize {
+            gpa,
+            len: data.len(),
+        })?;
+        self.engine.bulk_page(gpa, page)?;
+        Ok(())
     }
 
-    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        self.engine
-            .bulk_pages(gpa, data)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<(), HookError> {
+        self.engine.bulk_pages(gpa, data)?;
+        Ok(())
     }
 
-    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), String> {
+    fn bulk_zero(&self, gpa: u64, count: u64) -> Result<(), HookError> {
         // Guest RAM here starts zero-filled: the engine only marks the pages arrived.
-        self.engine
-            .bulk_zero(gpa, count)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.engine.bulk_zero(gpa, count)?;
+        Ok(())
     }
 
     fn live(&self) -> Option<Arc<migration::live_stats::EngineLive>> {
         Some(self.engine.live())
     }
 
-    fn finished(&self) -> Result<PostcopyOutcome, String> {
-        self.engine.wait_complete().map_err(|e| e.to_string())?;
+    fn finished(&self) -> Result<PostcopyOutcome, HookError> {
+        self.engine.wait_complete()?;
         let s = self.engine.stats();
         Ok(PostcopyOutcome {
             collapses: s.collapses,
@@ -254,40 +285,34 @@ impl DestSide {
 
     /// Registers every memslot, with dirty logging if `dirty_log`, bound to its guest_memfd if
     /// `bind` (a staged guest_memfd region runs from a plain slot until its collapse binds it).
-    fn register_slots(&self, dirty_log: bool, bind: bool) -> Result<(), String> {
+    fn register_slots(&self, dirty_log: bool, bind: bool) -> Result<(), MemoryError> {
         let ram = self.vm.ram();
         for i in 0..ram.regions().len() {
-            ram.set_slot(self.vm.fd(), i, dirty_log, bind)
-                .map_err(|e| e.to_string())?;
+            ram.set_slot(self.vm.fd(), i, dirty_log, bind)?;
         }
         Ok(())
     }
 }
 
 impl DestinationVm for DestSide {
-    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let dst = self
-            .vm
-            .ram()
-            .host_ptr(gpa, data.len() as u64)
-            .map_err(|e| e.to_string())?;
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> Result<(), HookError> {
+        let dst = self.vm.ram().host_ptr(gpa, data.len() as u64)?;
         // SAFETY: host_ptr checked that gpa..gpa+len lies in one region's primary mapping,
         // which lives as long as the VM; vCPUs are not running yet, so nothing else accesses it.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         Ok(())
     }
 
-    fn load_state(&self, state: &[u8]) -> Result<(), String> {
-        let state: VmState =
-            serde_json::from_slice(state).map_err(|e| format!("decoding VM state: {e}"))?;
-        self.vm.restore_state(&state).map_err(|e| e.to_string())
+    fn load_state(&self, state: &[u8]) -> Result<(), HookError> {
+        let state: VmState = serde_json::from_slice(state).map_err(StateBlobError::Decode)?;
+        Ok(self.vm.restore_state(&state)?)
     }
 
     fn begin_postcopy(
         &self,
         fetcher: Arc<dyn PageFetcher>,
         present: &PageSet,
-    ) -> Result<Arc<dyn PostcopySink>, String> {
+    ) -> Result<Arc<dyn PostcopySink>, HookError> {
         let t0 = std::time::Instant::now();
         if present.count() > 0 {
             discard_absent_pages(self.vm.ram(), present)?;
@@ -309,11 +334,10 @@ impl DestinationVm for DestSide {
                 vm: self.vm.clone(),
                 swapped,
             }),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         engine.set_vcpu_tids(self.vm.vcpu_tids());
         let t_new = t0.elapsed();
-        let report = engine.prepare().map_err(|e| e.to_string())?;
+        let report = engine.prepare()?;
         if self.dirty_logged {
             // A region the engine does not stage after all (native service) needs no log.
             let bind = self.vm.ram().backing() != Backing::GuestMemfd;
@@ -321,8 +345,7 @@ impl DestinationVm for DestSide {
                 if !matches!(r.mode, ServeMode::Staged(_)) {
                     self.vm
                         .ram()
-                        .set_slot(self.vm.fd(), r.slot as usize, false, bind)
-                        .map_err(|e| e.to_string())?;
+                        .set_slot(self.vm.fd(), r.slot as usize, false, bind)?;
                 }
             }
         }
@@ -357,7 +380,6 @@ impl DestinationVm for DestSide {
             engine
                 .mark_present(r.guest_addr + start * PAGE_SIZE, count)
                 .map(|_| ())
-                .map_err(|e| e.to_string())
         })?;
         let sink = Arc::new(EngineSink { engine, serve });
         if let Ok(mut e) = self.engine.lock() {
@@ -366,7 +388,7 @@ impl DestinationVm for DestSide {
         Ok(sink)
     }
 
-    fn start(&self) -> Result<(), String> {
+    fn start(&self) -> Result<(), HookError> {
         let postcopy = self.engine.lock().map(|e| e.is_some()).unwrap_or(false);
         if !postcopy {
             self.register_slots(false, true)?;
@@ -383,7 +405,7 @@ impl DestinationVm for DestSide {
 /// next touch faults into the engine instead of reading stale data. Staged backings (hugetlb,
 /// guest_memfd) need nothing: the engine maps empty staging over them and fetches what has not
 /// arrived.
-fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), String> {
+fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), IncomingVmError> {
     if !matches!(ram.backing(), Backing::Anon | Backing::Shmem) {
         return Ok(());
     }
@@ -401,27 +423,31 @@ fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), String>
                 )
             };
             if rc != 0 {
-                return Err(format!(
-                    "punching stale pages {:#x}+{len:#x} out of guest memory: {}",
-                    r.guest_addr + off,
-                    std::io::Error::last_os_error()
-                ));
+                return Err(IncomingVmError::PunchHole {
+                    gpa: r.guest_addr + off,
+                    len,
+                    source: std::io::Error::last_os_error(),
+                });
             }
         }
         r.primary
             .discard(off as usize, len as usize)
-            .map_err(|e| format!("dropping stale pages at {:#x}: {e}", r.guest_addr + off))
+            .map_err(|source| IncomingVmError::Discard {
+                gpa: r.guest_addr + off,
+                len,
+                source,
+            })
     })
 }
 
 /// Calls `f(region, first page in the region, page count)` for every maximal run of pages whose
 /// membership in `set` (global page numbers over all regions, in order) equals `member`.
-fn for_each_run(
+fn for_each_run<E>(
     ram: &GuestRam,
     set: &PageSet,
     member: bool,
-    mut f: impl FnMut(&Region, u64, u64) -> Result<(), String>,
-) -> Result<(), String> {
+    mut f: impl FnMut(&Region, u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
     let mut first_page = 0u64;
     for r in ram.regions() {
         let pages = r.size / PAGE_SIZE;
@@ -488,7 +514,7 @@ pub fn receive(
             .map_err(|e| ReceiveError::Run(LaunchError::Signals(e.into())))?;
     }
     let secret = match &cfg.secret_file {
-        Some(p) => Some(Secret::from_file(p).map_err(|e| ReceiveError::Secret(e.to_string()))?),
+        Some(p) => Some(Secret::from_file(p).map_err(ReceiveError::Secret)?),
         None => None,
     };
     let timeouts = migration::Timeouts {
@@ -542,15 +568,21 @@ pub fn receive(
     let vcpus = match u8::try_from(config.vcpu_count) {
         Ok(v) => v,
         Err(_) => {
-            let msg = format!("{} vCPUs is more than this VMM runs", config.vcpu_count);
-            incoming.reject(&msg);
-            return Err(ReceiveError::Incompatible(msg));
+            let e = ReceiveError::TooManyVcpus {
+                vcpus: config.vcpu_count,
+            };
+            incoming.reject(&e.to_string());
+            return Err(e);
         }
     };
-    if let Err(e) = GuestRam::validate(cfg.backing, memory) {
-        let msg = format!("{} bytes of guest RAM on {}: {e}", memory, cfg.backing);
-        incoming.reject(&msg);
-        return Err(ReceiveError::Incompatible(msg));
+    if let Err(source) = GuestRam::validate(cfg.backing, memory) {
+        let e = ReceiveError::Memory {
+            bytes: memory,
+            backing: cfg.backing,
+            source,
+        };
+        incoming.reject(&e.to_string());
+        return Err(e);
     }
     if cfg.backing == Backing::Anon && config.mode != Mode::Precopy {
         // Anonymous memory is served by UFFDIO_COPY; that needs no alias, so it works too.
@@ -616,11 +648,10 @@ pub fn receive(
         // allocates KVM's per-page metadata and turning dirty logging on its bitmap: 0.6-7.5 ms
         // for 1 GiB measured here, which begin_postcopy would otherwise spend in the blackout.
         let bind = cfg.backing != Backing::GuestMemfd;
-        if let Err(e) = side.register_slots(dirty_logged, bind) {
-            incoming.reject(&e);
-            return Err(ReceiveError::Incompatible(format!(
-                "registering guest memory with KVM: {e}"
-            )));
+        if let Err(source) = side.register_slots(dirty_logged, bind) {
+            let e = ReceiveError::Register(source);
+            incoming.reject(&e.to_string());
+            return Err(e);
         }
     }
     let summary = match incoming.receive(&side) {

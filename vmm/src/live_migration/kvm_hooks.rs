@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use migration::types::{DirtyLog, HookError, MemslotSwap, RamRegion, VcpuControl};
 
-use crate::memory::MemoryError;
+use crate::memory::{MemoryError, Region};
 use crate::vm::Vm;
 
 /// Why the guest_memfd memslot swap of a collapse failed.
@@ -23,6 +23,20 @@ pub enum SwapError {
         idx: usize,
         #[source]
         source: MemoryError,
+    },
+}
+
+/// Why reading a memslot's dirty log failed (turning logging on and off fails with the memory
+/// layer's own [`MemoryError`], which names the slot).
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    #[error("the VM has no memslot {slot}")]
+    NoSlot { slot: u32 },
+    #[error("KVM_GET_DIRTY_LOG of memslot {slot} failed: {source}")]
+    Fetch {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
     },
 }
 
@@ -44,35 +58,40 @@ fn is_swapped(s: &SwappedSlots, slot: u32) -> bool {
     s.lock().map(|s| s.contains(&slot)).unwrap_or(false)
 }
 
-impl DirtyLog for KvmDirtyLog {
-    fn enable(&self, slot: u32) -> Result<(), String> {
+impl KvmDirtyLog {
+    /// The region behind memslot `slot`.
+    fn region(&self, slot: u32) -> Result<&Region, DirtyLogError> {
         self.vm
-            .ram()
-            .set_slot(self.vm.fd(), slot as usize, true, self.bind_guest_memfd)
-            .map_err(|e| e.to_string())
-    }
-
-    fn disable(&self, slot: u32) -> Result<(), String> {
-        if is_swapped(&self.swapped, slot) {
-            return Ok(());
-        }
-        self.vm
-            .ram()
-            .set_slot(self.vm.fd(), slot as usize, false, self.bind_guest_memfd)
-            .map_err(|e| e.to_string())
-    }
-
-    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
-        let r = self
-            .vm
             .ram()
             .regions()
             .get(slot as usize)
-            .ok_or_else(|| format!("no memslot {slot}"))?;
-        self.vm
+            .ok_or(DirtyLogError::NoSlot { slot })
+    }
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn enable(&self, slot: u32) -> Result<(), HookError> {
+        self.region(slot)?;
+        let ram = self.vm.ram();
+        Ok(ram.set_slot(self.vm.fd(), slot as usize, true, self.bind_guest_memfd)?)
+    }
+
+    fn disable(&self, slot: u32) -> Result<(), HookError> {
+        if is_swapped(&self.swapped, slot) {
+            return Ok(());
+        }
+        self.region(slot)?;
+        let ram = self.vm.ram();
+        Ok(ram.set_slot(self.vm.fd(), slot as usize, false, self.bind_guest_memfd)?)
+    }
+
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, HookError> {
+        let r = self.region(slot)?;
+        Ok(self
+            .vm
             .fd()
             .get_dirty_log(slot, r.size as usize)
-            .map_err(|e| format!("KVM_GET_DIRTY_LOG of slot {slot}: {e}"))
+            .map_err(|source| DirtyLogError::Fetch { slot, source })?)
     }
 }
 

@@ -12,6 +12,16 @@ use migration::types::{MemoryKind, RamRegion};
 
 use crate::memory::{Backing, GuestRam};
 
+/// Why the VM's device and vCPU state blob could not be encoded (source) or decoded
+/// (destination); the VM's own save/restore errors pass through unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum StateBlobError {
+    #[error("encoding the VM state as JSON failed: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("decoding the VM state from JSON failed: {0}")]
+    Decode(#[source] serde_json::Error),
+}
+
 /// The migration crate's name for a backing.
 pub fn memory_kind(b: Backing) -> MemoryKind {
     match b {

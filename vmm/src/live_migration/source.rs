@@ -7,9 +7,10 @@ use std::sync::Arc;
 use migration::auth::Secret;
 use migration::source::{self, MigrateOptions, MigrationControl, SourceVm};
 use migration::tls::ClientTls;
-use migration::types::{DirtyLog, RamRegion};
+use migration::types::{DirtyLog, HookError, RamRegion};
 
 use super::kvm_hooks::KvmDirtyLog;
+use super::StateBlobError;
 use crate::control::{AfterFailure, MigrateFailure, MigrateHandler, MigrateRequest};
 use crate::events::EventMonitor;
 use crate::vm::Vm;
@@ -46,18 +47,18 @@ impl SourceVm for SourceSide {
         u32::from(self.vm.vcpu_count())
     }
 
-    fn pause(&self) -> Result<(), String> {
-        self.vm.pause().map_err(|e| e.to_string())
+    fn pause(&self) -> Result<(), HookError> {
+        Ok(self.vm.pause()?)
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), HookError> {
         self.vm.resume();
         Ok(())
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, String> {
-        let state = self.vm.save_state().map_err(|e| e.to_string())?;
-        serde_json::to_vec(&state).map_err(|e| format!("encoding VM state: {e}"))
+    fn save_state(&self) -> Result<Vec<u8>, HookError> {
+        let state = self.vm.save_state()?;
+        Ok(serde_json::to_vec(&state).map_err(StateBlobError::Encode)?)
     }
 }
 
@@ -75,6 +76,29 @@ fn dns_host(to: &str) -> Option<&str> {
     }
 }
 
+/// Why a `migrate` request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot resolve destination '{to}': {source}")]
+    Resolve {
+        to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("destination '{to}' has no address")]
+    NoAddress { to: String },
+    #[error(transparent)]
+    Secret(#[from] migration::auth::AuthError),
+    #[error("TLS settings from {dir}: {source}", dir = dir.display())]
+    Tls {
+        dir: std::path::PathBuf,
+        #[source]
+        source: migration::tls::TlsError,
+    },
+    #[error(transparent)]
+    Migration(#[from] source::SourceError),
+}
+
 /// Serves `migrate` requests of the control API.
 pub struct Migrator;
 
@@ -86,17 +110,22 @@ impl MigrateHandler for Migrator {
         control: Arc<MigrationControl>,
         events: Option<Arc<EventMonitor>>,
     ) -> Result<serde_json::Value, MigrateFailure> {
-        let fail = |message: String| MigrateFailure {
-            message,
+        let fail = |e: MigrateError| MigrateFailure {
+            error: Arc::new(e),
             after: AfterFailure::Resumed,
         };
         let to = &req.to;
         let mode = req.mode;
         let addr = to
             .to_socket_addrs()
-            .map_err(|e| fail(format!("cannot resolve destination '{to}': {e}")))?
+            .map_err(|source| {
+                fail(MigrateError::Resolve {
+                    to: to.clone(),
+                    source,
+                })
+            })?
             .next()
-            .ok_or_else(|| fail(format!("destination '{to}' has no address")))?;
+            .ok_or_else(|| fail(MigrateError::NoAddress { to: to.clone() }))?;
         let mut opts = MigrateOptions::new(mode);
         opts.timeouts.recover = req.recover_timeout;
         let t = &req.tunables;
@@ -112,7 +141,7 @@ impl MigrateHandler for Migrator {
         opts.events = events.map(|e| e as Arc<dyn migration::EventSink>);
         opts.control = control;
         if let Some(p) = &req.secret_file {
-            opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.to_string()))?);
+            opts.secret = Some(Secret::from_file(p).map_err(|e| fail(e.into()))?);
         }
         opts.allow_plaintext = req.allow_plaintext;
         if let Some(dir) = &req.tls_dir {
@@ -123,10 +152,12 @@ impl MigrateHandler for Migrator {
                 .tls_server_name
                 .clone()
                 .or_else(|| dns_host(to).map(str::to_owned));
-            opts.tls = Some(
-                ClientTls::from_dir(dir, name.as_deref())
-                    .map_err(|e| fail(format!("TLS settings from {}: {e}", dir.display())))?,
-            );
+            opts.tls = Some(ClientTls::from_dir(dir, name.as_deref()).map_err(|source| {
+                fail(MigrateError::Tls {
+                    dir: dir.clone(),
+                    source,
+                })
+            })?);
         }
         let side = SourceSide::new(vm.clone());
         let report = |_: source::Progress| {};
@@ -137,7 +168,6 @@ impl MigrateHandler for Migrator {
             Ok(summary) => Ok(serde_json::to_value(summary)
                 .unwrap_or_else(|e| serde_json::json!({ "summary_error": e.to_string() }))),
             Err(e) => Err(MigrateFailure {
-                message: e.to_string(),
                 after: if e.destination_started() {
                     AfterFailure::Lost
                 } else if e.keeps_paused() {
@@ -145,6 +175,7 @@ impl MigrateHandler for Migrator {
                 } else {
                     AfterFailure::Resumed
                 },
+                error: Arc::new(MigrateError::Migration(e)),
             }),
         }
     }

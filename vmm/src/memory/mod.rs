@@ -190,8 +190,22 @@ pub enum MemoryError {
     DirtyLogUnsupported { backing: Backing },
     #[error("guest physical range {addr:#x}+{len:#x} is not in guest RAM")]
     OutOfRange { addr: u64, len: u64 },
+    #[error(
+        "building the vm-memory view of guest RAM failed: region at {guest_addr:#x}: {source}"
+    )]
+    ViewRegion {
+        guest_addr: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error(
+        "building the vm-memory view of guest RAM failed: region at {guest_addr:#x} overflows"
+    )]
+    ViewOverflow { guest_addr: u64 },
     #[error("building the vm-memory view of guest RAM failed: {0}")]
-    View(String),
+    View(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("guest RAM region {index} cannot be described as a memslot")]
+    NoMemslot { index: usize },
     #[error(
         "faulting in the huge pages of {backing} guest memory (region at {guest_addr:#x}, \
          {size} bytes) failed: {source}"
@@ -397,14 +411,18 @@ impl GuestRam {
                     flags,
                 )
             }
-            .map_err(|e| MemoryError::View(format!("region at {:#x}: {e}", r.guest_addr)))?;
-            let region =
-                GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                    MemoryError::View(format!("region at {:#x} overflows", r.guest_addr))
-                })?;
+            .map_err(|source| MemoryError::ViewRegion {
+                guest_addr: r.guest_addr,
+                source,
+            })?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or(
+                MemoryError::ViewOverflow {
+                    guest_addr: r.guest_addr,
+                },
+            )?;
             view_regions.push(region);
         }
-        GuestMemoryMmap::from_regions(view_regions).map_err(|e| MemoryError::View(e.to_string()))
+        GuestMemoryMmap::from_regions(view_regions).map_err(MemoryError::View)
     }
 
     /// The backing kind.
@@ -495,9 +513,7 @@ impl GuestRam {
         for index in 0..self.regions.len() {
             let slot = self
                 .memslot(index, dirty_log)
-                .ok_or(MemoryError::View(format!(
-                    "region {index} cannot be described as a memslot"
-                )))?;
+                .ok_or(MemoryError::NoMemslot { index })?;
             self.set_memslot(vm, slot)?;
         }
         Ok(())

@@ -38,10 +38,20 @@ pub enum VcpuError {
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("vCPU {0} is not running any more")]
     Gone(u8),
-    #[error("saving vCPU state: {0}")]
-    SaveState(String),
-    #[error("restoring vCPU state: {0}")]
-    RestoreState(String),
+    #[error("saving vCPU state: {ioctl} failed: {source}")]
+    SaveState {
+        ioctl: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("restoring vCPU state: {ioctl} failed: {source}")]
+    RestoreState {
+        ioctl: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("restoring vCPU state: the XSAVE area has {got} words, expected {expected}")]
+    XsaveSize { got: usize, expected: usize },
 }
 
 /// Why a VM stopped, as its vCPUs saw it.
@@ -446,7 +456,22 @@ fn run_loop(index: u8, fd: &mut VcpuFd, devices: &Devices, stop: &StopSignal, sh
     }
 }
 
-fn handle_exit(index: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<DeviceAction, String> {
+/// A vCPU exit the VMM cannot run the guest past (the VM stops as crashed).
+#[derive(Debug, thiserror::Error)]
+pub enum ExitError {
+    #[error("vCPU {index}: KVM internal error (the instruction emulator could not run the guest)")]
+    Internal { index: u8 },
+    #[error("vCPU {index}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})")]
+    FailEntry { index: u8, reason: u64, cpu: u32 },
+    #[error("vCPU {index}: unexpected exit {exit}")]
+    Unexpected { index: u8, exit: String },
+}
+
+fn handle_exit(
+    index: u8,
+    exit: VcpuExit<'_>,
+    devices: &Devices,
+) -> Result<DeviceAction, ExitError> {
     match exit {
         VcpuExit::IoOut(port, data) => Ok(devices.pio_write(port, data)),
         VcpuExit::IoIn(port, data) => {
@@ -461,12 +486,8 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<Devic
         VcpuExit::Hlt => Ok(DeviceAction::None),
         VcpuExit::Intr => Ok(DeviceAction::None),
         VcpuExit::Shutdown => Ok(DeviceAction::Reset),
-        VcpuExit::InternalError => Err(format!(
-            "vCPU {index}: KVM internal error (the instruction emulator could not run the guest)"
-        )),
-        VcpuExit::FailEntry(reason, cpu) => Err(format!(
-            "vCPU {index}: VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-        )),
+        VcpuExit::InternalError => Err(ExitError::Internal { index }),
+        VcpuExit::FailEntry(reason, cpu) => Err(ExitError::FailEntry { index, reason, cpu }),
         VcpuExit::SystemEvent(ty, _) => {
             // KVM_SYSTEM_EVENT_SHUTDOWN = 1, RESET = 2.
             if ty == 2 {
@@ -475,6 +496,9 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<Devic
                 Ok(DeviceAction::Exit(0))
             }
         }
-        other => Err(format!("vCPU {index}: unexpected exit {other:?}")),
+        other => Err(ExitError::Unexpected {
+            index,
+            exit: format!("{other:?}"),
+        }),
     }
 }

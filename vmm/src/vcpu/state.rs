@@ -28,12 +28,12 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
 }
 
-fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
-    move |e| VcpuError::SaveState(format!("{what}: {e}"))
+fn kvm(ioctl: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::SaveState { ioctl, source }
 }
 
-fn kvm_restore(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
-    move |e| VcpuError::RestoreState(format!("{what}: {e}"))
+fn kvm_restore(ioctl: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::RestoreState { ioctl, source }
 }
 
 impl VcpuState {
@@ -57,8 +57,8 @@ impl VcpuState {
                     ..Default::default()
                 })
                 .collect();
-            let mut m = Msrs::from_entries(&entries)
-                .map_err(|_| VcpuError::SaveState("MSR list too long".into()))?;
+            let mut m =
+                Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrCount(entries.len()))?;
             let n = fd.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))?;
             msrs.extend_from_slice(&m.as_slice()[..n]);
         }
@@ -85,11 +85,10 @@ impl VcpuState {
             .map_err(kvm_restore("KVM_SET_REGS"))?;
         let mut xsave = kvm_xsave::default();
         if self.xsave.len() != xsave.region.len() {
-            return Err(VcpuError::RestoreState(format!(
-                "XSAVE area has {} words, expected {}",
-                self.xsave.len(),
-                xsave.region.len()
-            )));
+            return Err(VcpuError::XsaveSize {
+                got: self.xsave.len(),
+                expected: xsave.region.len(),
+            });
         }
         xsave.region.copy_from_slice(&self.xsave);
         // SAFETY: `xsave` is a legacy 4 KiB XSAVE area read by KVM_GET_XSAVE on a vCPU of the
@@ -98,14 +97,12 @@ impl VcpuState {
         fd.set_xcrs(&self.xcrs)
             .map_err(kvm_restore("KVM_SET_XCRS"))?;
         for chunk in self.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-            let m = Msrs::from_entries(chunk)
-                .map_err(|_| VcpuError::RestoreState("MSR list too long".into()))?;
+            let m = Msrs::from_entries(chunk).map_err(|_| VcpuError::MsrCount(chunk.len()))?;
             let n = fd.set_msrs(&m).map_err(kvm_restore("KVM_SET_MSRS"))?;
             if n != chunk.len() {
-                return Err(VcpuError::RestoreState(format!(
-                    "KVM refused MSR {:#x}",
-                    chunk[n].index
-                )));
+                return Err(VcpuError::MsrRejected {
+                    index: chunk[n].index,
+                });
             }
         }
         fd.set_lapic(&self.lapic)
