@@ -106,6 +106,9 @@ pub struct PostcopyStats {
     pub zero_pages_ignored: u64,
     /// Fetch attempts that failed and were retried.
     pub fetch_retries: u64,
+    /// userfaultfd ioctls (COPY, CONTINUE, ZEROPAGE) that said EAGAIN (the address space was
+    /// changing) and were tried again.
+    pub uffd_eagain: u64,
     /// Successful collapses (all methods), not counting units skipped as empty.
     pub collapses: u64,
     /// shmem units that were all page-cache holes and never touched: nothing to collapse.
@@ -216,6 +219,8 @@ pub struct StatsCollector {
     pub faults_coalesced: AtomicU64,
     pub zero_pages_applied: AtomicU64,
     pub zero_pages_ignored: AtomicU64,
+    /// userfaultfd ioctls that said EAGAIN and were tried again.
+    pub uffd_eagain: AtomicU64,
     staging_pages: AtomicU64,
     staging_peak_pages: AtomicU64,
     fault_latency: Mutex<LatencyLog>,
@@ -333,6 +338,7 @@ impl StatsCollector {
             bulk_pages_applied: self.bulk_pages_applied.load(Ordering::Relaxed),
             bulk_pages_ignored: self.bulk_pages_ignored.load(Ordering::Relaxed),
             fetch_retries: self.fetch_retries.load(Ordering::Relaxed),
+            uffd_eagain: self.uffd_eagain.load(Ordering::Relaxed),
             faults_coalesced: self.faults_coalesced.load(Ordering::Relaxed),
             zero_pages_applied: self.zero_pages_applied.load(Ordering::Relaxed),
             zero_pages_ignored: self.zero_pages_ignored.load(Ordering::Relaxed),
