@@ -964,3 +964,101 @@ fn native_strategy_falls_back_with_reason() {
         "{plan:?}"
     );
 }
+
+/// UFFDIO_COPY into an anonymous range while its address space is changing: a thread's
+/// `madvise(MADV_DONTNEED)` on the range waits in the kernel until its non-cooperative REMOVE
+/// event is read, and until then every UFFDIO_COPY into the range fails with EAGAIN (the
+/// kernel's `mmap_changing`). The engine's copy helper must retry (never treat it as fatal)
+/// and the page must end up right once the event is read.
+#[test]
+fn anon_copy_retries_eagain_while_the_address_space_changes() {
+    use migration::postcopy::sys::{uffd_copy, Copied};
+    let size = 4 * PAGE;
+    // SAFETY: fresh anonymous mapping; checked.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(host, libc::MAP_FAILED);
+    let host = host as usize;
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(userfaultfd::FeatureFlags::EVENT_REMOVE)
+        .create()
+        .unwrap();
+    uffd.register(host as *mut libc::c_void, size).unwrap();
+    let gpa = GPA_BASE;
+    let mut page = [0u8; 4096];
+    src_page(gpa, &mut page);
+    std::thread::scope(|s| {
+        // Page 2 only: the copy goes to page 0, so the madvise cannot drop what was copied.
+        let madv = s.spawn(|| {
+            // SAFETY: our own anonymous mapping; page 2 holds nothing.
+            unsafe {
+                libc::madvise(
+                    (host + 2 * PAGE) as *mut libc::c_void,
+                    PAGE,
+                    libc::MADV_DONTNEED,
+                )
+            }
+        });
+        // The REMOVE event is queued once the madvise is inside the kernel, waiting.
+        let mut fds = [libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
+        assert_eq!(n, 1, "the REMOVE event never came");
+        // SAFETY: page 0 of the registered, unpopulated range; `page` is 4 KiB.
+        let raw = unsafe {
+            uffd.copy(
+                page.as_ptr() as *const libc::c_void,
+                host as *mut libc::c_void,
+                PAGE,
+                true,
+            )
+        };
+        assert!(
+            matches!(raw, Err(userfaultfd::Error::PartiallyCopied(_))),
+            "the kernel did not say EAGAIN while the address space changes: {raw:?}"
+        );
+        let reader = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            // The event holds raw pointers (not Send): hand back what it was.
+            format!("{:?}", uffd.read_event().unwrap())
+        });
+        let t = Instant::now();
+        // SAFETY: as above.
+        let got = unsafe { uffd_copy(&uffd, &page, host, true, || false) }.unwrap();
+        let waited = t.elapsed();
+        let ev = reader.join().unwrap();
+        assert!(ev.starts_with("Some(Remove"), "{ev}");
+        assert_eq!(madv.join().unwrap(), 0, "madvise failed");
+        match got {
+            Copied::Done { eagain } => assert!(eagain > 0, "no EAGAIN was retried"),
+            Copied::Exists => panic!("page 0 was never populated, yet EEXIST"),
+        }
+        assert!(
+            waited >= Duration::from_millis(40),
+            "copied after {waited:?}"
+        );
+    });
+    check_page(host, gpa, None);
+    for p in 1..4 {
+        assert_eq!(
+            migration::postcopy::sys::resident_pages(host + p * PAGE, PAGE).unwrap(),
+            0,
+            "page {p} was populated"
+        );
+    }
+}
