@@ -31,6 +31,8 @@ pub mod stats;
 pub mod strategy;
 mod supervisor;
 pub mod sys;
+#[cfg(test)]
+mod tests;
 
 pub use engine::{PostcopyEngine, PrepareReport, RegionReport};
 pub use stats::{CollapseRecord, PostcopyStats};
