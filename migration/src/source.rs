@@ -1659,6 +1659,7 @@ fn urgent_server(
                 return Err(e);
             }
         };
+        let got_request = std::time::Instant::now();
         let index = match check_run(&ram.layout, Kind::PageRequest, gpa, 1) {
             Ok(i) => i,
             Err(e) => {
@@ -1674,6 +1675,7 @@ fn urgent_server(
                 &Message::PageReply {
                     id,
                     gpa,
+                    source_ns: got_request.elapsed().as_nanos() as u64,
                     data: &page,
                 },
                 "sending a page reply",

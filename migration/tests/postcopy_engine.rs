@@ -498,6 +498,13 @@ fn shmem_4k_faults_then_madv_collapse() {
     );
     assert!(pmd >= 2048, "no PMD mapping after MADV_COLLAPSE: {smaps:?}");
     assert!(!st.fault_latency_ns.is_empty());
+    // Every fault that fetched over the socket is timed by phase.
+    let phases = &st.fault_phase_us;
+    assert!(phases.installed.count > 0, "{phases:?}");
+    assert!(phases.installed.count <= st.pages_fetched);
+    assert_eq!(phases.uffd_to_read.count, phases.installed.count);
+    assert!(phases.reply_read.p50 > 0.0, "{phases:?}");
+    assert!(st.slow_faults.len() <= 200);
 }
 
 #[test]

@@ -17,6 +17,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
 use super::arrival::Arrivals;
+use super::fault_phases::FaultStamps;
 use super::installer::{Installer, Stored};
 use super::region::{Region, Regions};
 use super::stats::StatsCollector;
@@ -25,7 +26,7 @@ use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
 use crate::thread_priority::{self, ThreadRole};
-use crate::types::{FetchError, PageFetcher, PAGE_SIZE};
+use crate::types::{FetchError, FetchTimes, PageFetcher, PAGE_SIZE};
 
 /// Marks whole-huge-page keys in the in-flight set.
 const HUGE_KEY: u64 = 1 << 63;
@@ -40,6 +41,8 @@ type Joined = (Instant, Option<usize>);
 pub(crate) struct FaultJob {
     pub region: usize,
     pub addr: usize,
+    /// When the reader woke on the userfaultfd (the first phase starts there).
+    pub woke: Instant,
     /// When the reader read the event.
     pub read_at: Instant,
     /// The faulting vCPU (None: another thread, or no thread ids).
@@ -154,7 +157,9 @@ fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
             PollFd::new(std::os::fd::AsFd::as_fd(uffd), PollFlags::POLLIN),
             PollFd::new(sup.stop_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        let polled = poll(&mut fds, PollTimeout::NONE);
+        let woke = Instant::now();
+        match polled {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
@@ -199,6 +204,7 @@ fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
                                 .send(FaultJob {
                                     region,
                                     addr,
+                                    woke,
                                     read_at,
                                     vcpu,
                                 })
@@ -316,6 +322,7 @@ impl FaultService {
         page: u64,
         buf: &mut [u8; 4096],
         outage: &mut bool,
+        times: &mut FetchTimes,
     ) -> Result<bool, PostcopyError> {
         let gpa = r.region.gpa + page * PAGE_SIZE;
         let mut backoff = Duration::from_millis(1);
@@ -324,7 +331,7 @@ impl FaultService {
             if r.tracker.arrived(page) || self.sup.stopping() {
                 return Ok(false);
             }
-            match self.fetcher.fetch(gpa, buf) {
+            match self.fetcher.fetch_timed(gpa, buf, times) {
                 Ok(()) => {
                     self.stats.pages_fetched.fetch_add(1, Ordering::Relaxed);
                     return Ok(true);
@@ -359,6 +366,23 @@ impl FaultService {
         }
     }
 
+    /// Record the phases of a remote fault that was just installed (see `fault_phases`).
+    fn record_phases(&self, job: &FaultJob, started: Instant, t: &FetchTimes, stored: Instant) {
+        let installed = Instant::now();
+        // A fetcher that does not time its steps: put the whole fetch in `reply_read`.
+        let written = t.request_written.unwrap_or(started);
+        let read = t.reply_read.unwrap_or(stored);
+        self.stats.phases.record(&FaultStamps {
+            woke: job.woke.min(job.read_at),
+            started,
+            request_written: written,
+            reply_read: read,
+            source_ns: t.source_ns,
+            stored,
+            installed,
+        });
+    }
+
     /// Serve one fault: the flow of its region's mode.
     pub fn serve(&self, job: &FaultJob) -> Result<(), PostcopyError> {
         let r = &self.regions[job.region];
@@ -380,10 +404,14 @@ impl FaultService {
         let Some(claim) = self.claim((ri, page), job) else {
             return Ok(()); // the first fault on this page wakes every waiter
         };
+        let started = Instant::now();
         let mut buf = [0u8; 4096];
         let mut stored = None;
         let mut outage = false;
-        if !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage)? {
+        let mut times = FetchTimes::default();
+        let fetched =
+            !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage, &mut times)?;
+        if fetched {
             let _g = r.tracker.lock_page(page);
             stored = self.arrivals.store_locked(ri, page, &buf)?;
         } else {
@@ -394,10 +422,14 @@ impl FaultService {
         if !r.tracker.arrived(page) {
             return Ok(()); // stopping: the fetch gave up
         }
+        let stored_at = Instant::now();
         // A store that mapped the page (anon UFFDIO_COPY) or found it present woke the
         // waiters; otherwise map it now.
         if !matches!(stored, Some(Stored::Mapped | Stored::Present)) {
             self.installer.map_page(r, page)?;
+        }
+        if fetched && stored.is_some() && !outage {
+            self.record_phases(job, started, &times, stored_at);
         }
         claim.served(outage);
         Ok(())
@@ -413,9 +445,12 @@ impl FaultService {
             return Ok(());
         };
         let addr = r.host_page(page);
+        let started = Instant::now();
         let mut buf = [0u8; 4096];
         let mut outage = false;
-        let fetched = !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage)?;
+        let mut times = FetchTimes::default();
+        let fetched =
+            !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage, &mut times)?;
         let unit = r.tracker.unit_of(page);
         let collapsed = r.units[unit as usize]
             .read()
@@ -439,7 +474,7 @@ impl FaultService {
             slot: r.region.slot,
         })?;
         let stage_alias = staging.alias_at(page * PAGE_SIZE);
-        {
+        let stored_at = {
             let _g = r.tracker.lock_page(page);
             let mut local = true;
             if fetched && !r.tracker.arrived(page) {
@@ -462,10 +497,14 @@ impl FaultService {
                     .pages_served_locally
                     .fetch_add(1, Ordering::Relaxed);
             }
-        }
+            (!local).then(Instant::now)
+        };
         // Guest writes after this CONTINUE are tracked: prepare() turned dirty logging on for
         // every region that collapses (never from here: see prepare()).
         self.installer.map_page(r, page)?;
+        if let (Some(stored_at), false) = (stored_at, outage) {
+            self.record_phases(job, started, &times, stored_at);
+        }
         drop(staging_guard);
         drop(collapsed);
         claim.served(outage);
@@ -498,8 +537,9 @@ impl FaultService {
                         scope.spawn(move || -> Result<(), PostcopyError> {
                             let mut buf = [0u8; 4096];
                             let mut waited = false;
+                            let mut times = FetchTimes::default();
                             for &p in pages {
-                                let got = self.fetch(r, p, &mut buf, &mut waited)?;
+                                let got = self.fetch(r, p, &mut buf, &mut waited, &mut times)?;
                                 if waited {
                                     outage.store(true, Ordering::Relaxed);
                                 }

@@ -21,6 +21,7 @@
 mod arrival;
 pub mod collapse;
 pub mod engine;
+pub mod fault_phases;
 pub mod fault_service;
 mod installer;
 pub mod native;
@@ -35,6 +36,7 @@ pub mod sys;
 mod tests;
 
 pub use engine::{PostcopyEngine, PrepareReport, RegionReport};
+pub use fault_phases::{FaultPhaseSummary, PhaseSummary, PhaseTimes, SlowFault, PHASES};
 pub use stats::{CollapseRecord, PostcopyStats};
 pub use strategy::{FinalBacking, ProbeError, RegionPlan, ServeMode, Strategy};
 

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::fault_phases::{FaultPhaseSummary, FaultPhases, SlowFault};
 use crate::live_stats::{EngineLive, MigrationEvent};
 
 use serde::Serialize;
@@ -138,6 +139,10 @@ pub struct PostcopyStats {
     /// `fault_latency_*` so an outage does not blur the normal distribution. At most
     /// [`MAX_FAULT_SAMPLES`].
     pub outage_fault_latency_ns: Vec<u64>,
+    /// Remote faults by phase (see `fault_phases`): per phase, count and percentiles in µs.
+    pub fault_phase_us: FaultPhaseSummary,
+    /// Up to 200 remote faults above the p99 of the total, slowest first, with their phases.
+    pub slow_faults: Vec<SlowFault>,
 }
 
 /// Raw fault latency samples kept at most (8 bytes each); later ones only go to the histogram.
@@ -226,6 +231,8 @@ pub struct StatsCollector {
     fault_latency: Mutex<LatencyLog>,
     outage_fault_latency: Mutex<LatencyLog>,
     collapses: Mutex<Vec<CollapseRecord>>,
+    /// Remote faults by phase.
+    pub phases: FaultPhases,
     /// The live figures the engine hands out ([`crate::postcopy::PostcopyEngine::live`]).
     pub(crate) live: Arc<EngineLive>,
 }
@@ -331,7 +338,10 @@ impl StatsCollector {
             .map(|r| r.stall_ns)
             .collect();
         stalls.sort_unstable();
+        let (fault_phase_us, slow_faults) = self.phases.summary();
         PostcopyStats {
+            fault_phase_us,
+            slow_faults,
             faults_served: self.faults_served.load(Ordering::Relaxed),
             pages_fetched: self.pages_fetched.load(Ordering::Relaxed),
             pages_served_locally: self.pages_served_locally.load(Ordering::Relaxed),

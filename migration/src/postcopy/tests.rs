@@ -209,10 +209,12 @@ impl Rig {
     fn fault(&self, page: u64) {
         let r = &self.regions[0];
         self.service.accept();
+        let now = Instant::now();
         self.service.handle(&FaultJob {
             region: 0,
             addr: r.host_page(page) + 8,
-            read_at: Instant::now(),
+            woke: now,
+            read_at: now,
             vcpu: None,
         });
     }
@@ -276,6 +278,9 @@ fn anon_fault_fetches_stores_once_and_needs_no_second_mapping() {
     let st = rig.stats.snapshot();
     assert_eq!((st.faults_served, st.pages_fetched), (1, 1));
     assert_eq!(st.fault_latency_count, 1);
+    // A remote fault: timed by phase.
+    assert_eq!(st.fault_phase_us.installed.count, 1);
+    assert_eq!(st.fault_phase_us.uffd_to_read.count, 1);
     assert!(rig.service.idle());
     assert!(rig.sup.fatal().is_none());
 }
@@ -289,7 +294,12 @@ fn a_page_that_arrived_is_mapped_locally_without_a_fetch() {
     rig.fault(1);
     assert_eq!(rig.installer.calls(), vec![Call::MapPage(1)]);
     assert_eq!(fetcher.fetches.load(Ordering::Relaxed), 0);
-    assert_eq!(rig.stats.snapshot().pages_served_locally, 1);
+    let st = rig.stats.snapshot();
+    assert_eq!(st.pages_served_locally, 1);
+    assert_eq!(
+        st.fault_phase_us.installed.count, 0,
+        "a local fault has no remote phases"
+    );
 }
 
 #[test]
@@ -373,6 +383,10 @@ fn a_failed_fetch_is_retried_and_counted_as_an_outage() {
     assert_eq!(
         st.fault_latency_count, 0,
         "an outage fault blurred the normal latency"
+    );
+    assert_eq!(
+        st.fault_phase_us.installed.count, 0,
+        "an outage fault in the phases"
     );
     assert_eq!(read_page(rig.regions[0].host_page(0)), pattern(GPA));
 }
