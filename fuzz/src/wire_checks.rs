@@ -624,6 +624,7 @@ pub fn sample_messages() -> Vec<Message<'static>> {
         Message::PageReply {
             id: 1,
             gpa: 0x9_f000,
+            source_ns: 41_000,
             data: &DATA[..PAGE],
         },
         Message::Heartbeat,

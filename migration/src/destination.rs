@@ -15,7 +15,8 @@ use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
 use crate::transport::{Acceptor, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
-    AtomicPageSet, FetchError, HookError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE,
+    AtomicPageSet, FetchError, FetchTimes, HookError, Mode, PageFetcher, PageSet, RamLayout,
+    PAGE_SIZE,
 };
 use crate::wire::{
     self, check_run, DoneStats, ErrorCode, FrameReader, Kind, Message, MigrationConfig, WireError,
@@ -897,7 +898,12 @@ impl Receiver<'_> {
 
 enum SlotState {
     Waiting,
-    Filled(Box<[u8; PAGE]>),
+    /// The reply: the page, when the reader read it, and the source's time for it.
+    Filled {
+        page: Box<[u8; PAGE]>,
+        read_at: Instant,
+        source_ns: u64,
+    },
     Failed(String),
 }
 
@@ -1065,7 +1071,13 @@ impl UrgentClient {
             }
             match reader.poll("waiting for page replies") {
                 Ok(None) => {}
-                Ok(Some(Message::PageReply { id, gpa, data })) => {
+                Ok(Some(Message::PageReply {
+                    id,
+                    gpa,
+                    source_ns,
+                    data,
+                })) => {
+                    let read_at = Instant::now();
                     let slot = lock(&self.pending).map.remove(&id);
                     let Some(slot) = slot else {
                         // A reply to a request that timed out or failed already.
@@ -1087,7 +1099,11 @@ impl UrgentClient {
                         self.received.insert(i);
                     }
                     self.replies.fetch_add(1, Ordering::Relaxed);
-                    *lock(&slot.state) = SlotState::Filled(page);
+                    *lock(&slot.state) = SlotState::Filled {
+                        page,
+                        read_at,
+                        source_ns,
+                    };
                     slot.cv.notify_all();
                 }
                 Ok(Some(other)) => {
@@ -1143,6 +1159,15 @@ impl PageFetcher for UrgentClient {
     }
 
     fn fetch(&self, gpa: u64, buf: &mut [u8; 4096]) -> Result<(), FetchError> {
+        self.fetch_timed(gpa, buf, &mut FetchTimes::default())
+    }
+
+    fn fetch_timed(
+        &self,
+        gpa: u64,
+        buf: &mut [u8; 4096],
+        times: &mut FetchTimes,
+    ) -> Result<(), FetchError> {
         if self.layout.page_index(gpa).is_none() {
             return Err(FetchError::BadAddress { gpa });
         }
@@ -1180,11 +1205,18 @@ impl PageFetcher for UrgentClient {
             return Err(FetchError::Disconnected { gpa, reason });
         }
         let started = Instant::now();
+        times.request_written = Some(started);
         let mut state = lock(&slot.state);
         loop {
             match std::mem::replace(&mut *state, SlotState::Waiting) {
-                SlotState::Filled(page) => {
+                SlotState::Filled {
+                    page,
+                    read_at,
+                    source_ns,
+                } => {
                     buf.copy_from_slice(&page[..]);
+                    times.reply_read = Some(read_at);
+                    times.source_ns = source_ns;
                     return Ok(());
                 }
                 SlotState::Failed(reason) => return Err(FetchError::Disconnected { gpa, reason }),

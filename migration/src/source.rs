@@ -1671,6 +1671,7 @@ fn urgent_server(
                 return Err(e);
             }
         };
+        let got_request = std::time::Instant::now();
         let index = match check_run(&ram.layout, Kind::PageRequest, gpa, 1) {
             Ok(i) => i,
             Err(e) => {
@@ -1686,6 +1687,7 @@ fn urgent_server(
                 &Message::PageReply {
                     id,
                     gpa,
+                    source_ns: got_request.elapsed().as_nanos() as u64,
                     data: &page,
                 },
                 "sending a page reply",

@@ -193,6 +193,30 @@ pub trait PageFetcher: Send + Sync {
         let _ = timeout;
         false
     }
+
+    /// [`PageFetcher::fetch`], noting when the request was written, when the reply was read and
+    /// the source's own time for it (the phases of a remote fault). A fetcher that cannot tell
+    /// leaves `times` as it is.
+    fn fetch_timed(
+        &self,
+        gpa: u64,
+        buf: &mut [u8; 4096],
+        times: &mut FetchTimes,
+    ) -> Result<(), FetchError> {
+        let _ = times;
+        self.fetch(gpa, buf)
+    }
+}
+
+/// When one remote fetch passed its steps (see [`PageFetcher::fetch_timed`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FetchTimes {
+    /// The request was written to the urgent channel.
+    pub request_written: Option<std::time::Instant>,
+    /// The reply was read off the channel.
+    pub reply_read: Option<std::time::Instant>,
+    /// The source's time from reading the request to writing the reply, nanoseconds.
+    pub source_ns: u64,
 }
 
 /// One region of the RAM layout the source announces (gpa range and memslot number).

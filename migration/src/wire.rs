@@ -17,7 +17,7 @@ use crate::types::{LayoutError, MemoryKind, Mode, RamLayout, RegionLayout, PAGE_
 /// "VMMG" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMMG");
 /// Protocol version this code speaks. Peers must match exactly.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Most RAM regions a Config may announce.
 pub const MAX_REGIONS: usize = 512;
 /// Most vCPUs a Config may announce.
@@ -155,7 +155,7 @@ pub struct RoundEndBody {
 }
 const _: () = assert!(size_of::<RoundEndBody>() == 16);
 
-/// Head of PageRequest (whole body) and PageReply (followed by 4096 bytes).
+/// Body of PageRequest.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct PageHead {
@@ -163,6 +163,18 @@ pub struct PageHead {
     pub gpa: U64,
 }
 const _: () = assert!(size_of::<PageHead>() == 16);
+
+/// Head of PageReply (followed by 4096 bytes): the request's id and gpa, and the source's
+/// time from reading the request to writing this reply, in nanoseconds (the destination
+/// splits each remote fault's time into phases with it).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PageReplyHead {
+    pub id: U64,
+    pub gpa: U64,
+    pub source_ns: U64,
+}
+const _: () = assert!(size_of::<PageReplyHead>() == 24);
 
 /// Body of Done (destination → source): what the destination saw.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,7 +298,7 @@ impl Kind {
             Kind::RoundEnd => exact(size_of::<RoundEndBody>()),
             Kind::State => (0, MAX_STATE_BYTES),
             Kind::PageRequest => exact(size_of::<PageHead>()),
-            Kind::PageReply => exact(size_of::<PageHead>() + PAGE),
+            Kind::PageReply => exact(size_of::<PageReplyHead>() + PAGE),
             Kind::Done => exact(size_of::<DoneBody>()),
             Kind::Error => (
                 size_of::<ErrorHead>() as u32,
@@ -419,6 +431,8 @@ pub enum Message<'a> {
     PageReply {
         id: u64,
         gpa: u64,
+        /// The source's request-read → reply-written time, nanoseconds.
+        source_ns: u64,
         data: &'a [u8],
     },
     Complete {
@@ -801,14 +815,22 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
         Kind::Started => Message::Started {
             nonce: nonce(kind, payload)?,
         },
-        Kind::PageRequest | Kind::PageReply => {
-            let (head, data) = read_body::<PageHead>(kind, payload)?;
+        Kind::PageRequest => {
+            let (head, _) = read_body::<PageHead>(kind, payload)?;
             aligned(kind, head.gpa.get())?;
-            let (id, gpa) = (head.id.get(), head.gpa.get());
-            if kind == Kind::PageRequest {
-                Message::PageRequest { id, gpa }
-            } else {
-                Message::PageReply { id, gpa, data }
+            Message::PageRequest {
+                id: head.id.get(),
+                gpa: head.gpa.get(),
+            }
+        }
+        Kind::PageReply => {
+            let (head, data) = read_body::<PageReplyHead>(kind, payload)?;
+            aligned(kind, head.gpa.get())?;
+            Message::PageReply {
+                id: head.id.get(),
+                gpa: head.gpa.get(),
+                source_ns: head.source_ns.get(),
+                data,
             }
         }
         Kind::Complete => Message::Complete {
@@ -980,11 +1002,17 @@ pub fn encode_parts<'m>(msg: &'m Message<'_>, out: &mut Vec<u8>) -> &'m [u8] {
             }
             .as_bytes(),
         ),
-        Message::PageReply { id, gpa, data } => {
+        Message::PageReply {
+            id,
+            gpa,
+            source_ns,
+            data,
+        } => {
             out.extend_from_slice(
-                PageHead {
+                PageReplyHead {
                     id: U64::new(*id),
                     gpa: U64::new(*gpa),
+                    source_ns: U64::new(*source_ns),
                 }
                 .as_bytes(),
             );
@@ -1445,6 +1473,7 @@ mod tests {
             Message::PageReply {
                 id: 1,
                 gpa: 0x5000,
+                source_ns: 12_345,
                 data: &page,
             },
             Message::Complete { pages: 768 },
@@ -1696,7 +1725,12 @@ mod tests {
         out[4] = 1; // version 1: before the switchover nonce
         assert!(matches!(
             read_err(&out),
-            WireError::VersionMismatch { ours: 2, theirs: 1 }
+            WireError::VersionMismatch { ours: 3, theirs: 1 }
+        ));
+        out[4] = 2; // version 2: page replies without the source's time
+        assert!(matches!(
+            read_err(&out),
+            WireError::VersionMismatch { ours: 3, theirs: 2 }
         ));
         let mut out = Vec::new();
         encode(&Message::Ready, &mut out);
@@ -1743,6 +1777,7 @@ mod tests {
             &Message::PageReply {
                 id: 1,
                 gpa: 0,
+                source_ns: 0,
                 data: &page,
             },
             &mut out,

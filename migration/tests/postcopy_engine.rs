@@ -1,7 +1,7 @@
 //! Postcopy engine against the real kernel: userfaultfd, shmem memfds, hugetlb pages (2 MiB,
 //! and 1 GiB when the pool can be grown), MADV_COLLAPSE, mmap(MAP_FIXED) collapse with a writer
-//! thread running, userfaultfd WP_ASYNC + PAGEMAP_SCAN dirty tracking, and a page fetcher over
-//! a loopback TCP socket. Simulated vCPUs are threads whose accesses block in userfaultfd.
+//! thread running (dirty tracking by a conservative "every page dirty" log), the EAGAIN-safe
+//! UFFDIO_COPY racing a non-cooperative madvise, and a page fetcher over a loopback TCP socket. Simulated vCPUs are threads whose accesses block in userfaultfd.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use migration::postcopy::{PostcopyEngine, ServeMode, Strategy, UffdWpDirtyLog};
+use migration::postcopy::{PostcopyEngine, ServeMode, Strategy};
 use migration::{
     DirtyLog, FetchError, MemoryKind, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
 };
@@ -157,6 +157,35 @@ impl DirtyLog for NoDirty {
     }
     fn fetch(&self, slot: u32) -> Result<Vec<u64>, migration::types::HookError> {
         Err(format!("unexpected dirty-log fetch of slot {slot}").into())
+    }
+}
+
+/// A dirty log without KVM: every page is reported dirty on every fetch. Conservative (the
+/// collapse copies every staged page in every delta round, the final one inside the freeze),
+/// so a guest write is never lost, which is what the collapse tests check.
+#[derive(Default)]
+struct AllDirty {
+    enabled: Mutex<Vec<u32>>,
+    fetches: AtomicU64,
+}
+impl DirtyLog for AllDirty {
+    fn enable(&self, slot: u32) -> Result<(), String> {
+        self.enabled.lock().unwrap().push(slot);
+        Ok(())
+    }
+    fn disable(&self, slot: u32) -> Result<(), String> {
+        self.enabled.lock().unwrap().retain(|s| *s != slot);
+        Ok(())
+    }
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
+        if !self.enabled.lock().unwrap().contains(&slot) {
+            return Err(format!(
+                "dirty-log fetch of slot {slot}, which is not enabled"
+            ));
+        }
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        // Big enough for every region these tests use (2 GiB of 4 KiB pages).
+        Ok(vec![u64::MAX; (2usize << 30) / PAGE / 64])
     }
 }
 
@@ -469,6 +498,13 @@ fn shmem_4k_faults_then_madv_collapse() {
     );
     assert!(pmd >= 2048, "no PMD mapping after MADV_COLLAPSE: {smaps:?}");
     assert!(!st.fault_latency_ns.is_empty());
+    // Every fault that fetched over the socket is timed by phase.
+    let phases = &st.fault_phase_us;
+    assert!(phases.installed.count > 0, "{phases:?}");
+    assert!(phases.installed.count <= st.pages_fetched);
+    assert_eq!(phases.uffd_to_read.count, phases.installed.count);
+    assert!(phases.reply_read.p50 > 0.0, "{phases:?}");
+    assert!(st.slow_faults.len() <= 200);
 }
 
 #[test]
@@ -588,17 +624,16 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
     let (host, alias, region) = (f.host(), f.alias(), f.region.clone());
     let fetcher = TcpFetcher::start();
     let vcpus = Arc::new(SimVcpus::default());
-    let wp = Arc::new(UffdWpDirtyLog::new().unwrap());
+    let dirty = Arc::new(AllDirty::default());
     let mut eng = PostcopyEngine::new(
         vec![region],
         Strategy::FourK,
         fetcher.clone(),
         vcpus.clone(),
-        wp.clone(),
+        dirty.clone(),
         Arc::new(NoSwap),
     )
     .unwrap();
-    eng.use_uffd_wp_dirty_log(wp).unwrap();
     let rep = eng.prepare().unwrap();
     assert!(matches!(rep.regions[0].mode, ServeMode::Staged(_)));
     assert_eq!(
@@ -668,6 +703,14 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
         vcpus.pauses.load(Ordering::Relaxed)
     );
     assert_eq!(st.collapses, huge_pages, "every huge page collapses");
+    assert!(
+        dirty.fetches.load(Ordering::Relaxed) > 0,
+        "the collapse never read the dirty log"
+    );
+    assert!(
+        dirty.enabled.lock().unwrap().is_empty(),
+        "dirty logging still on after the last collapse"
+    );
     assert_eq!(
         smaps_kb(&smaps, "KernelPageSize"),
         page_kb,
@@ -929,45 +972,100 @@ fn native_strategy_falls_back_with_reason() {
     );
 }
 
+/// UFFDIO_COPY into an anonymous range while its address space is changing: a thread's
+/// `madvise(MADV_DONTNEED)` on the range waits in the kernel until its non-cooperative REMOVE
+/// event is read, and until then every UFFDIO_COPY into the range fails with EAGAIN (the
+/// kernel's `mmap_changing`). The engine's copy helper must retry (never treat it as fatal)
+/// and the page must end up right once the event is read.
 #[test]
-fn uffd_wp_dirty_log_is_exact() {
-    use migration::postcopy::sys::{
-        UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+fn anon_copy_retries_eagain_while_the_address_space_changes() {
+    use migration::postcopy::sys::{uffd_copy, Copied};
+    let size = 4 * PAGE;
+    // SAFETY: fresh anonymous mapping; checked.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
-    let size = 64 * PAGE;
-    let fd = memfd("wp-tracked", 0, size);
-    let host = map_aligned(fd.as_raw_fd(), size, PAGE);
-    for p in 0..64 {
-        write_word(host + p * PAGE, 1); // populate
-    }
+    assert_ne!(host, libc::MAP_FAILED);
+    let host = host as usize;
     let uffd = userfaultfd::UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
-        .require_features(userfaultfd::FeatureFlags::from_bits_retain(
-            UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-        ))
+        .user_mode_only(false)
+        .require_features(userfaultfd::FeatureFlags::EVENT_REMOVE)
         .create()
         .unwrap();
-    uffd.register_with_mode(
-        host as *mut _,
-        size,
-        userfaultfd::RegisterMode::from_bits_retain(UFFDIO_REGISTER_MODE_WP),
-    )
-    .unwrap();
-    let log = UffdWpDirtyLog::new().unwrap();
-    log.add_slot(9, host, size);
-    log.enable(9).unwrap();
-    let pages = |bm: &[u64]| -> Vec<usize> {
-        (0..64)
-            .filter(|&p| bm[p / 64] & (1 << (p % 64)) != 0)
-            .collect()
-    };
-    assert_eq!(pages(&log.fetch(9).unwrap()), Vec::<usize>::new());
-    write_word(host + 3 * PAGE, 2);
-    write_word(host + 7 * PAGE + 104, 2);
-    let _ = read_word(host + 9 * PAGE);
-    assert_eq!(pages(&log.fetch(9).unwrap()), vec![3, 7]);
-    assert_eq!(pages(&log.fetch(9).unwrap()), Vec::<usize>::new());
-    write_word(host + 63 * PAGE, 3);
-    assert_eq!(pages(&log.fetch(9).unwrap()), vec![63]);
+    uffd.register(host as *mut libc::c_void, size).unwrap();
+    let gpa = GPA_BASE;
+    let mut page = [0u8; 4096];
+    src_page(gpa, &mut page);
+    std::thread::scope(|s| {
+        // Page 2 only: the copy goes to page 0, so the madvise cannot drop what was copied.
+        let madv = s.spawn(|| {
+            // SAFETY: our own anonymous mapping; page 2 holds nothing.
+            unsafe {
+                libc::madvise(
+                    (host + 2 * PAGE) as *mut libc::c_void,
+                    PAGE,
+                    libc::MADV_DONTNEED,
+                )
+            }
+        });
+        // The REMOVE event is queued once the madvise is inside the kernel, waiting.
+        let mut fds = [libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
+        assert_eq!(n, 1, "the REMOVE event never came");
+        // SAFETY: page 0 of the registered, unpopulated range; `page` is 4 KiB.
+        let raw = unsafe {
+            uffd.copy(
+                page.as_ptr() as *const libc::c_void,
+                host as *mut libc::c_void,
+                PAGE,
+                true,
+            )
+        };
+        assert!(
+            matches!(raw, Err(userfaultfd::Error::PartiallyCopied(_))),
+            "the kernel did not say EAGAIN while the address space changes: {raw:?}"
+        );
+        let reader = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            // The event holds raw pointers (not Send): hand back what it was.
+            format!("{:?}", uffd.read_event().unwrap())
+        });
+        let t = Instant::now();
+        // SAFETY: as above.
+        let got = unsafe { uffd_copy(&uffd, &page, host, true, || false) }.unwrap();
+        let waited = t.elapsed();
+        let ev = reader.join().unwrap();
+        assert!(ev.starts_with("Some(Remove"), "{ev}");
+        assert_eq!(madv.join().unwrap(), 0, "madvise failed");
+        match got {
+            Copied::Done { eagain } => assert!(eagain > 0, "no EAGAIN was retried"),
+            Copied::Exists => panic!("page 0 was never populated, yet EEXIST"),
+        }
+        assert!(
+            waited >= Duration::from_millis(40),
+            "copied after {waited:?}"
+        );
+    });
+    check_page(host, gpa, None);
+    for p in 1..4 {
+        assert_eq!(
+            migration::postcopy::sys::resident_pages(host + p * PAGE, PAGE).unwrap(),
+            0,
+            "page {p} was populated"
+        );
+    }
 }

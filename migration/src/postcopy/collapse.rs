@@ -12,26 +12,56 @@
 //! The staging is freed off the critical path. shmem units: MADV_COLLAPSE, adjacent complete
 //! units in one call (each call drains every CPU's LRU lists first, which on busy cores was
 //! most of the time).
-//! Runs on its own thread, never on a fault-service thread.
+//! Runs on its own thread, never on a fault-service thread; every unit reaches it as a
+//! [`UnitDone`] message (native units too: see `native`). The [`Collapser`] holds only the
+//! hooks a collapse uses: the vCPU pause, the dirty log and the memslot swap.
 
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::{RwLock, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use super::engine::{RegionState, Shared};
-use super::stats::{CollapseRecord, METHOD_SKIPPED_EMPTY};
+use super::installer::Installer;
+use super::native;
+use super::region::{Region, Regions, UnitDone};
+use super::stats::{CollapseRecord, StatsCollector, METHOD_SKIPPED_EMPTY};
 use super::strategy::{FinalBacking, ServeMode};
+use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
-use crate::types::PAGE_SIZE;
+use crate::types::{DirtyLog, MemslotSwap, VcpuControl, PAGE_SIZE};
 
-/// One unit whose pages all arrived.
-#[derive(Debug, Clone, Copy)]
-pub struct CollapseJob {
-    pub region: usize,
-    pub unit: u64,
+/// A unit whose pages all arrived (the collapse thread's message).
+pub type CollapseJob = UnitDone;
+
+/// What the collapse thread works with.
+pub(crate) struct Collapser {
+    pub regions: Arc<Regions>,
+    pub installer: Arc<dyn Installer>,
+    pub vcpus: Arc<dyn VcpuControl>,
+    pub dirty: Arc<dyn DirtyLog>,
+    pub memslots: Arc<dyn MemslotSwap>,
+    pub stats: Arc<StatsCollector>,
+    pub sup: Arc<Supervisor>,
+}
+
+impl Collapser {
+    /// Enable dirty logging of region `ri` once, before its first staging page is CONTINUEd.
+    pub fn ensure_dirty_enabled(&self, ri: usize) -> Result<(), PostcopyError> {
+        let r = &self.regions[ri];
+        let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());
+        if !*on {
+            self.dirty
+                .enable(r.region.slot)
+                .map_err(|source| PostcopyError::DirtyLog {
+                    slot: r.region.slot,
+                    what: "enable",
+                    source,
+                })?;
+            *on = true;
+        }
+        Ok(())
+    }
 }
 
 /// Stop the delta rounds when a round copies at most this many pages.
@@ -43,35 +73,47 @@ const DONTNEED_ABOVE: u64 = 2 << 20;
 
 /// The collapse thread's loop. Jobs that queued up meanwhile are taken together: shmem units
 /// are collapsed in runs of adjacent units (see [`collapse_shmem_batch`]).
-pub(crate) fn run(shared: Arc<Shared>, rx: mpsc::Receiver<CollapseJob>) {
+pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
-        gather_while_arriving(&shared, &rx, &mut jobs);
-        if shared.shutdown.load(Ordering::Acquire) {
+        // Native units have nothing to copy: settle them at once.
+        jobs.retain(|j| {
+            let native = shared.regions[j.region].mode().is_native();
+            if native {
+                native::settle_unit(&shared.regions[j.region], &shared.stats, j.unit);
+                shared.sup.notify_progress();
+            }
+            !native
+        });
+        if jobs.is_empty() {
+            continue;
+        }
+        gather_while_arriving(shared, &rx, &mut jobs);
+        if shared.sup.stopping() {
             return;
         }
         let (shmem, others): (Vec<_>, Vec<_>) = jobs
             .into_iter()
             .partition(|j| matches!(shared.regions[j.region].plan.mode, ServeMode::ShmemContinue));
         if !shmem.is_empty() {
-            if let Err(e) = collapse_shmem_batch(&shared, shmem) {
-                shared.fail(e);
+            if let Err(e) = collapse_shmem_batch(shared, shmem) {
+                shared.sup.fail(e);
             }
-            shared.notify_progress();
+            shared.sup.notify_progress();
         }
         for job in others {
-            if shared.shutdown.load(Ordering::Acquire) {
+            if shared.sup.stopping() {
                 return;
             }
-            let res = match shared.regions[job.region].plan.mode {
-                ServeMode::Staged(backing) => collapse_staged(&shared, job, backing),
+            let res = match shared.regions[job.region].mode() {
+                ServeMode::Staged(backing) => collapse_staged(shared, job, backing),
                 _ => Ok(()),
             };
             if let Err(e) = res {
-                shared.fail(e);
+                shared.sup.fail(e);
             }
-            shared.notify_progress();
+            shared.sup.notify_progress();
         }
     }
 }
@@ -84,7 +126,7 @@ const GATHER_FOR: Duration = Duration::from_millis(100);
 /// several (see [`collapse_shmem_batch`]); stop early once a full run is queued or every page
 /// arrived.
 fn gather_while_arriving(
-    shared: &Shared,
+    shared: &Collapser,
     rx: &mpsc::Receiver<CollapseJob>,
     jobs: &mut Vec<CollapseJob>,
 ) {
@@ -94,9 +136,9 @@ fn gather_while_arriving(
         return;
     }
     let deadline = Instant::now() + GATHER_FOR;
-    while (jobs.len() as u64) < SHMEM_RUN_MAX && !shared.all_arrived() {
+    while (jobs.len() as u64) < SHMEM_RUN_MAX && !shared.regions.all_arrived() {
         let now = Instant::now();
-        if now >= deadline || shared.shutdown.load(Ordering::Acquire) {
+        if now >= deadline || shared.sup.stopping() {
             return;
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_millis(10))) {
@@ -119,7 +161,10 @@ const SHMEM_RUN_MAX: u64 = 64;
 ///
 /// Each unit gets a [`CollapseRecord`]; a batched unit's `total_ns` is its share (time / units)
 /// of the calls that covered it.
-fn collapse_shmem_batch(shared: &Shared, mut jobs: Vec<CollapseJob>) -> Result<(), PostcopyError> {
+fn collapse_shmem_batch(
+    shared: &Collapser,
+    mut jobs: Vec<CollapseJob>,
+) -> Result<(), PostcopyError> {
     jobs.sort_by_key(|j| (j.region, j.unit));
     jobs.dedup_by_key(|j| (j.region, j.unit));
     let mut run: Vec<CollapseJob> = Vec::new();
@@ -147,7 +192,7 @@ fn collapse_shmem_batch(shared: &Shared, mut jobs: Vec<CollapseJob>) -> Result<(
 /// Whether a complete unit is all page-cache holes: it arrived entirely in zero runs and was
 /// never touched, so there is nothing to collapse (and filling 2 MiB of zeros only to collapse
 /// them costs memory and CPU while the migration runs); guest touches map zero pages later.
-fn shmem_unit_empty(shared: &Shared, job: CollapseJob) -> bool {
+fn shmem_unit_empty(shared: &Collapser, job: CollapseJob) -> bool {
     let r = &shared.regions[job.region];
     let (first, end) = r.tracker.unit_pages(job.unit);
     let len = ((end - first) * PAGE_SIZE) as usize;
@@ -156,7 +201,7 @@ fn shmem_unit_empty(shared: &Shared, job: CollapseJob) -> bool {
 }
 
 /// Only whole, aligned 2 MiB ranges can become a PMD.
-fn shmem_unit_collapsible(shared: &Shared, job: CollapseJob) -> bool {
+fn shmem_unit_collapsible(shared: &Collapser, job: CollapseJob) -> bool {
     let r = &shared.regions[job.region];
     let (first, end) = r.tracker.unit_pages(job.unit);
     let len = (end - first) * PAGE_SIZE;
@@ -168,7 +213,7 @@ fn shmem_unit_collapsible(shared: &Shared, job: CollapseJob) -> bool {
 /// Collapse `run` (adjacent, complete, collapsible units of one region, in order): fill its
 /// page-cache holes, then one `MADV_COLLAPSE` over all of it; if that fails, split it in halves
 /// and try each (so one unit the kernel refuses costs a few calls, not one per unit).
-fn collapse_shmem_run(shared: &Shared, run: &[CollapseJob]) -> Result<(), PostcopyError> {
+fn collapse_shmem_run(shared: &Collapser, run: &[CollapseJob]) -> Result<(), PostcopyError> {
     let (Some(head), Some(tail)) = (run.first(), run.last()) else {
         return Ok(());
     };
@@ -201,7 +246,7 @@ fn collapse_shmem_run(shared: &Shared, run: &[CollapseJob]) -> Result<(), Postco
 /// `MADV_COLLAPSE` of `run[..]` (whose first unit is `run[0]`, at index `base` of the
 /// bookkeeping slices); on failure, halves.
 fn collapse_split(
-    shared: &Shared,
+    shared: &Collapser,
     run: &[CollapseJob],
     base: usize,
     spent: &mut [u64],
@@ -216,7 +261,9 @@ fn collapse_split(
     let addr = r.host_page(first);
     let len = ((end - first) * PAGE_SIZE) as usize;
     let t = Instant::now();
-    let mut rc = sys::madvise(addr, len, libc::MADV_COLLAPSE);
+    // SAFETY: a run of complete units of a shmem region the engine serves; MADV_COLLAPSE does
+    // not change contents.
+    let mut rc = unsafe { sys::madvise(addr, len, libc::MADV_COLLAPSE) };
     // EAGAIN is transient (a page locked or under writeback, a busy LRU): a single unit gets
     // a few more tries before it is left 4 KiB-mapped.
     let mut tries = 0;
@@ -228,7 +275,8 @@ fn collapse_split(
     {
         tries += 1;
         std::thread::sleep(Duration::from_millis(1));
-        rc = sys::madvise(addr, len, libc::MADV_COLLAPSE);
+        // SAFETY: as above.
+        rc = unsafe { sys::madvise(addr, len, libc::MADV_COLLAPSE) };
     }
     let share = ns(t.elapsed()) / run.len() as u64;
     for s in &mut spent[base..base + run.len()] {
@@ -258,7 +306,7 @@ fn collapse_split(
 /// empty), so the common case costs one `mincore`. Without an fd, holes are faulted in through
 /// the alias. A failure is only logged: the collapse then fails too and the unit stays
 /// 4 KiB-mapped.
-fn fill_holes(r: &RegionState, off: u64, len: u64) {
+fn fill_holes(r: &Region, off: u64, len: u64) {
     let Some(alias) = r.alias_page(off / PAGE_SIZE) else {
         return;
     };
@@ -288,11 +336,15 @@ fn fill_holes(r: &RegionState, off: u64, len: u64) {
         );
         let res = match r.region.fd {
             Some(fd) => fallocate_range(fd, r.region.fd_offset + h_off, h_len),
-            None => sys::madvise(
-                alias + start * PAGE_SIZE as usize,
-                h_len as usize,
-                libc::MADV_POPULATE_WRITE,
-            ),
+            // SAFETY: the region's alias, which nothing is registered on; POPULATE_WRITE only
+            // allocates the holes (zero-filled), which arrived as zero pages.
+            None => unsafe {
+                sys::madvise(
+                    alias + start * PAGE_SIZE as usize,
+                    h_len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            },
         };
         if let Err(e) = res {
             tracing::debug!(
@@ -337,7 +389,7 @@ fn fallocate_range(fd: std::os::fd::RawFd, offset: u64, len: u64) -> std::io::Re
 
 /// Record a shmem unit's outcome and count it done.
 fn finish_shmem_unit(
-    shared: &Shared,
+    shared: &Collapser,
     job: CollapseJob,
     total_ns: u64,
     method: &'static str,
@@ -353,17 +405,14 @@ fn finish_shmem_unit(
         total_ns,
         ok,
     ));
-    let done = r.units_done.fetch_add(1, Ordering::AcqRel) + 1;
-    if done == r.tracker.units() {
-        r.finalized.store(true, Ordering::Release);
-    }
+    r.unit_settled();
 }
 
 /// Pull the memslot's dirty log into the region's accumulated bitmap, then take (and clear) the
 /// bits of pages `[first, end)`.
 fn take_unit_dirty(
-    shared: &Shared,
-    r: &RegionState,
+    shared: &Collapser,
+    r: &Region,
     first: u64,
     end: u64,
 ) -> Result<Vec<u64>, PostcopyError> {
@@ -407,7 +456,7 @@ fn take_unit_dirty(
 /// Copy dirtied staging pages into the final backing; returns how many were copied. Pages that
 /// never went through the staging are skipped (a dirty log may over-report, and such a page's
 /// staging is a hole).
-fn copy_delta(r: &RegionState, stage_alias: usize, pages: &[u64]) -> u64 {
+fn copy_delta(r: &Region, stage_alias: usize, pages: &[u64]) -> u64 {
     let Some(final_alias) = r.region.alias_addr else {
         return 0;
     };
@@ -425,7 +474,7 @@ fn copy_delta(r: &RegionState, stage_alias: usize, pages: &[u64]) -> u64 {
 }
 
 fn collapse_staged(
-    shared: &Shared,
+    shared: &Collapser,
     job: CollapseJob,
     backing: FinalBacking,
 ) -> Result<(), PostcopyError> {
@@ -435,7 +484,7 @@ fn collapse_staged(
     let off = first * PAGE_SIZE;
     let len = (end - first) * PAGE_SIZE;
     let addr = r.region.host_addr + off as usize;
-    let fd = r.region.fd.ok_or(PostcopyError::NotPrepared)?;
+    let fd = r.region.fd.ok_or(PostcopyError::NoFinalFd { slot })?;
     let err = |what| collapse_error(slot, off, what);
     let stage_alias = {
         let st = r.staging.read().unwrap_or_else(|p| p.into_inner());
@@ -458,7 +507,10 @@ fn collapse_staged(
             .write()
             .unwrap_or_else(|p| p.into_inner());
         if r.tracker.staged_in(first, end) == 0 {
-            sys::map_shared_fixed(addr, len as usize, fd, r.region.fd_offset + off)
+            // SAFETY: the unit's range is the engine's; under the unit lock no fault is served
+            // in it, and the guest never touched it (no staging page), so the huge page, which
+            // holds every page that arrived, replaces nothing anyone sees.
+            unsafe { sys::map_shared_fixed(addr, len as usize, fd, r.region.fd_offset + off) }
                 .map_err(err("mmap(MAP_FIXED) of the hugetlb page"))?;
             *collapsed = true;
         }
@@ -482,7 +534,8 @@ fn collapse_staged(
         if len > DONTNEED_ABOVE {
             // Shared memory keeps the data; the guest refaults what it touches (MINOR, local).
             let t = Instant::now();
-            sys::madvise(addr, len as usize, libc::MADV_DONTNEED)
+            // SAFETY: the staging range is shared memory: dropping its PTEs keeps the data.
+            unsafe { sys::madvise(addr, len as usize, libc::MADV_DONTNEED) }
                 .map_err(err("MADV_DONTNEED of the staging range"))?;
             dontneed_ns = t.elapsed().as_nanos() as u64;
         }
@@ -506,7 +559,7 @@ fn collapse_staged(
         stall_ns = t.stall_ns;
         zap_ns = t.zap_ns;
     } else {
-        let _ = shared.uffd.wake(addr as *mut libc::c_void, len as usize);
+        shared.installer.wake(addr, len as usize);
     }
     let total_ns = t0.elapsed().as_nanos() as u64;
     // Stable now: the unit is collapsed, nothing stages into it any more.
@@ -555,8 +608,7 @@ fn collapse_staged(
         ?delta_pages,
         "collapsed"
     );
-    let done = r.units_done.fetch_add(1, Ordering::AcqRel) + 1;
-    if done == r.tracker.units() {
+    if r.units_done.load(std::sync::atomic::Ordering::Acquire) + 1 == r.tracker.units() {
         let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());
         if *on {
             shared
@@ -572,8 +624,8 @@ fn collapse_staged(
         drop(on);
         // Closing the staging memfd and its alias.
         r.staging.write().unwrap_or_else(|p| p.into_inner()).take();
-        r.finalized.store(true, Ordering::Release);
     }
+    r.unit_settled();
     Ok(())
 }
 
@@ -629,8 +681,8 @@ fn ns(d: std::time::Duration) -> u64 {
 /// collapsed, unlock, and wake the range. A vCPU waits only if it touches this unit during the
 /// freeze, and at most for the freeze; vCPUs elsewhere never stop.
 fn freeze_and_swap(
-    shared: &Shared,
-    r: &RegionState,
+    shared: &Collapser,
+    r: &Region,
     unit: u64,
     u: &UnitRange,
 ) -> Result<SwapTimes, PostcopyError> {
@@ -641,7 +693,8 @@ fn freeze_and_swap(
     let _boost = sys::RealtimeBoost::new();
     let (mut collapsed, t_freeze) = write_unit_lock(&r.units[unit as usize]);
     let result = (|| -> Result<(), PostcopyError> {
-        sys::madvise(u.addr, u.len, libc::MADV_DONTNEED)
+        // SAFETY: the staging range is shared memory: dropping its PTEs keeps the data.
+        unsafe { sys::madvise(u.addr, u.len, libc::MADV_DONTNEED) }
             .map_err(err("MADV_DONTNEED of the staging range inside the freeze"))?;
         let t_zapped = Instant::now();
         t.zap_ns = ns(t_zapped - t_freeze);
@@ -649,7 +702,9 @@ fn freeze_and_swap(
         t.final_delta = copy_delta(r, u.stage_alias, &dirty);
         let t_swap = Instant::now();
         t.final_delta_ns = ns(t_swap - t_zapped);
-        sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off)
+        // SAFETY: the unit is frozen (its lock held, its staging PTEs dropped): no guest access
+        // or fault is served in it, and the huge page holds every page plus the last delta.
+        unsafe { sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off) }
             .map_err(err("mmap(MAP_FIXED) of the hugetlb page"))?;
         t.swap_ns = ns(t_swap.elapsed());
         *collapsed = true;
@@ -657,7 +712,7 @@ fn freeze_and_swap(
     })();
     drop(collapsed);
     // Unmapping does not wake a thread already asleep in the old range's userfault wait.
-    let _ = shared.uffd.wake(u.addr as *mut libc::c_void, u.len);
+    shared.installer.wake(u.addr, u.len);
     t.stall_ns = ns(t_freeze.elapsed());
     result.map(|()| t)
 }
@@ -692,8 +747,8 @@ fn write_unit_lock(lock: &RwLock<bool>) -> (RwLockWriteGuard<'_, bool>, Instant)
 /// guest_memfd), and a vCPU must not run into the gap, so every vCPU is paused (the fault
 /// service keeps serving) around the last delta and the swap.
 fn pause_and_swap(
-    shared: &Shared,
-    r: &RegionState,
+    shared: &Collapser,
+    r: &Region,
     unit: u64,
     u: &UnitRange,
 ) -> Result<SwapTimes, PostcopyError> {
@@ -722,7 +777,9 @@ fn pause_and_swap(
             .map_err(|source| PostcopyError::MemslotSwap { slot, source })?;
         // Keep the primary address showing the final memory for the VMM's own accesses (its
         // devices): map the guest_memfd there too.
-        sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off).map_err(
+        // SAFETY: every vCPU is paused and the unit lock held: nothing reads or writes the
+        // range, and the guest_memfd holds every page plus the last delta.
+        unsafe { sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off) }.map_err(
             collapse_error(
                 slot,
                 u.off,
@@ -733,7 +790,7 @@ fn pause_and_swap(
         *collapsed = true;
         Ok(())
     })();
-    let _ = shared.uffd.wake(u.addr as *mut libc::c_void, u.len);
+    shared.installer.wake(u.addr, u.len);
     shared.vcpus.resume();
     t.stall_ns = ns(t_pause.elapsed());
     result.map(|()| t)

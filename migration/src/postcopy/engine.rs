@@ -1,26 +1,34 @@
-//! The engine object: regions, their plans and state, the userfaultfd, the worker threads, and
-//! the public API the protocol driver and the VMM use.
+//! The engine object: it plans the regions, prepares them (staging, userfaultfd registration),
+//! wires the parts together and hands out the public API the protocol driver and the VMM use.
+//!
+//! Parts (no cycles: each imports only those below it):
+//! - [`FaultService`] (fault_service) serves userfaults: fetcher, arrivals, installer;
+//! - [`Collapser`] (collapse, native) finishes units: vCPU pause, dirty log, memslot swap;
+//! - [`Arrivals`] (arrival) stores arrived pages and sends completed units as messages;
+//! - [`Installer`] (installer) owns every userfaultfd ioctl and what its errors mean;
+//! - [`Regions`] (region) the fixed regions; [`Supervisor`] (supervisor) stop, fatal error,
+//!   progress.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
 
-use super::collapse::{self, CollapseJob};
-use super::fault_service;
-use super::native;
-use super::region_tracker::RegionTracker;
+use super::arrival::Arrivals;
+use super::collapse::{self, Collapser};
+use super::fault_service::{self, FaultService};
+use super::installer::{Installer, UffdInstaller};
+use super::region::{Region, Regions};
 use super::staging::Staging;
 use super::stats::{PostcopyStats, StatsCollector};
 use super::strategy::{
-    plan_region_with, probe_native, FinalBacking, RegionPlan, ServeMode, Strategy,
+    plan_region_with, probe_native, FinalBacking, ProbeError, RegionPlan, ServeMode, Strategy,
 };
+use super::supervisor::Supervisor;
 use super::sys;
-use super::wp_dirty_log::UffdWpDirtyLog;
 use super::PostcopyError;
 use crate::live_stats::EngineLive;
 use crate::types::{
@@ -29,344 +37,6 @@ use crate::types::{
 
 /// Size of the fault worker pool (page fetches for different faults proceed in parallel).
 const FAULT_WORKERS: usize = 4;
-
-/// The state of one region while postcopy runs.
-pub(crate) struct RegionState {
-    pub region: RamRegion,
-    pub plan: RegionPlan,
-    pub tracker: RegionTracker,
-    /// Staging (staged modes only); taken (freed) when the whole region collapsed.
-    pub staging: RwLock<Option<Staging>>,
-    /// Per unit: collapsed? Workers hold it shared around a staging write + CONTINUE; the
-    /// collapse holds it exclusively around the final delta and the swap.
-    pub units: Vec<RwLock<bool>>,
-    pub units_done: AtomicU64,
-    pub finalized: AtomicBool,
-    pub dirty_enabled: Mutex<bool>,
-    /// Dirty bits fetched for the whole memslot but not yet consumed by a unit collapse.
-    pub dirty_acc: Mutex<Vec<u64>>,
-}
-
-impl RegionState {
-    /// Primary address of page `page`.
-    pub fn host_page(&self, page: u64) -> usize {
-        self.region.host_addr + (page * PAGE_SIZE) as usize
-    }
-
-    /// Final-backing alias address of page `page` (shmem page cache, hugetlb page, guest_memfd).
-    pub fn alias_page(&self, page: u64) -> Option<usize> {
-        self.region
-            .alias_addr
-            .map(|a| a + (page * PAGE_SIZE) as usize)
-    }
-
-    /// Whether this region's completion needs collapses.
-    pub fn needs_collapse(&self) -> bool {
-        matches!(
-            self.plan.mode,
-            ServeMode::ShmemContinue | ServeMode::Staged(_) | ServeMode::NativeHugetlb
-        )
-    }
-
-    /// Whether the region is done (all pages arrived and, if needed, collapsed and cleaned up).
-    pub fn done(&self) -> bool {
-        self.tracker.complete()
-            && (!self.needs_collapse() || self.finalized.load(Ordering::Acquire))
-    }
-}
-
-/// A fault that joined one being served: when it was read, and its vCPU (if a vCPU's).
-pub(crate) type Joined = (Instant, Option<usize>);
-
-/// State shared by the engine's threads.
-pub(crate) struct Shared {
-    pub regions: Vec<RegionState>,
-    pub uffd: Uffd,
-    pub fetcher: Arc<dyn PageFetcher>,
-    pub vcpus: Arc<dyn VcpuControl>,
-    pub dirty: Arc<dyn DirtyLog>,
-    pub memslots: Arc<dyn MemslotSwap>,
-    pub stats: StatsCollector,
-    /// Faults being served: (region, page) for 4 KiB modes, (region, huge index | HUGE_KEY) for
-    /// whole-page mode, with the read times (and vCPUs) of later faults on the same key: those are left to
-    /// the first one's CONTINUE / wake, which also records their latency.
-    pub inflight: Mutex<HashMap<(usize, u64), Vec<Joined>>>,
-    /// Fault events read and not yet finished by a worker.
-    pub faults_pending: AtomicU64,
-    pub collapse_tx: Mutex<Option<mpsc::Sender<CollapseJob>>>,
-    pub shutdown: AtomicBool,
-    pub fatal: Mutex<Option<Arc<PostcopyError>>>,
-    pub progress: Mutex<()>,
-    pub progress_cv: Condvar,
-}
-
-impl Shared {
-    /// Region index and page index of `gpa`.
-    pub fn locate_gpa(&self, gpa: u64) -> Option<(usize, u64)> {
-        if !gpa.is_multiple_of(PAGE_SIZE) {
-            return None;
-        }
-        self.regions.iter().enumerate().find_map(|(i, r)| {
-            (gpa >= r.region.gpa && gpa - r.region.gpa < r.region.size)
-                .then(|| (i, (gpa - r.region.gpa) / PAGE_SIZE))
-        })
-    }
-
-    /// Region index of primary address `addr`.
-    pub fn locate_host(&self, addr: usize) -> Option<usize> {
-        self.regions.iter().position(|r| {
-            addr >= r.region.host_addr && addr - r.region.host_addr < r.region.size as usize
-        })
-    }
-
-    /// Record the first fatal error (later ones are logged only).
-    pub fn fail(&self, err: PostcopyError) {
-        tracing::error!("postcopy engine: {err}");
-        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() {
-            *f = Some(Arc::new(err));
-        }
-        drop(f);
-        self.notify_progress();
-    }
-
-    /// Wake wait_complete().
-    pub fn notify_progress(&self) {
-        let _g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        self.progress_cv.notify_all();
-    }
-
-    /// Sleep until the next progress notification or `timeout`, whichever comes first.
-    pub fn wait_progress(&self, timeout: Duration) {
-        let g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self.progress_cv.wait_timeout(g, timeout);
-    }
-
-    /// A page arrived and completed unit `unit` of region `ri`: schedule what the unit needs.
-    pub fn unit_arrived(&self, ri: usize, unit: u64) {
-        let r = &self.regions[ri];
-        if r.plan.mode.is_native() {
-            native::settle_unit(self, ri, unit);
-        } else if r.needs_collapse() {
-            let sent = self
-                .collapse_tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(|tx| tx.send(CollapseJob { region: ri, unit }).is_ok());
-            if sent == Some(false) {
-                self.fail(PostcopyError::CollapseThreadGone {
-                    slot: r.region.slot,
-                    unit,
-                });
-            }
-        }
-        self.notify_progress();
-    }
-
-    /// Enable dirty logging of region `ri` once, before its first staging page is CONTINUEd.
-    pub fn ensure_dirty_enabled(&self, ri: usize) -> Result<(), PostcopyError> {
-        let r = &self.regions[ri];
-        let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());
-        if !*on {
-            self.dirty
-                .enable(r.region.slot)
-                .map_err(|source| PostcopyError::DirtyLog {
-                    slot: r.region.slot,
-                    what: "enable",
-                    source,
-                })?;
-            *on = true;
-        }
-        Ok(())
-    }
-
-    /// Write a background or fetched page into its final place unless it already arrived.
-    /// Returns true if written. Must be called with the page lock held.
-    pub fn store_final_locked(
-        &self,
-        ri: usize,
-        page: u64,
-        data: &[u8; 4096],
-    ) -> Result<bool, PostcopyError> {
-        let r = &self.regions[ri];
-        if r.tracker.arrived(page) {
-            return Ok(false);
-        }
-        match r.plan.mode {
-            ServeMode::AnonCopy => {
-                let dst = r.host_page(page);
-                let copy = || {
-                    // SAFETY: `dst` is a page of the MISSING-registered anonymous region the
-                    // engine manages; `data` is a live 4 KiB buffer; UFFDIO_COPY does not
-                    // overwrite a present page (EEXIST).
-                    unsafe {
-                        self.uffd.copy(
-                            data.as_ptr() as *const libc::c_void,
-                            dst as *mut libc::c_void,
-                            PAGE_SIZE as usize,
-                            true,
-                        )
-                    }
-                };
-                match sys::retry_eagain(copy) {
-                    Ok(_) => {}
-                    Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
-                        let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
-                    }
-                    Err(source) => {
-                        return Err(PostcopyError::UffdRange {
-                            slot: r.region.slot,
-                            what: "UFFDIO_COPY",
-                            addr: dst,
-                            len: PAGE_SIZE as usize,
-                            source,
-                        })
-                    }
-                }
-            }
-            ServeMode::ShmemContinue
-            | ServeMode::Staged(_)
-            | ServeMode::HugeWhole
-            | ServeMode::NativeHugetlb
-            | ServeMode::NativeGuestMemfd => {
-                let dst = r.alias_page(page).ok_or_else(|| PostcopyError::BadRegion {
-                    slot: r.region.slot,
-                    kind: r.region.kind,
-                    gpa: r.region.gpa,
-                    size: r.region.size,
-                    reason: "no alias mapping".into(),
-                })?;
-                // SAFETY: the alias mapping covers the whole region (checked in new()) and
-                // nothing faults on it; `data` is 4 KiB.
-                unsafe { sys::write_page(dst, data) };
-            }
-        }
-        if let Some(unit) = r.tracker.mark_arrived(page) {
-            self.unit_arrived(ri, unit);
-        } else if r.tracker.complete() {
-            self.notify_progress();
-        }
-        Ok(true)
-    }
-
-    /// `UFFDIO_CONTINUE` `[addr, addr + len)`; EEXIST / ENOENT (already mapped, or the range was
-    /// collapsed under us) are "wake only".
-    pub fn continue_or_wake(
-        &self,
-        slot: u32,
-        addr: usize,
-        len: usize,
-    ) -> Result<(), PostcopyError> {
-        match sys::retry_eagain(|| self.uffd.r#continue(addr as *mut libc::c_void, len, true)) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(sys::uffd_errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
-                let _ = self.uffd.wake(addr as *mut libc::c_void, len);
-                Ok(())
-            }
-            Err(source) => Err(PostcopyError::UffdRange {
-                slot,
-                what: match sys::uffd_errno(&source) {
-                    Some(libc::EFAULT) => "UFFDIO_CONTINUE (EFAULT: page not in the page cache)",
-                    Some(libc::EINVAL) => "UFFDIO_CONTINUE (EINVAL)",
-                    Some(libc::EAGAIN) => "UFFDIO_CONTINUE (EAGAIN)",
-                    Some(libc::ENOMEM) => "UFFDIO_CONTINUE (ENOMEM)",
-                    _ => "UFFDIO_CONTINUE",
-                },
-                addr,
-                len,
-                source,
-            }),
-        }
-    }
-
-    /// `UFFDIO_ZEROPAGE` one page at `addr` of region `ri` (retrying while the kernel says
-    /// EAGAIN); EEXIST (a page is there already) is "wake only".
-    fn zeropage_or_wake(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
-        let len = PAGE_SIZE as usize;
-        let zeropage = || {
-            // SAFETY: `addr` is a page of a region the engine registered with userfaultfd;
-            // UFFDIO_ZEROPAGE only fills a hole (anon: an unmapped page; shmem: a page-cache
-            // hole) and never replaces a page that is there (EEXIST).
-            unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, true) }
-        };
-        match sys::retry_eagain(zeropage) {
-            Ok(_) => Ok(()),
-            Err(e) if sys::uffd_errno(&e) == Some(libc::EEXIST) => {
-                let _ = self.uffd.wake(addr as *mut libc::c_void, len);
-                Ok(())
-            }
-            Err(source) => Err(PostcopyError::UffdRange {
-                slot: self.regions[ri].region.slot,
-                what: "UFFDIO_ZEROPAGE",
-                addr,
-                len,
-                source,
-            }),
-        }
-    }
-
-    /// Make sure the page at primary address `addr` of anonymous region `ri` is mapped and wake
-    /// its waiters: a page that arrived as part of a zero run was never copied in, so it gets
-    /// the zero page (EEXIST: it is present already, only wake).
-    pub fn anon_zero_or_wake(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
-        self.zeropage_or_wake(ri, addr)
-    }
-
-    /// shmem: `UFFDIO_CONTINUE` one page that arrived; a page that arrived as part of a zero run
-    /// is not in the page cache (CONTINUE: EFAULT), so it gets a zeroed page (UFFDIO_ZEROPAGE,
-    /// which never replaces a page already there: EEXIST, wake only).
-    pub fn continue_or_zero(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
-        let slot = self.regions[ri].region.slot;
-        match self.continue_or_wake(slot, addr, PAGE_SIZE as usize) {
-            Err(PostcopyError::UffdRange { source, .. })
-                if sys::uffd_errno(&source) == Some(libc::EFAULT) =>
-            {
-                self.zeropage_or_wake(ri, addr)
-            }
-            other => other,
-        }
-    }
-
-    /// Native modes (HGM hugetlb, guest_memfd with userfaultfd): `UFFDIO_CONTINUE` exactly the
-    /// 4 KiB at `addr` of region `ri`, which arrived. A page that arrived in a zero run was never
-    /// written, so its final page may be missing from the page cache (CONTINUE: EFAULT): fault
-    /// it in, zero-filled, through the alias nothing is registered on (a page already there is
-    /// only looked up), then CONTINUE again.
-    pub fn continue_native(&self, ri: usize, addr: usize) -> Result<(), PostcopyError> {
-        let r = &self.regions[ri];
-        let slot = r.region.slot;
-        let len = PAGE_SIZE as usize;
-        match self.continue_or_wake(slot, addr, len) {
-            Err(PostcopyError::UffdRange { source, .. })
-                if sys::uffd_errno(&source) == Some(libc::EFAULT) =>
-            {
-                let page = ((addr - r.region.host_addr) as u64) / PAGE_SIZE;
-                let alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
-                sys::madvise(alias, len, libc::MADV_POPULATE_WRITE).map_err(|source| {
-                    PostcopyError::Populate {
-                        slot,
-                        addr: alias,
-                        len,
-                        source,
-                    }
-                })?;
-                self.continue_or_wake(slot, addr, len)
-            }
-            other => other,
-        }
-    }
-
-    /// Whether every page of every region arrived.
-    pub fn all_arrived(&self) -> bool {
-        self.regions.iter().all(|r| r.tracker.complete())
-    }
-
-    /// Whether every region is done and no fault is still being served.
-    pub fn all_done(&self) -> bool {
-        self.regions.iter().all(|r| r.done()) && self.faults_pending.load(Ordering::Acquire) == 0
-    }
-}
 
 /// Write all of `data` at `offset` of `fd` (retrying short writes and EINTR).
 fn pwrite_all(fd: std::os::fd::RawFd, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
@@ -419,11 +89,15 @@ struct Config {
     vcpus: Arc<dyn VcpuControl>,
     dirty: Arc<dyn DirtyLog>,
     memslots: Arc<dyn MemslotSwap>,
-    wp_log: Option<Arc<UffdWpDirtyLog>>,
 }
 
+/// The parts of a running engine.
 struct Running {
-    shared: Arc<Shared>,
+    regions: Arc<Regions>,
+    arrivals: Arc<Arrivals>,
+    faults: Arc<FaultService>,
+    stats: Arc<StatsCollector>,
+    sup: Arc<Supervisor>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -526,7 +200,7 @@ impl PostcopyEngine {
     pub fn with_native_probe(
         regions: Vec<RamRegion>,
         strategy: Strategy,
-        probe: impl Fn(&RamRegion) -> Result<(), String>,
+        probe: impl Fn(&RamRegion) -> Result<(), ProbeError>,
         fetcher: Arc<dyn PageFetcher>,
         vcpus: Arc<dyn VcpuControl>,
         dirty: Arc<dyn DirtyLog>,
@@ -560,23 +234,9 @@ impl PostcopyEngine {
                 vcpus,
                 dirty,
                 memslots,
-                wp_log: None,
             })),
             live: Arc::default(),
         })
-    }
-
-    /// Use `log` (userfaultfd WP_ASYNC + PAGEMAP_SCAN) as the dirty tracker of the staged
-    /// regions: prepare() then registers staging ranges for write-protect too and tells `log`
-    /// where each slot lives. Pass the same log as the engine's `DirtyLog`. Call before prepare().
-    pub fn use_uffd_wp_dirty_log(&mut self, log: Arc<UffdWpDirtyLog>) -> Result<(), PostcopyError> {
-        match &mut self.state {
-            State::Configured(cfg) => {
-                cfg.wp_log = Some(log);
-                Ok(())
-            }
-            _ => Err(PostcopyError::AlreadyPrepared),
-        }
     }
 
     /// The live figures (per-vCPU blocktime, fault latency, collapses, staging), cheap to read
@@ -595,7 +255,7 @@ impl PostcopyEngine {
     pub fn plans(&self) -> Vec<RegionPlan> {
         match &self.state {
             State::Configured(cfg) => cfg.plans.clone(),
-            State::Running(run) => run.shared.regions.iter().map(|r| r.plan.clone()).collect(),
+            State::Running(run) => run.regions.iter().map(|r| r.plan.clone()).collect(),
             State::Stopped => Vec::new(),
         }
     }
@@ -610,13 +270,6 @@ impl PostcopyEngine {
                 return Err(PostcopyError::AlreadyPrepared);
             }
         };
-        let wp = cfg.wp_log.is_some();
-        let mut features = FeatureFlags::empty();
-        if wp {
-            features |= FeatureFlags::from_bits_retain(
-                sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-            );
-        }
         let create = |features: FeatureFlags| {
             UffdBuilder::new()
                 .close_on_exec(true)
@@ -627,16 +280,15 @@ impl PostcopyEngine {
         };
         // The faulting thread's id in every fault message (UFFD_FEATURE_THREAD_ID, Linux 4.14),
         // for per-vCPU blocktime; without it the engine works the same, the blocktime stays 0.
-        let uffd =
-            match create(features | FeatureFlags::from_bits_retain(sys::UFFD_FEATURE_THREAD_ID)) {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::info!(
-                        "userfaultfd without UFFD_FEATURE_THREAD_ID ({e}): no per-vCPU blocktime"
-                    );
-                    create(features).map_err(PostcopyError::Uffd)?
-                }
-            };
+        let uffd = match create(FeatureFlags::from_bits_retain(sys::UFFD_FEATURE_THREAD_ID)) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!(
+                    "userfaultfd without UFFD_FEATURE_THREAD_ID ({e}): no per-vCPU blocktime"
+                );
+                create(FeatureFlags::empty()).map_err(PostcopyError::Uffd)?
+            }
+        };
 
         let mut states = Vec::with_capacity(cfg.regions.len());
         let mut report = Vec::new();
@@ -651,25 +303,23 @@ impl PostcopyEngine {
             if plan.mode.is_native() {
                 // Served in place: whatever was mapped before (precopy writes of a hybrid
                 // migration) must fault again, so every page not arrived reaches the service.
-                // The page cache keeps the data.
-                sys::madvise(region.host_addr, len, libc::MADV_DONTNEED).map_err(|source| {
-                    PostcopyError::Native {
+                // SAFETY: the region's shared mapping, before the vCPUs run: the page cache
+                // keeps the data.
+                unsafe { sys::madvise(region.host_addr, len, libc::MADV_DONTNEED) }.map_err(
+                    |source| PostcopyError::Native {
                         slot: region.slot,
                         what: "MADV_DONTNEED of the region's mapping",
                         source,
-                    }
-                })?;
+                    },
+                )?;
             }
-            let mut mode = match plan.mode {
+            let mode = match plan.mode {
                 ServeMode::AnonCopy => RegisterMode::MISSING,
                 // What the probe registered: a guest_memfd fault on a page it has not
                 // allocated yet is a MINOR fault too (the page is allocated on fault).
                 ServeMode::NativeGuestMemfd => RegisterMode::MINOR,
                 _ => RegisterMode::MISSING | RegisterMode::MINOR,
             };
-            if wp && matches!(plan.mode, ServeMode::Staged(_)) {
-                mode |= RegisterMode::from_bits_retain(sys::UFFDIO_REGISTER_MODE_WP);
-            }
             uffd.register_with_mode(region.host_addr as *mut libc::c_void, len, mode)
                 .map_err(|source| PostcopyError::UffdRange {
                     slot: region.slot,
@@ -678,13 +328,6 @@ impl PostcopyEngine {
                     len,
                     source,
                 })?;
-            if let (Some(log), ServeMode::Staged(_)) = (&cfg.wp_log, plan.mode) {
-                log.add_slot(region.slot, region.host_addr, len);
-            }
-            let ppu = (plan.unit_size / PAGE_SIZE).max(1);
-            let tracker = RegionTracker::new(region.size / PAGE_SIZE, ppu);
-            let units = (0..tracker.units()).map(|_| RwLock::new(false)).collect();
-            let words = (region.size / PAGE_SIZE).div_ceil(64) as usize;
             report.push(RegionReport {
                 slot: region.slot,
                 kind: region.kind,
@@ -693,17 +336,7 @@ impl PostcopyEngine {
                 note: plan.note.clone(),
                 native_fallback: plan.native_fallback.clone(),
             });
-            states.push(RegionState {
-                region: region.clone(),
-                plan: plan.clone(),
-                tracker,
-                staging: RwLock::new(staging),
-                units,
-                units_done: AtomicU64::new(0),
-                finalized: AtomicBool::new(false),
-                dirty_enabled: Mutex::new(false),
-                dirty_acc: Mutex::new(vec![0; words]),
-            });
+            states.push(Region::new(region.clone(), plan.clone(), staging));
         }
 
         *self.live.slot_gpa.lock().unwrap_or_else(|p| p.into_inner()) = states
@@ -718,53 +351,72 @@ impl PostcopyEngine {
                 .sum(),
             Ordering::Relaxed,
         );
-        let (collapse_tx, collapse_rx) = mpsc::channel();
-        let shared = Arc::new(Shared {
-            regions: states,
-            uffd,
-            fetcher: cfg.fetcher,
+        let regions = Arc::new(Regions::new(states));
+        let uffd = Arc::new(uffd);
+        let sup = Arc::new(Supervisor::new()?);
+        let stats = Arc::new(StatsCollector::with_live(Arc::clone(&self.live)));
+        let installer: Arc<dyn Installer> = Arc::new(UffdInstaller::new(
+            Arc::clone(&uffd),
+            Arc::clone(&sup),
+            Arc::clone(&stats),
+        ));
+        let (units_tx, units_rx) = mpsc::channel();
+        let arrivals = Arc::new(Arrivals::new(
+            Arc::clone(&regions),
+            Arc::clone(&installer),
+            units_tx,
+            Arc::clone(&sup),
+        ));
+        let collapser = Collapser {
+            regions: Arc::clone(&regions),
+            installer,
             vcpus: cfg.vcpus,
             dirty: cfg.dirty,
             memslots: cfg.memslots,
-            stats: StatsCollector::with_live(Arc::clone(&self.live)),
-            inflight: Mutex::new(HashMap::new()),
-            faults_pending: AtomicU64::new(0),
-            collapse_tx: Mutex::new(Some(collapse_tx)),
-            shutdown: AtomicBool::new(false),
-            fatal: Mutex::new(None),
-            progress: Mutex::new(()),
-            progress_cv: Condvar::new(),
-        });
+            stats: Arc::clone(&stats),
+            sup: Arc::clone(&sup),
+        };
         // Dirty logging of every region that will collapse goes on now, before any vCPU runs.
         // Turning it on later, from a fault-service thread, deadlocks: a memslot update waits
         // for KVM's SRCU readers, and a vCPU sleeping in a userfault is one of them, waiting
         // for the very thread that is updating the memslot.
-        for ri in 0..shared.regions.len() {
-            if matches!(shared.regions[ri].plan.mode, ServeMode::Staged(_)) {
-                shared.ensure_dirty_enabled(ri)?;
+        for ri in 0..regions.len() {
+            if matches!(regions[ri].mode(), ServeMode::Staged(_)) {
+                collapser.ensure_dirty_enabled(ri)?;
             }
         }
-        let mut threads = fault_service::spawn(&shared, FAULT_WORKERS)?;
-        let s = Arc::clone(&shared);
+        let faults = Arc::new(FaultService::new(
+            Arc::clone(&arrivals),
+            cfg.fetcher,
+            Arc::clone(&stats),
+        ));
+        let mut threads = fault_service::spawn(&faults, &uffd, FAULT_WORKERS)?;
         threads.push(
             std::thread::Builder::new()
                 .name("postcopy-collapse".into())
                 .spawn(move || {
                     crate::thread_hook::started(crate::thread_hook::ThreadKind::Collapse);
-                    collapse::run(s, collapse_rx)
+                    collapse::run(&collapser, units_rx)
                 })
                 .map_err(|source| PostcopyError::Spawn {
                     what: "collapse",
                     source,
                 })?,
         );
-        self.state = State::Running(Running { shared, threads });
+        self.state = State::Running(Running {
+            regions,
+            arrivals,
+            faults,
+            stats,
+            sup,
+            threads,
+        });
         Ok(PrepareReport { regions: report })
     }
 
-    fn shared(&self) -> Result<&Arc<Shared>, PostcopyError> {
+    fn running(&self) -> Result<&Running, PostcopyError> {
         match &self.state {
-            State::Running(run) => Ok(&run.shared),
+            State::Running(run) => Ok(run),
             _ => Err(PostcopyError::NotPrepared),
         }
     }
@@ -772,19 +424,20 @@ impl PostcopyEngine {
     /// A background page from the source. Ignored (Ok(false)) if the page already arrived (the
     /// fault service fetched it, or an earlier copy): the guest may have written it since.
     pub fn bulk_page(&self, gpa: u64, data: &[u8; 4096]) -> Result<bool, PostcopyError> {
-        let shared = self.shared()?;
-        let (ri, page) = shared
+        let run = self.running()?;
+        let (ri, page) = run
+            .regions
             .locate_gpa(gpa)
             .ok_or(PostcopyError::BadGpa { gpa })?;
-        let r = &shared.regions[ri];
+        let r = &run.regions[ri];
         let written = {
             let _g = r.tracker.lock_page(page);
-            shared.store_final_locked(ri, page, data)?
+            run.arrivals.store_locked(ri, page, data)?.is_some()
         };
         let counter = if written {
-            &shared.stats.bulk_pages_applied
+            &run.stats.bulk_pages_applied
         } else {
-            &shared.stats.bulk_pages_ignored
+            &run.stats.bulk_pages_ignored
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(written)
@@ -797,13 +450,14 @@ impl PostcopyEngine {
     /// table entry per 4 KiB on the alias. Returns how many pages were written.
     pub fn bulk_pages(&self, gpa: u64, data: &[u8]) -> Result<u64, PostcopyError> {
         const PAGE: usize = PAGE_SIZE as usize;
-        let shared = self.shared()?;
+        let run = self.running()?;
         let count = (data.len() / PAGE) as u64;
-        let (ri, first) = shared
+        let (ri, first) = run
+            .regions
             .locate_gpa(gpa)
             .filter(|_| count > 0 && data.len().is_multiple_of(PAGE))
             .ok_or(PostcopyError::BadGpa { gpa })?;
-        let r = &shared.regions[ri];
+        let r = &run.regions[ri];
         if first + count > r.tracker.pages() {
             return Err(PostcopyError::BadGpa {
                 gpa: gpa + (count - 1) * PAGE_SIZE,
@@ -853,13 +507,11 @@ impl PostcopyEngine {
                         let page: &[u8; 4096] = data[((q - first) as usize) * PAGE..][..PAGE]
                             .try_into()
                             .map_err(|_| PostcopyError::BadGpa { gpa })?;
-                        shared.store_final_locked(ri, q, page)?;
+                        run.arrivals.store_locked(ri, q, page)?;
                     }
                 } else {
                     for q in run_start..p {
-                        if let Some(unit) = r.tracker.mark_arrived(q) {
-                            shared.unit_arrived(ri, unit);
-                        }
+                        run.arrivals.mark_arrived(ri, q);
                     }
                 }
                 written += p - run_start;
@@ -867,14 +519,12 @@ impl PostcopyEngine {
             chunk = end;
         }
         if r.tracker.complete() {
-            shared.notify_progress();
+            run.sup.notify_progress();
         }
-        shared
-            .stats
+        run.stats
             .bulk_pages_applied
             .fetch_add(written, Ordering::Relaxed);
-        shared
-            .stats
+        run.stats
             .bulk_pages_ignored
             .fetch_add(count - written, Ordering::Relaxed);
         Ok(written)
@@ -893,13 +543,11 @@ impl PostcopyEngine {
     /// [`PostcopyEngine::bulk_page`] and a zero page instead.
     pub fn bulk_zero(&self, gpa: u64, count: u64) -> Result<u64, PostcopyError> {
         let newly = self.mark_present(gpa, count)?;
-        let shared = self.shared()?;
-        shared
-            .stats
+        let run = self.running()?;
+        run.stats
             .zero_pages_applied
             .fetch_add(newly, Ordering::Relaxed);
-        shared
-            .stats
+        run.stats
             .zero_pages_ignored
             .fetch_add(count - newly, Ordering::Relaxed);
         Ok(newly)
@@ -910,14 +558,15 @@ impl PostcopyEngine {
     /// contents, e.g. pages a hybrid migration's precopy rounds wrote. Units this completes are
     /// scheduled for collapse. Returns how many pages were newly marked.
     pub fn mark_present(&self, gpa: u64, count: u64) -> Result<u64, PostcopyError> {
-        let shared = self.shared()?;
+        let run = self.running()?;
         if count == 0 {
             return Ok(0);
         }
-        let (ri, first) = shared
+        let (ri, first) = run
+            .regions
             .locate_gpa(gpa)
             .ok_or(PostcopyError::BadGpa { gpa })?;
-        let r = &shared.regions[ri];
+        let r = &run.regions[ri];
         let end = first
             .checked_add(count)
             .filter(|&e| e <= r.tracker.pages())
@@ -927,39 +576,7 @@ impl PostcopyEngine {
         // No page lock: nothing is written. A concurrent writer of the same page (a fetch, a
         // bulk page) writes the same contents before the guest can see the page, and only the
         // first to set the arrival bit counts it.
-        let (newly, completed) = r.tracker.mark_arrived_run(first, end);
-        for unit in &completed {
-            shared.unit_arrived(ri, *unit);
-        }
-        if completed.is_empty() && r.tracker.complete() {
-            shared.notify_progress();
-        }
-        Ok(newly)
-    }
-
-    /// Whether the page at `gpa` has arrived.
-    pub fn page_arrived(&self, gpa: u64) -> Result<bool, PostcopyError> {
-        let shared = self.shared()?;
-        let (ri, page) = shared
-            .locate_gpa(gpa)
-            .ok_or(PostcopyError::BadGpa { gpa })?;
-        Ok(shared.regions[ri].tracker.arrived(page))
-    }
-
-    /// Guest physical addresses of the pages that have not arrived yet (for resuming after a
-    /// reconnect, or to ask the source for what is left).
-    pub fn missing_pages(&self) -> Result<Vec<u64>, PostcopyError> {
-        let shared = self.shared()?;
-        Ok(shared
-            .regions
-            .iter()
-            .flat_map(|r| {
-                r.tracker
-                    .missing_in(0, r.tracker.pages())
-                    .into_iter()
-                    .map(move |p| r.region.gpa + p * PAGE_SIZE)
-            })
-            .collect())
+        Ok(run.arrivals.mark_run(ri, first, end))
     }
 
     /// Block until every page arrived and every unit collapsed (and the staging was freed).
@@ -967,55 +584,56 @@ impl PostcopyEngine {
         self.wait_complete_timeout(None)
     }
 
-    /// [`PostcopyEngine::wait_complete`] with an optional deadline.
+    /// [`PostcopyEngine::wait_complete`] with an optional deadline. Sleeps on the progress
+    /// condition, which every change that can complete the engine (or fail it) notifies.
     pub fn wait_complete_timeout(&self, timeout: Option<Duration>) -> Result<(), PostcopyError> {
-        let shared = self.shared()?;
-        let start = Instant::now();
-        let mut guard = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let run = self.running()?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut guard = run.sup.lock();
         loop {
-            if let Some(msg) = shared
-                .fatal
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-            {
-                return Err(PostcopyError::Failed(msg));
+            if let Some(err) = run.sup.fatal() {
+                return Err(PostcopyError::Failed(err));
             }
-            if shared.all_done() {
+            if run.regions.all_done() && run.faults.idle() {
                 return Ok(());
             }
-            if let Some(t) = timeout {
-                if start.elapsed() >= t {
-                    let (mut arrived, mut total, mut collapsed, mut units) = (0, 0, 0, 0);
-                    for r in &shared.regions {
-                        arrived += r.tracker.arrived_count();
-                        total += r.tracker.pages();
-                        if r.needs_collapse() {
-                            collapsed += r.units_done.load(Ordering::Acquire);
-                            units += r.tracker.units();
-                        }
+            let left = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.timeout_error(run, timeout.unwrap_or_default()));
                     }
-                    return Err(PostcopyError::Timeout {
-                        ms: t.as_millis() as u64,
-                        arrived,
-                        total,
-                        collapsed,
-                        units,
-                    });
+                    Some(left)
                 }
+                None => None,
+            };
+            guard = run.sup.wait(guard, left);
+        }
+    }
+
+    fn timeout_error(&self, run: &Running, t: Duration) -> PostcopyError {
+        let (mut arrived, mut total, mut collapsed, mut units) = (0, 0, 0, 0);
+        for r in run.regions.iter() {
+            arrived += r.tracker.arrived_count();
+            total += r.tracker.pages();
+            if r.needs_collapse() {
+                collapsed += r.units_done.load(Ordering::Acquire);
+                units += r.tracker.units();
             }
-            guard = shared
-                .progress_cv
-                .wait_timeout(guard, Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        }
+        PostcopyError::Timeout {
+            ms: t.as_millis() as u64,
+            arrived,
+            total,
+            collapsed,
+            units,
         }
     }
 
     /// A snapshot of the statistics.
     pub fn stats(&self) -> PostcopyStats {
         match &self.state {
-            State::Running(run) => run.shared.stats.snapshot(),
+            State::Running(run) => run.stats.snapshot(),
             _ => PostcopyStats::default(),
         }
     }
@@ -1025,12 +643,8 @@ impl PostcopyEngine {
     /// huge mappings.
     pub fn shutdown(&mut self) {
         if let State::Running(run) = std::mem::replace(&mut self.state, State::Stopped) {
-            run.shared.shutdown.store(true, Ordering::Release);
-            run.shared
-                .collapse_tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            run.sup.stop();
+            run.arrivals.close();
             for t in run.threads {
                 if t.join().is_err() {
                     tracing::error!("a postcopy engine thread panicked");

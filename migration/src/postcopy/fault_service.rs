@@ -1,54 +1,129 @@
-//! The userfaultfd fault service: one thread reads fault events (poll on the O_NONBLOCK uffd),
-//! a small pool serves them (fetch over the urgent channel, write the page, CONTINUE / COPY,
-//! wake). It keeps serving while a collapse has the vCPUs paused.
+//! The userfaultfd fault service: one thread reads fault events (poll on the O_NONBLOCK uffd
+//! and the supervisor's stop eventfd), a small pool serves them (fetch over the urgent
+//! channel, store the page through the [`Arrivals`], map it through the [`Installer`]). It
+//! keeps serving while a collapse has the vCPUs paused.
+//!
+//! The service holds only what it uses: the regions, the arrivals (and through them the
+//! installer), the page fetcher, the statistics and the supervisor.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use userfaultfd::{Event, EventBuffer};
+use userfaultfd::{Event, EventBuffer, Uffd};
 
-use super::engine::Shared;
+use super::arrival::Arrivals;
+use super::fault_phases::FaultStamps;
+use super::installer::{Installer, Stored};
+use super::region::{Region, Regions};
+use super::stats::StatsCollector;
 use super::strategy::ServeMode;
+use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
 use crate::thread_priority::{self, ThreadRole};
-use crate::types::{FetchError, PAGE_SIZE};
+use crate::types::{FetchError, FetchTimes, PageFetcher, PAGE_SIZE};
 
 /// Marks whole-huge-page keys in the in-flight set.
 const HUGE_KEY: u64 = 1 << 63;
 /// Threads that fetch the pages of one huge page in parallel (whole-page mode).
 const HUGE_FETCH_THREADS: usize = 8;
 
+/// A fault that joined one being served: when it was read, and its vCPU (if a vCPU's).
+type Joined = (Instant, Option<usize>);
+
 /// One fault to serve.
-struct FaultJob {
-    region: usize,
-    addr: usize,
-    read_at: Instant,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FaultJob {
+    pub region: usize,
+    pub addr: usize,
+    /// When the reader woke on the userfaultfd (the first phase starts there).
+    pub woke: Instant,
+    /// When the reader read the event.
+    pub read_at: Instant,
     /// The faulting vCPU (None: another thread, or no thread ids).
-    vcpu: Option<usize>,
+    pub vcpu: Option<usize>,
+}
+
+/// The fault service: serves one fault at a time per calling thread.
+pub(crate) struct FaultService {
+    regions: Arc<Regions>,
+    arrivals: Arc<Arrivals>,
+    installer: Arc<dyn Installer>,
+    fetcher: Arc<dyn PageFetcher>,
+    stats: Arc<StatsCollector>,
+    sup: Arc<Supervisor>,
+    /// Faults being served: (region, page) for 4 KiB modes, (region, huge index | HUGE_KEY)
+    /// for whole-page mode, with the read times (and vCPUs) of later faults on the same key:
+    /// those are left to the first one's CONTINUE / wake, which also records their latency.
+    inflight: Mutex<HashMap<(usize, u64), Vec<Joined>>>,
+    /// Fault events read and not yet finished by a worker.
+    pending: AtomicU64,
+}
+
+impl FaultService {
+    pub fn new(
+        arrivals: Arc<Arrivals>,
+        fetcher: Arc<dyn PageFetcher>,
+        stats: Arc<StatsCollector>,
+    ) -> Self {
+        FaultService {
+            regions: Arc::clone(&arrivals.regions),
+            installer: Arc::clone(&arrivals.installer),
+            sup: Arc::clone(&arrivals.sup),
+            arrivals,
+            fetcher,
+            stats,
+            inflight: Mutex::new(HashMap::new()),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether no fault is being served.
+    pub fn idle(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// Serve one fault event and account for it (the worker's body; tests call it directly).
+    pub fn handle(&self, job: &FaultJob) {
+        self.stats.faults_served.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.serve(job) {
+            self.sup.fail(e);
+        }
+        let left = self.pending.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && self.regions.all_arrived() {
+            self.sup.notify_progress();
+        }
+    }
+
+    /// A fault event was read: count it pending until [`FaultService::handle`] is done.
+    pub fn accept(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Start the reader thread and `workers` serving threads.
 pub(crate) fn spawn(
-    shared: &Arc<Shared>,
+    service: &Arc<FaultService>,
+    uffd: &Arc<Uffd>,
     workers: usize,
 ) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
     let (tx, rx) = mpsc::channel::<FaultJob>();
     let rx = Arc::new(Mutex::new(rx));
     let mut threads = Vec::new();
     for i in 0..workers.max(1) {
-        let s = Arc::clone(shared);
+        let s = Arc::clone(service);
         let rx = Arc::clone(&rx);
         threads.push(
             std::thread::Builder::new()
                 .name(format!("postcopy-fault-{i}"))
                 .spawn(move || {
                     crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
-                    worker(s, rx)
+                    worker(&s, &rx)
                 })
                 .map_err(|source| PostcopyError::Spawn {
                     what: "fault worker",
@@ -56,13 +131,14 @@ pub(crate) fn spawn(
                 })?,
         );
     }
-    let s = Arc::clone(shared);
+    let s = Arc::clone(service);
+    let u = Arc::clone(uffd);
     threads.push(
         std::thread::Builder::new()
             .name("postcopy-uffd-reader".into())
             .spawn(move || {
                 crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
-                reader(s, tx)
+                reader(&s, &u, tx)
             })
             .map_err(|source| PostcopyError::Spawn {
                 what: "uffd reader",
@@ -72,37 +148,43 @@ pub(crate) fn spawn(
     Ok(threads)
 }
 
-fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
+fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
     let _priority = thread_priority::enter(ThreadRole::Urgent);
+    let sup = &service.sup;
     let mut buf = EventBuffer::new(64);
-    while !shared.shutdown.load(Ordering::Acquire) {
-        let mut fds = [PollFd::new(
-            std::os::fd::AsFd::as_fd(&shared.uffd),
-            PollFlags::POLLIN,
-        )];
-        match poll(&mut fds, PollTimeout::from(50u8)) {
-            Ok(0) => continue,
+    while !sup.stopping() {
+        let mut fds = [
+            PollFd::new(std::os::fd::AsFd::as_fd(uffd), PollFlags::POLLIN),
+            PollFd::new(sup.stop_fd(), PollFlags::POLLIN),
+        ];
+        let polled = poll(&mut fds, PollTimeout::NONE);
+        let woke = Instant::now();
+        match polled {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                shared.fail(PostcopyError::FaultService {
+                sup.fail(PostcopyError::FaultService {
                     what: "poll on the userfaultfd",
                     source: e.into(),
                 });
                 return;
             }
         }
-        if fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
-        {
-            shared.fail(PostcopyError::UffdHangup);
+        if sup.stopping() {
             return;
         }
-        let events = match shared.uffd.read_events(&mut buf) {
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+            sup.fail(PostcopyError::UffdHangup);
+            return;
+        }
+        if !revents.contains(PollFlags::POLLIN) {
+            continue;
+        }
+        let events = match uffd.read_events(&mut buf) {
             Ok(ev) => ev,
             Err(e) => {
-                shared.fail(PostcopyError::Uffd(e));
+                sup.fail(PostcopyError::Uffd(e));
                 return;
             }
         };
@@ -113,15 +195,16 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
                     addr, thread_id, ..
                 }) => {
                     let addr = addr as usize;
-                    match shared.locate_host(addr) {
+                    match service.regions.locate_host(addr) {
                         Some(region) => {
-                            shared.faults_pending.fetch_add(1, Ordering::AcqRel);
+                            service.accept();
                             // UFFD_FEATURE_THREAD_ID: the faulting thread; a vCPU's blocks.
-                            let vcpu = shared.stats.live.fault_read(thread_id.as_raw(), read_at);
+                            let vcpu = service.stats.live.fault_read(thread_id.as_raw(), read_at);
                             if tx
                                 .send(FaultJob {
                                     region,
                                     addr,
+                                    woke,
                                     read_at,
                                     vcpu,
                                 })
@@ -142,7 +225,7 @@ fn reader(shared: Arc<Shared>, tx: mpsc::Sender<FaultJob>) {
     }
 }
 
-fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
+fn worker(service: &FaultService, rx: &Mutex<mpsc::Receiver<FaultJob>>) {
     let _priority = thread_priority::enter(ThreadRole::Urgent);
     loop {
         let job = {
@@ -150,14 +233,7 @@ fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
             rx.recv()
         };
         let Ok(job) = job else { return };
-        shared.stats.faults_served.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = serve(&shared, &job) {
-            shared.fail(e);
-        }
-        let left = shared.faults_pending.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 && shared.all_arrived() {
-            shared.notify_progress();
-        }
+        service.handle(&job);
     }
 }
 
@@ -165,7 +241,7 @@ fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<FaultJob>>>) {
 /// [`Inflight::served`] records the latency of all of them. Dropped without `served` (an error,
 /// shutdown), it only removes the key.
 struct Inflight<'a> {
-    shared: &'a Shared,
+    service: &'a FaultService,
     key: (usize, u64),
     read_at: Instant,
     vcpu: Option<usize>,
@@ -178,13 +254,13 @@ impl Inflight<'_> {
     fn served(mut self, outage: bool) {
         let now = Instant::now();
         let joined = self
-            .shared
+            .service
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key)
             .unwrap_or_default();
-        let stats = &self.shared.stats;
+        let stats = &self.service.stats;
         stats.fault_latency(
             now.saturating_duration_since(self.read_at).as_nanos() as u64,
             outage,
@@ -205,7 +281,7 @@ impl Inflight<'_> {
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.shared
+            self.service
                 .inflight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -214,284 +290,289 @@ impl Drop for Inflight<'_> {
     }
 }
 
-/// Claim `key` for the fault read at `read_at`; None if a fault on it is being served already
-/// (this one then joins it and is resolved by its wake).
-fn claim<'a>(shared: &'a Shared, key: (usize, u64), job: &FaultJob) -> Option<Inflight<'a>> {
-    let (read_at, vcpu) = (job.read_at, job.vcpu);
-    let mut map = shared.inflight.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(joined) = map.get_mut(&key) {
-        joined.push((read_at, vcpu));
-        drop(map);
-        shared
-            .stats
-            .faults_coalesced
-            .fetch_add(1, Ordering::Relaxed);
-        return None;
-    }
-    map.insert(key, Vec::new());
-    Some(Inflight {
-        shared,
-        key,
-        read_at,
-        vcpu,
-        done: false,
-    })
-}
-
-/// Fetch `gpa` from the source, retrying while the link is slow or down (a faulting vCPU waits:
-/// across a postcopy-paused outage, until the source is back); returns None if the page arrived
-/// meanwhile by another path or the engine shuts down. Sets `outage` if an attempt failed.
-fn fetch(
-    shared: &Shared,
-    region: usize,
-    page: u64,
-    buf: &mut [u8; 4096],
-    outage: &mut bool,
-) -> Result<Option<()>, PostcopyError> {
-    let r = &shared.regions[region];
-    let gpa = r.region.gpa + page * PAGE_SIZE;
-    let mut backoff = Duration::from_millis(1);
-    let mut warned = false;
-    loop {
-        if r.tracker.arrived(page) || shared.shutdown.load(Ordering::Acquire) {
-            return Ok(None);
+impl FaultService {
+    /// Claim `key` for `job`; None if a fault on it is being served already (this one then
+    /// joins it and is resolved by its wake).
+    fn claim(&self, key: (usize, u64), job: &FaultJob) -> Option<Inflight<'_>> {
+        let (read_at, vcpu) = (job.read_at, job.vcpu);
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(joined) = map.get_mut(&key) {
+            joined.push((read_at, vcpu));
+            drop(map);
+            self.stats.faults_coalesced.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
-        match shared.fetcher.fetch(gpa, buf) {
-            Ok(()) => {
-                shared.stats.pages_fetched.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(()));
+        map.insert(key, Vec::new());
+        Some(Inflight {
+            service: self,
+            key,
+            read_at,
+            vcpu,
+            done: false,
+        })
+    }
+
+    /// Fetch page `page` of region `r` from the source, retrying while the link is slow or
+    /// down (a faulting vCPU waits: across a postcopy-paused outage, until the source is
+    /// back); returns false if the page arrived meanwhile by another path or the engine
+    /// stops. Sets `outage` if an attempt failed.
+    fn fetch(
+        &self,
+        r: &Region,
+        page: u64,
+        buf: &mut [u8; 4096],
+        outage: &mut bool,
+        times: &mut FetchTimes,
+    ) -> Result<bool, PostcopyError> {
+        let gpa = r.region.gpa + page * PAGE_SIZE;
+        let mut backoff = Duration::from_millis(1);
+        let mut warned = false;
+        loop {
+            if r.tracker.arrived(page) || self.sup.stopping() {
+                return Ok(false);
             }
-            Err(source @ FetchError::BadAddress { .. }) => {
-                return Err(PostcopyError::Fetch { gpa, source })
-            }
-            Err(e) => {
-                *outage = true;
-                // The page may still arrive by another path (the bulk stream, a reconnect):
-                // wait for progress rather than hammer a channel that is down, and serve the
-                // fault locally as soon as the page is there.
-                shared.stats.fetch_retries.fetch_add(1, Ordering::Relaxed);
-                if !warned {
-                    tracing::warn!(
-                        "fetch of gpa {gpa:#x} failed, waiting for the page to arrive and retrying: {e}"
-                    );
-                    warned = true;
-                } else {
-                    tracing::debug!("fetch of gpa {gpa:#x} failed again: {e}");
+            match self.fetcher.fetch_timed(gpa, buf, times) {
+                Ok(()) => {
+                    self.stats.pages_fetched.fetch_add(1, Ordering::Relaxed);
+                    return Ok(true);
                 }
-                // A link that is down: wait for the urgent channel to come back (woken the
-                // moment it is re-attached), else for any page to arrive.
-                if !matches!(e, FetchError::Disconnected { .. })
-                    || !shared.fetcher.wait_connected(Duration::from_millis(100))
-                {
-                    shared.wait_progress(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                Err(source @ FetchError::BadAddress { .. }) => {
+                    return Err(PostcopyError::Fetch { gpa, source })
+                }
+                Err(e) => {
+                    *outage = true;
+                    // The page may still arrive by another path (the bulk stream, a
+                    // reconnect): wait for progress rather than hammer a channel that is down,
+                    // and serve the fault locally as soon as the page is there.
+                    self.stats.fetch_retries.fetch_add(1, Ordering::Relaxed);
+                    if !warned {
+                        tracing::warn!(
+                            "fetch of gpa {gpa:#x} failed, waiting for the page to arrive and retrying: {e}"
+                        );
+                        warned = true;
+                    } else {
+                        tracing::debug!("fetch of gpa {gpa:#x} failed again: {e}");
+                    }
+                    // A link that is down: wait for the urgent channel to come back (woken the
+                    // moment it is re-attached), else for any page to arrive.
+                    if !matches!(e, FetchError::Disconnected { .. })
+                        || !self.fetcher.wait_connected(Duration::from_millis(100))
+                    {
+                        self.sup.wait_progress(backoff);
+                        backoff = (backoff * 2).min(Duration::from_millis(100));
+                    }
                 }
             }
         }
     }
-}
 
-fn serve(shared: &Shared, job: &FaultJob) -> Result<(), PostcopyError> {
-    let r = &shared.regions[job.region];
-    let page = ((job.addr - r.region.host_addr) as u64) / PAGE_SIZE;
-    match r.plan.mode {
-        ServeMode::AnonCopy
-        | ServeMode::ShmemContinue
-        | ServeMode::NativeHugetlb
-        | ServeMode::NativeGuestMemfd => serve_4k_direct(shared, job, page),
-        ServeMode::Staged(_) => serve_staged(shared, job, page),
-        ServeMode::HugeWhole => serve_huge(shared, job, page),
+    /// Record the phases of a remote fault that was just installed (see `fault_phases`).
+    fn record_phases(&self, job: &FaultJob, started: Instant, t: &FetchTimes, stored: Instant) {
+        let installed = Instant::now();
+        // A fetcher that does not time its steps: put the whole fetch in `reply_read`.
+        let written = t.request_written.unwrap_or(started);
+        let read = t.reply_read.unwrap_or(stored);
+        self.stats.phases.record(&FaultStamps {
+            woke: job.woke.min(job.read_at),
+            started,
+            request_written: written,
+            reply_read: read,
+            source_ns: t.source_ns,
+            stored,
+            installed,
+        });
     }
-}
 
-/// anon (UFFDIO_COPY), shmem and the native modes (alias write + CONTINUE of exactly 4 KiB):
-/// the final place is the faulting one.
-fn serve_4k_direct(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
-    let r = &shared.regions[job.region];
-    let Some(claim) = claim(shared, (job.region, page), job) else {
-        return Ok(()); // the first fault on this page wakes every waiter
-    };
-    let mut buf = [0u8; 4096];
-    let mut copied = false;
-    let mut outage = false;
-    if !r.tracker.arrived(page) && fetch(shared, job.region, page, &mut buf, &mut outage)?.is_some()
-    {
-        let _g = r.tracker.lock_page(page);
-        copied = shared.store_final_locked(job.region, page, &buf)?;
-    } else {
-        shared
-            .stats
-            .pages_served_locally
-            .fetch_add(1, Ordering::Relaxed);
-    }
-    if !r.tracker.arrived(page) {
-        return Ok(()); // shutting down: the fetch gave up
-    }
-    let addr = r.host_page(page);
-    match r.plan.mode {
-        // Our UFFDIO_COPY woke the waiter. Otherwise the page is in place (bulk's copy) or
-        // arrived in a zero run and was never mapped: map the zero page or wake.
-        ServeMode::AnonCopy if copied => {}
-        ServeMode::AnonCopy => shared.anon_zero_or_wake(job.region, addr)?,
-        ServeMode::NativeHugetlb | ServeMode::NativeGuestMemfd => {
-            shared.continue_native(job.region, addr)?
+    /// Serve one fault: the flow of its region's mode.
+    pub fn serve(&self, job: &FaultJob) -> Result<(), PostcopyError> {
+        let r = &self.regions[job.region];
+        let page = r.page_of_host(job.addr);
+        match r.mode() {
+            ServeMode::AnonCopy
+            | ServeMode::ShmemContinue
+            | ServeMode::NativeHugetlb
+            | ServeMode::NativeGuestMemfd => self.serve_4k_direct(job, page),
+            ServeMode::Staged(_) => self.serve_staged(job, page),
+            ServeMode::HugeWhole => self.serve_huge(job, page),
         }
-        _ => shared.continue_or_zero(job.region, addr)?,
     }
-    claim.served(outage);
-    Ok(())
-}
 
-/// Staged huge / guest_memfd regions: fetched pages go to the final backing and the staging;
-/// pages that arrived in bulk are copied locally from the final backing into the staging.
-fn serve_staged(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
-    let ri = job.region;
-    let r = &shared.regions[ri];
-    let Some(claim) = claim(shared, (ri, page), job) else {
-        return Ok(());
-    };
-    let addr = r.host_page(page);
-    let mut buf = [0u8; 4096];
-    let mut outage = false;
-    let fetched = if r.tracker.arrived(page) {
-        false
-    } else {
-        fetch(shared, ri, page, &mut buf, &mut outage)?.is_some()
-    };
-    let unit = r.tracker.unit_of(page);
-    let collapsed = r.units[unit as usize]
-        .read()
-        .unwrap_or_else(|p| p.into_inner());
-    if *collapsed {
-        // The huge mapping replaced the staging: never touch the freed staging again.
-        let _ = shared
-            .uffd
-            .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
-        drop(collapsed);
-        claim.served(outage);
-        return Ok(());
-    }
-    let staging = r.staging.read().unwrap_or_else(|p| p.into_inner());
-    let Some(staging) = staging.as_ref() else {
-        let _ = shared
-            .uffd
-            .wake(addr as *mut libc::c_void, PAGE_SIZE as usize);
-        drop(staging);
-        drop(collapsed);
-        claim.served(outage);
-        return Ok(());
-    };
-    let final_alias = r.alias_page(page).ok_or(PostcopyError::NotPrepared)?;
-    let stage_alias = staging.alias_at(page * PAGE_SIZE);
-    {
-        let _g = r.tracker.lock_page(page);
-        let mut local = true;
-        if fetched && !r.tracker.arrived(page) {
-            shared.store_final_locked(ri, page, &buf)?;
-            local = false;
-        }
-        if !r.tracker.arrived(page) {
-            return Ok(()); // shutting down: the fetch gave up
-        }
-        if !r.tracker.staged(page) {
-            // SAFETY: both aliases cover the region; the page arrived (its final copy is
-            // complete, under the page lock); the staging page is not mapped for the guest yet
-            // (not staged), so nothing else writes it.
-            unsafe { sys::copy_page(final_alias, stage_alias) };
-            r.tracker.mark_staged(page);
-            shared.stats.staging_add(1);
-        }
-        if local {
-            shared
-                .stats
+    /// anon, shmem and the native modes: the final place is the faulting one.
+    fn serve_4k_direct(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
+        let ri = job.region;
+        let r = &self.regions[ri];
+        let Some(claim) = self.claim((ri, page), job) else {
+            return Ok(()); // the first fault on this page wakes every waiter
+        };
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        let mut stored = None;
+        let mut outage = false;
+        let mut times = FetchTimes::default();
+        let fetched =
+            !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage, &mut times)?;
+        if fetched {
+            let _g = r.tracker.lock_page(page);
+            stored = self.arrivals.store_locked(ri, page, &buf)?;
+        } else {
+            self.stats
                 .pages_served_locally
                 .fetch_add(1, Ordering::Relaxed);
         }
+        if !r.tracker.arrived(page) {
+            return Ok(()); // stopping: the fetch gave up
+        }
+        let stored_at = Instant::now();
+        // A store that mapped the page (anon UFFDIO_COPY) or found it present woke the
+        // waiters; otherwise map it now.
+        if !matches!(stored, Some(Stored::Mapped | Stored::Present)) {
+            self.installer.map_page(r, page)?;
+        }
+        if fetched && stored.is_some() && !outage {
+            self.record_phases(job, started, &times, stored_at);
+        }
+        claim.served(outage);
+        Ok(())
     }
-    // Guest writes after this CONTINUE are tracked: prepare() turned dirty logging on for
-    // every region that collapses (never from here: see prepare()).
-    shared.continue_or_wake(r.region.slot, addr, PAGE_SIZE as usize)?;
-    drop(collapsed);
-    claim.served(outage);
-    Ok(())
-}
 
-/// Whole-huge-page baseline: fetch every missing 4 KiB of the huge page, then CONTINUE it all.
-fn serve_huge(shared: &Shared, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
-    let ri = job.region;
-    let r = &shared.regions[ri];
-    let ppu = r.tracker.pages_per_unit();
-    let hidx = page / ppu;
-    let Some(claim) = claim(shared, (ri, hidx | HUGE_KEY), job) else {
-        return Ok(()); // the first fault on this huge page continues it for every waiter
-    };
-    let (first, end) = r.tracker.unit_pages(hidx);
-    let missing = r.tracker.missing_in(first, end);
-    let outage = std::sync::atomic::AtomicBool::new(false);
-    if missing.is_empty() {
-        shared
-            .stats
-            .pages_served_locally
-            .fetch_add(1, Ordering::Relaxed);
-    } else {
-        let chunk = missing.len().div_ceil(HUGE_FETCH_THREADS);
-        let results: Vec<Result<(), PostcopyError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = missing
-                .chunks(chunk)
-                .map(|pages| {
-                    let outage = &outage;
-                    scope.spawn(move || -> Result<(), PostcopyError> {
-                        let mut buf = [0u8; 4096];
-                        let mut waited = false;
-                        for &p in pages {
-                            let got = fetch(shared, ri, p, &mut buf, &mut waited)?;
-                            if waited {
-                                outage.store(true, Ordering::Relaxed);
+    /// Staged huge / guest_memfd regions: fetched pages go to the final backing and the
+    /// staging; pages that arrived in bulk are copied locally from the final backing into the
+    /// staging.
+    fn serve_staged(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
+        let ri = job.region;
+        let r = &self.regions[ri];
+        let Some(claim) = self.claim((ri, page), job) else {
+            return Ok(());
+        };
+        let addr = r.host_page(page);
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        let mut outage = false;
+        let mut times = FetchTimes::default();
+        let fetched =
+            !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage, &mut times)?;
+        let unit = r.tracker.unit_of(page);
+        let collapsed = r.units[unit as usize]
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if *collapsed {
+            // The huge mapping replaced the staging: never touch the freed staging again.
+            self.installer.wake(addr, PAGE_SIZE as usize);
+            drop(collapsed);
+            claim.served(outage);
+            return Ok(());
+        }
+        let staging_guard = r.staging.read().unwrap_or_else(|p| p.into_inner());
+        let Some(staging) = staging_guard.as_ref() else {
+            self.installer.wake(addr, PAGE_SIZE as usize);
+            drop(staging_guard);
+            drop(collapsed);
+            claim.served(outage);
+            return Ok(());
+        };
+        let final_alias = r.alias_page(page).ok_or(PostcopyError::NoAlias {
+            slot: r.region.slot,
+        })?;
+        let stage_alias = staging.alias_at(page * PAGE_SIZE);
+        let stored_at = {
+            let _g = r.tracker.lock_page(page);
+            let mut local = true;
+            if fetched && !r.tracker.arrived(page) {
+                self.arrivals.store_locked(ri, page, &buf)?;
+                local = false;
+            }
+            if !r.tracker.arrived(page) {
+                return Ok(()); // stopping: the fetch gave up
+            }
+            if !r.tracker.staged(page) {
+                // SAFETY: both aliases cover the region; the page arrived (its final copy is
+                // complete, under the page lock); the staging page is not mapped for the guest
+                // yet (not staged), so nothing else writes it.
+                unsafe { sys::copy_page(final_alias, stage_alias) };
+                r.tracker.mark_staged(page);
+                self.stats.staging_add(1);
+            }
+            if local {
+                self.stats
+                    .pages_served_locally
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            (!local).then(Instant::now)
+        };
+        // Guest writes after this CONTINUE are tracked: prepare() turned dirty logging on for
+        // every region that collapses (never from here: see prepare()).
+        self.installer.map_page(r, page)?;
+        if let (Some(stored_at), false) = (stored_at, outage) {
+            self.record_phases(job, started, &times, stored_at);
+        }
+        drop(staging_guard);
+        drop(collapsed);
+        claim.served(outage);
+        Ok(())
+    }
+
+    /// Whole-huge-page baseline: fetch every missing 4 KiB of the huge page, then map it all.
+    fn serve_huge(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
+        let ri = job.region;
+        let r = &self.regions[ri];
+        let ppu = r.tracker.pages_per_unit();
+        let hidx = page / ppu;
+        let Some(claim) = self.claim((ri, hidx | HUGE_KEY), job) else {
+            return Ok(()); // the first fault on this huge page maps it for every waiter
+        };
+        let (first, end) = r.tracker.unit_pages(hidx);
+        let missing = r.tracker.missing_in(first, end);
+        let outage = std::sync::atomic::AtomicBool::new(false);
+        if missing.is_empty() {
+            self.stats
+                .pages_served_locally
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            let chunk = missing.len().div_ceil(HUGE_FETCH_THREADS);
+            let results: Vec<Result<(), PostcopyError>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = missing
+                    .chunks(chunk)
+                    .map(|pages| {
+                        let outage = &outage;
+                        scope.spawn(move || -> Result<(), PostcopyError> {
+                            let mut buf = [0u8; 4096];
+                            let mut waited = false;
+                            let mut times = FetchTimes::default();
+                            for &p in pages {
+                                let got = self.fetch(r, p, &mut buf, &mut waited, &mut times)?;
+                                if waited {
+                                    outage.store(true, Ordering::Relaxed);
+                                }
+                                if got {
+                                    let _g = r.tracker.lock_page(p);
+                                    self.arrivals.store_locked(ri, p, &buf)?;
+                                }
                             }
-                            if got.is_some() {
-                                let _g = r.tracker.lock_page(p);
-                                shared.store_final_locked(ri, p, &buf)?;
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(PostcopyError::Panicked {
-                            what: "huge-page fetch",
+                            Ok(())
                         })
                     })
-                })
-                .collect()
-        });
-        for res in results {
-            res?;
-        }
-    }
-    if !r.tracker.unit_complete(hidx) {
-        // Only possible on shutdown (fetch gave up): leave the vCPU waiting.
-        return Ok(());
-    }
-    let huge = r.region.page_size as usize;
-    let addr = r.region.host_addr + hidx as usize * huge;
-    // A huge page whose every 4 KiB arrived in zero runs was never written, so it is not in the
-    // hugetlb page cache and CONTINUE would fail (EFAULT): fault it in (zero-filled) through the
-    // alias first. A page that is there already is only looked up.
-    if let Some(alias) = r.alias_page(first) {
-        sys::madvise(alias, huge, libc::MADV_POPULATE_READ).map_err(|source| {
-            PostcopyError::Populate {
-                slot: r.region.slot,
-                addr: alias,
-                len: huge,
-                source,
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(PostcopyError::Panicked {
+                                what: "huge-page fetch",
+                            })
+                        })
+                    })
+                    .collect()
+            });
+            for res in results {
+                res?;
             }
-        })?;
+        }
+        if !r.tracker.unit_complete(hidx) {
+            // Only possible when stopping (fetch gave up): leave the vCPU waiting.
+            return Ok(());
+        }
+        self.installer.map_huge(r, first)?;
+        claim.served(outage.load(Ordering::Relaxed));
+        Ok(())
     }
-    shared.continue_or_wake(r.region.slot, addr, huge)?;
-    claim.served(outage.load(Ordering::Relaxed));
-    Ok(())
 }

@@ -7,21 +7,38 @@
 //! [`PostcopyEngine::prepare`] before the vCPUs run, feed background pages with
 //! [`PostcopyEngine::bulk_page`], and wait with [`PostcopyEngine::wait_complete`].
 
+//!
+//! Module map (each module uses only the ones listed after it):
+//! - `engine`: the public object; plans, prepares and wires the parts below;
+//! - `fault_service`: the uffd reader and the workers serving faults;
+//! - `collapse` (+ `native`): finishing complete units, on the collapse thread;
+//! - `arrival`: storing arrived pages, unit completion messages;
+//! - `installer`: every userfaultfd ioctl and what its errors mean, per serve mode;
+//! - `region` (+ `region_tracker`, `staging`): the fixed regions and their state;
+//! - `supervisor`: stop eventfd, typed fatal error, progress condition;
+//! - `stats`, `strategy`, `sys`: statistics, planning, syscalls and kernel constants.
+
+mod arrival;
 pub mod collapse;
 pub mod engine;
+pub mod fault_phases;
 pub mod fault_service;
+mod installer;
 pub mod native;
+mod region;
 pub mod region_tracker;
 pub mod staging;
 pub mod stats;
 pub mod strategy;
+mod supervisor;
 pub mod sys;
-pub mod wp_dirty_log;
+#[cfg(test)]
+mod tests;
 
 pub use engine::{PostcopyEngine, PrepareReport, RegionReport};
+pub use fault_phases::{FaultPhaseSummary, PhaseSummary, PhaseTimes, SlowFault, PHASES};
 pub use stats::{CollapseRecord, PostcopyStats};
-pub use strategy::{FinalBacking, RegionPlan, ServeMode, Strategy};
-pub use wp_dirty_log::UffdWpDirtyLog;
+pub use strategy::{FinalBacking, ProbeError, RegionPlan, ServeMode, Strategy};
 
 /// Errors of the postcopy engine.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +71,10 @@ pub enum PostcopyError {
     BadGpa { gpa: u64 },
     #[error("the engine is not prepared (call prepare() first)")]
     NotPrepared,
+    #[error("region slot {slot} has no alias mapping of its final backing")]
+    NoAlias { slot: u32 },
+    #[error("region slot {slot} has no fd of its final backing")]
+    NoFinalFd { slot: u32 },
     #[error("the engine was already prepared")]
     AlreadyPrepared,
     #[error("spawning the {what} thread failed: {source}")]

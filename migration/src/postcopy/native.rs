@@ -9,11 +9,10 @@
 //! guest_memfd region has no unit work at all (the guest_memfd is the memory the guest runs
 //! on from the start, and its memslot never changes).
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::engine::Shared;
-use super::stats::CollapseRecord;
+use super::region::Region;
+use super::stats::{CollapseRecord, StatsCollector};
 use super::strategy::ServeMode;
 use super::sys;
 use crate::types::PAGE_SIZE;
@@ -27,12 +26,11 @@ pub const METHOD_LEFT_EINVAL: &str =
 pub const METHOD_LEFT_FAILED: &str =
     "native-hugetlb-none (MADV_COLLAPSE on hugetlb failed; mapping left as the kernel maps it)";
 
-/// Unit `unit` of native region `ri` has fully arrived: record it (and, for hugetlb, offer the
-/// huge page to MADV_COLLAPSE). Cheap and non-blocking for the fault service: no copy, no vCPU
-/// pause, no memslot change.
-pub(crate) fn settle_unit(shared: &Shared, ri: usize, unit: u64) {
-    let r = &shared.regions[ri];
-    if r.plan.mode != ServeMode::NativeHugetlb {
+/// Unit `unit` of native region `r` has fully arrived: record it (and, for hugetlb, offer the
+/// huge page to MADV_COLLAPSE). Runs on the collapse thread: no copy, no vCPU pause, no
+/// memslot change.
+pub(crate) fn settle_unit(r: &Region, stats: &StatsCollector, unit: u64) {
+    if r.mode() != ServeMode::NativeHugetlb {
         return;
     }
     let (first, end) = r.tracker.unit_pages(unit);
@@ -40,7 +38,9 @@ pub(crate) fn settle_unit(shared: &Shared, ri: usize, unit: u64) {
     let len = (end - first) * PAGE_SIZE;
     let addr = r.host_page(first);
     let t0 = Instant::now();
-    let method = match sys::madvise(addr, len as usize, libc::MADV_COLLAPSE) {
+    // SAFETY: a complete huge page of a region the engine serves; MADV_COLLAPSE does not
+    // change contents.
+    let method = match unsafe { sys::madvise(addr, len as usize, libc::MADV_COLLAPSE) } {
         Ok(()) => METHOD_MADV_COLLAPSE,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => METHOD_LEFT_EINVAL,
         Err(e) => {
@@ -52,7 +52,7 @@ pub(crate) fn settle_unit(shared: &Shared, ri: usize, unit: u64) {
         }
     };
     // The guest's memory is complete and correct either way; only the mapping size differs.
-    shared.stats.collapse(CollapseRecord::without_swap(
+    stats.collapse(CollapseRecord::without_swap(
         r.region.slot,
         off,
         len,
@@ -60,8 +60,5 @@ pub(crate) fn settle_unit(shared: &Shared, ri: usize, unit: u64) {
         t0.elapsed().as_nanos() as u64,
         true,
     ));
-    let done = r.units_done.fetch_add(1, Ordering::AcqRel) + 1;
-    if done == r.tracker.units() {
-        r.finalized.store(true, Ordering::Release);
-    }
+    r.unit_settled();
 }

@@ -3,7 +3,7 @@
 //! memslot's userspace_addr, so KVM needs no change) plus an alias mapping the engine writes
 //! through. Freed unit by unit as the region collapses.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::sys;
 use super::PostcopyError;
@@ -47,34 +47,21 @@ impl Staging {
                 source,
             })?;
         let staging = Staging { fd, alias, len };
-        sys::map_shared_fixed(host_addr, len, staging.fd.as_raw_fd(), 0).map_err(|source| {
-            PostcopyError::Staging {
+        // SAFETY: the primary range is the region the engine was handed before the vCPUs run:
+        // nothing reads it yet, and its pages all arrive later (through the staging).
+        unsafe { sys::map_shared_fixed(host_addr, len, staging.fd.as_raw_fd(), 0) }.map_err(
+            |source| PostcopyError::Staging {
                 slot,
                 what: "mmap staging over the primary range",
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(staging)
-    }
-
-    /// The staging memfd.
-    pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
     }
 
     /// Address of byte `offset` of the staging alias.
     pub fn alias_at(&self, offset: u64) -> usize {
         self.alias + offset as usize
-    }
-
-    /// Size in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the staging is zero-sized.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Free the staging pages of `[offset, offset + len)` (off the critical path: slow for big
@@ -86,7 +73,9 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if let Err(e) = sys::unmap(self.alias, self.len) {
+        // SAFETY: the alias is this staging's own mapping; the engine drops the staging only
+        // when the region collapsed (nothing reads the alias any more) or on shutdown.
+        if let Err(e) = unsafe { sys::unmap(self.alias, self.len) } {
             tracing::warn!(
                 "unmapping the staging alias at {:#x} failed: {e}",
                 self.alias

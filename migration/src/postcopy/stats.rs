@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::fault_phases::{FaultPhaseSummary, FaultPhases, SlowFault};
 use crate::live_stats::{EngineLive, MigrationEvent};
 
 use serde::Serialize;
@@ -106,6 +107,9 @@ pub struct PostcopyStats {
     pub zero_pages_ignored: u64,
     /// Fetch attempts that failed and were retried.
     pub fetch_retries: u64,
+    /// userfaultfd ioctls (COPY, CONTINUE, ZEROPAGE) that said EAGAIN (the address space was
+    /// changing) and were tried again.
+    pub uffd_eagain: u64,
     /// Successful collapses (all methods), not counting units skipped as empty.
     pub collapses: u64,
     /// shmem units that were all page-cache holes and never touched: nothing to collapse.
@@ -135,6 +139,10 @@ pub struct PostcopyStats {
     /// `fault_latency_*` so an outage does not blur the normal distribution. At most
     /// [`MAX_FAULT_SAMPLES`].
     pub outage_fault_latency_ns: Vec<u64>,
+    /// Remote faults by phase (see `fault_phases`): per phase, count and percentiles in µs.
+    pub fault_phase_us: FaultPhaseSummary,
+    /// Up to 200 remote faults above the p99 of the total, slowest first, with their phases.
+    pub slow_faults: Vec<SlowFault>,
 }
 
 /// Raw fault latency samples kept at most (8 bytes each); later ones only go to the histogram.
@@ -216,11 +224,15 @@ pub struct StatsCollector {
     pub faults_coalesced: AtomicU64,
     pub zero_pages_applied: AtomicU64,
     pub zero_pages_ignored: AtomicU64,
+    /// userfaultfd ioctls that said EAGAIN and were tried again.
+    pub uffd_eagain: AtomicU64,
     staging_pages: AtomicU64,
     staging_peak_pages: AtomicU64,
     fault_latency: Mutex<LatencyLog>,
     outage_fault_latency: Mutex<LatencyLog>,
     collapses: Mutex<Vec<CollapseRecord>>,
+    /// Remote faults by phase.
+    pub phases: FaultPhases,
     /// The live figures the engine hands out ([`crate::postcopy::PostcopyEngine::live`]).
     pub(crate) live: Arc<EngineLive>,
 }
@@ -326,13 +338,17 @@ impl StatsCollector {
             .map(|r| r.stall_ns)
             .collect();
         stalls.sort_unstable();
+        let (fault_phase_us, slow_faults) = self.phases.summary();
         PostcopyStats {
+            fault_phase_us,
+            slow_faults,
             faults_served: self.faults_served.load(Ordering::Relaxed),
             pages_fetched: self.pages_fetched.load(Ordering::Relaxed),
             pages_served_locally: self.pages_served_locally.load(Ordering::Relaxed),
             bulk_pages_applied: self.bulk_pages_applied.load(Ordering::Relaxed),
             bulk_pages_ignored: self.bulk_pages_ignored.load(Ordering::Relaxed),
             fetch_retries: self.fetch_retries.load(Ordering::Relaxed),
+            uffd_eagain: self.uffd_eagain.load(Ordering::Relaxed),
             faults_coalesced: self.faults_coalesced.load(Ordering::Relaxed),
             zero_pages_applied: self.zero_pages_applied.load(Ordering::Relaxed),
             zero_pages_ignored: self.zero_pages_ignored.load(Ordering::Relaxed),

@@ -97,19 +97,35 @@ pub struct RegionPlan {
     pub native_fallback: Option<String>,
 }
 
-/// Plan a region for `strategy`. `Native` is probed against the kernel here (see
-/// [`probe_native`]); [`plan_region_with`] takes the probe's answer as a parameter.
-pub fn plan_region(region: &RamRegion, strategy: Strategy) -> RegionPlan {
-    plan_region_with(region, strategy, probe_native)
+/// Why the kernel has no native 4 KiB path for a region (the probe's answer).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("region has no hugetlb fd to probe")]
+    NoHugetlbFd,
+    #[error("no guest_memfd mapping to probe")]
+    NoGuestMemfdMapping,
+    #[error("probe mmap of the hugetlb file failed: {0}")]
+    Map(#[source] std::io::Error),
+    #[error("probe userfaultfd failed: {0}")]
+    Uffd(#[source] userfaultfd::Error),
+    #[error("probe MINOR registration failed: {0}")]
+    Register(#[source] userfaultfd::Error),
+    #[error("4 KiB UFFDIO_CONTINUE inside a hugetlb page returns EINVAL (no HGM in this kernel)")]
+    NoHgm,
+    #[error("userfaultfd MINOR registration of the guest_memfd mapping failed: {0}")]
+    GuestMemfdRegister(#[source] userfaultfd::Error),
+    /// A probe answer given by the caller (tests, an operator override).
+    #[error("{0}")]
+    Other(String),
 }
 
 /// Plan a region for `strategy`, asking `probe` (called only for `Native` on a hugetlb or
 /// guest_memfd region) whether the kernel has the native path for it: `Ok(())` = it does,
-/// `Err(reason)` = it does not, and why.
+/// `Err(why)` = it does not.
 pub fn plan_region_with(
     region: &RamRegion,
     strategy: Strategy,
-    probe: impl FnOnce(&RamRegion) -> Result<(), String>,
+    probe: impl FnOnce(&RamRegion) -> Result<(), ProbeError>,
 ) -> RegionPlan {
     let plan = |mode, unit_size| RegionPlan {
         mode,
@@ -140,7 +156,7 @@ pub fn plan_region_with(
                     note: Some(format!(
                         "native strategy unavailable ({reason}); fell back to 4 KiB staging + collapse"
                     )),
-                    native_fallback: Some(reason),
+                    native_fallback: Some(reason.to_string()),
                     ..plan(ServeMode::Staged(FinalBacking::Hugetlb), region.page_size)
                 },
             },
@@ -166,7 +182,7 @@ pub fn plan_region_with(
                     note: Some(format!(
                         "native strategy unavailable ({reason}); fell back to 4 KiB staging + memslot swap"
                     )),
-                    native_fallback: Some(reason),
+                    native_fallback: Some(reason.to_string()),
                     ..plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size)
                 },
             },
@@ -177,16 +193,16 @@ pub fn plan_region_with(
 /// Ask the kernel whether the native path exists for `region`: a 4 KiB `UFFDIO_CONTINUE`
 /// inside one of its huge pages (hugetlb), or a userfaultfd MINOR registration of its mapping
 /// (guest_memfd). Anonymous and shmem regions need nothing (`Ok`).
-pub fn probe_native(region: &RamRegion) -> Result<(), String> {
+pub fn probe_native(region: &RamRegion) -> Result<(), ProbeError> {
     match region.kind {
         MemoryKind::Anon | MemoryKind::Shmem => Ok(()),
         MemoryKind::Hugetlb2m | MemoryKind::Hugetlb1g => match region.fd {
             Some(fd) => probe_hugetlb_4k_continue(fd, region.fd_offset, region.page_size),
-            None => Err("region has no hugetlb fd to probe".to_string()),
+            None => Err(ProbeError::NoHugetlbFd),
         },
         MemoryKind::GuestMemfd => match region.alias_addr {
             Some(alias) => probe_uffd_register(alias, region.page_size.max(PAGE_SIZE) as usize),
-            None => Err("no guest_memfd mapping to probe".to_string()),
+            None => Err(ProbeError::NoGuestMemfdMapping),
         },
     }
 }
@@ -194,49 +210,44 @@ pub fn probe_native(region: &RamRegion) -> Result<(), String> {
 /// Probe whether a 4 KiB `UFFDIO_CONTINUE` inside a hugetlb mapping passes the kernel's
 /// alignment check (it fails with EINVAL without HGM). Uses a temporary mapping and userfaultfd,
 /// allocates no huge page.
-pub fn probe_hugetlb_4k_continue(fd: RawFd, offset: u64, page_size: u64) -> Result<(), String> {
+pub fn probe_hugetlb_4k_continue(fd: RawFd, offset: u64, page_size: u64) -> Result<(), ProbeError> {
     let len = page_size as usize;
-    let addr = sys::map_shared(len, fd, offset)
-        .map_err(|e| format!("probe mmap of the hugetlb file failed: {e}"))?;
+    let addr = sys::map_shared(len, fd, offset).map_err(ProbeError::Map)?;
     let result = (|| {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             .create()
-            .map_err(|e| format!("probe userfaultfd failed: {e}"))?;
+            .map_err(ProbeError::Uffd)?;
         uffd.register_with_mode(addr as *mut libc::c_void, len, RegisterMode::MINOR)
-            .map_err(|e| format!("probe MINOR registration failed: {e}"))?;
+            .map_err(ProbeError::Register)?;
         match uffd.r#continue(addr as *mut libc::c_void, PAGE_SIZE as usize, false) {
-            Err(e) if sys::uffd_errno(&e) == Some(libc::EINVAL) => Err(
-                "4 KiB UFFDIO_CONTINUE inside a hugetlb page returns EINVAL (no HGM in this kernel)"
-                    .to_string(),
-            ),
+            Err(e) if sys::uffd_errno(&e) == Some(libc::EINVAL) => Err(ProbeError::NoHgm),
             // Anything else (EFAULT/ENOENT for a page not in the cache, or success) passed the
             // granularity check.
             _ => Ok(()),
         }
     })();
-    if let Err(e) = sys::unmap(addr, len) {
+    // SAFETY: the probe's own temporary mapping, not used after this.
+    if let Err(e) = unsafe { sys::unmap(addr, len) } {
         tracing::warn!("unmapping the HGM probe mapping failed: {e}");
     }
     result
 }
 
 /// Probe whether `[addr, addr + len)` can be registered with userfaultfd (MINOR).
-pub fn probe_uffd_register(addr: usize, len: usize) -> Result<(), String> {
+pub fn probe_uffd_register(addr: usize, len: usize) -> Result<(), ProbeError> {
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .create()
-        .map_err(|e| format!("probe userfaultfd failed: {e}"))?;
+        .map_err(ProbeError::Uffd)?;
     match uffd.register_with_mode(addr as *mut libc::c_void, len, RegisterMode::MINOR) {
         Ok(_) => {
             let _ = uffd.unregister(addr as *mut libc::c_void, len);
             Ok(())
         }
-        Err(e) => Err(format!(
-            "userfaultfd MINOR registration of the guest_memfd mapping failed: {e:?}"
-        )),
+        Err(e) => Err(ProbeError::GuestMemfdRegister(e)),
     }
 }
 
@@ -260,7 +271,7 @@ mod tests {
         }
     }
 
-    fn never_probed(_: &RamRegion) -> Result<(), String> {
+    fn never_probed(_: &RamRegion) -> Result<(), ProbeError> {
         panic!("the probe must not run for this plan")
     }
 
@@ -306,7 +317,11 @@ mod tests {
         let p = plan_region_with(
             &region(MemoryKind::Hugetlb2m, 256 * MIB, 2 * MIB),
             Strategy::Native,
-            |_| Err("4 KiB UFFDIO_CONTINUE returns EINVAL".into()),
+            |_| {
+                Err(ProbeError::Other(
+                    "4 KiB UFFDIO_CONTINUE returns EINVAL".into(),
+                ))
+            },
         );
         assert_eq!(p.mode, ServeMode::Staged(FinalBacking::Hugetlb));
         assert_eq!(p.unit_size, 2 * MIB);
@@ -327,7 +342,9 @@ mod tests {
         let native = plan_region_with(&r, Strategy::Native, |_| Ok(()));
         assert_eq!(native.mode, ServeMode::NativeGuestMemfd);
         assert_eq!(native.native_fallback, None);
-        let fallback = plan_region_with(&r, Strategy::Native, |_| Err("EINVAL".into()));
+        let fallback = plan_region_with(&r, Strategy::Native, |_| {
+            Err(ProbeError::Other("EINVAL".into()))
+        });
         assert_eq!(fallback.mode, ServeMode::Staged(FinalBacking::GuestMemfd));
         assert_eq!(fallback.unit_size, 256 * MIB);
         assert_eq!(fallback.native_fallback.as_deref(), Some("EINVAL"));

@@ -23,9 +23,14 @@ fn ptr(addr: usize) -> *mut libc::c_void {
 
 /// `mmap(addr, len, RW, MAP_SHARED | MAP_FIXED, fd, offset)`: replace whatever is mapped at
 /// `[addr, addr + len)` with a shared mapping of `fd`.
-pub fn map_shared_fixed(addr: usize, len: usize, fd: RawFd, offset: u64) -> io::Result<()> {
-    // SAFETY: the caller owns the address range (it is one of the engine's region ranges, which
-    // the engine was handed to manage); MAP_FIXED replaces it atomically; the result is checked.
+///
+/// # Safety
+/// The caller must own `[addr, addr + len)`: no Rust reference into the range may be alive,
+/// and everything that uses the range (the guest, the engine) must expect its contents to
+/// become those of `fd` at `offset`.
+pub unsafe fn map_shared_fixed(addr: usize, len: usize, fd: RawFd, offset: u64) -> io::Result<()> {
+    // SAFETY: the caller owns the range (see above); MAP_FIXED replaces it atomically; the
+    // result is checked.
     let got = unsafe {
         libc::mmap(
             ptr(addr),
@@ -62,8 +67,11 @@ pub fn map_shared(len: usize, fd: RawFd, offset: u64) -> io::Result<usize> {
 }
 
 /// `munmap(addr, len)`.
-pub fn unmap(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the caller passes a mapping it created and no longer uses.
+///
+/// # Safety
+/// `[addr, addr + len)` must be a mapping the caller created and that nothing uses any more.
+pub unsafe fn unmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller.
     if unsafe { libc::munmap(ptr(addr), len) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -71,9 +79,14 @@ pub fn unmap(addr: usize, len: usize) -> io::Result<()> {
 }
 
 /// `madvise(addr, len, advice)`.
-pub fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
-    // SAFETY: madvise on a range the engine manages; DONTNEED on shared memory keeps the data
-    // in the page cache and COLLAPSE does not change contents; the result is checked.
+///
+/// # Safety
+/// `[addr, addr + len)` must be a range the caller manages, and `advice` must not change what
+/// a reader of the range sees in a way the caller does not expect (`MADV_DONTNEED` on a
+/// private anonymous mapping zeroes it; on shared memory the page cache keeps the data;
+/// `MADV_COLLAPSE` and `MADV_POPULATE_*` keep the contents).
+pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller; the result is checked.
     if unsafe { libc::madvise(ptr(addr), len, advice) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -128,31 +141,106 @@ pub unsafe fn write_page(dst: usize, data: &[u8; 4096]) {
 }
 
 /// The errno inside a userfaultfd crate error, if it carries one (the crate uses another nix
-/// version than the workspace, so compare raw numbers).
+/// version than the workspace, so compare raw numbers). The crate reports a `UFFDIO_COPY` that
+/// failed with EAGAIN as `PartiallyCopied`: that is EAGAIN too.
 pub fn uffd_errno(e: &userfaultfd::Error) -> Option<i32> {
     match e {
         userfaultfd::Error::SystemError(errno)
         | userfaultfd::Error::CopyFailed(errno)
         | userfaultfd::Error::ZeropageFailed(errno) => Some(*errno as i32),
+        userfaultfd::Error::PartiallyCopied(_) => Some(libc::EAGAIN),
         _ => None,
     }
 }
 
-/// Runs a userfaultfd ioctl (`UFFDIO_COPY`, `UFFDIO_CONTINUE`, `UFFDIO_ZEROPAGE`) again while
-/// it fails with EAGAIN: the address space is changing under userfaultfd (`mmap_changing`, e.g.
-/// an madvise, a remap or a fork in flight), nothing was done, and the kernel asks the caller
-/// to try again. Gives up after 10 000 tries (returning the EAGAIN) rather than spin forever.
-pub fn retry_eagain<T>(
-    mut op: impl FnMut() -> Result<T, userfaultfd::Error>,
-) -> Result<T, userfaultfd::Error> {
-    let mut result = op();
-    let mut tries = 0;
-    while matches!(&result, Err(e) if uffd_errno(e) == Some(libc::EAGAIN)) && tries < 10_000 {
-        tries += 1;
+/// Waits before the next try of an ioctl that said EAGAIN: a few yields, then sleeps growing
+/// from 10 us to 1 ms (the kernel clears `mmap_changing` once the thread changing the address
+/// space gets to run, which can take a scheduler tick on a busy machine).
+fn eagain_backoff(tries: u32) {
+    if tries < 16 {
         std::thread::yield_now();
-        result = op();
+    } else {
+        let us = (10u64 << ((tries - 16) / 4).min(7)).min(1000);
+        std::thread::sleep(std::time::Duration::from_micros(us));
     }
-    result
+}
+
+/// Runs a userfaultfd ioctl (`UFFDIO_CONTINUE`, `UFFDIO_ZEROPAGE`, `UFFDIO_WRITEPROTECT`, ...)
+/// again while it fails with EAGAIN: the address space is changing under userfaultfd
+/// (`mmap_changing`: an madvise, a remap or a fork in flight), nothing was done, and the kernel
+/// asks the caller to try again. EAGAIN is never a failure of its own: the ioctl is retried
+/// (with a backoff) until it gives another answer, or until `give_up()` says to stop (then
+/// the EAGAIN is returned). Returns the result and how many EAGAINs it saw. For
+/// `UFFDIO_COPY` use [`uffd_copy`], which also handles a partial copy.
+pub fn uffd_ioctl<T>(
+    mut op: impl FnMut() -> Result<T, userfaultfd::Error>,
+    give_up: impl Fn() -> bool,
+) -> (Result<T, userfaultfd::Error>, u32) {
+    let mut tries = 0u32;
+    loop {
+        match op() {
+            Err(e) if uffd_errno(&e) == Some(libc::EAGAIN) && !give_up() => {
+                tries = tries.saturating_add(1);
+                eagain_backoff(tries);
+            }
+            other => return (other, tries),
+        }
+    }
+}
+
+/// What [`uffd_copy`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// The bytes were copied in (and the waiters woken, if asked); `eagain`: how many times
+    /// the kernel said EAGAIN first.
+    Done { eagain: u32 },
+    /// A page was there already (EEXIST): nothing was written. The caller wakes the waiters.
+    Exists,
+}
+
+/// `UFFDIO_COPY` of `src` to `[dst, dst + src.len())`, EAGAIN-safe: on EAGAIN (the kernel
+/// copied `n` bytes, maybe none, and the address space is changing), the rest is copied again
+/// after a backoff, until it is all in, EEXIST says a page is there, another error, or
+/// `give_up()` (then the EAGAIN is returned).
+///
+/// # Safety
+/// `[dst, dst + src.len())` must be inside a range registered with `uffd` in MISSING mode,
+/// whose contents the caller owns (UFFDIO_COPY never replaces a present page: EEXIST).
+pub unsafe fn uffd_copy(
+    uffd: &userfaultfd::Uffd,
+    src: &[u8],
+    dst: usize,
+    wake: bool,
+    give_up: impl Fn() -> bool,
+) -> Result<Copied, userfaultfd::Error> {
+    let mut done = 0usize;
+    let mut tries = 0u32;
+    while done < src.len() {
+        // SAFETY: the caller guarantees the destination; `src[done..]` is a live buffer.
+        let rc = unsafe {
+            uffd.copy(
+                src[done..].as_ptr() as *const libc::c_void,
+                (dst + done) as *mut libc::c_void,
+                src.len() - done,
+                wake,
+            )
+        };
+        match rc {
+            // No error: the kernel copied everything asked.
+            Ok(_) => done = src.len(),
+            Err(userfaultfd::Error::PartiallyCopied(n)) if !give_up() => {
+                // `n` is the bytes copied, or a negative errno (-EAGAIN: none) cast to usize.
+                if n < src.len() - done {
+                    done += n;
+                }
+                tries = tries.saturating_add(1);
+                eagain_backoff(tries);
+            }
+            Err(e) if uffd_errno(&e) == Some(libc::EEXIST) => return Ok(Copied::Exists),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Copied::Done { eagain: tries })
 }
 
 /// While alive, the calling thread runs SCHED_FIFO (lowest real-time priority), so that on a

@@ -146,6 +146,11 @@ pub struct DestinationStats {
     /// The collapse method of each collapse, in order (e.g. "hugetlb-mmap", "madv-collapse",
     /// "native-hugetlb-none (...)").
     pub collapse_methods: Vec<String>,
+    /// Remote faults by phase ("uffd_to_read", "request_written", "source_reply",
+    /// "reply_read", "stored", "installed"): count and percentiles, microseconds.
+    pub fault_phase_us: migration::postcopy::FaultPhaseSummary,
+    /// Up to 200 remote faults above the p99 of the total, slowest first, with their phases.
+    pub slow_faults: Vec<migration::postcopy::SlowFault>,
 }
 
 /// How postcopy served one region (memslot).
@@ -765,6 +770,8 @@ fn destination_stats(
             .iter()
             .map(|r| r.method.to_string())
             .collect(),
+        fault_phase_us: e.fault_phase_us,
+        slow_faults: e.slow_faults,
     }
 }
 

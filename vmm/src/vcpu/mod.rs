@@ -1,8 +1,9 @@
 //! vCPUs: creation, boot state, the run loop on a thread of its own, and pause/resume.
 //!
 //! Each vCPU thread owns its `VcpuFd`. Other threads control it through a [`VcpuHandle`]:
-//! `pause()` sets the wanted state and kicks the thread out of `KVM_RUN` with a signal (resent
-//! until the thread confirms, since a signal that lands just before `KVM_RUN` is lost), and work
+//! `pause()` sets the wanted state and KVM's `immediate_exit` and kicks the thread out of
+//! `KVM_RUN` with one signal (a signal that lands just before `KVM_RUN` would be lost, but
+//! `immediate_exit` makes that `KVM_RUN` return at once, so one signal suffices), and work
 //! that needs the fd (saving or restoring state for migration) is sent to the paused thread as a
 //! job. A vCPU blocked in a userfault is not freed by the signal; it pauses once the fault is
 //! served, which is why the fault service must keep running while vCPUs are being paused.
@@ -187,9 +188,6 @@ impl Drop for Finished<'_> {
     }
 }
 
-/// How long a pause waits between kicks.
-const KICK_INTERVAL: Duration = Duration::from_millis(5);
-
 impl VcpuHandle {
     /// Starts the run loop of `fd` on a new thread. With `start_paused`, the vCPU waits for
     /// `resume()` before entering the guest (a migration destination restores state first).
@@ -287,10 +285,10 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits until the vCPU has parked after [`VcpuHandle::request_pause`]. The kick cannot be
-    /// lost (`immediate_exit` stops a KVM_RUN it arrives just before); a vCPU blocked in a
-    /// userfault parks once the fault is served. It is kicked again only every
-    /// [`KICK_INTERVAL`], as a safety net.
+    /// Waits until the vCPU has parked after [`VcpuHandle::request_pause`]. The one kick
+    /// cannot be lost: `immediate_exit` (set before it) stops a KVM_RUN it arrives just before,
+    /// and a signal that arrives while the thread is blocked in a userfault stays pending and
+    /// ends the KVM_RUN once the fault is served. So nothing is re-sent.
     pub fn wait_paused(&self) -> Result<(), VcpuError> {
         let mut c = self
             .shared
@@ -301,18 +299,8 @@ impl VcpuHandle {
             c = self
                 .shared
                 .cond
-                .wait_timeout(c, KICK_INTERVAL)
-                .map_err(|_| VcpuError::Gone(self.index))?
-                .0;
-            if !c.parked && !c.finished {
-                drop(c);
-                self.kick();
-                c = self
-                    .shared
-                    .ctl
-                    .lock()
-                    .map_err(|_| VcpuError::Gone(self.index))?;
-            }
+                .wait(c)
+                .map_err(|_| VcpuError::Gone(self.index))?;
         }
         Ok(())
     }
@@ -360,13 +348,15 @@ impl VcpuHandle {
             }
         }
         self.shared.cond.notify_all();
-        loop {
-            let done = self.shared.ctl.lock().map(|c| c.finished).unwrap_or(true);
-            if done {
-                break;
+        // One kick: `immediate_exit` is set, so it cannot be lost (see wait_paused).
+        self.kick();
+        if let Ok(mut c) = self.shared.ctl.lock() {
+            while !c.finished {
+                c = match self.shared.cond.wait(c) {
+                    Ok(c) => c,
+                    Err(_) => break,
+                };
             }
-            self.kick();
-            std::thread::sleep(KICK_INTERVAL);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
