@@ -2,6 +2,7 @@
 //! histogram files (`DIR/hist/<scenario>.<kind>.hdr.b64`: HdrHistogram V2, base64) that let
 //! runs be merged and compared later.
 
+use crate::guest_output::{DestinationStats, GuestOutput, PhaseStats, SlowFault};
 use crate::histogram::{self, HistogramError, LatencyHistogram, Percentiles, ShortSummary};
 use crate::probe::HostCheck;
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,9 @@ pub mod kind {
     /// samples, as many as the destination counted outage faults; never part of
     /// [`GUEST_FAULT`].
     pub const GUEST_OUTAGE_FAULT: &str = "guest_outage_fault";
+    /// The guest's stalls (inner-loop iterations over its stall threshold) in the destination
+    /// passes that overlapped postcopy: every hold-up, on any page (code, stack, page tables).
+    pub const GUEST_STALL: &str = "guest_stall";
 }
 
 /// Errors reading or writing results.
@@ -270,6 +274,207 @@ pub struct ScenarioResult {
     /// vCPU count (the same measure for every VMM).
     #[serde(default)]
     pub guest_blocktime_ms: Option<f64>,
+    /// The guest's view of every stall, us: the iterations of its inner loop (one page: timed
+    /// load, verification, maybe rewrite) that took longer than its stall threshold, in the
+    /// destination passes that overlapped postcopy (`guest_fault_passes`), all vCPUs. Unlike
+    /// `fault_us` it sees a fault on any page (code, stack, page tables, the generation
+    /// array), and host preemption too. Empty from guests that do not report stalls.
+    #[serde(default)]
+    pub guest_stall_us: Percentiles,
+    /// The stall threshold the guest states (`threshold=` of its stall lines), us.
+    #[serde(default)]
+    pub guest_stall_threshold_us: Option<f64>,
+    /// VMM-side blocked time per vCPU, ms, from userfaultfd's faulting thread ids (QEMU's
+    /// postcopy-vcpu-blocktime): ours from the stats file's `postcopy_vcpu_blocktime_ms`
+    /// (also in `vmm_vcpu_blocktime_ms`), QEMU's from `postcopy-vcpu-blocktime` (also in
+    /// `peer_vcpu_blocktime_ms`).
+    #[serde(default)]
+    pub blocktime_ms: Vec<f64>,
+    /// Raw TCP throughput on the same link with one spinning thread per guest vCPU beside the
+    /// sender (the honest limit while the guest runs), Gbit/s.
+    #[serde(default)]
+    pub raw_loaded_gbps: Option<f64>,
+    /// Per-fault phase timing from the destination (`fault_phase_us` of its stats file):
+    /// phase -> summary, us. Empty when the destination does not time phases. After a merge
+    /// of several runs: counts summed, mean count-weighted, max the largest, and p50..p99.9
+    /// the median of the runs' figures (the destination gives no histogram to merge).
+    #[serde(default)]
+    pub fault_phase_us: BTreeMap<String, PhaseStats>,
+    /// Which phase took the time in the faults above the p99 (the stats file's
+    /// `slow_faults`); absent when the destination listed none.
+    #[serde(default)]
+    pub fault_tail: Option<FaultTail>,
+}
+
+/// The faults above the p99 of the total, by phase: how much of their time each phase took,
+/// and how often each was the longest. Sums, so merging runs is exact (the union of each
+/// run's slow faults).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultTail {
+    /// Slow faults analysed.
+    pub faults: u64,
+    /// Their total time, us.
+    pub total_us: f64,
+    /// Per phase, the sum of its time over those faults, us.
+    pub phase_us: BTreeMap<String, f64>,
+    /// Per phase, in how many of those faults it was the longest phase.
+    pub dominant: BTreeMap<String, u64>,
+}
+
+impl FaultTail {
+    /// The tail of `slow` (None if empty).
+    pub fn of(slow: &[SlowFault]) -> Option<Self> {
+        if slow.is_empty() {
+            return None;
+        }
+        let mut t = FaultTail::default();
+        for f in slow {
+            t.faults += 1;
+            t.total_us += f.total_us;
+            for (phase, us) in &f.phases_us {
+                *t.phase_us.entry(phase.clone()).or_default() += us;
+            }
+            let longest = f
+                .phases_us
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(p, _)| p.clone());
+            if let Some(p) = longest {
+                *t.dominant.entry(p).or_default() += 1;
+            }
+        }
+        Some(t)
+    }
+
+    /// Adds another run's tail.
+    pub fn add(&mut self, other: &FaultTail) {
+        self.faults += other.faults;
+        self.total_us += other.total_us;
+        for (p, us) in &other.phase_us {
+            *self.phase_us.entry(p.clone()).or_default() += us;
+        }
+        for (p, n) in &other.dominant {
+            *self.dominant.entry(p.clone()).or_default() += n;
+        }
+    }
+
+    /// The share of the slow faults' total time `phase` took (0..1).
+    pub fn share(&self, phase: &str) -> f64 {
+        match self.phase_us.get(phase) {
+            Some(us) if self.total_us > 0.0 => us / self.total_us,
+            _ => 0.0,
+        }
+    }
+
+    /// The share of the total no phase accounts for (time between the phases' marks, or
+    /// phases the destination does not name), clamped at 0.
+    pub fn unaccounted(&self) -> f64 {
+        if self.total_us <= 0.0 {
+            return 0.0;
+        }
+        (1.0 - self.phase_us.values().sum::<f64>() / self.total_us).max(0.0)
+    }
+
+    /// The phase that was the longest most often, with its count.
+    pub fn most_dominant(&self) -> Option<(&str, u64)> {
+        self.dominant
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(p, n)| (p.as_str(), *n))
+    }
+}
+
+/// Records the guest's stalls of the destination passes `passes` (its per-pass `stall`
+/// histograms) in `r`: `guest_stall_us`, the threshold it states, and the histogram.
+/// Nothing when the guest printed no stall lines (an older workload).
+pub fn record_guest_stalls(
+    dir: &Path,
+    r: &mut ScenarioResult,
+    dst_out: &GuestOutput,
+    passes: &[u64],
+) -> Result<(), ResultsError> {
+    let hist_err = |source| ResultsError::Histogram {
+        path: hist_dir(dir),
+        source,
+    };
+    let stated = dst_out.hists_named("stall").find_map(|h| h.threshold);
+    let mut parts = Vec::new();
+    for h in dst_out
+        .pass_hists("stall")
+        .filter(|h| h.pass.is_some_and(|k| passes.contains(&k)))
+    {
+        parts.push(h.histogram().map_err(hist_err)?);
+    }
+    if stated.is_none() && parts.is_empty() {
+        return Ok(());
+    }
+    let stalls = histogram::merge(parts.iter()).map_err(hist_err)?;
+    r.guest_stall_threshold_us = stated.map(|ns| ns as f64 / 1e3);
+    r.guest_stall_us = Percentiles::us(&stalls);
+    save_histogram(dir, r, kind::GUEST_STALL, &stalls)
+}
+
+/// Records what the destination's stats file says about the vCPUs' blocked time and the
+/// faults' phases (`fault_phase_us`, `slow_faults`), when it says it.
+pub fn record_destination_timing(r: &mut ScenarioResult, st: &DestinationStats) {
+    r.vmm_vcpu_blocktime_ms = st.postcopy_vcpu_blocktime_ms.clone();
+    r.blocktime_ms = if st.postcopy_vcpu_blocktime_ms.is_empty() {
+        // QEMU's counter, when the peer ran (filled before the stats).
+        r.peer_vcpu_blocktime_ms.clone()
+    } else {
+        st.postcopy_vcpu_blocktime_ms.clone()
+    };
+    r.fault_phase_us = st.fault_phase_us.clone();
+    r.fault_tail = FaultTail::of(&st.slow_faults);
+}
+
+/// Median of some figures (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Merges the phase summaries of several runs: counts summed, mean count-weighted, max the
+/// largest, the percentiles the median of the runs' (see `ScenarioResult::fault_phase_us`).
+pub fn merge_phases<'a>(
+    runs: impl IntoIterator<Item = &'a BTreeMap<String, PhaseStats>>,
+) -> BTreeMap<String, PhaseStats> {
+    let mut by_phase: BTreeMap<String, Vec<PhaseStats>> = BTreeMap::new();
+    for run in runs {
+        for (p, st) in run {
+            by_phase.entry(p.clone()).or_default().push(*st);
+        }
+    }
+    by_phase
+        .into_iter()
+        .map(|(p, v)| {
+            let count: u64 = v.iter().map(|s| s.count).sum();
+            let mean = if count > 0 {
+                v.iter().map(|s| s.mean * s.count as f64).sum::<f64>() / count as f64
+            } else {
+                median(v.iter().map(|s| s.mean).collect())
+            };
+            let med = |f: fn(&PhaseStats) -> f64| median(v.iter().map(f).collect());
+            let st = PhaseStats {
+                count,
+                p50: med(|s| s.p50),
+                p90: med(|s| s.p90),
+                p99: med(|s| s.p99),
+                p999: med(|s| s.p999),
+                max: v.iter().map(|s| s.max).fold(0.0, f64::max),
+                mean,
+            };
+            (p, st)
+        })
+        .collect()
 }
 
 fn one() -> u32 {
@@ -349,6 +554,12 @@ impl ScenarioResult {
             vmm_vcpu_blocktime_ms: Vec::new(),
             vcpus: None,
             guest_blocktime_ms: None,
+            guest_stall_us: Percentiles::default(),
+            guest_stall_threshold_us: None,
+            blocktime_ms: Vec::new(),
+            raw_loaded_gbps: None,
+            fault_phase_us: BTreeMap::new(),
+            fault_tail: None,
         }
     }
 }
@@ -484,6 +695,9 @@ pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(
     if let Some(h) = load_histogram(dir, r, kind::GUEST_OUTAGE_FAULT)? {
         r.guest_outage_fault_us = Percentiles::us(&h);
     }
+    if let Some(h) = load_histogram(dir, r, kind::GUEST_STALL)? {
+        r.guest_stall_us = Percentiles::us(&h);
+    }
     Ok(())
 }
 
@@ -538,6 +752,27 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.throughput_gbps = pick(|s| s.throughput_gbps);
         m.overall_gbps = pick(|s| s.overall_gbps);
         m.raw_throughput_gbps = pick(|s| s.raw_throughput_gbps);
+        m.raw_loaded_gbps = pick(|s| s.raw_loaded_gbps);
+        m.guest_blocktime_ms = pick(|s| s.guest_blocktime_ms);
+        m.peer_blocktime_ms = pick(|s| s.peer_blocktime_ms);
+        let per_vcpu = |f: fn(&ScenarioResult) -> &Vec<f64>| -> Vec<f64> {
+            let n = ok.iter().map(|s| f(s).len()).max().unwrap_or(0);
+            (0..n)
+                .filter_map(|i| mean(ok.iter().map(|s| f(s).get(i).copied())))
+                .collect()
+        };
+        m.blocktime_ms = per_vcpu(|s| &s.blocktime_ms);
+        m.vmm_vcpu_blocktime_ms = per_vcpu(|s| &s.vmm_vcpu_blocktime_ms);
+        m.peer_vcpu_blocktime_ms = per_vcpu(|s| &s.peer_vcpu_blocktime_ms);
+        m.fault_phase_us = merge_phases(ok.iter().map(|s| &s.fault_phase_us));
+        m.fault_tail = ok.iter().filter_map(|s| s.fault_tail.as_ref()).fold(
+            None,
+            |acc: Option<FaultTail>, t| {
+                let mut acc = acc.unwrap_or_default();
+                acc.add(t);
+                Some(acc)
+            },
+        );
         m.peak_link_gbps = pick(|s| s.peak_link_gbps);
         m.paused_ms = pick(|s| s.paused_ms);
         m.dst_paused_ms = pick(|s| s.dst_paused_ms);
