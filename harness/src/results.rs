@@ -881,6 +881,12 @@ mod tests {
             "dst_paused_ms",
             "outage_fault_us",
             "guest_outage_fault_us",
+            "guest_stall_us",
+            "guest_stall_threshold_us",
+            "blocktime_ms",
+            "raw_loaded_gbps",
+            "fault_phase_us",
+            "fault_tail",
         ] {
             assert!(s.remove(k).is_some(), "{k} not written");
         }
@@ -892,6 +898,8 @@ mod tests {
             (None, None, None)
         );
         assert_eq!(s.outage_fault_us.count, 0);
+        assert_eq!((s.guest_stall_us.count, s.raw_loaded_gbps), (0, None));
+        assert!(s.blocktime_ms.is_empty() && s.fault_phase_us.is_empty());
     }
 
     #[test]
@@ -928,6 +936,131 @@ mod tests {
         // The normal fault distribution is untouched by the outage faults.
         assert_eq!(s.fault_us.count, 4);
         assert!(s.fault_us.max < 30.0, "{:?}", s.fault_us);
+    }
+
+    fn phases(p50: f64, max: f64, count: u64) -> BTreeMap<String, PhaseStats> {
+        let st = PhaseStats {
+            count,
+            p50,
+            p90: p50,
+            p99: p50 * 2.0,
+            p999: p50 * 3.0,
+            max,
+            mean: p50,
+        };
+        [("reply_read".to_string(), st)].into_iter().collect()
+    }
+
+    fn slow(total: f64, reply: f64, installed: f64) -> SlowFault {
+        SlowFault {
+            total_us: total,
+            phases_us: [
+                ("reply_read".to_string(), reply),
+                ("installed".to_string(), installed),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn merge_combines_stalls_blocktimes_loaded_raw_and_phases() {
+        let runs: Vec<tempfile::TempDir> = [
+            (10.0, 100.0, 100u64, 8.0, 2.0, 30_000u64),
+            (20.0, 900.0, 300, 9.0, 4.0, 800_000_000),
+            (40.0, 200.0, 100, 10.0, 6.0, 50_000),
+        ]
+        .iter()
+        .map(|&(p50, max, count, loaded, block, stall_ns)| {
+            let d = run_dir(&[10_000], 1.0);
+            let mut res = Results::load(d.path()).unwrap();
+            let r = &mut res.scenarios[0];
+            r.raw_loaded_gbps = Some(loaded);
+            r.blocktime_ms = vec![block, block * 10.0];
+            r.fault_phase_us = phases(p50, max, count);
+            r.fault_tail = FaultTail::of(&[slow(500.0, 400.0, 50.0), slow(300.0, 20.0, 250.0)]);
+            r.guest_stall_threshold_us = Some(20.0);
+            let h = histogram::from_samples(&[25_000, stall_ns]).unwrap();
+            r.guest_stall_us = Percentiles::us(&h);
+            save_histogram(d.path(), r, kind::GUEST_STALL, &h).unwrap();
+            res.save(d.path()).unwrap();
+            d
+        })
+        .collect();
+        let out = tempfile::tempdir().unwrap();
+        let inputs: Vec<PathBuf> = runs.iter().map(|d| d.path().to_path_buf()).collect();
+        let m = merge_dirs(&inputs, out.path()).unwrap();
+        let s = &m.scenarios[0];
+        assert_eq!(s.raw_loaded_gbps, Some(9.0));
+        assert_eq!(s.blocktime_ms, vec![4.0, 40.0]);
+        // Stalls: the histograms are added (6 stalls, the 800 ms one is the max).
+        assert_eq!(s.guest_stall_us.count, 6);
+        assert!(s.guest_stall_us.max > 790_000.0, "{:?}", s.guest_stall_us);
+        assert_eq!(s.guest_stall_threshold_us, Some(20.0));
+        // Phases: counts summed, max the largest, p50 the median of the runs', mean weighted.
+        let p = s.fault_phase_us["reply_read"];
+        assert_eq!((p.count, p.max, p.p50), (500, 900.0, 20.0));
+        assert!(
+            (p.mean - (1000.0 + 6000.0 + 4000.0) / 500.0).abs() < 1e-9,
+            "{p:?}"
+        );
+        // The tail pools every run's slow faults.
+        let t = s.fault_tail.as_ref().unwrap();
+        assert_eq!(t.faults, 6);
+        assert_eq!(t.total_us, 2400.0);
+        assert_eq!(t.dominant["reply_read"], 3);
+        assert_eq!(t.dominant["installed"], 3);
+        assert!((t.share("reply_read") - 1260.0 / 2400.0).abs() < 1e-9);
+        assert!((t.unaccounted() - 240.0 / 2400.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn guest_stalls_come_from_the_postcopy_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let out = GuestOutput::parse(
+            "WORKLOAD pass n=2 pages=10 mismatches=0 elapsed_ms=900 slow_accesses=1\n\
+             WORKLOAD HIST name=stall pass=2 unit=ns sub=32 threshold=20000 buckets=753000000:1,24576:4\n\
+             WORKLOAD pass n=3 pages=10 mismatches=0 elapsed_ms=10 slow_accesses=0\n\
+             WORKLOAD HIST name=stall pass=3 unit=ns sub=32 threshold=20000 buckets=30720:2\n\
+             WORKLOAD HIST name=stall unit=ns sub=32 threshold=20000 buckets=24576:4,30720:2,753000000:1\n",
+        );
+        let mut r = ScenarioResult::new("s", "hugetlb-1g", "huge", "loopback", "random");
+        record_guest_stalls(d.path(), &mut r, &out, &[2]).unwrap();
+        assert_eq!(r.guest_stall_us.count, 5);
+        assert!(r.guest_stall_us.max > 750_000.0, "{:?}", r.guest_stall_us);
+        assert_eq!(r.guest_stall_threshold_us, Some(20.0));
+        assert!(r.histograms.contains_key(kind::GUEST_STALL));
+        // An older guest without stall lines leaves the fields empty.
+        let mut old = ScenarioResult::new("o", "shmem", "4k-staged", "loopback", "random");
+        record_guest_stalls(d.path(), &mut old, &GuestOutput::default(), &[2]).unwrap();
+        assert_eq!(
+            (old.guest_stall_us.count, old.guest_stall_threshold_us),
+            (0, None)
+        );
+        assert!(!old.histograms.contains_key(kind::GUEST_STALL));
+    }
+
+    #[test]
+    fn destination_timing_is_recorded_when_present() {
+        let st = DestinationStats::parse(
+            r#"{"postcopy_vcpu_blocktime_ms":[12.5],"fault_phase_us":{"stored":{"count":3,"p50":1.0,"p90":1.0,"p99":2.0,"p999":2.0,"max":2.0,"mean":1.2}},"slow_faults":[{"total_us":900.0,"phases_us":{"stored":2.0,"reply_read":800.0}}]}"#,
+        )
+        .unwrap();
+        let mut r = ScenarioResult::new("s", "shmem", "4k-staged", "loopback", "random");
+        record_destination_timing(&mut r, &st);
+        assert_eq!(r.blocktime_ms, vec![12.5]);
+        assert_eq!(r.vmm_vcpu_blocktime_ms, vec![12.5]);
+        assert_eq!(r.fault_phase_us["stored"].count, 3);
+        assert_eq!(
+            r.fault_tail.as_ref().unwrap().most_dominant(),
+            Some(("reply_read", 1))
+        );
+        // Older destinations (and QEMU, whose blocktime comes from query-migrate) give none.
+        let mut q = ScenarioResult::new("q", "shmem", "qemu", "loopback", "random");
+        q.peer_vcpu_blocktime_ms = vec![41.0];
+        record_destination_timing(&mut q, &DestinationStats::default());
+        assert_eq!(q.blocktime_ms, vec![41.0]);
+        assert!(q.fault_phase_us.is_empty() && q.fault_tail.is_none());
     }
 
     #[test]
