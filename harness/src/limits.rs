@@ -528,7 +528,15 @@ struct FaultLimitJson {
     measured_backing: String,
     service: String,
     guest_buckets_ns: Vec<(u64, u64)>,
+    /// The guest's bucket scheme (absent from older VMMs, which read only guests of the
+    /// legacy scheme).
+    #[serde(default = "legacy_sub_buckets")]
+    guest_sub_buckets: u64,
     vmm_histogram_ns: Vec<(u64, u64)>,
+}
+
+fn legacy_sub_buckets() -> u64 {
+    histogram::LEGACY_GUEST_SUB_BUCKETS
 }
 
 /// (d) Runs `VMM fault-limit --kernel KERNEL --backing B --memory M --vcpus N --json` (killed
@@ -603,7 +611,7 @@ pub fn vcpu_fault_limit(
         .map_err(|e| fail(format!("reading {}: {e}", save_to.display())))?;
     let j: FaultLimitJson = serde_json::from_str(text.trim())
         .map_err(|e| fail(format!("its JSON output does not parse: {e}")))?;
-    let guest = histogram::from_buckets(&j.guest_buckets_ns)?;
+    let guest = histogram::from_guest_buckets(&j.guest_buckets_ns, j.guest_sub_buckets)?;
     let mut vmm_h = histogram::new_histogram()?;
     for (v, n) in j.vmm_histogram_ns {
         vmm_h.saturating_record_n(v.max(1), n);
