@@ -1233,20 +1233,25 @@ pub fn compare(a: &Results, b: &Results) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| scenario | p50 A | p50 B | B/A | p99 A | p99 B | B/A | blackout A | blackout B | Gbit/s A | Gbit/s B |"
+        "| scenario | p50 A | p50 B | B/A | p99 A | p99 B | B/A | blackout A | blackout B | Gbit/s A | Gbit/s B | \
+         VMM p99 A | VMM p99 B | B/A | stall p99 A | stall p99 B | of raw loaded A | of raw loaded B |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
+    let of_loaded = |s: &ScenarioResult| match (s.throughput_gbps, s.raw_loaded_gbps) {
+        (Some(t), Some(raw)) if raw > 0.0 => format!("{:.0}%", t / raw * 100.0),
+        _ => "-".into(),
+    };
     for sa in &a.scenarios {
         let Some(sb) = b.scenarios.iter().find(|s| s.name == sa.name) else {
-            let _ = writeln!(md, "| {} | (only in A) |||||||||", sa.name);
+            let _ = writeln!(md, "| {} | (only in A) ||||||||||||||||", sa.name);
             continue;
         };
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {} |",
             sa.name,
             sa.fault_us.p50,
             sb.fault_us.p50,
@@ -1257,7 +1262,14 @@ pub fn compare(a: &Results, b: &Results) -> String {
             opt(sa.blackout_ms, 2),
             opt(sb.blackout_ms, 2),
             opt(sa.throughput_gbps, 2),
-            opt(sb.throughput_gbps, 2)
+            opt(sb.throughput_gbps, 2),
+            sa.vmm_fault_us.p99,
+            sb.vmm_fault_us.p99,
+            ratio(sb.vmm_fault_us.p99, sa.vmm_fault_us.p99),
+            sa.guest_stall_us.p99,
+            sb.guest_stall_us.p99,
+            of_loaded(sa),
+            of_loaded(sb)
         );
     }
     for sb in b
@@ -1265,7 +1277,7 @@ pub fn compare(a: &Results, b: &Results) -> String {
         .iter()
         .filter(|sb| !a.scenarios.iter().any(|s| s.name == sb.name))
     {
-        let _ = writeln!(md, "| {} | (only in B) |||||||||", sb.name);
+        let _ = writeln!(md, "| {} | (only in B) ||||||||||||||||", sb.name);
     }
     // Scenarios with a link fault, in both runs: the recovery figures.
     let pairs: Vec<(&ScenarioResult, &ScenarioResult)> = a
