@@ -1,7 +1,8 @@
 //! Parsers for what the processes under test print: the workload guest's console lines, the
 //! source's `vmm migrate --json` summary, and the destination's `--stats-json` file.
 
-use serde::{Deserialize, Serialize};
+use crate::histogram;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
 /// Errors from parsing process output.
@@ -42,6 +43,10 @@ pub struct WorkloadStart {
     pub seed: u64,
     /// 0 when the VMM gave none (times are then in TSC cycles).
     pub tsc_khz: u64,
+    /// The guest's stall threshold (`stall_threshold_ns`), absent from older guests and in
+    /// cycle units.
+    #[serde(default)]
+    pub stall_threshold_ns: Option<u64>,
 }
 
 /// `WORKLOAD pass ...`
@@ -76,6 +81,25 @@ pub struct GuestHist {
     pub pass: Option<u64>,
     /// How many `WORKLOAD pass` lines preceded this line in the same output.
     pub after_passes: usize,
+    /// The bucket scheme: sub-buckets per power of two (`sub=`; guests that do not state it
+    /// use [`histogram::LEGACY_GUEST_SUB_BUCKETS`]).
+    #[serde(default = "legacy_sub_buckets")]
+    pub sub_buckets: u64,
+    /// `threshold=`: the value the histogram starts at (slow accesses, stalls), if stated.
+    #[serde(default)]
+    pub threshold: Option<u64>,
+}
+
+fn legacy_sub_buckets() -> u64 {
+    histogram::LEGACY_GUEST_SUB_BUCKETS
+}
+
+impl GuestHist {
+    /// The histogram (each bucket at its midpoint, in the line's unit), decoded with the
+    /// scheme the line states.
+    pub fn histogram(&self) -> Result<histogram::LatencyHistogram, histogram::HistogramError> {
+        histogram::from_guest_buckets(&self.buckets, self.sub_buckets)
+    }
 }
 
 /// `WORKLOAD RESULT ...`
@@ -90,6 +114,12 @@ pub struct WorkloadResult {
     pub ft_p50_ns: u64,
     pub ft_p99_ns: u64,
     pub ft_max_ns: u64,
+    /// Stalls of the whole run (iterations over the stall threshold) and the longest, ns;
+    /// 0 from older guests.
+    #[serde(default)]
+    pub stall_count: u64,
+    #[serde(default)]
+    pub stall_max_ns: u64,
 }
 
 /// Everything recognised in one process's console output, in order of appearance.
@@ -168,6 +198,14 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A numeric field that may be absent.
+    fn opt_num(&self, field: &'static str) -> Result<Option<u64>, ParseError> {
+        self.map
+            .get(field)
+            .map(|v| parse_u64(v).ok_or_else(|| self.bad(field, v)))
+            .transpose()
+    }
+
     fn num(&self, field: &'static str) -> Result<u64, ParseError> {
         let v = self.str(field)?;
         parse_u64(v).ok_or_else(|| self.bad(field, v))
@@ -204,6 +242,7 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseErr
                 passes: f.num("passes")?,
                 seed: f.num("seed")?,
                 tsc_khz: f.num_or_zero("tsc_khz")?,
+                stall_threshold_ns: f.opt_num("stall_threshold_ns")?,
             })
         }
         "pass" => {
@@ -240,12 +279,14 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseErr
                 name: f.str("name")?.to_string(),
                 unit: f.str("unit")?.to_string(),
                 buckets,
-                pass: f
-                    .map
-                    .contains_key("pass")
-                    .then(|| f.num("pass"))
-                    .transpose()?,
+                pass: f.opt_num("pass")?,
                 after_passes: 0,
+                sub_buckets: match f.opt_num("sub")? {
+                    Some(0) => return Err(f.bad("sub", "0")),
+                    Some(n) => n,
+                    None => histogram::LEGACY_GUEST_SUB_BUCKETS,
+                },
+                threshold: f.opt_num("threshold")?,
             })
         }
         "RESULT" => {
@@ -265,6 +306,8 @@ pub fn parse_line(line: usize, text: &str) -> Result<Option<GuestLine>, ParseErr
                 ft_p50_ns: f.num_or_zero("ft_p50_ns")?,
                 ft_p99_ns: f.num_or_zero("ft_p99_ns")?,
                 ft_max_ns: f.num_or_zero("ft_max_ns")?,
+                stall_count: f.num_or_zero("stall_count")?,
+                stall_max_ns: f.num_or_zero("stall_max_ns")?,
             })
         }
         _ => return Ok(None),
@@ -365,10 +408,6 @@ pub struct DestinationStats {
     /// VMM-side latency of each fault (fault read to CONTINUE done), in ns.
     #[serde(default)]
     pub fault_ns: Vec<u64>,
-    /// Optional: when each fault of `fault_ns` was read, ns since the destination started
-    /// the vCPUs. Without it the latency-over-time plot uses the fault's sequence number.
-    #[serde(default)]
-    pub fault_at_ns: Vec<u64>,
     /// VMM-side latency of the faults whose page fetch failed at least once because the link
     /// was down (they waited through a postcopy-paused outage), ns. Not in `fault_ns`.
     #[serde(default)]
@@ -386,8 +425,65 @@ pub struct DestinationStats {
     /// The time every vCPU was blocked at once, ms.
     #[serde(default)]
     pub postcopy_blocktime_ms: Option<f64>,
+    /// Per-fault phase timing: phase name (see [`FAULT_PHASES`]) -> summary, us. Absent from
+    /// destinations that do not time phases (older VMMs, QEMU).
+    #[serde(default)]
+    pub fault_phase_us: BTreeMap<String, PhaseStats>,
+    /// The faults above the p99 of the total (at most 200), each with its phases, us.
+    #[serde(default)]
+    pub slow_faults: Vec<SlowFault>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// The phases of one remote fault, in order (the destination's `fault_phase_us` keys):
+/// uffd event to read; request written; the source's receive-to-reply time (echoed in the
+/// reply); reply read; stored; CONTINUE/COPY done.
+pub const FAULT_PHASES: [&str; 6] = [
+    "uffd_to_read",
+    "request_written",
+    "source_reply",
+    "reply_read",
+    "stored",
+    "installed",
+];
+
+/// Summary of one fault phase as the destination reports it, us. The destination gives only
+/// these figures (no histogram), so runs can only be merged figure by figure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseStats {
+    #[serde(default, deserialize_with = "count_of")]
+    pub count: u64,
+    #[serde(default)]
+    pub p50: f64,
+    #[serde(default)]
+    pub p90: f64,
+    #[serde(default)]
+    pub p99: f64,
+    #[serde(default)]
+    pub p999: f64,
+    #[serde(default)]
+    pub max: f64,
+    #[serde(default)]
+    pub mean: f64,
+}
+
+/// A count written as an integer or a float.
+fn count_of<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v.round() as u64)
+    } else {
+        Err(serde::de::Error::custom(format!("bad count {v}")))
+    }
+}
+
+/// One fault above the p99 of the total: its total and each phase, us.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlowFault {
+    pub total_us: f64,
+    #[serde(default)]
+    pub phases_us: BTreeMap<String, f64>,
 }
 
 /// Finds the JSON object in a process's stdout: the whole text if it is one object, else the
@@ -512,7 +608,7 @@ WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50
         assert_eq!(s.fault_ns, vec![20_000, 30_000, 25_000]);
         assert_eq!(s.collapse_stall_ns, vec![400_000]);
         assert_eq!(s.staging_peak_bytes, Some(12288));
-        assert!(s.fault_at_ns.is_empty());
+        assert!(s.fault_phase_us.is_empty() && s.slow_faults.is_empty());
         assert!(s.outage_fault_ns.is_empty());
         assert_eq!((s.recoveries, s.paused_ms), (None, None));
         assert_eq!((m.recoveries, m.paused_ms), (None, None));
@@ -533,5 +629,76 @@ WORKLOAD RESULT status=fail passes=2 pages=65536 mismatches=1 ft_count=15 ft_p50
         assert_eq!(s.outage_fault_ns, vec![900_000_000, 950_000_000]);
         assert_eq!((s.recoveries, s.paused_ms), (Some(1), Some(998.0)));
         assert!(!s.extra.contains_key("outage_fault_ns"));
+    }
+
+    #[test]
+    fn parses_fault_phase_timing() {
+        let s = DestinationStats::parse(
+            r#"{"faults_served":1000,"fault_ns":[20000],
+            "fault_phase_us":{
+              "uffd_to_read":{"count":1000,"p50":1.5,"p90":3.0,"p99":9.0,"p999":40.0,"max":55.0,"mean":2.1},
+              "request_written":{"count":1000.0,"p50":2.0,"p90":2.5,"p99":4.0,"p999":8.0,"max":9.0,"mean":2.2},
+              "source_reply":{"count":1000,"p50":12.0,"p90":20.0,"p99":90.0,"p999":400.0,"max":700.0,"mean":15.0},
+              "reply_read":{"count":1000,"p50":30.0,"p90":45.0,"p99":300.0,"p999":900.0,"max":1200.0,"mean":35.0},
+              "stored":{"count":1000,"p50":1.0,"p90":1.2,"p99":2.0,"p999":3.0,"max":4.0,"mean":1.05},
+              "installed":{"count":1000,"p50":3.0,"p90":4.0,"p99":8.0,"p999":30.0,"max":3000.0,"mean":3.3}},
+            "slow_faults":[
+              {"total_us":1500.0,"phases_us":{"uffd_to_read":2.0,"request_written":2.0,"source_reply":50.0,"reply_read":1400.0,"stored":1.0,"installed":45.0}},
+              {"total_us":3100.0,"phases_us":{"uffd_to_read":1.0,"request_written":2.0,"source_reply":20.0,"reply_read":70.0,"stored":1.0,"installed":3000.0}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.fault_phase_us.len(), 6);
+        for p in FAULT_PHASES {
+            assert_eq!(s.fault_phase_us[p].count, 1000, "{p}");
+        }
+        assert_eq!(s.fault_phase_us["reply_read"].p99, 300.0);
+        assert_eq!(s.fault_phase_us["uffd_to_read"].mean, 2.1);
+        assert_eq!(s.slow_faults.len(), 2);
+        assert_eq!(s.slow_faults[1].phases_us["installed"], 3000.0);
+        assert!(!s.extra.contains_key("fault_phase_us"));
+        // A negative count is not a count.
+        assert!(
+            DestinationStats::parse(r#"{"fault_phase_us":{"stored":{"count":-1,"p50":1.0}}}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn reads_the_bucket_scheme_and_threshold_of_a_hist_line() {
+        let Some(GuestLine::Hist(h)) = parse_line(
+            1,
+            "WORKLOAD HIST name=stall pass=3 unit=ns sub=32 threshold=20000 buckets=19968:2,1048576:1",
+        )
+        .unwrap() else {
+            panic!("not a HIST line");
+        };
+        assert_eq!(
+            (h.sub_buckets, h.threshold, h.pass),
+            (32, Some(20_000), Some(3))
+        );
+        let hist = h.histogram().unwrap();
+        assert_eq!(hist.len(), 3);
+        // 1048576 is in a bucket 32768 wide (32 per power of two): midpoint 1064960.
+        assert_eq!(hist.max(), hist.highest_equivalent(1_048_576 + 16_384));
+        // Without `sub=` the line is of the older 8-per-power-of-two scheme.
+        let Some(GuestLine::Hist(old)) = parse_line(
+            1,
+            "WORKLOAD HIST name=access_slow unit=ns buckets=1048576:1",
+        )
+        .unwrap() else {
+            panic!("not a HIST line");
+        };
+        assert_eq!((old.sub_buckets, old.threshold), (8, None));
+        let o = old.histogram().unwrap();
+        assert_eq!(o.max(), o.highest_equivalent(1_048_576 + 65_536));
+        assert!(parse_line(1, "WORKLOAD HIST name=a unit=ns sub=0 buckets=1:1").is_err());
+        let Some(GuestLine::Start(st)) = parse_line(
+            1,
+            "WORKLOAD start vcpus=1 span_bytes=4096 pages=1 pattern=random writes=100 passes=2 seed=1 tsc_khz=1 stall_threshold_ns=20000",
+        )
+        .unwrap() else {
+            panic!("not a start line");
+        };
+        assert_eq!(st.stall_threshold_ns, Some(20_000));
     }
 }

@@ -238,28 +238,52 @@ pub fn from_base64(text: &str) -> Result<LatencyHistogram, HistogramError> {
     from_v2_bytes(&bytes)
 }
 
-/// Width of the workload guest's log-linear histogram bucket whose lower bound is `lo`: values
-/// below 8 have a bucket each, then every power of two is split into 8 equal buckets.
-pub fn guest_bucket_width(lo: u64) -> u64 {
-    if lo < 8 {
+/// Sub-buckets per power of two of the workload guest's log-linear histograms
+/// (`guest-images/workload/src/hist.rs`: `1 << SUB_BITS`; a test here reads it from there).
+/// The guest states it on every `WORKLOAD HIST` line (`sub=32`).
+pub const GUEST_SUB_BUCKETS: u64 = 32;
+/// The scheme of guests that print no `sub=` (before it was stated): 8 per power of two.
+pub const LEGACY_GUEST_SUB_BUCKETS: u64 = 8;
+
+/// Width of the bucket whose lower bound is `lo` in the guest's log-linear scheme with `sub`
+/// sub-buckets per power of two (a power of two itself): values below `sub` have a bucket
+/// each, then every power of two is split into `sub` equal buckets.
+pub fn guest_bucket_width_in(lo: u64, sub: u64) -> u64 {
+    let sub = sub.max(1).next_power_of_two();
+    if lo < sub {
         1
     } else {
-        let k = 63 - lo.leading_zeros();
-        1u64 << (k - 3)
+        let e = 63 - lo.leading_zeros();
+        1u64 << (e - sub.trailing_zeros())
     }
 }
 
+/// [`guest_bucket_width_in`] of the current scheme ([`GUEST_SUB_BUCKETS`]).
+pub fn guest_bucket_width(lo: u64) -> u64 {
+    guest_bucket_width_in(lo, GUEST_SUB_BUCKETS)
+}
+
 /// Builds a histogram from the workload guest's bucketed histogram (`(lower bound, count)`
-/// pairs; only non-empty buckets are listed). Each bucket's samples are recorded at the
-/// bucket's midpoint ([`guest_bucket_width`]), so a percentile read from the result is off by
-/// at most half a bucket width (1/16 of the value, about 6%).
+/// pairs; only non-empty buckets are listed) in the current scheme ([`GUEST_SUB_BUCKETS`]).
+/// See [`from_guest_buckets`].
 pub fn from_buckets(buckets: &[(u64, u64)]) -> Result<LatencyHistogram, HistogramError> {
+    from_guest_buckets(buckets, GUEST_SUB_BUCKETS)
+}
+
+/// Builds a histogram from guest buckets of the scheme with `sub` sub-buckets per power of
+/// two. Each bucket's samples are recorded at the bucket's midpoint
+/// ([`guest_bucket_width_in`]), so a percentile read from the result is off by at most half a
+/// bucket width: 1/(2*sub) of the value (1.6% with 32, 6% with the legacy 8).
+pub fn from_guest_buckets(
+    buckets: &[(u64, u64)],
+    sub: u64,
+) -> Result<LatencyHistogram, HistogramError> {
     let mut h = new_histogram()?;
     for &(lo, count) in buckets {
         if count == 0 {
             continue;
         }
-        let v = lo.saturating_add(guest_bucket_width(lo) / 2);
+        let v = lo.saturating_add(guest_bucket_width_in(lo, sub) / 2);
         h.saturating_record_n(v.max(1), count);
     }
     Ok(h)
@@ -319,15 +343,75 @@ mod tests {
 
     #[test]
     fn buckets_are_recorded_at_midpoints() {
-        assert_eq!(guest_bucket_width(5), 1);
-        assert_eq!(guest_bucket_width(8), 1);
-        assert_eq!(guest_bucket_width(16), 2);
-        assert_eq!(guest_bucket_width(1024), 128);
-        assert_eq!(guest_bucket_width(1920), 128);
-        let h = from_buckets(&[(1024, 3), (2048, 0), (4096, 1)]).unwrap();
+        // The legacy scheme: 8 per power of two.
+        let w = |lo| guest_bucket_width_in(lo, LEGACY_GUEST_SUB_BUCKETS);
+        assert_eq!((w(5), w(8), w(16), w(1024), w(1920)), (1, 1, 2, 128, 128));
+        let h = from_guest_buckets(&[(1024, 3), (2048, 0), (4096, 1)], 8).unwrap();
         assert_eq!(h.len(), 4);
         assert_eq!(h.value_at_quantile(0.5), h.lowest_equivalent(1088));
         assert_eq!(h.max(), h.highest_equivalent(4096 + 256));
+        // The current scheme: 32 per power of two.
+        assert_eq!(guest_bucket_width(31), 1);
+        assert_eq!(guest_bucket_width(32), 1);
+        assert_eq!(guest_bucket_width(64), 2);
+        assert_eq!(guest_bucket_width(1024), 32);
+        assert_eq!(guest_bucket_width(2016), 32);
+        let h = from_buckets(&[(1024, 3), (4096, 1)]).unwrap();
+        assert_eq!(h.value_at_quantile(0.5), h.lowest_equivalent(1024 + 16));
+        assert_eq!(h.max(), h.highest_equivalent(4096 + 64));
+    }
+
+    /// The guest's bucket index and lower bound (`guest-images/workload/src/hist.rs`), written
+    /// again from its description, for `sub_bits`.
+    fn guest_bucket(v: u64, sub_bits: u32) -> u64 {
+        let sub = 1u64 << sub_bits;
+        if v < sub {
+            return v;
+        }
+        let shift = u64::from(63 - v.leading_zeros() - sub_bits);
+        sub + shift * sub + ((v >> shift) & (sub - 1))
+    }
+
+    fn guest_lower_bound(i: u64, sub_bits: u32) -> u64 {
+        let sub = 1u64 << sub_bits;
+        if i < sub {
+            return i;
+        }
+        (sub + (i - sub) % sub) << ((i - sub) / sub)
+    }
+
+    #[test]
+    fn the_guest_and_the_harness_agree_on_the_bucket_scheme() {
+        // The guest's constant, read from its source: the scheme is defined there once.
+        let src = include_str!("../../guest-images/workload/src/hist.rs");
+        let line = src
+            .lines()
+            .find(|l| l.starts_with("pub const SUB_BITS: u32 = "))
+            .expect("hist.rs defines SUB_BITS");
+        let bits: u32 = line
+            .trim_start_matches("pub const SUB_BITS: u32 = ")
+            .trim_end_matches(';')
+            .parse()
+            .expect("SUB_BITS is a number");
+        assert_eq!(1u64 << bits, GUEST_SUB_BUCKETS, "guest hist.rs: {line}");
+        // Every bucket's width is the distance to the next lower bound, and every value falls
+        // in the bucket [lo, lo + width) that the harness decodes, for both schemes.
+        for (bits, sub) in [(bits, GUEST_SUB_BUCKETS), (3, LEGACY_GUEST_SUB_BUCKETS)] {
+            for i in 0..(sub + 40 * sub) {
+                let lo = guest_lower_bound(i, bits);
+                let next = guest_lower_bound(i + 1, bits);
+                assert_eq!(
+                    guest_bucket_width_in(lo, sub),
+                    next - lo,
+                    "bucket {i} lo {lo}"
+                );
+                assert_eq!(guest_bucket(lo, bits), i);
+                assert_eq!(guest_bucket(next - 1, bits), i);
+            }
+            // Relative width: at most 1/sub above the exact range.
+            let lo = guest_lower_bound(sub + 20 * sub, bits);
+            assert!(guest_bucket_width_in(lo, sub) as f64 / lo as f64 <= 1.0 / sub as f64);
+        }
     }
 
     #[test]

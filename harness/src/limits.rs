@@ -461,22 +461,79 @@ pub fn tcp_throughput(addr: SocketAddr, duration: Duration) -> Result<f64, Limit
     Ok(u64::from_le_bytes(count) as f64 * 8.0 / secs / 1e9)
 }
 
+/// Busy CPUs while alive: `n` threads that spin at normal priority (nice 0), as the guest's
+/// vCPUs do during a migration (they never halt), so they compete with the sender for the
+/// CPUs instead of yielding like [`KeepAwake`].
+pub struct Spinners {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Spinners {
+    /// Starts `n` spinning threads.
+    pub fn start(n: u32) -> Result<Self, LimitError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut sp = Spinners {
+            stop: Arc::clone(&stop),
+            threads: Vec::new(),
+        };
+        for i in 0..n {
+            let stop = Arc::clone(&stop);
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu-spinner-{i}"))
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+                .map_err(os("spawning a vCPU spinner thread"))?;
+            sp.threads.push(t);
+        }
+        Ok(sp)
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// (c') Raw TCP throughput as in [`tcp_throughput`], with one spinning thread per guest vCPU
+/// ([`Spinners`]) running beside it: the honest limit of the bulk push while the guest runs.
+pub fn tcp_throughput_loaded(
+    addr: SocketAddr,
+    duration: Duration,
+    vcpus: u32,
+) -> Result<f64, LimitError> {
+    let _spin = Spinners::start(vcpus)?;
+    tcp_throughput(addr, duration)
+}
+
 /// The limits of one link.
 #[derive(Clone, Debug)]
 pub struct LinkLimits {
     pub tcp_rtt: LatencyHistogram,
     pub throughput_gbps: f64,
+    /// (c') with `vcpus` spinning threads beside the sender.
+    pub loaded_throughput_gbps: f64,
 }
 
-/// (b) and (c) against a running [`EchoServer`] at `addr`.
+/// (b), (c) and (c') against a running [`EchoServer`] at `addr`; `vcpus` is the guest's vCPU
+/// count (the spinning threads of (c')).
 pub fn measure_link(
     addr: SocketAddr,
     rtt_samples: usize,
     throughput_for: Duration,
+    vcpus: u32,
 ) -> Result<LinkLimits, LimitError> {
     Ok(LinkLimits {
         tcp_rtt: tcp_round_trip(addr, rtt_samples)?,
         throughput_gbps: tcp_throughput(addr, throughput_for)?,
+        loaded_throughput_gbps: tcp_throughput_loaded(addr, throughput_for, vcpus)?,
     })
 }
 
@@ -513,7 +570,15 @@ struct FaultLimitJson {
     measured_backing: String,
     service: String,
     guest_buckets_ns: Vec<(u64, u64)>,
+    /// The guest's bucket scheme (absent from older VMMs, which read only guests of the
+    /// legacy scheme).
+    #[serde(default = "legacy_sub_buckets")]
+    guest_sub_buckets: u64,
     vmm_histogram_ns: Vec<(u64, u64)>,
+}
+
+fn legacy_sub_buckets() -> u64 {
+    histogram::LEGACY_GUEST_SUB_BUCKETS
 }
 
 /// (d) Runs `VMM fault-limit --kernel KERNEL --backing B --memory M --vcpus N --json` (killed
@@ -603,7 +668,7 @@ pub fn vcpu_fault_limit(
     })?;
     let j: FaultLimitJson =
         serde_json::from_str(text.trim()).map_err(|e| fail(FaultLimitFailure::Json(e)))?;
-    let guest = histogram::from_buckets(&j.guest_buckets_ns)?;
+    let guest = histogram::from_guest_buckets(&j.guest_buckets_ns, j.guest_sub_buckets)?;
     let mut vmm_h = histogram::new_histogram()?;
     for (v, n) in j.vmm_histogram_ns {
         vmm_h.saturating_record_n(v.max(1), n);
@@ -639,9 +704,14 @@ mod tests {
     #[test]
     fn loopback_round_trip_and_throughput() {
         let server = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
-        let l = measure_link(server.addr(), 200, Duration::from_millis(300)).unwrap();
+        let l = measure_link(server.addr(), 200, Duration::from_millis(300), 1).unwrap();
         assert_eq!(l.tcp_rtt.len(), 200);
         assert!(Percentiles::us(&l.tcp_rtt).p50 > 0.0);
         assert!(l.throughput_gbps > 0.05, "{} Gbit/s", l.throughput_gbps);
+        assert!(
+            l.loaded_throughput_gbps > 0.05,
+            "{} Gbit/s",
+            l.loaded_throughput_gbps
+        );
     }
 }

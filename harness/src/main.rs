@@ -230,7 +230,7 @@ fn main() -> Result<()> {
                         })
                         .transpose()?;
                     let target = proxy.as_ref().map_or(echo.addr(), |p| p.addr());
-                    limits::measure_link(target, n, t)?
+                    limits::measure_link(target, n, t, 1)?
                 }
                 Some(rate) => {
                     use netns::Side;
@@ -248,7 +248,7 @@ fn main() -> Result<()> {
                     };
                     let target = proxy.as_ref().map_or(up, |p| p.addr());
                     let l =
-                        pair.run_in(Side::Src, move || limits::measure_link(target, n, t))??;
+                        pair.run_in(Side::Src, move || limits::measure_link(target, n, t, 1))??;
                     drop(proxy);
                     drop(echo);
                     l
@@ -260,6 +260,10 @@ fn main() -> Result<()> {
             println!(
                 "raw TCP throughput           {:.2} Gbit/s",
                 link.throughput_gbps
+            );
+            println!(
+                "raw TCP, 1 vCPU spinner      {:.2} Gbit/s",
+                link.loaded_throughput_gbps
             );
         }
         Cmd::Report { dir } => {

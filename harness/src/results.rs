@@ -2,6 +2,7 @@
 //! histogram files (`DIR/hist/<scenario>.<kind>.hdr.b64`: HdrHistogram V2, base64) that let
 //! runs be merged and compared later.
 
+use crate::guest_output::{DestinationStats, GuestOutput, PhaseStats, SlowFault};
 use crate::histogram::{self, HistogramError, LatencyHistogram, Percentiles, ShortSummary};
 use crate::probe::HostCheck;
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,9 @@ pub mod kind {
     /// samples, as many as the destination counted outage faults; never part of
     /// [`GUEST_FAULT`].
     pub const GUEST_OUTAGE_FAULT: &str = "guest_outage_fault";
+    /// The guest's stalls (inner-loop iterations over its stall threshold) in the destination
+    /// passes that overlapped postcopy: every hold-up, on any page (code, stack, page tables).
+    pub const GUEST_STALL: &str = "guest_stall";
 }
 
 /// Errors reading or writing results.
@@ -270,6 +274,207 @@ pub struct ScenarioResult {
     /// vCPU count (the same measure for every VMM).
     #[serde(default)]
     pub guest_blocktime_ms: Option<f64>,
+    /// The guest's view of every stall, us: the iterations of its inner loop (one page: timed
+    /// load, verification, maybe rewrite) that took longer than its stall threshold, in the
+    /// destination passes that overlapped postcopy (`guest_fault_passes`), all vCPUs. Unlike
+    /// `fault_us` it sees a fault on any page (code, stack, page tables, the generation
+    /// array), and host preemption too. Empty from guests that do not report stalls.
+    #[serde(default)]
+    pub guest_stall_us: Percentiles,
+    /// The stall threshold the guest states (`threshold=` of its stall lines), us.
+    #[serde(default)]
+    pub guest_stall_threshold_us: Option<f64>,
+    /// VMM-side blocked time per vCPU, ms, from userfaultfd's faulting thread ids (QEMU's
+    /// postcopy-vcpu-blocktime): ours from the stats file's `postcopy_vcpu_blocktime_ms`
+    /// (also in `vmm_vcpu_blocktime_ms`), QEMU's from `postcopy-vcpu-blocktime` (also in
+    /// `peer_vcpu_blocktime_ms`).
+    #[serde(default)]
+    pub blocktime_ms: Vec<f64>,
+    /// Raw TCP throughput on the same link with one spinning thread per guest vCPU beside the
+    /// sender (the honest limit while the guest runs), Gbit/s.
+    #[serde(default)]
+    pub raw_loaded_gbps: Option<f64>,
+    /// Per-fault phase timing from the destination (`fault_phase_us` of its stats file):
+    /// phase -> summary, us. Empty when the destination does not time phases. After a merge
+    /// of several runs: counts summed, mean count-weighted, max the largest, and p50..p99.9
+    /// the median of the runs' figures (the destination gives no histogram to merge).
+    #[serde(default)]
+    pub fault_phase_us: BTreeMap<String, PhaseStats>,
+    /// Which phase took the time in the faults above the p99 (the stats file's
+    /// `slow_faults`); absent when the destination listed none.
+    #[serde(default)]
+    pub fault_tail: Option<FaultTail>,
+}
+
+/// The faults above the p99 of the total, by phase: how much of their time each phase took,
+/// and how often each was the longest. Sums, so merging runs is exact (the union of each
+/// run's slow faults).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultTail {
+    /// Slow faults analysed.
+    pub faults: u64,
+    /// Their total time, us.
+    pub total_us: f64,
+    /// Per phase, the sum of its time over those faults, us.
+    pub phase_us: BTreeMap<String, f64>,
+    /// Per phase, in how many of those faults it was the longest phase.
+    pub dominant: BTreeMap<String, u64>,
+}
+
+impl FaultTail {
+    /// The tail of `slow` (None if empty).
+    pub fn of(slow: &[SlowFault]) -> Option<Self> {
+        if slow.is_empty() {
+            return None;
+        }
+        let mut t = FaultTail::default();
+        for f in slow {
+            t.faults += 1;
+            t.total_us += f.total_us;
+            for (phase, us) in &f.phases_us {
+                *t.phase_us.entry(phase.clone()).or_default() += us;
+            }
+            let longest = f
+                .phases_us
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(p, _)| p.clone());
+            if let Some(p) = longest {
+                *t.dominant.entry(p).or_default() += 1;
+            }
+        }
+        Some(t)
+    }
+
+    /// Adds another run's tail.
+    pub fn add(&mut self, other: &FaultTail) {
+        self.faults += other.faults;
+        self.total_us += other.total_us;
+        for (p, us) in &other.phase_us {
+            *self.phase_us.entry(p.clone()).or_default() += us;
+        }
+        for (p, n) in &other.dominant {
+            *self.dominant.entry(p.clone()).or_default() += n;
+        }
+    }
+
+    /// The share of the slow faults' total time `phase` took (0..1).
+    pub fn share(&self, phase: &str) -> f64 {
+        match self.phase_us.get(phase) {
+            Some(us) if self.total_us > 0.0 => us / self.total_us,
+            _ => 0.0,
+        }
+    }
+
+    /// The share of the total no phase accounts for (time between the phases' marks, or
+    /// phases the destination does not name), clamped at 0.
+    pub fn unaccounted(&self) -> f64 {
+        if self.total_us <= 0.0 {
+            return 0.0;
+        }
+        (1.0 - self.phase_us.values().sum::<f64>() / self.total_us).max(0.0)
+    }
+
+    /// The phase that was the longest most often, with its count.
+    pub fn most_dominant(&self) -> Option<(&str, u64)> {
+        self.dominant
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(p, n)| (p.as_str(), *n))
+    }
+}
+
+/// Records the guest's stalls of the destination passes `passes` (its per-pass `stall`
+/// histograms) in `r`: `guest_stall_us`, the threshold it states, and the histogram.
+/// Nothing when the guest printed no stall lines (an older workload).
+pub fn record_guest_stalls(
+    dir: &Path,
+    r: &mut ScenarioResult,
+    dst_out: &GuestOutput,
+    passes: &[u64],
+) -> Result<(), ResultsError> {
+    let hist_err = |source| ResultsError::Histogram {
+        path: hist_dir(dir),
+        source,
+    };
+    let stated = dst_out.hists_named("stall").find_map(|h| h.threshold);
+    let mut parts = Vec::new();
+    for h in dst_out
+        .pass_hists("stall")
+        .filter(|h| h.pass.is_some_and(|k| passes.contains(&k)))
+    {
+        parts.push(h.histogram().map_err(hist_err)?);
+    }
+    if stated.is_none() && parts.is_empty() {
+        return Ok(());
+    }
+    let stalls = histogram::merge(parts.iter()).map_err(hist_err)?;
+    r.guest_stall_threshold_us = stated.map(|ns| ns as f64 / 1e3);
+    r.guest_stall_us = Percentiles::us(&stalls);
+    save_histogram(dir, r, kind::GUEST_STALL, &stalls)
+}
+
+/// Records what the destination's stats file says about the vCPUs' blocked time and the
+/// faults' phases (`fault_phase_us`, `slow_faults`), when it says it.
+pub fn record_destination_timing(r: &mut ScenarioResult, st: &DestinationStats) {
+    r.vmm_vcpu_blocktime_ms = st.postcopy_vcpu_blocktime_ms.clone();
+    r.blocktime_ms = if st.postcopy_vcpu_blocktime_ms.is_empty() {
+        // QEMU's counter, when the peer ran (filled before the stats).
+        r.peer_vcpu_blocktime_ms.clone()
+    } else {
+        st.postcopy_vcpu_blocktime_ms.clone()
+    };
+    r.fault_phase_us = st.fault_phase_us.clone();
+    r.fault_tail = FaultTail::of(&st.slow_faults);
+}
+
+/// Median of some figures (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Merges the phase summaries of several runs: counts summed, mean count-weighted, max the
+/// largest, the percentiles the median of the runs' (see `ScenarioResult::fault_phase_us`).
+pub fn merge_phases<'a>(
+    runs: impl IntoIterator<Item = &'a BTreeMap<String, PhaseStats>>,
+) -> BTreeMap<String, PhaseStats> {
+    let mut by_phase: BTreeMap<String, Vec<PhaseStats>> = BTreeMap::new();
+    for run in runs {
+        for (p, st) in run {
+            by_phase.entry(p.clone()).or_default().push(*st);
+        }
+    }
+    by_phase
+        .into_iter()
+        .map(|(p, v)| {
+            let count: u64 = v.iter().map(|s| s.count).sum();
+            let mean = if count > 0 {
+                v.iter().map(|s| s.mean * s.count as f64).sum::<f64>() / count as f64
+            } else {
+                median(v.iter().map(|s| s.mean).collect())
+            };
+            let med = |f: fn(&PhaseStats) -> f64| median(v.iter().map(f).collect());
+            let st = PhaseStats {
+                count,
+                p50: med(|s| s.p50),
+                p90: med(|s| s.p90),
+                p99: med(|s| s.p99),
+                p999: med(|s| s.p999),
+                max: v.iter().map(|s| s.max).fold(0.0, f64::max),
+                mean,
+            };
+            (p, st)
+        })
+        .collect()
 }
 
 fn one() -> u32 {
@@ -349,6 +554,12 @@ impl ScenarioResult {
             vmm_vcpu_blocktime_ms: Vec::new(),
             vcpus: None,
             guest_blocktime_ms: None,
+            guest_stall_us: Percentiles::default(),
+            guest_stall_threshold_us: None,
+            blocktime_ms: Vec::new(),
+            raw_loaded_gbps: None,
+            fault_phase_us: BTreeMap::new(),
+            fault_tail: None,
         }
     }
 }
@@ -484,6 +695,9 @@ pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(
     if let Some(h) = load_histogram(dir, r, kind::GUEST_OUTAGE_FAULT)? {
         r.guest_outage_fault_us = Percentiles::us(&h);
     }
+    if let Some(h) = load_histogram(dir, r, kind::GUEST_STALL)? {
+        r.guest_stall_us = Percentiles::us(&h);
+    }
     Ok(())
 }
 
@@ -538,6 +752,27 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.throughput_gbps = pick(|s| s.throughput_gbps);
         m.overall_gbps = pick(|s| s.overall_gbps);
         m.raw_throughput_gbps = pick(|s| s.raw_throughput_gbps);
+        m.raw_loaded_gbps = pick(|s| s.raw_loaded_gbps);
+        m.guest_blocktime_ms = pick(|s| s.guest_blocktime_ms);
+        m.peer_blocktime_ms = pick(|s| s.peer_blocktime_ms);
+        let per_vcpu = |f: fn(&ScenarioResult) -> &Vec<f64>| -> Vec<f64> {
+            let n = ok.iter().map(|s| f(s).len()).max().unwrap_or(0);
+            (0..n)
+                .filter_map(|i| mean(ok.iter().map(|s| f(s).get(i).copied())))
+                .collect()
+        };
+        m.blocktime_ms = per_vcpu(|s| &s.blocktime_ms);
+        m.vmm_vcpu_blocktime_ms = per_vcpu(|s| &s.vmm_vcpu_blocktime_ms);
+        m.peer_vcpu_blocktime_ms = per_vcpu(|s| &s.peer_vcpu_blocktime_ms);
+        m.fault_phase_us = merge_phases(ok.iter().map(|s| &s.fault_phase_us));
+        m.fault_tail = ok.iter().filter_map(|s| s.fault_tail.as_ref()).fold(
+            None,
+            |acc: Option<FaultTail>, t| {
+                let mut acc = acc.unwrap_or_default();
+                acc.add(t);
+                Some(acc)
+            },
+        );
         m.peak_link_gbps = pick(|s| s.peak_link_gbps);
         m.paused_ms = pick(|s| s.paused_ms);
         m.dst_paused_ms = pick(|s| s.dst_paused_ms);
@@ -646,6 +881,12 @@ mod tests {
             "dst_paused_ms",
             "outage_fault_us",
             "guest_outage_fault_us",
+            "guest_stall_us",
+            "guest_stall_threshold_us",
+            "blocktime_ms",
+            "raw_loaded_gbps",
+            "fault_phase_us",
+            "fault_tail",
         ] {
             assert!(s.remove(k).is_some(), "{k} not written");
         }
@@ -657,6 +898,8 @@ mod tests {
             (None, None, None)
         );
         assert_eq!(s.outage_fault_us.count, 0);
+        assert_eq!((s.guest_stall_us.count, s.raw_loaded_gbps), (0, None));
+        assert!(s.blocktime_ms.is_empty() && s.fault_phase_us.is_empty());
     }
 
     #[test]
@@ -693,6 +936,131 @@ mod tests {
         // The normal fault distribution is untouched by the outage faults.
         assert_eq!(s.fault_us.count, 4);
         assert!(s.fault_us.max < 30.0, "{:?}", s.fault_us);
+    }
+
+    fn phases(p50: f64, max: f64, count: u64) -> BTreeMap<String, PhaseStats> {
+        let st = PhaseStats {
+            count,
+            p50,
+            p90: p50,
+            p99: p50 * 2.0,
+            p999: p50 * 3.0,
+            max,
+            mean: p50,
+        };
+        [("reply_read".to_string(), st)].into_iter().collect()
+    }
+
+    fn slow(total: f64, reply: f64, installed: f64) -> SlowFault {
+        SlowFault {
+            total_us: total,
+            phases_us: [
+                ("reply_read".to_string(), reply),
+                ("installed".to_string(), installed),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn merge_combines_stalls_blocktimes_loaded_raw_and_phases() {
+        let runs: Vec<tempfile::TempDir> = [
+            (10.0, 100.0, 100u64, 8.0, 2.0, 30_000u64),
+            (20.0, 900.0, 300, 9.0, 4.0, 800_000_000),
+            (40.0, 200.0, 100, 10.0, 6.0, 50_000),
+        ]
+        .iter()
+        .map(|&(p50, max, count, loaded, block, stall_ns)| {
+            let d = run_dir(&[10_000], 1.0);
+            let mut res = Results::load(d.path()).unwrap();
+            let r = &mut res.scenarios[0];
+            r.raw_loaded_gbps = Some(loaded);
+            r.blocktime_ms = vec![block, block * 10.0];
+            r.fault_phase_us = phases(p50, max, count);
+            r.fault_tail = FaultTail::of(&[slow(500.0, 400.0, 50.0), slow(300.0, 20.0, 250.0)]);
+            r.guest_stall_threshold_us = Some(20.0);
+            let h = histogram::from_samples(&[25_000, stall_ns]).unwrap();
+            r.guest_stall_us = Percentiles::us(&h);
+            save_histogram(d.path(), r, kind::GUEST_STALL, &h).unwrap();
+            res.save(d.path()).unwrap();
+            d
+        })
+        .collect();
+        let out = tempfile::tempdir().unwrap();
+        let inputs: Vec<PathBuf> = runs.iter().map(|d| d.path().to_path_buf()).collect();
+        let m = merge_dirs(&inputs, out.path()).unwrap();
+        let s = &m.scenarios[0];
+        assert_eq!(s.raw_loaded_gbps, Some(9.0));
+        assert_eq!(s.blocktime_ms, vec![4.0, 40.0]);
+        // Stalls: the histograms are added (6 stalls, the 800 ms one is the max).
+        assert_eq!(s.guest_stall_us.count, 6);
+        assert!(s.guest_stall_us.max > 790_000.0, "{:?}", s.guest_stall_us);
+        assert_eq!(s.guest_stall_threshold_us, Some(20.0));
+        // Phases: counts summed, max the largest, p50 the median of the runs', mean weighted.
+        let p = s.fault_phase_us["reply_read"];
+        assert_eq!((p.count, p.max, p.p50), (500, 900.0, 20.0));
+        assert!(
+            (p.mean - (1000.0 + 6000.0 + 4000.0) / 500.0).abs() < 1e-9,
+            "{p:?}"
+        );
+        // The tail pools every run's slow faults.
+        let t = s.fault_tail.as_ref().unwrap();
+        assert_eq!(t.faults, 6);
+        assert_eq!(t.total_us, 2400.0);
+        assert_eq!(t.dominant["reply_read"], 3);
+        assert_eq!(t.dominant["installed"], 3);
+        assert!((t.share("reply_read") - 1260.0 / 2400.0).abs() < 1e-9);
+        assert!((t.unaccounted() - 240.0 / 2400.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn guest_stalls_come_from_the_postcopy_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let out = GuestOutput::parse(
+            "WORKLOAD pass n=2 pages=10 mismatches=0 elapsed_ms=900 slow_accesses=1\n\
+             WORKLOAD HIST name=stall pass=2 unit=ns sub=32 threshold=20000 buckets=753000000:1,24576:4\n\
+             WORKLOAD pass n=3 pages=10 mismatches=0 elapsed_ms=10 slow_accesses=0\n\
+             WORKLOAD HIST name=stall pass=3 unit=ns sub=32 threshold=20000 buckets=30720:2\n\
+             WORKLOAD HIST name=stall unit=ns sub=32 threshold=20000 buckets=24576:4,30720:2,753000000:1\n",
+        );
+        let mut r = ScenarioResult::new("s", "hugetlb-1g", "huge", "loopback", "random");
+        record_guest_stalls(d.path(), &mut r, &out, &[2]).unwrap();
+        assert_eq!(r.guest_stall_us.count, 5);
+        assert!(r.guest_stall_us.max > 750_000.0, "{:?}", r.guest_stall_us);
+        assert_eq!(r.guest_stall_threshold_us, Some(20.0));
+        assert!(r.histograms.contains_key(kind::GUEST_STALL));
+        // An older guest without stall lines leaves the fields empty.
+        let mut old = ScenarioResult::new("o", "shmem", "4k-staged", "loopback", "random");
+        record_guest_stalls(d.path(), &mut old, &GuestOutput::default(), &[2]).unwrap();
+        assert_eq!(
+            (old.guest_stall_us.count, old.guest_stall_threshold_us),
+            (0, None)
+        );
+        assert!(!old.histograms.contains_key(kind::GUEST_STALL));
+    }
+
+    #[test]
+    fn destination_timing_is_recorded_when_present() {
+        let st = DestinationStats::parse(
+            r#"{"postcopy_vcpu_blocktime_ms":[12.5],"fault_phase_us":{"stored":{"count":3,"p50":1.0,"p90":1.0,"p99":2.0,"p999":2.0,"max":2.0,"mean":1.2}},"slow_faults":[{"total_us":900.0,"phases_us":{"stored":2.0,"reply_read":800.0}}]}"#,
+        )
+        .unwrap();
+        let mut r = ScenarioResult::new("s", "shmem", "4k-staged", "loopback", "random");
+        record_destination_timing(&mut r, &st);
+        assert_eq!(r.blocktime_ms, vec![12.5]);
+        assert_eq!(r.vmm_vcpu_blocktime_ms, vec![12.5]);
+        assert_eq!(r.fault_phase_us["stored"].count, 3);
+        assert_eq!(
+            r.fault_tail.as_ref().unwrap().most_dominant(),
+            Some(("reply_read", 1))
+        );
+        // Older destinations (and QEMU, whose blocktime comes from query-migrate) give none.
+        let mut q = ScenarioResult::new("q", "shmem", "qemu", "loopback", "random");
+        q.peer_vcpu_blocktime_ms = vec![41.0];
+        record_destination_timing(&mut q, &DestinationStats::default());
+        assert_eq!(q.blocktime_ms, vec![41.0]);
+        assert!(q.fault_phase_us.is_empty() && q.fault_tail.is_none());
     }
 
     #[test]

@@ -632,10 +632,10 @@ impl LinkEnv {
             Some(_) => Some(start_relay(pair.as_ref(), target)?),
         };
         let target = relay.as_ref().map_or(target, Relay::addr);
-        let (n, t) = (cfg.rtt_samples, cfg.throughput_for);
+        let (n, t, v) = (cfg.rtt_samples, cfg.throughput_for, cfg.vcpus);
         let limits = match &pair {
-            Some(p) => p.run_in(Side::Src, move || limits::measure_link(target, n, t))??,
-            None => limits::measure_link(target, n, t)?,
+            Some(p) => p.run_in(Side::Src, move || limits::measure_link(target, n, t, v))??,
+            None => limits::measure_link(target, n, t, v)?,
         };
         Ok(Self {
             _echo_relay: relay,
@@ -966,6 +966,7 @@ pub(crate) fn record_limits(
     r.tcp_rtt_us = Percentiles::us(&env.limits.tcp_rtt);
     r.thread_limit_us = Percentiles::us(&thread_limit);
     r.raw_throughput_gbps = Some(env.limits.throughput_gbps);
+    r.raw_loaded_gbps = Some(env.limits.loaded_throughput_gbps);
     results::save_histogram(dir, r, kind::UFFD, uffd)?;
     results::save_histogram(dir, r, kind::TCP_RTT, &env.limits.tcp_rtt)?;
     results::save_histogram(dir, r, kind::THREAD_LIMIT, &thread_limit)?;
@@ -1260,12 +1261,7 @@ pub(crate) fn source_first_pass(
     let src_out = GuestOutput::parse(&src.text());
     r.guest_slow_before_migration = Some(src_out.passes.iter().map(|p| p.slow_accesses).sum());
     if let Some(ft) = src_out.hists_named("first_touch").last() {
-        results::save_histogram(
-            &cfg.out,
-            r,
-            kind::FIRST_TOUCH,
-            &histogram::from_buckets(&ft.buckets)?,
-        )?;
+        results::save_histogram(&cfg.out, r, kind::FIRST_TOUCH, &ft.histogram()?)?;
     }
     Ok(())
 }
@@ -1324,10 +1320,8 @@ pub fn fill(
     stats: Option<&DestinationStats>,
 ) -> Result<(), RunError> {
     let hist_of = |hs: Vec<&guest_output::GuestHist>| -> Result<LatencyHistogram, RunError> {
-        let parts: Vec<LatencyHistogram> = hs
-            .iter()
-            .map(|h| histogram::from_buckets(&h.buckets))
-            .collect::<Result<_, _>>()?;
+        let parts: Vec<LatencyHistogram> =
+            hs.iter().map(|h| h.histogram()).collect::<Result<_, _>>()?;
         Ok(histogram::merge(parts.iter())?)
     };
     let per_pass: Vec<_> = dst_out.pass_hists("access_slow").collect();
@@ -1397,6 +1391,7 @@ pub fn fill(
     r.guest_blocktime_ms = (!guest.is_empty())
         .then(|| guest.mean() * guest.len() as f64 / 1e6 / f64::from(r.vcpus.unwrap_or(1).max(1)));
     results::save_histogram(dir, r, kind::GUEST_FAULT, &guest)?;
+    results::record_guest_stalls(dir, r, dst_out, postcopy_passes)?;
 
     r.blackout_ms = summary.blackout_ms;
     r.total_s = summary.total_ms.map(|ms| ms / 1e3);
@@ -1442,7 +1437,7 @@ pub fn fill(
         r.uffd_faults = st.faults_served;
         r.pages_fetched = st.pages_fetched;
         r.staging_peak_mib = st.staging_peak_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
-        r.vmm_vcpu_blocktime_ms = st.postcopy_vcpu_blocktime_ms.clone();
+        results::record_destination_timing(r, st);
         r.pages_fetched_local = st.pages_fetched_local;
         // The destination says why native was not used (`native_fallback`, a string) and how
         // it served each region (`regions[].serve_mode`).
@@ -1468,25 +1463,13 @@ pub fn fill(
         if r.faults_served.is_none() {
             r.faults_served = st.faults_served;
         }
-        let timed = st.fault_at_ns.len() == st.fault_ns.len() && !st.fault_ns.is_empty();
         r.fault_series = st
             .fault_ns
             .iter()
             .enumerate()
-            .map(|(i, &ns)| {
-                let x = if timed {
-                    st.fault_at_ns[i] as f64 / 1e6
-                } else {
-                    i as f64
-                };
-                (x, ns as f64 / 1e3)
-            })
+            .map(|(i, &ns)| (i as f64, ns as f64 / 1e3))
             .collect();
-        r.fault_series_x = if timed {
-            "ms since vCPUs started".into()
-        } else {
-            "fault number".into()
-        };
+        r.fault_series_x = "fault number".into();
     }
     Ok(())
 }

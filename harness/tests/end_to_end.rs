@@ -48,6 +48,43 @@ fn number(v: &serde_json::Value, path: &str) -> f64 {
 }
 
 /// Runs `harness run --quick --scenario NAME` into `out`; returns results.json.
+/// The guest's stalls (present and sane beside its timed faults), the VMM-side blocktime
+/// under its issue name, and the loaded raw TCP limit.
+fn check_stalls_blocktime_and_loaded_raw(s: &serde_json::Value) {
+    // The guest states its threshold (20 us) and saw stalls: every userfault it waited for
+    // (tens of us at least) holds up its loop past it.
+    assert_eq!(
+        number(&s["guest_stall_threshold_us"], "guest_stall_threshold_us"),
+        20.0
+    );
+    let st = |p: &str| number(&s["guest_stall_us"][p], &format!("guest_stall_us.{p}"));
+    assert!(st("count") > 0.0, "no guest stalls");
+    // Bucket lower bounds are within 3.1% of the value: the smallest stall's bucket may start
+    // just below the threshold.
+    assert!(st("p50") >= 20.0 * 0.96, "stall p50 {}", st("p50"));
+    assert!(st("p50") <= st("p99") && st("p99") <= st("max"));
+    // A stall is a whole iteration, the timed load included: the slowest stall is at least
+    // the slowest timed fault (each within half a 3.1% bucket).
+    let fault_max = number(&s["fault_us"]["max"], "fault_us.max");
+    assert!(
+        st("max") >= fault_max * 0.96,
+        "stall max {} < timed fault max {fault_max}",
+        st("max")
+    );
+    // blocktime_ms is the VMM's own per-vCPU counter (ours or QEMU's), one entry per vCPU.
+    let bt = s["blocktime_ms"].as_array().unwrap();
+    assert_eq!(bt.len(), 1, "{bt:?}");
+    let own = if s["peer"].is_null() {
+        &s["vmm_vcpu_blocktime_ms"]
+    } else {
+        &s["peer_vcpu_blocktime_ms"]
+    };
+    assert_eq!(&s["blocktime_ms"], own);
+    assert!(number(&bt[0], "blocktime_ms[0]") >= 0.0);
+    let loaded = number(&s["raw_loaded_gbps"], "raw_loaded_gbps");
+    assert!(loaded > 0.0, "raw_loaded_gbps {loaded}");
+}
+
 fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
     let vmm = vmm_binary();
     let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/workload.elf");
@@ -167,6 +204,40 @@ fn quick_scenario_writes_every_field() {
     assert!(number(&s["vmm_fault_us"]["count"], "vmm_fault_us.count") > 0.0);
     assert!(number(&s["faults_served"], "faults_served") > 0.0);
     number(&s["pages_pushed"], "pages_pushed");
+    check_stalls_blocktime_and_loaded_raw(s);
+    // Phase timing: in results.json exactly when the destination's stats file has it.
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join(format!("raw/{scenario}.stats.json"))).unwrap(),
+    )
+    .unwrap();
+    let phases = s["fault_phase_us"].as_object().unwrap();
+    match stats["fault_phase_us"].as_object() {
+        Some(raw) => {
+            assert_eq!(
+                phases.keys().collect::<Vec<_>>(),
+                raw.keys().collect::<Vec<_>>()
+            );
+            for (phase, st) in phases {
+                assert_eq!(
+                    number(&st["count"], phase),
+                    number(&raw[phase]["count"], phase),
+                    "{phase}"
+                );
+                assert!(number(&st["max"], phase) >= number(&st["p50"], phase));
+            }
+            let slow = stats["slow_faults"].as_array().map_or(0, Vec::len);
+            if slow > 0 {
+                assert_eq!(
+                    number(&s["fault_tail"]["faults"], "fault_tail.faults"),
+                    slow as f64
+                );
+            }
+        }
+        None => {
+            assert!(phases.is_empty(), "{phases:?}");
+            assert!(s["fault_tail"].is_null());
+        }
+    }
 
     // Raw histograms readable, report and plots written.
     let hist = s["histograms"].as_object().unwrap();
@@ -178,6 +249,7 @@ fn quick_scenario_writes_every_field() {
         "uffd_rtt",
         "vcpu_uffd_rtt",
         "vcpu_uffd_vmm",
+        "guest_stall",
     ] {
         let file = hist[kind].as_str().unwrap();
         let b64 = std::fs::read_to_string(out.path().join("hist").join(file)).unwrap();
@@ -191,6 +263,8 @@ fn quick_scenario_writes_every_field() {
     assert!(md.contains("**The limit** = the raw *vCPU* userfault round trip"));
     assert!(md.contains("thread limit p50") && md.contains("vCPU uffd p50 guest / VMM"));
     assert!(md.contains("- vCPU userfault round trip on shmem"));
+    assert!(md.contains("## Guest stalls (us)") && md.contains("| raw loaded TCP Gbit/s |"));
+    assert!(md.contains("of raw loaded TCP (loopback)"));
     assert!(res["host_checks"].is_object());
     let plots = std::fs::read_dir(out.path().join("plots")).unwrap().count();
     assert!(plots >= 2, "{plots} plots");
@@ -317,6 +391,9 @@ fn qemu_scenario_writes_the_same_fields_and_names_the_peer() {
     assert_eq!(s["peer_vcpu_blocktime_ms"].as_array().unwrap().len(), 1);
     number(&s["peer_blocktime_ms"], "peer_blocktime_ms");
     assert!(number(&s["guest_blocktime_ms"], "guest_blocktime_ms") > 0.0);
+    check_stalls_blocktime_and_loaded_raw(s);
+    // QEMU times no phases.
+    assert!(s["fault_phase_us"].as_object().unwrap().is_empty());
     assert_eq!(s["guest_ok"], true);
     assert_eq!(number(&s["guest_mismatches"], "guest_mismatches"), 0.0);
     let hist = s["histograms"].as_object().unwrap();

@@ -188,8 +188,11 @@ pub struct FaultLimitReport {
     /// Faults the VMM's loader thread took while writing the guest image (served, not counted).
     pub loader_faults: u64,
     /// The guest's histogram as printed: (bucket lower bound ns, count), non-empty buckets.
-    /// Buckets are log-linear: one per value below 8, then 8 per power of two.
+    /// Buckets are log-linear: one per value below `guest_sub_buckets`, then
+    /// `guest_sub_buckets` per power of two.
     pub guest_buckets_ns: Vec<(u64, u64)>,
+    /// The guest's bucket scheme, as its line states it (`sub=`; 8 for guests that do not).
+    pub guest_sub_buckets: u64,
     /// The VMM-side histogram: (value ns, count), 3 significant digits.
     pub vmm_histogram_ns: Vec<(u64, u64)>,
 }
@@ -466,9 +469,23 @@ fn register(uffd: &Uffd, ram: &GuestRam, mode: RegisterMode) -> Result<(), Fault
     Ok(())
 }
 
+/// Sub-buckets per power of two of guests whose `WORKLOAD HIST` lines state no `sub=`.
+pub const LEGACY_GUEST_SUB_BUCKETS: u64 = 8;
+
+/// The guest's bucketed histogram as printed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestBuckets {
+    /// Sub-buckets per power of two (`sub=`, a power of two; [`LEGACY_GUEST_SUB_BUCKETS`]
+    /// when the line states none).
+    pub sub: u64,
+    /// (lower bound ns, count), non-empty buckets.
+    pub buckets: Vec<(u64, u64)>,
+}
+
 /// Parses the guest's whole-run `first_touch` histogram (the last `WORKLOAD HIST
-/// name=first_touch` line without `pass=`) into (lower bound ns, count) buckets.
-pub fn parse_first_touch(text: &str) -> Result<Option<Vec<(u64, u64)>>, FaultLimitError> {
+/// name=first_touch` line without `pass=`) into (lower bound ns, count) buckets and the
+/// bucket scheme it states.
+pub fn parse_first_touch(text: &str) -> Result<Option<GuestBuckets>, FaultLimitError> {
     let Some(line) = text
         .lines()
         .rev()
@@ -478,8 +495,15 @@ pub fn parse_first_touch(text: &str) -> Result<Option<Vec<(u64, u64)>>, FaultLim
         return Ok(None);
     };
     let mut buckets = Vec::new();
+    let mut sub = LEGACY_GUEST_SUB_BUCKETS;
     for word in line.split_whitespace() {
-        if let Some(unit) = word.strip_prefix("unit=") {
+        if let Some(v) = word.strip_prefix("sub=") {
+            sub = v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| n.is_power_of_two())
+                .ok_or_else(|| FaultLimitError::Bucket(word.into()))?;
+        } else if let Some(unit) = word.strip_prefix("unit=") {
             if unit != "ns" {
                 return Err(FaultLimitError::Unit { unit: unit.into() });
             }
@@ -498,25 +522,29 @@ pub fn parse_first_touch(text: &str) -> Result<Option<Vec<(u64, u64)>>, FaultLim
             }
         }
     }
-    Ok(Some(buckets))
+    Ok(Some(GuestBuckets { sub, buckets }))
 }
 
-/// Width of the workload guest's histogram bucket whose lower bound is `lo` (one per value
-/// below 8, then 8 per power of two).
-fn guest_bucket_width(lo: u64) -> u64 {
-    if lo < 8 {
+/// Width of the workload guest's histogram bucket whose lower bound is `lo` in the scheme with
+/// `sub` (a power of two) sub-buckets per power of two: one per value below `sub`, then `sub`
+/// per power of two (the guest's `hist.rs`; the harness decodes it the same way).
+fn guest_bucket_width(lo: u64, sub: u64) -> u64 {
+    if lo < sub {
         1
     } else {
-        1u64 << ((63 - lo.leading_zeros()) - 3)
+        1u64 << ((63 - lo.leading_zeros()) - sub.trailing_zeros())
     }
 }
 
 /// A histogram of the guest's buckets, each sample at its bucket's midpoint (so a percentile is
-/// off by at most half a bucket, 1/16 of the value).
-fn guest_histogram(buckets: &[(u64, u64)]) -> Result<Histogram<u64>, FaultLimitError> {
+/// off by at most half a bucket: 1/64 of the value with 32 sub-buckets).
+fn guest_histogram(g: &GuestBuckets) -> Result<Histogram<u64>, FaultLimitError> {
     let mut h = new_histogram()?;
-    for &(lo, n) in buckets.iter().filter(|(_, n)| *n > 0) {
-        h.saturating_record_n(lo.saturating_add(guest_bucket_width(lo) / 2).max(1), n);
+    for &(lo, n) in g.buckets.iter().filter(|(_, n)| *n > 0) {
+        h.saturating_record_n(
+            lo.saturating_add(guest_bucket_width(lo, g.sub) / 2).max(1),
+            n,
+        );
     }
     Ok(h)
 }
@@ -642,7 +670,8 @@ pub fn measure(cfg: &FaultLimitConfig) -> Result<FaultLimitReport, FaultLimitErr
         guest_us: LatencySummary::of(&guest),
         vmm_us: LatencySummary::of(&served.vcpu),
         loader_faults: served.loader_faults,
-        guest_buckets_ns: buckets,
+        guest_sub_buckets: buckets.sub,
+        guest_buckets_ns: buckets.buckets,
         vmm_histogram_ns: served
             .vcpu
             .iter_recorded()
@@ -662,11 +691,25 @@ mod tests {
                     WORKLOAD HIST name=first_touch unit=ns buckets=16384:10,20480:5\n\
                     WORKLOAD HIST name=access_slow unit=ns buckets=\n";
         let b = parse_first_touch(text).unwrap().unwrap();
-        assert_eq!(b, vec![(16384, 10), (20480, 5)]);
+        assert_eq!(b.buckets, vec![(16384, 10), (20480, 5)]);
+        assert_eq!(b.sub, LEGACY_GUEST_SUB_BUCKETS);
         let h = guest_histogram(&b).unwrap();
         assert_eq!(h.len(), 15);
-        // 16384 is in a bucket 2048 wide: its midpoint is 17408.
+        // Without `sub=`: 8 per power of two, 16384 is in a bucket 2048 wide: midpoint 17408.
         assert!(h.equivalent(h.value_at_quantile(0.5), 17408));
+        // The current guest states 32: 16384 is in a bucket 512 wide, midpoint 16640.
+        let b = parse_first_touch(
+            "WORKLOAD HIST name=first_touch unit=ns sub=32 buckets=16384:10,20480:5\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(b.sub, 32);
+        let h = guest_histogram(&b).unwrap();
+        assert!(h.equivalent(h.value_at_quantile(0.5), 16640));
+        assert!(matches!(
+            parse_first_touch("WORKLOAD HIST name=first_touch unit=ns sub=3 buckets=8:1"),
+            Err(FaultLimitError::Bucket(_))
+        ));
         assert!(parse_first_touch("nothing").unwrap().is_none());
         assert!(matches!(
             parse_first_touch("WORKLOAD HIST name=first_touch unit=cycles buckets=8:1"),
@@ -683,8 +726,11 @@ mod tests {
         assert_eq!(measured_backing(Backing::Hugetlb1g), Backing::Shmem);
         assert_eq!(measured_backing(Backing::GuestMemfd), Backing::Shmem);
         assert_eq!(measured_backing(Backing::Anon), Backing::Anon);
-        assert_eq!(guest_bucket_width(7), 1);
-        assert_eq!(guest_bucket_width(8), 1);
-        assert_eq!(guest_bucket_width(16), 2);
+        assert_eq!(guest_bucket_width(7, 8), 1);
+        assert_eq!(guest_bucket_width(8, 8), 1);
+        assert_eq!(guest_bucket_width(16, 8), 2);
+        assert_eq!(guest_bucket_width(31, 32), 1);
+        assert_eq!(guest_bucket_width(64, 32), 2);
+        assert_eq!(guest_bucket_width(1024, 32), 32);
     }
 }

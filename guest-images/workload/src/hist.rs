@@ -1,14 +1,23 @@
-//! Log-linear latency histograms: 8 sub-buckets per power of two.
+//! Log-linear latency histograms: [`SUB_BUCKETS`] (32) sub-buckets per power of two, so a
+//! bucket is at most 1/32 (3.1%) of its lower bound wide.
 //!
-//! Values 0..8 have a bucket each; above, a value v with highest set bit e falls in bucket
-//! 8 + (e-3)*8 + (next three bits), whose lower bound is (8 + sub) << (e-3).
+//! Values below [`SUB_BUCKETS`] have a bucket each; above, a value v with highest set bit e
+//! falls in bucket `SUB + (e - SUB_BITS) * SUB + (the SUB_BITS bits below the top one)`, whose
+//! lower bound is `(SUB + sub) << (e - SUB_BITS)` and width `1 << (e - SUB_BITS)`.
+//! Every `WORKLOAD HIST` line states the scheme (`sub=32`); the harness decodes it with the
+//! same formula (`harness/src/histogram.rs`, whose test reads [`SUB_BITS`] from this file).
 //! Each vCPU owns its histograms (plain relaxed loads/stores); vCPU 0 sums them after the
 //! final barrier.
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// log2 of the sub-buckets per power of two.
+pub const SUB_BITS: u32 = 5;
+/// Sub-buckets per power of two.
+pub const SUB_BUCKETS: u64 = 1 << SUB_BITS;
+
 /// Number of buckets for the full u64 range.
-pub const BUCKETS: usize = 8 + 61 * 8;
+pub const BUCKETS: usize = (SUB_BUCKETS + (64 - SUB_BITS as u64) * SUB_BUCKETS) as usize;
 
 pub struct Hist {
     counts: [AtomicU64; BUCKETS],
@@ -17,22 +26,24 @@ pub struct Hist {
 
 /// Bucket index of a value.
 pub fn bucket(v: u64) -> usize {
-    if v < 8 {
+    if v < SUB_BUCKETS {
         return v as usize;
     }
-    let e = 63 - u64::from(v.leading_zeros());
-    let sub = (v >> (e - 3)) & 7;
-    (8 + (e - 3) * 8 + sub) as usize
+    let e = u64::from(63 - v.leading_zeros());
+    let shift = e - u64::from(SUB_BITS);
+    let sub = (v >> shift) & (SUB_BUCKETS - 1);
+    (SUB_BUCKETS + shift * SUB_BUCKETS + sub) as usize
 }
 
 /// Lower bound of a bucket.
 pub fn lower_bound(i: usize) -> u64 {
-    if i < 8 {
-        return i as u64;
+    let i = i as u64;
+    if i < SUB_BUCKETS {
+        return i;
     }
-    let e = (i - 8) / 8;
-    let sub = ((i - 8) % 8) as u64;
-    (8 + sub) << e
+    let shift = (i - SUB_BUCKETS) / SUB_BUCKETS;
+    let sub = (i - SUB_BUCKETS) % SUB_BUCKETS;
+    (SUB_BUCKETS + sub) << shift
 }
 
 impl Hist {

@@ -25,6 +25,9 @@ pub struct Clock {
     ns_per_cycle_fp: u64,
 }
 
+/// The stall threshold, ns.
+const STALL_NS: u64 = 20_000;
+
 /// TSC rate assumed for wall-clock figures (elapsed_ms) when the VMM gave none.
 const FALLBACK_KHZ: u64 = 3_000_000;
 
@@ -66,6 +69,17 @@ impl Clock {
             2000
         } else {
             2000 * FALLBACK_KHZ / 1_000_000
+        }
+    }
+
+    /// The threshold of a stall (20 us): an iteration of a pass's inner loop (one timed load,
+    /// the page's verification and maybe its rewrite, ~1-5 us, plus an ordinary mapping fault
+    /// of 3-10 us) that takes longer was held up. In the histogram unit.
+    pub fn stall_threshold(&self) -> u64 {
+        if self.has_ns() {
+            STALL_NS
+        } else {
+            STALL_NS * FALLBACK_KHZ / 1_000_000
         }
     }
 

@@ -14,7 +14,7 @@ use crate::boot::{FREE_START, MAPPED_LIMIT, MAX_VCPUS, USED_1G_PAGES};
 use crate::bootparams::BootParams;
 use crate::cmdline::{self, Fault, Options};
 use crate::console;
-use crate::hist::Hist;
+use crate::hist::{Hist, SUB_BUCKETS};
 use crate::layout::{Layout, PAGE};
 use crate::order::Order;
 use crate::pattern::{self, mix64};
@@ -43,6 +43,13 @@ static ACCESS_SLOW: [Hist; MAX] = [const { Hist::new() }; MAX];
 /// slot K%2; vCPU 0 prints and clears slot K%2 after barrier K+1, before it arrives at barrier
 /// K+2, and no vCPU can start pass K+2 (the next user of the slot) before that barrier.
 static PASS_SLOW: [[Hist; 2]; MAX] = [const { [const { Hist::new() }; 2] }; MAX];
+/// Stalls: iterations of a pass's inner loop that took longer than the stall threshold
+/// ([`Clock::stall_threshold`]), measured from the start of one iteration to the start of the
+/// next, per vCPU, whole run. Whatever held the vCPU up counts: a fault on the timed page, on
+/// the generation array, on code, stack or page-table pages, or the host not running it.
+static STALL: [Hist; MAX] = [const { Hist::new() }; MAX];
+/// The same stalls per pass, by pass parity (as [`PASS_SLOW`]).
+static PASS_STALL: [[Hist; 2]; MAX] = [const { [const { Hist::new() }; 2] }; MAX];
 
 /// Cumulative counters of one vCPU.
 #[derive(Default, Clone, Copy)]
@@ -130,7 +137,7 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
     };
     let clock = Clock::new(opts.tsc_khz);
     if vcpu == 0 {
-        print_start(vcpus, &layout, &opts);
+        print_start(vcpus, &layout, &opts, &clock);
         if let Some(f) = opts.fault {
             raise(f, mapped_limit);
         }
@@ -166,8 +173,9 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
             let total = sum_snapshots(vcpus, pass);
             print_pass(pass, &total, &reported, clock.ms_of(now - pass_start));
             if total.slow > reported.slow {
-                print_pass_slow(vcpus, pass, clock.unit());
+                print_pass_hist(&PASS_SLOW, "access_slow", vcpus, pass, &clock);
             }
+            print_pass_hist(&PASS_STALL, "stall", vcpus, pass, &clock);
             reported = total;
             pass_start = now;
         }
@@ -184,6 +192,42 @@ pub fn run(vcpu: u64, boot_params: u64, vcpus: u64) -> ! {
     console::exit(code)
 }
 
+/// Times the iterations of one pass's inner loop and records those over the stall threshold.
+struct StallClock<'a> {
+    clock: Clock,
+    threshold: u64,
+    run: &'a Hist,
+    pass: &'a Hist,
+    /// TSC at the start of the current iteration (None before the first).
+    last: Option<u64>,
+}
+
+impl<'a> StallClock<'a> {
+    fn new(vcpu: u64, pass: u64, clock: Clock) -> Self {
+        StallClock {
+            clock,
+            threshold: clock.stall_threshold(),
+            run: &STALL[vcpu as usize],
+            pass: &PASS_STALL[vcpu as usize][(pass % 2) as usize],
+            last: None,
+        }
+    }
+
+    /// An iteration starts at TSC `now`: the previous one (if any) lasted `now - last`.
+    #[inline(always)]
+    fn tick(&mut self, now: u64) {
+        if let Some(last) = self.last {
+            // A TSC that went backwards (it should not: the VMM restores it) is no stall.
+            let d = self.clock.unit_of(now.saturating_sub(last));
+            if d > self.threshold {
+                self.run.record(d);
+                self.pass.record(d);
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
 impl Worker<'_> {
     /// Pointer to the generation number of span page `index`.
     fn gen_ptr(&self, index: u64) -> *mut u32 {
@@ -194,11 +238,13 @@ impl Worker<'_> {
     fn first_pass(&mut self) {
         let order = Order::new(self.opts.pattern, self.count, self.opts.seed, self.vcpu, 1);
         let hist = &FIRST_TOUCH[self.vcpu as usize];
+        let mut stalls = StallClock::new(self.vcpu, 1, self.clock);
         for i in 0..order.len() {
             let index = self.first + order.page(i);
             let gpa = self.layout.gpa(index);
             let base = pattern::page_base(gpa, 1, self.opts.seed);
             let t0 = tsc::now();
+            stalls.tick(t0);
             // SAFETY: `gpa` is a span page of this vCPU's share (shares are disjoint), in
             // identity-mapped RAM outside the image, page tables and generation array.
             unsafe { pattern::write_first(gpa, base) };
@@ -212,6 +258,7 @@ impl Worker<'_> {
             }
             self.counters.accesses += 1;
         }
+        stalls.tick(tsc::now());
     }
 
     /// Visits the share in the pass's order: time, verify, maybe rewrite.
@@ -227,10 +274,12 @@ impl Worker<'_> {
         let pass_hist = &PASS_SLOW[self.vcpu as usize][(pass % 2) as usize];
         let threshold = self.clock.slow_threshold();
         let write_key = mix64(self.opts.seed ^ mix64(pass ^ 0x5752_4954_4553));
+        let mut stalls = StallClock::new(self.vcpu, pass, self.clock);
         for i in 0..order.len() {
             let index = self.first + order.page(i);
             let gpa = self.layout.gpa(index);
             let t0 = tsc::now();
+            stalls.tick(t0);
             // SAFETY: as in `first_pass`.
             let _ = unsafe { pattern::read_first(gpa) };
             let t1 = tsc::now();
@@ -267,6 +316,7 @@ impl Worker<'_> {
             }
             self.counters.accesses += 1;
         }
+        stalls.tick(tsc::now());
     }
 
     fn report_mismatch(&self, gpa: u64, expected: u64, found: u64) {
@@ -294,7 +344,7 @@ fn sum_snapshots(vcpus: u64, pass: u64) -> Counters {
     c
 }
 
-fn print_start(vcpus: u64, layout: &Layout, o: &Options) {
+fn print_start(vcpus: u64, layout: &Layout, o: &Options, clock: &Clock) {
     let pt = if USED_1G_PAGES.load(Ordering::Relaxed) == 1 {
         "1g"
     } else {
@@ -309,7 +359,7 @@ fn print_start(vcpus: u64, layout: &Layout, o: &Options) {
     console::with(|w| {
         let _ = writeln!(
             w,
-            "WORKLOAD start vcpus={vcpus} span_bytes={} pages={} pattern={} writes={} passes={} seed={} tsc_khz={} pt={pt} usable_bytes={} vmm={vmm} boot={boot}",
+            "WORKLOAD start vcpus={vcpus} span_bytes={} pages={} pattern={} writes={} passes={} seed={} tsc_khz={} pt={pt} usable_bytes={} vmm={vmm} boot={boot} stall_threshold_{}={}",
             layout.pages * PAGE,
             layout.pages,
             o.pattern.name(),
@@ -318,6 +368,8 @@ fn print_start(vcpus: u64, layout: &Layout, o: &Options) {
             o.seed,
             o.tsc_khz,
             layout.usable_pages * PAGE,
+            clock.unit(),
+            clock.stall_threshold(),
         );
     });
 }
@@ -334,23 +386,38 @@ fn print_pass(pass: u64, total: &Counters, before: &Counters, elapsed_ms: u64) {
     });
 }
 
-/// Prints pass `pass`'s slow accesses of every vCPU as one histogram line
-/// (`WORKLOAD HIST name=access_slow pass=K ...`) and clears them for pass K+2.
-fn print_pass_slow(vcpus: u64, pass: u64, unit: &str) {
+/// Prints pass `pass`'s histogram `hists` of every vCPU as one line (`WORKLOAD HIST
+/// name=NAME pass=K ...`), if it holds anything, and clears them for pass K+2.
+fn print_pass_hist(hists: &[[Hist; 2]; MAX], name: &str, vcpus: u64, pass: u64, clock: &Clock) {
     let slot = (pass % 2) as usize;
-    let sum = &PASS_SLOW[0][slot];
-    for v in PASS_SLOW.iter().take(vcpus as usize).skip(1) {
+    let sum = &hists[0][slot];
+    for v in hists.iter().take(vcpus as usize).skip(1) {
         sum.add(&v[slot]);
         v[slot].clear();
     }
-    console::with(|w| {
-        let _ = write!(
-            w,
-            "WORKLOAD HIST name=access_slow pass={pass} unit={unit} buckets="
-        );
-        write_buckets(w, sum);
-    });
+    if sum.count() != 0 {
+        console::with(|w| {
+            let _ = write!(w, "WORKLOAD HIST name={name} pass={pass} ");
+            write_scheme(w, name, clock);
+            write_buckets(w, sum);
+        });
+    }
     sum.clear();
+}
+
+/// Writes `unit=U sub=S [threshold=T] buckets=`: the unit, the bucket scheme (sub-buckets per
+/// power of two) and, for the threshold histograms, the threshold they start at.
+fn write_scheme(w: &mut console::Console, name: &str, clock: &Clock) {
+    let _ = write!(w, "unit={} sub={SUB_BUCKETS} ", clock.unit());
+    let threshold = match name {
+        "access_slow" => Some(clock.slow_threshold()),
+        "stall" => Some(clock.stall_threshold()),
+        _ => None,
+    };
+    if let Some(t) = threshold {
+        let _ = write!(w, "threshold={t} ");
+    }
+    let _ = w.write_str("buckets=");
 }
 
 /// Writes the non-empty buckets as `LO:COUNT,...` and ends the line.
@@ -362,9 +429,10 @@ fn write_buckets(w: &mut console::Console, h: &Hist) {
     let _ = w.write_str("\n");
 }
 
-fn print_hist(name: &str, unit: &str, h: &Hist) {
+fn print_hist(name: &str, clock: &Clock, h: &Hist) {
     console::with(|w| {
-        let _ = write!(w, "WORKLOAD HIST name={name} unit={unit} buckets=");
+        let _ = write!(w, "WORKLOAD HIST name={name} ");
+        write_scheme(w, name, clock);
         write_buckets(w, h);
     });
 }
@@ -374,17 +442,20 @@ fn print_result(vcpus: u64, layout: &Layout, clock: &Clock, passes: u64, total: 
     // Sum into vCPU 0's histograms: every vCPU has finished recording (final barrier).
     let ft = &FIRST_TOUCH[0];
     let slow = &ACCESS_SLOW[0];
+    let stall = &STALL[0];
     for v in 1..vcpus as usize {
         ft.add(&FIRST_TOUCH[v]);
         slow.add(&ACCESS_SLOW[v]);
+        stall.add(&STALL[v]);
     }
-    print_hist("first_touch", clock.unit(), ft);
-    print_hist("access_slow", clock.unit(), slow);
+    print_hist("first_touch", clock, ft);
+    print_hist("access_slow", clock, slow);
+    print_hist("stall", clock, stall);
     let ok = total.mismatches == 0;
     console::with(|w| {
         let _ = writeln!(
             w,
-            "WORKLOAD RESULT status={} passes={passes} pages={} mismatches={} ft_count={} ft_p50_{u}={} ft_p99_{u}={} ft_max_{u}={}",
+            "WORKLOAD RESULT status={} passes={passes} pages={} mismatches={} ft_count={} ft_p50_{u}={} ft_p99_{u}={} ft_max_{u}={} stall_count={} stall_max_{u}={}",
             if ok { "ok" } else { "fail" },
             layout.pages,
             total.mismatches,
@@ -392,6 +463,8 @@ fn print_result(vcpus: u64, layout: &Layout, clock: &Clock, passes: u64, total: 
             ft.percentile(500),
             ft.percentile(990),
             ft.max(),
+            stall.count(),
+            stall.max(),
             u = clock.unit(),
         );
     });
