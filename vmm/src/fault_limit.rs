@@ -71,7 +71,7 @@ pub enum FaultLimitError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot install signal handlers: {0}")]
-    Signals(#[source] vmm_sys_util::errno::Error),
+    Signals(#[source] std::io::Error),
     #[error("userfaultfd {what} failed: {source}")]
     Uffd {
         what: String,
