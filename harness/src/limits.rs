@@ -224,9 +224,9 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
     let mut result = Ok(());
     for i in 0..samples {
         let p = (i % PAGES) * PAGE;
+        let t0 = Instant::now();
         // SAFETY: `p` is inside the `len`-byte target mapping; the read faults and is served by
         // the server thread (the page cache holds the page, so CONTINUE maps it).
-        let t0 = Instant::now();
         let v = unsafe { std::ptr::read_volatile(base.add(p)) };
         let dt = t0.elapsed();
         std::hint::black_box(v);

@@ -30,17 +30,13 @@ fn full_migration(mode: Mode, guest_runs: bool) {
         "destination memory differs from the source"
     );
     assert_eq!(state, src.state, "state blob");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
     assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
+        src.resumes(),
         0,
         "the source must not resume after the destination started"
     );
-    assert_eq!(
-        src.dirty.enabled.load(Ordering::Relaxed),
-        0,
-        "dirty logging left enabled"
-    );
+    src.assert_dirty_logging_off();
     let total = src.mem.layout.total_pages();
     assert_eq!(summary.destination.pages_received, total);
     if !guest_runs {
@@ -107,7 +103,7 @@ fn wrong_secret_fails_on_both_sides() {
         derr.to_string().contains("authentication failed"),
         "destination: {derr}"
     );
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
 }
 
 #[test]
@@ -333,7 +329,7 @@ fn silent_destination_times_out_the_handshake() {
     let e = source::migrate(&src, addr, options(Mode::Precopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("stalled"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(4));
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
     peer.join().unwrap();
 }
 
@@ -357,16 +353,8 @@ fn destination_that_stops_reading_times_out_the_source() {
     src.stop_guest();
     assert!(e.to_string().contains("stalled"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(6));
-    assert_eq!(
-        src.pauses.load(Ordering::Relaxed),
-        0,
-        "paused although precopy never finished"
-    );
-    assert_eq!(
-        src.dirty.enabled.load(Ordering::Relaxed),
-        0,
-        "dirty logging left enabled"
-    );
+    assert_eq!(src.pauses(), 0, "paused although precopy never finished");
+    src.assert_dirty_logging_off();
     peer.join().unwrap();
 }
 
@@ -432,12 +420,8 @@ fn failed_start_at_the_destination_resumes_the_source() {
         let e = source::migrate(&src, addr, options(mode, None), &|_| {}).unwrap_err();
         assert!(e.to_string().contains("refuse to start"), "{mode:?}: {e}");
         assert!(!e.destination_started());
-        assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            src.resumes.load(Ordering::Relaxed),
-            1,
-            "{mode:?}: source not resumed"
-        );
+        assert_eq!(src.pauses(), 1);
+        assert_eq!(src.resumes(), 1, "{mode:?}: source not resumed");
         let de = dest.join().unwrap().err().unwrap();
         assert!(de.to_string().contains("refuse to start"), "{de}");
     }
@@ -454,7 +438,7 @@ fn destination_rejection_reaches_the_source() {
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("no huge pages"), "{e}");
     assert!(matches!(e, SourceError::Wire(_)));
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
     dest.join().unwrap();
 }
 
@@ -506,7 +490,7 @@ fn page_fetch_of_a_bad_address_is_refused() {
     let src = TestSource::new(&[(0, 0, MIB)]);
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("probe done"), "{e}");
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes(), 1);
     assert!(dest.join().unwrap().to_string().contains("probe done"));
 }
 
@@ -622,11 +606,7 @@ fn a_link_that_never_returns_loses_the_vm_on_both_sides() {
     assert!(e.to_string().contains("VM lost"), "{e}");
     assert!(e.to_string().contains("did not come back"), "{e}");
     assert!(took < Duration::from_secs(20), "gave up after {took:?}");
-    assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
-        0,
-        "a stale copy resumed"
-    );
+    assert_eq!(src.resumes(), 0, "a stale copy resumed");
     let de = dest
         .join()
         .unwrap()
@@ -728,7 +708,7 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
     src.stop_guest();
     assert!(e.to_string().contains("out of memory"), "{e}");
     assert_eq!(
-        src.pauses.load(Ordering::Relaxed),
+        src.pauses(),
         0,
         "the source paused although the destination had given up"
     );
@@ -803,8 +783,8 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
     assert!(e.to_string().contains("not written in answer"), "{e}");
     assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
     // It got as far as the pause, and the VM runs again.
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
+    assert_eq!(src.resumes(), 1);
     let said = peer.join().unwrap();
     assert!(
         said.as_deref()
@@ -840,8 +820,8 @@ fn an_unaligned_page_request_before_started_fails_the_migration() {
         "{text}"
     );
     assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
+    assert_eq!(src.resumes(), 1);
     peer.join().unwrap();
 }
 
@@ -852,10 +832,7 @@ fn a_started_before_any_switchover_frame_is_refused() {
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("Started"), "{e}");
     assert!(!e.destination_started(), "{e}");
-    assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
-        src.pauses.load(Ordering::Relaxed)
-    );
+    assert_eq!(src.resumes(), src.pauses());
     peer.join().unwrap();
 }
 
@@ -911,9 +888,9 @@ fn a_destination_silent_after_the_switchover_frame(mode: Mode) {
     }
     assert!(e.keeps_paused() && !e.destination_started(), "{e}");
     assert!(e.to_string().contains("the VM stays paused here"), "{e}");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
     assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
+        src.resumes(),
         0,
         "resumed although the destination may run the VM"
     );

@@ -16,31 +16,15 @@ const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// Boots the workload guest and checks it verified its memory and exited 0.
 fn workload_runs(backing: &str, memory: &str, vcpus: u8) {
-    let kernel = image("workload.elf");
-    let out = run_vmm(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            memory,
-            "--vcpus",
-            &vcpus.to_string(),
-            "--backing",
-            backing,
-            "--cmdline",
-            "span=32M passes=2 pattern=random",
-        ],
-        RUN_LIMIT,
-    );
+    let args = workload_run_args(backing, memory, vcpus, "span=32M passes=2 pattern=random");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_vmm(&args, RUN_LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let result = workload_result(&stdout).unwrap_or_else(|| {
         panic!("no WORKLOAD RESULT line.\nstdout:\n{stdout}\nstderr:\n{stderr}")
     });
-    assert_eq!(field(&result, "status"), Some("ok"), "{stdout}");
-    assert_eq!(field(&result, "mismatches"), Some("0"), "{stdout}");
-    assert_eq!(field(&result, "passes"), Some("2"), "{stdout}");
+    assert_workload_ok(&result, Some(2), &stdout);
     assert!(
         stdout.contains(&format!("WORKLOAD start vcpus={vcpus} ")),
         "guest did not see {vcpus} vCPUs:\n{stdout}"
@@ -66,22 +50,25 @@ fn workload_on_guest_memfd_1_and_2_vcpus() {
     workload_runs("guest-memfd", "256M", 2);
 }
 
+/// [`workload_runs`] on 1 and 2 vCPUs with `count` huge pages of `page_size` reserved; the VMM
+/// gives every page back each time.
+fn workload_on_hugetlb_gives_pages_back(page_size: u64, count: u64, backing: &str, memory: &str) {
+    let _pages = reserve_hugepages(page_size, count)
+        .unwrap_or_else(|e| panic!("reserve {count} x {page_size} bytes: {e}"));
+    let free_before = pool_status(page_size).unwrap().free;
+    workload_runs(backing, memory, 1);
+    workload_runs(backing, memory, 2);
+    assert_eq!(pool_status(page_size).unwrap().free, free_before);
+}
+
 #[test]
 fn workload_on_hugetlb_2m_1_and_2_vcpus_gives_pages_back() {
-    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
-    let free_before = pool_status(PAGE_SIZE_2M).unwrap().free;
-    workload_runs("hugetlb-2m", "256M", 1);
-    workload_runs("hugetlb-2m", "256M", 2);
-    assert_eq!(pool_status(PAGE_SIZE_2M).unwrap().free, free_before);
+    workload_on_hugetlb_gives_pages_back(PAGE_SIZE_2M, 128, "hugetlb-2m", "256M");
 }
 
 #[test]
 fn workload_on_hugetlb_1g_1_and_2_vcpus_gives_pages_back() {
-    let _pages = reserve_hugepages(PAGE_SIZE_1G, 1).expect("reserve 1 x 1 GiB");
-    let free_before = pool_status(PAGE_SIZE_1G).unwrap().free;
-    workload_runs("hugetlb-1g", "1G", 1);
-    workload_runs("hugetlb-1g", "1G", 2);
-    assert_eq!(pool_status(PAGE_SIZE_1G).unwrap().free, free_before);
+    workload_on_hugetlb_gives_pages_back(PAGE_SIZE_1G, 1, "hugetlb-1g", "1G");
 }
 
 #[test]

@@ -92,18 +92,7 @@ fn start_destination(
 
 /// Starts `vmm migrate --json` to `to` in the background.
 fn start_migrate(sock: &Path, to: &str, mode: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "migrate",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--to",
-        to,
-        "--mode",
-        mode,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    Proc::vmm("migrate", &args)
+    Proc::vmm("migrate", &migrate_args(sock, to, mode, extra))
 }
 
 /// Everything the processes printed, and what the relay saw, for failure messages.
@@ -242,13 +231,7 @@ fn assert_guest_finished_ok(p: &mut Proc, passes: u32, others: &[&Proc], relay: 
     let ctx = context(&all, relay);
     let out = p.stdout();
     let result = workload_result(&out).unwrap_or_else(|| panic!("no WORKLOAD RESULT\n{ctx}"));
-    assert_eq!(field(&result, "status"), Some("ok"), "{ctx}");
-    assert_eq!(field(&result, "mismatches"), Some("0"), "{ctx}");
-    assert_eq!(
-        field(&result, "passes"),
-        Some(passes.to_string().as_str()),
-        "{ctx}"
-    );
+    assert_workload_ok(&result, Some(passes), &ctx);
     assert!(clean(&out), "{ctx}");
     assert_eq!(status.code(), Some(0), "{ctx}");
 }
@@ -328,6 +311,21 @@ impl Rig {
         start_migrate(&self.sock, &self.relay.addr().to_string(), mode, extra)
     }
 
+    /// Waits for the migrate command `mig` to exit (see [`wait_exit`]).
+    fn wait_migrate(&self, mig: &mut Proc, limit: Duration) -> ExitStatus {
+        wait_exit(mig, limit, &[&self.src, &self.dst], Some(&self.relay))
+    }
+
+    /// Waits for the destination to exit (see [`wait_exit`]).
+    fn wait_destination(&mut self, mig: &Proc, limit: Duration) -> ExitStatus {
+        wait_exit(&mut self.dst, limit, &[mig, &self.src], Some(&self.relay))
+    }
+
+    /// Waits for the source to exit (see [`wait_exit`]).
+    fn wait_source(&mut self, mig: &Proc, limit: Duration) -> ExitStatus {
+        wait_exit(&mut self.src, limit, &[mig, &self.dst], Some(&self.relay))
+    }
+
     fn context(&self, mig: &Proc) -> String {
         context(&[mig, &self.src, &self.dst], Some(&self.relay))
     }
@@ -387,12 +385,7 @@ impl Rig {
         min_recoveries: u64,
     ) -> (Value, Value) {
         let t = Instant::now();
-        let status = wait_exit(
-            &mut mig,
-            MIGRATE_LIMIT,
-            &[&self.src, &self.dst],
-            Some(&self.relay),
-        );
+        let status = self.wait_migrate(&mut mig, MIGRATE_LIMIT);
         assert_eq!(
             status.code(),
             Some(0),
@@ -430,12 +423,7 @@ impl Rig {
         );
 
         // The source hands over and exits 0, without having finished the workload itself.
-        let status = wait_exit(
-            &mut self.src,
-            Duration::from_secs(30),
-            &[&mig, &self.dst],
-            Some(&self.relay),
-        );
+        let status = self.wait_source(&mig, Duration::from_secs(30));
         assert_eq!(
             status.code(),
             Some(0),
@@ -449,12 +437,7 @@ impl Rig {
         );
 
         let stats = self.wait_for_stats(&mig);
-        let status = wait_exit(
-            &mut self.dst,
-            FINISH_LIMIT,
-            &[&mig, &self.src],
-            Some(&self.relay),
-        );
+        let status = self.wait_destination(&mig, FINISH_LIMIT);
         let out = self.dst.stdout();
         let result = workload_result(&out).unwrap_or_else(|| {
             panic!(
@@ -791,26 +774,11 @@ fn link_never_comes_back_both_sides_give_up_vm_lost() {
     let cut = Instant::now();
     rig.wait_paused(&mig, 1);
 
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     let dst_gave_up = cut.elapsed();
-    let status_mig = wait_exit(
-        &mut mig,
-        Duration::from_secs(30),
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
-    let status_src = wait_exit(
-        &mut rig.src,
-        Duration::from_secs(30),
-        &[&mig, &rig.dst],
-        Some(&rig.relay),
-    );
-    let ctx = context(&[&mig, &rig.src, &rig.dst], Some(&rig.relay));
+    let status_mig = rig.wait_migrate(&mut mig, Duration::from_secs(30));
+    let status_src = rig.wait_source(&mig, Duration::from_secs(30));
+    let ctx = rig.context(&mig);
     eprintln!("destination gave up {dst_gave_up:?} after the cut; migrate {status_mig}, source {status_src}");
 
     assert_eq!(status.code(), Some(1), "the destination should fail\n{ctx}");
@@ -998,26 +966,11 @@ fn sigterm_to_the_destination_mid_postcopy_loses_the_vm() {
         rig.context(&mig)
     );
     rig.dst.signal(libc::SIGTERM);
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(10),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(10));
     rig.relay.set_blackhole(false);
-    let status_mig = wait_exit(
-        &mut mig,
-        Duration::from_secs(30),
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
-    let status_src = wait_exit(
-        &mut rig.src,
-        Duration::from_secs(30),
-        &[&mig, &rig.dst],
-        Some(&rig.relay),
-    );
-    let ctx = context(&[&mig, &rig.src, &rig.dst], Some(&rig.relay));
+    let status_mig = rig.wait_migrate(&mut mig, Duration::from_secs(30));
+    let status_src = rig.wait_source(&mig, Duration::from_secs(30));
+    let ctx = rig.context(&mig);
 
     assert_eq!(
         status.code(),
@@ -1056,12 +1009,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     // 16 MiB into the first precopy round (the span alone is 64 MiB of data).
     rig.relay.reset_after_bytes(16 * MIB);
     let mut mig = rig.migrate("precopy", &[]);
-    let status = wait_exit(
-        &mut mig,
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
     assert_eq!(rig.relay.resets(), 1, "the link was not reset\n{ctx}");
     assert_eq!(status.code(), Some(1), "vmm migrate should fail\n{ctx}");
@@ -1070,12 +1018,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
         !rig.src.stderr().contains("postcopy-paused"),
         "a precopy round is no postcopy: nothing to recover\n{ctx}"
     );
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     assert_eq!(
         status.code(),
         Some(1),
@@ -1145,13 +1088,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     let out = dst2.stdout();
     let result = workload_result(&out)
         .unwrap_or_else(|| panic!("no WORKLOAD RESULT on the second destination\n{ctx}"));
-    assert_eq!(field(&result, "status"), Some("ok"), "{ctx}");
-    assert_eq!(field(&result, "mismatches"), Some("0"), "{ctx}");
-    assert_eq!(
-        field(&result, "passes"),
-        Some(passes.to_string().as_str()),
-        "{ctx}"
-    );
+    assert_workload_ok(&result, Some(passes), &ctx);
     assert!(clean(&out), "{ctx}");
     assert_eq!(status.code(), Some(0), "the second destination\n{ctx}");
 }
@@ -1218,12 +1155,7 @@ fn state_cut_on_its_way_the_source_learns_not_started_and_resumes() {
     let mut rig = Rig::start("anon", "anon", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(STATE_CUT);
     let mut mig = rig.migrate("postcopy", &[]);
-    let status = wait_exit(
-        &mut mig,
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
     assert_eq!(rig.relay.resets(), 1, "the link was not reset\n{ctx}");
     assert_eq!(status.code(), Some(1), "vmm migrate should fail\n{ctx}");
@@ -1235,12 +1167,7 @@ fn state_cut_on_its_way_the_source_learns_not_started_and_resumes() {
         "vmm migrate should say the destination did not start the VM\n{ctx}"
     );
     // The destination never ran the guest and gives up once the source said so.
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     let ctx = rig.context(&mig);
     assert_eq!(status.code(), Some(1), "the destination should fail\n{ctx}");
     assert!(
@@ -1280,12 +1207,7 @@ fn state_cut_and_no_way_back_leaves_the_source_paused_with_the_outcome_unknown()
         || rig.relay.accepted() >= 2,
     );
     rig.relay.set_refuse(true);
-    let status = wait_exit(
-        &mut mig,
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
     assert_eq!(rig.relay.resets(), 1, "the link was not reset\n{ctx}");
     assert_eq!(status.code(), Some(1), "vmm migrate should fail\n{ctx}");
@@ -1317,12 +1239,7 @@ fn state_cut_and_no_way_back_leaves_the_source_paused_with_the_outcome_unknown()
         .unwrap_or_else(|e| panic!("forced resume: {e}\n{}", rig.context(&mig)));
     assert_guest_finished_ok(&mut rig.src, PASSES, &[&mig, &rig.dst], Some(&rig.relay));
     // The destination never ran the guest and gave up on its own.
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     let ctx = rig.context(&mig);
     assert_eq!(status.code(), Some(1), "the destination should fail\n{ctx}");
     assert!(

@@ -52,23 +52,8 @@ fn tls_init(dir: &Path) {
 }
 
 fn migrate(sock: &Path, to: &str, extra: &[&str]) -> (Option<i32>, String, String) {
-    let mut args = vec![
-        "migrate",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--to",
-        to,
-        "--mode",
-        "postcopy",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let out = run_vmm(&args, MIGRATE_LIMIT);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = run_migrate(sock, to, "postcopy", extra, MIGRATE_LIMIT);
+    (r.code, r.stdout, r.stderr)
 }
 
 #[test]
@@ -108,18 +93,7 @@ fn postcopy_over_tls_end_to_end() {
             context(&src, &dst)
         )
     });
-    assert_eq!(
-        field(&result, "status"),
-        Some("ok"),
-        "{}",
-        context(&src, &dst)
-    );
-    assert_eq!(
-        field(&result, "mismatches"),
-        Some("0"),
-        "{}",
-        context(&src, &dst)
-    );
+    assert_workload_ok(&result, None, &context(&src, &dst));
     assert_eq!(dst_status.code(), Some(0), "{}", context(&src, &dst));
     assert!(
         dst.stderr().contains("TLS"),

@@ -29,14 +29,66 @@ pub fn image(name: &str) -> PathBuf {
 
 /// Runs `vmm` with `args`, killing it (by its PID) after `limit`. Returns its output.
 pub fn run_vmm(args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(vmm_bin())
-        .args(args)
+    let child = vmm_command(args).spawn().expect("spawn vmm");
+    wait_with_deadline(child, limit)
+}
+
+/// A `vmm` command with `args`, stdin closed and both outputs piped.
+pub fn vmm_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm");
-    wait_with_deadline(child, limit)
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// `vmm migrate --json` arguments: the VM behind the API socket `sock` to `to` in `mode`, then
+/// `extra`.
+pub fn migrate_args<'a>(
+    sock: &'a std::path::Path,
+    to: &'a str,
+    mode: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "migrate",
+        "--api-socket",
+        sock.to_str().expect("UTF-8 socket path"),
+        "--to",
+        to,
+        "--mode",
+        mode,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// How a `vmm migrate` run ended.
+pub struct MigrateRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+/// Runs `vmm migrate --json` (see [`migrate_args`]) to its end, killing it after `limit`.
+pub fn run_migrate(
+    sock: &std::path::Path,
+    to: &str,
+    mode: &str,
+    extra: &[&str],
+    limit: Duration,
+) -> MigrateRun {
+    let start = Instant::now();
+    let out = run_vmm(&migrate_args(sock, to, mode, extra), limit);
+    MigrateRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: start.elapsed(),
+    }
 }
 
 /// Waits for `child`, killing it after `limit`; collects stdout and stderr.
@@ -94,6 +146,20 @@ pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// Asserts that a workload RESULT line says the guest verified its memory (status ok, no
+/// mismatch) and, if `passes` is given, made that many passes; `ctx` ends each failure message.
+pub fn assert_workload_ok(result: &[(String, String)], passes: Option<u32>, ctx: &str) {
+    assert_eq!(field(result, "status"), Some("ok"), "{ctx}");
+    assert_eq!(field(result, "mismatches"), Some("0"), "{ctx}");
+    if let Some(passes) = passes {
+        assert_eq!(
+            field(result, "passes"),
+            Some(passes.to_string().as_str()),
+            "{ctx}"
+        );
+    }
 }
 
 /// Huge pages for one test: the lock serializing pool changes plus a reservation that restores
@@ -164,7 +230,7 @@ impl Proc {
     /// Starts `vmm` with `args`; `name` labels it in failure messages.
     pub fn vmm(name: &str, args: &[&str]) -> Proc {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(vmm_bin());
+        let mut cmd = vmm_command(args);
         // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
         // is async-signal-safe. The child is killed if the thread that started it (the test)
         // dies without running Drop, e.g. when the test runner kills a test that ran too long.
@@ -176,13 +242,7 @@ impl Proc {
                 Ok(())
             })
         };
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
+        let mut child = cmd.spawn().expect("spawn vmm");
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         collect(child.stdout.take().expect("stdout piped"), stdout.clone());
@@ -321,15 +381,8 @@ pub fn free_port() -> u16 {
 /// Longest a VM may take to boot and print its first pass, or `vmm receive` to listen.
 pub const BOOT_LIMIT: Duration = Duration::from_secs(60);
 
-/// `vmm run` arguments of a source running the workload guest (`span=64M pattern=random`,
-/// `passes` passes) with an API socket at `sock`.
-pub fn workload_source_args(
-    backing: &str,
-    memory: &str,
-    vcpus: u8,
-    passes: u32,
-    sock: &std::path::Path,
-) -> Vec<String> {
+/// `vmm run` arguments of the workload guest with `cmdline`.
+pub fn workload_run_args(backing: &str, memory: &str, vcpus: u8, cmdline: &str) -> Vec<String> {
     let kernel = image("workload.elf");
     [
         "run",
@@ -342,13 +395,26 @@ pub fn workload_source_args(
         "--backing",
         backing,
         "--cmdline",
-        &format!("span=64M passes={passes} pattern=random"),
-        "--api-socket",
-        sock.to_str().unwrap(),
+        cmdline,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// `vmm run` arguments of a source running the workload guest (`span=64M pattern=random`,
+/// `passes` passes) with an API socket at `sock`.
+pub fn workload_source_args(
+    backing: &str,
+    memory: &str,
+    vcpus: u8,
+    passes: u32,
+    sock: &std::path::Path,
+) -> Vec<String> {
+    let cmdline = format!("span=64M passes={passes} pattern=random");
+    let mut args = workload_run_args(backing, memory, vcpus, &cmdline);
+    args.extend(["--api-socket".into(), sock.to_str().unwrap().into()]);
+    args
 }
 
 /// Starts a workload source VM (see [`workload_source_args`]) and waits until its API socket is
