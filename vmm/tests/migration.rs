@@ -190,20 +190,18 @@ fn migrate_workload(case: &Case) -> Migrated {
     );
     let mut src = start_source(case.src, case.memory, case.vcpus, case.passes, &sock);
 
-    let (code, out, err, took) = migrate(&sock, &format!("127.0.0.1:{port}"), case.mode, &[]);
+    let run = run_migrate(
+        &sock,
+        &format!("127.0.0.1:{port}"),
+        case.mode,
+        &[],
+        MIGRATE_LIMIT,
+    );
+    let took = run.took;
     let context = |src: &Proc, dst: &Proc| {
-        format!(
-            "migrate stdout:\n{out}\nmigrate stderr:\n{err}\n{}\n{}",
-            src.describe(),
-            dst.describe()
-        )
+        format!("{}\n{}\n{}", run.describe(), src.describe(), dst.describe())
     };
-    assert_eq!(code, Some(0), "vmm migrate failed\n{}", context(&src, &dst));
-    let summary: Value = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON summary\n{}", context(&src, &dst)));
+    let summary = run.expect_summary(&context(&src, &dst));
     for key in [
         "blackout_ms",
         "total_ms",
@@ -609,11 +607,7 @@ fn garbage_sent_to_receive_is_refused() {
     let port = free_port();
     let mut dst = start_destination("anon", "4k", port, &[]);
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let junk: Vec<u8> = b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
-        .iter()
-        .copied()
-        .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
-        .collect();
+    let junk = junk_bytes();
     // The destination may hang up before reading all of it.
     let _ = c.write_all(&junk);
     let status = dst.wait(Duration::from_secs(30));

@@ -116,24 +116,11 @@ fn context(procs: &[&Proc], relay: Option<&Relay>) -> String {
 
 /// Waits for `p` to exit; kills it and panics (with everyone's output) after `limit`.
 fn wait_exit(p: &mut Proc, limit: Duration, others: &[&Proc], relay: Option<&Relay>) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = p.try_wait() {
-            // Let the readers drain the pipes.
-            std::thread::sleep(Duration::from_millis(100));
-            return s;
-        }
-        if start.elapsed() > limit {
-            p.kill();
-            let mut all = vec![&*p];
-            all.extend_from_slice(others);
-            panic!(
-                "a process did not exit within {limit:?}\n{}",
-                context(&all, relay)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    p.wait_or_explain(limit, |p| {
+        let mut all = vec![p];
+        all.extend_from_slice(others);
+        context(&all, relay)
+    })
 }
 
 /// Waits (polling every 2 ms) until `pred(stdout, stderr)` holds for `p`; panics with
@@ -324,6 +311,31 @@ impl Rig {
     /// Waits for the source to exit (see [`wait_exit`]).
     fn wait_source(&mut self, mig: &Proc, limit: Duration) -> ExitStatus {
         wait_exit(&mut self.src, limit, &[mig, &self.dst], Some(&self.relay))
+    }
+
+    /// Asserts that `vmm migrate` (which exited `mig_status`) and the source VMM (`src_status`)
+    /// both failed saying the VM is lost, the source with `src_says` on stderr.
+    fn assert_lost_on_the_source_side(
+        &self,
+        mig: &Proc,
+        mig_status: ExitStatus,
+        src_status: ExitStatus,
+        src_says: &str,
+        ctx: &str,
+    ) {
+        assert_eq!(mig_status.code(), Some(1), "vmm migrate should fail\n{ctx}");
+        assert!(
+            mig.stderr().contains("VM lost"),
+            "vmm migrate does not say the VM is lost\n{ctx}"
+        );
+        assert!(
+            !src_status.success(),
+            "the source VMM must not exit 0 when the VM is lost\n{ctx}"
+        );
+        assert!(
+            self.src.stderr().contains(src_says),
+            "the source VMM does not say the VM is lost ({src_says})\n{ctx}"
+        );
     }
 
     fn context(&self, mig: &Proc) -> String {
@@ -803,20 +815,12 @@ fn link_never_comes_back_both_sides_give_up_vm_lost() {
         "the destination wrote statistics of a lost VM\n{ctx}"
     );
 
-    assert_eq!(status_mig.code(), Some(1), "vmm migrate should fail\n{ctx}");
-    assert!(
-        mig.stderr().contains("VM lost"),
-        "vmm migrate does not say the VM is lost\n{ctx}"
-    );
-    assert!(
-        !status_src.success(),
-        "the source VMM must not exit 0 when the VM is lost\n{ctx}"
-    );
-    assert!(
-        rig.src
-            .stderr()
-            .contains("vmm: error: running the VM: VM lost"),
-        "the source VMM does not say the VM is lost\n{ctx}"
+    rig.assert_lost_on_the_source_side(
+        &mig,
+        status_mig,
+        status_src,
+        "vmm: error: running the VM: VM lost",
+        &ctx,
     );
     assert!(workload_result(&rig.src.stdout()).is_none(), "{ctx}");
     eprintln!("{}", logs(&[&mig, &rig.src, &rig.dst]));
@@ -872,11 +876,7 @@ fn strangers_are_refused_by_a_paused_destination_and_the_source_recovers() {
     {
         let mut c = TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let junk: Vec<u8> = b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
-            .iter()
-            .copied()
-            .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
-            .collect();
+        let junk = junk_bytes();
         let _ = c.write_all(&junk);
         let mut buf = [0u8; 4096];
         let closed = loop {
@@ -984,19 +984,7 @@ fn sigterm_to_the_destination_mid_postcopy_loses_the_vm() {
     let out = rig.dst.stdout();
     assert!(clean(&out), "the destination guest saw bad pages\n{ctx}");
     assert!(workload_result(&out).is_none(), "{ctx}");
-    assert_eq!(status_mig.code(), Some(1), "vmm migrate should fail\n{ctx}");
-    assert!(
-        mig.stderr().contains("VM lost"),
-        "vmm migrate does not say the VM is lost\n{ctx}"
-    );
-    assert!(
-        !status_src.success(),
-        "the source VMM must not exit 0\n{ctx}"
-    );
-    assert!(
-        rig.src.stderr().contains("VM lost"),
-        "the source VMM does not say the VM is lost\n{ctx}"
-    );
+    rig.assert_lost_on_the_source_side(&mig, status_mig, status_src, "VM lost", &ctx);
     eprintln!("{}", logs(&[&mig, &rig.src, &rig.dst]));
 }
 

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
 const MIGRATE_LIMIT: Duration = Duration::from_secs(120);
 const FINISH_LIMIT: Duration = Duration::from_secs(120);
@@ -66,20 +65,17 @@ fn postcopy_over_tls_end_to_end() {
     let port = free_port();
     let mut dst = start_receive("destination", "shmem", "4k", port, &["--tls-dir", tls_arg]);
     let mut src = start_workload_source("shmem", "256M", 1, 600, &sock);
-    let (code, out, err) = migrate(&sock, &format!("127.0.0.1:{port}"), &["--tls-dir", tls_arg]);
+    let run = run_migrate(
+        &sock,
+        &format!("127.0.0.1:{port}"),
+        "postcopy",
+        &["--tls-dir", tls_arg],
+        MIGRATE_LIMIT,
+    );
     let context = |src: &Proc, dst: &Proc| {
-        format!(
-            "migrate stdout:\n{out}\nmigrate stderr:\n{err}\n{}\n{}",
-            src.describe(),
-            dst.describe()
-        )
+        format!("{}\n{}\n{}", run.describe(), src.describe(), dst.describe())
     };
-    assert_eq!(code, Some(0), "vmm migrate failed\n{}", context(&src, &dst));
-    let summary: Value = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON summary\n{}", context(&src, &dst)));
+    let summary = run.expect_summary(&context(&src, &dst));
     assert!(
         summary["faults_served"].as_f64().unwrap_or(0.0) > 0.0,
         "{summary:#}"

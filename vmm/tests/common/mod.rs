@@ -73,6 +73,36 @@ pub struct MigrateRun {
     pub took: Duration,
 }
 
+impl MigrateRun {
+    /// Its outputs, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "migrate stdout:\n{}\nmigrate stderr:\n{}",
+            self.stdout, self.stderr
+        )
+    }
+
+    /// Asserts that it exited 0 and returns its JSON summary (the last JSON line it printed);
+    /// `ctx` ends the failure messages.
+    pub fn expect_summary(&self, ctx: &str) -> serde_json::Value {
+        assert_eq!(self.code, Some(0), "vmm migrate failed\n{ctx}");
+        self.stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("no JSON summary\n{ctx}"))
+    }
+}
+
+/// Bytes no VMM takes for a migration stream: an HTTP request, then 4 KiB of noise.
+pub fn junk_bytes() -> Vec<u8> {
+    b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
+        .iter()
+        .copied()
+        .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
+        .collect()
+}
+
 /// Runs `vmm migrate --json` (see [`migrate_args`]) to its end, killing it after `limit`.
 pub fn run_migrate(
     sock: &std::path::Path,
@@ -322,11 +352,20 @@ impl Proc {
 
     /// Waits for it to exit; kills it and panics after `limit`.
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        self.wait_or_explain(limit, Proc::describe)
+    }
+
+    /// Waits for it to exit; after `limit` kills it and panics with what `explain` says about it.
+    pub fn wait_or_explain(
+        &mut self,
+        limit: Duration,
+        explain: impl FnOnce(&Proc) -> String,
+    ) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(s) = self.try_wait() {
                 // Let the readers drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(100));
                 return s;
             }
             if start.elapsed() > limit {
@@ -334,10 +373,10 @@ impl Proc {
                 panic!(
                     "{} did not exit within {limit:?}\n{}",
                     self.name,
-                    self.describe()
+                    explain(self)
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
