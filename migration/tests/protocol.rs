@@ -335,14 +335,9 @@ fn silent_destination_times_out_the_handshake() {
 
 #[test]
 fn destination_that_stops_reading_times_out_the_source() {
-    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
-    let addr = acceptor.local_addr().unwrap();
+    let (acceptor, addr) = fake_destination();
     let peer = std::thread::spawn(move || {
-        let mut s = acceptor.accept().unwrap();
-        assert!(matches!(
-            s.main.reader.read("config").unwrap(),
-            Message::Config(_)
-        ));
+        let mut s = accept_config(&acceptor);
         s.main.send(&Message::Ready, "ready").unwrap();
         std::thread::sleep(Duration::from_secs(6));
     });
@@ -669,17 +664,29 @@ fn strangers_are_refused_while_paused_and_the_source_still_recovers() {
 
 // ---- a destination that speaks out of turn before the switchover ----
 
+/// A fake destination's acceptor on 127.0.0.1 (any port), and its address.
+fn fake_destination() -> (Acceptor, SocketAddr) {
+    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    (acceptor, addr)
+}
+
+/// Accepts the source's session and reads its first frame, which must be the Config.
+fn accept_config(acceptor: &Acceptor) -> transport::Session {
+    let mut s = acceptor.accept().unwrap();
+    assert!(matches!(
+        s.main.reader.read("config").unwrap(),
+        Message::Config(_)
+    ));
+    s
+}
+
 /// A fake destination: reads Config, answers Ready and then `then` at once, and drains what
 /// the source sends until it closes.
 fn speaking_destination(then: Message<'static>) -> (SocketAddr, JoinHandle<()>) {
-    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
-    let addr = acceptor.local_addr().unwrap();
+    let (acceptor, addr) = fake_destination();
     let peer = std::thread::spawn(move || {
-        let mut s = acceptor.accept().unwrap();
-        assert!(matches!(
-            s.main.reader.read("config").unwrap(),
-            Message::Config(_)
-        ));
+        let mut s = accept_config(&acceptor);
         s.main.lift_size_limit();
         // Both frames in one write: they arrive together, as from a peer that does not wait.
         let mut bytes = Vec::new();
@@ -720,14 +727,9 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
 fn destination_turning_at_state(
     act: fn(&mut transport::Session),
 ) -> (SocketAddr, JoinHandle<Option<String>>) {
-    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
-    let addr = acceptor.local_addr().unwrap();
+    let (acceptor, addr) = fake_destination();
     let peer = std::thread::spawn(move || {
-        let mut s = acceptor.accept().unwrap();
-        assert!(matches!(
-            s.main.reader.read("config").unwrap(),
-            Message::Config(_)
-        ));
+        let mut s = accept_config(&acceptor);
         s.main.lift_size_limit();
         s.main.send(&Message::Ready, "ready").unwrap();
         loop {

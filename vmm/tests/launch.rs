@@ -230,24 +230,22 @@ fn sigterm_shuts_down_cleanly_and_gives_back_huge_pages() {
     let _pages = reserve_hugepages(PAGE_SIZE_2M, 64).expect("reserve 64 x 2 MiB");
     let free_before = pool_status(PAGE_SIZE_2M).unwrap().free;
     let kernel = image("workload.elf");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "128M",
-            "--backing",
-            "hugetlb-2m",
-            "--vcpus",
-            "2",
-            "--cmdline",
-            "span=32M passes=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = vmm_command(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--backing",
+        "hugetlb-2m",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "span=32M passes=0",
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     // Wait until the guest completed a pass, so the VM really runs with its pages in use.
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
@@ -271,20 +269,17 @@ fn sigterm_shuts_down_cleanly_and_gives_back_huge_pages() {
 #[test]
 fn linux_banner_reaches_the_serial_console() {
     let kernel = image("vmlinux");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--vcpus",
-            "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = vmm_command(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "512M",
+        "--vcpus",
+        "2",
+    ])
+    .spawn()
+    .unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -321,22 +316,20 @@ fn api_socket_is_private_and_answers_status() {
     let kernel = image("workload.elf");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "128M",
-            "--cmdline",
-            "span=16M passes=0",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = vmm_command(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--cmdline",
+        "span=16M passes=0",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
     let start = Instant::now();
     while !sock.exists() {
         assert!(

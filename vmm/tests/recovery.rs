@@ -342,6 +342,16 @@ impl Rig {
         context(&[mig, &self.src, &self.dst], Some(&self.relay))
     }
 
+    /// Waits (see [`poll_until`], at most [`MIGRATE_LIMIT`]) until `cond` holds for the relay.
+    fn wait_until(&self, mig: &Proc, what: &str, cond: impl Fn(&Relay) -> bool) {
+        poll_until(
+            what,
+            MIGRATE_LIMIT,
+            || self.context(mig),
+            || cond(&self.relay),
+        );
+    }
+
     /// Waits until the destination set up postcopy (it prints each region's serve mode right
     /// before it starts the vCPUs).
     fn wait_postcopy_started(&mut self, mig: &Proc) {
@@ -622,12 +632,7 @@ fn reset_once_anon_to_hugetlb_2m(at: ResetAt) {
             rig.context(&mig)
         );
     }
-    poll_until(
-        "the reset",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "the reset", |r| r.resets() >= 1);
     let detect = rig.wait_paused(&mig, 1);
     eprintln!("reset at {at:?}: both sides paused within {detect:?}");
     let (summary, stats) = rig.finish_recovered(mig, "postcopy", 1);
@@ -662,12 +667,7 @@ fn five_resets_in_one_migration() {
     rig.relay.reset_after_bytes(8 * MIB);
     let mig = rig.migrate("postcopy", &[]);
     for k in 1..=5u64 {
-        poll_until(
-            &format!("reset #{k}"),
-            MIGRATE_LIMIT,
-            || rig.context(&mig),
-            || rig.relay.resets() >= k,
-        );
+        rig.wait_until(&mig, &format!("reset #{k}"), |r| r.resets() >= k);
         if k < 5 {
             rig.relay.reset_after_bytes(6 * MIB);
         }
@@ -728,12 +728,7 @@ fn hybrid_reset_in_the_postcopy_push() {
     // since the last round, so the push has tens of MiB to go.
     rig.wait_postcopy_started(&mig);
     rig.relay.reset_after_bytes(4 * MIB);
-    poll_until(
-        "the reset",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "the reset", |r| r.resets() >= 1);
     rig.wait_paused(&mig, 1);
     let (summary, _) = rig.finish_recovered(mig, "hybrid", 1);
     assert!(
@@ -748,12 +743,7 @@ fn shmem_to_guest_memfd_reset_mid_push() {
     let mut rig = Rig::start("shmem", "guest-memfd", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(STREAM_BYTES / 2);
     let mig = rig.migrate("postcopy", &[]);
-    poll_until(
-        "the reset",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "the reset", |r| r.resets() >= 1);
     rig.wait_paused(&mig, 1);
     let (summary, _) = rig.finish_recovered(mig, "postcopy", 1);
     assert_eq!(rig.relay.resets(), 1, "{summary}");
@@ -1188,12 +1178,9 @@ fn state_cut_and_no_way_back_leaves_the_source_paused_with_the_outcome_unknown()
     let mut mig = rig.migrate("postcopy", &["--recover-timeout", "3"]);
     // Both channels are up (the destination still builds memory before Ready): from now on
     // nobody gets through the relay.
-    poll_until(
-        "both channels through the relay",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.accepted() >= 2,
-    );
+    rig.wait_until(&mig, "both channels through the relay", |r| {
+        r.accepted() >= 2
+    });
     rig.relay.set_refuse(true);
     let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
@@ -1248,28 +1235,17 @@ fn resets_during_a_recovery_handshake_and_right_after_one() {
     let mut rig = Rig::start("anon", "anon", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(16 * MIB);
     let mig = rig.migrate("postcopy", &[]);
-    poll_until(
-        "reset #1",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "reset #1", |r| r.resets() >= 1);
     // The next reconnect is cut in its urgent Hello: the main channel had authenticated.
     rig.relay.reset_after_bytes(150);
-    poll_until(
-        "reset #2 (in the recovery handshake)",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 2,
-    );
+    rig.wait_until(&mig, "reset #2 (in the recovery handshake)", |r| {
+        r.resets() >= 2
+    });
     // The one after that completes, and the push it resumes is cut at once.
     rig.relay.reset_after_bytes(RECOVERY_HANDSHAKE + 100);
-    poll_until(
-        "reset #3 (right after a recovery)",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 3,
-    );
+    rig.wait_until(&mig, "reset #3 (right after a recovery)", |r| {
+        r.resets() >= 3
+    });
     let (summary, stats) = rig.finish_recovered(mig, "postcopy", 2);
     assert_eq!(rig.relay.resets(), 3, "{summary}");
     assert_eq!(
