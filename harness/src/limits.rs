@@ -194,21 +194,13 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
     let _awake = KeepAwake::start();
     const PAGES: usize = 64;
     let len = PAGES * PAGE;
-    // SAFETY: memfd_create with a static NUL-terminated name; the returned fd is owned below.
-    let raw = unsafe { libc::memfd_create(c"harness-uffd-limit".as_ptr(), libc::MFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(os("memfd_create for the userfault limit")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `raw` is a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ftruncate on an fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-        return Err(os(format!("ftruncate of the limit memfd to {len} bytes"))(
-            std::io::Error::last_os_error(),
-        ));
-    }
+    let fd = nix::sys::memfd::memfd_create(
+        c"harness-uffd-limit",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .map_err(|e| os("memfd_create for the userfault limit")(e.into()))?;
+    nix::unistd::ftruncate(&fd, len as libc::off_t)
+        .map_err(|e| os(format!("ftruncate of the limit memfd to {len} bytes"))(e.into()))?;
     // Fill the page cache through an alias that is never registered.
     let alias = Mapping::shared(&fd, len)?;
     // SAFETY: the alias mapping is `len` bytes, writable, and only this thread touches it now.
@@ -279,9 +271,9 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
     let mut result = Ok(());
     for i in 0..samples {
         let p = (i % PAGES) * PAGE;
+        let t0 = Instant::now();
         // SAFETY: `p` is inside the `len`-byte target mapping; the read faults and is served by
         // the server thread (the page cache holds the page, so CONTINUE maps it).
-        let t0 = Instant::now();
         let v = unsafe { std::ptr::read_volatile(base.add(p)) };
         let dt = t0.elapsed();
         std::hint::black_box(v);

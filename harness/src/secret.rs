@@ -5,6 +5,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use zeroize::Zeroizing;
+
 /// Errors creating the secret file.
 #[derive(Debug, thiserror::Error)]
 #[error("creating the migration secret file {path}: {source}")]
@@ -21,8 +23,9 @@ pub struct SecretFile {
 impl SecretFile {
     /// Writes a fresh secret to `path` (replacing any file there).
     pub fn create(path: PathBuf) -> Result<Self, SecretError> {
-        let bytes: [u8; 32] = rand::random();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // Wiped when dropped: only the file keeps the secret.
+        let bytes = Zeroizing::new(rand::random::<[u8; 32]>());
+        let hex = Zeroizing::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
         let _ = std::fs::remove_file(&path);
         let written = std::fs::OpenOptions::new()
             .write(true)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::wire::{ChannelKind, NONCE_LEN};
 
@@ -35,8 +36,9 @@ pub enum AuthError {
     Failed(&'static str),
 }
 
-/// The shared secret. Its bytes are wiped when dropped.
-pub struct Secret(Vec<u8>);
+/// The shared secret. Its bytes are wiped when dropped (zeroize).
+#[derive(Clone)]
+pub struct Secret(Zeroizing<Vec<u8>>);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,25 +46,10 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-impl Drop for Secret {
-    fn drop(&mut self) {
-        for b in self.0.iter_mut() {
-            // SAFETY: `b` is a valid, exclusive reference into our own buffer; the volatile
-            // write only keeps the compiler from eliding the wipe.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
-    }
-}
-
-impl Clone for Secret {
-    fn clone(&self) -> Self {
-        Secret(self.0.clone())
-    }
-}
-
 impl Secret {
     /// A secret from raw bytes (at least [`MIN_SECRET_LEN`]).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, AuthError> {
+        let bytes = Zeroizing::new(bytes);
         if bytes.len() < MIN_SECRET_LEN {
             return Err(AuthError::SecretTooShort {
                 path: None,
@@ -74,10 +61,11 @@ impl Secret {
 
     /// Read a secret file: its raw bytes, minus one trailing "\n" or "\r\n".
     pub fn from_file(path: &Path) -> Result<Self, AuthError> {
-        let mut bytes = std::fs::read(path).map_err(|source| AuthError::SecretFile {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut bytes =
+            Zeroizing::new(std::fs::read(path).map_err(|source| AuthError::SecretFile {
+                path: path.to_owned(),
+                source,
+            })?);
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {

@@ -251,14 +251,6 @@ impl IncomingMigration {
         &self.monitor
     }
 
-    /// Publish on `monitor` instead (before [`IncomingMigration::receive`]); its clock starts
-    /// now.
-    pub fn set_monitor(&mut self, monitor: Arc<ReceiveMonitor>) {
-        monitor.accepting();
-        monitor.config_known(self.config.layout.total_pages());
-        self.monitor = monitor;
-    }
-
     /// What the source announced (build guest memory from `config().layout`).
     pub fn config(&self) -> &MigrationConfig {
         &self.config

@@ -79,67 +79,23 @@ impl PriorityError {
     }
 }
 
-/// `sched_attr` size the kernel accepts without utilization clamps (SCHED_ATTR_SIZE_VER0 of
-/// include/uapi/linux/sched/types.h).
-const SCHED_ATTR_SIZE_VER0: u32 = 48;
-
 fn current_tid() -> i32 {
     nix::unistd::gettid().as_raw()
 }
 
 /// The calling thread's scheduling attributes.
 fn get_attr(tid: i32) -> Result<libc::sched_attr, PriorityError> {
-    let mut attr = libc::sched_attr {
-        size: SCHED_ATTR_SIZE_VER0,
-        sched_policy: 0,
-        sched_flags: 0,
-        sched_nice: 0,
-        sched_priority: 0,
-        sched_runtime: 0,
-        sched_deadline: 0,
-        sched_period: 0,
-    };
-    // SAFETY: sched_getattr writes at most `size` (the third argument, == size_of sched_attr
-    // VER0 == the struct libc defines) bytes into `attr`, which lives across the call; flags 0.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_getattr,
-            tid,
-            &mut attr as *mut libc::sched_attr,
-            SCHED_ATTR_SIZE_VER0,
-            0u32,
-        )
-    };
-    if rc != 0 {
-        return Err(PriorityError::Get {
-            tid,
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(attr)
+    kernel_abi::sched::sched_getattr(tid).map_err(|source| PriorityError::Get { tid, source })
 }
 
 fn set_attr(tid: i32, attr: &libc::sched_attr) -> Result<(), PriorityError> {
-    // SAFETY: `attr` is a fully initialized sched_attr of VER0 size (its `size` field says so)
-    // that lives across the call; the kernel only reads it; flags 0.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_setattr,
-            tid,
-            attr as *const libc::sched_attr,
-            0u32,
-        )
-    };
-    if rc != 0 {
-        return Err(PriorityError::Set {
-            tid,
-            policy: attr.sched_policy,
-            nice: attr.sched_nice,
-            slice_ns: attr.sched_runtime,
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    kernel_abi::sched::sched_setattr(tid, attr).map_err(|source| PriorityError::Set {
+        tid,
+        policy: attr.sched_policy,
+        nice: attr.sched_nice,
+        slice_ns: attr.sched_runtime,
+        source,
+    })
 }
 
 /// Set the calling thread's nice value and EEVDF slice (None: the default slice). The thread
@@ -152,7 +108,7 @@ pub fn set_current(nice: i32, slice: Option<Duration>) -> Result<libc::sched_att
         return Err(PriorityError::NotNormal { tid, policy });
     }
     let mut attr = before;
-    attr.size = SCHED_ATTR_SIZE_VER0;
+    attr.size = kernel_abi::sched::SCHED_ATTR_SIZE_VER0;
     attr.sched_flags = 0;
     attr.sched_nice = nice;
     attr.sched_runtime = slice.map_or(0, |s| s.as_nanos().min(u64::MAX as u128) as u64);
@@ -180,7 +136,7 @@ impl Drop for PriorityGuard {
         let Some(mut previous) = self.previous.take() else {
             return;
         };
-        previous.size = SCHED_ATTR_SIZE_VER0;
+        previous.size = kernel_abi::sched::SCHED_ATTR_SIZE_VER0;
         previous.sched_flags = 0;
         if let Err(e) = set_attr(current_tid(), &previous) {
             if e.is_permission() {

@@ -336,11 +336,6 @@ impl Channel {
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
-
-    /// Split into reader and writer (the writer side keeps the stream for shutdown).
-    pub fn into_parts(self) -> (FrameReader<ReadHalf>, FrameWriter<WriteHalf>, TcpStream) {
-        (self.reader, self.writer, self.stream)
-    }
 }
 
 /// A channel from the switchover on: its writer is shared with the heartbeat thread, and its
@@ -684,11 +679,6 @@ impl Acceptor {
             tls,
             timeouts,
         })
-    }
-
-    /// Whether connections must run TLS.
-    pub fn uses_tls(&self) -> bool {
-        self.tls.is_some()
     }
 
     fn channel(&self, stream: TcpStream, t: &Timeouts) -> Result<Channel, TransportError> {

@@ -550,11 +550,6 @@ pub enum WireError {
 }
 
 impl WireError {
-    /// Whether the error is a read/write timeout.
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, WireError::Timeout { .. })
-    }
-
     /// Whether the error says the link failed (reset, closed, silent, an I/O error) rather
     /// than that the peer broke the protocol or reported an error: a postcopy migration
     /// pauses and recovers from these.

@@ -429,11 +429,7 @@ fn statistics_polled_during_a_postcopy_migration_into_the_real_engine() {
 
 /// A TestSource's pause/resume counts must balance: the VM runs here.
 fn assert_runs_here(src: &TestSource) {
-    assert_eq!(
-        src.pauses.load(Ordering::Relaxed),
-        src.resumes.load(Ordering::Relaxed),
-        "the source VM was left paused"
-    );
+    assert_eq!(src.pauses(), src.resumes(), "the source VM was left paused");
 }
 
 /// Wait until `control` shows `status` (or panic after 20 s).
@@ -522,7 +518,7 @@ fn cancel_while_waiting_for_ready_is_prompt() {
     let took = Instant::now().saturating_duration_since(canceller.join().unwrap());
     assert!(matches!(r, Err(SourceError::Cancelled)), "{r:?}");
     assert!(took < Duration::from_millis(200), "cancel took {took:?}");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
     assert_eq!(control.info().status, MigrationStatus::Cancelled);
     let _ = hold_tx.send(());
     dest.join().unwrap();

@@ -10,39 +10,21 @@
 #[path = "../../fuzz/src/wire_checks.rs"]
 mod wire_checks;
 
-use std::path::{Path, PathBuf};
+#[path = "../../fuzz/src/corpus.rs"]
+mod corpus;
+
+use std::path::PathBuf;
 
 #[global_allocator]
 static ALLOC: wire_checks::TrackingAlloc = wire_checks::TrackingAlloc;
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target)
+    corpus::dir(env!("CARGO_MANIFEST_DIR"), target)
 }
 
 /// Every file of the target's corpus (sorted), with its name.
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = corpus_dir(target);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read the corpus {}: {e}", dir.display()));
-    let mut files: Vec<_> = entries
-        .map(|e| e.expect("corpus directory entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let name = p
-                .file_name()
-                .expect("file name")
-                .to_string_lossy()
-                .into_owned();
-            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            (name, data)
-        })
-        .collect()
+    corpus::files(&corpus_dir(target))
 }
 
 /// Run `check` on every corpus file and seed of `target`; fails naming every input that panics.

@@ -30,17 +30,13 @@ fn full_migration(mode: Mode, guest_runs: bool) {
         "destination memory differs from the source"
     );
     assert_eq!(state, src.state, "state blob");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
     assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
+        src.resumes(),
         0,
         "the source must not resume after the destination started"
     );
-    assert_eq!(
-        src.dirty.enabled.load(Ordering::Relaxed),
-        0,
-        "dirty logging left enabled"
-    );
+    src.assert_dirty_logging_off();
     let total = src.mem.layout.total_pages();
     assert_eq!(summary.destination.pages_received, total);
     if !guest_runs {
@@ -107,7 +103,7 @@ fn wrong_secret_fails_on_both_sides() {
         derr.to_string().contains("authentication failed"),
         "destination: {derr}"
     );
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
 }
 
 #[test]
@@ -333,20 +329,15 @@ fn silent_destination_times_out_the_handshake() {
     let e = source::migrate(&src, addr, options(Mode::Precopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("stalled"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(4));
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
     peer.join().unwrap();
 }
 
 #[test]
 fn destination_that_stops_reading_times_out_the_source() {
-    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
-    let addr = acceptor.local_addr().unwrap();
+    let (acceptor, addr) = fake_destination();
     let peer = std::thread::spawn(move || {
-        let mut s = acceptor.accept().unwrap();
-        assert!(matches!(
-            s.main.reader.read("config").unwrap(),
-            Message::Config(_)
-        ));
+        let mut s = accept_config(&acceptor);
         s.main.send(&Message::Ready, "ready").unwrap();
         std::thread::sleep(Duration::from_secs(6));
     });
@@ -357,16 +348,8 @@ fn destination_that_stops_reading_times_out_the_source() {
     src.stop_guest();
     assert!(e.to_string().contains("stalled"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(6));
-    assert_eq!(
-        src.pauses.load(Ordering::Relaxed),
-        0,
-        "paused although precopy never finished"
-    );
-    assert_eq!(
-        src.dirty.enabled.load(Ordering::Relaxed),
-        0,
-        "dirty logging left enabled"
-    );
+    assert_eq!(src.pauses(), 0, "paused although precopy never finished");
+    src.assert_dirty_logging_off();
     peer.join().unwrap();
 }
 
@@ -432,12 +415,8 @@ fn failed_start_at_the_destination_resumes_the_source() {
         let e = source::migrate(&src, addr, options(mode, None), &|_| {}).unwrap_err();
         assert!(e.to_string().contains("refuse to start"), "{mode:?}: {e}");
         assert!(!e.destination_started());
-        assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            src.resumes.load(Ordering::Relaxed),
-            1,
-            "{mode:?}: source not resumed"
-        );
+        assert_eq!(src.pauses(), 1);
+        assert_eq!(src.resumes(), 1, "{mode:?}: source not resumed");
         let de = dest.join().unwrap().err().unwrap();
         assert!(de.to_string().contains("refuse to start"), "{de}");
     }
@@ -454,7 +433,7 @@ fn destination_rejection_reaches_the_source() {
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("no huge pages"), "{e}");
     assert!(matches!(e, SourceError::Wire(_)));
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0);
+    assert_eq!(src.pauses(), 0);
     dest.join().unwrap();
 }
 
@@ -506,7 +485,7 @@ fn page_fetch_of_a_bad_address_is_refused() {
     let src = TestSource::new(&[(0, 0, MIB)]);
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("probe done"), "{e}");
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(src.resumes(), 1);
     assert!(dest.join().unwrap().to_string().contains("probe done"));
 }
 
@@ -622,11 +601,7 @@ fn a_link_that_never_returns_loses_the_vm_on_both_sides() {
     assert!(e.to_string().contains("VM lost"), "{e}");
     assert!(e.to_string().contains("did not come back"), "{e}");
     assert!(took < Duration::from_secs(20), "gave up after {took:?}");
-    assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
-        0,
-        "a stale copy resumed"
-    );
+    assert_eq!(src.resumes(), 0, "a stale copy resumed");
     let de = dest
         .join()
         .unwrap()
@@ -689,17 +664,29 @@ fn strangers_are_refused_while_paused_and_the_source_still_recovers() {
 
 // ---- a destination that speaks out of turn before the switchover ----
 
+/// A fake destination's acceptor on 127.0.0.1 (any port), and its address.
+fn fake_destination() -> (Acceptor, SocketAddr) {
+    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    (acceptor, addr)
+}
+
+/// Accepts the source's session and reads its first frame, which must be the Config.
+fn accept_config(acceptor: &Acceptor) -> transport::Session {
+    let mut s = acceptor.accept().unwrap();
+    assert!(matches!(
+        s.main.reader.read("config").unwrap(),
+        Message::Config(_)
+    ));
+    s
+}
+
 /// A fake destination: reads Config, answers Ready and then `then` at once, and drains what
 /// the source sends until it closes.
 fn speaking_destination(then: Message<'static>) -> (SocketAddr, JoinHandle<()>) {
-    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
-    let addr = acceptor.local_addr().unwrap();
+    let (acceptor, addr) = fake_destination();
     let peer = std::thread::spawn(move || {
-        let mut s = acceptor.accept().unwrap();
-        assert!(matches!(
-            s.main.reader.read("config").unwrap(),
-            Message::Config(_)
-        ));
+        let mut s = accept_config(&acceptor);
         s.main.lift_size_limit();
         // Both frames in one write: they arrive together, as from a peer that does not wait.
         let mut bytes = Vec::new();
@@ -728,7 +715,7 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
     src.stop_guest();
     assert!(e.to_string().contains("out of memory"), "{e}");
     assert_eq!(
-        src.pauses.load(Ordering::Relaxed),
+        src.pauses(),
         0,
         "the source paused although the destination had given up"
     );
@@ -740,14 +727,9 @@ fn an_error_right_after_ready_fails_precopy_before_the_pause() {
 fn destination_turning_at_state(
     act: fn(&mut transport::Session),
 ) -> (SocketAddr, JoinHandle<Option<String>>) {
-    let acceptor = Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
-    let addr = acceptor.local_addr().unwrap();
+    let (acceptor, addr) = fake_destination();
     let peer = std::thread::spawn(move || {
-        let mut s = acceptor.accept().unwrap();
-        assert!(matches!(
-            s.main.reader.read("config").unwrap(),
-            Message::Config(_)
-        ));
+        let mut s = accept_config(&acceptor);
         s.main.lift_size_limit();
         s.main.send(&Message::Ready, "ready").unwrap();
         loop {
@@ -803,8 +785,8 @@ fn a_started_written_before_postcopy_start_is_refused_and_the_vm_runs_again() {
     assert!(e.to_string().contains("not written in answer"), "{e}");
     assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
     // It got as far as the pause, and the VM runs again.
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
+    assert_eq!(src.resumes(), 1);
     let said = peer.join().unwrap();
     assert!(
         said.as_deref()
@@ -840,8 +822,8 @@ fn an_unaligned_page_request_before_started_fails_the_migration() {
         "{text}"
     );
     assert!(!e.destination_started() && !e.keeps_paused(), "{e}");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
+    assert_eq!(src.resumes(), 1);
     peer.join().unwrap();
 }
 
@@ -852,10 +834,7 @@ fn a_started_before_any_switchover_frame_is_refused() {
     let e = source::migrate(&src, addr, options(Mode::Postcopy, None), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("Started"), "{e}");
     assert!(!e.destination_started(), "{e}");
-    assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
-        src.pauses.load(Ordering::Relaxed)
-    );
+    assert_eq!(src.resumes(), src.pauses());
     peer.join().unwrap();
 }
 
@@ -911,9 +890,9 @@ fn a_destination_silent_after_the_switchover_frame(mode: Mode) {
     }
     assert!(e.keeps_paused() && !e.destination_started(), "{e}");
     assert!(e.to_string().contains("the VM stays paused here"), "{e}");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(src.pauses(), 1);
     assert_eq!(
-        src.resumes.load(Ordering::Relaxed),
+        src.resumes(),
         0,
         "resumed although the destination may run the VM"
     );

@@ -74,7 +74,7 @@ fn refused(server: Option<ServerTls>, client: Option<ClientTls>) -> (String, Str
         .unwrap()
         .err()
         .expect("the destination accepted the source");
-    assert_eq!(src.pauses.load(Ordering::Relaxed), 0, "the source paused");
+    assert_eq!(src.pauses(), 0, "the source paused");
     assert!(!err.destination_started());
     println!("source: {err}\ndestination: {derr}");
     (err.to_string(), derr.to_string())

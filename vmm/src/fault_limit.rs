@@ -71,7 +71,7 @@ pub enum FaultLimitError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot install signal handlers: {0}")]
-    Signals(#[source] vmm_sys_util::errno::Error),
+    Signals(#[source] std::io::Error),
     #[error("userfaultfd {what} failed: {source}")]
     Uffd {
         what: String,
@@ -391,9 +391,9 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
     for _ in 0..EAGAIN_RETRIES {
         let r = match service {
             Service::Continue => uffd.r#continue(dst, len, true).map(|_| ()),
-            // SAFETY: the source is our own live, readable 4 KiB mapping; the destination is a
-            // page of a registered range of guest RAM, which the kernel fills atomically.
             Service::Copy(zero) => {
+                // SAFETY: the source is our own live, readable 4 KiB mapping; the destination is
+                // a page of a registered range of guest RAM, which the kernel fills atomically.
                 unsafe { uffd.copy(zero.as_ptr().cast(), dst, len, true) }.map(|_| ())
             }
         };

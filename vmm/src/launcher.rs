@@ -52,7 +52,7 @@ pub enum LaunchError {
     #[error("control API: {0}")]
     Api(#[from] ApiError),
     #[error("cannot install signal handlers: {0}")]
-    Signals(#[source] vmm_sys_util::errno::Error),
+    Signals(#[source] std::io::Error),
     #[error("the guest crashed: {0}")]
     GuestCrashed(String),
     #[error("the guest reset itself (reset request or triple fault)")]
@@ -193,19 +193,26 @@ pub fn run_until_stopped(
     outcome
 }
 
-/// Waits for the VM to stop, turning the stop reason into an outcome.
+/// Waits for the VM to stop, turning the stop reason into an outcome. A SIGINT/SIGTERM stops
+/// the VM (see [`signals`]) and is reported as [`RunOutcome::Signalled`].
 pub fn wait(vm: &Vm) -> Result<RunOutcome, LaunchError> {
-    loop {
+    let stop = vm.stop_signal();
+    signals::on_signal(move |_| stop.stop(StopReason::Stopped));
+    let outcome = loop {
+        // The timeout only bounds one wait: every stop, a signal's included, wakes it.
+        let reason = vm.wait(Duration::from_secs(3600));
         if let Some(sig) = signals::received() {
             tracing::debug!("signal {sig} received, shutting down");
-            return Ok(RunOutcome::Signalled(sig));
+            break Ok(RunOutcome::Signalled(sig));
         }
-        match vm.wait(Duration::from_millis(100)) {
+        match reason {
             None => continue,
-            Some(StopReason::GuestExit(c)) => return Ok(RunOutcome::GuestExit(c)),
-            Some(StopReason::Stopped) => return Ok(RunOutcome::MigratedAway),
-            Some(StopReason::Reset) => return Err(LaunchError::GuestReset),
-            Some(StopReason::Crash(m)) => return Err(LaunchError::GuestCrashed(m)),
+            Some(StopReason::GuestExit(c)) => break Ok(RunOutcome::GuestExit(c)),
+            Some(StopReason::Stopped) => break Ok(RunOutcome::MigratedAway),
+            Some(StopReason::Reset) => break Err(LaunchError::GuestReset),
+            Some(StopReason::Crash(m)) => break Err(LaunchError::GuestCrashed(m)),
         }
-    }
+    };
+    signals::record_only();
+    outcome
 }

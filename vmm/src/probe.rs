@@ -5,10 +5,13 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use kernel_abi::uffd::{
+    UFFD_FEATURE_MOVE, UFFD_FEATURE_POISON, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED,
+};
 use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -20,22 +23,6 @@ use userfaultfd_sys as uffd_sys;
 use crate::memory::guest_memfd::{self, KVM_CAP_GUEST_MEMFD_FLAGS};
 use crate::memory::hugepages::{self, PoolStatus};
 use crate::memory::{hugetlb, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
-
-// userfaultfd-sys 0.6 is generated from older headers; these come from
-// include/uapi/linux/userfaultfd.h (Linux 6.18).
-/// `UFFD_FEATURE_WP_UNPOPULATED`.
-pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-/// `UFFD_FEATURE_POISON`.
-pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
-/// `UFFD_FEATURE_WP_ASYNC`.
-pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-/// `UFFD_FEATURE_MOVE`.
-pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
-/// `USERFAULTFD_IOC_NEW`, `_IO(USERFAULTFD_IOC, 0x00)`: the /dev/userfaultfd ioctl that returns a
-/// new userfaultfd; from include/uapi/linux/userfaultfd.h (userfaultfd-sys has only
-/// `USERFAULTFD_IOC`).
-pub const USERFAULTFD_IOC_NEW: libc::c_ulong =
-    nix::request_code_none!(uffd_sys::USERFAULTFD_IOC, 0x00) as libc::c_ulong;
 
 /// userfaultfd feature bits and their names (without the `UFFD_FEATURE_` prefix).
 const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
@@ -351,14 +338,7 @@ fn probe_kvm() -> KvmReport {
 
 /// A new userfaultfd from the system call, non-blocking and close-on-exec.
 fn uffd_from_syscall() -> io::Result<OwnedFd> {
-    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the system call returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    kernel_abi::uffd::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK)
 }
 
 /// A new userfaultfd from `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`).
@@ -368,35 +348,7 @@ fn uffd_from_dev() -> io::Result<OwnedFd> {
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/userfaultfd")?;
-    // SAFETY: USERFAULTFD_IOC_NEW on /dev/userfaultfd takes the new fd's open flags as its
-    // argument and returns a new fd or -1.
-    let fd = unsafe {
-        libc::ioctl(
-            dev.as_raw_fd(),
-            USERFAULTFD_IOC_NEW,
-            libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the ioctl returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `UFFDIO_API` handshake asking for `features`; returns the features the kernel supports.
-fn uffd_api(uffd: &OwnedFd, features: u64) -> io::Result<u64> {
-    let mut api = uffd_sys::uffdio_api {
-        api: uffd_sys::UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes exactly one `uffdio_api`, which lives on our stack.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_sys::UFFDIO_API as _, &mut api) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(api.features)
+    kernel_abi::uffd::userfaultfd_from_dev(&dev, libc::O_CLOEXEC | libc::O_NONBLOCK)
 }
 
 fn probe_uffd() -> UffdReport {
@@ -404,7 +356,7 @@ fn probe_uffd() -> UffdReport {
     let dev = uffd_from_dev();
     // Ask whichever fd we got for the feature list (features 0: the kernel reports all).
     let features: Probed<u64> = match syscall.as_ref().or(dev.as_ref()) {
-        Ok(fd) => uffd_api(fd, 0)
+        Ok(fd) => kernel_abi::uffd::api(fd.as_fd(), 0)
             .map_err(|e| format!("UFFDIO_API: {e}"))
             .into(),
         Err(e) => Probed::Error(format!("no userfaultfd: {e}")),
@@ -419,36 +371,6 @@ fn probe_uffd() -> UffdReport {
         features,
         feature_names,
     }
-}
-
-/// `UFFDIO_REGISTER` of `len` bytes at `addr` in `mode`.
-fn uffd_register(uffd: &OwnedFd, addr: u64, len: u64, mode: u64) -> io::Result<()> {
-    let mut reg = uffd_sys::uffdio_register {
-        range: uffd_sys::uffdio_range { start: addr, len },
-        mode,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER reads and writes exactly one `uffdio_register` on our stack.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_sys::UFFDIO_REGISTER as _, &mut reg) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `UFFDIO_CONTINUE` of `len` bytes at `addr`; returns the bytes mapped.
-fn uffd_continue(uffd: &OwnedFd, addr: u64, len: u64) -> io::Result<i64> {
-    let mut cont = uffd_sys::uffdio_continue {
-        range: uffd_sys::uffdio_range { start: addr, len },
-        mode: 0,
-        mapped: 0,
-    };
-    // SAFETY: UFFDIO_CONTINUE reads and writes exactly one `uffdio_continue` on our stack.
-    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), uffd_sys::UFFDIO_CONTINUE as _, &mut cont) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cont.mapped)
 }
 
 fn is_einval(e: &io::Error) -> bool {
@@ -506,7 +428,7 @@ pub fn check_hugetlb_4k_continue() -> Check {
     }
     let run = || -> Result<Check, ProbeError> {
         let uffd = uffd_from_syscall().map_err(io_err("userfaultfd"))?;
-        let features = uffd_api(&uffd, uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
+        let features = kernel_abi::uffd::api(uffd.as_fd(), uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
         match features {
             Err(e) if is_einval(&e) => {
                 return Ok(Check::Unsupported(
@@ -532,18 +454,22 @@ pub fn check_hugetlb_4k_continue() -> Check {
         // SAFETY: in bounds of the live alias mapping; this faults the huge page into the
         // page cache.
         unsafe { alias.as_ptr().write_volatile(0xa5) };
-        uffd_register(
-            &uffd,
+        kernel_abi::uffd::register(
+            uffd.as_fd(),
             primary.addr(),
             PAGE_SIZE_2M,
             uffd_sys::UFFDIO_REGISTER_MODE_MINOR,
         )
         .map_err(io_err("UFFDIO_REGISTER (MINOR) of a 2 MiB hugetlb mapping"))?;
-        let small = uffd_continue(&uffd, primary.addr(), PAGE_SIZE_4K);
+        let small = kernel_abi::uffd::continue_range(uffd.as_fd(), primary.addr(), PAGE_SIZE_4K);
         // Control: continuing the whole huge page must work, or the test itself is broken.
         let whole = match &small {
             Ok(_) => None,
-            Err(_) => Some(uffd_continue(&uffd, primary.addr(), PAGE_SIZE_2M)),
+            Err(_) => Some(kernel_abi::uffd::continue_range(
+                uffd.as_fd(),
+                primary.addr(),
+                PAGE_SIZE_2M,
+            )),
         };
         let check = match (small, whole) {
             (Ok(mapped), _) => {
@@ -594,14 +520,14 @@ pub fn check_uffd_on_guest_memfd() -> Check {
         let map = Mapping::shared(std::os::fd::AsFd::as_fd(&gmem), 0, size as usize)
             .map_err(io_err("mmap of the guest_memfd"))?;
         let uffd = uffd_from_syscall().map_err(io_err("userfaultfd"))?;
-        uffd_api(&uffd, 0).map_err(io_err("UFFDIO_API"))?;
+        kernel_abi::uffd::api(uffd.as_fd(), 0).map_err(io_err("UFFDIO_API"))?;
         let mut accepted = Vec::new();
         let mut refused = Vec::new();
         for (mode, name) in [
             (uffd_sys::UFFDIO_REGISTER_MODE_MINOR, "MINOR"),
             (uffd_sys::UFFDIO_REGISTER_MODE_MISSING, "MISSING"),
         ] {
-            match uffd_register(&uffd, map.addr(), size, mode) {
+            match kernel_abi::uffd::register(uffd.as_fd(), map.addr(), size, mode) {
                 Ok(()) => accepted.push(name),
                 Err(e) if is_einval(&e) => refused.push(name),
                 Err(source) => return Err(ProbeError::Register { mode: name, source }),

@@ -439,12 +439,12 @@ const NEVER: &[(i64, &str)] = &[
 ];
 
 /// ioctl request types (bits 8..16 of the request number).
-const IOCTL_KVM: u64 = 0xAE;
-const IOCTL_UFFD: u64 = 0xAA;
+const IOCTL_KVM: u64 = kernel_abi::ioctl::TYPE_KVM as u64;
+const IOCTL_UFFD: u64 = kernel_abi::ioctl::TYPE_UFFD as u64;
 /// Terminal and socket ioctls (TCGETS, TIOCGWINSZ, FIONBIO, FIONREAD: 0x54xx).
-const IOCTL_TTY: u64 = 0x54;
+const IOCTL_TTY: u64 = kernel_abi::ioctl::TYPE_TTY as u64;
 /// /proc/self/pagemap (PAGEMAP_SCAN, 'f').
-const IOCTL_PAGEMAP: u64 = 0x66;
+const IOCTL_PAGEMAP: u64 = kernel_abi::ioctl::TYPE_FS as u64;
 
 /// A list of system calls: (number, name).
 type List = &'static [(i64, &'static str)];
@@ -638,8 +638,8 @@ extern "C" fn sigsys_handler(
     // A thread that has not narrowed its filter yet runs under its spawner's.
     l.push(role.map_or("new", |r| r.as_str()).as_bytes());
     l.push(b" thread (tid ");
-    // SAFETY: gettid has no preconditions (and every role allows it).
-    l.num(unsafe { libc::syscall(libc::SYS_gettid) } as u64, 10);
+    // gettid is async-signal-safe (a bare system call) and every role allows it.
+    l.num(nix::unistd::gettid().as_raw() as u64, 10);
     l.push(b") made system call ");
     l.num(nr as u64, 10);
     if let Some(name) = syscall_name(nr as i64) {

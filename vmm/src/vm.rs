@@ -73,7 +73,6 @@ pub struct Vm {
     vcpu_count: u8,
     stop: Arc<StopSignal>,
     msr_indices: Vec<u32>,
-    kind: GuestKind,
 }
 
 /// Largest vCPU count the VMM accepts (the MP table and APIC IDs fit comfortably).
@@ -147,7 +146,6 @@ impl Vm {
             vcpu_count: vcpus,
             stop: Arc::new(StopSignal::default()),
             msr_indices,
-            kind: GuestKind::Linux,
         })
     }
 
@@ -158,7 +156,6 @@ impl Vm {
         cfg.vcpus = self.vcpu_count;
         cfg.tsc_khz = fds.first().and_then(|fd| fd.get_tsc_khz().ok());
         let info = boot::load(&self.ram, &cfg)?;
-        self.kind = info.kind;
         self.spawn_vcpus(fds, Some(&info), false)?;
         Ok(info)
     }
@@ -374,11 +371,6 @@ impl Vm {
     fn vcpus(&self) -> MutexGuard<'_, Vec<VcpuHandle>> {
         // A poisoned lock means a thread panicked while holding it; the handles are still valid.
         self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The kind of guest that was booted (Linux or the workload guest).
-    pub fn guest_kind(&self) -> GuestKind {
-        self.kind
     }
 }
 

@@ -130,99 +130,58 @@ fn text_output_names_both_sides() {
     );
 }
 
+/// A refused `vmm fault-limit`: kernel, backing, memory, further arguments, exit code, and what
+/// stderr says.
+type Case<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], i32, &'a str);
+
 #[test]
 fn bad_input_is_refused_with_a_clear_error() {
     let kernel = image("workload.elf");
     let k = kernel.to_str().unwrap();
-    let cases: &[(&[&str], i32, &str)] = &[
+    let cases: &[Case] = &[
         (
-            &[
-                "fault-limit",
-                "--kernel",
-                "/nonexistent/workload.elf",
-                "--backing",
-                "shmem",
-                "--memory",
-                "64M",
-            ],
+            "/nonexistent/workload.elf",
+            "shmem",
+            "64M",
+            &[],
             1,
             "kernel /nonexistent/workload.elf does not exist",
         ),
+        (k, "floppy", "64M", &[], 2, "unknown backing 'floppy'"),
+        (k, "shmem", "0", &[], 1, "greater than zero"),
+        // The size is checked against the requested backing even though shmem is measured.
         (
-            &[
-                "fault-limit",
-                "--kernel",
-                k,
-                "--backing",
-                "floppy",
-                "--memory",
-                "64M",
-            ],
-            2,
-            "unknown backing 'floppy'",
-        ),
-        (
-            &[
-                "fault-limit",
-                "--kernel",
-                k,
-                "--backing",
-                "shmem",
-                "--memory",
-                "0",
-            ],
-            1,
-            "greater than zero",
-        ),
-        (
-            // The size is checked against the requested backing even though shmem is measured.
-            &[
-                "fault-limit",
-                "--kernel",
-                k,
-                "--backing",
-                "hugetlb-1g",
-                "--memory",
-                "64M",
-            ],
+            k,
+            "hugetlb-1g",
+            "64M",
+            &[],
             1,
             "not a multiple of the hugetlb-1g page size",
         ),
+        (k, "shmem", "64M", &["--vcpus", "0"], 1, "0 vCPUs requested"),
         (
-            &[
-                "fault-limit",
-                "--kernel",
-                k,
-                "--backing",
-                "shmem",
-                "--memory",
-                "64M",
-                "--vcpus",
-                "0",
-            ],
-            1,
-            "0 vCPUs requested",
-        ),
-        (
-            &[
-                "fault-limit",
-                "--kernel",
-                k,
-                "--backing",
-                "shmem",
-                "--memory",
-                "64M",
-                "--cmdline",
-                "pattern=zigzag",
-            ],
+            k,
+            "shmem",
+            "64M",
+            &["--cmdline", "pattern=zigzag"],
             1,
             "exited with code 2",
         ),
     ];
-    for (args, code, text) in cases {
-        let out = run_vmm(args, LIMIT);
+    for &(kernel, backing, memory, extra, code, text) in cases {
+        let mut args = vec![
+            "fault-limit",
+            "--kernel",
+            kernel,
+            "--backing",
+            backing,
+            "--memory",
+            memory,
+        ];
+        args.extend_from_slice(extra);
+        let out = run_vmm(&args, LIMIT);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(*code), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(
             stderr.contains(text),
             "{args:?}: expected '{text}' in:\n{stderr}"

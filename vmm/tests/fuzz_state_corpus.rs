@@ -9,28 +9,24 @@
 #[path = "../../fuzz/src/state_check.rs"]
 mod state_check;
 
-use std::path::{Path, PathBuf};
+#[path = "../../fuzz/src/corpus.rs"]
+mod corpus;
+
+use std::path::PathBuf;
 
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/state")
+    corpus::dir(env!("CARGO_MANIFEST_DIR"), "state")
 }
 
 #[test]
 fn state_corpus_replays() {
     let dir = corpus_dir();
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read the corpus {}: {e}", dir.display()));
-    let mut files: Vec<_> = entries
-        .map(|e| e.expect("corpus directory entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
+    let files = corpus::files(&dir);
     assert!(!files.is_empty(), "the state corpus is empty");
-    let mut inputs = Vec::new();
-    for p in files {
-        let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        inputs.push((p.display().to_string(), data));
-    }
+    let mut inputs: Vec<_> = files
+        .into_iter()
+        .map(|(name, data)| (dir.join(name).display().to_string(), data))
+        .collect();
     inputs.extend(
         state_check::seeds()
             .into_iter()

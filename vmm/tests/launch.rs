@@ -16,31 +16,15 @@ const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// Boots the workload guest and checks it verified its memory and exited 0.
 fn workload_runs(backing: &str, memory: &str, vcpus: u8) {
-    let kernel = image("workload.elf");
-    let out = run_vmm(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            memory,
-            "--vcpus",
-            &vcpus.to_string(),
-            "--backing",
-            backing,
-            "--cmdline",
-            "span=32M passes=2 pattern=random",
-        ],
-        RUN_LIMIT,
-    );
+    let args = workload_run_args(backing, memory, vcpus, "span=32M passes=2 pattern=random");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_vmm(&args, RUN_LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let result = workload_result(&stdout).unwrap_or_else(|| {
         panic!("no WORKLOAD RESULT line.\nstdout:\n{stdout}\nstderr:\n{stderr}")
     });
-    assert_eq!(field(&result, "status"), Some("ok"), "{stdout}");
-    assert_eq!(field(&result, "mismatches"), Some("0"), "{stdout}");
-    assert_eq!(field(&result, "passes"), Some("2"), "{stdout}");
+    assert_workload_ok(&result, Some(2), &stdout);
     assert!(
         stdout.contains(&format!("WORKLOAD start vcpus={vcpus} ")),
         "guest did not see {vcpus} vCPUs:\n{stdout}"
@@ -66,22 +50,25 @@ fn workload_on_guest_memfd_1_and_2_vcpus() {
     workload_runs("guest-memfd", "256M", 2);
 }
 
+/// [`workload_runs`] on 1 and 2 vCPUs with `count` huge pages of `page_size` reserved; the VMM
+/// gives every page back each time.
+fn workload_on_hugetlb_gives_pages_back(page_size: u64, count: u64, backing: &str, memory: &str) {
+    let _pages = reserve_hugepages(page_size, count)
+        .unwrap_or_else(|e| panic!("reserve {count} x {page_size} bytes: {e}"));
+    let free_before = pool_status(page_size).unwrap().free;
+    workload_runs(backing, memory, 1);
+    workload_runs(backing, memory, 2);
+    assert_eq!(pool_status(page_size).unwrap().free, free_before);
+}
+
 #[test]
 fn workload_on_hugetlb_2m_1_and_2_vcpus_gives_pages_back() {
-    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
-    let free_before = pool_status(PAGE_SIZE_2M).unwrap().free;
-    workload_runs("hugetlb-2m", "256M", 1);
-    workload_runs("hugetlb-2m", "256M", 2);
-    assert_eq!(pool_status(PAGE_SIZE_2M).unwrap().free, free_before);
+    workload_on_hugetlb_gives_pages_back(PAGE_SIZE_2M, 128, "hugetlb-2m", "256M");
 }
 
 #[test]
 fn workload_on_hugetlb_1g_1_and_2_vcpus_gives_pages_back() {
-    let _pages = reserve_hugepages(PAGE_SIZE_1G, 1).expect("reserve 1 x 1 GiB");
-    let free_before = pool_status(PAGE_SIZE_1G).unwrap().free;
-    workload_runs("hugetlb-1g", "1G", 1);
-    workload_runs("hugetlb-1g", "1G", 2);
-    assert_eq!(pool_status(PAGE_SIZE_1G).unwrap().free, free_before);
+    workload_on_hugetlb_gives_pages_back(PAGE_SIZE_1G, 1, "hugetlb-1g", "1G");
 }
 
 #[test]
@@ -243,24 +230,22 @@ fn sigterm_shuts_down_cleanly_and_gives_back_huge_pages() {
     let _pages = reserve_hugepages(PAGE_SIZE_2M, 64).expect("reserve 64 x 2 MiB");
     let free_before = pool_status(PAGE_SIZE_2M).unwrap().free;
     let kernel = image("workload.elf");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "128M",
-            "--backing",
-            "hugetlb-2m",
-            "--vcpus",
-            "2",
-            "--cmdline",
-            "span=32M passes=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = vmm_command(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--backing",
+        "hugetlb-2m",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "span=32M passes=0",
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     // Wait until the guest completed a pass, so the VM really runs with its pages in use.
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
@@ -284,20 +269,17 @@ fn sigterm_shuts_down_cleanly_and_gives_back_huge_pages() {
 #[test]
 fn linux_banner_reaches_the_serial_console() {
     let kernel = image("vmlinux");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--vcpus",
-            "2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = vmm_command(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "512M",
+        "--vcpus",
+        "2",
+    ])
+    .spawn()
+    .unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -334,22 +316,20 @@ fn api_socket_is_private_and_answers_status() {
     let kernel = image("workload.elf");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            "128M",
-            "--cmdline",
-            "span=16M passes=0",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = vmm_command(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--cmdline",
+        "span=16M passes=0",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
     let start = Instant::now();
     while !sock.exists() {
         assert!(

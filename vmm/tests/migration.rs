@@ -34,6 +34,26 @@ struct Case {
     passes: u32,
 }
 
+impl Case {
+    /// `mode` from a `src` to a `dst` backing at `granularity`: 256 MiB, 1 vCPU, 600 passes.
+    fn new(
+        src: &'static str,
+        dst: &'static str,
+        mode: &'static str,
+        granularity: &'static str,
+    ) -> Case {
+        Case {
+            src,
+            dst,
+            mode,
+            granularity,
+            memory: "256M",
+            vcpus: 1,
+            passes: 600,
+        }
+    }
+}
+
 /// What a successful migration left to check.
 struct Migrated {
     /// `vmm migrate --json`'s summary.
@@ -63,25 +83,8 @@ fn migrate(
     mode: &str,
     extra: &[&str],
 ) -> (Option<i32>, String, String, Duration) {
-    let mut args = vec![
-        "migrate",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--to",
-        to,
-        "--mode",
-        mode,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let start = Instant::now();
-    let out = run_vmm(&args, MIGRATE_LIMIT);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        start.elapsed(),
-    )
+    let r = run_migrate(sock, to, mode, extra, MIGRATE_LIMIT);
+    (r.code, r.stdout, r.stderr, r.took)
 }
 
 /// A number field of a JSON object, panicking with the object if it is missing.
@@ -187,20 +190,18 @@ fn migrate_workload(case: &Case) -> Migrated {
     );
     let mut src = start_source(case.src, case.memory, case.vcpus, case.passes, &sock);
 
-    let (code, out, err, took) = migrate(&sock, &format!("127.0.0.1:{port}"), case.mode, &[]);
+    let run = run_migrate(
+        &sock,
+        &format!("127.0.0.1:{port}"),
+        case.mode,
+        &[],
+        MIGRATE_LIMIT,
+    );
+    let took = run.took;
     let context = |src: &Proc, dst: &Proc| {
-        format!(
-            "migrate stdout:\n{out}\nmigrate stderr:\n{err}\n{}\n{}",
-            src.describe(),
-            dst.describe()
-        )
+        format!("{}\n{}\n{}", run.describe(), src.describe(), dst.describe())
     };
-    assert_eq!(code, Some(0), "vmm migrate failed\n{}", context(&src, &dst));
-    let summary: Value = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON summary\n{}", context(&src, &dst)));
+    let summary = run.expect_summary(&context(&src, &dst));
     for key in [
         "blackout_ms",
         "total_ms",
@@ -249,24 +250,7 @@ fn migrate_workload(case: &Case) -> Migrated {
             context(&src, &dst)
         )
     });
-    assert_eq!(
-        field(&result, "status"),
-        Some("ok"),
-        "{}",
-        context(&src, &dst)
-    );
-    assert_eq!(
-        field(&result, "mismatches"),
-        Some("0"),
-        "{}",
-        context(&src, &dst)
-    );
-    assert_eq!(
-        field(&result, "passes"),
-        Some(case.passes.to_string().as_str()),
-        "{}",
-        context(&src, &dst)
-    );
+    assert_workload_ok(&result, Some(case.passes), &context(&src, &dst));
     assert!(
         dst_out.contains("WORKLOAD pass "),
         "the guest made no pass on the destination\n{}",
@@ -375,61 +359,37 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn precopy_anon_to_anon() {
-    let m = migrate_workload(&Case {
-        src: "anon",
-        dst: "anon",
-        mode: "precopy",
-        granularity: "4k",
-        memory: "256M",
-        vcpus: 1,
-        passes: 600,
-    });
+    let m = migrate_workload(&Case::new("anon", "anon", "precopy", "4k"));
     assert_eq!(num(&m.summary, "faults_served"), 0.0, "{}", m.summary);
     assert!(num(&m.summary, "pages_sent") > 0.0, "{}", m.summary);
 }
 
 #[test]
 fn hybrid_shmem_to_shmem() {
-    let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "shmem",
-        mode: "hybrid",
-        granularity: "4k",
-        memory: "256M",
-        vcpus: 1,
-        passes: 600,
-    });
+    let m = migrate_workload(&Case::new("shmem", "shmem", "hybrid", "4k"));
     assert!(m.maps.staging_left.is_empty(), "{:?}", m.maps.staging_left);
 }
 
 #[test]
 fn postcopy_shmem_to_shmem() {
+    let m = migrate_workload(&Case::new("shmem", "shmem", "postcopy", "4k"));
+    assert_postcopy(&m);
+}
+
+/// Postcopy from shmem to hugetlb-2m at 4 KiB with `vcpus` vCPUs: every huge page collapses.
+fn postcopy_shmem_to_hugetlb_2m_at_4k_with(vcpus: u8) {
+    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
     let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "shmem",
-        mode: "postcopy",
-        granularity: "4k",
-        memory: "256M",
-        vcpus: 1,
-        passes: 600,
+        vcpus,
+        ..Case::new("shmem", "hugetlb-2m", "postcopy", "4k")
     });
     assert_postcopy(&m);
+    assert_collapsed_to_huge(&m, 256 * MIB, PAGE_SIZE_2M);
 }
 
 #[test]
 fn postcopy_shmem_to_hugetlb_2m_at_4k() {
-    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
-    let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "hugetlb-2m",
-        mode: "postcopy",
-        granularity: "4k",
-        memory: "256M",
-        vcpus: 1,
-        passes: 600,
-    });
-    assert_postcopy(&m);
-    assert_collapsed_to_huge(&m, 256 * MIB, PAGE_SIZE_2M);
+    postcopy_shmem_to_hugetlb_2m_at_4k_with(1);
 }
 
 /// `--granularity native` to hugetlb-2m: the destination probes for HGM (4 KiB CONTINUE inside a
@@ -442,15 +402,7 @@ fn postcopy_shmem_to_hugetlb_2m_native_detects_or_falls_back_visibly() {
     // The same question the destination will ask, asked independently through `vmm probe`'s
     // live check, so the expectation does not come from the code under test.
     let hgm = vmm::probe::check_hugetlb_4k_continue();
-    let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "hugetlb-2m",
-        mode: "postcopy",
-        granularity: "native",
-        memory: "256M",
-        vcpus: 1,
-        passes: 600,
-    });
+    let m = migrate_workload(&Case::new("shmem", "hugetlb-2m", "postcopy", "native"));
     assert_postcopy(&m);
     assert_eq!(m.stats["granularity"], "native", "{}", m.stats);
     let regions = m.stats["regions"]
@@ -488,19 +440,19 @@ fn postcopy_shmem_to_hugetlb_2m_native_detects_or_falls_back_visibly() {
     }
 }
 
+/// One free 1 GiB huge page, or a panic saying the test needs it.
+fn reserve_one_1g_page() -> Hugepages {
+    reserve_hugepages(PAGE_SIZE_1G, 1).unwrap_or_else(|e| {
+        panic!("this test needs 1 free 1 GiB huge page and the pool could not be grown: {e}")
+    })
+}
+
 #[test]
 fn postcopy_anon_to_hugetlb_1g_at_4k() {
-    let _pages = reserve_hugepages(PAGE_SIZE_1G, 1).unwrap_or_else(|e| {
-        panic!("this test needs 1 free 1 GiB huge page and the pool could not be grown: {e}")
-    });
+    let _pages = reserve_one_1g_page();
     let m = migrate_workload(&Case {
-        src: "anon",
-        dst: "hugetlb-1g",
-        mode: "postcopy",
-        granularity: "4k",
         memory: "1G",
-        vcpus: 1,
-        passes: 600,
+        ..Case::new("anon", "hugetlb-1g", "postcopy", "4k")
     });
     assert_postcopy(&m);
     assert_collapsed_to_huge(&m, 1024 * MIB, PAGE_SIZE_1G);
@@ -508,17 +460,10 @@ fn postcopy_anon_to_hugetlb_1g_at_4k() {
 
 #[test]
 fn postcopy_shmem_to_hugetlb_1g_at_huge_granularity() {
-    let _pages = reserve_hugepages(PAGE_SIZE_1G, 1).unwrap_or_else(|e| {
-        panic!("this test needs 1 free 1 GiB huge page and the pool could not be grown: {e}")
-    });
+    let _pages = reserve_one_1g_page();
     let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "hugetlb-1g",
-        mode: "postcopy",
-        granularity: "huge",
         memory: "1G",
-        vcpus: 1,
-        passes: 600,
+        ..Case::new("shmem", "hugetlb-1g", "postcopy", "huge")
     });
     assert_postcopy(&m);
     assert_huge_mapped(&m, 1024 * MIB);
@@ -526,32 +471,13 @@ fn postcopy_shmem_to_hugetlb_1g_at_huge_granularity() {
 
 #[test]
 fn postcopy_shmem_to_guest_memfd() {
-    let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "guest-memfd",
-        mode: "postcopy",
-        granularity: "4k",
-        memory: "256M",
-        vcpus: 1,
-        passes: 600,
-    });
+    let m = migrate_workload(&Case::new("shmem", "guest-memfd", "postcopy", "4k"));
     assert_postcopy(&m);
 }
 
 #[test]
 fn postcopy_two_vcpus_shmem_to_hugetlb_2m_at_4k() {
-    let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
-    let m = migrate_workload(&Case {
-        src: "shmem",
-        dst: "hugetlb-2m",
-        mode: "postcopy",
-        granularity: "4k",
-        memory: "256M",
-        vcpus: 2,
-        passes: 600,
-    });
-    assert_postcopy(&m);
-    assert_collapsed_to_huge(&m, 256 * MIB, PAGE_SIZE_2M);
+    postcopy_shmem_to_hugetlb_2m_at_4k_with(2);
 }
 
 // ---- hostile peers and bad input: the migration fails clearly and the source keeps running ----
@@ -681,11 +607,7 @@ fn garbage_sent_to_receive_is_refused() {
     let port = free_port();
     let mut dst = start_destination("anon", "4k", port, &[]);
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let junk: Vec<u8> = b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
-        .iter()
-        .copied()
-        .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
-        .collect();
+    let junk = junk_bytes();
     // The destination may hang up before reading all of it.
     let _ = c.write_all(&junk);
     let status = dst.wait(Duration::from_secs(30));

@@ -92,18 +92,7 @@ fn start_destination(
 
 /// Starts `vmm migrate --json` to `to` in the background.
 fn start_migrate(sock: &Path, to: &str, mode: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "migrate",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--to",
-        to,
-        "--mode",
-        mode,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    Proc::vmm("migrate", &args)
+    Proc::vmm("migrate", &migrate_args(sock, to, mode, extra))
 }
 
 /// Everything the processes printed, and what the relay saw, for failure messages.
@@ -127,24 +116,11 @@ fn context(procs: &[&Proc], relay: Option<&Relay>) -> String {
 
 /// Waits for `p` to exit; kills it and panics (with everyone's output) after `limit`.
 fn wait_exit(p: &mut Proc, limit: Duration, others: &[&Proc], relay: Option<&Relay>) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = p.try_wait() {
-            // Let the readers drain the pipes.
-            std::thread::sleep(Duration::from_millis(100));
-            return s;
-        }
-        if start.elapsed() > limit {
-            p.kill();
-            let mut all = vec![&*p];
-            all.extend_from_slice(others);
-            panic!(
-                "a process did not exit within {limit:?}\n{}",
-                context(&all, relay)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    p.wait_or_explain(limit, |p| {
+        let mut all = vec![p];
+        all.extend_from_slice(others);
+        context(&all, relay)
+    })
 }
 
 /// Waits (polling every 2 ms) until `pred(stdout, stderr)` holds for `p`; panics with
@@ -242,13 +218,7 @@ fn assert_guest_finished_ok(p: &mut Proc, passes: u32, others: &[&Proc], relay: 
     let ctx = context(&all, relay);
     let out = p.stdout();
     let result = workload_result(&out).unwrap_or_else(|| panic!("no WORKLOAD RESULT\n{ctx}"));
-    assert_eq!(field(&result, "status"), Some("ok"), "{ctx}");
-    assert_eq!(field(&result, "mismatches"), Some("0"), "{ctx}");
-    assert_eq!(
-        field(&result, "passes"),
-        Some(passes.to_string().as_str()),
-        "{ctx}"
-    );
+    assert_workload_ok(&result, Some(passes), &ctx);
     assert!(clean(&out), "{ctx}");
     assert_eq!(status.code(), Some(0), "{ctx}");
 }
@@ -328,8 +298,58 @@ impl Rig {
         start_migrate(&self.sock, &self.relay.addr().to_string(), mode, extra)
     }
 
+    /// Waits for the migrate command `mig` to exit (see [`wait_exit`]).
+    fn wait_migrate(&self, mig: &mut Proc, limit: Duration) -> ExitStatus {
+        wait_exit(mig, limit, &[&self.src, &self.dst], Some(&self.relay))
+    }
+
+    /// Waits for the destination to exit (see [`wait_exit`]).
+    fn wait_destination(&mut self, mig: &Proc, limit: Duration) -> ExitStatus {
+        wait_exit(&mut self.dst, limit, &[mig, &self.src], Some(&self.relay))
+    }
+
+    /// Waits for the source to exit (see [`wait_exit`]).
+    fn wait_source(&mut self, mig: &Proc, limit: Duration) -> ExitStatus {
+        wait_exit(&mut self.src, limit, &[mig, &self.dst], Some(&self.relay))
+    }
+
+    /// Asserts that `vmm migrate` (which exited `mig_status`) and the source VMM (`src_status`)
+    /// both failed saying the VM is lost, the source with `src_says` on stderr.
+    fn assert_lost_on_the_source_side(
+        &self,
+        mig: &Proc,
+        mig_status: ExitStatus,
+        src_status: ExitStatus,
+        src_says: &str,
+        ctx: &str,
+    ) {
+        assert_eq!(mig_status.code(), Some(1), "vmm migrate should fail\n{ctx}");
+        assert!(
+            mig.stderr().contains("VM lost"),
+            "vmm migrate does not say the VM is lost\n{ctx}"
+        );
+        assert!(
+            !src_status.success(),
+            "the source VMM must not exit 0 when the VM is lost\n{ctx}"
+        );
+        assert!(
+            self.src.stderr().contains(src_says),
+            "the source VMM does not say the VM is lost ({src_says})\n{ctx}"
+        );
+    }
+
     fn context(&self, mig: &Proc) -> String {
         context(&[mig, &self.src, &self.dst], Some(&self.relay))
+    }
+
+    /// Waits (see [`poll_until`], at most [`MIGRATE_LIMIT`]) until `cond` holds for the relay.
+    fn wait_until(&self, mig: &Proc, what: &str, cond: impl Fn(&Relay) -> bool) {
+        poll_until(
+            what,
+            MIGRATE_LIMIT,
+            || self.context(mig),
+            || cond(&self.relay),
+        );
     }
 
     /// Waits until the destination set up postcopy (it prints each region's serve mode right
@@ -387,12 +407,7 @@ impl Rig {
         min_recoveries: u64,
     ) -> (Value, Value) {
         let t = Instant::now();
-        let status = wait_exit(
-            &mut mig,
-            MIGRATE_LIMIT,
-            &[&self.src, &self.dst],
-            Some(&self.relay),
-        );
+        let status = self.wait_migrate(&mut mig, MIGRATE_LIMIT);
         assert_eq!(
             status.code(),
             Some(0),
@@ -430,12 +445,7 @@ impl Rig {
         );
 
         // The source hands over and exits 0, without having finished the workload itself.
-        let status = wait_exit(
-            &mut self.src,
-            Duration::from_secs(30),
-            &[&mig, &self.dst],
-            Some(&self.relay),
-        );
+        let status = self.wait_source(&mig, Duration::from_secs(30));
         assert_eq!(
             status.code(),
             Some(0),
@@ -449,12 +459,7 @@ impl Rig {
         );
 
         let stats = self.wait_for_stats(&mig);
-        let status = wait_exit(
-            &mut self.dst,
-            FINISH_LIMIT,
-            &[&mig, &self.src],
-            Some(&self.relay),
-        );
+        let status = self.wait_destination(&mig, FINISH_LIMIT);
         let out = self.dst.stdout();
         let result = workload_result(&out).unwrap_or_else(|| {
             panic!(
@@ -627,12 +632,7 @@ fn reset_once_anon_to_hugetlb_2m(at: ResetAt) {
             rig.context(&mig)
         );
     }
-    poll_until(
-        "the reset",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "the reset", |r| r.resets() >= 1);
     let detect = rig.wait_paused(&mig, 1);
     eprintln!("reset at {at:?}: both sides paused within {detect:?}");
     let (summary, stats) = rig.finish_recovered(mig, "postcopy", 1);
@@ -667,12 +667,7 @@ fn five_resets_in_one_migration() {
     rig.relay.reset_after_bytes(8 * MIB);
     let mig = rig.migrate("postcopy", &[]);
     for k in 1..=5u64 {
-        poll_until(
-            &format!("reset #{k}"),
-            MIGRATE_LIMIT,
-            || rig.context(&mig),
-            || rig.relay.resets() >= k,
-        );
+        rig.wait_until(&mig, &format!("reset #{k}"), |r| r.resets() >= k);
         if k < 5 {
             rig.relay.reset_after_bytes(6 * MIB);
         }
@@ -733,12 +728,7 @@ fn hybrid_reset_in_the_postcopy_push() {
     // since the last round, so the push has tens of MiB to go.
     rig.wait_postcopy_started(&mig);
     rig.relay.reset_after_bytes(4 * MIB);
-    poll_until(
-        "the reset",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "the reset", |r| r.resets() >= 1);
     rig.wait_paused(&mig, 1);
     let (summary, _) = rig.finish_recovered(mig, "hybrid", 1);
     assert!(
@@ -753,12 +743,7 @@ fn shmem_to_guest_memfd_reset_mid_push() {
     let mut rig = Rig::start("shmem", "guest-memfd", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(STREAM_BYTES / 2);
     let mig = rig.migrate("postcopy", &[]);
-    poll_until(
-        "the reset",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "the reset", |r| r.resets() >= 1);
     rig.wait_paused(&mig, 1);
     let (summary, _) = rig.finish_recovered(mig, "postcopy", 1);
     assert_eq!(rig.relay.resets(), 1, "{summary}");
@@ -791,26 +776,11 @@ fn link_never_comes_back_both_sides_give_up_vm_lost() {
     let cut = Instant::now();
     rig.wait_paused(&mig, 1);
 
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     let dst_gave_up = cut.elapsed();
-    let status_mig = wait_exit(
-        &mut mig,
-        Duration::from_secs(30),
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
-    let status_src = wait_exit(
-        &mut rig.src,
-        Duration::from_secs(30),
-        &[&mig, &rig.dst],
-        Some(&rig.relay),
-    );
-    let ctx = context(&[&mig, &rig.src, &rig.dst], Some(&rig.relay));
+    let status_mig = rig.wait_migrate(&mut mig, Duration::from_secs(30));
+    let status_src = rig.wait_source(&mig, Duration::from_secs(30));
+    let ctx = rig.context(&mig);
     eprintln!("destination gave up {dst_gave_up:?} after the cut; migrate {status_mig}, source {status_src}");
 
     assert_eq!(status.code(), Some(1), "the destination should fail\n{ctx}");
@@ -835,20 +805,12 @@ fn link_never_comes_back_both_sides_give_up_vm_lost() {
         "the destination wrote statistics of a lost VM\n{ctx}"
     );
 
-    assert_eq!(status_mig.code(), Some(1), "vmm migrate should fail\n{ctx}");
-    assert!(
-        mig.stderr().contains("VM lost"),
-        "vmm migrate does not say the VM is lost\n{ctx}"
-    );
-    assert!(
-        !status_src.success(),
-        "the source VMM must not exit 0 when the VM is lost\n{ctx}"
-    );
-    assert!(
-        rig.src
-            .stderr()
-            .contains("vmm: error: running the VM: VM lost"),
-        "the source VMM does not say the VM is lost\n{ctx}"
+    rig.assert_lost_on_the_source_side(
+        &mig,
+        status_mig,
+        status_src,
+        "vmm: error: running the VM: VM lost",
+        &ctx,
     );
     assert!(workload_result(&rig.src.stdout()).is_none(), "{ctx}");
     eprintln!("{}", logs(&[&mig, &rig.src, &rig.dst]));
@@ -904,11 +866,7 @@ fn strangers_are_refused_by_a_paused_destination_and_the_source_recovers() {
     {
         let mut c = TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let junk: Vec<u8> = b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
-            .iter()
-            .copied()
-            .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
-            .collect();
+        let junk = junk_bytes();
         let _ = c.write_all(&junk);
         let mut buf = [0u8; 4096];
         let closed = loop {
@@ -998,26 +956,11 @@ fn sigterm_to_the_destination_mid_postcopy_loses_the_vm() {
         rig.context(&mig)
     );
     rig.dst.signal(libc::SIGTERM);
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(10),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(10));
     rig.relay.set_blackhole(false);
-    let status_mig = wait_exit(
-        &mut mig,
-        Duration::from_secs(30),
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
-    let status_src = wait_exit(
-        &mut rig.src,
-        Duration::from_secs(30),
-        &[&mig, &rig.dst],
-        Some(&rig.relay),
-    );
-    let ctx = context(&[&mig, &rig.src, &rig.dst], Some(&rig.relay));
+    let status_mig = rig.wait_migrate(&mut mig, Duration::from_secs(30));
+    let status_src = rig.wait_source(&mig, Duration::from_secs(30));
+    let ctx = rig.context(&mig);
 
     assert_eq!(
         status.code(),
@@ -1031,19 +974,7 @@ fn sigterm_to_the_destination_mid_postcopy_loses_the_vm() {
     let out = rig.dst.stdout();
     assert!(clean(&out), "the destination guest saw bad pages\n{ctx}");
     assert!(workload_result(&out).is_none(), "{ctx}");
-    assert_eq!(status_mig.code(), Some(1), "vmm migrate should fail\n{ctx}");
-    assert!(
-        mig.stderr().contains("VM lost"),
-        "vmm migrate does not say the VM is lost\n{ctx}"
-    );
-    assert!(
-        !status_src.success(),
-        "the source VMM must not exit 0\n{ctx}"
-    );
-    assert!(
-        rig.src.stderr().contains("VM lost"),
-        "the source VMM does not say the VM is lost\n{ctx}"
-    );
+    rig.assert_lost_on_the_source_side(&mig, status_mig, status_src, "VM lost", &ctx);
     eprintln!("{}", logs(&[&mig, &rig.src, &rig.dst]));
 }
 
@@ -1056,12 +987,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     // 16 MiB into the first precopy round (the span alone is 64 MiB of data).
     rig.relay.reset_after_bytes(16 * MIB);
     let mut mig = rig.migrate("precopy", &[]);
-    let status = wait_exit(
-        &mut mig,
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
     assert_eq!(rig.relay.resets(), 1, "the link was not reset\n{ctx}");
     assert_eq!(status.code(), Some(1), "vmm migrate should fail\n{ctx}");
@@ -1070,12 +996,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
         !rig.src.stderr().contains("postcopy-paused"),
         "a precopy round is no postcopy: nothing to recover\n{ctx}"
     );
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     assert_eq!(
         status.code(),
         Some(1),
@@ -1145,13 +1066,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     let out = dst2.stdout();
     let result = workload_result(&out)
         .unwrap_or_else(|| panic!("no WORKLOAD RESULT on the second destination\n{ctx}"));
-    assert_eq!(field(&result, "status"), Some("ok"), "{ctx}");
-    assert_eq!(field(&result, "mismatches"), Some("0"), "{ctx}");
-    assert_eq!(
-        field(&result, "passes"),
-        Some(passes.to_string().as_str()),
-        "{ctx}"
-    );
+    assert_workload_ok(&result, Some(passes), &ctx);
     assert!(clean(&out), "{ctx}");
     assert_eq!(status.code(), Some(0), "the second destination\n{ctx}");
 }
@@ -1218,12 +1133,7 @@ fn state_cut_on_its_way_the_source_learns_not_started_and_resumes() {
     let mut rig = Rig::start("anon", "anon", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(STATE_CUT);
     let mut mig = rig.migrate("postcopy", &[]);
-    let status = wait_exit(
-        &mut mig,
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
     assert_eq!(rig.relay.resets(), 1, "the link was not reset\n{ctx}");
     assert_eq!(status.code(), Some(1), "vmm migrate should fail\n{ctx}");
@@ -1235,12 +1145,7 @@ fn state_cut_on_its_way_the_source_learns_not_started_and_resumes() {
         "vmm migrate should say the destination did not start the VM\n{ctx}"
     );
     // The destination never ran the guest and gives up once the source said so.
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     let ctx = rig.context(&mig);
     assert_eq!(status.code(), Some(1), "the destination should fail\n{ctx}");
     assert!(
@@ -1273,19 +1178,11 @@ fn state_cut_and_no_way_back_leaves_the_source_paused_with_the_outcome_unknown()
     let mut mig = rig.migrate("postcopy", &["--recover-timeout", "3"]);
     // Both channels are up (the destination still builds memory before Ready): from now on
     // nobody gets through the relay.
-    poll_until(
-        "both channels through the relay",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.accepted() >= 2,
-    );
+    rig.wait_until(&mig, "both channels through the relay", |r| {
+        r.accepted() >= 2
+    });
     rig.relay.set_refuse(true);
-    let status = wait_exit(
-        &mut mig,
-        MIGRATE_LIMIT,
-        &[&rig.src, &rig.dst],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_migrate(&mut mig, MIGRATE_LIMIT);
     let ctx = rig.context(&mig);
     assert_eq!(rig.relay.resets(), 1, "the link was not reset\n{ctx}");
     assert_eq!(status.code(), Some(1), "vmm migrate should fail\n{ctx}");
@@ -1317,12 +1214,7 @@ fn state_cut_and_no_way_back_leaves_the_source_paused_with_the_outcome_unknown()
         .unwrap_or_else(|e| panic!("forced resume: {e}\n{}", rig.context(&mig)));
     assert_guest_finished_ok(&mut rig.src, PASSES, &[&mig, &rig.dst], Some(&rig.relay));
     // The destination never ran the guest and gave up on its own.
-    let status = wait_exit(
-        &mut rig.dst,
-        Duration::from_secs(30),
-        &[&mig, &rig.src],
-        Some(&rig.relay),
-    );
+    let status = rig.wait_destination(&mig, Duration::from_secs(30));
     let ctx = rig.context(&mig);
     assert_eq!(status.code(), Some(1), "the destination should fail\n{ctx}");
     assert!(
@@ -1343,28 +1235,17 @@ fn resets_during_a_recovery_handshake_and_right_after_one() {
     let mut rig = Rig::start("anon", "anon", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(16 * MIB);
     let mig = rig.migrate("postcopy", &[]);
-    poll_until(
-        "reset #1",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 1,
-    );
+    rig.wait_until(&mig, "reset #1", |r| r.resets() >= 1);
     // The next reconnect is cut in its urgent Hello: the main channel had authenticated.
     rig.relay.reset_after_bytes(150);
-    poll_until(
-        "reset #2 (in the recovery handshake)",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 2,
-    );
+    rig.wait_until(&mig, "reset #2 (in the recovery handshake)", |r| {
+        r.resets() >= 2
+    });
     // The one after that completes, and the push it resumes is cut at once.
     rig.relay.reset_after_bytes(RECOVERY_HANDSHAKE + 100);
-    poll_until(
-        "reset #3 (right after a recovery)",
-        MIGRATE_LIMIT,
-        || rig.context(&mig),
-        || rig.relay.resets() >= 3,
-    );
+    rig.wait_until(&mig, "reset #3 (right after a recovery)", |r| {
+        r.resets() >= 3
+    });
     let (summary, stats) = rig.finish_recovered(mig, "postcopy", 2);
     assert_eq!(rig.relay.resets(), 3, "{summary}");
     assert_eq!(

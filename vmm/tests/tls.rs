@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
 const MIGRATE_LIMIT: Duration = Duration::from_secs(120);
 const FINISH_LIMIT: Duration = Duration::from_secs(120);
@@ -52,23 +51,8 @@ fn tls_init(dir: &Path) {
 }
 
 fn migrate(sock: &Path, to: &str, extra: &[&str]) -> (Option<i32>, String, String) {
-    let mut args = vec![
-        "migrate",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--to",
-        to,
-        "--mode",
-        "postcopy",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let out = run_vmm(&args, MIGRATE_LIMIT);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = run_migrate(sock, to, "postcopy", extra, MIGRATE_LIMIT);
+    (r.code, r.stdout, r.stderr)
 }
 
 #[test]
@@ -81,20 +65,17 @@ fn postcopy_over_tls_end_to_end() {
     let port = free_port();
     let mut dst = start_receive("destination", "shmem", "4k", port, &["--tls-dir", tls_arg]);
     let mut src = start_workload_source("shmem", "256M", 1, 600, &sock);
-    let (code, out, err) = migrate(&sock, &format!("127.0.0.1:{port}"), &["--tls-dir", tls_arg]);
+    let run = run_migrate(
+        &sock,
+        &format!("127.0.0.1:{port}"),
+        "postcopy",
+        &["--tls-dir", tls_arg],
+        MIGRATE_LIMIT,
+    );
     let context = |src: &Proc, dst: &Proc| {
-        format!(
-            "migrate stdout:\n{out}\nmigrate stderr:\n{err}\n{}\n{}",
-            src.describe(),
-            dst.describe()
-        )
+        format!("{}\n{}\n{}", run.describe(), src.describe(), dst.describe())
     };
-    assert_eq!(code, Some(0), "vmm migrate failed\n{}", context(&src, &dst));
-    let summary: Value = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON summary\n{}", context(&src, &dst)));
+    let summary = run.expect_summary(&context(&src, &dst));
     assert!(
         summary["faults_served"].as_f64().unwrap_or(0.0) > 0.0,
         "{summary:#}"
@@ -108,18 +89,7 @@ fn postcopy_over_tls_end_to_end() {
             context(&src, &dst)
         )
     });
-    assert_eq!(
-        field(&result, "status"),
-        Some("ok"),
-        "{}",
-        context(&src, &dst)
-    );
-    assert_eq!(
-        field(&result, "mismatches"),
-        Some("0"),
-        "{}",
-        context(&src, &dst)
-    );
+    assert_workload_ok(&result, None, &context(&src, &dst));
     assert_eq!(dst_status.code(), Some(0), "{}", context(&src, &dst));
     assert!(
         dst.stderr().contains("TLS"),

@@ -15,14 +15,14 @@ use std::fs::File;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 
+use nix::unistd::Whence;
+
+use kernel_abi::pagemap::{PM_PRESENT, PM_SWAPPED};
+
 use crate::types::{MemoryKind, RamRegion, PAGE_SIZE};
 
 /// Pagemap entries read at once (one 4 KiB read covers 2 MiB of guest RAM).
 const PAGEMAP_CHUNK: u64 = 512;
-/// Pagemap: page present in RAM.
-const PM_PRESENT: u64 = 1 << 63;
-/// Pagemap: page swapped out.
-const PM_SWAPPED: u64 = 1 << 62;
 
 /// How a region's holes are found.
 enum Probe {
@@ -165,23 +165,18 @@ impl RegionHoles {
     }
 }
 
-fn lseek(fd: RawFd, offset: u64, whence: libc::c_int) -> Result<u64, std::io::Error> {
-    let off = libc::off_t::try_from(offset)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: lseek on a descriptor the source VM keeps open for the whole migration
-    // (SourceVm::ram_regions); it only moves this descriptor's file offset, which nothing else
-    // in the VMM relies on (guest RAM is accessed through mappings).
-    let r = unsafe { libc::lseek(fd, off, whence) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
+/// `lseek` on a descriptor the source VM keeps open for the whole migration
+/// (SourceVm::ram_regions); it only moves this descriptor's file offset, which nothing else in
+/// the VMM relies on (guest RAM is accessed through mappings).
+fn lseek(fd: RawFd, offset: u64, whence: Whence) -> Result<u64, nix::Error> {
+    let off = libc::off_t::try_from(offset).map_err(|_| nix::Error::EOVERFLOW)?;
+    let r = nix::unistd::lseek(fd, off, whence)?;
+    u64::try_from(r).map_err(|_| nix::Error::EOVERFLOW)
 }
 
 /// Whether SEEK_DATA / SEEK_HOLE answer on `fd` at all.
 fn seek_works(fd: RawFd, offset: u64) -> bool {
-    match lseek(fd, offset, libc::SEEK_HOLE) {
+    match lseek(fd, offset, Whence::SeekHole) {
         Ok(_) => true,
         Err(e) => {
             tracing::debug!("SEEK_HOLE unsupported ({e}): RAM is read page by page");
@@ -198,13 +193,13 @@ fn seek_extent(fd: RawFd, base: u64, page: u64, pages: u64) -> Extent {
         hole: false,
         end: page + 1,
     };
-    match lseek(fd, at, libc::SEEK_DATA) {
+    match lseek(fd, at, Whence::SeekData) {
         // Data starts later: a hole up to there (rounded down: a partly written page is data).
         Ok(d) if d > at => Extent {
             hole: true,
             end: to_page(d).min(pages),
         },
-        Ok(_) => match lseek(fd, at, libc::SEEK_HOLE) {
+        Ok(_) => match lseek(fd, at, Whence::SeekHole) {
             // Data up to the next hole (rounded up: a partly written page is data).
             Ok(h) if h > at => Extent {
                 hole: false,
@@ -213,7 +208,7 @@ fn seek_extent(fd: RawFd, base: u64, page: u64, pages: u64) -> Extent {
             _ => data_page,
         },
         // No data after `at` at all.
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Extent {
+        Err(nix::Error::ENXIO) => Extent {
             hole: true,
             end: pages,
         },
@@ -224,6 +219,7 @@ fn seek_extent(fd: RawFd, base: u64, page: u64, pages: u64) -> Extent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn region(kind: MemoryKind, fd: Option<RawFd>, host: usize, size: u64) -> RamRegion {
         RamRegion {
@@ -287,11 +283,15 @@ mod tests {
     #[test]
     fn shmem_holes_come_from_seek_data() {
         let len = 256 * PAGE_SIZE as usize;
-        // SAFETY: creating a memfd with a valid name.
-        let fd = unsafe { libc::memfd_create(c"holes-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: sizing our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+        let memfd = File::from(
+            nix::sys::memfd::memfd_create(
+                c"holes-test",
+                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+            )
+            .expect("memfd_create"),
+        );
+        memfd.set_len(len as u64).expect("sizing the memfd");
+        let fd = memfd.as_raw_fd();
         let p = map(fd, len, libc::MAP_SHARED);
         for page in [3usize, 4, 100] {
             // SAFETY: inside the mapping made above.
@@ -301,11 +301,8 @@ mod tests {
             RegionHoles::new(&region(MemoryKind::Shmem, Some(fd), p as usize, len as u64));
         assert!(holes.knows_holes());
         check(&mut holes);
-        // SAFETY: unmapping and closing what this test made.
-        unsafe {
-            libc::munmap(p as *mut libc::c_void, len);
-            libc::close(fd);
-        }
+        // SAFETY: unmapping what this test mapped (the memfd closes when dropped).
+        unsafe { libc::munmap(p as *mut libc::c_void, len) };
     }
 
     #[test]

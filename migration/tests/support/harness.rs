@@ -3,39 +3,30 @@
 // threads as the destination's vCPUs, listeners, options, and what a recovered migration must
 // show. Not a test crate of its own (it lives in a subdirectory).
 
+/// What the suites use, imported once (each suite uses a part of it).
 #[allow(unused_imports)]
-use std::io::{Read, Write};
-#[allow(unused_imports)]
-use std::net::{SocketAddr, TcpListener, TcpStream};
-#[allow(unused_imports)]
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-#[allow(unused_imports)]
-use std::sync::{Arc, Mutex};
-#[allow(unused_imports)]
-use std::thread::JoinHandle;
-#[allow(unused_imports)]
-use std::time::{Duration, Instant};
+mod prelude {
+    pub use std::io::{Read, Write};
+    pub use std::net::{SocketAddr, TcpListener, TcpStream};
+    pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub use std::sync::{Arc, Mutex};
+    pub use std::thread::JoinHandle;
+    pub use std::time::{Duration, Instant};
 
+    pub use migration::auth::Secret;
+    pub use migration::destination::{
+        self, DestinationError, DestinationVm, PostcopyOutcome, PostcopySink,
+    };
+    pub use migration::relay::Relay;
+    pub use migration::source::{self, MigrateOptions, SourceError, SourceVm};
+    pub use migration::transport::{self, Acceptor, Timeouts};
+    pub use migration::types::{AtomicPageSet, PageSet, RamLayout, RegionLayout};
+    pub use migration::wire::{self, Message, MigrationConfig};
+    pub use migration::{DirtyLog, FetchError, MemoryKind, Mode, PageFetcher, RamRegion, PAGE_SIZE};
+    pub use rand::{Rng, SeedableRng};
+}
 #[allow(unused_imports)]
-use migration::auth::Secret;
-#[allow(unused_imports)]
-use migration::destination::{
-    self, DestinationError, DestinationVm, PostcopyOutcome, PostcopySink,
-};
-#[allow(unused_imports)]
-use migration::relay::Relay;
-#[allow(unused_imports)]
-use migration::source::{self, MigrateOptions, SourceError, SourceVm};
-#[allow(unused_imports)]
-use migration::transport::{self, Acceptor, Timeouts};
-#[allow(unused_imports)]
-use migration::types::{AtomicPageSet, PageSet, RamLayout, RegionLayout};
-#[allow(unused_imports)]
-use migration::wire::{self, Message, MigrationConfig};
-#[allow(unused_imports)]
-use migration::{DirtyLog, FetchError, MemoryKind, Mode, PageFetcher, RamRegion, PAGE_SIZE};
-#[allow(unused_imports)]
-use rand::{Rng, SeedableRng};
+use prelude::*;
 
 const PAGE: usize = PAGE_SIZE as usize;
 const MIB: u64 = 1 << 20;
@@ -210,6 +201,25 @@ struct TestSource {
 }
 
 impl TestSource {
+    /// How often the migration paused this VM.
+    fn pauses(&self) -> usize {
+        self.pauses.load(Ordering::Relaxed)
+    }
+
+    /// How often the migration resumed this VM.
+    fn resumes(&self) -> usize {
+        self.resumes.load(Ordering::Relaxed)
+    }
+
+    /// Asserts that the migration left dirty logging off.
+    fn assert_dirty_logging_off(&self) {
+        assert_eq!(
+            self.dirty.enabled.load(Ordering::Relaxed),
+            0,
+            "dirty logging left enabled"
+        );
+    }
+
     /// Memory with a pattern on about 3 of 4 pages (the rest zero).
     fn new(regions: &[(u32, u64, u64)]) -> Self {
         let mem = Arc::new(Memory::new(regions));
@@ -564,7 +574,7 @@ fn assert_recovered(
         "destination memory differs from the source after recovery"
     );
     assert_eq!(state, src.state, "state blob");
-    assert_eq!(src.resumes.load(Ordering::Relaxed), 0, "the source resumed");
+    assert_eq!(src.resumes(), 0, "the source resumed");
     assert!(
         summary.recoveries >= at_least,
         "source counted {} recoveries, want at least {at_least}",

@@ -117,11 +117,4 @@ impl SerialDevice {
     pub fn read(&mut self, offset: u16) -> u8 {
         self.inner.read(offset as u8)
     }
-
-    /// Feeds host input bytes to the guest.
-    pub fn enqueue_input(&mut self, bytes: &[u8]) {
-        if let Err(e) = self.inner.enqueue_raw_bytes(bytes) {
-            tracing::warn!("serial input dropped: {e:?}");
-        }
-    }
 }

@@ -417,21 +417,19 @@ fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), Incomin
     for_each_run(ram, present, false, |r, start, count| {
         let (off, len) = (start * PAGE_SIZE, count * PAGE_SIZE);
         if let Some(fd) = r.raw_fd() {
-            // SAFETY: fallocate on the region's own memfd; punching a hole only drops page
-            // cache contents in the given range, which no one else uses yet.
-            let rc = unsafe {
-                libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (r.fd_offset + off) as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if rc != 0 {
+            // Punching a hole in the region's own memfd only drops page cache contents in the
+            // given range, which no one else uses yet.
+            if let Err(e) = nix::fcntl::fallocate(
+                fd,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                (r.fd_offset + off) as libc::off_t,
+                len as libc::off_t,
+            ) {
                 return Err(IncomingVmError::PunchHole {
                     gpa: r.guest_addr + off,
                     len,
-                    source: std::io::Error::last_os_error(),
+                    source: std::io::Error::from(e),
                 });
             }
         }
@@ -488,35 +486,25 @@ pub fn receive(
     // the process at once, from this thread: nothing is torn down first (no userfaultfd is
     // closed, no staging unmapped), so a vCPU waiting for a page that never arrived never runs
     // on (exit_group kills it in its wait), and the kernel frees guest RAM with the process.
-    let receiving = Arc::new(AtomicBool::new(true));
     let started = Arc::new(AtomicBool::new(false));
     {
-        let receiving = receiving.clone();
         let started = started.clone();
         let api_socket = cfg.api_socket.clone();
-        std::thread::Builder::new()
-            .name("signal-watch".into())
-            .spawn(move || {
-                while receiving.load(Ordering::SeqCst) {
-                    if let Some(sig) = signals::received() {
-                        if started.load(Ordering::SeqCst) {
-                            tracing::error!(
-                                "signal {sig} during the migration: VM lost (it ran here with pages that had not arrived; the source's copy is stale)"
-                            );
-                        } else {
-                            tracing::warn!(
-                                "signal {sig} during the migration, exiting (the VM never started here; the source keeps it)"
-                            );
-                        }
-                        if let Some(p) = &api_socket {
-                            let _ = std::fs::remove_file(p);
-                        }
-                        std::process::exit(128 + sig);
-                    }
-                    std::thread::sleep(POLL);
-                }
-            })
-            .map_err(|e| ReceiveError::Run(LaunchError::Signals(e.into())))?;
+        signals::on_signal(move |sig| {
+            if started.load(Ordering::SeqCst) {
+                tracing::error!(
+                    "signal {sig} during the migration: VM lost (it ran here with pages that had not arrived; the source's copy is stale)"
+                );
+            } else {
+                tracing::warn!(
+                    "signal {sig} during the migration, exiting (the VM never started here; the source keeps it)"
+                );
+            }
+            if let Some(p) = &api_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(128 + sig);
+        });
     }
     let secret = match &cfg.secret_file {
         Some(p) => Some(Secret::from_file(p).map_err(ReceiveError::Secret)?),
@@ -676,11 +664,12 @@ pub fn receive(
             return Err(ReceiveError::Lost(e));
         }
         Err(e) => {
-            receiving.store(false, Ordering::SeqCst);
+            signals::record_only();
             return Err(ReceiveError::Receive(e));
         }
     };
-    receiving.store(false, Ordering::SeqCst);
+    // From here a signal stops the received VM cleanly (launcher::wait).
+    signals::record_only();
     tracing::debug!(?summary, "migration received");
     let engine = side.engine.lock().ok().and_then(|e| e.clone());
     if let Some(path) = &cfg.stats_json {
@@ -794,6 +783,3 @@ pub fn smaps_huge_kb() -> (u64, u64) {
     }
     (hugetlb, pmd)
 }
-
-/// How often `vmm receive` checks for SIGINT/SIGTERM while the migration runs.
-const POLL: Duration = Duration::from_millis(100);

@@ -9,16 +9,10 @@ use kvm_ioctls::VmFd;
 
 use super::{map_file_region, Backing, MemoryError, Region};
 
-// kvm-bindings 0.14 lacks the guest_memfd flag capability and flags of Linux 6.18; these values
-// come from include/uapi/linux/kvm.h.
-/// `KVM_CAP_GUEST_MEMFD_FLAGS`: `KVM_CHECK_EXTENSION` on a VM returns the supported
-/// `KVM_CREATE_GUEST_MEMFD` flags.
-pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
-/// `GUEST_MEMFD_FLAG_MMAP`: the guest_memfd can be `mmap`ed by userspace.
-pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
-/// `GUEST_MEMFD_FLAG_INIT_SHARED`: the memory starts shared with the host (faultable through an
-/// `mmap`), not private.
-pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+// kvm-bindings 0.14 lacks the guest_memfd flag capability and flags of Linux 6.18.
+pub use kernel_abi::kvm::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
+};
 
 /// The flags this VMM creates guest_memfds with.
 pub const GUEST_MEMFD_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;

@@ -124,12 +124,6 @@ impl Mapping {
         Mapping { addr, len }
     }
 
-    /// Gives up ownership without unmapping; returns the address and length.
-    pub fn into_raw(self) -> (NonNull<u8>, usize) {
-        let me = std::mem::ManuallyDrop::new(self);
-        (me.addr, me.len)
-    }
-
     /// First byte of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.addr.as_ptr()

@@ -29,14 +29,96 @@ pub fn image(name: &str) -> PathBuf {
 
 /// Runs `vmm` with `args`, killing it (by its PID) after `limit`. Returns its output.
 pub fn run_vmm(args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(vmm_bin())
-        .args(args)
+    let child = vmm_command(args).spawn().expect("spawn vmm");
+    wait_with_deadline(child, limit)
+}
+
+/// A `vmm` command with `args`, stdin closed and both outputs piped.
+pub fn vmm_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vmm");
-    wait_with_deadline(child, limit)
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// `vmm migrate --json` arguments: the VM behind the API socket `sock` to `to` in `mode`, then
+/// `extra`.
+pub fn migrate_args<'a>(
+    sock: &'a std::path::Path,
+    to: &'a str,
+    mode: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "migrate",
+        "--api-socket",
+        sock.to_str().expect("UTF-8 socket path"),
+        "--to",
+        to,
+        "--mode",
+        mode,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// How a `vmm migrate` run ended.
+pub struct MigrateRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+impl MigrateRun {
+    /// Its outputs, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "migrate stdout:\n{}\nmigrate stderr:\n{}",
+            self.stdout, self.stderr
+        )
+    }
+
+    /// Asserts that it exited 0 and returns its JSON summary (the last JSON line it printed);
+    /// `ctx` ends the failure messages.
+    pub fn expect_summary(&self, ctx: &str) -> serde_json::Value {
+        assert_eq!(self.code, Some(0), "vmm migrate failed\n{ctx}");
+        self.stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("no JSON summary\n{ctx}"))
+    }
+}
+
+/// Bytes no VMM takes for a migration stream: an HTTP request, then 4 KiB of noise.
+pub fn junk_bytes() -> Vec<u8> {
+    b"GET / HTTP/1.1\r\nHost: vmm\r\n\r\n"
+        .iter()
+        .copied()
+        .chain((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8))
+        .collect()
+}
+
+/// Runs `vmm migrate --json` (see [`migrate_args`]) to its end, killing it after `limit`.
+pub fn run_migrate(
+    sock: &std::path::Path,
+    to: &str,
+    mode: &str,
+    extra: &[&str],
+    limit: Duration,
+) -> MigrateRun {
+    let start = Instant::now();
+    let out = run_vmm(&migrate_args(sock, to, mode, extra), limit);
+    MigrateRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: start.elapsed(),
+    }
 }
 
 /// Waits for `child`, killing it after `limit`; collects stdout and stderr.
@@ -94,6 +176,20 @@ pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// Asserts that a workload RESULT line says the guest verified its memory (status ok, no
+/// mismatch) and, if `passes` is given, made that many passes; `ctx` ends each failure message.
+pub fn assert_workload_ok(result: &[(String, String)], passes: Option<u32>, ctx: &str) {
+    assert_eq!(field(result, "status"), Some("ok"), "{ctx}");
+    assert_eq!(field(result, "mismatches"), Some("0"), "{ctx}");
+    if let Some(passes) = passes {
+        assert_eq!(
+            field(result, "passes"),
+            Some(passes.to_string().as_str()),
+            "{ctx}"
+        );
+    }
 }
 
 /// Huge pages for one test: the lock serializing pool changes plus a reservation that restores
@@ -164,7 +260,7 @@ impl Proc {
     /// Starts `vmm` with `args`; `name` labels it in failure messages.
     pub fn vmm(name: &str, args: &[&str]) -> Proc {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(vmm_bin());
+        let mut cmd = vmm_command(args);
         // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
         // is async-signal-safe. The child is killed if the thread that started it (the test)
         // dies without running Drop, e.g. when the test runner kills a test that ran too long.
@@ -176,13 +272,7 @@ impl Proc {
                 Ok(())
             })
         };
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmm");
+        let mut child = cmd.spawn().expect("spawn vmm");
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         collect(child.stdout.take().expect("stdout piped"), stdout.clone());
@@ -262,11 +352,20 @@ impl Proc {
 
     /// Waits for it to exit; kills it and panics after `limit`.
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        self.wait_or_explain(limit, Proc::describe)
+    }
+
+    /// Waits for it to exit; after `limit` kills it and panics with what `explain` says about it.
+    pub fn wait_or_explain(
+        &mut self,
+        limit: Duration,
+        explain: impl FnOnce(&Proc) -> String,
+    ) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(s) = self.try_wait() {
                 // Let the readers drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(100));
                 return s;
             }
             if start.elapsed() > limit {
@@ -274,10 +373,10 @@ impl Proc {
                 panic!(
                     "{} did not exit within {limit:?}\n{}",
                     self.name,
-                    self.describe()
+                    explain(self)
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -321,15 +420,8 @@ pub fn free_port() -> u16 {
 /// Longest a VM may take to boot and print its first pass, or `vmm receive` to listen.
 pub const BOOT_LIMIT: Duration = Duration::from_secs(60);
 
-/// `vmm run` arguments of a source running the workload guest (`span=64M pattern=random`,
-/// `passes` passes) with an API socket at `sock`.
-pub fn workload_source_args(
-    backing: &str,
-    memory: &str,
-    vcpus: u8,
-    passes: u32,
-    sock: &std::path::Path,
-) -> Vec<String> {
+/// `vmm run` arguments of the workload guest with `cmdline`.
+pub fn workload_run_args(backing: &str, memory: &str, vcpus: u8, cmdline: &str) -> Vec<String> {
     let kernel = image("workload.elf");
     [
         "run",
@@ -342,13 +434,26 @@ pub fn workload_source_args(
         "--backing",
         backing,
         "--cmdline",
-        &format!("span=64M passes={passes} pattern=random"),
-        "--api-socket",
-        sock.to_str().unwrap(),
+        cmdline,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// `vmm run` arguments of a source running the workload guest (`span=64M pattern=random`,
+/// `passes` passes) with an API socket at `sock`.
+pub fn workload_source_args(
+    backing: &str,
+    memory: &str,
+    vcpus: u8,
+    passes: u32,
+    sock: &std::path::Path,
+) -> Vec<String> {
+    let cmdline = format!("span=64M passes={passes} pattern=random");
+    let mut args = workload_run_args(backing, memory, vcpus, &cmdline);
+    args.extend(["--api-socket".into(), sock.to_str().unwrap().into()]);
+    args
 }
 
 /// Starts a workload source VM (see [`workload_source_args`]) and waits until its API socket is
