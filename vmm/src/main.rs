@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
-use migration::types::Granularity;
+use migration::types::{Granularity, Mode};
+use migration::MigrationSummary;
 use vmm::api::model::{SendMigration, Tunables};
 use vmm::api::Client;
 use vmm::events::{EventMonitor, EventTarget};
@@ -89,8 +90,7 @@ struct FaultLimitArgs {
     kernel: PathBuf,
     /// The backing whose faults to measure. The 4k-staged strategy stages every fault of
     /// hugetlb and guest-memfd RAM in shmem, so those are measured on shmem of the same size.
-    #[arg(long, value_parser = parse_backing,
-          help = "Backing whose faults to measure: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    #[arg(long)]
     backing: Backing,
     /// Guest RAM size, e.g. 256M (a bare number is MiB).
     #[arg(long, value_parser = parse_size_arg)]
@@ -114,16 +114,15 @@ struct ReceiveArgs {
     #[arg(long)]
     listen: String,
     /// What backs the received guest's RAM (may differ from the source's).
-    #[arg(long, value_parser = parse_backing,
-          help = "What backs the received guest's RAM: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    #[arg(long)]
     backing: Backing,
     /// Postcopy fault granularity on huge and guest_memfd backings: 4k (stage at 4 KiB,
     /// collapse later), huge (continue a huge page only once all of it arrived), or native
     /// (use the kernel's own 4 KiB faults where a probe finds them: 4 KiB UFFDIO_CONTINUE inside
     /// hugetlb pages (HGM), userfaultfd on guest_memfd; where the kernel lacks them it falls
     /// back to 4k and says why on stderr and in --stats-json `native_fallback`).
-    #[arg(long, default_value = "4k", value_parser = ["4k", "huge", "native"])]
-    granularity: String,
+    #[arg(long, default_value_t = Granularity::FourK)]
+    granularity: Granularity,
     /// File holding the shared secret (at least 16 bytes) both sides prove they know.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -186,8 +185,8 @@ struct MigrateArgs {
     to: String,
     /// precopy: copy RAM while the guest runs, then stop and copy the rest; postcopy: move
     /// the guest first and fetch RAM on demand; hybrid: a few precopy rounds, then postcopy.
-    #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"])]
-    mode: String,
+    #[arg(long)]
+    mode: Mode,
     /// File holding the shared secret (at least 16 bytes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -288,8 +287,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// What backs guest RAM.
-    #[arg(long, value_parser = parse_backing, default_value = "anon",
-          help = "What backs guest RAM: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    #[arg(long, default_value_t = Backing::Anon)]
     backing: Backing,
     /// Where guest serial output goes: "stdout" or a file path (appended).
     #[arg(long, default_value = "stdout")]
@@ -310,10 +308,6 @@ struct RunArgs {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
-}
-
-fn parse_backing(s: &str) -> Result<Backing, String> {
-    s.parse::<Backing>().map_err(|e| e.to_string())
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -502,10 +496,7 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
     let cfg = ReceiveConfig {
         listen,
         backing: a.backing,
-        granularity: a
-            .granularity
-            .parse::<Granularity>()
-            .map_err(anyhow::Error::msg)?,
+        granularity: a.granularity,
         secret_file: a.secret_file,
         tls_dir: a.tls_dir,
         allow_plaintext: a.allow_plaintext,
@@ -558,7 +549,7 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
     }
     let req = SendMigration {
         destination_url: a.to.clone(),
-        mode: a.mode.clone(),
+        mode: a.mode,
         secret_file,
         tls_dir,
         tls_server_name: a.tls_server_name.clone(),
@@ -578,6 +569,8 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
     if a.json {
         println!("{summary}");
     } else {
+        let summary: MigrationSummary =
+            serde_json::from_value(summary).context("reading the migration summary")?;
         print_summary(&summary);
     }
     Ok(0)
@@ -640,37 +633,29 @@ fn cmd_status(a: StatusArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn print_summary(s: &serde_json::Value) {
-    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
-    let u = |k: &str| s[k].as_u64().unwrap_or(0);
-    println!("migration complete ({})", s["mode"].as_str().unwrap_or("?"));
-    println!("  blackout       {:.3} ms", f("blackout_ms"));
-    println!("  total time     {:.1} ms", f("total_ms"));
+fn print_summary(s: &MigrationSummary) {
+    println!("migration complete ({})", s.mode);
+    println!("  blackout       {:.3} ms", s.blackout_ms);
+    println!("  total time     {:.1} ms", s.total_ms);
     println!(
         "  bytes sent     {} ({:.1} MiB)",
-        u("bytes_sent"),
-        u("bytes_sent") as f64 / 1048576.0
+        s.bytes_sent,
+        s.bytes_sent as f64 / 1048576.0
     );
-    println!(
-        "  pages sent     {} (+{} zero)",
-        u("pages_sent"),
-        u("zero_pages")
-    );
-    println!("  faults served  {}", u("faults_served"));
-    println!("  pages pushed   {}", u("pages_pushed"));
-    println!("  collapses      {}", u("collapses"));
-    println!("  precopy rounds {}", u("rounds"));
+    println!("  pages sent     {} (+{} zero)", s.pages_sent, s.zero_pages);
+    println!("  faults served  {}", s.faults_served);
+    println!("  pages pushed   {}", s.pages_pushed);
+    println!("  collapses      {}", s.collapses);
+    println!("  precopy rounds {}", s.rounds);
     println!(
         "  recoveries     {} ({:.1} ms postcopy-paused)",
-        u("recoveries"),
-        f("paused_ms")
+        s.recoveries, s.paused_ms
     );
-    let ms = f("transfer_ms");
-    if ms > 0.0 {
+    if s.transfer_ms > 0.0 {
         println!(
             "  streaming      {:.1} ms, {:.2} Gbit/s (precopy rounds + postcopy bulk push)",
-            ms,
-            u("transfer_bytes") as f64 * 8.0 / (ms / 1e3) / 1e9
+            s.transfer_ms,
+            s.transfer_bytes as f64 * 8.0 / (s.transfer_ms / 1e3) / 1e9
         );
     }
 }

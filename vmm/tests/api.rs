@@ -676,7 +676,7 @@ fn a_received_vm_migrates_on_a_to_b_to_c_to_d() {
     let info = vmm::api::Client::new(&sock_d).info().unwrap();
     let cfg = info.config.expect("D's config");
     assert_eq!(
-        (cfg.backing.as_str(), cfg.origin.as_str(), cfg.vcpus),
+        (cfg.backing.name(), cfg.origin.as_str(), cfg.vcpus),
         ("hugetlb-1g", "received", 2)
     );
 

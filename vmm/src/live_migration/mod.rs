@@ -8,24 +8,13 @@ pub mod destination;
 pub mod kvm_hooks;
 pub mod source;
 
-use migration::types::{MemoryKind, RamRegion};
+use migration::types::RamRegion;
 
-use crate::memory::{Backing, GuestRam};
-
-/// The migration crate's name for a backing.
-pub fn memory_kind(b: Backing) -> MemoryKind {
-    match b {
-        Backing::Anon => MemoryKind::Anon,
-        Backing::Shmem => MemoryKind::Shmem,
-        Backing::Hugetlb2m => MemoryKind::Hugetlb2m,
-        Backing::Hugetlb1g => MemoryKind::Hugetlb1g,
-        Backing::GuestMemfd => MemoryKind::GuestMemfd,
-    }
-}
+use crate::memory::GuestRam;
 
 /// Guest RAM as the migration crate sees it: one `RamRegion` per memslot.
 pub fn ram_regions(ram: &GuestRam) -> Vec<RamRegion> {
-    let kind = memory_kind(ram.backing());
+    let kind = ram.backing();
     (0u32..)
         .zip(ram.regions())
         .map(|(slot, r)| RamRegion {
