@@ -386,13 +386,19 @@ pub struct DestinationStats {
     /// The time every vCPU was blocked at once, ms.
     #[serde(default)]
     pub postcopy_blocktime_ms: Option<f64>,
+    /// With `--granularity native`: why the native path was not used, if it was not.
+    #[serde(default)]
+    pub native_fallback: Option<String>,
+    /// How the destination served each region.
+    #[serde(default)]
+    pub regions: Vec<migration::stats::RegionServe>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// Finds the JSON object in a process's stdout: the whole text if it is one object, else the
 /// last line that parses as an object.
-fn json_object<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(
     text: &str,
     what: &'static str,
 ) -> Result<T, ParseError> {

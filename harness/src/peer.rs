@@ -52,7 +52,7 @@ pub(crate) fn run_qemu_one(
 ) -> Result<(), RunError> {
     let dir = &cfg.out;
     let raw = dir.join("raw");
-    r.granularity = s.strategy.granularity().to_string();
+    r.granularity = s.strategy.granularity_name().to_string();
     r.peer = Some("qemu".into());
     r.peer_version_line = Some(qemu::version(qemu_bin)?);
     scenario::record_limits(dir, env, uffd, vcpu, r)?;
@@ -65,7 +65,7 @@ pub(crate) fn run_qemu_one(
         Some(HugePool::reserve(&needs)?)
     };
     // Declared after the pool: dropped (unmounted, pages back to the pool) before it.
-    let mount = match s.backing.huge_kib() {
+    let mount = match scenario::huge_kib(s.backing) {
         Some(kib) => Some(HugetlbMount::new(kib, &index.to_string())?),
         None => None,
     };

@@ -198,3 +198,58 @@ impl RegionServe {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_stats_use_the_cli_spellings_and_read_back() {
+        let stats = DestinationStats {
+            mode: Mode::Postcopy,
+            backing: Backing::Hugetlb2m,
+            granularity: Granularity::FourK,
+            total_ms: 1.0,
+            start_ms: 0.5,
+            bytes_received: 1,
+            pages_received: 1,
+            urgent_pages: 0,
+            bulk_pages: 1,
+            faults_served: 2,
+            pages_fetched: 1,
+            pages_fetched_local: 1,
+            collapses: 1,
+            collapses_skipped: 0,
+            collapse_failures: 0,
+            collapse_stall_ns: vec![5],
+            collapse_total_ns: vec![6],
+            fault_ns: vec![7, 8],
+            outage_fault_ns: Vec::new(),
+            staging_peak_bytes: 4096,
+            staging_current_bytes: 0,
+            recoveries: 0,
+            paused_ms: 0.0,
+            postcopy_vcpu_blocktime_ms: vec![0.1],
+            postcopy_blocktime_ms: None,
+            smaps_hugetlb_kb: 2048,
+            smaps_shmem_pmd_kb: 0,
+            regions: vec![RegionServe {
+                slot: 0,
+                kind: Backing::Hugetlb2m,
+                serve_mode: "staged-4k-hugetlb".into(),
+                unit_size: 2 << 20,
+                note: None,
+                native_fallback: None,
+            }],
+            native_fallback: None,
+            collapse_methods: vec!["hugetlb-mmap".into()],
+        };
+        let json = serde_json::to_value(&stats).unwrap();
+        assert_eq!(json["mode"], "postcopy");
+        assert_eq!(json["backing"], "hugetlb-2m");
+        assert_eq!(json["granularity"], "4k");
+        assert_eq!(json["regions"][0]["kind"], "hugetlb-2m");
+        let back: DestinationStats = serde_json::from_value(json).unwrap();
+        assert_eq!(back, stats);
+    }
+}

@@ -98,6 +98,13 @@ vocabulary! {
     }
 }
 
+impl Granularity {
+    /// [`Granularity::name`] under the name the postcopy tests use.
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+}
+
 /// What a hook the VMM implements reports when it fails, across the crate seam: the VMM's own
 /// typed error, boxed, with its source chain intact.
 pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -174,7 +174,7 @@ mod tests {
         assert!(e.to_string().contains("unknown colour 'green'"), "{e}");
         let names: Vec<String> = <Colour as clap::ValueEnum>::value_variants()
             .iter()
-            .filter_map(|c| clap::ValueEnum::to_possible_value(c))
+            .filter_map(clap::ValueEnum::to_possible_value)
             .map(|p| p.get_name().to_string())
             .collect();
         assert_eq!(names, ["red", "deep-blue"]);

@@ -444,11 +444,10 @@ fn statuses(seen: &[Value]) -> Vec<String> {
 }
 
 fn send(mode: &str, port: u16) -> vmm::api::model::SendMigration {
-    vmm::api::model::SendMigration {
-        destination_url: format!("127.0.0.1:{port}"),
-        mode: mode.into(),
-        ..Default::default()
-    }
+    vmm::api::model::SendMigration::new(
+        format!("127.0.0.1:{port}"),
+        mode.parse().expect("a migration mode"),
+    )
 }
 
 /// Starts `vmm receive` for one hop with an API socket and an event file in `dir`.

@@ -113,6 +113,22 @@ pub struct SendMigration {
     pub tunables: Tunables,
 }
 
+impl SendMigration {
+    /// A request to migrate to `destination_url` in `mode`, everything else at its default.
+    pub fn new(destination_url: String, mode: Mode) -> Self {
+        SendMigration {
+            destination_url,
+            mode,
+            secret_file: None,
+            tls_dir: None,
+            tls_server_name: None,
+            allow_plaintext: false,
+            recover_timeout_s: None,
+            tunables: Tunables::default(),
+        }
+    }
+}
+
 /// Migration tunables (QEMU's migration parameters, in this API's units).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Tunables {
