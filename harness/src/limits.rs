@@ -465,15 +465,6 @@ pub struct VcpuFaultLimit {
     pub vmm: LatencyHistogram,
 }
 
-/// What `vmm fault-limit --json` prints (the fields the harness reads).
-#[derive(serde::Deserialize)]
-struct FaultLimitJson {
-    measured_backing: String,
-    service: String,
-    guest_buckets_ns: Vec<(u64, u64)>,
-    vmm_histogram_ns: Vec<(u64, u64)>,
-}
-
 /// (d) Runs `VMM fault-limit --kernel KERNEL --backing B --memory M --vcpus N --json` (killed
 /// after `timeout`), keeps its stdout in `save_to`, and reads the two histograms.
 pub fn vcpu_fault_limit(
@@ -544,7 +535,7 @@ pub fn vcpu_fault_limit(
     }
     let text = std::fs::read_to_string(save_to)
         .map_err(|e| fail(format!("reading {}: {e}", save_to.display())))?;
-    let j: FaultLimitJson = serde_json::from_str(text.trim())
+    let j: vmm::fault_limit::FaultLimitReport = serde_json::from_str(text.trim())
         .map_err(|e| fail(format!("its JSON output does not parse: {e}")))?;
     let guest = histogram::from_buckets(&j.guest_buckets_ns)?;
     let mut vmm_h = histogram::new_histogram()?;
@@ -559,7 +550,7 @@ pub fn vcpu_fault_limit(
         )));
     }
     Ok(VcpuFaultLimit {
-        backing: j.measured_backing,
+        backing: j.measured_backing.to_string(),
         service: j.service,
         guest,
         vmm: vmm_h,

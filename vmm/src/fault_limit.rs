@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+use migration::postcopy::sys::uffd_errno;
 use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
@@ -398,7 +399,7 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
         match r {
             Ok(()) => return Ok(()),
             // Two vCPUs faulted on the same page and the first ioctl mapped it: wake the rest.
-            Err(ref e) if errno_of(e) == Some(libc::EEXIST) => {
+            Err(ref e) if uffd_errno(e) == Some(libc::EEXIST) => {
                 return uffd
                     .wake(dst, len)
                     .map_err(|source| FaultLimitError::Serve {
@@ -408,7 +409,7 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
                     });
             }
             // The address space changed under the ioctl: try again.
-            Err(ref e) if errno_of(e) == Some(libc::EAGAIN) => continue,
+            Err(ref e) if uffd_errno(e) == Some(libc::EAGAIN) => continue,
             Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
             Err(source) => {
                 return Err(FaultLimitError::Serve {
@@ -424,14 +425,6 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
         addr: page,
         tries: EAGAIN_RETRIES,
     })
-}
-
-/// The errno of a failed userfaultfd ioctl, if it carries one.
-fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
-    match e {
-        userfaultfd::Error::SystemError(n) | userfaultfd::Error::CopyFailed(n) => Some(*n as i32),
-        _ => None,
-    }
 }
 
 /// Puts every 4 KiB page of every region in the page cache (a store through the alias, which
