@@ -969,6 +969,28 @@ pub(crate) fn record_limits(
     Ok(())
 }
 
+/// What every scenario (ours or the peer's) does first: records its granularity and limits in
+/// `r` and reserves the huge pages it needs. The pool stays reserved while the result lives.
+pub(crate) fn prepare(
+    cfg: &RunConfig,
+    env: &LinkEnv,
+    uffd: &LatencyHistogram,
+    vcpu: Result<&VcpuFaultLimit, &str>,
+    s: &Scenario,
+    r: &mut ScenarioResult,
+    progress: &mut dyn Progress,
+) -> Result<Option<HugePool>, RunError> {
+    r.granularity = s.strategy.granularity_name().to_string();
+    record_limits(&cfg.out, env, uffd, vcpu, r)?;
+    // Only huge backings take the shared pool lock (other test runs hold it for minutes).
+    let needs = s.huge_pages_needed();
+    if needs.is_empty() {
+        return Ok(None);
+    }
+    progress.phase("reserving huge pages");
+    Ok(Some(HugePool::reserve(&needs)?))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_one(
     cfg: &RunConfig,
@@ -983,17 +1005,7 @@ fn run_one(
 ) -> Result<(), RunError> {
     let dir = &cfg.out;
     let raw = dir.join("raw");
-    r.granularity = s.strategy.granularity_name().to_string();
-    record_limits(dir, env, uffd, vcpu, r)?;
-
-    // Only huge backings take the shared pool lock (other test runs hold it for minutes).
-    let needs = s.huge_pages_needed();
-    progress.phase("reserving huge pages");
-    let _pool = if needs.is_empty() {
-        None
-    } else {
-        Some(HugePool::reserve(&needs)?)
-    };
+    let _pool = prepare(cfg, env, uffd, vcpu, s, r, progress)?;
 
     // Destination.
     let port = pick_port(env.dst_ip(), env.link.netns, index)?;

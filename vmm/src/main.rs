@@ -135,9 +135,6 @@ struct ReceiveArgs {
     /// in plaintext (pages and state travel in the clear).
     #[arg(long)]
     allow_plaintext: bool,
-    /// Where guest serial output goes: "stdout" or a file path (appended).
-    #[arg(long, default_value = "stdout")]
-    serial: String,
     /// Write the destination's migration statistics (faults, collapses, latencies) to this
     /// file as JSON once every page has arrived.
     #[arg(long)]
@@ -152,6 +149,17 @@ struct ReceiveArgs {
     /// VM answers: pause, resume, shutdown, and migrating it on.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    vm_process: VmProcessArgs,
+}
+
+/// What `run` and `receive` share: where the guest's serial output and the events go, and the
+/// system call filter of the VMM process.
+#[derive(clap::Args)]
+struct VmProcessArgs {
+    /// Where guest serial output goes: "stdout" or a file path (appended).
+    #[arg(long, default_value = "stdout")]
+    serial: String,
     /// Write events (one JSON object per line) to path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
     event_monitor: Option<EventTarget>,
@@ -289,21 +297,12 @@ struct RunArgs {
     /// What backs guest RAM.
     #[arg(long, default_value_t = Backing::Anon)]
     backing: Backing,
-    /// Where guest serial output goes: "stdout" or a file path (appended).
-    #[arg(long, default_value = "stdout")]
-    serial: String,
     /// Create a control socket (mode 0600) at this path: an HTTP API (docs/api.md) for `vmm
     /// status|pause|resume|shutdown|migrate|cancel` and curl.
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Write events (one JSON object per line) to path=FILE or fd=N.
-    #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
-    event_monitor: Option<EventTarget>,
-    /// System call filtering (seccomp): on (each thread may make only the system calls of its
-    /// role; any other stops the VMM with a message naming it, exit status 159), log (allowed,
-    /// and logged by the kernel to the audit log: for finding what a new code path needs), off.
-    #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
-    seccomp: String,
+    #[command(flatten)]
+    vm_process: VmProcessArgs,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -440,8 +439,8 @@ fn init_seccomp(mode: &str) -> Result<()> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<i32> {
-    init_seccomp(&a.seccomp)?;
-    let serial = serial_target(&a.serial);
+    init_seccomp(&a.vm_process.seccomp)?;
+    let serial = serial_target(&a.vm_process.serial);
     let cfg = RunConfig {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -452,7 +451,7 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         serial,
         api_socket: a.api_socket,
     };
-    let events = open_events(&a.event_monitor)?;
+    let events = open_events(&a.vm_process.event_monitor)?;
     let outcome =
         launcher::run(&cfg, Some(Arc::new(Migrator)), events).context("running the VM")?;
     Ok(outcome.exit_code())
@@ -486,7 +485,7 @@ fn serial_target(s: &str) -> SerialTarget {
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
-    init_seccomp(&a.seccomp)?;
+    init_seccomp(&a.vm_process.seccomp)?;
     let listen = a
         .listen
         .to_socket_addrs()
@@ -500,12 +499,12 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
         secret_file: a.secret_file,
         tls_dir: a.tls_dir,
         allow_plaintext: a.allow_plaintext,
-        serial: serial_target(&a.serial),
+        serial: serial_target(&a.vm_process.serial),
         stats_json: a.stats_json,
         recover_timeout: std::time::Duration::from_secs(a.recover_timeout),
         api_socket: a.api_socket,
     };
-    let events = open_events(&a.event_monitor)?;
+    let events = open_events(&a.vm_process.event_monitor)?;
     if cfg.tls_dir.is_none() && cfg.allow_plaintext && !cfg.listen.ip().is_loopback() {
         tracing::warn!(
             "--allow-plaintext: the migration on {} is not encrypted (pages and state can be read and altered on the way)",
