@@ -306,22 +306,20 @@ impl RamLayout {
     /// one region and at most `max` pages long, in order, as (gpa of the first page, count):
     /// what run-carrying frames (Discard, ReceivedMap) name.
     pub fn runs(&self, set: &PageSet, max: u32) -> Vec<(u64, u32)> {
+        let max = u64::from(max.max(1));
         let mut out: Vec<(u64, u32)> = Vec::new();
-        // The last page taken and its region.
-        let mut last: Option<(u64, usize)> = None;
-        for index in set.iter() {
-            let Some(gpa) = self.page_gpa(index) else {
-                break;
-            };
-            let Some(region) = self.region_of(gpa) else {
-                continue;
-            };
-            let extends = last.is_some_and(|(prev, r)| r == region && prev + 1 == index);
-            match out.last_mut() {
-                Some((_, count)) if extends && *count < max => *count += 1,
-                _ => out.push((gpa, 1)),
+        for (r, &first) in self.regions.iter().zip(&self.first_page) {
+            for (start, count) in set.runs(true, first, first + r.size / PAGE_SIZE) {
+                let mut gpa = r.gpa + (start - first) * PAGE_SIZE;
+                let mut left = count;
+                while left > 0 {
+                    let n = left.min(max);
+                    // n <= max, which came from a u32.
+                    out.push((gpa, n as u32));
+                    gpa += n * PAGE_SIZE;
+                    left -= n;
+                }
             }
-            last = Some((index, region));
         }
         out
     }
@@ -416,6 +414,35 @@ impl PageSet {
                 w &= w - 1;
                 Some(wi as u64 * 64 + bit)
             })
+        })
+    }
+
+    /// The first page in `from..to` whose membership is `member`.
+    fn next_where(&self, member: bool, from: u64, to: u64) -> Option<u64> {
+        let mut i = from;
+        while i < to {
+            let word = self.bits[(i / 64) as usize];
+            let word = if member { word } else { !word };
+            let rest = word & (u64::MAX << (i % 64));
+            if rest != 0 {
+                let p = i / 64 * 64 + u64::from(rest.trailing_zeros());
+                return (p < to).then_some(p);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// The maximal runs of pages in `from..to` (cut at the set's end) whose membership is
+    /// `member`, in order, as (first page, count).
+    pub fn runs(&self, member: bool, from: u64, to: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let to = to.min(self.len);
+        let mut at = from;
+        std::iter::from_fn(move || {
+            let start = self.next_where(member, at, to)?;
+            let end = self.next_where(!member, start, to).unwrap_or(to);
+            at = end;
+            Some((start, end - start))
         })
     }
 
@@ -554,6 +581,28 @@ mod tests {
             ]
         );
         assert!(l.runs(&PageSet::new(16), 4).is_empty());
+    }
+
+    #[test]
+    fn page_set_runs_cross_words_and_stop_at_the_bounds() {
+        let mut s = PageSet::new(200);
+        s.insert_range(60, 10); // 60..70 across the first word boundary
+        s.insert_range(128, 72); // 128..200, to the end
+        s.insert(3);
+        let present: Vec<_> = s.runs(true, 0, 200).collect();
+        assert_eq!(present, vec![(3, 1), (60, 10), (128, 72)]);
+        let absent: Vec<_> = s.runs(false, 0, 200).collect();
+        assert_eq!(absent, vec![(0, 3), (4, 56), (70, 58)]);
+        assert_eq!(
+            s.runs(true, 62, 130).collect::<Vec<_>>(),
+            vec![(62, 8), (128, 2)]
+        );
+        assert_eq!(
+            s.runs(false, 130, 500).count(),
+            0,
+            "bits past the end are not pages"
+        );
+        assert_eq!(PageSet::new(0).runs(false, 0, 10).count(), 0);
     }
 
     #[test]

@@ -341,17 +341,8 @@ fn for_each_run(
     let mut first_page = 0u64;
     for r in ram.regions() {
         let pages = r.size / PAGE_SIZE;
-        let mut p = 0;
-        while p < pages {
-            if set.contains(first_page + p) != member {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < pages && set.contains(first_page + p) == member {
-                p += 1;
-            }
-            f(r, start, p - start)?;
+        for (start, count) in set.runs(member, first_page, first_page + pages) {
+            f(r, start - first_page, count)?;
         }
         first_page += pages;
     }
