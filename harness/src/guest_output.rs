@@ -432,6 +432,12 @@ pub struct DestinationStats {
     /// The faults above the p99 of the total (at most 200), each with its phases, us.
     #[serde(default)]
     pub slow_faults: Vec<SlowFault>,
+    /// With `--granularity native`: why the native path was not used, if it was not.
+    #[serde(default)]
+    pub native_fallback: Option<String>,
+    /// How the destination served each region.
+    #[serde(default)]
+    pub regions: Vec<migration::stats::RegionServe>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -488,7 +494,7 @@ pub struct SlowFault {
 
 /// Finds the JSON object in a process's stdout: the whole text if it is one object, else the
 /// last line that parses as an object.
-fn json_object<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(
     text: &str,
     what: &'static str,
 ) -> Result<T, ParseError> {

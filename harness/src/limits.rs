@@ -556,23 +556,6 @@ pub struct VcpuFaultLimit {
     pub vmm: LatencyHistogram,
 }
 
-/// What `vmm fault-limit --json` prints (the fields the harness reads).
-#[derive(serde::Deserialize)]
-struct FaultLimitJson {
-    measured_backing: String,
-    service: String,
-    guest_buckets_ns: Vec<(u64, u64)>,
-    /// The guest's bucket scheme (absent from older VMMs, which read only guests of the
-    /// legacy scheme).
-    #[serde(default = "legacy_sub_buckets")]
-    guest_sub_buckets: u64,
-    vmm_histogram_ns: Vec<(u64, u64)>,
-}
-
-fn legacy_sub_buckets() -> u64 {
-    histogram::LEGACY_GUEST_SUB_BUCKETS
-}
-
 /// (d) Runs `VMM fault-limit --kernel KERNEL --backing B --memory M --vcpus N --json` (killed
 /// after `timeout`), keeps its stdout in `save_to`, and reads the two histograms.
 pub fn vcpu_fault_limit(
@@ -658,7 +641,7 @@ pub fn vcpu_fault_limit(
             source,
         })
     })?;
-    let j: FaultLimitJson =
+    let j: vmm::fault_limit::FaultLimitReport =
         serde_json::from_str(text.trim()).map_err(|e| fail(FaultLimitFailure::Json(e)))?;
     let guest = histogram::from_guest_buckets(&j.guest_buckets_ns, j.guest_sub_buckets)?;
     let mut vmm_h = histogram::new_histogram()?;
@@ -672,7 +655,7 @@ pub fn vcpu_fault_limit(
         }));
     }
     Ok(VcpuFaultLimit {
-        backing: j.measured_backing,
+        backing: j.measured_backing.to_string(),
         service: j.service,
         guest,
         vmm: vmm_h,

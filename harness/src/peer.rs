@@ -19,7 +19,6 @@
 
 use crate::guest_output::{DestinationStats, GuestOutput, MigrateSummary};
 use crate::histogram::LatencyHistogram;
-use crate::hugepool::HugePool;
 use crate::limits::VcpuFaultLimit;
 use crate::netns::Side;
 use crate::process::Proc;
@@ -52,20 +51,11 @@ pub(crate) fn run_qemu_one(
 ) -> Result<(), RunError> {
     let dir = &cfg.out;
     let raw = dir.join("raw");
-    r.granularity = s.strategy.granularity().to_string();
     r.peer = Some("qemu".into());
     r.peer_version_line = Some(qemu::version(qemu_bin)?);
-    scenario::record_limits(dir, env, uffd, vcpu, r)?;
-
-    let needs = s.huge_pages_needed();
-    progress.phase("reserving huge pages");
-    let _pool = if needs.is_empty() {
-        None
-    } else {
-        Some(HugePool::reserve(&needs)?)
-    };
+    let _pool = scenario::prepare(cfg, env, uffd, vcpu, s, r, progress)?;
     // Declared after the pool: dropped (unmounted, pages back to the pool) before it.
-    let mount = match s.backing.huge_kib() {
+    let mount = match scenario::huge_kib(s.backing) {
         Some(kib) => Some(HugetlbMount::new(kib, &index.to_string())?),
         None => None,
     };

@@ -37,16 +37,17 @@ pub struct HostCheck {
     pub detail: String,
 }
 
-/// The `checks` object of `vmm probe --json`.
+/// The part of `vmm probe --json` the harness keeps: its live checks, in the VMM's own type.
 #[derive(Deserialize)]
 struct ProbeOutput {
-    #[serde(default)]
-    checks: BTreeMap<String, HostCheck>,
+    checks: vmm::probe::LiveChecks,
 }
 
-/// Parses the `checks` of a `vmm probe --json` output.
+/// Parses the `checks` of a `vmm probe --json` output into the record results.json keeps (one
+/// entry per check, named as the VMM names it).
 pub fn parse_checks(json: &str) -> Result<BTreeMap<String, HostCheck>, serde_json::Error> {
-    serde_json::from_str::<ProbeOutput>(json).map(|p| p.checks)
+    let checks = serde_json::from_str::<ProbeOutput>(json)?.checks;
+    serde_json::from_value(serde_json::to_value(checks)?)
 }
 
 /// Runs `vmm probe --json` and returns its checks.
@@ -78,12 +79,18 @@ mod tests {
     #[test]
     fn parses_the_checks_object() {
         let c = parse_checks(
-            r#"{"kernel_release":{"value":"6.18"},"checks":{"hugetlb_4k_continue":{"result":"unsupported","detail":"EINVAL"}}}"#,
+            r#"{"kernel_release":{"value":"6.18"},"checks":{"hugetlb_4k_continue":{"result":"unsupported","detail":"EINVAL"},"uffd_on_guest_memfd":{"result":"supported","detail":"MINOR"}}}"#,
         )
         .unwrap();
         assert_eq!(c["hugetlb_4k_continue"].result, "unsupported");
         assert_eq!(c["hugetlb_4k_continue"].detail, "EINVAL");
-        assert!(parse_checks("{}").unwrap().is_empty());
+        assert_eq!(c["uffd_on_guest_memfd"].result, "supported");
+        // A report without the checks, or with a result the VMM does not give, is not one.
+        assert!(parse_checks("{}").is_err());
+        assert!(parse_checks(
+            r#"{"checks":{"hugetlb_4k_continue":{"result":"maybe","detail":""},"uffd_on_guest_memfd":{"result":"supported","detail":""}}}"#
+        )
+        .is_err());
         assert!(parse_checks("not json").is_err());
     }
 }

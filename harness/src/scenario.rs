@@ -22,6 +22,7 @@ use crate::process::{Line, Proc};
 use crate::results::{self, kind, Results, ScenarioResult, Status, RESULTS_VERSION};
 use crate::secret::SecretFile;
 use migration::relay::{Relay, RelayError};
+use migration::types::{Backing, Granularity, Mode};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,40 +30,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How guest RAM is backed (the `--backing` value).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backing {
-    Shmem,
-    Hugetlb2m,
-    Hugetlb1g,
-    GuestMemfd,
-}
+/// The backings the scenarios cover (anon cannot be postcopied into shared staging): the
+/// VMM's own [`Backing`], the `--backing` value.
+pub const BACKINGS: [Backing; 4] = [
+    Backing::Shmem,
+    Backing::Hugetlb2m,
+    Backing::Hugetlb1g,
+    Backing::GuestMemfd,
+];
 
-impl Backing {
-    pub const ALL: [Backing; 4] = [
-        Backing::Shmem,
-        Backing::Hugetlb2m,
-        Backing::Hugetlb1g,
-        Backing::GuestMemfd,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backing::Shmem => "shmem",
-            Backing::Hugetlb2m => "hugetlb-2m",
-            Backing::Hugetlb1g => "hugetlb-1g",
-            Backing::GuestMemfd => "guest-memfd",
-        }
-    }
-
-    /// hugetlb page size in KiB, if hugetlb.
-    pub fn huge_kib(self) -> Option<u64> {
-        match self {
-            Backing::Hugetlb2m => Some(2048),
-            Backing::Hugetlb1g => Some(1024 * 1024),
-            _ => None,
-        }
-    }
+/// The hugetlb page size of `backing` in KiB, if it is a hugetlb backing.
+pub fn huge_kib(backing: Backing) -> Option<u64> {
+    backing.is_hugetlb().then(|| backing.page_size() / 1024)
 }
 
 /// Postcopy fault strategy on the destination (`vmm receive --granularity`).
@@ -95,14 +74,20 @@ impl Strategy {
         }
     }
 
-    /// The destination's `--granularity` value (for QEMU, what it requests: a host page).
-    pub fn granularity(self) -> &'static str {
+    /// The destination's `--granularity` (None for QEMU, which is not ours).
+    pub fn granularity(self) -> Option<Granularity> {
         match self {
-            Strategy::FourKStaged => "4k",
-            Strategy::Huge => "huge",
-            Strategy::Native => "native",
-            Strategy::Qemu => "host-page",
+            Strategy::FourKStaged => Some(Granularity::FourK),
+            Strategy::Huge => Some(Granularity::Huge),
+            Strategy::Native => Some(Granularity::Native),
+            Strategy::Qemu => None,
         }
+    }
+
+    /// What results.json records as the granularity: the `--granularity` value, or for QEMU
+    /// what it requests (a host page).
+    pub fn granularity_name(self) -> &'static str {
+        self.granularity().map_or("host-page", Granularity::name)
     }
 }
 
@@ -295,7 +280,7 @@ impl Scenario {
         Self {
             name: format!(
                 "{}-{}-{}-{}",
-                backing.as_str(),
+                backing.name(),
                 strategy.as_str(),
                 pattern.as_str(),
                 link.name
@@ -310,7 +295,7 @@ impl Scenario {
 
     /// Free huge pages this scenario needs: (page KiB, pages) for source + destination.
     pub fn huge_pages_needed(&self) -> Vec<(u64, u64)> {
-        match self.backing.huge_kib() {
+        match huge_kib(self.backing) {
             Some(kib) => vec![(kib, 2 * (self.memory_mib * 1024).div_ceil(kib))],
             None => Vec::new(),
         }
@@ -324,7 +309,7 @@ impl Scenario {
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     for link in Link::all() {
-        for b in Backing::ALL {
+        for b in BACKINGS {
             for s in Strategy::ALL {
                 for p in Pattern::ALL {
                     v.push(Scenario::new(b, s, p, link.clone(), 1024));
@@ -871,7 +856,7 @@ pub fn run(
             progress.scenario(index, scenarios.len(), &s.name);
             let mut r = ScenarioResult::new(
                 &s.name,
-                s.backing.as_str(),
+                s.backing.name(),
                 s.strategy.as_str(),
                 &s.link.name,
                 s.pattern.as_str(),
@@ -927,7 +912,7 @@ fn vcpu_limit_for<'a>(
     cache: &'a mut VcpuLimitCache,
     progress: &mut dyn Progress,
 ) -> Result<&'a VcpuFaultLimit, &'a limits::LimitError> {
-    let on = limits::vcpu_limit_backing(s.backing.as_str());
+    let on = limits::vcpu_limit_backing(s.backing.name());
     let entry = cache.entry(on).or_insert_with(|| {
         progress.phase(&format!(
             "measuring the raw vCPU userfault round trip on {on} (vmm fault-limit)"
@@ -936,7 +921,7 @@ fn vcpu_limit_for<'a>(
         limits::vcpu_fault_limit(
             &cfg.vmm,
             &cfg.kernel,
-            s.backing.as_str(),
+            s.backing.name(),
             cfg.vcpus,
             cfg.phase_timeout,
             &save,
@@ -992,6 +977,28 @@ pub(crate) fn record_limits(
     Ok(())
 }
 
+/// What every scenario (ours or the peer's) does first: records its granularity and limits in
+/// `r` and reserves the huge pages it needs. The pool stays reserved while the result lives.
+pub(crate) fn prepare(
+    cfg: &RunConfig,
+    env: &LinkEnv,
+    uffd: &LatencyHistogram,
+    vcpu: Result<&VcpuFaultLimit, &str>,
+    s: &Scenario,
+    r: &mut ScenarioResult,
+    progress: &mut dyn Progress,
+) -> Result<Option<HugePool>, RunError> {
+    r.granularity = s.strategy.granularity_name().to_string();
+    record_limits(&cfg.out, env, uffd, vcpu, r)?;
+    // Only huge backings take the shared pool lock (other test runs hold it for minutes).
+    let needs = s.huge_pages_needed();
+    if needs.is_empty() {
+        return Ok(None);
+    }
+    progress.phase("reserving huge pages");
+    Ok(Some(HugePool::reserve(&needs)?))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_one(
     cfg: &RunConfig,
@@ -1006,17 +1013,7 @@ fn run_one(
 ) -> Result<(), RunError> {
     let dir = &cfg.out;
     let raw = dir.join("raw");
-    r.granularity = s.strategy.granularity().to_string();
-    record_limits(dir, env, uffd, vcpu, r)?;
-
-    // Only huge backings take the shared pool lock (other test runs hold it for minutes).
-    let needs = s.huge_pages_needed();
-    progress.phase("reserving huge pages");
-    let _pool = if needs.is_empty() {
-        None
-    } else {
-        Some(HugePool::reserve(&needs)?)
-    };
+    let _pool = prepare(cfg, env, uffd, vcpu, s, r, progress)?;
 
     // Destination.
     let port = pick_port(env.dst_ip(), env.link.netns, index)?;
@@ -1027,8 +1024,8 @@ fn run_one(
     dcmd.arg("receive")
         .arg("--listen")
         .arg(listen.to_string())
-        .args(["--backing", s.backing.as_str()])
-        .args(["--granularity", s.strategy.granularity()])
+        .args(["--backing", s.backing.name()])
+        .args(["--granularity", s.strategy.granularity_name()])
         .arg("--stats-json")
         .arg(&stats_path);
     // `vmm` refuses non-loopback addresses without TLS; the netns link is the harness's own:
@@ -1108,7 +1105,7 @@ fn run_one(
         .arg(&cfg.kernel)
         .args(["--memory", &memory])
         .args(["--vcpus", &cfg.vcpus.to_string()])
-        .args(["--backing", s.backing.as_str()])
+        .args(["--backing", s.backing.name()])
         .args(["--cmdline", &cmdline])
         .arg("--api-socket")
         .arg(&sock);
@@ -1141,7 +1138,7 @@ fn run_one(
         .arg(&sock)
         .arg("--to")
         .arg(to.to_string())
-        .args(["--mode", "postcopy", "--json"]);
+        .args(["--mode", Mode::Postcopy.name(), "--json"]);
     if env.link.netns {
         mcmd.arg("--secret-file").arg(secret);
         if !env.link.tls {
@@ -1189,7 +1186,9 @@ fn run_one(
             )))
         }
     }
-    let summary = MigrateSummary::parse(&mig.text())?;
+    let summary: migration::MigrationSummary =
+        guest_output::json_object(&mig.text(), "the `vmm migrate --json` output")?;
+    let summary = MigrateSummary::from(&summary);
 
     progress.phase("waiting for the destination guest");
     if cfg.passes == 0 {
@@ -1208,7 +1207,12 @@ fn run_one(
     let dst_out = GuestOutput::parse(&dst.text());
     let postcopy_passes = passes_begun_before(&dst_lines, migrated_at);
     let stats = match std::fs::read_to_string(&stats_path) {
-        Ok(text) => Some(DestinationStats::parse(&text)?),
+        Ok(text) => Some(DestinationStats::from(guest_output::json_object::<
+            migration::stats::DestinationStats,
+        >(
+            &text,
+            "the destination's --stats-json file",
+        )?)),
         Err(_) => None,
     };
     fill(dir, r, &summary, &dst_out, &postcopy_passes, stats.as_ref())?;
@@ -1305,6 +1309,51 @@ pub fn passes_begun_before(lines: &[Line], until: Instant) -> Vec<u64> {
         }
     }
     out
+}
+
+/// The figures of `vmm migrate --json` (the VMM's own summary type) as the harness records them.
+impl From<&migration::MigrationSummary> for MigrateSummary {
+    fn from(s: &migration::MigrationSummary) -> Self {
+        MigrateSummary {
+            blackout_ms: Some(s.blackout_ms),
+            total_ms: Some(s.total_ms),
+            bytes_sent: Some(s.bytes_sent),
+            pages_sent: Some(s.pages_sent),
+            faults_served: Some(s.faults_served),
+            pages_pushed: Some(s.pages_pushed),
+            collapses: Some(s.collapses),
+            transfer_ms: Some(s.transfer_ms),
+            transfer_bytes: Some(s.transfer_bytes),
+            recoveries: Some(s.recoveries),
+            paused_ms: Some(s.paused_ms),
+            extra: Default::default(),
+        }
+    }
+}
+
+/// The figures of `vmm receive --stats-json` (the VMM's own type) as the harness records them.
+impl From<migration::stats::DestinationStats> for DestinationStats {
+    fn from(s: migration::stats::DestinationStats) -> Self {
+        DestinationStats {
+            faults_served: Some(s.faults_served),
+            pages_fetched: Some(s.pages_fetched),
+            pages_fetched_local: Some(s.pages_fetched_local),
+            collapses: Some(s.collapses),
+            collapse_stall_ns: s.collapse_stall_ns,
+            collapse_total_ns: s.collapse_total_ns,
+            fault_ns: s.fault_ns,
+            fault_at_ns: Vec::new(),
+            outage_fault_ns: s.outage_fault_ns,
+            recoveries: Some(s.recoveries),
+            paused_ms: Some(s.paused_ms),
+            staging_peak_bytes: Some(s.staging_peak_bytes),
+            postcopy_vcpu_blocktime_ms: s.postcopy_vcpu_blocktime_ms,
+            postcopy_blocktime_ms: s.postcopy_blocktime_ms,
+            native_fallback: s.native_fallback,
+            regions: s.regions,
+            extra: Default::default(),
+        }
+    }
 }
 
 /// Fills the figures of `r` from what the processes reported (see docs/measuring.md).
@@ -1439,27 +1488,14 @@ pub fn fill(
         r.staging_peak_mib = st.staging_peak_bytes.map(|b| b as f64 / (1024.0 * 1024.0));
         results::record_destination_timing(r, st);
         r.pages_fetched_local = st.pages_fetched_local;
-        // The destination says why native was not used (`native_fallback`, a string) and how
-        // it served each region (`regions[].serve_mode`).
-        r.native_fallback = st
-            .extra
-            .get("native_fallback")
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-        r.serve_modes = st
-            .extra
-            .get("regions")
-            .and_then(|v| v.as_array())
-            .map(|regions| {
-                let mut modes: Vec<String> = Vec::new();
-                for m in regions.iter().filter_map(|r| r["serve_mode"].as_str()) {
-                    if !modes.iter().any(|x| x == m) {
-                        modes.push(m.to_string());
-                    }
-                }
-                modes
-            })
-            .unwrap_or_default();
+        // The destination says why native was not used and how it served each region.
+        r.native_fallback = st.native_fallback.clone();
+        r.serve_modes = Vec::new();
+        for m in st.regions.iter().map(|region| &region.serve_mode) {
+            if !r.serve_modes.contains(m) {
+                r.serve_modes.push(m.clone());
+            }
+        }
         if r.faults_served.is_none() {
             r.faults_served = st.faults_served;
         }
@@ -1591,6 +1627,38 @@ mod tests {
         r.recoveries = Some(1);
         r.dst_recoveries = Some(1);
         assert_eq!(fault_not_exercised(&r, f, 256, 1, 1 << 28), None);
+    }
+
+    #[test]
+    fn reads_the_vmm_json_through_its_own_types() {
+        let summary = migration::MigrationSummary {
+            mode: Mode::Postcopy,
+            session_id: 1,
+            blackout_ms: 2.5,
+            total_ms: 100.0,
+            bytes_sent: 10,
+            pages_sent: 2,
+            zero_pages: 0,
+            faults_served: 3,
+            pages_pushed: 4,
+            collapses: 0,
+            rounds: 0,
+            final_dirty_pages: 0,
+            bandwidth_bytes_per_s: 0.0,
+            transfer_ms: 50.0,
+            transfer_bytes: 8,
+            recoveries: 1,
+            paused_ms: 7.0,
+            destination: Default::default(),
+        };
+        let json = serde_json::to_string(&summary).unwrap();
+        assert!(json.contains(r#""mode":"postcopy""#), "{json}");
+        let text = format!("connecting\n{json}\n");
+        let back: migration::MigrationSummary = guest_output::json_object(&text, "test").unwrap();
+        assert_eq!(back, summary);
+        let m = MigrateSummary::from(&back);
+        assert_eq!((m.blackout_ms, m.recoveries), (Some(2.5), Some(1)));
+        assert_eq!((m.transfer_ms, m.transfer_bytes), (Some(50.0), Some(8)));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod thread_priority;
 pub mod tls;
 pub mod transport;
 pub mod types;
+pub mod vocab;
 pub mod wire;
 
 pub use auth::Secret;
@@ -25,7 +26,7 @@ pub use source::{migrate, CancelError, MigrateOptions, MigrationControl, Progres
 pub use stats::{MigrationSummary, ReceiveSummary};
 pub use transport::Timeouts;
 pub use types::{
-    DirtyLog, FetchError, Granularity, MemoryKind, MemslotSwap, Mode, PageFetcher, RamRegion,
-    VcpuControl, PAGE_SIZE,
+    Backing, DirtyLog, FetchError, Granularity, MemoryKind, MemslotSwap, Mode, PageFetcher,
+    RamRegion, VcpuControl, PAGE_SIZE,
 };
 pub use types::{PageSet, RamLayout};

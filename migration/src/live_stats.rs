@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{Mode, PAGE_SIZE};
+use crate::vocab::vocabulary;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -24,80 +25,38 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// Where a migration is, with QEMU's `MigrationStatus` names (serialized kebab-case:
-/// "postcopy-active").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MigrationStatus {
-    /// No migration ran yet.
-    #[default]
-    None,
-    /// Connecting, authenticating, exchanging Config and Ready (destination: waiting for and
-    /// accepting the source).
-    Setup,
-    /// Precopy rounds (hybrid's too); destination: receiving them.
-    Active,
-    /// The switchover: the VM is paused on the source and its state on its way.
-    Device,
-    /// The VM runs on the destination while missing pages are fetched.
-    PostcopyActive,
-    /// The link failed after the switchover; both sides wait for it to come back.
-    PostcopyPaused,
-    Completed,
-    Failed,
-    Cancelled,
+vocabulary! {
+    /// Where a migration is, with QEMU's `MigrationStatus` names ("postcopy-active"), which it
+    /// also serializes as. The code is how [`MigrationStatus`] sits in an atomic.
+    #[derive(Default)]
+    pub enum MigrationStatus: u8, "migration status" {
+        /// No migration ran yet.
+        #[default]
+        None = "none" => 0,
+        /// Connecting, authenticating, exchanging Config and Ready (destination: waiting for and
+        /// accepting the source).
+        Setup = "setup" => 1,
+        /// Precopy rounds (hybrid's too); destination: receiving them.
+        Active = "active" => 2,
+        /// The switchover: the VM is paused on the source and its state on its way.
+        Device = "device" => 3,
+        /// The VM runs on the destination while missing pages are fetched.
+        PostcopyActive = "postcopy-active" => 4,
+        /// The link failed after the switchover; both sides wait for it to come back.
+        PostcopyPaused = "postcopy-paused" => 5,
+        Completed = "completed" => 6,
+        Failed = "failed" => 7,
+        Cancelled = "cancelled" => 8,
+    }
 }
 
 impl MigrationStatus {
-    /// The QEMU name ("postcopy-active").
-    pub fn name(self) -> &'static str {
-        match self {
-            MigrationStatus::None => "none",
-            MigrationStatus::Setup => "setup",
-            MigrationStatus::Active => "active",
-            MigrationStatus::Device => "device",
-            MigrationStatus::PostcopyActive => "postcopy-active",
-            MigrationStatus::PostcopyPaused => "postcopy-paused",
-            MigrationStatus::Completed => "completed",
-            MigrationStatus::Failed => "failed",
-            MigrationStatus::Cancelled => "cancelled",
-        }
-    }
-
     /// Whether the migration is over (completed, failed or cancelled).
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
         )
-    }
-
-    fn to_u8(self) -> u8 {
-        self as u8
-    }
-
-    fn from_u8(v: u8) -> Self {
-        use MigrationStatus::*;
-        [
-            None,
-            Setup,
-            Active,
-            Device,
-            PostcopyActive,
-            PostcopyPaused,
-            Completed,
-            Failed,
-            Cancelled,
-        ]
-        .get(v as usize)
-        .copied()
-        .unwrap_or(None)
-    }
-}
-
-impl std::fmt::Display for MigrationStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -208,7 +167,6 @@ impl MigrationInfo {
 pub enum MigrationEvent {
     /// `mode` as the CLI spells it: "precopy", "postcopy", "hybrid".
     Started {
-        #[serde(serialize_with = "mode_name")]
         mode: Mode,
     },
     PostcopyActive,
@@ -234,14 +192,6 @@ pub enum MigrationEvent {
         error: String,
     },
     Cancelled,
-}
-
-fn mode_name<S: serde::Serializer>(mode: &Mode, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match mode {
-        Mode::Precopy => "precopy",
-        Mode::Postcopy => "postcopy",
-        Mode::Hybrid => "hybrid",
-    })
 }
 
 /// Where events go. `emit` must be cheap and must not block (e.g. push to a channel that a
@@ -468,7 +418,7 @@ impl ReceiveMonitor {
 
     /// The current status (one atomic load).
     pub fn status(&self) -> MigrationStatus {
-        MigrationStatus::from_u8(self.status.load(Ordering::Acquire))
+        MigrationStatus::from_wire(self.status.load(Ordering::Acquire)).unwrap_or_default()
     }
 
     /// The live statistics.
@@ -504,7 +454,7 @@ impl ReceiveMonitor {
 
     fn set_status(&self, p: &mut Phases, s: MigrationStatus) {
         p.status = s;
-        self.status.store(s.to_u8(), Ordering::Release);
+        self.status.store(s.to_wire(), Ordering::Release);
     }
 
     /// Waiting for a source (status setup, the clock not running yet).
@@ -995,19 +945,12 @@ mod tests {
 
     #[test]
     fn status_round_trips_through_u8() {
-        for s in [
-            MigrationStatus::None,
-            MigrationStatus::Setup,
-            MigrationStatus::Active,
-            MigrationStatus::Device,
-            MigrationStatus::PostcopyActive,
-            MigrationStatus::PostcopyPaused,
-            MigrationStatus::Completed,
-            MigrationStatus::Failed,
-            MigrationStatus::Cancelled,
-        ] {
-            assert_eq!(MigrationStatus::from_u8(s.to_u8()), s);
+        for s in MigrationStatus::ALL {
+            assert_eq!(MigrationStatus::from_wire(s.to_wire()), Some(s));
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.name()));
         }
+        assert_eq!(MigrationStatus::PostcopyActive.name(), "postcopy-active");
     }
 
     #[test]

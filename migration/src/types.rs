@@ -1,45 +1,55 @@
 //! Types shared by the migration modules and the VMM that drives them: guest RAM regions as the
-//! migration code sees them, the migration mode, and the traits the VMM implements.
+//! migration code sees them, the shared vocabulary (backing, migration mode, postcopy
+//! granularity: one definition each, used by the wire, the VMM's CLI and API, and the harness),
+//! and the traits the VMM implements.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::vocab::vocabulary;
+
 /// Size of the page the protocol moves (and the postcopy fault granularity of the 4 KiB path).
 pub const PAGE_SIZE: u64 = 4096;
 
-/// How a region is backed (mirror of `vmm::memory::Backing`; the VMM converts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemoryKind {
-    Anon,
-    Shmem,
-    Hugetlb2m,
-    Hugetlb1g,
-    GuestMemfd,
+vocabulary! {
+    /// How guest RAM is backed on the host (`vmm run|receive --backing`, the API's `backing`,
+    /// and the Config frame's `memory_kind` code).
+    pub enum Backing: u8, "backing" {
+        /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+        Anon = "anon" => 0,
+        /// A shmem memfd (`memfd_create`), mapped shared.
+        Shmem = "shmem" => 1,
+        /// A hugetlbfs memfd with 2 MiB pages.
+        Hugetlb2m = "hugetlb-2m" => 2,
+        /// A hugetlbfs memfd with 1 GiB pages.
+        Hugetlb1g = "hugetlb-1g" => 3,
+        /// A KVM guest_memfd created with `MMAP | INIT_SHARED`, bound with `KVM_MEM_GUEST_MEMFD`.
+        GuestMemfd = "guest-memfd" => 4,
+    }
 }
 
-impl MemoryKind {
-    /// The code this kind has on the wire.
-    pub fn to_wire(self) -> u8 {
+/// The name the postcopy engine knows [`Backing`] by.
+pub type MemoryKind = Backing;
+
+/// 2 MiB, the smaller x86-64 huge page.
+pub const HUGE_PAGE_2M: u64 = 2 << 20;
+/// 1 GiB, the larger x86-64 huge page.
+pub const HUGE_PAGE_1G: u64 = 1 << 30;
+
+impl Backing {
+    /// The page size the backing allocates in; guest RAM size must be a multiple of it.
+    pub fn page_size(self) -> u64 {
         match self {
-            MemoryKind::Anon => 0,
-            MemoryKind::Shmem => 1,
-            MemoryKind::Hugetlb2m => 2,
-            MemoryKind::Hugetlb1g => 3,
-            MemoryKind::GuestMemfd => 4,
+            Backing::Hugetlb2m => HUGE_PAGE_2M,
+            Backing::Hugetlb1g => HUGE_PAGE_1G,
+            Backing::Anon | Backing::Shmem | Backing::GuestMemfd => PAGE_SIZE,
         }
     }
 
-    /// The kind a wire code names, if any.
-    pub fn from_wire(code: u8) -> Option<Self> {
-        Some(match code {
-            0 => MemoryKind::Anon,
-            1 => MemoryKind::Shmem,
-            2 => MemoryKind::Hugetlb2m,
-            3 => MemoryKind::Hugetlb1g,
-            4 => MemoryKind::GuestMemfd,
-            _ => return None,
-        })
+    /// True for the hugetlb backings.
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, Backing::Hugetlb2m | Backing::Hugetlb1g)
     }
 }
 
@@ -61,87 +71,37 @@ pub struct RamRegion {
     pub page_size: u64,
 }
 
-/// Migration mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Mode {
-    /// Send all RAM, iterate over dirtied pages, pause, send the rest and the state, start.
-    Precopy,
-    /// Pause, send the state, start the destination, then move RAM (faults first, bulk behind).
-    Postcopy,
-    /// A few precopy rounds, then postcopy for what was dirtied since.
-    Hybrid,
-}
-
-impl Mode {
-    /// The code this mode has on the wire.
-    pub fn to_wire(self) -> u8 {
-        match self {
-            Mode::Precopy => 0,
-            Mode::Postcopy => 1,
-            Mode::Hybrid => 2,
-        }
-    }
-
-    /// The mode a wire code names, if any.
-    pub fn from_wire(code: u8) -> Option<Self> {
-        Some(match code {
-            0 => Mode::Precopy,
-            1 => Mode::Postcopy,
-            2 => Mode::Hybrid,
-            _ => return None,
-        })
+vocabulary! {
+    /// Migration mode (`vmm migrate --mode`, the API's `mode`, the Config frame's `mode` code).
+    pub enum Mode: u8, "migration mode" {
+        /// Send all RAM, iterate over dirtied pages, pause, send the rest and the state, start.
+        Precopy = "precopy" => 0,
+        /// Pause, send the state, start the destination, then move RAM (faults first, bulk
+        /// behind).
+        Postcopy = "postcopy" => 1,
+        /// A few precopy rounds, then postcopy for what was dirtied since.
+        Hybrid = "hybrid" => 2,
     }
 }
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(Mode::Precopy),
-            "postcopy" => Ok(Mode::Postcopy),
-            "hybrid" => Ok(Mode::Hybrid),
-            other => Err(format!(
-                "unknown migration mode {other:?} (expected precopy, postcopy or hybrid)"
-            )),
-        }
+vocabulary! {
+    /// Postcopy fault granularity on the destination (`vmm receive --granularity`).
+    pub enum Granularity, "postcopy granularity" {
+        /// Serve faults 4 KiB at a time (stage, then collapse).
+        FourK = "4k",
+        /// Serve faults a whole backing page at a time (the baseline).
+        Huge = "huge",
+        /// Use the kernel's own 4 KiB fault support on huge / guest_memfd backings where a probe
+        /// finds it (HGM `UFFDIO_CONTINUE` on hugetlb, userfaultfd on guest_memfd); fall back to
+        /// `FourK` (stage, then collapse) where it does not, saying why.
+        Native = "native",
     }
-}
-
-/// Postcopy fault granularity on the destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Granularity {
-    /// Serve faults 4 KiB at a time (stage, then collapse).
-    FourK,
-    /// Serve faults a whole backing page at a time (the baseline).
-    Huge,
-    /// Use the kernel's own 4 KiB fault support on huge / guest_memfd backings where a probe
-    /// finds it (HGM `UFFDIO_CONTINUE` on hugetlb, userfaultfd on guest_memfd); fall back to
-    /// `FourK` (stage, then collapse) where it does not, saying why.
-    Native,
 }
 
 impl Granularity {
-    /// The name `vmm receive --granularity` takes and reports.
+    /// [`Granularity::name`] under the name the postcopy tests use.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Granularity::FourK => "4k",
-            Granularity::Huge => "huge",
-            Granularity::Native => "native",
-        }
-    }
-}
-
-impl std::str::FromStr for Granularity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "4k" | "4K" => Ok(Granularity::FourK),
-            "huge" => Ok(Granularity::Huge),
-            "native" => Ok(Granularity::Native),
-            other => Err(format!(
-                "unknown postcopy granularity {other:?} (expected 4k, huge or native)"
-            )),
-        }
+        self.name()
     }
 }
 
@@ -370,22 +330,20 @@ impl RamLayout {
     /// one region and at most `max` pages long, in order, as (gpa of the first page, count):
     /// what run-carrying frames (Discard, ReceivedMap) name.
     pub fn runs(&self, set: &PageSet, max: u32) -> Vec<(u64, u32)> {
+        let max = u64::from(max.max(1));
         let mut out: Vec<(u64, u32)> = Vec::new();
-        // The last page taken and its region.
-        let mut last: Option<(u64, usize)> = None;
-        for index in set.iter() {
-            let Some(gpa) = self.page_gpa(index) else {
-                break;
-            };
-            let Some(region) = self.region_of(gpa) else {
-                continue;
-            };
-            let extends = last.is_some_and(|(prev, r)| r == region && prev + 1 == index);
-            match out.last_mut() {
-                Some((_, count)) if extends && *count < max => *count += 1,
-                _ => out.push((gpa, 1)),
+        for (r, &first) in self.regions.iter().zip(&self.first_page) {
+            for (start, count) in set.runs(true, first, first + r.size / PAGE_SIZE) {
+                let mut gpa = r.gpa + (start - first) * PAGE_SIZE;
+                let mut left = count;
+                while left > 0 {
+                    let n = left.min(max);
+                    // n <= max, which came from a u32.
+                    out.push((gpa, n as u32));
+                    gpa += n * PAGE_SIZE;
+                    left -= n;
+                }
             }
-            last = Some((index, region));
         }
         out
     }
@@ -480,6 +438,35 @@ impl PageSet {
                 w &= w - 1;
                 Some(wi as u64 * 64 + bit)
             })
+        })
+    }
+
+    /// The first page in `from..to` whose membership is `member`.
+    fn next_where(&self, member: bool, from: u64, to: u64) -> Option<u64> {
+        let mut i = from;
+        while i < to {
+            let word = self.bits[(i / 64) as usize];
+            let word = if member { word } else { !word };
+            let rest = word & (u64::MAX << (i % 64));
+            if rest != 0 {
+                let p = i / 64 * 64 + u64::from(rest.trailing_zeros());
+                return (p < to).then_some(p);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// The maximal runs of pages in `from..to` (cut at the set's end) whose membership is
+    /// `member`, in order, as (first page, count).
+    pub fn runs(&self, member: bool, from: u64, to: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let to = to.min(self.len);
+        let mut at = from;
+        std::iter::from_fn(move || {
+            let start = self.next_where(member, at, to)?;
+            let end = self.next_where(!member, start, to).unwrap_or(to);
+            at = end;
+            Some((start, end - start))
         })
     }
 
@@ -618,6 +605,28 @@ mod tests {
             ]
         );
         assert!(l.runs(&PageSet::new(16), 4).is_empty());
+    }
+
+    #[test]
+    fn page_set_runs_cross_words_and_stop_at_the_bounds() {
+        let mut s = PageSet::new(200);
+        s.insert_range(60, 10); // 60..70 across the first word boundary
+        s.insert_range(128, 72); // 128..200, to the end
+        s.insert(3);
+        let present: Vec<_> = s.runs(true, 0, 200).collect();
+        assert_eq!(present, vec![(3, 1), (60, 10), (128, 72)]);
+        let absent: Vec<_> = s.runs(false, 0, 200).collect();
+        assert_eq!(absent, vec![(0, 3), (4, 56), (70, 58)]);
+        assert_eq!(
+            s.runs(true, 62, 130).collect::<Vec<_>>(),
+            vec![(62, 8), (128, 2)]
+        );
+        assert_eq!(
+            s.runs(false, 130, 500).count(),
+            0,
+            "bits past the end are not pages"
+        );
+        assert_eq!(PageSet::new(0).runs(false, 0, 10).count(), 0);
     }
 
     #[test]

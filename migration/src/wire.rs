@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::types::{LayoutError, MemoryKind, Mode, RamLayout, RegionLayout, PAGE_SIZE};
+use crate::types::{Backing, LayoutError, Mode, RamLayout, RegionLayout, PAGE_SIZE};
+use crate::vocab::wire_codes;
 
 /// "VMMG" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMMG");
@@ -49,22 +50,13 @@ pub struct FrameHeader {
 }
 const _: () = assert!(size_of::<FrameHeader>() == 16);
 
-/// Which connection of a session a Hello opens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChannelKind {
-    /// Control and bulk pages.
-    Main = 1,
-    /// Page requests and replies.
-    Urgent = 2,
-}
-
-impl ChannelKind {
-    fn from_wire(v: u8) -> Option<Self> {
-        match v {
-            1 => Some(ChannelKind::Main),
-            2 => Some(ChannelKind::Urgent),
-            _ => None,
-        }
+wire_codes! {
+    /// Which connection of a session a Hello opens.
+    pub enum ChannelKind: u8 {
+        /// Control and bulk pages.
+        Main = 1,
+        /// Page requests and replies.
+        Urgent = 2,
     }
 }
 
@@ -211,65 +203,35 @@ pub struct ErrorHead {
 }
 const _: () = assert!(size_of::<ErrorHead>() == 8);
 
-/// Message kinds and their codes on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Kind {
-    Hello = 1,
-    Challenge = 2,
-    Response = 3,
-    AuthOk = 4,
-    Config = 5,
-    Ready = 6,
-    Pages = 7,
-    ZeroPages = 8,
-    Discard = 9,
-    RoundEnd = 10,
-    State = 11,
-    Switchover = 12,
-    PostcopyStart = 13,
-    Started = 14,
-    PageRequest = 15,
-    PageReply = 16,
-    Complete = 17,
-    Done = 18,
-    Error = 19,
-    Heartbeat = 20,
-    ReceivedMap = 21,
-    RecoverState = 22,
+wire_codes! {
+    /// Message kinds and their codes on the wire.
+    pub enum Kind: u16 {
+        Hello = 1,
+        Challenge = 2,
+        Response = 3,
+        AuthOk = 4,
+        Config = 5,
+        Ready = 6,
+        Pages = 7,
+        ZeroPages = 8,
+        Discard = 9,
+        RoundEnd = 10,
+        State = 11,
+        Switchover = 12,
+        PostcopyStart = 13,
+        Started = 14,
+        PageRequest = 15,
+        PageReply = 16,
+        Complete = 17,
+        Done = 18,
+        Error = 19,
+        Heartbeat = 20,
+        ReceivedMap = 21,
+        RecoverState = 22,
+    }
 }
 
 impl Kind {
-    /// The kind with wire code `code`, if any.
-    pub fn from_wire(code: u16) -> Option<Kind> {
-        use Kind::*;
-        Some(match code {
-            1 => Hello,
-            2 => Challenge,
-            3 => Response,
-            4 => AuthOk,
-            5 => Config,
-            6 => Ready,
-            7 => Pages,
-            8 => ZeroPages,
-            9 => Discard,
-            10 => RoundEnd,
-            11 => State,
-            12 => Switchover,
-            13 => PostcopyStart,
-            14 => Started,
-            15 => PageRequest,
-            16 => PageReply,
-            17 => Complete,
-            18 => Done,
-            19 => Error,
-            20 => Heartbeat,
-            21 => ReceivedMap,
-            22 => RecoverState,
-            _ => return None,
-        })
-    }
-
     /// Smallest and largest payload length allowed for this kind.
     pub fn len_bounds(self) -> (u32, u32) {
         const fn exact(n: usize) -> (u32, u32) {
@@ -324,24 +286,29 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The known codes, each written once (an unknown code is [`ErrorCode::Other`]).
+    const KNOWN: [(ErrorCode, u32); 4] = [
+        (ErrorCode::AuthFailed, 1),
+        (ErrorCode::Protocol, 2),
+        (ErrorCode::Rejected, 3),
+        (ErrorCode::Internal, 4),
+    ];
+
     pub fn to_wire(self) -> u32 {
         match self {
-            ErrorCode::AuthFailed => 1,
-            ErrorCode::Protocol => 2,
-            ErrorCode::Rejected => 3,
-            ErrorCode::Internal => 4,
             ErrorCode::Other(c) => c,
+            known => Self::KNOWN
+                .iter()
+                .find(|(k, _)| *k == known)
+                .map_or(0, |&(_, c)| c),
         }
     }
 
     pub fn from_wire(code: u32) -> Self {
-        match code {
-            1 => ErrorCode::AuthFailed,
-            2 => ErrorCode::Protocol,
-            3 => ErrorCode::Rejected,
-            4 => ErrorCode::Internal,
-            c => ErrorCode::Other(c),
-        }
+        Self::KNOWN
+            .iter()
+            .find(|&&(_, c)| c == code)
+            .map_or(ErrorCode::Other(code), |&(k, _)| k)
     }
 }
 
@@ -350,13 +317,13 @@ impl ErrorCode {
 pub struct MigrationConfig {
     pub mode: Mode,
     /// How the source backs its RAM (informational; the destination chooses its own backing).
-    pub memory_kind: MemoryKind,
+    pub memory_kind: Backing,
     pub vcpu_count: u32,
     pub layout: RamLayout,
 }
 
 /// Statistics the destination reports in Done.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DoneStats {
     /// Pages the destination holds at the end (bulk + urgent + zero, de-duplicated).
     pub pages_received: u64,
@@ -704,7 +671,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<Message<'_>, WireError> {
             }
             let mode = Mode::from_wire(head.mode)
                 .ok_or_else(|| bad(kind, format!("unknown mode {}", head.mode)))?;
-            let memory_kind = MemoryKind::from_wire(head.memory_kind)
+            let memory_kind = Backing::from_wire(head.memory_kind)
                 .ok_or_else(|| bad(kind, format!("unknown memory kind {}", head.memory_kind)))?;
             let vcpu_count = head.vcpu_count.get();
             if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
@@ -1438,7 +1405,7 @@ mod tests {
             Message::AuthOk { session_id: 77 },
             Message::Config(MigrationConfig {
                 mode: Mode::Hybrid,
-                memory_kind: MemoryKind::Hugetlb1g,
+                memory_kind: Backing::Hugetlb1g,
                 vcpu_count: 2,
                 layout: layout(),
             }),
@@ -1591,7 +1558,7 @@ mod tests {
         let config = || {
             Message::Config(MigrationConfig {
                 mode: Mode::Postcopy,
-                memory_kind: MemoryKind::Anon,
+                memory_kind: Backing::Anon,
                 vcpu_count: 1,
                 layout: layout(),
             })
@@ -1854,7 +1821,7 @@ mod tests {
     fn validates_config() {
         let cfg = MigrationConfig {
             mode: Mode::Precopy,
-            memory_kind: MemoryKind::Anon,
+            memory_kind: Backing::Anon,
             vcpu_count: 1,
             layout: layout(),
         };

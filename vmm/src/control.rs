@@ -266,10 +266,7 @@ impl VmController {
                 "destination_url is empty (HOST:PORT of a waiting vmm receive)".into(),
             ));
         }
-        let mode = req
-            .mode
-            .parse::<migration::types::Mode>()
-            .map_err(ControlError::BadRequest)?;
+        let mode = req.mode;
         let t = &req.tunables;
         if t.downtime_limit_ms == Some(0) {
             return Err(ControlError::BadRequest(
@@ -343,7 +340,7 @@ impl VmControl for VmController {
         let config = vm.map(|vm| VmConfigInfo {
             vcpus: vm.vcpu_count(),
             memory_bytes: vm.ram().size(),
-            backing: vm.ram().backing().name().to_string(),
+            backing: vm.ram().backing(),
             page_size: vm.ram().backing().page_size(),
             kernel: match &self.origin {
                 Origin::Booted { kernel } => Some(kernel.display().to_string()),

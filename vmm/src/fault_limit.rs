@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+use migration::postcopy::sys::uffd_errno;
 use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
@@ -168,6 +169,11 @@ impl LatencySummary {
 }
 
 /// What `vmm fault-limit` prints (one JSON object with `--json`).
+/// The bucket scheme of guests that do not state theirs (8 sub-buckets per power of two).
+fn legacy_guest_sub_buckets() -> u64 {
+    8
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FaultLimitReport {
     /// The backing asked for.
@@ -192,6 +198,8 @@ pub struct FaultLimitReport {
     /// `guest_sub_buckets` per power of two.
     pub guest_buckets_ns: Vec<(u64, u64)>,
     /// The guest's bucket scheme, as its line states it (`sub=`; 8 for guests that do not).
+    /// Absent from the reports of VMMs older than the scheme (their guests used 8).
+    #[serde(default = "legacy_guest_sub_buckets")]
     pub guest_sub_buckets: u64,
     /// The VMM-side histogram: (value ns, count), 3 significant digits.
     pub vmm_histogram_ns: Vec<(u64, u64)>,
@@ -400,7 +408,7 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
         match r {
             Ok(()) => return Ok(()),
             // Two vCPUs faulted on the same page and the first ioctl mapped it: wake the rest.
-            Err(ref e) if errno_of(e) == Some(libc::EEXIST) => {
+            Err(ref e) if uffd_errno(e) == Some(libc::EEXIST) => {
                 return uffd
                     .wake(dst, len)
                     .map_err(|source| FaultLimitError::Serve {
@@ -410,7 +418,7 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
                     });
             }
             // The address space changed under the ioctl: try again.
-            Err(ref e) if errno_of(e) == Some(libc::EAGAIN) => continue,
+            Err(ref e) if uffd_errno(e) == Some(libc::EAGAIN) => continue,
             Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
             Err(source) => {
                 return Err(FaultLimitError::Serve {
@@ -426,14 +434,6 @@ fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimit
         addr: page,
         tries: EAGAIN_RETRIES,
     })
-}
-
-/// The errno of a failed userfaultfd ioctl, if it carries one.
-fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
-    match e {
-        userfaultfd::Error::SystemError(n) | userfaultfd::Error::CopyFailed(n) => Some(*n as i32),
-        _ => None,
-    }
 }
 
 /// Puts every 4 KiB page of every region in the page cache (a store through the alias, which

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
-use migration::types::Granularity;
+use migration::types::{Granularity, Mode};
+use migration::MigrationSummary;
 use vmm::api::model::{SendMigration, Tunables};
 use vmm::api::Client;
 use vmm::events::{EventMonitor, EventTarget};
@@ -89,8 +90,7 @@ struct FaultLimitArgs {
     kernel: PathBuf,
     /// The backing whose faults to measure. The 4k-staged strategy stages every fault of
     /// hugetlb and guest-memfd RAM in shmem, so those are measured on shmem of the same size.
-    #[arg(long, value_parser = parse_backing,
-          help = "Backing whose faults to measure: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    #[arg(long)]
     backing: Backing,
     /// Guest RAM size, e.g. 256M (a bare number is MiB).
     #[arg(long, value_parser = parse_size)]
@@ -114,16 +114,15 @@ struct ReceiveArgs {
     #[arg(long)]
     listen: String,
     /// What backs the received guest's RAM (may differ from the source's).
-    #[arg(long, value_parser = parse_backing,
-          help = "What backs the received guest's RAM: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    #[arg(long)]
     backing: Backing,
     /// Postcopy fault granularity on huge and guest_memfd backings: 4k (stage at 4 KiB,
     /// collapse later), huge (continue a huge page only once all of it arrived), or native
     /// (use the kernel's own 4 KiB faults where a probe finds them: 4 KiB UFFDIO_CONTINUE inside
     /// hugetlb pages (HGM), userfaultfd on guest_memfd; where the kernel lacks them it falls
     /// back to 4k and says why on stderr and in --stats-json `native_fallback`).
-    #[arg(long, default_value = "4k", value_parser = ["4k", "huge", "native"])]
-    granularity: String,
+    #[arg(long, default_value_t = Granularity::FourK)]
+    granularity: Granularity,
     /// File holding the shared secret (at least 16 bytes) both sides prove they know.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -136,9 +135,6 @@ struct ReceiveArgs {
     /// in plaintext (pages and state travel in the clear).
     #[arg(long)]
     allow_plaintext: bool,
-    /// Where guest serial output goes: "stdout" or a file path (appended).
-    #[arg(long, default_value = "stdout")]
-    serial: String,
     /// Write the destination's migration statistics (faults, collapses, latencies) to this
     /// file as JSON once every page has arrived.
     #[arg(long)]
@@ -153,6 +149,17 @@ struct ReceiveArgs {
     /// VM answers: pause, resume, shutdown, and migrating it on.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    vm_process: VmProcessArgs,
+}
+
+/// What `run` and `receive` share: where the guest's serial output and the events go, and the
+/// system call filter of the VMM process.
+#[derive(clap::Args)]
+struct VmProcessArgs {
+    /// Where guest serial output goes: "stdout" or a file path (appended).
+    #[arg(long, default_value = "stdout")]
+    serial: String,
     /// Write events (one JSON object per line) to path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
     event_monitor: Option<EventTarget>,
@@ -186,8 +193,8 @@ struct MigrateArgs {
     to: String,
     /// precopy: copy RAM while the guest runs, then stop and copy the rest; postcopy: move
     /// the guest first and fetch RAM on demand; hybrid: a few precopy rounds, then postcopy.
-    #[arg(long, value_parser = ["precopy", "postcopy", "hybrid"])]
-    mode: String,
+    #[arg(long)]
+    mode: Mode,
     /// File holding the shared secret (at least 16 bytes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -288,24 +295,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// What backs guest RAM.
-    #[arg(long, value_parser = parse_backing, default_value = "anon",
-          help = "What backs guest RAM: anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd")]
+    #[arg(long, default_value_t = Backing::Anon)]
     backing: Backing,
-    /// Where guest serial output goes: "stdout" or a file path (appended).
-    #[arg(long, default_value = "stdout")]
-    serial: String,
     /// Create a control socket (mode 0600) at this path: an HTTP API (docs/api.md) for `vmm
     /// status|pause|resume|shutdown|migrate|cancel` and curl.
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Write events (one JSON object per line) to path=FILE or fd=N.
-    #[arg(long, value_name = "path=FILE|fd=N", value_parser = parse_event_target)]
-    event_monitor: Option<EventTarget>,
-    /// System call filtering (seccomp): on (each thread may make only the system calls of its
-    /// role; any other stops the VMM with a message naming it, exit status 159), log (allowed,
-    /// and logged by the kernel to the audit log: for finding what a new code path needs), off.
-    #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
-    seccomp: String,
+    #[command(flatten)]
+    vm_process: VmProcessArgs,
 }
 
 fn parse_backing(s: &str) -> Result<Backing, vmm::memory::MemoryError> {
@@ -460,8 +457,8 @@ fn init_seccomp(mode: &str) -> Result<()> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<i32> {
-    init_seccomp(&a.seccomp)?;
-    let serial = serial_target(&a.serial);
+    init_seccomp(&a.vm_process.seccomp)?;
+    let serial = serial_target(&a.vm_process.serial);
     let cfg = RunConfig {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -472,7 +469,7 @@ fn cmd_run(a: RunArgs) -> Result<i32> {
         serial,
         api_socket: a.api_socket,
     };
-    let events = open_events(&a.event_monitor)?;
+    let events = open_events(&a.vm_process.event_monitor)?;
     let outcome =
         launcher::run(&cfg, Some(Arc::new(Migrator)), events).context("running the VM")?;
     Ok(outcome.exit_code())
@@ -506,7 +503,7 @@ fn serial_target(s: &str) -> SerialTarget {
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
-    init_seccomp(&a.seccomp)?;
+    init_seccomp(&a.vm_process.seccomp)?;
     let listen = a
         .listen
         .to_socket_addrs()
@@ -516,19 +513,16 @@ fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
     let cfg = ReceiveConfig {
         listen,
         backing: a.backing,
-        granularity: a
-            .granularity
-            .parse::<Granularity>()
-            .map_err(anyhow::Error::msg)?,
+        granularity: a.granularity,
         secret_file: a.secret_file,
         tls_dir: a.tls_dir,
         allow_plaintext: a.allow_plaintext,
-        serial: serial_target(&a.serial),
+        serial: serial_target(&a.vm_process.serial),
         stats_json: a.stats_json,
         recover_timeout: std::time::Duration::from_secs(a.recover_timeout),
         api_socket: a.api_socket,
     };
-    let events = open_events(&a.event_monitor)?;
+    let events = open_events(&a.vm_process.event_monitor)?;
     if cfg.tls_dir.is_none() && cfg.allow_plaintext && !cfg.listen.ip().is_loopback() {
         tracing::warn!(
             "--allow-plaintext: the migration on {} is not encrypted (pages and state can be read and altered on the way)",
@@ -572,7 +566,7 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
     }
     let req = SendMigration {
         destination_url: a.to.clone(),
-        mode: a.mode.clone(),
+        mode: a.mode,
         secret_file,
         tls_dir,
         tls_server_name: a.tls_server_name.clone(),
@@ -592,6 +586,8 @@ fn cmd_migrate(a: MigrateArgs) -> Result<i32> {
     if a.json {
         println!("{summary}");
     } else {
+        let summary: MigrationSummary =
+            serde_json::from_value(summary).context("reading the migration summary")?;
         print_summary(&summary);
     }
     Ok(0)
@@ -654,37 +650,29 @@ fn cmd_status(a: StatusArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn print_summary(s: &serde_json::Value) {
-    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
-    let u = |k: &str| s[k].as_u64().unwrap_or(0);
-    println!("migration complete ({})", s["mode"].as_str().unwrap_or("?"));
-    println!("  blackout       {:.3} ms", f("blackout_ms"));
-    println!("  total time     {:.1} ms", f("total_ms"));
+fn print_summary(s: &MigrationSummary) {
+    println!("migration complete ({})", s.mode);
+    println!("  blackout       {:.3} ms", s.blackout_ms);
+    println!("  total time     {:.1} ms", s.total_ms);
     println!(
         "  bytes sent     {} ({:.1} MiB)",
-        u("bytes_sent"),
-        u("bytes_sent") as f64 / 1048576.0
+        s.bytes_sent,
+        s.bytes_sent as f64 / 1048576.0
     );
-    println!(
-        "  pages sent     {} (+{} zero)",
-        u("pages_sent"),
-        u("zero_pages")
-    );
-    println!("  faults served  {}", u("faults_served"));
-    println!("  pages pushed   {}", u("pages_pushed"));
-    println!("  collapses      {}", u("collapses"));
-    println!("  precopy rounds {}", u("rounds"));
+    println!("  pages sent     {} (+{} zero)", s.pages_sent, s.zero_pages);
+    println!("  faults served  {}", s.faults_served);
+    println!("  pages pushed   {}", s.pages_pushed);
+    println!("  collapses      {}", s.collapses);
+    println!("  precopy rounds {}", s.rounds);
     println!(
         "  recoveries     {} ({:.1} ms postcopy-paused)",
-        u("recoveries"),
-        f("paused_ms")
+        s.recoveries, s.paused_ms
     );
-    let ms = f("transfer_ms");
-    if ms > 0.0 {
+    if s.transfer_ms > 0.0 {
         println!(
             "  streaming      {:.1} ms, {:.2} Gbit/s (precopy rounds + postcopy bulk push)",
-            ms,
-            u("transfer_bytes") as f64 * 8.0 / (ms / 1e3) / 1e9
+            s.transfer_ms,
+            s.transfer_bytes as f64 * 8.0 / (s.transfer_ms / 1e3) / 1e9
         );
     }
 }

@@ -218,7 +218,7 @@ pub struct PoolReport {
 }
 
 /// The outcome of a live check of kernel behaviour.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "result", content = "detail", rename_all = "snake_case")]
 pub enum Check {
     /// The kernel does it.
@@ -243,8 +243,8 @@ impl fmt::Display for Check {
     }
 }
 
-/// The live checks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// The live checks (the harness reads them back from `vmm probe --json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LiveChecks {
     /// "4 KiB UFFDIO_CONTINUE on hugetlb (HGM)".
     pub hugetlb_4k_continue: Check,

@@ -444,11 +444,10 @@ fn statuses(seen: &[Value]) -> Vec<String> {
 }
 
 fn send(mode: &str, port: u16) -> vmm::api::model::SendMigration {
-    vmm::api::model::SendMigration {
-        destination_url: format!("127.0.0.1:{port}"),
-        mode: mode.into(),
-        ..Default::default()
-    }
+    vmm::api::model::SendMigration::new(
+        format!("127.0.0.1:{port}"),
+        mode.parse().expect("a migration mode"),
+    )
 }
 
 /// Starts `vmm receive` for one hop with an API socket and an event file in `dir`.
@@ -676,7 +675,7 @@ fn a_received_vm_migrates_on_a_to_b_to_c_to_d() {
     let info = vmm::api::Client::new(&sock_d).info().unwrap();
     let cfg = info.config.expect("D's config");
     assert_eq!(
-        (cfg.backing.as_str(), cfg.origin.as_str(), cfg.vcpus),
+        (cfg.backing.name(), cfg.origin.as_str(), cfg.vcpus),
         ("hugetlb-1g", "received", 2)
     );
 

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The phase names, in order (the keys of `fault_phase_us`).
 pub const PHASES: [&str; 6] = [
@@ -74,7 +74,7 @@ impl FaultStamps {
 }
 
 /// One phase's distribution, microseconds.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PhaseSummary {
     pub count: u64,
     pub p50: f64,
@@ -86,7 +86,7 @@ pub struct PhaseSummary {
 }
 
 /// `fault_phase_us`: every phase's distribution, keyed by [`PHASES`].
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct FaultPhaseSummary {
     pub uffd_to_read: PhaseSummary,
     pub request_written: PhaseSummary,
@@ -97,14 +97,14 @@ pub struct FaultPhaseSummary {
 }
 
 /// One fault above the p99 of the total, and where its time went.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SlowFault {
     pub total_us: f64,
     pub phases_us: PhaseTimes,
 }
 
 /// One fault's phases, microseconds, keyed by [`PHASES`].
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PhaseTimes {
     pub uffd_to_read: f64,
     pub request_written: f64,

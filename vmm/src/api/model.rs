@@ -2,6 +2,7 @@
 //! (docs/openapi.json). Field names are snake_case like Cloud Hypervisor's; the migration statistics
 //! keep QEMU's `query-migrate` names (see [`migration::live_stats`]).
 
+use migration::types::{Backing, Mode};
 use serde::{Deserialize, Serialize};
 
 /// `GET /api/v1/vmm.ping`.
@@ -35,7 +36,7 @@ pub struct VmConfigInfo {
     pub vcpus: u8,
     pub memory_bytes: u64,
     /// anon, shmem, hugetlb-2m, hugetlb-1g or guest-memfd.
-    pub backing: String,
+    pub backing: Backing,
     /// The backing's page size in bytes.
     pub page_size: u64,
     /// The kernel it booted (None for a received VM).
@@ -85,13 +86,13 @@ pub struct ResumeRequest {
 
 /// `PUT /api/v1/vm.send-migration`: migrate this VM to a waiting `vmm receive`. The request
 /// returns once the migration ended: 200 with the summary, or an error.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendMigration {
     /// `HOST:PORT` (a `tcp:` prefix, as Cloud Hypervisor writes it, is accepted).
     pub destination_url: String,
     /// precopy, postcopy or hybrid.
-    pub mode: String,
+    pub mode: Mode,
     /// File holding the shared secret; the VMM reads it itself, so it never crosses the socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<String>,
@@ -110,6 +111,22 @@ pub struct SendMigration {
     pub recover_timeout_s: Option<u64>,
     #[serde(default, flatten)]
     pub tunables: Tunables,
+}
+
+impl SendMigration {
+    /// A request to migrate to `destination_url` in `mode`, everything else at its default.
+    pub fn new(destination_url: String, mode: Mode) -> Self {
+        SendMigration {
+            destination_url,
+            mode,
+            secret_file: None,
+            tls_dir: None,
+            tls_server_name: None,
+            allow_plaintext: false,
+            recover_timeout_s: None,
+            tunables: Tunables::default(),
+        }
+    }
 }
 
 /// Migration tunables (QEMU's migration parameters, in this API's units).

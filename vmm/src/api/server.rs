@@ -217,24 +217,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     })
 }
 
-/// Decodes a JSON body; an empty body is `T::default()` when `optional`.
-fn body<T: DeserializeOwned + Default>(
+/// Decodes a JSON body; an empty body is `empty` when that is given (an optional body).
+fn body<T: DeserializeOwned>(
     raw: Result<Bytes, BytesRejection>,
-    optional: bool,
+    empty: Option<T>,
 ) -> Result<T, Reject> {
     let raw = raw.map_err(|e| Reject {
         status: e.status().as_u16(),
         message: format!("cannot read the body: {e}"),
     })?;
     if raw.iter().all(u8::is_ascii_whitespace) {
-        return if optional {
-            Ok(T::default())
-        } else {
-            Err(Reject {
-                status: 400,
-                message: "this request needs a JSON body".into(),
-            })
-        };
+        return empty.ok_or_else(|| Reject {
+            status: 400,
+            message: "this request needs a JSON body".into(),
+        });
     }
     let mut de = serde_json::Deserializer::from_slice(&raw);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -273,7 +269,7 @@ async fn pause(State(c): State<Ctl>) -> Reply {
 }
 
 async fn resume(State(c): State<Ctl>, raw: Result<Bytes, BytesRejection>) -> Reply {
-    let req: ResumeRequest = body(raw, true)?;
+    let req: ResumeRequest = body(raw, Some(ResumeRequest::default()))?;
     blocking(move || c.resume(req.force)).await??;
     Ok(no_content())
 }
@@ -284,7 +280,7 @@ async fn shutdown(State(c): State<Ctl>) -> Reply {
 }
 
 async fn send_migration(State(c): State<Ctl>, raw: Result<Bytes, BytesRejection>) -> Reply {
-    let req: SendMigration = body(raw, false)?;
+    let req: SendMigration = body(raw, None)?;
     Ok(ok_json(blocking(move || c.send_migration(req)).await??))
 }
 
@@ -298,7 +294,7 @@ async fn cancel(State(c): State<Ctl>) -> Reply {
 }
 
 async fn retarget(State(c): State<Ctl>, raw: Result<Bytes, BytesRejection>) -> Reply {
-    let req: RetargetRequest = body(raw, false)?;
+    let req: RetargetRequest = body(raw, None)?;
     Ok(ok_json(
         blocking(move || c.retarget(&req.destination_url)).await??,
     ))

@@ -11,8 +11,8 @@ use std::time::Duration;
 use migration::auth::Secret;
 use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
 use migration::postcopy::{PostcopyEngine, PostcopyStats, PrepareReport, ServeMode, Strategy};
+use migration::stats::{DestinationStats, RegionServe};
 use migration::types::{Granularity, HookError, Mode, PageFetcher, PageSet, PAGE_SIZE};
-use serde::Serialize;
 
 use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus, SwappedSlots};
 use super::StateBlobError;
@@ -95,95 +95,6 @@ pub enum ReceiveError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// What the destination reports when the migration is over (`--stats-json`).
-#[derive(Debug, Serialize)]
-pub struct DestinationStats {
-    pub mode: String,
-    pub backing: String,
-    pub granularity: String,
-    pub total_ms: f64,
-    pub start_ms: f64,
-    pub bytes_received: u64,
-    pub pages_received: u64,
-    pub urgent_pages: u64,
-    pub bulk_pages: u64,
-    pub faults_served: u64,
-    pub pages_fetched: u64,
-    pub pages_fetched_local: u64,
-    pub collapses: u64,
-    /// shmem units with nothing to collapse (all zero, never touched).
-    pub collapses_skipped: u64,
-    pub collapse_failures: u64,
-    pub collapse_stall_ns: Vec<u64>,
-    pub collapse_total_ns: Vec<u64>,
-    pub fault_ns: Vec<u64>,
-    /// Latency of the faults that waited through a postcopy-paused outage (kept apart from
-    /// `fault_ns`), nanoseconds.
-    pub outage_fault_ns: Vec<u64>,
-    pub staging_peak_bytes: u64,
-    /// Staging memory still allocated when the stats were taken (0 once every region collapsed).
-    pub staging_current_bytes: u64,
-    /// Times the link failed after the switchover and the source came back.
-    pub recoveries: u32,
-    /// Time spent postcopy-paused, in all.
-    pub paused_ms: f64,
-    /// Per vCPU, the time it was blocked in userfaults (fault read to its page's wake), ms
-    /// (QEMU's postcopy-vcpu-blocktime).
-    pub postcopy_vcpu_blocktime_ms: Vec<f64>,
-    /// The time every vCPU was blocked at once, ms (QEMU's postcopy-blocktime).
-    pub postcopy_blocktime_ms: Option<f64>,
-    /// Huge-mapped guest RAM at the end, from /proc/self/smaps (kB).
-    pub smaps_hugetlb_kb: u64,
-    pub smaps_shmem_pmd_kb: u64,
-    /// How postcopy served each region (empty without postcopy).
-    pub regions: Vec<RegionServe>,
-    /// With `--granularity native`: why the native path was not used, if any region fell back
-    /// to 4 KiB staging (the kernel probe's answer; regions that disagree are joined by "; ").
-    /// `None` when native served every region it could, or native was not asked for.
-    pub native_fallback: Option<String>,
-    /// The collapse method of each collapse, in order (e.g. "hugetlb-mmap", "madv-collapse",
-    /// "native-hugetlb-none (...)").
-    pub collapse_methods: Vec<String>,
-    /// Remote faults by phase ("uffd_to_read", "request_written", "source_reply",
-    /// "reply_read", "stored", "installed"): count and percentiles, microseconds.
-    pub fault_phase_us: migration::postcopy::FaultPhaseSummary,
-    /// Up to 200 remote faults above the p99 of the total, slowest first, with their phases.
-    pub slow_faults: Vec<migration::postcopy::SlowFault>,
-}
-
-/// How postcopy served one region (memslot).
-#[derive(Debug, Clone, Serialize)]
-pub struct RegionServe {
-    pub slot: u32,
-    /// The backing kind, e.g. "Hugetlb2m".
-    pub kind: String,
-    /// The serve mode, e.g. "staged-4k-hugetlb", "native-hugetlb-4k-continue".
-    pub serve_mode: String,
-    /// Arrival / collapse unit in bytes.
-    pub unit_size: u64,
-    /// What the plan says about itself (fallbacks and why).
-    pub note: Option<String>,
-    /// With `--granularity native`: why this region fell back to staging.
-    pub native_fallback: Option<String>,
-}
-
-impl RegionServe {
-    fn from_report(report: &PrepareReport) -> Vec<RegionServe> {
-        report
-            .regions
-            .iter()
-            .map(|r| RegionServe {
-                slot: r.slot,
-                kind: format!("{:?}", r.kind),
-                serve_mode: r.mode.name().to_string(),
-                unit_size: r.unit_size,
-                note: r.note.clone(),
-                native_fallback: r.native_fallback.clone(),
-            })
-            .collect()
-    }
 }
 
 /// The regions' fallback reasons, distinct, joined by "; ".
@@ -454,17 +365,8 @@ fn for_each_run<E>(
     let mut first_page = 0u64;
     for r in ram.regions() {
         let pages = r.size / PAGE_SIZE;
-        let mut p = 0;
-        while p < pages {
-            if set.contains(first_page + p) != member {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < pages && set.contains(first_page + p) == member {
-                p += 1;
-            }
-            f(r, start, p - start)?;
+        for (start, count) in set.runs(member, first_page, first_page + pages) {
+            f(r, start - first_page, count)?;
         }
         first_page += pages;
     }
@@ -722,9 +624,9 @@ fn destination_stats(
     let e = engine.unwrap_or_default();
     let (hugetlb, pmd) = smaps_huge_kb();
     DestinationStats {
-        mode: format!("{:?}", summary.mode).to_lowercase(),
-        backing: cfg.backing.name().to_string(),
-        granularity: cfg.granularity.as_str().to_string(),
+        mode: summary.mode,
+        backing: cfg.backing,
+        granularity: cfg.granularity,
         total_ms: summary.total_ms,
         start_ms: summary.start_ms,
         bytes_received: summary.bytes_received,

@@ -8,9 +8,9 @@ pub mod destination;
 pub mod kvm_hooks;
 pub mod source;
 
-use migration::types::{MemoryKind, RamRegion};
+use migration::types::RamRegion;
 
-use crate::memory::{Backing, GuestRam};
+use crate::memory::GuestRam;
 
 /// Why the VM's device and vCPU state blob could not be encoded (source) or decoded
 /// (destination); the VM's own save/restore errors pass through unchanged.
@@ -22,20 +22,9 @@ pub enum StateBlobError {
     Decode(#[source] serde_json::Error),
 }
 
-/// The migration crate's name for a backing.
-pub fn memory_kind(b: Backing) -> MemoryKind {
-    match b {
-        Backing::Anon => MemoryKind::Anon,
-        Backing::Shmem => MemoryKind::Shmem,
-        Backing::Hugetlb2m => MemoryKind::Hugetlb2m,
-        Backing::Hugetlb1g => MemoryKind::Hugetlb1g,
-        Backing::GuestMemfd => MemoryKind::GuestMemfd,
-    }
-}
-
 /// Guest RAM as the migration crate sees it: one `RamRegion` per memslot.
 pub fn ram_regions(ram: &GuestRam) -> Vec<RamRegion> {
-    let kind = memory_kind(ram.backing());
+    let kind = ram.backing();
     (0u32..)
         .zip(ram.regions())
         .map(|(slot, r)| RamRegion {

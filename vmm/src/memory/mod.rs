@@ -15,10 +15,8 @@ pub mod layout;
 pub mod mapping;
 pub mod shmem;
 
-use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::str::FromStr;
 
 use kvm_bindings::{
     kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD,
@@ -31,82 +29,16 @@ pub use hugepages::{lock_hugepages, HugepageError, HugepageLock, PoolReservation
 pub use layout::{MMIO_HOLE_END, MMIO_HOLE_SIZE, MMIO_HOLE_START};
 pub use mapping::Mapping;
 
+/// The backings: one definition, shared with the migration crate (its Config frame code) and
+/// the harness.
+pub use migration::types::Backing;
+
 /// 4 KiB, the base page size.
-pub const PAGE_SIZE_4K: u64 = 4096;
+pub const PAGE_SIZE_4K: u64 = migration::types::PAGE_SIZE;
 /// 2 MiB huge page.
-pub const PAGE_SIZE_2M: u64 = 2 << 20;
+pub const PAGE_SIZE_2M: u64 = migration::types::HUGE_PAGE_2M;
 /// 1 GiB huge page.
-pub const PAGE_SIZE_1G: u64 = 1 << 30;
-
-/// How guest RAM is backed on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backing {
-    /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
-    Anon,
-    /// A shmem memfd (`memfd_create`), mapped shared.
-    Shmem,
-    /// A hugetlbfs memfd with 2 MiB pages.
-    #[serde(rename = "hugetlb-2m")]
-    Hugetlb2m,
-    /// A hugetlbfs memfd with 1 GiB pages.
-    #[serde(rename = "hugetlb-1g")]
-    Hugetlb1g,
-    /// A KVM guest_memfd created with `MMAP | INIT_SHARED`, bound with `KVM_MEM_GUEST_MEMFD`.
-    GuestMemfd,
-}
-
-impl Backing {
-    /// All backings, in the order `--help` lists them.
-    pub const ALL: [Backing; 5] = [
-        Backing::Anon,
-        Backing::Shmem,
-        Backing::Hugetlb2m,
-        Backing::Hugetlb1g,
-        Backing::GuestMemfd,
-    ];
-
-    /// The page size the backing allocates in; guest RAM size must be a multiple of it.
-    pub fn page_size(self) -> u64 {
-        match self {
-            Backing::Hugetlb2m => PAGE_SIZE_2M,
-            Backing::Hugetlb1g => PAGE_SIZE_1G,
-            _ => PAGE_SIZE_4K,
-        }
-    }
-
-    /// The name used on the command line and on the wire.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backing::Anon => "anon",
-            Backing::Shmem => "shmem",
-            Backing::Hugetlb2m => "hugetlb-2m",
-            Backing::Hugetlb1g => "hugetlb-1g",
-            Backing::GuestMemfd => "guest-memfd",
-        }
-    }
-
-    /// True for the hugetlb backings.
-    pub fn is_hugetlb(self) -> bool {
-        matches!(self, Backing::Hugetlb2m | Backing::Hugetlb1g)
-    }
-}
-
-impl fmt::Display for Backing {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Backing {
-    type Err = MemoryError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Backing::ALL
-            .into_iter()
-            .find(|b| b.name() == s)
-            .ok_or_else(|| MemoryError::UnknownBacking(s.to_string()))
-    }
-}
+pub const PAGE_SIZE_1G: u64 = migration::types::HUGE_PAGE_1G;
 
 /// Largest guest RAM accepted: 2^46 bytes (64 TiB), well inside x86-64 guest physical space.
 pub const MAX_RAM_SIZE: u64 = 1 << 46;
@@ -114,10 +46,6 @@ pub const MAX_RAM_SIZE: u64 = 1 << 46;
 /// Errors of guest memory set-up and access.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error(
-        "unknown backing '{0}' (expected one of: anon, shmem, hugetlb-2m, hugetlb-1g, guest-memfd)"
-    )]
-    UnknownBacking(String),
     #[error("guest memory size must be greater than zero")]
     ZeroSize,
     #[error(

@@ -64,6 +64,11 @@ fn backing_names_round_trip() {
         assert_eq!(json, format!("\"{}\"", b.name()));
         assert_eq!(serde_json::from_str::<Backing>(&json).unwrap(), b);
     }
+    // The spellings the docs, the API schema and the harness use.
+    assert_eq!(
+        Backing::ALL.map(Backing::name),
+        ["anon", "shmem", "hugetlb-2m", "hugetlb-1g", "guest-memfd"]
+    );
     let err = "huge".parse::<Backing>().unwrap_err().to_string();
     assert!(err.contains("unknown backing 'huge'"), "{err}");
 }
