@@ -474,6 +474,62 @@ pub struct PhaseStats {
     pub mean: f64,
 }
 
+impl From<&migration::postcopy::PhaseSummary> for PhaseStats {
+    fn from(p: &migration::postcopy::PhaseSummary) -> Self {
+        PhaseStats {
+            count: p.count,
+            p50: p.p50,
+            p90: p.p90,
+            p99: p.p99,
+            p999: p.p999,
+            max: p.max,
+            mean: p.mean,
+        }
+    }
+}
+
+/// The destination's `fault_phase_us`, keyed by phase name; empty when no fault was timed.
+pub fn phase_map(s: &migration::postcopy::FaultPhaseSummary) -> BTreeMap<String, PhaseStats> {
+    let phases = [
+        &s.uffd_to_read,
+        &s.request_written,
+        &s.source_reply,
+        &s.reply_read,
+        &s.stored,
+        &s.installed,
+    ];
+    if phases.iter().all(|p| p.count == 0) {
+        return BTreeMap::new();
+    }
+    FAULT_PHASES
+        .iter()
+        .zip(phases)
+        .map(|(name, p)| (name.to_string(), PhaseStats::from(p)))
+        .collect()
+}
+
+impl From<&migration::postcopy::SlowFault> for SlowFault {
+    fn from(f: &migration::postcopy::SlowFault) -> Self {
+        let t = &f.phases_us;
+        let values = [
+            t.uffd_to_read,
+            t.request_written,
+            t.source_reply,
+            t.reply_read,
+            t.stored,
+            t.installed,
+        ];
+        SlowFault {
+            total_us: f.total_us,
+            phases_us: FAULT_PHASES
+                .iter()
+                .zip(values)
+                .map(|(name, v)| (name.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
 /// A count written as an integer or a float.
 fn count_of<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let v = f64::deserialize(d)?;

@@ -983,7 +983,7 @@ pub(crate) fn prepare(
     cfg: &RunConfig,
     env: &LinkEnv,
     uffd: &LatencyHistogram,
-    vcpu: Result<&VcpuFaultLimit, &str>,
+    vcpu: Result<&VcpuFaultLimit, &limits::LimitError>,
     s: &Scenario,
     r: &mut ScenarioResult,
     progress: &mut dyn Progress,
@@ -1342,7 +1342,6 @@ impl From<migration::stats::DestinationStats> for DestinationStats {
             collapse_stall_ns: s.collapse_stall_ns,
             collapse_total_ns: s.collapse_total_ns,
             fault_ns: s.fault_ns,
-            fault_at_ns: Vec::new(),
             outage_fault_ns: s.outage_fault_ns,
             recoveries: Some(s.recoveries),
             paused_ms: Some(s.paused_ms),
@@ -1351,6 +1350,12 @@ impl From<migration::stats::DestinationStats> for DestinationStats {
             postcopy_blocktime_ms: s.postcopy_blocktime_ms,
             native_fallback: s.native_fallback,
             regions: s.regions,
+            fault_phase_us: guest_output::phase_map(&s.fault_phase_us),
+            slow_faults: s
+                .slow_faults
+                .iter()
+                .map(guest_output::SlowFault::from)
+                .collect(),
             extra: Default::default(),
         }
     }

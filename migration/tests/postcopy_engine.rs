@@ -169,19 +169,17 @@ struct AllDirty {
     fetches: AtomicU64,
 }
 impl DirtyLog for AllDirty {
-    fn enable(&self, slot: u32) -> Result<(), String> {
+    fn enable(&self, slot: u32) -> Result<(), migration::types::HookError> {
         self.enabled.lock().unwrap().push(slot);
         Ok(())
     }
-    fn disable(&self, slot: u32) -> Result<(), String> {
+    fn disable(&self, slot: u32) -> Result<(), migration::types::HookError> {
         self.enabled.lock().unwrap().retain(|s| *s != slot);
         Ok(())
     }
-    fn fetch(&self, slot: u32) -> Result<Vec<u64>, String> {
+    fn fetch(&self, slot: u32) -> Result<Vec<u64>, migration::types::HookError> {
         if !self.enabled.lock().unwrap().contains(&slot) {
-            return Err(format!(
-                "dirty-log fetch of slot {slot}, which is not enabled"
-            ));
+            return Err(format!("dirty-log fetch of slot {slot}, which is not enabled").into());
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
         // Big enough for every region these tests use (2 GiB of 4 KiB pages).

@@ -305,10 +305,6 @@ struct RunArgs {
     vm_process: VmProcessArgs,
 }
 
-fn parse_backing(s: &str) -> Result<Backing, vmm::memory::MemoryError> {
-    s.parse()
-}
-
 /// Why a `--max-bandwidth` / `--max-postcopy-bandwidth` value is refused.
 #[derive(Debug, thiserror::Error)]
 enum RateError {

@@ -3,7 +3,7 @@
 //! writes stored pages where the kernel would put them. The engine against the real kernel is
 //! tested in tests/postcopy_engine.rs.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -137,17 +137,15 @@ fn anon_map(len: usize) -> usize {
 }
 
 fn memfd(len: usize) -> OwnedFd {
-    // SAFETY: valid NUL-terminated name; checked.
-    let raw = unsafe { libc::memfd_create(c"postcopy-unit-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(raw >= 0);
-    // SAFETY: a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: our memfd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) },
-        0
-    );
-    fd
+    let fd = nix::sys::memfd::memfd_create(
+        c"postcopy-unit-test",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .expect("memfd_create");
+    let file = std::fs::File::from(fd);
+    file.set_len(len as u64)
+        .expect("ftruncate of the test memfd");
+    OwnedFd::from(file)
 }
 
 fn read_page(addr: usize) -> [u8; 4096] {
@@ -471,15 +469,15 @@ struct ScriptedDirty {
     disabled: AtomicBool,
 }
 impl DirtyLog for ScriptedDirty {
-    fn enable(&self, _slot: u32) -> Result<(), String> {
+    fn enable(&self, _slot: u32) -> Result<(), crate::types::HookError> {
         self.enabled.store(true, Ordering::Relaxed);
         Ok(())
     }
-    fn disable(&self, _slot: u32) -> Result<(), String> {
+    fn disable(&self, _slot: u32) -> Result<(), crate::types::HookError> {
         self.disabled.store(true, Ordering::Relaxed);
         Ok(())
     }
-    fn fetch(&self, _slot: u32) -> Result<Vec<u64>, String> {
+    fn fetch(&self, _slot: u32) -> Result<Vec<u64>, crate::types::HookError> {
         let mut bm = vec![0u64; 8];
         for p in self.dirty.lock().unwrap().drain(..) {
             bm[(p / 64) as usize] |= 1 << (p % 64);

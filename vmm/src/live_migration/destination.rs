@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use migration::auth::Secret;
 use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
-use migration::postcopy::{PostcopyEngine, PostcopyStats, PrepareReport, ServeMode, Strategy};
+use migration::postcopy::{PostcopyEngine, PostcopyStats, ServeMode, Strategy};
 use migration::stats::{DestinationStats, RegionServe};
 use migration::types::{Granularity, HookError, Mode, PageFetcher, PageSet, PAGE_SIZE};
 
