@@ -445,14 +445,7 @@ pub struct DestinationStats {
 /// The phases of one remote fault, in order (the destination's `fault_phase_us` keys):
 /// uffd event to read; request written; the source's receive-to-reply time (echoed in the
 /// reply); reply read; stored; CONTINUE/COPY done.
-pub const FAULT_PHASES: [&str; 6] = [
-    "uffd_to_read",
-    "request_written",
-    "source_reply",
-    "reply_read",
-    "stored",
-    "installed",
-];
+pub use migration::postcopy::PHASES as FAULT_PHASES;
 
 /// Summary of one fault phase as the destination reports it, us. The destination gives only
 /// these figures (no histogram), so runs can only be merged figure by figure.

@@ -53,11 +53,7 @@ impl Collapser {
         if !*on {
             self.dirty
                 .enable(r.region.slot)
-                .map_err(|source| PostcopyError::DirtyLog {
-                    slot: r.region.slot,
-                    what: "enable",
-                    source,
-                })?;
+                .map_err(PostcopyError::dirty_log(r.region.slot, "enable"))?;
             *on = true;
         }
         Ok(())
@@ -422,11 +418,7 @@ fn take_unit_dirty(
     let fresh = shared
         .dirty
         .fetch(r.region.slot)
-        .map_err(|source| PostcopyError::DirtyLog {
-            slot: r.region.slot,
-            what: "fetch",
-            source,
-        })?;
+        .map_err(PostcopyError::dirty_log(r.region.slot, "fetch"))?;
     let mut acc = r.dirty_acc.lock().unwrap_or_else(|p| p.into_inner());
     for (a, f) in acc.iter_mut().zip(fresh.iter()) {
         *a |= *f;
@@ -614,11 +606,7 @@ fn collapse_staged(
             shared
                 .dirty
                 .disable(slot)
-                .map_err(|source| PostcopyError::DirtyLog {
-                    slot,
-                    what: "disable",
-                    source,
-                })?;
+                .map_err(PostcopyError::dirty_log(slot, "disable"))?;
             *on = false;
         }
         drop(on);

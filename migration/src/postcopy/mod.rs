@@ -156,3 +156,13 @@ pub enum PostcopyError {
         source: std::io::Error,
     },
 }
+
+impl PostcopyError {
+    /// Wraps a dirty-log hook's failure of `what` ("enable", "fetch", "disable") on `slot`.
+    pub(crate) fn dirty_log(
+        slot: u32,
+        what: &'static str,
+    ) -> impl FnOnce(crate::types::HookError) -> PostcopyError {
+        move |source| PostcopyError::DirtyLog { slot, what, source }
+    }
+}
