@@ -338,11 +338,13 @@ pub enum SourceError {
     Incomplete { missing: u64 },
     #[error("protocol violation by the destination: {0}")]
     Protocol(String),
-    #[error("the link did not come back within {} s ({attempts} reconnect attempt(s); last: {last})", waited_ms / 1000)]
+    #[error("the link did not come back within {} s ({attempts} reconnect attempt(s){})", waited_ms / 1000, last.as_ref().map(|e| format!("; last: {e}")).unwrap_or_default())]
     RecoverTimeout {
         waited_ms: u64,
         attempts: u32,
-        last: String,
+        /// The last reconnect attempt's error (None if no attempt was made).
+        #[source]
+        last: Option<Box<SourceError>>,
     },
     /// The destination's Started did not echo the switchover frame's nonce: it was written
     /// before the switchover frame arrived (or forged). Refused; the source VM runs again.
@@ -1493,7 +1495,7 @@ impl Handover<'_> {
         );
         let mut backoff = Duration::from_millis(50);
         let mut attempts = 0u32;
-        let mut last: String = why.to_string();
+        let mut last: Option<SourceError> = None;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -1502,7 +1504,7 @@ impl Handover<'_> {
                 let e = SourceError::RecoverTimeout {
                     waited_ms: since.elapsed().as_millis() as u64,
                     attempts,
-                    last,
+                    last: last.map(Box::new),
                 };
                 return Err(if self.started {
                     e
@@ -1543,7 +1545,7 @@ impl Handover<'_> {
                 }
                 Err(e) => {
                     tracing::debug!("recovery attempt {attempts} to {addr} failed: {e}");
-                    last = e.to_string();
+                    last = Some(e);
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
