@@ -1701,3 +1701,58 @@ fn urgent_server(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("vCPU 1 did not pause")]
+    struct PauseRefused;
+
+    #[test]
+    fn a_hook_error_crosses_the_seam_with_its_type_and_message() {
+        let e = vm_err("pausing the vCPUs")(Box::new(PauseRefused));
+        assert_eq!(
+            e.to_string(),
+            "pausing the vCPUs failed on the source VM: vCPU 1 did not pause"
+        );
+        let source = e.source().expect("the hook's error is the source");
+        assert!(
+            source.downcast_ref::<PauseRefused>().is_some(),
+            "{source:?}"
+        );
+    }
+
+    #[test]
+    fn a_recover_timeout_names_the_last_attempt_and_keeps_it() {
+        let last = SourceError::Protocol("RecoverState names too few pages".into());
+        let e = SourceError::RecoverTimeout {
+            waited_ms: 5_000,
+            attempts: 3,
+            last: Some(Box::new(last)),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the link did not come back within 5 s (3 reconnect attempt(s); last: protocol \
+             violation by the destination: RecoverState names too few pages)"
+        );
+        // The boxed error is the source (Box<SourceError> is itself the error in the chain).
+        let source = e.source().expect("the last attempt's error is the source");
+        assert!(matches!(
+            source.downcast_ref::<Box<SourceError>>().map(|b| &**b),
+            Some(SourceError::Protocol(_))
+        ));
+        let none = SourceError::RecoverTimeout {
+            waited_ms: 1_000,
+            attempts: 0,
+            last: None,
+        };
+        assert_eq!(
+            none.to_string(),
+            "the link did not come back within 1 s (0 reconnect attempt(s))"
+        );
+    }
+}
