@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 pub enum ReportError {
     #[error(transparent)]
     Results(#[from] ResultsError),
-    #[error("drawing plot {path}: {msg}")]
-    Plot { path: PathBuf, msg: String },
+    #[error("drawing plot {path}: {source}")]
+    Plot {
+        path: PathBuf,
+        #[source]
+        source: PlotError,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -974,10 +978,13 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     md
 }
 
-fn plot_err(path: &Path) -> impl Fn(String) -> ReportError + '_ {
-    move |msg| ReportError::Plot {
+/// What plotters reports when drawing an SVG fails.
+pub type PlotError = plotters::drawing::DrawingAreaErrorKind<std::io::Error>;
+
+fn plot_err(path: &Path) -> impl Fn(PlotError) -> ReportError + '_ {
+    move |source| ReportError::Plot {
         path: path.to_path_buf(),
-        msg,
+        source,
     }
 }
 
@@ -1024,7 +1031,7 @@ fn line_chart(
     }
     let y1 = if y1 > 0.0 { y1 * 1.05 } else { 1.0 };
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    root.fill(&WHITE).map_err(&e)?;
     let builder = |root| {
         let mut b = ChartBuilder::on(root);
         b.caption(title, ("sans-serif", 20))
@@ -1041,7 +1048,7 @@ fn line_chart(
                 .x_desc(x_desc)
                 .y_desc(y_desc)
                 .draw()
-                .map_err(|x| e(x.to_string()))?;
+                .map_err(&e)?;
             for (i, (name, p)) in series.iter().enumerate() {
                 let color: RGBAColor = if name.starts_with("limit") || name.starts_with("raw") {
                     BLACK.to_rgba()
@@ -1050,7 +1057,7 @@ fn line_chart(
                 };
                 chart
                     .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
-                    .map_err(|x| e(x.to_string()))?
+                    .map_err(&e)?
                     .label(name.as_str())
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -1062,20 +1069,20 @@ fn line_chart(
                 .border_style(BLACK)
                 .position(SeriesLabelPosition::LowerRight)
                 .draw()
-                .map_err(|x| e(x.to_string()))?;
+                .map_err(&e)?;
         }};
     }
     if log_x {
         let x0 = if x0 > 0.0 { x0 / 1.2 } else { 0.1 };
         finish!(builder(&root)
             .build_cartesian_2d((x0..x1 * 1.2).log_scale(), 0f64..y1)
-            .map_err(|x| e(x.to_string()))?);
+            .map_err(&e)?);
     } else {
         finish!(builder(&root)
             .build_cartesian_2d(x0..x1, 0f64..y1)
-            .map_err(|x| e(x.to_string()))?);
+            .map_err(&e)?);
     }
-    root.present().map_err(|x| e(x.to_string()))?;
+    root.present().map_err(&e)?;
     Ok(())
 }
 
@@ -1089,27 +1096,27 @@ fn scatter_chart(
     let x1 = pts.iter().map(|p| p.0).fold(1.0, f64::max);
     let y1 = pts.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    root.fill(&WHITE).map_err(&e)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d(0f64..x1, (0.5f64..y1).log_scale())
-        .map_err(|x| e(x.to_string()))?;
+        .map_err(&e)?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("fault latency (us, VMM side)")
         .draw()
-        .map_err(|x| e(x.to_string()))?;
+        .map_err(&e)?;
     chart
         .draw_series(
             pts.iter()
                 .map(|&(x, y)| Circle::new((x, y.max(0.5)), 2, BLUE.mix(0.5).filled())),
         )
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))?;
+        .map_err(&e)?;
+    root.present().map_err(&e)?;
     Ok(())
 }
 

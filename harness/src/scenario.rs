@@ -463,7 +463,7 @@ impl BlackholeDriver {
                     std::thread::sleep(Duration::from_micros(500));
                 }
             })
-            .map_err(|e| RunError::Scenario(format!("starting the black-hole thread: {e}")))?;
+            .map_err(io_err("starting the black-hole thread"))?;
         Ok(Self {
             stop,
             fired,
@@ -554,8 +554,19 @@ pub enum RunError {
     Secret(#[from] crate::secret::SecretError),
     #[error(transparent)]
     Qemu(#[from] crate::qemu::QemuError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Scenario(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Io { what, source }
 }
 
 /// Everything set up once per link: namespaces, echo server (plus a delay proxy in front of it
@@ -676,7 +687,7 @@ fn tls_init(vmm: &Path, dir: &Path, ip: IpAddr) -> Result<(), RunError> {
         .arg(dir)
         .args(["--hosts", &ip.to_string(), "--force"])
         .output()
-        .map_err(|e| RunError::Scenario(format!("running vmm tls-init: {e}")))?;
+        .map_err(io_err("running vmm tls-init"))?;
     if !out.status.success() {
         return Err(RunError::Scenario(format!(
             "vmm tls-init {} failed ({}): {}",
@@ -695,10 +706,10 @@ pub(crate) fn pick_port(ip: IpAddr, netns: bool, n: usize) -> Result<u16, RunErr
         return Ok(42_000 + (n % 10_000) as u16);
     }
     let l = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .map_err(|e| RunError::Scenario(format!("finding a free port on {ip}: {e}")))?;
+        .map_err(io_err(format!("finding a free port on {ip}")))?;
     l.local_addr()
         .map(|a| a.port())
-        .map_err(|e| RunError::Scenario(format!("finding a free port on {ip}: {e}")))
+        .map_err(io_err(format!("finding a free port on {ip}")))
 }
 
 /// Whether process `pid`'s network namespace has a TCP socket listening on `port`
@@ -800,9 +811,10 @@ pub fn run(
     scenarios: &[Scenario],
     progress: &mut dyn Progress,
 ) -> Result<Results, RunError> {
-    std::fs::create_dir_all(cfg.out.join("raw")).map_err(|e| {
-        RunError::Scenario(format!("creating {}: {e}", cfg.out.join("raw").display()))
-    })?;
+    std::fs::create_dir_all(cfg.out.join("raw")).map_err(io_err(format!(
+        "creating {}",
+        cfg.out.join("raw").display()
+    )))?;
     progress.phase("probing the host");
     // Recorded, not required: a probe failure leaves `host_checks` empty.
     let host_checks = match probe::host_checks(&cfg.vmm) {

@@ -1231,3 +1231,26 @@ impl PageFetcher for UrgentClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// A VMM's own error, as a hook returns it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("memslot 3 at gpa 0x100000: KVM said no")]
+    struct SlotRefused;
+
+    #[test]
+    fn a_hook_error_crosses_the_seam_with_its_type_and_message() {
+        let e = vm_err("writing pages")(Box::new(SlotRefused));
+        assert_eq!(
+            e.to_string(),
+            "writing pages failed on the destination VM: memslot 3 at gpa 0x100000: KVM said no"
+        );
+        let source = e.source().expect("the hook's error is the source");
+        assert!(source.downcast_ref::<SlotRefused>().is_some(), "{source:?}");
+    }
+}

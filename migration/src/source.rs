@@ -338,11 +338,13 @@ pub enum SourceError {
     Incomplete { missing: u64 },
     #[error("protocol violation by the destination: {0}")]
     Protocol(String),
-    #[error("the link did not come back within {} s ({attempts} reconnect attempt(s); last: {last})", waited_ms / 1000)]
+    #[error("the link did not come back within {} s ({attempts} reconnect attempt(s){})", waited_ms / 1000, last.as_ref().map(|e| format!("; last: {e}")).unwrap_or_default())]
     RecoverTimeout {
         waited_ms: u64,
         attempts: u32,
-        last: String,
+        /// The last reconnect attempt's error (None if no attempt was made).
+        #[source]
+        last: Option<Box<SourceError>>,
     },
     /// The destination's Started did not echo the switchover frame's nonce: it was written
     /// before the switchover frame arrived (or forged). Refused; the source VM runs again.
@@ -1493,7 +1495,7 @@ impl Handover<'_> {
         );
         let mut backoff = Duration::from_millis(50);
         let mut attempts = 0u32;
-        let mut last: String = why.to_string();
+        let mut last: Option<SourceError> = None;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -1502,7 +1504,7 @@ impl Handover<'_> {
                 let e = SourceError::RecoverTimeout {
                     waited_ms: since.elapsed().as_millis() as u64,
                     attempts,
-                    last,
+                    last: last.map(Box::new),
                 };
                 return Err(if self.started {
                     e
@@ -1543,7 +1545,7 @@ impl Handover<'_> {
                 }
                 Err(e) => {
                     tracing::debug!("recovery attempt {attempts} to {addr} failed: {e}");
-                    last = e.to_string();
+                    last = Some(e);
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1700,4 +1702,59 @@ fn urgent_server(
         push.hint.store(index, Ordering::Release);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("vCPU 1 did not pause")]
+    struct PauseRefused;
+
+    #[test]
+    fn a_hook_error_crosses_the_seam_with_its_type_and_message() {
+        let e = vm_err("pausing the vCPUs")(Box::new(PauseRefused));
+        assert_eq!(
+            e.to_string(),
+            "pausing the vCPUs failed on the source VM: vCPU 1 did not pause"
+        );
+        let source = e.source().expect("the hook's error is the source");
+        assert!(
+            source.downcast_ref::<PauseRefused>().is_some(),
+            "{source:?}"
+        );
+    }
+
+    #[test]
+    fn a_recover_timeout_names_the_last_attempt_and_keeps_it() {
+        let last = SourceError::Protocol("RecoverState names too few pages".into());
+        let e = SourceError::RecoverTimeout {
+            waited_ms: 5_000,
+            attempts: 3,
+            last: Some(Box::new(last)),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the link did not come back within 5 s (3 reconnect attempt(s); last: protocol \
+             violation by the destination: RecoverState names too few pages)"
+        );
+        // The boxed error is the source (Box<SourceError> is itself the error in the chain).
+        let source = e.source().expect("the last attempt's error is the source");
+        assert!(matches!(
+            source.downcast_ref::<Box<SourceError>>().map(|b| &**b),
+            Some(SourceError::Protocol(_))
+        ));
+        let none = SourceError::RecoverTimeout {
+            waited_ms: 1_000,
+            attempts: 0,
+            last: None,
+        };
+        assert_eq!(
+            none.to_string(),
+            "the link did not come back within 1 s (0 reconnect attempt(s))"
+        );
+    }
 }
