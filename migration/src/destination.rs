@@ -895,7 +895,10 @@ enum SlotState {
     /// The fetch waits; the reader may write the reply into its buffer.
     Waiting,
     /// The reply is in the fetch's buffer: when the reader read it, and the source's time.
-    Filled { read_at: Instant, source_ns: u64 },
+    Filled {
+        read_at: Instant,
+        source_ns: u64,
+    },
     Failed(String),
     /// The fetch gave up (timeout, send failure): its buffer is gone, never write it.
     Abandoned,
@@ -1118,9 +1121,7 @@ impl UrgentClient {
                         // SAFETY: state Waiting under its lock: the fetch's buffer is alive and
                         // untouched until it sees the new state (see `Slot::buf`); `data` is
                         // one page (checked above), the buffer 4096 bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(data.as_ptr(), slot.buf.0, PAGE)
-                        };
+                        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), slot.buf.0, PAGE) };
                         *state = SlotState::Filled { read_at, source_ns };
                     }
                     drop(state);
