@@ -889,22 +889,38 @@ impl Receiver<'_> {
 }
 
 enum SlotState {
+    /// The fetch waits; the reader may write the reply into its buffer.
     Waiting,
-    /// The reply: the page, when the reader read it, and the source's time for it.
+    /// The reply is in the fetch's buffer: when the reader read it, and the source's time.
     Filled {
-        page: Box<[u8; PAGE]>,
         read_at: Instant,
         source_ns: u64,
     },
     Failed(String),
+    /// The fetch gave up (timeout, send failure): its buffer is gone, never write it.
+    Abandoned,
 }
 
 /// One outstanding page request.
 struct Slot {
     gpa: u64,
+    /// The waiting fetch's page buffer: the reader copies the reply straight into it (no
+    /// allocation, no copy in between). Written only under `state`'s lock while the state is
+    /// `Waiting`; the fetch leaves `Waiting` (under the same lock) before it returns.
+    buf: SlotBuf,
     state: Mutex<SlotState>,
     cv: Condvar,
 }
+
+/// Pointer to a fetch's 4 KiB buffer (see [`Slot::buf`]).
+struct SlotBuf(*mut u8);
+
+// SAFETY: the pointer is dereferenced only by the reader, under the slot's state lock while
+// the state is `Waiting`, which the owning fetch (blocked on that slot) guarantees means its
+// buffer is alive and not otherwise accessed.
+unsafe impl Send for SlotBuf {}
+// SAFETY: as for Send.
+unsafe impl Sync for SlotBuf {}
 
 struct Pending {
     map: HashMap<u64, Arc<Slot>>,
@@ -1085,17 +1101,25 @@ impl UrgentClient {
                         slot.cv.notify_all();
                         break (e, false);
                     }
-                    let mut page = Box::new([0u8; PAGE]);
-                    page.copy_from_slice(data);
+                    if data.len() != PAGE {
+                        let e = format!("reply {id} carries {} bytes, not a page", data.len());
+                        *lock(&slot.state) = SlotState::Failed(e.clone());
+                        slot.cv.notify_all();
+                        break (e, false);
+                    }
                     if let Some(i) = self.layout.page_index(gpa) {
                         self.received.insert(i);
                     }
                     self.replies.fetch_add(1, Ordering::Relaxed);
-                    *lock(&slot.state) = SlotState::Filled {
-                        page,
-                        read_at,
-                        source_ns,
-                    };
+                    let mut state = lock(&slot.state);
+                    if matches!(*state, SlotState::Waiting) {
+                        // SAFETY: state Waiting under its lock: the fetch's buffer is alive and
+                        // untouched until it sees the new state (see `Slot::buf`); `data` is
+                        // one page (checked above), the buffer 4096 bytes.
+                        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), slot.buf.0, PAGE) };
+                        *state = SlotState::Filled { read_at, source_ns };
+                    }
+                    drop(state);
                     slot.cv.notify_all();
                 }
                 Ok(Some(other)) => {
@@ -1166,9 +1190,12 @@ impl PageFetcher for UrgentClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot {
             gpa,
+            buf: SlotBuf(buf.as_mut_ptr()),
             state: Mutex::new(SlotState::Waiting),
             cv: Condvar::new(),
         });
+        // Leave `Waiting` before returning (the reader must not write `buf` after that).
+        let abandon = |slot: &Slot| *lock(&slot.state) = SlotState::Abandoned;
         {
             let mut p = lock(&self.pending);
             if let Some(reason) = &p.down {
@@ -1190,6 +1217,7 @@ impl PageFetcher for UrgentClient {
         };
         if let Err((reason, epoch)) = sent {
             lock(&self.pending).map.remove(&id);
+            abandon(&slot);
             if let Some(epoch) = epoch {
                 // The channel failed under this write: fetches wait for the next one.
                 self.fail_epoch(epoch, reason.clone());
@@ -1200,22 +1228,25 @@ impl PageFetcher for UrgentClient {
         times.request_written = Some(started);
         let mut state = lock(&slot.state);
         loop {
-            match std::mem::replace(&mut *state, SlotState::Waiting) {
-                SlotState::Filled {
-                    page,
-                    read_at,
-                    source_ns,
-                } => {
-                    buf.copy_from_slice(&page[..]);
+            match std::mem::replace(&mut *state, SlotState::Abandoned) {
+                SlotState::Filled { read_at, source_ns } => {
                     times.reply_read = Some(read_at);
                     times.source_ns = source_ns;
                     return Ok(());
                 }
                 SlotState::Failed(reason) => return Err(FetchError::Disconnected { gpa, reason }),
-                SlotState::Waiting => {}
+                SlotState::Abandoned => {
+                    return Err(FetchError::Disconnected {
+                        gpa,
+                        reason: "the request was abandoned".into(),
+                    })
+                }
+                SlotState::Waiting => *state = SlotState::Waiting,
             }
             let waited = started.elapsed();
             if waited >= self.timeout {
+                // Leave `Waiting` under the lock before the buffer can go away.
+                *state = SlotState::Abandoned;
                 drop(state);
                 lock(&self.pending).map.remove(&id);
                 return Err(FetchError::Timeout {

@@ -1,14 +1,13 @@
-//! The userfaultfd fault service: one thread reads fault events (poll on the O_NONBLOCK uffd
-//! and the supervisor's stop eventfd), a small pool serves them (fetch over the urgent
-//! channel, store the page through the [`Arrivals`], map it through the [`Installer`]). It
-//! keeps serving while a collapse has the vCPUs paused.
+//! The userfaultfd fault service: a small pool of workers; a free worker reads fault events
+//! (poll on the O_NONBLOCK uffd and the supervisor's stop eventfd) and serves the fault it
+//! read itself (fetch over the urgent channel, store the page through the [`Arrivals`], map it
+//! through the [`Installer`]). It keeps serving while a collapse has the vCPUs paused.
 //!
 //! The service holds only what it uses: the regions, the arrivals (and through them the
 //! installer), the page fetcher, the statistics and the supervisor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -106,24 +105,38 @@ impl FaultService {
     }
 }
 
-/// Start the reader thread and `workers` serving threads.
+/// Where the workers take faults from: the userfaultfd itself (one worker at a time reads it:
+/// whoever holds `events`) and the faults read beyond the first (`queue`).
+struct Intake {
+    events: Mutex<EventBuffer>,
+    queue: Mutex<VecDeque<FaultJob>>,
+}
+
+/// Start `workers` serving threads. There is no separate reader: a worker that is free takes
+/// the reader's place (leader/follower), and the worker that reads a fault serves it, so a
+/// fault costs no hand-off between threads; faults read beyond the first are queued for the
+/// other workers, which look at the queue before they read.
 pub(crate) fn spawn(
     service: &Arc<FaultService>,
     uffd: &Arc<Uffd>,
     workers: usize,
 ) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
-    let (tx, rx) = mpsc::channel::<FaultJob>();
-    let rx = Arc::new(Mutex::new(rx));
+    const EVENTS: usize = 64;
+    let intake = Arc::new(Intake {
+        events: Mutex::new(EventBuffer::new(EVENTS)),
+        queue: Mutex::new(VecDeque::with_capacity(EVENTS)),
+    });
     let mut threads = Vec::new();
     for i in 0..workers.max(1) {
         let s = Arc::clone(service);
-        let rx = Arc::clone(&rx);
+        let u = Arc::clone(uffd);
+        let intake = Arc::clone(&intake);
         threads.push(
             std::thread::Builder::new()
                 .name(format!("postcopy-fault-{i}"))
                 .spawn(move || {
                     crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
-                    worker(&s, &rx)
+                    worker(&s, &u, &intake)
                 })
                 .map_err(|source| PostcopyError::Spawn {
                     what: "fault worker",
@@ -131,27 +144,43 @@ pub(crate) fn spawn(
                 })?,
         );
     }
-    let s = Arc::clone(service);
-    let u = Arc::clone(uffd);
-    threads.push(
-        std::thread::Builder::new()
-            .name("postcopy-uffd-reader".into())
-            .spawn(move || {
-                crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
-                reader(&s, &u, tx)
-            })
-            .map_err(|source| PostcopyError::Spawn {
-                what: "uffd reader",
-                source,
-            })?,
-    );
     Ok(threads)
 }
 
-fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
+fn pop(queue: &Mutex<VecDeque<FaultJob>>) -> Option<FaultJob> {
+    queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+}
+
+fn worker(service: &FaultService, uffd: &Uffd, intake: &Intake) {
     let _priority = thread_priority::enter(ThreadRole::Urgent);
+    loop {
+        if let Some(job) = pop(&intake.queue) {
+            service.handle(&job);
+            continue;
+        }
+        let mut events = intake.events.lock().unwrap_or_else(|p| p.into_inner());
+        // Another reader may have queued faults while this worker waited for its turn.
+        let job = match pop(&intake.queue) {
+            Some(job) => Some(job),
+            None => read_faults(service, uffd, &mut events, &intake.queue),
+        };
+        drop(events);
+        match job {
+            Some(job) => service.handle(&job),
+            None => return, // stopping, or the userfaultfd failed (reported)
+        }
+    }
+}
+
+/// Wait for fault events (poll on the userfaultfd and the stop eventfd) and read them: the
+/// first fault is returned, the others queued. None when stopping or on a fatal error.
+fn read_faults(
+    service: &FaultService,
+    uffd: &Uffd,
+    buf: &mut EventBuffer,
+    queue: &Mutex<VecDeque<FaultJob>>,
+) -> Option<FaultJob> {
     let sup = &service.sup;
-    let mut buf = EventBuffer::new(64);
     while !sup.stopping() {
         let mut fds = [
             PollFd::new(std::os::fd::AsFd::as_fd(uffd), PollFlags::POLLIN),
@@ -167,28 +196,34 @@ fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
                     what: "poll on the userfaultfd",
                     source: e.into(),
                 });
-                return;
+                return None;
             }
         }
         if sup.stopping() {
-            return;
+            return None;
         }
         let revents = fds[0].revents().unwrap_or(PollFlags::empty());
         if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
             sup.fail(PostcopyError::UffdHangup);
-            return;
+            return None;
         }
         if !revents.contains(PollFlags::POLLIN) {
             continue;
         }
-        let events = match uffd.read_events(&mut buf) {
+        let events = match uffd.read_events(buf) {
             Ok(ev) => ev,
+            // Another worker cannot have read them (one reader at a time), but a spurious
+            // wake-up is harmless.
+            Err(userfaultfd::Error::SystemError(nix_errno)) if nix_errno as i32 == libc::EAGAIN => {
+                continue
+            }
             Err(e) => {
                 sup.fail(PostcopyError::Uffd(e));
-                return;
+                return None;
             }
         };
         let read_at = Instant::now();
+        let mut first = None;
         for ev in events {
             match ev {
                 Ok(Event::Pagefault {
@@ -200,17 +235,20 @@ fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
                             service.accept();
                             // UFFD_FEATURE_THREAD_ID: the faulting thread; a vCPU's blocks.
                             let vcpu = service.stats.live.fault_read(thread_id.as_raw(), read_at);
-                            if tx
-                                .send(FaultJob {
-                                    region,
-                                    addr,
-                                    woke,
-                                    read_at,
-                                    vcpu,
-                                })
-                                .is_err()
-                            {
-                                return;
+                            let job = FaultJob {
+                                region,
+                                addr,
+                                woke,
+                                read_at,
+                                vcpu,
+                            };
+                            if first.is_none() {
+                                first = Some(job);
+                            } else {
+                                queue
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push_back(job);
                             }
                         }
                         None => {
@@ -222,19 +260,11 @@ fn reader(service: &FaultService, uffd: &Uffd, tx: mpsc::Sender<FaultJob>) {
                 Err(e) => tracing::warn!("bad userfaultfd event: {e}"),
             }
         }
+        if first.is_some() {
+            return first;
+        }
     }
-}
-
-fn worker(service: &FaultService, rx: &Mutex<mpsc::Receiver<FaultJob>>) {
-    let _priority = thread_priority::enter(ThreadRole::Urgent);
-    loop {
-        let job = {
-            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-            rx.recv()
-        };
-        let Ok(job) = job else { return };
-        service.handle(&job);
-    }
+    None
 }
 
 /// A fault being served: the first fault on its key. Later faults on the same key join it;
