@@ -61,22 +61,14 @@ const STREAM_BYTES: u64 = 64 * MIB;
 
 // ---- processes ----
 
-/// Starts the source VM (1 vCPU, [`MEMORY`]) and waits until its API socket is up and the guest
-/// finished a pass.
-/// Starts the source VM with its event stream in `events`.
+/// Starts the source VM (1 vCPU, [`MEMORY`]) with its event stream in `events`, and waits until
+/// its API socket is up and the guest finished a pass.
 fn start_source(backing: &str, passes: u32, sock: &Path, events: &Path) -> Proc {
-    let mut args = workload_source_args(backing, MEMORY, 1, passes, sock);
-    args.extend([
+    let monitor = [
         "--event-monitor".into(),
         format!("path={}", events.display()),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut src = Proc::vmm("source", &args);
-    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
-        out.contains("WORKLOAD pass ")
-    });
-    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
-    src
+    ];
+    start_workload_source_with(backing, MEMORY, 1, passes, sock, &monitor)
 }
 
 /// Starts `vmm receive` on `port` and waits until it listens.
