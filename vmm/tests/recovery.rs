@@ -71,17 +71,6 @@ fn start_source(backing: &str, passes: u32, sock: &Path, events: &Path) -> Proc 
     start_workload_source_with(backing, MEMORY, 1, passes, sock, &monitor)
 }
 
-/// Starts `vmm receive` on `port` and waits until it listens.
-fn start_destination(
-    name: &str,
-    backing: &str,
-    granularity: &str,
-    port: u16,
-    extra: &[&str],
-) -> Proc {
-    start_receive(name, backing, granularity, port, extra)
-}
-
 /// Starts `vmm migrate --json` to `to` in the background.
 fn start_migrate(sock: &Path, to: &str, mode: &str, extra: &[&str]) -> Proc {
     Proc::vmm("migrate", &migrate_args(sock, to, mode, extra))
@@ -266,7 +255,7 @@ impl Rig {
         let port = free_port();
         let mut extra = vec!["--stats-json", stats_path.to_str().unwrap()];
         extra.extend_from_slice(dst_extra);
-        let dst = start_destination("destination", dst, granularity, port, &extra);
+        let dst = start_receive("destination", dst, granularity, port, &extra);
         let events = dir.path().join("source.events");
         let src = start_source(src, passes, &sock, &events);
         let dst_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -1022,7 +1011,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     // A second migration, to a fresh destination without the relay, succeeds.
     let port = free_port();
     let stats2 = rig.dir.path().join("destination2.json");
-    let mut dst2 = start_destination(
+    let mut dst2 = start_receive(
         "destination 2",
         "anon",
         "4k",
