@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -103,18 +104,23 @@ fn vmm_fails(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
-#[test]
-fn memory_not_a_multiple_of_the_page_size_is_refused() {
-    let kernel = image("workload.elf");
-    let (code, err) = vmm_fails(&[
+/// [`vmm_fails`] with `vmm run --kernel KERNEL --memory MEMORY` and `extra`.
+fn run_fails(kernel: &Path, memory: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![
         "run",
         "--kernel",
         kernel.to_str().unwrap(),
         "--memory",
-        "3M",
-        "--backing",
-        "hugetlb-2m",
-    ]);
+        memory,
+    ];
+    args.extend_from_slice(extra);
+    vmm_fails(&args)
+}
+
+#[test]
+fn memory_not_a_multiple_of_the_page_size_is_refused() {
+    let kernel = image("workload.elf");
+    let (code, err) = run_fails(&kernel, "3M", &["--backing", "hugetlb-2m"]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("not a multiple of the hugetlb-2m page size"),
@@ -128,15 +134,7 @@ fn a_pool_too_small_says_how_to_reserve_pages() {
     let _lock = vmm::memory::hugepages::lock_hugepages().unwrap();
     let free = pool_status(PAGE_SIZE_1G).unwrap().free;
     let want = free + 64;
-    let (code, err) = vmm_fails(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        &format!("{want}G"),
-        "--backing",
-        "hugetlb-1g",
-    ]);
+    let (code, err) = run_fails(&kernel, &format!("{want}G"), &["--backing", "hugetlb-1g"]);
     assert_eq!(code, Some(1));
     assert!(err.contains(&format!("{want} pages needed")), "{err}");
     assert!(err.contains(&format!("{free} free")), "{err}");
@@ -160,7 +158,7 @@ fn missing_and_malformed_kernels_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
-    let (code, err) = vmm_fails(&["run", "--kernel", junk.to_str().unwrap(), "--memory", "64M"]);
+    let (code, err) = run_fails(&junk, "64M", &[]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("is neither an ELF (vmlinux) nor a bzImage"),
@@ -171,7 +169,7 @@ fn missing_and_malformed_kernels_are_refused() {
     let elf = std::fs::read(image("workload.elf")).unwrap();
     let cut = dir.path().join("cut.elf");
     std::fs::write(&cut, &elf[..100]).unwrap();
-    let (code, err) = vmm_fails(&["run", "--kernel", cut.to_str().unwrap(), "--memory", "64M"]);
+    let (code, err) = run_fails(&cut, "64M", &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("cut.elf"), "{err}");
 }
@@ -179,24 +177,10 @@ fn missing_and_malformed_kernels_are_refused() {
 #[test]
 fn bad_sizes_and_backings_are_refused_by_the_command_line() {
     let kernel = image("workload.elf");
-    let (code, err) = vmm_fails(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "lots",
-    ]);
+    let (code, err) = run_fails(&kernel, "lots", &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("'lots' is not a size"), "{err}");
-    let (code, err) = vmm_fails(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--backing",
-        "floppy",
-    ]);
+    let (code, err) = run_fails(&kernel, "64M", &["--backing", "floppy"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("unknown backing 'floppy'"), "{err}");
 }

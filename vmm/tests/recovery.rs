@@ -61,33 +61,14 @@ const STREAM_BYTES: u64 = 64 * MIB;
 
 // ---- processes ----
 
-/// Starts the source VM (1 vCPU, [`MEMORY`]) and waits until its API socket is up and the guest
-/// finished a pass.
-/// Starts the source VM with its event stream in `events`.
+/// Starts the source VM (1 vCPU, [`MEMORY`]) with its event stream in `events`, and waits until
+/// its API socket is up and the guest finished a pass.
 fn start_source(backing: &str, passes: u32, sock: &Path, events: &Path) -> Proc {
-    let mut args = workload_source_args(backing, MEMORY, 1, passes, sock);
-    args.extend([
+    let monitor = [
         "--event-monitor".into(),
         format!("path={}", events.display()),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut src = Proc::vmm("source", &args);
-    src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
-        out.contains("WORKLOAD pass ")
-    });
-    src.wait_for("API socket", BOOT_LIMIT, |_, _| sock.exists());
-    src
-}
-
-/// Starts `vmm receive` on `port` and waits until it listens.
-fn start_destination(
-    name: &str,
-    backing: &str,
-    granularity: &str,
-    port: u16,
-    extra: &[&str],
-) -> Proc {
-    start_receive(name, backing, granularity, port, extra)
+    ];
+    start_workload_source_with(backing, MEMORY, 1, passes, sock, &monitor)
 }
 
 /// Starts `vmm migrate --json` to `to` in the background.
@@ -274,7 +255,7 @@ impl Rig {
         let port = free_port();
         let mut extra = vec!["--stats-json", stats_path.to_str().unwrap()];
         extra.extend_from_slice(dst_extra);
-        let dst = start_destination("destination", dst, granularity, port, &extra);
+        let dst = start_receive("destination", dst, granularity, port, &extra);
         let events = dir.path().join("source.events");
         let src = start_source(src, passes, &sock, &events);
         let dst_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -1030,7 +1011,7 @@ fn precopy_reset_before_switchover_fails_and_the_source_migrates_again() {
     // A second migration, to a fresh destination without the relay, succeeds.
     let port = free_port();
     let stats2 = rig.dir.path().join("destination2.json");
-    let mut dst2 = start_destination(
+    let mut dst2 = start_receive(
         "destination 2",
         "anon",
         "4k",

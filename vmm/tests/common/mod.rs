@@ -465,7 +465,20 @@ pub fn start_workload_source(
     passes: u32,
     sock: &std::path::Path,
 ) -> Proc {
-    let args = workload_source_args(backing, memory, vcpus, passes, sock);
+    start_workload_source_with(backing, memory, vcpus, passes, sock, &[])
+}
+
+/// [`start_workload_source`] with `extra` arguments to `vmm run`.
+pub fn start_workload_source_with(
+    backing: &str,
+    memory: &str,
+    vcpus: u8,
+    passes: u32,
+    sock: &std::path::Path,
+    extra: &[String],
+) -> Proc {
+    let mut args = workload_source_args(backing, memory, vcpus, passes, sock);
+    args.extend_from_slice(extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut src = Proc::vmm("source", &args);
     src.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
