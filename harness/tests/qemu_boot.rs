@@ -94,6 +94,12 @@ fn workload_boots_under_qemu_and_exits_through_isa_debug_exit() {
     let res = g.result.as_ref().expect("no result line");
     assert!(res.ok, "{out}");
     assert!(g.final_hist("first_touch").is_some(), "{out}");
+    // The guest states its stall threshold and bucket scheme, and its stall histogram holds
+    // only stalls above that threshold (a bucket may start up to 3.1% below it).
+    assert_eq!(start.stall_threshold_ns, Some(20_000), "{out}");
+    let stall = g.final_hist("stall").expect("no stall histogram");
+    assert_eq!((stall.sub_buckets, stall.threshold), (32, Some(20_000)));
+    assert!(stall.buckets.iter().all(|&(lo, _)| lo >= 19_000), "{out}");
 
     // A bad option ends the guest from ring 3 with code 2 (QEMU status 5), an exception from
     // the ring-0 stub with code 3 (status 7): the exit code is the guest's, not QEMU's.

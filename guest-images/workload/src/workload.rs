@@ -359,7 +359,7 @@ fn print_start(vcpus: u64, layout: &Layout, o: &Options, clock: &Clock) {
     console::with(|w| {
         let _ = writeln!(
             w,
-            "WORKLOAD start vcpus={vcpus} span_bytes={} pages={} pattern={} writes={} passes={} seed={} tsc_khz={} pt={pt} usable_bytes={} vmm={vmm} boot={boot} stall_threshold_{}={}",
+            "WORKLOAD start vcpus={vcpus} span_bytes={} pages={} pattern={} writes={} passes={} seed={} tsc_khz={} pt={pt} usable_bytes={} stall_threshold_{}={} vmm={vmm} boot={boot}",
             layout.pages * PAGE,
             layout.pages,
             o.pattern.name(),
