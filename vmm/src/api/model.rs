@@ -174,3 +174,37 @@ pub struct ErrorBody {
     /// The HTTP status code again, for clients that lose it.
     pub status: u16,
 }
+
+#[cfg(test)]
+mod tests {
+    use migration::MigrationStatus;
+
+    use super::*;
+
+    /// The `enum` of `property` in schema `schema` of docs/openapi.json.
+    fn documented(schema: &str, property: &str) -> Vec<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let text = std::fs::read_to_string(path).expect("docs/openapi.json");
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).expect("docs/openapi.json is JSON");
+        let values = &doc["components"]["schemas"][schema]["properties"][property]["enum"];
+        serde_json::from_value(values.clone())
+            .unwrap_or_else(|e| panic!("{schema}.{property} has no enum of strings: {e}"))
+    }
+
+    #[test]
+    fn openapi_lists_the_spellings_of_the_shared_vocabulary() {
+        assert_eq!(
+            documented("VmConfig", "backing"),
+            Backing::ALL.map(Backing::name)
+        );
+        assert_eq!(
+            documented("SendMigration", "mode"),
+            Mode::ALL.map(Mode::name)
+        );
+        assert_eq!(
+            documented("MigrationInfo", "status"),
+            MigrationStatus::ALL.map(MigrationStatus::name)
+        );
+    }
+}
