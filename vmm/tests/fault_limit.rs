@@ -147,7 +147,14 @@ fn bad_input_is_refused_with_a_clear_error() {
             1,
             "kernel /nonexistent/workload.elf does not exist",
         ),
-        (k, "floppy", "64M", &[], 2, "unknown backing 'floppy'"),
+        (
+            k,
+            "floppy",
+            "64M",
+            &[],
+            2,
+            "invalid value 'floppy' for '--backing <BACKING>'\n  [possible values: anon, shmem, hugetlb-2m, hugetlb-1g, guest-memfd]",
+        ),
         (k, "shmem", "0", &[], 1, "greater than zero"),
         // The size is checked against the requested backing even though shmem is measured.
         (

@@ -182,7 +182,15 @@ fn bad_sizes_and_backings_are_refused_by_the_command_line() {
     assert!(err.contains("'lots' is not a size"), "{err}");
     let (code, err) = run_fails(&kernel, "64M", &["--backing", "floppy"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("unknown backing 'floppy'"), "{err}");
+    // clap names the bad value and lists the accepted ones.
+    assert!(
+        err.contains("invalid value 'floppy' for '--backing"),
+        "{err}"
+    );
+    assert!(
+        err.contains("anon, shmem, hugetlb-2m, hugetlb-1g, guest-memfd"),
+        "{err}"
+    );
 }
 
 #[test]
