@@ -42,9 +42,6 @@ pub const TYPE_UFFD: u8 = 0xAA;
 /// `'T'` (include/uapi/asm-generic/ioctls.h): terminal and socket ioctls (TCGETS, TIOCGWINSZ,
 /// FIONBIO, FIONREAD: 0x54xx).
 pub const TYPE_TTY: u8 = b'T';
-/// `'f'` (include/uapi/linux/fs.h): file ioctls, `PAGEMAP_SCAN` on /proc/self/pagemap among
-/// them.
-pub const TYPE_FS: u8 = b'f';
 
 #[cfg(test)]
 mod tests {

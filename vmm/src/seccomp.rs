@@ -443,8 +443,6 @@ const IOCTL_KVM: u64 = kernel_abi::ioctl::TYPE_KVM as u64;
 const IOCTL_UFFD: u64 = kernel_abi::ioctl::TYPE_UFFD as u64;
 /// Terminal and socket ioctls (TCGETS, TIOCGWINSZ, FIONBIO, FIONREAD: 0x54xx).
 const IOCTL_TTY: u64 = kernel_abi::ioctl::TYPE_TTY as u64;
-/// /proc/self/pagemap (PAGEMAP_SCAN, 'f').
-const IOCTL_PAGEMAP: u64 = kernel_abi::ioctl::TYPE_FS as u64;
 
 /// A list of system calls: (number, name).
 type List = &'static [(i64, &'static str)];
@@ -466,7 +464,7 @@ fn allowed(role: Role) -> Allowed {
         Role::Vcpu => (vec![BASE], Some(&[IOCTL_KVM, IOCTL_TTY]), false),
         Role::FaultService => (
             vec![BASE, THREADS, CHANNEL_IO],
-            Some(&[IOCTL_UFFD, IOCTL_KVM, IOCTL_TTY, IOCTL_PAGEMAP]),
+            Some(&[IOCTL_UFFD, IOCTL_KVM, IOCTL_TTY]),
             true,
         ),
         Role::Migration => (

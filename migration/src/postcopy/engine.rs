@@ -280,7 +280,9 @@ impl PostcopyEngine {
         };
         // The faulting thread's id in every fault message (UFFD_FEATURE_THREAD_ID, Linux 4.14),
         // for per-vCPU blocktime; without it the engine works the same, the blocktime stays 0.
-        let uffd = match create(FeatureFlags::from_bits_retain(sys::UFFD_FEATURE_THREAD_ID)) {
+        let uffd = match create(FeatureFlags::from_bits_retain(
+            userfaultfd_sys::UFFD_FEATURE_THREAD_ID,
+        )) {
             Ok(u) => u,
             Err(e) => {
                 tracing::info!(

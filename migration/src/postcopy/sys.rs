@@ -1,20 +1,8 @@
-//! Thin, checked wrappers over the mapping syscalls the postcopy engine uses, and the kernel
-//! constants that no crate in the workspace exports (each defined once, with its header).
+//! Thin, checked wrappers over the mapping and userfaultfd calls the postcopy engine uses. The
+//! kernel constants no crate exports live in the `kernel-abi` crate, each with its header.
 
 use std::io;
 use std::os::fd::RawFd;
-
-/// `UFFD_FEATURE_THREAD_ID` from include/uapi/linux/userfaultfd.h: fault messages carry the
-/// faulting thread's id (`uffd_msg.arg.pagefault.feat.ptid`), which the userfaultfd crate
-/// decodes into `Event::Pagefault::thread_id` with its `linux4_14` feature.
-pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
-/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` from include/uapi/linux/userfaultfd.h.
-pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-/// `UFFD_FEATURE_WP_ASYNC` from include/uapi/linux/userfaultfd.h.
-pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-/// `UFFDIO_REGISTER_MODE_WP` from include/uapi/linux/userfaultfd.h (the userfaultfd crate only
-/// exports it behind its `linux5_7` feature, which the workspace does not enable).
-pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 /// Pointer to `addr` for the syscalls.
 fn ptr(addr: usize) -> *mut libc::c_void {
