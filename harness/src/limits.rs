@@ -255,8 +255,13 @@ pub fn uffd_round_trip(samples: usize) -> Result<LatencyHistogram, LimitError> {
                     })? {
                         if let Event::Pagefault { addr, .. } = ev {
                             let page = (addr as usize) & !(PAGE - 1);
-                            uffd.r#continue(page as *mut libc::c_void, PAGE, true)
-                                .map_err(|source| LimitError::Continue { page, source })?;
+                            // EAGAIN-safe, as the VMM's own fault service.
+                            migration::postcopy::sys::uffd_ioctl(
+                                || uffd.r#continue(page as *mut libc::c_void, PAGE, true),
+                                || stop.load(Ordering::Relaxed),
+                            )
+                            .0
+                            .map_err(|source| LimitError::Continue { page, source })?;
                             served += 1;
                         }
                     }

@@ -22,17 +22,17 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use migration::postcopy::sys::uffd_errno;
+use migration::postcopy::sys::{self, uffd_errno};
 use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use crate::boot::BootConfig;
 use crate::devices::Console;
 use crate::launcher::{self, LaunchError, RunOutcome};
-use crate::memory::{Backing, GuestRam, Mapping, MemoryError, PAGE_SIZE_4K};
+use crate::memory::{Backing, GuestRam, MemoryError, PAGE_SIZE_4K};
 use crate::signals;
 use crate::vm::{Vm, VmError};
 
@@ -42,9 +42,9 @@ pub const DEFAULT_CMDLINE: &str = "passes=1 pattern=sequential";
 
 /// Largest latency the histograms track (longer samples are clamped): 60 s in ns.
 const MAX_TRACKED_NS: u64 = 60_000_000_000;
-/// How many times a `UFFDIO_CONTINUE`/`UFFDIO_COPY` that returned EAGAIN (the address space
-/// changed under it) is retried before giving up.
-const EAGAIN_RETRIES: u32 = 1000;
+/// How long a `UFFDIO_CONTINUE`/`UFFDIO_COPY` that returns EAGAIN (the address space changing
+/// under it) is retried before the fault counts as failed.
+const EAGAIN_PATIENCE: Duration = Duration::from_secs(10);
 /// Lines of guest output quoted in an error.
 const TAIL_LINES: usize = 20;
 
@@ -84,20 +84,12 @@ pub enum FaultLimitError {
         addr: u64,
         source: userfaultfd::Error,
     },
-    #[error("{ioctl} of the 4 KiB page at {addr:#x} returned EAGAIN {tries} times")]
-    Retries {
-        ioctl: &'static str,
-        addr: u64,
-        tries: u32,
-    },
     #[error("poll on the userfaultfd failed: {0}")]
     Poll(#[source] std::io::Error),
     #[error("cannot start the fault handler thread: {0}")]
     Spawn(#[source] std::io::Error),
     #[error("the fault handler thread panicked")]
     HandlerPanicked,
-    #[error("cannot map the local zero page: {0}")]
-    ZeroPage(#[source] std::io::Error),
     #[error("cannot create a latency histogram: {0}")]
     Histogram(#[source] hdrhistogram::CreationError),
     #[error("the VM failed: {source}; last guest output:\n{tail}")]
@@ -288,7 +280,7 @@ enum Service {
     /// `UFFDIO_CONTINUE` of the 4 KiB (the page cache holds the page).
     Continue,
     /// `UFFDIO_COPY` of 4 KiB from this local page of zeros.
-    Copy(Mapping),
+    Copy(Box<[u8; 4096]>),
 }
 
 /// What the handler thread measured.
@@ -388,52 +380,53 @@ fn serve_loop(
     })
 }
 
-/// Maps the 4 KiB page at `page` (a page of a registered range) and wakes its waiters.
+/// Maps the 4 KiB page at `page` (a page of a registered range) and wakes its waiters. EAGAIN
+/// (the address space changing under the ioctl) is retried by the engine's own helpers, for at
+/// most [`EAGAIN_PATIENCE`].
 fn serve_one(uffd: &Uffd, service: &Service, page: u64) -> Result<(), FaultLimitError> {
     let len = PAGE_SIZE_4K as usize;
-    let dst = page as *mut libc::c_void;
-    let ioctl = match service {
-        Service::Continue => "UFFDIO_CONTINUE",
-        Service::Copy(_) => "UFFDIO_COPY",
+    let deadline = Instant::now() + EAGAIN_PATIENCE;
+    let give_up = || Instant::now() >= deadline;
+    let (ioctl, served) = match service {
+        Service::Continue => (
+            "UFFDIO_CONTINUE",
+            sys::uffd_ioctl(
+                || uffd.r#continue(page as *mut libc::c_void, len, true),
+                give_up,
+            )
+            .0
+            .map(|_| sys::Copied::Done { eagain: 0 }),
+        ),
+        Service::Copy(zero) => (
+            "UFFDIO_COPY",
+            // SAFETY: `page` is a 4 KiB page of a range registered in MISSING mode with `uffd`
+            // (anon guest RAM, which only the guest uses); UFFDIO_COPY never replaces a page
+            // that is there (EEXIST).
+            unsafe { sys::uffd_copy(uffd, &zero[..], page as usize, true, give_up) },
+        ),
     };
-    for _ in 0..EAGAIN_RETRIES {
-        let r = match service {
-            Service::Continue => uffd.r#continue(dst, len, true).map(|_| ()),
-            Service::Copy(zero) => {
-                // SAFETY: the source is our own live, readable 4 KiB mapping; the destination is
-                // a page of a registered range of guest RAM, which the kernel fills atomically.
-                unsafe { uffd.copy(zero.as_ptr().cast(), dst, len, true) }.map(|_| ())
-            }
-        };
-        match r {
-            Ok(()) => return Ok(()),
-            // Two vCPUs faulted on the same page and the first ioctl mapped it: wake the rest.
-            Err(ref e) if uffd_errno(e) == Some(libc::EEXIST) => {
-                return uffd
-                    .wake(dst, len)
-                    .map_err(|source| FaultLimitError::Serve {
-                        ioctl: "UFFDIO_WAKE",
-                        addr: page,
-                        source,
-                    });
-            }
-            // The address space changed under the ioctl: try again.
-            Err(ref e) if uffd_errno(e) == Some(libc::EAGAIN) => continue,
-            Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
-            Err(source) => {
-                return Err(FaultLimitError::Serve {
-                    ioctl,
-                    addr: page,
-                    source,
-                })
-            }
+    let exists = match served {
+        Ok(sys::Copied::Done { .. }) => false,
+        Ok(sys::Copied::Exists) => true,
+        // Two vCPUs faulted on the same page and the first ioctl mapped it: wake the rest.
+        Err(ref e) if uffd_errno(e) == Some(libc::EEXIST) => true,
+        Err(source) => {
+            return Err(FaultLimitError::Serve {
+                ioctl,
+                addr: page,
+                source,
+            })
         }
+    };
+    if exists {
+        uffd.wake(page as *mut libc::c_void, len)
+            .map_err(|source| FaultLimitError::Serve {
+                ioctl: "UFFDIO_WAKE",
+                addr: page,
+                source,
+            })?;
     }
-    Err(FaultLimitError::Retries {
-        ioctl,
-        addr: page,
-        tries: EAGAIN_RETRIES,
-    })
+    Ok(())
 }
 
 /// Puts every 4 KiB page of every region in the page cache (a store through the alias, which
@@ -571,18 +564,11 @@ pub fn measure(cfg: &FaultLimitConfig) -> Result<FaultLimitReport, FaultLimitErr
     let mut vm = Vm::new(measured, cfg.memory, cfg.vcpus, console)?;
 
     let (mode, service, features) = match measured {
-        Backing::Anon => {
-            let zero =
-                Mapping::anonymous(PAGE_SIZE_4K as usize).map_err(FaultLimitError::ZeroPage)?;
-            // SAFETY: the first byte of our own fresh read/write mapping; this allocates the
-            // page now (zeros), so a copy from it never faults.
-            unsafe { zero.as_ptr().write_volatile(0) };
-            (
-                RegisterMode::MISSING,
-                Service::Copy(zero),
-                FeatureFlags::THREAD_ID,
-            )
-        }
+        Backing::Anon => (
+            RegisterMode::MISSING,
+            Service::Copy(Box::new([0u8; 4096])),
+            FeatureFlags::THREAD_ID,
+        ),
         _ => {
             populate_page_cache(vm.ram());
             (
