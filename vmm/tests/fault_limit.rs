@@ -159,7 +159,7 @@ fn bad_input_is_refused_with_a_clear_error() {
                 "64M",
             ],
             2,
-            "unknown backing 'floppy'",
+            "invalid value 'floppy' for '--backing",
         ),
         (
             &[

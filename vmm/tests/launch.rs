@@ -211,7 +211,14 @@ fn bad_sizes_and_backings_are_refused_by_the_command_line() {
         "floppy",
     ]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("unknown backing 'floppy'"), "{err}");
+    assert!(
+        err.contains("invalid value 'floppy' for '--backing"),
+        "{err}"
+    );
+    assert!(
+        err.contains("anon, shmem, hugetlb-2m, hugetlb-1g, guest-memfd"),
+        "the error lists the backings: {err}"
+    );
 }
 
 #[test]
