@@ -129,8 +129,8 @@ pub struct PostcopyStats {
     pub fault_latency_ns: Vec<u64>,
     /// Latency samples recorded in all (the percentiles cover all of them).
     pub fault_latency_count: u64,
-    /// Fault latency median, 99th percentile and maximum, nanoseconds (from a log-linear
-    /// histogram: within 1/16 of the true value; the maximum is exact).
+    /// Fault latency median, 99th percentile and maximum, nanoseconds (from an HdrHistogram of
+    /// 3 significant digits: each within 0.1 % of the true value).
     pub fault_latency_p50_ns: u64,
     pub fault_latency_p99_ns: u64,
     pub fault_latency_max_ns: u64,
@@ -148,67 +148,51 @@ pub struct PostcopyStats {
 /// Raw fault latency samples kept at most (8 bytes each); later ones only go to the histogram.
 pub const MAX_FAULT_SAMPLES: usize = 1 << 20;
 
-/// Sub-buckets per power of two in the latency histogram.
-const SUB_BUCKETS: u64 = 16;
+/// Longest latency the histogram tells apart (an hour, in ns); longer ones count as that.
+const MAX_TRACKED_NS: u64 = 3_600_000_000_000;
 
-/// A log-linear latency histogram (16 linear sub-buckets per power of two, like HdrHistogram at
-/// ~6 % precision) plus a bounded list of raw samples.
-#[derive(Debug, Default)]
+/// Fault latencies: an HdrHistogram (3 significant digits, 0.1 %) plus a bounded list of raw
+/// samples.
+#[derive(Debug)]
 struct LatencyLog {
-    buckets: Vec<u64>,
-    count: u64,
-    max: u64,
+    histogram: hdrhistogram::Histogram<u64>,
     samples: Vec<u64>,
 }
 
-fn bucket_of(ns: u64) -> usize {
-    if ns < SUB_BUCKETS {
-        return ns as usize;
+impl Default for LatencyLog {
+    fn default() -> Self {
+        LatencyLog {
+            // Fixed bounds (1 ns to an hour; longer samples are clamped) and 3 significant
+            // digits: hdrhistogram refuses only sigfig > 5 or a high bound below twice the low.
+            histogram: hdrhistogram::Histogram::new_with_bounds(1, MAX_TRACKED_NS, 3)
+                .unwrap_or_else(|_| unreachable!("the bounds and precision are valid")),
+            samples: Vec::new(),
+        }
     }
-    let exp = 63 - u64::from(ns.leading_zeros()); // ≥ 4
-    let shift = exp - 4;
-    let sub = (ns >> shift) - SUB_BUCKETS; // 0..16
-    (SUB_BUCKETS + (exp - 4) * SUB_BUCKETS + sub) as usize
-}
-
-/// Lower bound of bucket `b` (the inverse of `bucket_of`).
-fn bucket_floor(b: usize) -> u64 {
-    let b = b as u64;
-    if b < SUB_BUCKETS {
-        return b;
-    }
-    let exp = (b - SUB_BUCKETS) / SUB_BUCKETS + 4;
-    let sub = (b - SUB_BUCKETS) % SUB_BUCKETS;
-    (SUB_BUCKETS + sub) << (exp - 4)
 }
 
 impl LatencyLog {
     fn record(&mut self, ns: u64) {
-        let b = bucket_of(ns);
-        if self.buckets.len() <= b {
-            self.buckets.resize(b + 1, 0);
-        }
-        self.buckets[b] += 1;
-        self.count += 1;
-        self.max = self.max.max(ns);
+        self.histogram.saturating_record(ns);
         if self.samples.len() < MAX_FAULT_SAMPLES {
             self.samples.push(ns);
         }
     }
 
+    fn count(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    fn max(&self) -> u64 {
+        self.histogram.max()
+    }
+
+    /// The value at `pct` percent (0 when empty).
     fn percentile(&self, pct: u64) -> u64 {
-        if self.count == 0 {
+        if self.count() == 0 {
             return 0;
         }
-        let rank = ((self.count - 1) * pct) / 100 + 1;
-        let mut seen = 0;
-        for (b, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return bucket_floor(b).min(self.max);
-            }
-        }
-        self.max
+        self.histogram.value_at_quantile(pct as f64 / 100.0)
     }
 }
 
@@ -321,10 +305,10 @@ impl StatsCollector {
             let log = self.fault_latency.lock().unwrap_or_else(|p| p.into_inner());
             (
                 log.samples.clone(),
-                log.count,
+                log.count(),
                 log.percentile(50),
                 log.percentile(99),
-                log.max,
+                log.max(),
             )
         };
         let records = self
@@ -387,41 +371,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_round_trip_and_bound_the_error() {
-        for ns in [
-            0u64,
-            1,
-            15,
-            16,
-            17,
-            31,
-            32,
-            1000,
-            47_849,
-            1 << 40,
-            u64::MAX / 3,
-        ] {
-            let floor = bucket_floor(bucket_of(ns));
-            assert!(floor <= ns, "{ns}: floor {floor}");
-            assert!(ns - floor <= ns / 16, "{ns}: floor {floor}");
-        }
-    }
-
-    #[test]
     fn latency_log_percentiles_and_cap() {
         let mut log = LatencyLog::default();
         for ns in 1..=1000u64 {
             log.record(ns * 1000);
         }
         let p50 = log.percentile(50);
-        assert!((470_000..=500_000).contains(&p50), "{p50}");
-        assert_eq!(log.max, 1_000_000);
+        assert!((499_000..=501_000).contains(&p50), "{p50}");
+        assert!((999_000..=1_001_000).contains(&log.max()), "{}", log.max());
         assert_eq!(log.samples.len(), 1000);
         for _ in 0..MAX_FAULT_SAMPLES {
             log.record(5);
         }
         assert_eq!(log.samples.len(), MAX_FAULT_SAMPLES);
-        assert_eq!(log.count, 1000 + MAX_FAULT_SAMPLES as u64);
+        assert_eq!(log.count(), 1000 + MAX_FAULT_SAMPLES as u64);
         assert_eq!(log.percentile(50), 5);
     }
 }
