@@ -678,7 +678,7 @@ fn freeze_and_swap(
     let err = |what| collapse_error(slot, u.off, what);
     let mut t = SwapTimes::default();
     // Every vCPU that touches the unit waits for the freeze: do not get preempted inside it.
-    let _boost = sys::RealtimeBoost::new();
+    let _boost = crate::thread_priority::enter(crate::thread_priority::ThreadRole::Freeze);
     let (mut collapsed, t_freeze) = write_unit_lock(&r.units[unit as usize]);
     let result = (|| -> Result<(), PostcopyError> {
         // SAFETY: the staging range is shared memory: dropping its PTEs keeps the data.
@@ -743,7 +743,7 @@ fn pause_and_swap(
     let slot = r.region.slot;
     let mut t = SwapTimes::default();
     // Every vCPU waits for this section: do not get preempted inside it.
-    let _boost = sys::RealtimeBoost::new();
+    let _boost = crate::thread_priority::enter(crate::thread_priority::ThreadRole::Freeze);
     let t_pause = Instant::now();
     shared
         .vcpus
