@@ -12,7 +12,7 @@ use std::cell::Cell;
 use std::mem::size_of;
 use std::time::Duration;
 
-use migration::types::{MemoryKind, Mode, RamLayout, RegionLayout};
+use migration::types::{Backing, Mode, RamLayout, RegionLayout};
 use migration::wire::{
     check_header, check_run, decode, encode, ChannelKind, DoneStats, ErrorCode, FrameHeader,
     FrameReader, Kind, Message, MigrationConfig, WireError, MAGIC, MAX_ERROR_MESSAGE,
@@ -592,7 +592,7 @@ pub fn sample_messages() -> Vec<Message<'static>> {
         },
         Message::Config(MigrationConfig {
             mode: Mode::Hybrid,
-            memory_kind: MemoryKind::Hugetlb2m,
+            memory_kind: Backing::Hugetlb2m,
             vcpu_count: 2,
             layout,
         }),

@@ -21,8 +21,8 @@ use crate::thread_priority::{self, ThreadRole};
 use crate::tls::ClientTls;
 use crate::transport::{self, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
-    AtomicPageSet, DirtyLog, HookError, LayoutError, MemoryKind, Mode, PageSet, RamLayout,
-    RamRegion, PAGE_SIZE,
+    AtomicPageSet, Backing, DirtyLog, HookError, LayoutError, Mode, PageSet, RamLayout, RamRegion,
+    PAGE_SIZE,
 };
 use crate::wire::{
     self, check_run, DoneStats, ErrorCode, FrameReader, FrameWriter, Kind, Message,
@@ -795,7 +795,7 @@ fn run(
     let total = ram.layout.total_pages();
     control.phases().total_pages = total;
     control.remaining_pages.store(total, Ordering::Relaxed);
-    let memory_kind = regions.first().map(|r| r.kind).unwrap_or(MemoryKind::Anon);
+    let memory_kind = regions.first().map(|r| r.kind).unwrap_or(Backing::Anon);
     let report = |phase, round, dirty_pages| {
         progress(Progress {
             phase,

@@ -29,9 +29,6 @@ vocabulary! {
     }
 }
 
-/// The name the postcopy engine knows [`Backing`] by.
-pub type MemoryKind = Backing;
-
 /// 2 MiB, the smaller x86-64 huge page.
 pub const HUGE_PAGE_2M: u64 = 2 << 20;
 /// 1 GiB, the larger x86-64 huge page.
@@ -66,7 +63,7 @@ pub struct RamRegion {
     /// The backing file (memfd / hugetlb memfd / guest_memfd), if any; borrowed, not owned.
     pub fd: Option<std::os::fd::RawFd>,
     pub fd_offset: u64,
-    pub kind: MemoryKind,
+    pub kind: Backing,
     /// Page size of the backing (4096, 2 MiB, 1 GiB).
     pub page_size: u64,
 }
@@ -95,13 +92,6 @@ vocabulary! {
         /// finds it (HGM `UFFDIO_CONTINUE` on hugetlb, userfaultfd on guest_memfd); fall back to
         /// `FourK` (stage, then collapse) where it does not, saying why.
         Native = "native",
-    }
-}
-
-impl Granularity {
-    /// [`Granularity::name`] under the name the postcopy tests use.
-    pub fn as_str(self) -> &'static str {
-        self.name()
     }
 }
 

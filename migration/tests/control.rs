@@ -8,8 +8,9 @@
 include!("support/harness.rs");
 
 use migration::live_stats::{EventLog, MigrationEvent, MigrationInfo, MigrationStatus};
-use migration::postcopy::{PostcopyEngine, Strategy};
+use migration::postcopy::PostcopyEngine;
 use migration::source::{CancelError, MigrationControl};
+use migration::types::Granularity;
 use migration::types::{HookError, MemslotSwap, VcpuControl};
 use migration::ReceiveMonitor;
 
@@ -60,7 +61,7 @@ impl AnonRam {
                 alias_addr: None,
                 fd: None,
                 fd_offset: 0,
-                kind: MemoryKind::Anon,
+                kind: Backing::Anon,
                 page_size: PAGE_SIZE,
             })
             .collect()
@@ -188,7 +189,7 @@ impl DestinationVm for EngineDest {
     ) -> Result<Arc<dyn PostcopySink>, migration::types::HookError> {
         let mut engine = PostcopyEngine::new(
             self.ram.regions(),
-            Strategy::FourK,
+            Granularity::FourK,
             fetcher,
             Arc::new(NoVcpus),
             Arc::new(NoDirty),

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use migration::postcopy::{PostcopyEngine, ServeMode, Strategy};
+use migration::postcopy::{PostcopyEngine, ServeMode};
 use migration::{
-    DirtyLog, FetchError, MemoryKind, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
+    Backing, DirtyLog, FetchError, Granularity, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
 };
 
 const PAGE: usize = 4096;
@@ -350,7 +350,7 @@ fn smaps_kb(fields: &[(String, String)], key: &str) -> u64 {
 
 fn engine(
     region: RamRegion,
-    strategy: Strategy,
+    strategy: Granularity,
     fetcher: Arc<dyn PageFetcher>,
     vcpus: Arc<SimVcpus>,
     dirty: Arc<dyn DirtyLog>,
@@ -400,7 +400,7 @@ impl FileRegion {
         size: usize,
         align: usize,
         slot: u32,
-        kind: MemoryKind,
+        kind: Backing,
         page_size: usize,
     ) -> Self {
         let fd = memfd(name, flags, size);
@@ -437,7 +437,7 @@ impl FileRegion {
 #[test]
 fn shmem_4k_faults_then_madv_collapse() {
     let size = 4 * MIB;
-    let f = FileRegion::new("shmem-guest", 0, size, 2 * MIB, 0, MemoryKind::Shmem, PAGE);
+    let f = FileRegion::new("shmem-guest", 0, size, 2 * MIB, 0, Backing::Shmem, PAGE);
     let (host, region) = (f.host(), f.region.clone());
     let fetcher = Arc::new(LocalFetcher {
         fetches: AtomicU64::new(0),
@@ -446,7 +446,7 @@ fn shmem_4k_faults_then_madv_collapse() {
     let vcpus = Arc::new(SimVcpus::default());
     let mut eng = engine(
         region,
-        Strategy::FourK,
+        Granularity::FourK,
         fetcher.clone(),
         vcpus,
         Arc::new(NoDirty),
@@ -529,7 +529,7 @@ fn anon_missing_copy() {
         alias_addr: None,
         fd: None,
         fd_offset: 0,
-        kind: MemoryKind::Anon,
+        kind: Backing::Anon,
         page_size: PAGE as u64,
     };
     let fetcher = Arc::new(LocalFetcher {
@@ -538,7 +538,7 @@ fn anon_missing_copy() {
     });
     let mut eng = engine(
         region,
-        Strategy::FourK,
+        Granularity::FourK,
         fetcher.clone(),
         Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
@@ -600,7 +600,7 @@ fn writer_thread(
     })
 }
 
-fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_flag: libc::c_uint) {
+fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: Backing, mfd_flag: libc::c_uint) {
     let huge = (page_kb * 1024) as usize;
     let size = huge * huge_pages as usize;
     let _pool = match HugePool::reserve(page_kb, huge_pages) {
@@ -625,7 +625,7 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
     let dirty = Arc::new(AllDirty::default());
     let mut eng = PostcopyEngine::new(
         vec![region],
-        Strategy::FourK,
+        Granularity::FourK,
         fetcher.clone(),
         vcpus.clone(),
         dirty.clone(),
@@ -735,12 +735,12 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: MemoryKind, mfd_f
 
 #[test]
 fn hugetlb_2m_fourk_collapse_with_writer() {
-    hugetlb_fourk_collapse(2048, 2, MemoryKind::Hugetlb2m, libc::MFD_HUGE_2MB);
+    hugetlb_fourk_collapse(2048, 2, Backing::Hugetlb2m, libc::MFD_HUGE_2MB);
 }
 
 #[test]
 fn hugetlb_1g_fourk_collapse_with_writer() {
-    hugetlb_fourk_collapse(1024 * 1024, 1, MemoryKind::Hugetlb1g, libc::MFD_HUGE_1GB);
+    hugetlb_fourk_collapse(1024 * 1024, 1, Backing::Hugetlb1g, libc::MFD_HUGE_1GB);
 }
 
 #[test]
@@ -754,7 +754,7 @@ fn hugetlb_2m_whole_page_baseline() {
         size,
         huge,
         3,
-        MemoryKind::Hugetlb2m,
+        Backing::Hugetlb2m,
         huge,
     );
     let (host, region) = (f.host(), f.region.clone());
@@ -764,7 +764,7 @@ fn hugetlb_2m_whole_page_baseline() {
     });
     let mut eng = engine(
         region,
-        Strategy::Huge,
+        Granularity::Huge,
         fetcher.clone(),
         Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
@@ -862,12 +862,12 @@ fn zero_runs_mark_arrived_without_fetching() {
         alias_addr: Some(alias),
         fd: Some(fd.as_raw_fd()),
         fd_offset: 0,
-        kind: MemoryKind::Shmem,
+        kind: Backing::Shmem,
         page_size: PAGE as u64,
     };
     let mut eng = engine(
         region,
-        Strategy::FourK,
+        Granularity::FourK,
         fetcher.clone(),
         Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
@@ -910,12 +910,12 @@ fn zero_runs_mark_arrived_without_fetching() {
         alias_addr: None,
         fd: None,
         fd_offset: 0,
-        kind: MemoryKind::Anon,
+        kind: Backing::Anon,
         page_size: PAGE as u64,
     };
     let mut eng = engine(
         region,
-        Strategy::FourK,
+        Granularity::FourK,
         fetcher.clone(),
         Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
@@ -946,7 +946,7 @@ fn native_strategy_falls_back_with_reason() {
         huge,
         huge,
         4,
-        MemoryKind::Hugetlb2m,
+        Backing::Hugetlb2m,
         huge,
     );
     let region = f.region.clone();
@@ -956,7 +956,7 @@ fn native_strategy_falls_back_with_reason() {
     });
     let eng = engine(
         region,
-        Strategy::Native,
+        Granularity::Native,
         fetcher,
         Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),

@@ -234,7 +234,7 @@ fn fake_source(addr: SocketAddr, layout: &[(u32, u64, u64)]) -> transport::Sessi
     .unwrap();
     let config = MigrationConfig {
         mode: Mode::Precopy,
-        memory_kind: MemoryKind::Anon,
+        memory_kind: Backing::Anon,
         vcpu_count: 1,
         layout,
     };

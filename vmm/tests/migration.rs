@@ -637,7 +637,7 @@ fn a_config_of_512_regions_is_refused_with_one_short_line() {
         .collect();
     let config = MigrationConfig {
         mode: migration::Mode::Precopy,
-        memory_kind: migration::MemoryKind::Anon,
+        memory_kind: migration::Backing::Anon,
         vcpu_count: 1,
         layout: RamLayout::new(regions).unwrap(),
     };

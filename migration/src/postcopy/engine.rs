@@ -25,14 +25,14 @@ use super::region::{Region, Regions};
 use super::staging::Staging;
 use super::stats::{PostcopyStats, StatsCollector};
 use super::strategy::{
-    plan_region_with, probe_native, FinalBacking, ProbeError, RegionPlan, ServeMode, Strategy,
+    plan_region_with, probe_native, FinalBacking, ProbeError, RegionPlan, ServeMode,
 };
 use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
 use crate::live_stats::EngineLive;
 use crate::types::{
-    DirtyLog, MemoryKind, MemslotSwap, PageFetcher, RamRegion, VcpuControl, PAGE_SIZE,
+    Backing, DirtyLog, Granularity, MemslotSwap, PageFetcher, RamRegion, VcpuControl, PAGE_SIZE,
 };
 
 /// Size of the fault worker pool (page fetches for different faults proceed in parallel).
@@ -66,7 +66,7 @@ fn pwrite_all(fd: std::os::fd::RawFd, mut data: &[u8], mut offset: u64) -> std::
 #[derive(Clone, Debug)]
 pub struct RegionReport {
     pub slot: u32,
-    pub kind: MemoryKind,
+    pub kind: Backing,
     pub mode: ServeMode,
     pub unit_size: u64,
     /// What the plan says about itself (e.g. "native strategy unavailable ...").
@@ -177,7 +177,7 @@ impl PostcopyEngine {
     /// registered yet (see [`PostcopyEngine::prepare`]).
     pub fn new(
         regions: Vec<RamRegion>,
-        strategy: Strategy,
+        strategy: Granularity,
         fetcher: Arc<dyn PageFetcher>,
         vcpus: Arc<dyn VcpuControl>,
         dirty: Arc<dyn DirtyLog>,
@@ -199,7 +199,7 @@ impl PostcopyEngine {
     /// (`Ok`) or why not (`Err`). `new` passes [`probe_native`].
     pub fn with_native_probe(
         regions: Vec<RamRegion>,
-        strategy: Strategy,
+        strategy: Granularity,
         probe: impl Fn(&RamRegion) -> Result<(), ProbeError>,
         fetcher: Arc<dyn PageFetcher>,
         vcpus: Arc<dyn VcpuControl>,

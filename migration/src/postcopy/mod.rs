@@ -38,7 +38,7 @@ mod tests;
 pub use engine::{PostcopyEngine, PrepareReport, RegionReport};
 pub use fault_phases::{FaultPhaseSummary, PhaseSummary, PhaseTimes, SlowFault, PHASES};
 pub use stats::{CollapseRecord, PostcopyStats};
-pub use strategy::{FinalBacking, ProbeError, RegionPlan, ServeMode, Strategy};
+pub use strategy::{FinalBacking, ProbeError, RegionPlan, ServeMode};
 
 /// Errors of the postcopy engine.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum PostcopyError {
     #[error("region slot {slot} ({kind:?}, gpa {gpa:#x}, size {size:#x}) is unusable: {reason}")]
     BadRegion {
         slot: u32,
-        kind: crate::types::MemoryKind,
+        kind: crate::types::Backing,
         gpa: u64,
         size: u64,
         reason: String,

@@ -6,32 +6,10 @@ use std::os::fd::RawFd;
 use userfaultfd::{RegisterMode, UffdBuilder};
 
 use super::sys;
-use crate::types::{Granularity, MemoryKind, RamRegion, PAGE_SIZE};
+use crate::types::{Backing, Granularity, RamRegion, PAGE_SIZE};
 
 /// 2 MiB: the THP / collapse unit for shmem regions.
 pub const SHMEM_COLLAPSE_UNIT: u64 = 2 << 20;
-
-/// Postcopy strategy for huge-page-backed regions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Strategy {
-    /// Serve 4 KiB from a shmem staging mapping, collapse to huge pages when complete.
-    FourK,
-    /// The baseline: fetch the whole huge page, then CONTINUE it.
-    Huge,
-    /// Use kernel HGM / guest_memfd userfaultfd where the kernel has it (detected); falls back
-    /// to `FourK` otherwise.
-    Native,
-}
-
-impl From<Granularity> for Strategy {
-    fn from(g: Granularity) -> Self {
-        match g {
-            Granularity::FourK => Strategy::FourK,
-            Granularity::Huge => Strategy::Huge,
-            Granularity::Native => Strategy::Native,
-        }
-    }
-}
 
 /// What the final backing of a staged region is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,7 +69,7 @@ pub struct RegionPlan {
     pub unit_size: u64,
     /// Why the plan differs from what the strategy asked for (fallbacks), if it does.
     pub note: Option<String>,
-    /// With [`Strategy::Native`] on a region the native path could serve: why it does not
+    /// With [`Granularity::Native`] on a region the native path could serve: why it does not
     /// (the probe's answer), so the region fell back to 4 KiB staging. `None` when the native
     /// path is used, or was not asked for.
     pub native_fallback: Option<String>,
@@ -124,7 +102,7 @@ pub enum ProbeError {
 /// `Err(why)` = it does not.
 pub fn plan_region_with(
     region: &RamRegion,
-    strategy: Strategy,
+    strategy: Granularity,
     probe: impl FnOnce(&RamRegion) -> Result<(), ProbeError>,
 ) -> RegionPlan {
     let plan = |mode, unit_size| RegionPlan {
@@ -135,15 +113,15 @@ pub fn plan_region_with(
     };
     match region.kind {
         // The kernel's own 4 KiB paths already are the native ones for these backings.
-        MemoryKind::Anon => plan(ServeMode::AnonCopy, region.size.max(PAGE_SIZE)),
-        MemoryKind::Shmem => plan(
+        Backing::Anon => plan(ServeMode::AnonCopy, region.size.max(PAGE_SIZE)),
+        Backing::Shmem => plan(
             ServeMode::ShmemContinue,
             SHMEM_COLLAPSE_UNIT.min(region.size),
         ),
-        MemoryKind::Hugetlb2m | MemoryKind::Hugetlb1g => match strategy {
-            Strategy::FourK => plan(ServeMode::Staged(FinalBacking::Hugetlb), region.page_size),
-            Strategy::Huge => plan(ServeMode::HugeWhole, region.page_size),
-            Strategy::Native => match probe(region) {
+        Backing::Hugetlb2m | Backing::Hugetlb1g => match strategy {
+            Granularity::FourK => plan(ServeMode::Staged(FinalBacking::Hugetlb), region.page_size),
+            Granularity::Huge => plan(ServeMode::HugeWhole, region.page_size),
+            Granularity::Native => match probe(region) {
                 Ok(()) => RegionPlan {
                     note: Some(
                         "native: 4 KiB UFFDIO_CONTINUE inside a hugetlb page works on this \
@@ -161,15 +139,15 @@ pub fn plan_region_with(
                 },
             },
         },
-        MemoryKind::GuestMemfd => match strategy {
-            Strategy::FourK => plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size),
-            Strategy::Huge => RegionPlan {
+        Backing::GuestMemfd => match strategy {
+            Granularity::FourK => plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size),
+            Granularity::Huge => RegionPlan {
                 note: Some(
                     "guest_memfd has no whole-page userfault path; using 4 KiB staging".into(),
                 ),
                 ..plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size)
             },
-            Strategy::Native => match probe(region) {
+            Granularity::Native => match probe(region) {
                 Ok(()) => RegionPlan {
                     note: Some(
                         "native: the guest_memfd mapping accepts userfaultfd MINOR registration: \
@@ -195,12 +173,12 @@ pub fn plan_region_with(
 /// (guest_memfd). Anonymous and shmem regions need nothing (`Ok`).
 pub fn probe_native(region: &RamRegion) -> Result<(), ProbeError> {
     match region.kind {
-        MemoryKind::Anon | MemoryKind::Shmem => Ok(()),
-        MemoryKind::Hugetlb2m | MemoryKind::Hugetlb1g => match region.fd {
+        Backing::Anon | Backing::Shmem => Ok(()),
+        Backing::Hugetlb2m | Backing::Hugetlb1g => match region.fd {
             Some(fd) => probe_hugetlb_4k_continue(fd, region.fd_offset, region.page_size),
             None => Err(ProbeError::NoHugetlbFd),
         },
-        MemoryKind::GuestMemfd => match region.alias_addr {
+        Backing::GuestMemfd => match region.alias_addr {
             Some(alias) => probe_uffd_register(alias, region.page_size.max(PAGE_SIZE) as usize),
             None => Err(ProbeError::NoGuestMemfdMapping),
         },
@@ -257,7 +235,7 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn region(kind: MemoryKind, size: u64, page_size: u64) -> RamRegion {
+    fn region(kind: Backing, size: u64, page_size: u64) -> RamRegion {
         RamRegion {
             slot: 0,
             gpa: 0,
@@ -278,15 +256,15 @@ mod tests {
     #[test]
     fn native_on_anon_and_shmem_is_their_usual_path_without_probing() {
         let anon = plan_region_with(
-            &region(MemoryKind::Anon, 64 * MIB, 4096),
-            Strategy::Native,
+            &region(Backing::Anon, 64 * MIB, 4096),
+            Granularity::Native,
             never_probed,
         );
         assert_eq!(anon.mode, ServeMode::AnonCopy);
         assert_eq!(anon.native_fallback, None);
         let shmem = plan_region_with(
-            &region(MemoryKind::Shmem, 64 * MIB, 4096),
-            Strategy::Native,
+            &region(Backing::Shmem, 64 * MIB, 4096),
+            Granularity::Native,
             never_probed,
         );
         assert_eq!(shmem.mode, ServeMode::ShmemContinue);
@@ -297,14 +275,12 @@ mod tests {
     #[test]
     fn native_on_hugetlb_uses_hgm_when_the_probe_succeeds() {
         for (kind, page) in [
-            (MemoryKind::Hugetlb2m, 2 * MIB),
-            (MemoryKind::Hugetlb1g, 1024 * MIB),
+            (Backing::Hugetlb2m, 2 * MIB),
+            (Backing::Hugetlb1g, 1024 * MIB),
         ] {
-            let p = plan_region_with(
-                &region(kind, 2048 * MIB, page),
-                Strategy::Native,
-                |_| Ok(()),
-            );
+            let p = plan_region_with(&region(kind, 2048 * MIB, page), Granularity::Native, |_| {
+                Ok(())
+            });
             assert_eq!(p.mode, ServeMode::NativeHugetlb, "{kind:?}");
             assert_eq!(p.unit_size, page);
             assert_eq!(p.native_fallback, None);
@@ -315,8 +291,8 @@ mod tests {
     #[test]
     fn native_on_hugetlb_falls_back_to_staging_with_the_probe_reason() {
         let p = plan_region_with(
-            &region(MemoryKind::Hugetlb2m, 256 * MIB, 2 * MIB),
-            Strategy::Native,
+            &region(Backing::Hugetlb2m, 256 * MIB, 2 * MIB),
+            Granularity::Native,
             |_| {
                 Err(ProbeError::Other(
                     "4 KiB UFFDIO_CONTINUE returns EINVAL".into(),
@@ -338,11 +314,11 @@ mod tests {
 
     #[test]
     fn native_on_guest_memfd_registers_it_or_falls_back_to_memslot_swap() {
-        let r = region(MemoryKind::GuestMemfd, 256 * MIB, 4096);
-        let native = plan_region_with(&r, Strategy::Native, |_| Ok(()));
+        let r = region(Backing::GuestMemfd, 256 * MIB, 4096);
+        let native = plan_region_with(&r, Granularity::Native, |_| Ok(()));
         assert_eq!(native.mode, ServeMode::NativeGuestMemfd);
         assert_eq!(native.native_fallback, None);
-        let fallback = plan_region_with(&r, Strategy::Native, |_| {
+        let fallback = plan_region_with(&r, Granularity::Native, |_| {
             Err(ProbeError::Other("EINVAL".into()))
         });
         assert_eq!(fallback.mode, ServeMode::Staged(FinalBacking::GuestMemfd));
@@ -352,29 +328,12 @@ mod tests {
 
     #[test]
     fn other_strategies_never_probe_and_never_report_a_native_fallback() {
-        for s in [Strategy::FourK, Strategy::Huge] {
-            for (kind, page) in [
-                (MemoryKind::Hugetlb2m, 2 * MIB),
-                (MemoryKind::GuestMemfd, 4096),
-            ] {
+        for s in [Granularity::FourK, Granularity::Huge] {
+            for (kind, page) in [(Backing::Hugetlb2m, 2 * MIB), (Backing::GuestMemfd, 4096)] {
                 let p = plan_region_with(&region(kind, 256 * MIB, page), s, never_probed);
                 assert_eq!(p.native_fallback, None, "{s:?} {kind:?}");
                 assert!(!p.mode.is_native());
             }
         }
-    }
-
-    #[test]
-    fn granularity_names_map_to_strategies() {
-        for (name, s) in [
-            ("4k", Strategy::FourK),
-            ("huge", Strategy::Huge),
-            ("native", Strategy::Native),
-        ] {
-            let g: Granularity = name.parse().unwrap();
-            assert_eq!(g.as_str(), name);
-            assert_eq!(Strategy::from(g), s);
-        }
-        assert!("hgm".parse::<Granularity>().is_err());
     }
 }

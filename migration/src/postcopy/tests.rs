@@ -19,7 +19,7 @@ use super::strategy::{FinalBacking, RegionPlan, ServeMode};
 use super::supervisor::Supervisor;
 use super::PostcopyError;
 use crate::types::{
-    DirtyLog, FetchError, HookError, MemoryKind, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
+    Backing, DirtyLog, FetchError, HookError, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
     PAGE_SIZE,
 };
 
@@ -228,7 +228,7 @@ fn anon_region(pages: u64) -> Region {
         alias_addr: None,
         fd: None,
         fd_offset: 0,
-        kind: MemoryKind::Anon,
+        kind: Backing::Anon,
         page_size: PAGE_SIZE,
     };
     Region::new(region, plan(ServeMode::AnonCopy, pages * PAGE_SIZE), None)
@@ -249,7 +249,7 @@ fn shmem_region(pages: u64, unit_pages: u64) -> (Region, OwnedFd) {
         alias_addr: Some(alias),
         fd: Some(fd.as_raw_fd()),
         fd_offset: 0,
-        kind: MemoryKind::Shmem,
+        kind: Backing::Shmem,
         page_size: PAGE_SIZE,
     };
     (
@@ -507,7 +507,7 @@ fn staged_collapse_carries_guest_writes_into_the_final_backing_and_wakes_the_uni
         alias_addr: Some(alias),
         fd: Some(final_fd.as_raw_fd()),
         fd_offset: 0,
-        kind: MemoryKind::Hugetlb2m,
+        kind: Backing::Hugetlb2m,
         page_size: UNIT as u64,
     };
     let fetcher = Arc::new(Fetcher::default());

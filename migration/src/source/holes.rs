@@ -19,7 +19,7 @@ use nix::unistd::Whence;
 
 use kernel_abi::pagemap::{PM_PRESENT, PM_SWAPPED};
 
-use crate::types::{MemoryKind, RamRegion, PAGE_SIZE};
+use crate::types::{Backing, RamRegion, PAGE_SIZE};
 
 /// Pagemap entries read at once (one 4 KiB read covers 2 MiB of guest RAM).
 const PAGEMAP_CHUNK: u64 = 512;
@@ -58,11 +58,11 @@ impl RegionHoles {
     pub fn new(region: &RamRegion) -> Self {
         let pages = region.size / PAGE_SIZE;
         let probe = match (region.kind, region.fd) {
-            (MemoryKind::Shmem, Some(fd)) if seek_works(fd, region.fd_offset) => Probe::Seek {
+            (Backing::Shmem, Some(fd)) if seek_works(fd, region.fd_offset) => Probe::Seek {
                 fd,
                 offset: region.fd_offset,
             },
-            (MemoryKind::Anon, _) => match File::open("/proc/self/pagemap") {
+            (Backing::Anon, _) => match File::open("/proc/self/pagemap") {
                 Ok(file) => Probe::Pagemap {
                     file,
                     host: region.host_addr,
@@ -221,7 +221,7 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
-    fn region(kind: MemoryKind, fd: Option<RawFd>, host: usize, size: u64) -> RamRegion {
+    fn region(kind: Backing, fd: Option<RawFd>, host: usize, size: u64) -> RamRegion {
         RamRegion {
             slot: 0,
             gpa: 0,
@@ -297,8 +297,7 @@ mod tests {
             // SAFETY: inside the mapping made above.
             unsafe { *p.add(page * PAGE_SIZE as usize + 7) = 1 };
         }
-        let mut holes =
-            RegionHoles::new(&region(MemoryKind::Shmem, Some(fd), p as usize, len as u64));
+        let mut holes = RegionHoles::new(&region(Backing::Shmem, Some(fd), p as usize, len as u64));
         assert!(holes.knows_holes());
         check(&mut holes);
         // SAFETY: unmapping what this test mapped (the memfd closes when dropped).
@@ -316,7 +315,7 @@ mod tests {
             // SAFETY: inside the mapping made above.
             unsafe { *p.add(page * PAGE_SIZE as usize + 7) = 1 };
         }
-        let mut holes = RegionHoles::new(&region(MemoryKind::Anon, None, p as usize, len as u64));
+        let mut holes = RegionHoles::new(&region(Backing::Anon, None, p as usize, len as u64));
         assert!(holes.knows_holes());
         check(&mut holes);
         // SAFETY: unmapping what this test made.
@@ -325,7 +324,7 @@ mod tests {
 
     #[test]
     fn unknown_backings_are_all_data() {
-        let mut holes = RegionHoles::new(&region(MemoryKind::Hugetlb2m, None, 0, 1 << 21));
+        let mut holes = RegionHoles::new(&region(Backing::Hugetlb2m, None, 0, 1 << 21));
         assert!(!holes.knows_holes());
         assert_eq!(
             holes.extent(7),

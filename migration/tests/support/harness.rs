@@ -22,7 +22,7 @@ mod prelude {
     pub use migration::transport::{self, Acceptor, Timeouts};
     pub use migration::types::{AtomicPageSet, PageSet, RamLayout, RegionLayout};
     pub use migration::wire::{self, Message, MigrationConfig};
-    pub use migration::{DirtyLog, FetchError, MemoryKind, Mode, PageFetcher, RamRegion, PAGE_SIZE};
+    pub use migration::{DirtyLog, FetchError, Backing, Mode, PageFetcher, RamRegion, PAGE_SIZE};
     pub use rand::{Rng, SeedableRng};
 }
 #[allow(unused_imports)]
@@ -92,7 +92,7 @@ impl Memory {
                 alias_addr: None,
                 fd: None,
                 fd_offset: 0,
-                kind: MemoryKind::Anon,
+                kind: Backing::Anon,
                 page_size: PAGE_SIZE,
             })
             .collect()

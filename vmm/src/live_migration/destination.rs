@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use migration::auth::Secret;
 use migration::destination::{self, DestinationVm, PostcopyOutcome, PostcopySink};
-use migration::postcopy::{PostcopyEngine, PostcopyStats, ServeMode, Strategy};
+use migration::postcopy::{PostcopyEngine, PostcopyStats, ServeMode};
 use migration::stats::{DestinationStats, RegionServe};
 use migration::types::{Granularity, HookError, Mode, PageFetcher, PageSet, PAGE_SIZE};
 
@@ -113,7 +113,7 @@ fn native_fallback(regions: &[RegionServe]) -> Option<String> {
 /// The incoming VM as the destination protocol driver sees it.
 struct DestSide {
     vm: Arc<Vm>,
-    strategy: Strategy,
+    strategy: Granularity,
     engine: Mutex<Option<Arc<EngineSink>>>,
     /// Postcopy and hybrid: the memslots were registered before Ready with dirty logging on
     /// (see `receive`), because the engine is expected to stage.
@@ -191,10 +191,10 @@ impl DestSide {
     /// Whether the postcopy engine will most likely stage this backing (and so log dirty
     /// pages): hugetlb unless whole-page service was asked for (native falls back to staging
     /// on kernels without HGM), and guest_memfd always.
-    fn expects_staging(backing: Backing, strategy: Strategy) -> bool {
+    fn expects_staging(backing: Backing, strategy: Granularity) -> bool {
         match backing {
             Backing::GuestMemfd => true,
-            b if b.is_hugetlb() => strategy != Strategy::Huge,
+            b if b.is_hugetlb() => strategy != Granularity::Huge,
             _ => false,
         }
     }
@@ -526,7 +526,7 @@ pub fn receive(
     vm.start_vcpus_paused()?;
     let vm = Arc::new(vm);
     ctl.set_vm(vm.clone());
-    let strategy = Strategy::from(cfg.granularity);
+    let strategy = cfg.granularity;
     let postcopy = config.mode != Mode::Precopy;
     let dirty_logged = postcopy && DestSide::expects_staging(cfg.backing, strategy);
     let side = DestSide {
