@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod destination;
+pub mod latency;
 pub mod live_stats;
 pub mod liveness;
 pub mod postcopy;

@@ -25,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use migration::latency::LatencySummary;
 use migration::postcopy::sys::{self, uffd_errno};
 use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
@@ -131,41 +132,12 @@ fn service_name(measured: Backing) -> &'static str {
     }
 }
 
-/// Percentiles of a latency distribution, in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LatencySummary {
-    pub count: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
-impl LatencySummary {
-    /// Summary of a nanosecond histogram, in microseconds (all zero if empty).
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        let q = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-        Self {
-            count: h.len(),
-            p50: q(0.5),
-            p90: q(0.9),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: h.max() as f64 / 1e3,
-        }
-    }
-}
-
-/// What `vmm fault-limit` prints (one JSON object with `--json`).
 /// The bucket scheme of guests that do not state theirs (8 sub-buckets per power of two).
 fn legacy_guest_sub_buckets() -> u64 {
     8
 }
 
+/// What `vmm fault-limit` prints (one JSON object with `--json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FaultLimitReport {
     /// The backing asked for.
@@ -653,8 +625,8 @@ pub fn measure(cfg: &FaultLimitConfig) -> Result<FaultLimitReport, FaultLimitErr
         memory_bytes: cfg.memory,
         vcpus: cfg.vcpus,
         cmdline,
-        guest_us: LatencySummary::of(&guest),
-        vmm_us: LatencySummary::of(&served.vcpu),
+        guest_us: LatencySummary::of_ns(&guest),
+        vmm_us: LatencySummary::of_ns(&served.vcpu),
         loader_faults: served.loader_faults,
         guest_sub_buckets: buckets.sub,
         guest_buckets_ns: buckets.buckets,

@@ -74,16 +74,7 @@ impl FaultStamps {
 }
 
 /// One phase's distribution, microseconds.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct PhaseSummary {
-    pub count: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub mean: f64,
-}
+pub type PhaseSummary = crate::latency::LatencySummary;
 
 /// `fault_phase_us`: every phase's distribution, keyed by [`PHASES`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -195,21 +186,7 @@ impl FaultPhases {
         let Some(inner) = g.as_ref() else {
             return Default::default();
         };
-        let s = |h: &Histogram<u64>| {
-            if h.is_empty() {
-                return PhaseSummary::default();
-            }
-            let us = |ns: u64| ns as f64 / 1e3;
-            PhaseSummary {
-                count: h.len(),
-                p50: us(h.value_at_quantile(0.5)),
-                p90: us(h.value_at_quantile(0.9)),
-                p99: us(h.value_at_quantile(0.99)),
-                p999: us(h.value_at_quantile(0.999)),
-                max: us(h.max()),
-                mean: h.mean() / 1e3,
-            }
-        };
+        let s = PhaseSummary::of_ns;
         let p = &inner.phases;
         let summary = FaultPhaseSummary {
             uffd_to_read: s(&p[0]),
