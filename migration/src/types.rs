@@ -504,9 +504,13 @@ impl AtomicPageSet {
         i < self.len && self.bits[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
 
-    /// Insert page `i`; returns whether this call inserted it (it was absent).
+    /// Insert page `i`; returns whether this call inserted it (it was absent). A page outside
+    /// the set is never inserted (false).
     pub fn insert(&self, i: u64) -> bool {
         use std::sync::atomic::Ordering;
+        if i >= self.len {
+            return false;
+        }
         let old = self.bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
         old & (1 << (i % 64)) == 0
     }
@@ -538,6 +542,35 @@ impl AtomicPageSet {
         let wi = start_word;
         let absent = !self.bits[wi].load(Ordering::Acquire) & !(u64::MAX << (from % 64));
         (absent != 0).then(|| wi as u64 * 64 + absent.trailing_zeros() as u64)
+    }
+
+    /// Insert pages `[start, end)` (clamped to the set) word by word; returns how many were
+    /// absent before.
+    pub fn insert_range(&self, start: u64, end: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let end = end.min(self.len);
+        let mut newly = 0u64;
+        let mut i = start;
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let prev = self.bits[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+            newly += u64::from((mask & !prev).count_ones());
+            i += n;
+        }
+        newly
+    }
+
+    /// How many pages of `[start, end)` are in the set.
+    pub fn count_in(&self, start: u64, end: u64) -> u64 {
+        (start..end.min(self.len))
+            .filter(|&i| self.contains(i))
+            .count() as u64
     }
 
     /// A plain copy of the set.

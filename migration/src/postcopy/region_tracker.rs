@@ -5,95 +5,20 @@
 //! later copy": once it is set, the guest may have written the page.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::types::AtomicPageSet;
 use std::sync::{Mutex, MutexGuard};
 
 /// Number of page locks per region; a page's lock serialises "check arrival, write, set arrival".
 const PAGE_LOCK_STRIPES: usize = 256;
-
-/// An atomic bitmap of `len` bits.
-#[derive(Debug)]
-pub struct AtomicBitmap {
-    words: Vec<AtomicU64>,
-    len: u64,
-}
-
-impl AtomicBitmap {
-    /// A bitmap of `len` clear bits.
-    pub fn new(len: u64) -> Self {
-        let words = (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        AtomicBitmap { words, len }
-    }
-
-    /// Number of bits.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the bitmap has no bits at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Whether bit `i` is set (false when out of range).
-    pub fn get(&self, i: u64) -> bool {
-        if i >= self.len {
-            return false;
-        }
-        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
-    }
-
-    /// Set bit `i`; returns true if this call changed it from clear to set.
-    pub fn set(&self, i: u64) -> bool {
-        if i >= self.len {
-            return false;
-        }
-        let mask = 1u64 << (i % 64);
-        self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask == 0
-    }
-
-    /// Clear bit `i`; returns true if it was set.
-    pub fn clear(&self, i: u64) -> bool {
-        if i >= self.len {
-            return false;
-        }
-        let mask = 1u64 << (i % 64);
-        self.words[(i / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
-    }
-
-    /// Set bits `[start, end)` (clamped to the bitmap) word by word; returns how many were
-    /// clear before.
-    pub fn set_range(&self, start: u64, end: u64) -> u64 {
-        let end = end.min(self.len);
-        let mut newly = 0u64;
-        let mut i = start;
-        while i < end {
-            let bit = i % 64;
-            let n = (64 - bit).min(end - i);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let prev = self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel);
-            newly += u64::from((mask & !prev).count_ones());
-            i += n;
-        }
-        newly
-    }
-
-    /// Number of set bits in `[start, end)`.
-    pub fn count_range(&self, start: u64, end: u64) -> u64 {
-        (start..end.min(self.len)).filter(|&i| self.get(i)).count() as u64
-    }
-}
 
 /// Arrival state of one region.
 #[derive(Debug)]
 pub struct RegionTracker {
     pages: u64,
     pages_per_unit: u64,
-    arrived: AtomicBitmap,
-    staged: AtomicBitmap,
+    arrived: AtomicPageSet,
+    staged: AtomicPageSet,
     unit_arrived: Vec<AtomicU32>,
     arrived_total: AtomicU64,
     page_locks: Vec<Mutex<()>>,
@@ -108,8 +33,8 @@ impl RegionTracker {
         RegionTracker {
             pages,
             pages_per_unit: ppu,
-            arrived: AtomicBitmap::new(pages),
-            staged: AtomicBitmap::new(pages),
+            arrived: AtomicPageSet::new(pages),
+            staged: AtomicPageSet::new(pages),
             unit_arrived: (0..units).map(|_| AtomicU32::new(0)).collect(),
             arrived_total: AtomicU64::new(0),
             page_locks: (0..PAGE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -144,12 +69,12 @@ impl RegionTracker {
 
     /// Whether page `page` has arrived.
     pub fn arrived(&self, page: u64) -> bool {
-        self.arrived.get(page)
+        self.arrived.contains(page)
     }
 
     /// Mark page `page` arrived. Returns `Some(unit)` when this call completed that unit.
     pub fn mark_arrived(&self, page: u64) -> Option<u64> {
-        if !self.arrived.set(page) {
+        if !self.arrived.insert(page) {
             return None;
         }
         self.arrived_total.fetch_add(1, Ordering::AcqRel);
@@ -171,7 +96,7 @@ impl RegionTracker {
             let unit = self.unit_of(p);
             let (ufirst, uend) = self.unit_pages(unit);
             let stop = uend.min(end);
-            let n = self.arrived.set_range(p, stop);
+            let n = self.arrived.insert_range(p, stop);
             if n > 0 {
                 newly += n;
                 self.arrived_total.fetch_add(n, Ordering::AcqRel);
@@ -207,17 +132,17 @@ impl RegionTracker {
 
     /// Whether page `page` went through the staging mapping (and was CONTINUEd there).
     pub fn staged(&self, page: u64) -> bool {
-        self.staged.get(page)
+        self.staged.contains(page)
     }
 
     /// Mark page `page` staged; true if it was not staged before.
     pub fn mark_staged(&self, page: u64) -> bool {
-        self.staged.set(page)
+        self.staged.insert(page)
     }
 
     /// Staged pages in `[first, end)`.
     pub fn staged_in(&self, first: u64, end: u64) -> u64 {
-        self.staged.count_range(first, end)
+        self.staged.count_in(first, end)
     }
 
     /// The lock serialising writes of page `page` against arrival checks.
