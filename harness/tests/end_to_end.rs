@@ -258,7 +258,11 @@ fn quick_scenario_writes_every_field() {
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains(scenario));
-    assert!(md.contains("## Targets") && md.contains("1.5x limit"));
+    let p50_target = format!("p50 <= {}x limit", harness::report::targets::P50_RATIO);
+    assert!(
+        md.contains("## Targets") && md.contains(&p50_target),
+        "{p50_target}"
+    );
     // The report says what the limit is made of and shows both round trips.
     assert!(md.contains("**The limit** = the raw *vCPU* userfault round trip"));
     assert!(md.contains("thread limit p50") && md.contains("vCPU uffd p50 guest / VMM"));
