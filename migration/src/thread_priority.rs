@@ -174,15 +174,15 @@ pub fn enter(role: ThreadRole) -> PriorityGuard {
     let slice = role.slice();
     let result = match role {
         ThreadRole::Freeze => set_realtime(),
-        _ => set_current(role.nice(), slice),
-    };
-    let result = match result {
-        Err(e) if e.is_permission() && role == ThreadRole::Freeze => Err(e),
-        Err(e) if e.is_permission() => {
-            tracing::debug!("no {role:?} thread priority ({e}); trying with the nice value kept");
-            get_attr(current_tid()).and_then(|a| set_current(a.sched_nice, slice))
-        }
-        other => other,
+        _ => match set_current(role.nice(), slice) {
+            Err(e) if e.is_permission() => {
+                tracing::debug!(
+                    "no {role:?} thread priority ({e}); trying with the nice value kept"
+                );
+                get_attr(current_tid()).and_then(|a| set_current(a.sched_nice, slice))
+            }
+            other => other,
+        },
     };
     let previous = match result {
         Ok(before) => Some(before),
