@@ -522,7 +522,7 @@ fn event_names(path: &Path) -> Vec<String> {
 /// 4 KiB): every received VM is a full VM that migrates on; the workload verifies its memory on
 /// each; statistics polled every 100 ms during the first hop; D is shut down through the API.
 #[test]
-fn a_received_vm_migrates_on_a_to_b_to_c_to_d() {
+fn a_received_vm_migrates_on_a_to_b_to_c_to_d_ending_on_hugetlb_1g() {
     // B holds 512 pages of 2 MiB until it migrated on; D one page of 1 GiB.
     let _pools = reserve_hugepages_of(&[(2 << 20, 512), (1 << 30, 1)])
         .unwrap_or_else(|e| panic!("huge pages for hops B and D: {e}"));
