@@ -273,6 +273,8 @@ fn read_faults(
 struct Inflight<'a> {
     service: &'a FaultService,
     key: (usize, u64),
+    /// The range this fault's mapping resolves (a page, or a whole huge page).
+    range: (usize, usize),
     read_at: Instant,
     vcpu: Option<usize>,
     done: bool,
@@ -281,8 +283,14 @@ struct Inflight<'a> {
 impl Inflight<'_> {
     /// The fault is resolved (CONTINUE / COPY / wake done): record its latency and that of the
     /// faults that joined it; `outage`: its fetch waited for a link that was down.
+    ///
+    /// Faults that joined are woken once more here, after the key is gone. The mapping's own
+    /// wake only reaches threads already queued on the userfaultfd when it ran; a thread can
+    /// fault on the same range again after that wake (its mapping was zapped meanwhile, e.g.
+    /// by a collapse replacing the page tables) and its event then joins this claim. Without
+    /// this wake nothing would resolve it: the page has arrived, so no later fault on it is
+    /// ever served. Any event read after the key is removed claims the page anew.
     fn served(mut self, outage: bool) {
-        let now = Instant::now();
         let joined = self
             .service
             .inflight
@@ -290,6 +298,10 @@ impl Inflight<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key)
             .unwrap_or_default();
+        if !joined.is_empty() {
+            self.service.installer.wake(self.range.0, self.range.1);
+        }
+        let now = Instant::now();
         let stats = &self.service.stats;
         stats.fault_latency(
             now.saturating_duration_since(self.read_at).as_nanos() as u64,
@@ -321,9 +333,14 @@ impl Drop for Inflight<'_> {
 }
 
 impl FaultService {
-    /// Claim `key` for `job`; None if a fault on it is being served already (this one then
-    /// joins it and is resolved by its wake).
-    fn claim(&self, key: (usize, u64), job: &FaultJob) -> Option<Inflight<'_>> {
+    /// Claim `key` (resolved by mapping `range`) for `job`; None if a fault on it is being
+    /// served already (this one then joins it and is woken by it: see [`Inflight::served`]).
+    fn claim(
+        &self,
+        key: (usize, u64),
+        range: (usize, usize),
+        job: &FaultJob,
+    ) -> Option<Inflight<'_>> {
         let (read_at, vcpu) = (job.read_at, job.vcpu);
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(joined) = map.get_mut(&key) {
@@ -336,6 +353,7 @@ impl FaultService {
         Some(Inflight {
             service: self,
             key,
+            range,
             read_at,
             vcpu,
             done: false,
@@ -431,7 +449,8 @@ impl FaultService {
     fn serve_4k_direct(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
         let ri = job.region;
         let r = &self.regions[ri];
-        let Some(claim) = self.claim((ri, page), job) else {
+        let Some(claim) = self.claim((ri, page), (r.host_page(page), PAGE_SIZE as usize), job)
+        else {
             return Ok(()); // the first fault on this page wakes every waiter
         };
         let started = Instant::now();
@@ -471,7 +490,8 @@ impl FaultService {
     fn serve_staged(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
         let ri = job.region;
         let r = &self.regions[ri];
-        let Some(claim) = self.claim((ri, page), job) else {
+        let Some(claim) = self.claim((ri, page), (r.host_page(page), PAGE_SIZE as usize), job)
+        else {
             return Ok(());
         };
         let addr = r.host_page(page);
@@ -547,7 +567,8 @@ impl FaultService {
         let r = &self.regions[ri];
         let ppu = r.tracker.pages_per_unit();
         let hidx = page / ppu;
-        let Some(claim) = self.claim((ri, hidx | HUGE_KEY), job) else {
+        let range = (r.host_page(hidx * ppu), r.region.page_size as usize);
+        let Some(claim) = self.claim((ri, hidx | HUGE_KEY), range, job) else {
             return Ok(()); // the first fault on this huge page maps it for every waiter
         };
         let (first, end) = r.tracker.unit_pages(hidx);

@@ -357,9 +357,12 @@ fn faults_on_a_page_in_flight_join_it_and_are_resolved_by_its_mapping() {
     gate.wait();
     first.join().unwrap();
     assert_eq!(fetcher.fetches.load(Ordering::Relaxed), 1, "fetched twice");
+    // The page is mapped once; the joiner is woken again after the claim is gone (it may have
+    // queued after the mapping's own wake).
+    let page3 = rig.regions[0].host_page(3);
     assert_eq!(
         rig.installer.calls(),
-        vec![Call::Store(3), Call::MapPage(3)]
+        vec![Call::Store(3), Call::MapPage(3), Call::Wake(page3, PAGE)]
     );
     let st = rig.stats.snapshot();
     assert_eq!(st.fault_latency_count, 2, "the joined fault has no latency");

@@ -369,15 +369,49 @@ impl Proc {
                 return s;
             }
             if start.elapsed() > limit {
+                // Where each thread waits, read before the kill: what a hang needs explained.
+                let threads = self.threads();
                 self.kill();
                 panic!(
-                    "{} did not exit within {limit:?}\n{}",
+                    "{} did not exit within {limit:?}\n{}\n--- {} threads when it was killed:\n{threads}",
                     self.name,
-                    explain(self)
+                    explain(self),
+                    self.name,
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Each thread's name, state, kernel wait channel and kernel stack (root can read the
+    /// stack), from /proc: which of them a hang is waiting in.
+    pub fn threads(&self) -> String {
+        let dir = format!("/proc/{}/task", self.child.id());
+        let Ok(tasks) = std::fs::read_dir(&dir) else {
+            return format!("({dir} unreadable: the process is gone)");
+        };
+        let read =
+            |p: &std::path::Path, f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let mut out = String::new();
+        for t in tasks.flatten() {
+            let p = t.path();
+            let stat = read(&p, "stat");
+            // The state is the field after the parenthesised name.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .unwrap_or("?");
+            out.push_str(&format!(
+                "{} {} state {state} wchan {}\n",
+                t.file_name().to_string_lossy(),
+                read(&p, "comm").trim(),
+                read(&p, "wchan").trim(),
+            ));
+            for frame in read(&p, "stack").lines().take(12) {
+                out.push_str(&format!("    {frame}\n"));
+            }
+        }
+        out
     }
 
     /// Sends `sig` to it (by PID), unless it has exited already.
