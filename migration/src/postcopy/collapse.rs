@@ -306,7 +306,7 @@ fn fill_holes(r: &Region, off: u64, len: u64) {
     let Some(alias) = r.alias_page(off / PAGE_SIZE) else {
         return;
     };
-    let resident = match page_cache_map(alias, len as usize) {
+    let resident = match sys::page_cache_map(alias, len as usize) {
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(
@@ -331,7 +331,7 @@ fn fill_holes(r: &Region, off: u64, len: u64) {
             (p - start) as u64 * PAGE_SIZE,
         );
         let res = match r.region.fd {
-            Some(fd) => fallocate_range(fd, r.region.fd_offset + h_off, h_len),
+            Some(fd) => sys::fill_holes(fd, r.region.fd_offset + h_off, h_len),
             // SAFETY: the region's alias, which nothing is registered on; POPULATE_WRITE only
             // allocates the holes (zero-filled), which arrived as zero pages.
             None => unsafe {
@@ -347,38 +347,6 @@ fn fill_holes(r: &Region, off: u64, len: u64) {
                 "filling the page-cache holes of slot {} at offset {h_off:#x} (+{h_len:#x}) failed: {e}",
                 r.region.slot
             );
-        }
-    }
-}
-
-/// Per page of `[addr, addr + len)` of a shared file mapping: whether it is in the page cache
-/// (`mincore`; nothing is faulted in).
-fn page_cache_map(addr: usize, len: usize) -> std::io::Result<Vec<bool>> {
-    let mut vec = vec![0u8; len.div_ceil(PAGE_SIZE as usize)];
-    // SAFETY: `vec` has one byte per page of the range, as mincore requires; the range is a
-    // region alias the engine owns for its lifetime; the result is checked.
-    if unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
-}
-
-/// `fallocate(fd, 0, offset, len)`: allocate every missing page of the range (shmem: zeroed on
-/// first use), keep the pages that are there.
-fn fallocate_range(fd: std::os::fd::RawFd, offset: u64, len: u64) -> std::io::Result<()> {
-    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EOVERFLOW));
-    };
-    loop {
-        // SAFETY: plain syscall on the region's backing fd, open for the engine's lifetime;
-        // mode 0 only allocates holes (it never changes data already in the file); the result
-        // is checked.
-        if unsafe { libc::fallocate(fd, 0, off, n) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
         }
     }
 }

@@ -38,30 +38,6 @@ use crate::types::{
 /// Size of the fault worker pool (page fetches for different faults proceed in parallel).
 const FAULT_WORKERS: usize = 4;
 
-/// Write all of `data` at `offset` of `fd` (retrying short writes and EINTR).
-fn pwrite_all(fd: std::os::fd::RawFd, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: `fd` is a region's backing file, open for the engine's lifetime
-        // (RamRegion::fd); `data` is a live buffer of `data.len()` bytes.
-        let n = unsafe { libc::pwrite(fd, data.as_ptr() as *const libc::c_void, data.len(), off) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
-        data = &data[n as usize..];
-        offset += n as u64;
-    }
-    Ok(())
-}
-
 /// What prepare() decided for one region.
 #[derive(Clone, Debug)]
 pub struct RegionReport {
@@ -499,7 +475,10 @@ impl PostcopyEngine {
                 let bytes =
                     &data[((run_start - first) as usize) * PAGE..((p - first) as usize) * PAGE];
                 let offset = r.region.fd_offset + run_start * PAGE_SIZE;
-                if let Err(e) = pwrite_all(fd, bytes, offset) {
+                // SAFETY: a region's backing fd stays open for the engine's lifetime
+                // (RamRegion::fd), longer than this borrow.
+                let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                if let Err(e) = sys::pwrite_all(file, bytes, offset) {
                     // The alias write path below does the same job, page by page.
                     tracing::debug!(
                         "pwrite of {} bytes at {offset:#x} failed ({e}): writing through the alias",

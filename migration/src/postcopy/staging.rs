@@ -3,7 +3,7 @@
 //! memslot's userspace_addr, so KVM needs no change) plus an alias mapping the engine writes
 //! through. Freed unit by unit as the region collapses.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::sys;
 use super::PostcopyError;
@@ -20,26 +20,25 @@ impl Staging {
     /// Create a staging memfd of `len` bytes, map it over the primary range
     /// `[host_addr, host_addr + len)` (MAP_FIXED) and map an alias of it.
     pub fn create_over(slot: u32, host_addr: usize, len: usize) -> Result<Self, PostcopyError> {
-        let name = c"postcopy-staging";
-        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(PostcopyError::Staging {
-                slot,
-                what: "memfd_create",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own memfd; the result is checked.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(PostcopyError::Staging {
-                slot,
-                what: "ftruncate",
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let fd = nix::sys::memfd::memfd_create(
+            c"postcopy-staging",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| PostcopyError::Staging {
+            slot,
+            what: "memfd_create",
+            source: e.into(),
+        })?;
+        let size = libc::off_t::try_from(len).map_err(|_| PostcopyError::Staging {
+            slot,
+            what: "ftruncate",
+            source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+        })?;
+        nix::unistd::ftruncate(&fd, size).map_err(|e| PostcopyError::Staging {
+            slot,
+            what: "ftruncate",
+            source: e.into(),
+        })?;
         let alias =
             sys::map_shared(len, fd.as_raw_fd(), 0).map_err(|source| PostcopyError::Staging {
                 slot,

@@ -2,7 +2,9 @@
 //! kernel constants no crate exports live in the `kernel-abi` crate, each with its header.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
+
+use nix::fcntl::FallocateFlags;
 
 /// Pointer to `addr` for the syscalls.
 fn ptr(addr: usize) -> *mut libc::c_void {
@@ -81,31 +83,65 @@ pub unsafe fn madvise(addr: usize, len: usize, advice: libc::c_int) -> io::Resul
     Ok(())
 }
 
-/// How many 4 KiB pages of `[addr, addr + len)` are resident (`mincore`; for a shared file
-/// mapping: in the page cache, mapped here or not).
-pub fn resident_pages(addr: usize, len: usize) -> io::Result<usize> {
+/// Per 4 KiB page of `[addr, addr + len)`: whether it is resident (for a shared file mapping:
+/// in the page cache, mapped here or not; nothing is faulted in). `mincore` is the one call
+/// here neither nix nor std wraps.
+pub fn page_cache_map(addr: usize, len: usize) -> io::Result<Vec<bool>> {
     let mut vec = vec![0u8; len.div_ceil(4096)];
-    // SAFETY: `vec` has one byte per page of the range, as mincore requires; the range is a
-    // mapping the engine owns; the result is checked.
+    // SAFETY: `vec` has one byte per page of the range, as mincore requires; mincore only
+    // reads the page tables of the range (an unmapped range is ENOMEM); the result is checked.
     if unsafe { libc::mincore(ptr(addr), len, vec.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(vec.iter().filter(|b| **b & 1 != 0).count())
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+}
+
+/// How many 4 KiB pages of `[addr, addr + len)` are resident (see [`page_cache_map`]).
+pub fn resident_pages(addr: usize, len: usize) -> io::Result<usize> {
+    Ok(page_cache_map(addr, len)?
+        .into_iter()
+        .filter(|r| *r)
+        .count())
+}
+
+fn off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+fn fallocate(fd: RawFd, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+    let (off, n) = (off_t(offset)?, off_t(len)?);
+    loop {
+        match nix::fcntl::fallocate(fd, mode, off, n) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
 }
 
 /// Free `[offset, offset + len)` of a shmem file (`fallocate(PUNCH_HOLE | KEEP_SIZE)`).
 pub fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on a file descriptor the engine owns; the result is checked.
-    let rc = unsafe {
-        libc::fallocate(
-            fd,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(fd, mode, offset, len)
+}
+
+/// Allocate every missing page of `[offset, offset + len)` of a file (`fallocate` mode 0:
+/// shmem pages come zeroed); pages already there are kept as they are.
+pub fn fill_holes(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(fd, FallocateFlags::empty(), offset, len)
+}
+
+/// Write all of `data` at `offset` of `fd` (retrying short writes and EINTR).
+pub fn pwrite_all(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match nix::sys::uio::pwrite(fd, data, off_t(offset)?) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
