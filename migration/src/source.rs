@@ -1090,6 +1090,9 @@ fn wait_readable(
         if left.is_zero() {
             return Ok(());
         }
+        if main.reader.get_ref().buffered() {
+            return Ok(()); // a poll on the socket would not see it (TLS)
+        }
         let fd = main.reader.get_ref().as_fd();
         let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         let tick = left.min(Duration::from_millis(5)).as_millis() as u16;
@@ -1117,7 +1120,7 @@ fn switchover_nonce() -> u64 {
 /// protocol violation), fail now, without waiting for the next read.
 fn check_peer_silent(main: &mut Channel) -> Result<(), SourceError> {
     use std::os::fd::AsFd;
-    let readable = {
+    let readable = main.reader.get_ref().buffered() || {
         let fd = main.reader.get_ref().as_fd();
         let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)

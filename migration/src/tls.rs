@@ -665,6 +665,19 @@ impl TlsReader {
     pub fn socket(&self) -> &TcpStream {
         &self.sock
     }
+
+    /// Whether bytes read from the socket are still here: records not yet given to rustls, or
+    /// plaintext rustls decrypted and nobody took yet (an error rustls would report counts: a
+    /// read returns it at once).
+    pub fn buffered(&self) -> bool {
+        if !self.pending.is_empty() {
+            return true;
+        }
+        let mut c = lock(&self.shared.conn);
+        c.process_new_packets()
+            .map(|s| s.plaintext_bytes_to_read() > 0)
+            .unwrap_or(true)
+    }
 }
 
 impl Read for TlsReader {

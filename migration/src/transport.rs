@@ -128,6 +128,18 @@ impl Read for ReadHalf {
     }
 }
 
+impl ReadHalf {
+    /// Whether bytes already read from the socket wait in this half (TLS: records not yet
+    /// decrypted, or plaintext not yet taken). A poll on the socket does not see them, so a
+    /// wait for readability must ask this first.
+    pub fn buffered(&self) -> bool {
+        match self {
+            ReadHalf::Plain(_) => false,
+            ReadHalf::Tls(t) => t.buffered(),
+        }
+    }
+}
+
 impl std::os::fd::AsFd for ReadHalf {
     /// The socket (readable when bytes, maybe TLS records, arrived).
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
