@@ -2,7 +2,7 @@
 //! source's `vmm migrate --json` summary, and the destination's `--stats-json` file.
 
 use crate::histogram;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Errors from parsing process output.
@@ -447,39 +447,11 @@ pub struct DestinationStats {
 /// reply); reply read; stored; CONTINUE/COPY done.
 pub use migration::postcopy::PHASES as FAULT_PHASES;
 
-/// Summary of one fault phase as the destination reports it, us. The destination gives only
-/// these figures (no histogram), so runs can only be merged figure by figure.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PhaseStats {
-    #[serde(default, deserialize_with = "count_of")]
-    pub count: u64,
-    #[serde(default)]
-    pub p50: f64,
-    #[serde(default)]
-    pub p90: f64,
-    #[serde(default)]
-    pub p99: f64,
-    #[serde(default)]
-    pub p999: f64,
-    #[serde(default)]
-    pub max: f64,
-    #[serde(default)]
-    pub mean: f64,
-}
-
-impl From<&migration::postcopy::PhaseSummary> for PhaseStats {
-    fn from(p: &migration::postcopy::PhaseSummary) -> Self {
-        PhaseStats {
-            count: p.count,
-            p50: p.p50,
-            p90: p.p90,
-            p99: p.p99,
-            p999: p.p999,
-            max: p.max,
-            mean: p.mean,
-        }
-    }
-}
+/// Summary of one fault phase as the destination reports it, us: the migration crate's own
+/// record (count, p50, p90, p99, p999, max, mean), read leniently (missing fields zero, the
+/// count an integer or a float). The destination gives only these figures (no histogram), so
+/// runs can only be merged figure by figure.
+pub type PhaseStats = migration::postcopy::PhaseSummary;
 
 /// The destination's `fault_phase_us`, keyed by phase name; empty when no fault was timed.
 pub fn phase_map(s: &migration::postcopy::FaultPhaseSummary) -> BTreeMap<String, PhaseStats> {
@@ -497,7 +469,7 @@ pub fn phase_map(s: &migration::postcopy::FaultPhaseSummary) -> BTreeMap<String,
     FAULT_PHASES
         .iter()
         .zip(phases)
-        .map(|(name, p)| (name.to_string(), PhaseStats::from(p)))
+        .map(|(name, p)| (name.to_string(), *p))
         .collect()
 }
 
@@ -520,16 +492,6 @@ impl From<&migration::postcopy::SlowFault> for SlowFault {
                 .map(|(name, v)| (name.to_string(), v))
                 .collect(),
         }
-    }
-}
-
-/// A count written as an integer or a float.
-fn count_of<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = f64::deserialize(d)?;
-    if v.is_finite() && v >= 0.0 {
-        Ok(v.round() as u64)
-    } else {
-        Err(serde::de::Error::custom(format!("bad count {v}")))
     }
 }
 

@@ -15,8 +15,8 @@ use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
 use crate::transport::{Acceptor, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{
-    AtomicPageSet, FetchError, FetchTimes, HookError, Mode, PageFetcher, PageSet, RamLayout,
-    PAGE_SIZE,
+    AtomicPageSet, ChannelDown, FetchError, FetchTimes, HookError, Mode, PageFetcher, PageSet,
+    RamLayout, PAGE_SIZE,
 };
 use crate::wire::{
     self, check_run, DoneStats, ErrorCode, FrameReader, Kind, Message, MigrationConfig, WireError,
@@ -375,7 +375,7 @@ struct Postcopy {
 
 impl Postcopy {
     fn stop(self) {
-        self.client.close("the migration ended");
+        self.client.close(ChannelDown::Ended);
     }
 }
 
@@ -433,6 +433,7 @@ impl Receiver<'_> {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Finished) => return Ok(()),
                 Err(e) if e.is_link_failure() && (self.state.is_some() || self.switch_near()) => {
+                    let e = Arc::new(e);
                     match self.recover(main, &e) {
                         Ok(()) => {}
                         // Every page is here and Done went out: the source may report a
@@ -654,7 +655,7 @@ impl Receiver<'_> {
     fn recover(
         &mut self,
         main: &mut LiveChannel,
-        why: &DestinationError,
+        why: &Arc<DestinationError>,
     ) -> Result<(), DestinationError> {
         let since = Instant::now();
         let wait = self.recover_wait();
@@ -662,7 +663,7 @@ impl Receiver<'_> {
         self.heartbeat.take();
         main.shutdown();
         if let Some(pc) = &self.postcopy {
-            pc.client.detach(&format!("the link failed: {why}"));
+            pc.client.detach(ChannelDown::LinkFailed(Arc::clone(why)));
         }
         self.monitor.paused(why.to_string());
         tracing::warn!(
@@ -761,7 +762,7 @@ impl Receiver<'_> {
     fn send_done(&mut self, main: &mut LiveChannel) -> Result<(), DestinationError> {
         self.heartbeat.take();
         if let Some(pc) = &self.postcopy {
-            pc.client.detach("every page arrived");
+            pc.client.detach(ChannelDown::AllArrived);
         }
         main.send(&Message::Done(self.stats), "sending Done")?;
         self.done_sent = true;
@@ -826,7 +827,7 @@ impl Receiver<'_> {
         let sink = match vm.begin_postcopy(fetcher, &self.have) {
             Ok(s) => s,
             Err(source) => {
-                client.close("setting up postcopy failed");
+                client.close(ChannelDown::SetupFailed);
                 return Err(DestinationError::Vm {
                     op: "setting up postcopy",
                     source,
@@ -892,11 +893,9 @@ enum SlotState {
     /// The fetch waits; the reader may write the reply into its buffer.
     Waiting,
     /// The reply is in the fetch's buffer: when the reader read it, and the source's time.
-    Filled {
-        read_at: Instant,
-        source_ns: u64,
-    },
-    Failed(String),
+    Filled { read_at: Instant, source_ns: u64 },
+    /// The channel failed under the fetch.
+    Failed(ChannelDown),
     /// The fetch gave up (timeout, send failure): its buffer is gone, never write it.
     Abandoned,
 }
@@ -925,7 +924,7 @@ unsafe impl Sync for SlotBuf {}
 struct Pending {
     map: HashMap<u64, Arc<Slot>>,
     /// Why the channel is down, while it is.
-    down: Option<String>,
+    down: Option<ChannelDown>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -973,7 +972,7 @@ impl UrgentClient {
             readers: Mutex::new(Vec::new()),
             pending: Mutex::new(Pending {
                 map: HashMap::new(),
-                down: Some("the urgent channel is not connected yet".into()),
+                down: Some(ChannelDown::NotConnected),
             }),
             up: Condvar::new(),
             next_id: AtomicU64::new(1),
@@ -1020,15 +1019,15 @@ impl UrgentClient {
 
     /// The link failed: fail every outstanding fetch (the fault service retries them) and
     /// refuse new ones until the next [`UrgentClient::attach`].
-    pub fn detach(&self, reason: &str) {
+    pub fn detach(&self, reason: ChannelDown) {
         if let Some(link) = lock(&self.link).take() {
             let _ = link.stream.shutdown(std::net::Shutdown::Both);
         }
-        self.fail_all(reason.to_owned());
+        self.fail_all(reason);
     }
 
     /// Why the channel is down, if it is.
-    pub fn down_reason(&self) -> Option<String> {
+    pub fn down_reason(&self) -> Option<ChannelDown> {
         lock(&self.pending).down.clone()
     }
 
@@ -1039,18 +1038,18 @@ impl UrgentClient {
 
     /// [`UrgentClient::fail_all`] if stretch `epoch` is still the current one (a failure seen
     /// on an old stretch's channel says nothing about the new one).
-    fn fail_epoch(&self, epoch: u64, reason: String) {
+    fn fail_epoch(&self, epoch: u64, reason: ChannelDown) {
         let p = lock(&self.pending);
         if self.epoch.load(Ordering::Acquire) == epoch {
             self.fail_locked(p, reason);
         }
     }
 
-    fn fail_all(&self, reason: String) {
+    fn fail_all(&self, reason: ChannelDown) {
         self.fail_locked(lock(&self.pending), reason);
     }
 
-    fn fail_locked(&self, mut p: MutexGuard<'_, Pending>, reason: String) {
+    fn fail_locked(&self, mut p: MutexGuard<'_, Pending>, reason: ChannelDown) {
         if p.down.is_none() {
             p.down = Some(reason.clone());
         }
@@ -1061,7 +1060,7 @@ impl UrgentClient {
     }
 
     /// Shut the channel down for good; blocked and later fetches fail with `Disconnected`.
-    pub fn close(&self, reason: &str) {
+    pub fn close(&self, reason: ChannelDown) {
         self.closed.store(true, Ordering::Release);
         self.detach(reason);
         self.up.notify_all();
@@ -1093,19 +1092,23 @@ impl UrgentClient {
                         continue;
                     };
                     if slot.gpa != gpa {
-                        let e = format!(
-                            "reply {id} carries gpa {gpa:#x}, but gpa {:#x} was requested",
-                            slot.gpa
-                        );
+                        let e = ChannelDown::WrongGpa {
+                            id,
+                            got: gpa,
+                            requested: slot.gpa,
+                        };
                         *lock(&slot.state) = SlotState::Failed(e.clone());
                         slot.cv.notify_all();
-                        break (e, false);
+                        break e;
                     }
                     if data.len() != PAGE {
-                        let e = format!("reply {id} carries {} bytes, not a page", data.len());
+                        let e = ChannelDown::WrongLength {
+                            id,
+                            len: data.len(),
+                        };
                         *lock(&slot.state) = SlotState::Failed(e.clone());
                         slot.cv.notify_all();
-                        break (e, false);
+                        break e;
                     }
                     if let Some(i) = self.layout.page_index(gpa) {
                         self.received.insert(i);
@@ -1123,16 +1126,17 @@ impl UrgentClient {
                     slot.cv.notify_all();
                 }
                 Ok(Some(other)) => {
-                    break (
-                        wire::unexpected(other, "waiting for page replies", "PageReply")
-                            .to_string(),
-                        false,
-                    );
+                    break ChannelDown::Wire(Arc::new(wire::unexpected(
+                        other,
+                        "waiting for page replies",
+                        "PageReply",
+                    )));
                 }
-                Err(e) => break (e.to_string(), matches!(e, WireError::Closed { .. })),
+                Err(WireError::Closed { during }) => break ChannelDown::ClosedBySource { during },
+                Err(e) => break ChannelDown::Wire(Arc::new(e)),
             }
         };
-        let (reason, clean_close) = reason;
+        let clean_close = matches!(reason, ChannelDown::ClosedBySource { .. });
         if self.closed.load(Ordering::Acquire) || !current() {
             return;
         }
@@ -1212,8 +1216,8 @@ impl PageFetcher for UrgentClient {
         let sent = match &link {
             Some((w, epoch)) => liveness::lock(w)
                 .send(&Message::PageRequest { id, gpa }, "sending a page request")
-                .map_err(|e| (e.to_string(), Some(*epoch))),
-            None => Err(("the urgent channel is down".to_owned(), None)),
+                .map_err(|e| (ChannelDown::Wire(Arc::new(e)), Some(*epoch))),
+            None => Err((ChannelDown::NoLink, None)),
         };
         if let Err((reason, epoch)) = sent {
             lock(&self.pending).map.remove(&id);
@@ -1238,7 +1242,7 @@ impl PageFetcher for UrgentClient {
                 SlotState::Abandoned => {
                     return Err(FetchError::Disconnected {
                         gpa,
-                        reason: "the request was abandoned".into(),
+                        reason: ChannelDown::Abandoned,
                     })
                 }
                 SlotState::Waiting => *state = SlotState::Waiting,

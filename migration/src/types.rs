@@ -3,6 +3,7 @@
 //! granularity: one definition each, used by the wire, the VMM's CLI and API, and the harness),
 //! and the traits the VMM implements.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -121,14 +122,58 @@ pub trait MemslotSwap: Send + Sync {
 }
 
 /// Why fetching a page from the source failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("page fetch of gpa {gpa:#x} got no reply within {waited_ms} ms")]
     Timeout { gpa: u64, waited_ms: u64 },
     #[error("urgent channel to the source is down (fetching gpa {gpa:#x}): {reason}")]
-    Disconnected { gpa: u64, reason: String },
+    Disconnected {
+        gpa: u64,
+        #[source]
+        reason: ChannelDown,
+    },
     #[error("gpa {gpa:#x} is not a page-aligned address inside the migrated RAM layout")]
     BadAddress { gpa: u64 },
+}
+
+/// Why the urgent channel to the source is down: why a page fetch failed at once, or why the
+/// channel failed the fetches waiting on it. Cheap to clone (errors it carries are shared).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChannelDown {
+    /// Postcopy set up the client; the channel is not attached yet.
+    #[error("the urgent channel is not connected yet")]
+    NotConnected,
+    /// The channel of this stretch was taken down and the next one is not there yet.
+    #[error("the urgent channel is down")]
+    NoLink,
+    /// The session's link failed (postcopy-paused): fetches wait for the recovery.
+    #[error("the link failed: {0}")]
+    LinkFailed(#[source] Arc<crate::destination::DestinationError>),
+    /// The source closed the urgent channel (the end of its session; the main channel says
+    /// why).
+    #[error("{during}: peer closed the connection")]
+    ClosedBySource { during: &'static str },
+    /// Reading or writing the channel failed, or the source sent something else than a reply.
+    #[error(transparent)]
+    Wire(Arc<crate::wire::WireError>),
+    /// A reply for another page than the one requested.
+    #[error("reply {id} carries gpa {got:#x}, but gpa {requested:#x} was requested")]
+    WrongGpa { id: u64, got: u64, requested: u64 },
+    /// A reply that is not one page long.
+    #[error("reply {id} carries {len} bytes, not a page")]
+    WrongLength { id: u64, len: usize },
+    /// The fetch's own request was given up while it waited.
+    #[error("the request was abandoned")]
+    Abandoned,
+    /// Every page arrived: no fetch is needed any more.
+    #[error("every page arrived")]
+    AllArrived,
+    /// Closed for good: the migration ended.
+    #[error("the migration ended")]
+    Ended,
+    /// Closed for good: setting up postcopy failed.
+    #[error("setting up postcopy failed")]
+    SetupFailed,
 }
 
 /// Something that fetches one 4 KiB page from the source on the urgent channel (the destination
@@ -587,6 +632,38 @@ impl AtomicPageSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fetch_on_a_channel_that_is_down_says_why_with_the_reason_as_source() {
+        use std::error::Error as _;
+        let e = FetchError::Disconnected {
+            gpa: 0x1000,
+            reason: ChannelDown::WrongGpa {
+                id: 3,
+                got: 0x2000,
+                requested: 0x1000,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "urgent channel to the source is down (fetching gpa 0x1000): reply 3 carries gpa \
+             0x2000, but gpa 0x1000 was requested"
+        );
+        let source = e.source().expect("the reason is the source");
+        assert!(
+            matches!(
+                source.downcast_ref::<ChannelDown>(),
+                Some(ChannelDown::WrongGpa { id: 3, .. })
+            ),
+            "{source:?}"
+        );
+        let wire = ChannelDown::Wire(Arc::new(crate::wire::WireError::Closed { during: "x" }));
+        assert_eq!(wire.to_string(), "x: peer closed the connection");
+        assert_eq!(
+            ChannelDown::NotConnected.to_string(),
+            "the urgent channel is not connected yet"
+        );
+    }
 
     #[test]
     fn runs_split_at_region_ends_and_at_the_limit() {

@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use migration::postcopy::{PostcopyEngine, ServeMode};
+use migration::wire::WireError;
 use migration::{
-    Backing, DirtyLog, FetchError, Granularity, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
+    Backing, ChannelDown, DirtyLog, FetchError, Granularity, MemslotSwap, PageFetcher, RamRegion,
+    VcpuControl,
 };
 
 const PAGE: usize = 4096;
@@ -88,9 +90,12 @@ impl PageFetcher for TcpFetcher {
         let io = c
             .write_all(&gpa.to_le_bytes())
             .and_then(|_| c.read_exact(buf));
-        io.map_err(|e| FetchError::Disconnected {
+        io.map_err(|source| FetchError::Disconnected {
             gpa,
-            reason: e.to_string(),
+            reason: ChannelDown::Wire(Arc::new(WireError::Io {
+                during: "fetching a page",
+                source,
+            })),
         })
     }
 }

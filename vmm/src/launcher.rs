@@ -12,7 +12,7 @@ use crate::devices::Console;
 use crate::events::EventMonitor;
 use crate::memory::Backing;
 use crate::signals;
-use crate::vcpu::StopReason;
+use crate::vcpu::{Crash, StopReason};
 use crate::vm::{Vm, VmError};
 
 /// Where guest serial output goes.
@@ -54,7 +54,7 @@ pub enum LaunchError {
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the guest crashed: {0}")]
-    GuestCrashed(String),
+    GuestCrashed(#[source] Crash),
     #[error("the guest reset itself (reset request or triple fault)")]
     GuestReset,
     /// A migration failed after the destination started the VM: this copy is stale.

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -17,12 +17,13 @@ use kvm_bindings::{
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::{Cap, Kvm};
+use migration::postcopy::strategy::{self, UffdMode};
 use serde::Serialize;
 use userfaultfd_sys as uffd_sys;
 
 use crate::memory::guest_memfd::{self, KVM_CAP_GUEST_MEMFD_FLAGS};
 use crate::memory::hugepages::{self, PoolStatus};
-use crate::memory::{hugetlb, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K};
+use crate::memory::{hugetlb, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M};
 
 /// userfaultfd feature bits and their names (without the `UFFD_FEATURE_` prefix).
 const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
@@ -392,12 +393,6 @@ enum ProbeError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("UFFDIO_REGISTER ({mode}) of guest_memfd: {source}")]
-    Register {
-        mode: &'static str,
-        #[source]
-        source: io::Error,
-    },
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
 }
@@ -410,8 +405,24 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbeError {
     move |source| ProbeError::Kvm { what, source }
 }
 
-/// Live check "4 KiB UFFDIO_CONTINUE on hugetlb (HGM)": MINOR-registers a 2 MiB hugetlb memfd
-/// mapping, puts the page in the page cache through a second mapping, and asks to map only its
+/// The text of a kernel probe error that stops a live check (`Failed`), in this report's words.
+fn probe_failure(e: &strategy::ProbeError) -> String {
+    use strategy::ProbeError as E;
+    match e {
+        E::Uffd(e) => format!("userfaultfd: {e}"),
+        E::Api(e) => format!("UFFDIO_API: {e}"),
+        E::Map(e) => format!("mmap of the primary: {e}"),
+        E::Register(e) => format!("UFFDIO_REGISTER (MINOR) of a 2 MiB hugetlb mapping: {e}"),
+        E::GuestMemfdRegister { mode, source } => {
+            format!("UFFDIO_REGISTER ({mode}) of guest_memfd: {source}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Live check "4 KiB UFFDIO_CONTINUE on hugetlb (HGM)": puts a 2 MiB hugetlb memfd page in the
+/// page cache through one mapping, and asks the migration crate's HGM probe
+/// ([`strategy::probe_hugetlb_continue`]) to MINOR-register a second mapping and map only its
 /// first 4 KiB. EINVAL means the kernel has no high-granularity hugetlb mapping. Needs one free
 /// 2 MiB huge page (skipped otherwise); the page is given back at the end.
 pub fn check_hugetlb_4k_continue() -> Check {
@@ -427,60 +438,30 @@ pub fn check_hugetlb_4k_continue() -> Check {
         Ok(_) => {}
     }
     let run = || -> Result<Check, ProbeError> {
-        let uffd = uffd_from_syscall().map_err(io_err("userfaultfd"))?;
-        let features = kernel_abi::uffd::api(uffd.as_fd(), uffd_sys::UFFD_FEATURE_MINOR_HUGETLBFS);
-        match features {
-            Err(e) if is_einval(&e) => {
+        let size = PAGE_SIZE_2M as usize;
+        let file = hugetlb::create_file(backing, size)?;
+        let alias = Mapping::shared(file.as_fd(), 0, size).map_err(io_err("mmap of the alias"))?;
+        // SAFETY: in bounds of the live alias mapping; this faults the huge page into the
+        // page cache.
+        unsafe { alias.as_ptr().write_volatile(0xa5) };
+        let answer = match strategy::probe_hugetlb_continue(file.as_raw_fd(), 0, PAGE_SIZE_2M) {
+            Ok(answer) => answer,
+            Err(strategy::ProbeError::NoMinorHugetlbfs) => {
                 return Ok(Check::Unsupported(
                     "UFFDIO_API refuses UFFD_FEATURE_MINOR_HUGETLBFS".into(),
                 ))
             }
-            Err(source) => {
-                return Err(ProbeError::Io {
-                    what: "UFFDIO_API",
-                    source,
-                })
-            }
-            Ok(_) => {}
-        }
-        let size = PAGE_SIZE_2M as usize;
-        let file = hugetlb::create_file(backing, size)?;
-        let alias = Mapping::shared(std::os::fd::AsFd::as_fd(&file), 0, size)
-            .map_err(io_err("mmap of the alias"))?;
-        // The primary mapping is never touched by this thread: a touch of a registered, unmapped
-        // page would wait for a CONTINUE that only this thread could send.
-        let primary = Mapping::shared(std::os::fd::AsFd::as_fd(&file), 0, size)
-            .map_err(io_err("mmap of the primary"))?;
-        // SAFETY: in bounds of the live alias mapping; this faults the huge page into the
-        // page cache.
-        unsafe { alias.as_ptr().write_volatile(0xa5) };
-        kernel_abi::uffd::register(
-            uffd.as_fd(),
-            primary.addr(),
-            PAGE_SIZE_2M,
-            uffd_sys::UFFDIO_REGISTER_MODE_MINOR,
-        )
-        .map_err(io_err("UFFDIO_REGISTER (MINOR) of a 2 MiB hugetlb mapping"))?;
-        let small = kernel_abi::uffd::continue_range(uffd.as_fd(), primary.addr(), PAGE_SIZE_4K);
-        // Control: continuing the whole huge page must work, or the test itself is broken.
-        let whole = match &small {
-            Ok(_) => None,
-            Err(_) => Some(kernel_abi::uffd::continue_range(
-                uffd.as_fd(),
-                primary.addr(),
-                PAGE_SIZE_2M,
-            )),
+            Err(e) => return Ok(Check::Failed(probe_failure(&e))),
         };
-        let check = match (small, whole) {
-            (Ok(mapped), _) => {
-                // SAFETY: the first 4 KiB are mapped now, so this read does not fault into
-                // userfaultfd.
-                let seen = unsafe { primary.as_ptr().read_volatile() };
-                Check::Supported(format!(
-                    "UFFDIO_CONTINUE of 4 KiB in a 2 MiB hugetlb page mapped {mapped} bytes \
-                     (read back {seen:#x})"
-                ))
-            }
+        drop(alias);
+        // The control (`whole`): continuing the whole huge page must work, or the test itself
+        // is broken.
+        Ok(match (answer.small, answer.whole) {
+            (Ok(mapped), _) => Check::Supported(format!(
+                "UFFDIO_CONTINUE of 4 KiB in a 2 MiB hugetlb page mapped {mapped} bytes \
+                 (read back {:#x})",
+                answer.read_back.unwrap_or_default()
+            )),
             (Err(e), Some(Ok(_))) if is_einval(&e) => Check::Unsupported(
                 "UFFDIO_CONTINUE of 4 KiB in a 2 MiB hugetlb page: EINVAL (no HGM); \
                  the whole 2 MiB page continues fine"
@@ -496,18 +477,14 @@ pub fn check_hugetlb_4k_continue() -> Check {
                     _ => "not tried".into(),
                 }
             )),
-        };
-        // Close the userfaultfd (unregisters) before unmapping.
-        drop(uffd);
-        drop(primary);
-        drop(alias);
-        Ok(check)
+        })
     };
     run().unwrap_or_else(|e| Check::Failed(e.to_string()))
 }
 
-/// Live check "userfaultfd on guest_memfd": tries to register a guest_memfd mapping with
-/// userfaultfd MINOR (and MISSING). EINVAL means guest_memfd cannot be userfault-tracked.
+/// Live check "userfaultfd on guest_memfd": asks the migration crate's probe
+/// ([`strategy::probe_uffd_register`]) to register a guest_memfd mapping with userfaultfd MINOR
+/// (and MISSING). EINVAL means guest_memfd cannot be userfault-tracked.
 pub fn check_uffd_on_guest_memfd() -> Check {
     let run = || -> Result<Check, ProbeError> {
         let kvm = Kvm::new().map_err(kvm_err("/dev/kvm"))?;
@@ -517,23 +494,21 @@ pub fn check_uffd_on_guest_memfd() -> Check {
             Ok(fd) => fd,
             Err(e) => return Ok(Check::Skipped(format!("no mappable guest_memfd: {e}"))),
         };
-        let map = Mapping::shared(std::os::fd::AsFd::as_fd(&gmem), 0, size as usize)
+        let map = Mapping::shared(gmem.as_fd(), 0, size as usize)
             .map_err(io_err("mmap of the guest_memfd"))?;
-        let uffd = uffd_from_syscall().map_err(io_err("userfaultfd"))?;
-        kernel_abi::uffd::api(uffd.as_fd(), 0).map_err(io_err("UFFDIO_API"))?;
         let mut accepted = Vec::new();
         let mut refused = Vec::new();
-        for (mode, name) in [
-            (uffd_sys::UFFDIO_REGISTER_MODE_MINOR, "MINOR"),
-            (uffd_sys::UFFDIO_REGISTER_MODE_MISSING, "MISSING"),
-        ] {
-            match kernel_abi::uffd::register(uffd.as_fd(), map.addr(), size, mode) {
-                Ok(()) => accepted.push(name),
-                Err(e) if is_einval(&e) => refused.push(name),
-                Err(source) => return Err(ProbeError::Register { mode: name, source }),
+        for mode in [UffdMode::Minor, UffdMode::Missing] {
+            match strategy::probe_uffd_register(map.addr() as usize, size as usize, mode) {
+                Ok(()) => accepted.push(mode.name()),
+                Err(strategy::ProbeError::GuestMemfdRegister { source, .. })
+                    if is_einval(&source) =>
+                {
+                    refused.push(mode.name())
+                }
+                Err(e) => return Ok(Check::Failed(probe_failure(&e))),
             }
         }
-        drop(uffd);
         Ok(match (accepted.is_empty(), refused.is_empty()) {
             (true, _) => Check::Unsupported(format!(
                 "UFFDIO_REGISTER of a guest_memfd mapping: EINVAL for {}",

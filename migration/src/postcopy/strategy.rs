@@ -1,9 +1,9 @@
 //! How each region is served during postcopy: the strategy the operator asked for, what the
 //! kernel offers (detected, never assumed), and the resulting per-region plan.
 
-use std::os::fd::RawFd;
-
-use userfaultfd::{RegisterMode, UffdBuilder};
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, RawFd};
 
 use super::sys;
 use crate::types::{Backing, Granularity, RamRegion, PAGE_SIZE};
@@ -75,7 +75,8 @@ pub struct RegionPlan {
     pub native_fallback: Option<String>,
 }
 
-/// Why the kernel has no native 4 KiB path for a region (the probe's answer).
+/// Why the kernel has no native 4 KiB path for a region (the probe's answer), or why a probe
+/// could not reach an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("region has no hugetlb fd to probe")]
@@ -83,18 +84,61 @@ pub enum ProbeError {
     #[error("no guest_memfd mapping to probe")]
     NoGuestMemfdMapping,
     #[error("probe mmap of the hugetlb file failed: {0}")]
-    Map(#[source] std::io::Error),
+    Map(#[source] io::Error),
     #[error("probe userfaultfd failed: {0}")]
-    Uffd(#[source] userfaultfd::Error),
+    Uffd(#[source] io::Error),
+    #[error("probe UFFDIO_API failed: {0}")]
+    Api(#[source] io::Error),
+    /// `UFFDIO_API` refuses `UFFD_FEATURE_MINOR_HUGETLBFS` (EINVAL): no MINOR faults on
+    /// hugetlb, so no CONTINUE of any size.
+    #[error("UFFDIO_API refuses UFFD_FEATURE_MINOR_HUGETLBFS (no MINOR faults on hugetlb)")]
+    NoMinorHugetlbfs,
     #[error("probe MINOR registration failed: {0}")]
-    Register(#[source] userfaultfd::Error),
+    Register(#[source] io::Error),
     #[error("4 KiB UFFDIO_CONTINUE inside a hugetlb page returns EINVAL (no HGM in this kernel)")]
     NoHgm,
-    #[error("userfaultfd MINOR registration of the guest_memfd mapping failed: {0}")]
-    GuestMemfdRegister(#[source] userfaultfd::Error),
+    #[error("userfaultfd {mode} registration of the guest_memfd mapping failed: {source}")]
+    GuestMemfdRegister {
+        mode: UffdMode,
+        #[source]
+        source: io::Error,
+    },
     /// A probe answer given by the caller (tests, an operator override).
     #[error("{0}")]
     Other(String),
+}
+
+/// A userfaultfd registration mode a probe tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdMode {
+    /// `UFFDIO_REGISTER_MODE_MINOR`: faults on pages already in the page cache.
+    Minor,
+    /// `UFFDIO_REGISTER_MODE_MISSING`: faults on pages not there yet.
+    Missing,
+}
+
+impl UffdMode {
+    /// The mode's bit for `UFFDIO_REGISTER`.
+    pub fn bits(self) -> u64 {
+        match self {
+            UffdMode::Minor => userfaultfd_sys::UFFDIO_REGISTER_MODE_MINOR,
+            UffdMode::Missing => userfaultfd_sys::UFFDIO_REGISTER_MODE_MISSING,
+        }
+    }
+
+    /// The mode's name without the `UFFDIO_REGISTER_MODE_` prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            UffdMode::Minor => "MINOR",
+            UffdMode::Missing => "MISSING",
+        }
+    }
+}
+
+impl fmt::Display for UffdMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Plan a region for `strategy`, asking `probe` (called only for `Native` on a hugetlb or
@@ -179,33 +223,80 @@ pub fn probe_native(region: &RamRegion) -> Result<(), ProbeError> {
             None => Err(ProbeError::NoHugetlbFd),
         },
         Backing::GuestMemfd => match region.alias_addr {
-            Some(alias) => probe_uffd_register(alias, region.page_size.max(PAGE_SIZE) as usize),
+            Some(alias) => probe_uffd_register(
+                alias,
+                region.page_size.max(PAGE_SIZE) as usize,
+                UffdMode::Minor,
+            ),
             None => Err(ProbeError::NoGuestMemfdMapping),
         },
     }
 }
 
-/// Probe whether a 4 KiB `UFFDIO_CONTINUE` inside a hugetlb mapping passes the kernel's
-/// alignment check (it fails with EINVAL without HGM). Uses a temporary mapping and userfaultfd,
-/// allocates no huge page.
-pub fn probe_hugetlb_4k_continue(fd: RawFd, offset: u64, page_size: u64) -> Result<(), ProbeError> {
+/// What the kernel answered [`probe_hugetlb_continue`].
+#[derive(Debug)]
+pub struct HgmAnswer {
+    /// `UFFDIO_CONTINUE` of the first 4 KiB of the huge page: the bytes mapped, or the error.
+    pub small: io::Result<i64>,
+    /// Only where `small` failed: `UFFDIO_CONTINUE` of the whole huge page, the control (with
+    /// the page in the page cache it must work, or the probe itself is broken).
+    pub whole: Option<io::Result<i64>>,
+    /// Where `small` mapped the 4 KiB: their first byte, read back through the probe's mapping.
+    pub read_back: Option<u8>,
+}
+
+impl HgmAnswer {
+    /// Whether the 4 KiB CONTINUE passed the kernel's granularity check: without HGM it fails
+    /// with EINVAL; anything else (success, or EFAULT/ENOENT for a page not in the page cache)
+    /// passed it.
+    pub fn has_hgm(&self) -> bool {
+        !matches!(&self.small, Err(e) if e.raw_os_error() == Some(libc::EINVAL))
+    }
+}
+
+/// The HGM probe: maps the huge page at `offset` of the hugetlb file `fd` a second time,
+/// MINOR-registers that mapping with a new userfaultfd and asks to CONTINUE only its first
+/// 4 KiB (and, where that fails, the whole page as a control). Allocates no huge page: a page
+/// not in the page cache answers EFAULT after the granularity check. The mapping and the
+/// userfaultfd are the probe's own and gone when it returns.
+pub fn probe_hugetlb_continue(
+    fd: RawFd,
+    offset: u64,
+    page_size: u64,
+) -> Result<HgmAnswer, ProbeError> {
+    let uffd = kernel_abi::uffd::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .map_err(ProbeError::Uffd)?;
+    match kernel_abi::uffd::api(uffd.as_fd(), userfaultfd_sys::UFFD_FEATURE_MINOR_HUGETLBFS) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            return Err(ProbeError::NoMinorHugetlbfs)
+        }
+        Err(e) => return Err(ProbeError::Api(e)),
+        Ok(_) => {}
+    }
     let len = page_size as usize;
     let addr = sys::map_shared(len, fd, offset).map_err(ProbeError::Map)?;
     let result = (|| {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .create()
-            .map_err(ProbeError::Uffd)?;
-        uffd.register_with_mode(addr as *mut libc::c_void, len, RegisterMode::MINOR)
+        // Nothing touches this mapping but the read below, after its 4 KiB are mapped: a touch
+        // of a registered, unmapped page would wait for a CONTINUE only this thread could send.
+        kernel_abi::uffd::register(uffd.as_fd(), addr as u64, page_size, UffdMode::Minor.bits())
             .map_err(ProbeError::Register)?;
-        match uffd.r#continue(addr as *mut libc::c_void, PAGE_SIZE as usize, false) {
-            Err(e) if sys::uffd_errno(&e) == Some(libc::EINVAL) => Err(ProbeError::NoHgm),
-            // Anything else (EFAULT/ENOENT for a page not in the cache, or success) passed the
-            // granularity check.
-            _ => Ok(()),
-        }
+        let small = kernel_abi::uffd::continue_range(uffd.as_fd(), addr as u64, PAGE_SIZE);
+        let whole = small
+            .is_err()
+            .then(|| kernel_abi::uffd::continue_range(uffd.as_fd(), addr as u64, page_size));
+        let read_back = small.is_ok().then(|| {
+            // SAFETY: inside the probe's live mapping, whose first 4 KiB the CONTINUE just
+            // mapped, so the read does not fault into the userfaultfd.
+            unsafe { (addr as *const u8).read_volatile() }
+        });
+        Ok(HgmAnswer {
+            small,
+            whole,
+            read_back,
+        })
     })();
+    // Close the userfaultfd (unregisters) before unmapping.
+    drop(uffd);
     // SAFETY: the probe's own temporary mapping, not used after this.
     if let Err(e) = unsafe { sys::unmap(addr, len) } {
         tracing::warn!("unmapping the HGM probe mapping failed: {e}");
@@ -213,20 +304,25 @@ pub fn probe_hugetlb_4k_continue(fd: RawFd, offset: u64, page_size: u64) -> Resu
     result
 }
 
-/// Probe whether `[addr, addr + len)` can be registered with userfaultfd (MINOR).
-pub fn probe_uffd_register(addr: usize, len: usize) -> Result<(), ProbeError> {
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .create()
-        .map_err(ProbeError::Uffd)?;
-    match uffd.register_with_mode(addr as *mut libc::c_void, len, RegisterMode::MINOR) {
-        Ok(_) => {
-            let _ = uffd.unregister(addr as *mut libc::c_void, len);
-            Ok(())
-        }
-        Err(e) => Err(ProbeError::GuestMemfdRegister(e)),
+/// Probe whether a 4 KiB `UFFDIO_CONTINUE` inside a hugetlb mapping passes the kernel's
+/// alignment check (it fails with EINVAL without HGM): [`probe_hugetlb_continue`], reduced to
+/// the plan's yes or no.
+pub fn probe_hugetlb_4k_continue(fd: RawFd, offset: u64, page_size: u64) -> Result<(), ProbeError> {
+    if probe_hugetlb_continue(fd, offset, page_size)?.has_hgm() {
+        Ok(())
+    } else {
+        Err(ProbeError::NoHgm)
     }
+}
+
+/// Probe whether `[addr, addr + len)` can be registered with a new userfaultfd in `mode`. The
+/// userfaultfd is closed (the range unregistered) before this returns.
+pub fn probe_uffd_register(addr: usize, len: usize, mode: UffdMode) -> Result<(), ProbeError> {
+    let uffd = kernel_abi::uffd::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .map_err(ProbeError::Uffd)?;
+    kernel_abi::uffd::api(uffd.as_fd(), 0).map_err(ProbeError::Api)?;
+    kernel_abi::uffd::register(uffd.as_fd(), addr as u64, len as u64, mode.bits())
+        .map_err(|source| ProbeError::GuestMemfdRegister { mode, source })
 }
 
 #[cfg(test)]

@@ -62,10 +62,33 @@ pub enum StopReason {
     GuestExit(i32),
     /// The guest asked for a reset (i8042) or triple-faulted.
     Reset,
-    /// The guest hit something KVM could not run (message says what).
-    Crash(String),
+    /// The guest hit something KVM could not run.
+    Crash(Crash),
     /// The VMM stopped it (signal, migration handed it over, ...).
     Stopped,
+}
+
+/// Why a vCPU could not run the guest any further (the VM stops as crashed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Crash {
+    /// `KVM_RUN` itself failed (not EINTR/EAGAIN, which only interrupt it).
+    #[error("vCPU {index}: KVM_RUN failed: {source}")]
+    Run {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An exit the VMM cannot run the guest past, at the guest's `rip` then (0 if the
+    /// registers could not be read).
+    #[error("{exit} at rip {rip:#x}")]
+    Exit {
+        #[source]
+        exit: ExitError,
+        rip: u64,
+    },
+    /// The vCPU thread panicked.
+    #[error("the thread of vCPU {index} panicked")]
+    Panicked { index: u8 },
 }
 
 /// Where vCPUs report that the VM must stop; the VMM's main thread waits on it.
@@ -225,9 +248,7 @@ impl VcpuHandle {
                     run_loop(index, &mut fd, &devices, &stop, &s)
                 }));
                 if crashed.is_err() {
-                    stop.stop(StopReason::Crash(format!(
-                        "the thread of vCPU {index} panicked"
-                    )));
+                    stop.stop(StopReason::Crash(Crash::Panicked { index }));
                 }
             })
             .map_err(VcpuError::Spawn)?;
@@ -421,9 +442,7 @@ fn run_loop(index: u8, fd: &mut VcpuFd, devices: &Devices, stop: &StopSignal, sh
                 Ok(DeviceAction::None)
             }
             Err(e) => {
-                stop.stop(StopReason::Crash(format!(
-                    "vCPU {index}: KVM_RUN failed: {e}"
-                )));
+                stop.stop(StopReason::Crash(Crash::Run { index, source: e }));
                 return;
             }
         };
@@ -437,9 +456,9 @@ fn run_loop(index: u8, fd: &mut VcpuFd, devices: &Devices, stop: &StopSignal, sh
                 stop.stop(StopReason::Reset);
                 return;
             }
-            Err(msg) => {
+            Err(exit) => {
                 let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                stop.stop(StopReason::Crash(format!("{msg} at rip {rip:#x}")));
+                stop.stop(StopReason::Crash(Crash::Exit { exit, rip }));
                 return;
             }
         }
@@ -447,7 +466,7 @@ fn run_loop(index: u8, fd: &mut VcpuFd, devices: &Devices, stop: &StopSignal, sh
 }
 
 /// A vCPU exit the VMM cannot run the guest past (the VM stops as crashed).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExitError {
     #[error("vCPU {index}: KVM internal error (the instruction emulator could not run the guest)")]
     Internal { index: u8 },
@@ -490,5 +509,41 @@ fn handle_exit(
             index,
             exit: format!("{other:?}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_says_which_vcpu_and_why() {
+        let run = Crash::Run {
+            index: 1,
+            source: kvm_ioctls::Error::new(libc::EFAULT),
+        };
+        assert_eq!(
+            run.to_string(),
+            format!(
+                "vCPU 1: KVM_RUN failed: {}",
+                std::io::Error::from_raw_os_error(libc::EFAULT)
+            )
+        );
+        let exit = Crash::Exit {
+            exit: ExitError::FailEntry {
+                index: 0,
+                reason: 0x21,
+                cpu: 3,
+            },
+            rip: 0xfff0,
+        };
+        assert_eq!(
+            exit.to_string(),
+            "vCPU 0: VM entry failed (hardware reason 0x21, cpu 3) at rip 0xfff0"
+        );
+        assert_eq!(
+            Crash::Panicked { index: 2 }.to_string(),
+            "the thread of vCPU 2 panicked"
+        );
     }
 }
