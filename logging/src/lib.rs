@@ -1,5 +1,5 @@
 //! Logging for the `vmm` and `harness` binaries: every message goes through `tracing`, set up
-//! here once, the same way for both.
+//! here once, the same way for both (docs/api.md lists the flags).
 //!
 //! - Level: `--log-level LEVEL|DIRECTIVES` (e.g. `debug`, `warn,migration=trace`), else one
 //!   `-v` per step above the default (`-v` debug, `-vv` trace), else the environment variable

@@ -1,5 +1,7 @@
 //! Live migration: the wire protocol, authentication, the two-channel transport, the source and
 //! destination protocol drivers, and (in `postcopy`) the destination's userfaultfd memory engine.
+//! See docs/protocol.md (the wire format, the state machines, recovery) and docs/architecture.md
+//! (the postcopy engine's modules and the fault path).
 
 pub mod auth;
 pub mod destination;

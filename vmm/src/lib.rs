@@ -8,6 +8,9 @@
 //! control socket), [`launcher`] (what `vmm run` does), [`probe`] (what the host offers),
 //! [`fault_limit`] (the raw vCPU userfault round trip, `vmm fault-limit`), [`seccomp`] (the
 //! system calls each thread may make).
+//!
+//! See docs/architecture.md for how the pieces fit, docs/api.md for the control socket and
+//! docs/platform.md for what the host must offer.
 
 pub mod api;
 pub mod boot;
