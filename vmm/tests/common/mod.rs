@@ -144,9 +144,11 @@ pub fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
             let _ = child.kill();
             let _ = child.wait();
             let stdout = t_out.join().unwrap_or_default();
+            let stderr = t_err.join().unwrap_or_default();
             panic!(
-                "vmm did not finish within {limit:?}; output so far:\n{}",
-                String::from_utf8_lossy(&stdout)
+                "vmm did not finish within {limit:?}; stdout so far:\n{}\nstderr so far:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
