@@ -384,6 +384,30 @@ impl RamLayout {
     }
 }
 
+/// The maximal runs `[start, end)` of indices in `[from, to)` for which `pred` holds, in order:
+/// the one loop that finds runs over a predicate (a page set has its own, word by word, in
+/// [`PageSet::runs`]).
+pub fn runs_where(
+    from: u64,
+    to: u64,
+    mut pred: impl FnMut(u64) -> bool,
+) -> impl Iterator<Item = (u64, u64)> {
+    let mut at = from;
+    std::iter::from_fn(move || {
+        while at < to && !pred(at) {
+            at += 1;
+        }
+        if at >= to {
+            return None;
+        }
+        let start = at;
+        while at < to && pred(at) {
+            at += 1;
+        }
+        Some((start, at))
+    })
+}
+
 /// A set of pages of a [`RamLayout`], by global page index (which pages a side holds or must
 /// send). Also what a postcopy recovery would exchange.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -705,6 +729,17 @@ mod tests {
             ]
         );
         assert!(l.runs(&PageSet::new(16), 4).is_empty());
+    }
+
+    #[test]
+    fn runs_where_finds_maximal_runs_inside_the_bounds() {
+        let holes = [true, true, false, true, false, false, true];
+        let got: Vec<_> = runs_where(0, 7, |i| holes[i as usize]).collect();
+        assert_eq!(got, vec![(0, 2), (3, 4), (6, 7)]);
+        let got: Vec<_> = runs_where(1, 6, |i| holes[i as usize]).collect();
+        assert_eq!(got, vec![(1, 2), (3, 4)]);
+        assert_eq!(runs_where(4, 6, |i| holes[i as usize]).count(), 0);
+        assert_eq!(runs_where(5, 5, |_| true).count(), 0);
     }
 
     #[test]

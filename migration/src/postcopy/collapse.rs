@@ -29,7 +29,7 @@ use super::strategy::{FinalBacking, ServeMode};
 use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
-use crate::types::{DirtyLog, MemslotSwap, VcpuControl, PAGE_SIZE};
+use crate::types::{runs_where, DirtyLog, MemslotSwap, VcpuControl, PAGE_SIZE};
 
 /// A unit whose pages all arrived (the collapse thread's message).
 pub type CollapseJob = UnitDone;
@@ -316,27 +316,15 @@ fn fill_holes(r: &Region, off: u64, len: u64) {
             vec![false; (len / PAGE_SIZE) as usize]
         }
     };
-    let mut p = 0;
-    while p < resident.len() {
-        if resident[p] {
-            p += 1;
-            continue;
-        }
-        let start = p;
-        while p < resident.len() && !resident[p] {
-            p += 1;
-        }
-        let (h_off, h_len) = (
-            off + start as u64 * PAGE_SIZE,
-            (p - start) as u64 * PAGE_SIZE,
-        );
+    for (start, end) in runs_where(0, resident.len() as u64, |i| !resident[i as usize]) {
+        let (h_off, h_len) = (off + start * PAGE_SIZE, (end - start) * PAGE_SIZE);
         let res = match r.region.fd {
             Some(fd) => sys::fill_holes(fd, r.region.fd_offset + h_off, h_len),
             // SAFETY: the region's alias, which nothing is registered on; POPULATE_WRITE only
             // allocates the holes (zero-filled), which arrived as zero pages.
             None => unsafe {
                 sys::madvise(
-                    alias + start * PAGE_SIZE as usize,
+                    alias + (start * PAGE_SIZE) as usize,
                     h_len as usize,
                     libc::MADV_POPULATE_WRITE,
                 )

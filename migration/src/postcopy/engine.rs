@@ -32,7 +32,8 @@ use super::sys;
 use super::PostcopyError;
 use crate::live_stats::EngineLive;
 use crate::types::{
-    Backing, DirtyLog, Granularity, MemslotSwap, PageFetcher, RamRegion, VcpuControl, PAGE_SIZE,
+    runs_where, Backing, DirtyLog, Granularity, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
+    PAGE_SIZE,
 };
 
 /// Size of the fault worker pool (page fetches for different faults proceed in parallel).
@@ -462,16 +463,7 @@ impl PostcopyEngine {
         while chunk < first + count {
             let end = (chunk + LOCK_CHUNK).min(first + count);
             let _guards: Vec<_> = (chunk..end).map(|p| r.tracker.lock_page(p)).collect();
-            let mut p = chunk;
-            while p < end {
-                if r.tracker.arrived(p) {
-                    p += 1;
-                    continue;
-                }
-                let run_start = p;
-                while p < end && !r.tracker.arrived(p) {
-                    p += 1;
-                }
+            for (run_start, p) in runs_where(chunk, end, |p| !r.tracker.arrived(p)) {
                 let bytes =
                     &data[((run_start - first) as usize) * PAGE..((p - first) as usize) * PAGE];
                 let offset = r.region.fd_offset + run_start * PAGE_SIZE;
