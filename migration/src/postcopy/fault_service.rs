@@ -273,8 +273,6 @@ fn read_faults(
 struct Inflight<'a> {
     service: &'a FaultService,
     key: (usize, u64),
-    /// The range this fault's mapping resolves (a page, or a whole huge page).
-    range: (usize, usize),
     read_at: Instant,
     vcpu: Option<usize>,
     done: bool,
@@ -299,7 +297,8 @@ impl Inflight<'_> {
             .remove(&self.key)
             .unwrap_or_default();
         if !joined.is_empty() {
-            self.service.installer.wake(self.range.0, self.range.1);
+            let (addr, len) = self.service.claimed_range(self.key);
+            self.service.installer.wake(addr, len);
         }
         let now = Instant::now();
         let stats = &self.service.stats;
@@ -333,14 +332,21 @@ impl Drop for Inflight<'_> {
 }
 
 impl FaultService {
-    /// Claim `key` (resolved by mapping `range`) for `job`; None if a fault on it is being
-    /// served already (this one then joins it and is woken by it: see [`Inflight::served`]).
-    fn claim(
-        &self,
-        key: (usize, u64),
-        range: (usize, usize),
-        job: &FaultJob,
-    ) -> Option<Inflight<'_>> {
+    /// The range whose mapping resolves the faults on claim key `(region, key)`: its 4 KiB page,
+    /// or (a [`HUGE_KEY`] key) its whole huge page.
+    fn claimed_range(&self, (ri, key): (usize, u64)) -> (usize, usize) {
+        let r = &self.regions[ri];
+        if key & HUGE_KEY != 0 {
+            let first = (key & !HUGE_KEY) * r.tracker.pages_per_unit();
+            (r.host_page(first), r.region.page_size as usize)
+        } else {
+            (r.host_page(key), PAGE_SIZE as usize)
+        }
+    }
+
+    /// Claim `key` for `job`; None if a fault on it is being served already (this one then
+    /// joins it and is woken by it: see [`Inflight::served`]).
+    fn claim(&self, key: (usize, u64), job: &FaultJob) -> Option<Inflight<'_>> {
         let (read_at, vcpu) = (job.read_at, job.vcpu);
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(joined) = map.get_mut(&key) {
@@ -353,7 +359,6 @@ impl FaultService {
         Some(Inflight {
             service: self,
             key,
-            range,
             read_at,
             vcpu,
             done: false,
@@ -449,8 +454,7 @@ impl FaultService {
     fn serve_4k_direct(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
         let ri = job.region;
         let r = &self.regions[ri];
-        let Some(claim) = self.claim((ri, page), (r.host_page(page), PAGE_SIZE as usize), job)
-        else {
+        let Some(claim) = self.claim((ri, page), job) else {
             return Ok(()); // the first fault on this page wakes every waiter
         };
         let started = Instant::now();
@@ -490,8 +494,7 @@ impl FaultService {
     fn serve_staged(&self, job: &FaultJob, page: u64) -> Result<(), PostcopyError> {
         let ri = job.region;
         let r = &self.regions[ri];
-        let Some(claim) = self.claim((ri, page), (r.host_page(page), PAGE_SIZE as usize), job)
-        else {
+        let Some(claim) = self.claim((ri, page), job) else {
             return Ok(());
         };
         let addr = r.host_page(page);
@@ -567,8 +570,7 @@ impl FaultService {
         let r = &self.regions[ri];
         let ppu = r.tracker.pages_per_unit();
         let hidx = page / ppu;
-        let range = (r.host_page(hidx * ppu), r.region.page_size as usize);
-        let Some(claim) = self.claim((ri, hidx | HUGE_KEY), range, job) else {
+        let Some(claim) = self.claim((ri, hidx | HUGE_KEY), job) else {
             return Ok(()); // the first fault on this huge page maps it for every waiter
         };
         let (first, end) = r.tracker.unit_pages(hidx);
