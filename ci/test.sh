@@ -60,11 +60,16 @@ print_summary() {
     done
 }
 
+# Each huge page pool as "nr_hugepages path=value", one per line.
+pool_entries() {
+    local f
+    for f in /sys/kernel/mm/hugepages/hugepages-*/nr_hugepages; do
+        [ -e "$f" ] && printf '%s=%s\n' "$f" "$(cat "$f")"
+    done
+}
+
 # The huge page pools as the run found them: put back when the run ends, however it ends.
-pools_found=()
-for f in /sys/kernel/mm/hugepages/hugepages-*/nr_hugepages; do
-    [ -e "$f" ] && pools_found+=("$f=$(cat "$f")")
-done
+mapfile -t pools_found < <(pool_entries)
 restore_pools() {
     local entry
     for entry in "${pools_found[@]}"; do
@@ -112,10 +117,7 @@ else
 fi
 
 # The pools the tests start from (with the 1 GiB reservation): every test must give back to these.
-pools_before=()
-for f in /sys/kernel/mm/hugepages/hugepages-*/nr_hugepages; do
-    [ -e "$f" ] && pools_before+=("$f=$(cat "$f")")
-done
+mapfile -t pools_before < <(pool_entries)
 
 check_pools_restored() {
     local entry f want now bad=0
