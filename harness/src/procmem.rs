@@ -42,11 +42,7 @@ impl StatusMem {
                 "VmHWM" => &mut m.hwm_kb,
                 _ => continue,
             };
-            let Some(v) = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-            else {
+            let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) else {
                 continue;
             };
             *slot = v;

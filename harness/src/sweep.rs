@@ -273,7 +273,10 @@ pub fn fits_in(s: &Scenario, host: &HostMemory) -> Result<(), String> {
         want >> 10,
         s.memory_mib,
         if pooled_kb > 0 {
-            format!(", less {} MiB already free in the huge page pool", pooled_kb >> 10)
+            format!(
+                ", less {} MiB already free in the huge page pool",
+                pooled_kb >> 10
+            )
         } else {
             String::new()
         },
@@ -400,12 +403,17 @@ fn flat(pts: &[(f64, f64)], ratio: f64, slack: f64, unit: &str) -> (Verdict, Str
     if pts.len() < 2 {
         return (Verdict::NotMeasured, "fewer than two sizes".into());
     }
-    let (lo, hi) = pts
-        .iter()
-        .fold((pts[0], pts[0]), |(lo, hi), &p| {
-            (if p.1 < lo.1 { p } else { lo }, if p.1 > hi.1 { p } else { hi })
-        });
-    let r = if lo.1 > 0.0 { hi.1 / lo.1 } else { f64::INFINITY };
+    let (lo, hi) = pts.iter().fold((pts[0], pts[0]), |(lo, hi), &p| {
+        (
+            if p.1 < lo.1 { p } else { lo },
+            if p.1 > hi.1 { p } else { hi },
+        )
+    });
+    let r = if lo.1 > 0.0 {
+        hi.1 / lo.1
+    } else {
+        f64::INFINITY
+    };
     let ok = r <= ratio || hi.1 - lo.1 <= slack;
     let text = format!(
         "{:.1}-{:.1} {unit} over {}-{}; max/min {r:.2}x (lowest at {}, highest at {})",
@@ -435,13 +443,16 @@ fn linear(pts: &[(f64, f64)]) -> (Verdict, String) {
             let line = a + b * x;
             (x, if line > 0.0 { (y - line) / line } else { 0.0 })
         })
-        .fold((0.0, 0.0), |acc: (f64, f64), p| {
-            if p.1.abs() > acc.1.abs() {
-                p
-            } else {
-                acc
-            }
-        });
+        .fold(
+            (0.0, 0.0),
+            |acc: (f64, f64), p| {
+                if p.1.abs() > acc.1.abs() {
+                    p
+                } else {
+                    acc
+                }
+            },
+        );
     let ok = r2 >= targets::LINEAR_R2 && b > 0.0 && dev.abs() <= targets::LINEAR_RESIDUAL;
     (
         Verdict::of(ok),
@@ -807,7 +818,10 @@ mod tests {
             Err(SweepError::Duplicate("1024M".into(), 1024))
         );
         let msg = parse_sizes("256M,lots").unwrap_err().to_string();
-        assert!(msg.contains("\"lots\"") && msg.contains("256M or 4G"), "{msg}");
+        assert!(
+            msg.contains("\"lots\"") && msg.contains("256M or 4G"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -900,7 +914,10 @@ mod tests {
     #[test]
     fn lines_are_fitted_and_flatness_judged() {
         let (a, b, r2) = fit_line(&[(0.25, 0.6), (1.0, 1.5), (4.0, 5.1), (8.0, 9.9)]).unwrap();
-        assert!((b - 1.2).abs() < 0.05 && a > 0.0 && r2 > 0.99, "{a} {b} {r2}");
+        assert!(
+            (b - 1.2).abs() < 0.05 && a > 0.0 && r2 > 0.99,
+            "{a} {b} {r2}"
+        );
         assert_eq!(fit_line(&[(1.0, 1.0)]), None);
         assert_eq!(fit_line(&[(1.0, 1.0), (1.0, 2.0)]), None);
         assert_eq!(linear(&[(1.0, 1.0), (2.0, 2.0)]).0, Verdict::NotMeasured);
@@ -918,7 +935,10 @@ mod tests {
         assert_eq!(v, Verdict::Missed);
         assert!(why.contains("highest at 8 GiB"), "{why}");
         // Sub-millisecond blackouts within the slack are flat whatever their ratio.
-        assert_eq!(flat(&[(0.25, 0.2), (8.0, 0.9)], 2.0, 1.0, "ms").0, Verdict::Met);
+        assert_eq!(
+            flat(&[(0.25, 0.2), (8.0, 0.9)], 2.0, 1.0, "ms").0,
+            Verdict::Met
+        );
         assert_eq!(flat(&[(1.0, 1.0)], 2.0, 1.0, "ms").0, Verdict::NotMeasured);
     }
 
@@ -967,7 +987,9 @@ mod tests {
         assert_eq!(rows.len(), 8);
         let verdict = |vcpus: u32, what: &str| {
             rows.iter()
-                .find(|t| t.scenario.contains(&format!("({vcpus} vCPU)")) && t.target.contains(what))
+                .find(|t| {
+                    t.scenario.contains(&format!("({vcpus} vCPU)")) && t.target.contains(what)
+                })
                 .map(|t| t.verdict)
         };
         assert_eq!(verdict(1, "blackout"), Some(Verdict::Met));
@@ -978,7 +1000,10 @@ mod tests {
         let mut md = String::new();
         section(&mut md, &r);
         assert!(md.contains("## Size sweep"), "{md}");
-        assert!(md.contains("| shmem-4k-staged-random-loopback | 8192 | 1 |"), "{md}");
+        assert!(
+            md.contains("| shmem-4k-staged-random-loopback | 8192 | 1 |"),
+            "{md}"
+        );
         assert!(md.contains("not run: needs 18432 MiB"), "{md}");
         assert!(md.contains("fault p50 flat"), "{md}");
         let plots = draw_plots(d.path(), &r).unwrap();
@@ -999,7 +1024,13 @@ mod tests {
         }
         // No sweep: no rows, no section, no plots.
         let plain = Results {
-            scenarios: vec![ScenarioResult::new("s", "shmem", "4k-staged", "loopback", "random")],
+            scenarios: vec![ScenarioResult::new(
+                "s",
+                "shmem",
+                "4k-staged",
+                "loopback",
+                "random",
+            )],
             ..r
         };
         assert!(check_targets(&plain).is_empty());
