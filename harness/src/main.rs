@@ -70,7 +70,7 @@ enum Cmd {
         /// RAM sizes (`--sizes`) and vCPU counts (`--sweep-vcpus`); the report plots blackout,
         /// total time, fault p50/p99 and destination extra memory against the size. Sizes
         /// that do not fit in the host's available memory are skipped, saying why.
-        #[arg(long, value_enum, value_name = "WHAT", conflicts_with_all = ["all", "peer"])]
+        #[arg(long, value_enum, value_name = "WHAT", conflicts_with_all = ["all", "peer", "vcpus"])]
         sweep: Option<SweepArg>,
         /// Guest RAM sizes of the sweep, comma-separated (M or G suffix).
         #[arg(long, default_value = harness::sweep::DEFAULT_SIZES, requires = "sweep")]

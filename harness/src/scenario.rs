@@ -1721,6 +1721,37 @@ mod tests {
     }
 
     #[test]
+    fn a_scenario_runs_with_its_own_vcpus_passes_and_a_timeout_scaled_to_its_size() {
+        let cfg = RunConfig {
+            vmm: "vmm".into(),
+            kernel: "workload.elf".into(),
+            out: "out".into(),
+            vcpus: 1,
+            passes: 24,
+            post_passes: 2,
+            quick: true,
+            uffd_samples: 1,
+            rtt_samples: 1,
+            throughput_for: Duration::from_secs(1),
+            phase_timeout: Duration::from_secs(120),
+        };
+        let secs = |mib| cfg.phase_timeout_for(mib).as_secs();
+        assert_eq!((secs(64), secs(256), secs(1024)), (120, 120, 120));
+        assert_eq!((secs(1025), secs(4096), secs(8192)), (240, 480, 960));
+        let mut s = quick()[0].clone();
+        let plain = cfg.for_scenario(&s);
+        assert_eq!((plain.vcpus, plain.passes), (1, 24));
+        assert_eq!(plain.phase_timeout, cfg.phase_timeout);
+        s.memory_mib = 8192;
+        s.vcpus = Some(2);
+        s.passes = Some(6);
+        let point = cfg.for_scenario(&s);
+        assert_eq!((point.vcpus, point.passes), (2, 6));
+        assert_eq!(point.phase_timeout, Duration::from_secs(960));
+        assert_eq!(s.vcpus_under(&cfg), 2);
+    }
+
+    #[test]
     fn reset_fault_fires_a_third_into_the_guest_ram() {
         let f = LinkFault::ResetOnce;
         assert_eq!(f.fires_after_bytes(256), (256u64 << 20) / 3);
