@@ -934,7 +934,7 @@ pub fn run(
             let unfit = s
                 .sweep_of
                 .as_ref()
-                .and_then(|_| crate::sweep::does_not_fit(s).err());
+                .and_then(|_| crate::sweep::check_fits(s).err());
             let outcome = if let Some(why) = unfit {
                 tracing::warn!("SKIPPING {}: {why}", s.name);
                 Err(RunError::Scenario(format!("not run: {why}")))

@@ -288,7 +288,7 @@ pub fn fits_in(s: &Scenario, host: &HostMemory) -> Result<(), String> {
 
 /// [`fits_in`] the host's memory now (a host whose memory cannot be read is let through: the
 /// VMMs will say what fails).
-pub fn does_not_fit(s: &Scenario) -> Result<(), String> {
+pub fn check_fits(s: &Scenario) -> Result<(), String> {
     match HostMemory::read() {
         Some(host) => fits_in(s, &host),
         None => Ok(()),
