@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use harness::histogram::Percentiles;
 use harness::scenario::{self, Progress, RunConfig};
-use harness::{cleanup, histogram, limits, netns, report, results};
+use harness::{cleanup, histogram, limits, netns, report, results, sweep};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,15 +55,29 @@ enum Cmd {
         /// after the last, so there must be enough passes left to span the migration (a hugetlb
         /// destination faults in all guest RAM before it answers the source, seconds on a cold
         /// pool). 0 = until the harness stops it (then no guest histograms: VMM-side figures
-        /// only).
-        #[arg(long, default_value_t = 24)]
-        passes: u32,
+        /// only). Default 24; a sweep point's default shrinks with its size (24 at 256 MiB,
+        /// 6 from 1 GiB up).
+        #[arg(long)]
+        passes: Option<u32>,
         /// With --passes 0: destination passes to wait for after migrating.
         #[arg(long, default_value_t = 2)]
         post_passes: usize,
-        /// Seconds to wait for each phase (guest start, migration, guest finish).
+        /// Seconds to wait for each phase (guest start, migration, guest finish), per GiB of
+        /// guest RAM above 1 GiB (a 4 GiB scenario waits 4 times as long).
         #[arg(long, default_value_t = 120)]
         phase_timeout: u64,
+        /// Sweep the chosen scenarios (default: shmem-4k-staged-random-loopback) over guest
+        /// RAM sizes (`--sizes`) and vCPU counts (`--sweep-vcpus`); the report plots blackout,
+        /// total time, fault p50/p99 and destination extra memory against the size. Sizes
+        /// that do not fit in the host's available memory are skipped, saying why.
+        #[arg(long, value_enum, value_name = "WHAT", conflicts_with_all = ["all", "peer", "vcpus"])]
+        sweep: Option<SweepArg>,
+        /// Guest RAM sizes of the sweep, comma-separated (M or G suffix).
+        #[arg(long, default_value = harness::sweep::DEFAULT_SIZES, requires = "sweep")]
+        sizes: String,
+        /// vCPU counts of the sweep, comma-separated (replaces --vcpus for the sweep).
+        #[arg(long, default_value = harness::sweep::DEFAULT_VCPUS, requires = "sweep")]
+        sweep_vcpus: String,
     },
     /// Measure and print the limits (userfault round trip, loopback TCP round trip and
     /// throughput; with --rate-mbit, over a namespace pair with that cap).
@@ -99,6 +113,12 @@ enum Cmd {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum PeerArg {
     Qemu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SweepArg {
+    /// Guest RAM size (and vCPU count).
+    Size,
 }
 
 struct Bars {
@@ -150,8 +170,28 @@ fn main() -> Result<()> {
             passes,
             post_passes,
             phase_timeout,
+            sweep,
+            sizes,
+            sweep_vcpus,
         } => {
-            let mut list = if all {
+            let mut list = if let Some(SweepArg::Size) = sweep {
+                let sizes = sweep::parse_sizes(&sizes).context("--sizes")?;
+                let counts = sweep::parse_vcpus(&sweep_vcpus).context("--sweep-vcpus")?;
+                let bases = if scenarios.is_empty() {
+                    scenario::by_names(&[sweep::DEFAULT_BASE.to_string()])?
+                } else {
+                    scenario::by_names(&scenarios)?
+                };
+                let points = sweep::expand(&bases, &sizes, &counts, passes)?;
+                let (fit, skipped) = sweep::split_fitting(points);
+                for (s, why) in &skipped {
+                    eprintln!("harness: SKIPPING sweep point {}: {why}", s.name);
+                }
+                if fit.is_empty() {
+                    bail!("no sweep point fits in this host's memory (see above)");
+                }
+                fit
+            } else if all {
                 scenario::all()
             } else if !scenarios.is_empty() {
                 scenario::by_names(&scenarios)?
@@ -162,13 +202,13 @@ fn main() -> Result<()> {
                 let twins = scenario::peer_twins(&list);
                 list.extend(twins);
             }
-            let is_quick = quick || (!all && scenarios.is_empty());
+            let is_quick = quick || (!all && scenarios.is_empty() && sweep.is_none());
             let cfg = RunConfig {
                 vmm: vmm.unwrap_or_else(default_vmm),
                 kernel,
                 out: out.clone(),
                 vcpus,
-                passes,
+                passes: passes.unwrap_or(24),
                 post_passes,
                 quick: is_quick,
                 uffd_samples: if is_quick { 5_000 } else { 20_000 },

@@ -72,7 +72,7 @@ impl Verdict {
         }
     }
 
-    fn text(self) -> &'static str {
+    pub(crate) fn text(self) -> &'static str {
         match self {
             Verdict::Met => "met",
             Verdict::Missed => "**missed**",
@@ -332,6 +332,7 @@ pub fn check_targets(r: &Results) -> Vec<TargetCheck> {
         &mut out,
     );
     out.extend(crate::peer_report::check_targets(r));
+    out.extend(crate::sweep::check_targets(r));
     out
 }
 
@@ -375,13 +376,16 @@ fn slug(s: &str) -> String {
         .collect()
 }
 
-/// Scenarios grouped by everything but the strategy (the plots compare strategies).
+/// Scenarios grouped by everything but the strategy (the plots compare strategies); each
+/// sweep point is a group of its own (its size and vCPUs in the key).
 fn strategy_groups(r: &Results) -> BTreeMap<String, Vec<&ScenarioResult>> {
     let mut g: BTreeMap<String, Vec<&ScenarioResult>> = BTreeMap::new();
     for s in ok_scenarios(r) {
-        g.entry(format!("{}-{}-{}", s.link, s.backing, s.pattern))
-            .or_default()
-            .push(s);
+        let mut key = format!("{}-{}-{}", s.link, s.backing, s.pattern);
+        if let (Some(_), Some(mib)) = (&s.sweep_of, s.memory_mib) {
+            key.push_str(&format!("-{mib}m-{}vcpu", s.vcpus.unwrap_or(1)));
+        }
+        g.entry(key).or_default().push(s);
     }
     g
 }
@@ -893,13 +897,13 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     let _ = writeln!(
         md,
         "| scenario | blackout ms (<= {}) | total s | background Gbit/s | overall Gbit/s | raw TCP Gbit/s | of raw | \
-         collapse stall p50 / max us (n) | staging peak MiB | urgent pages (fault channel) | pages pushed | \
+         collapse stall p50 / max us (n) | staging peak MiB | dst extra MiB | urgent pages (fault channel) | pages pushed | \
          urgent per pushed | uffd faults | fetched remote / local | raw loaded TCP Gbit/s | of raw loaded |",
         targets::BLACKOUT_MS
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in ok_scenarios(r) {
         let of_raw = match (s.throughput_gbps, s.raw_throughput_gbps) {
@@ -917,7 +921,7 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
         let c = &s.collapse_stall_us;
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} ({}) | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} ({}) | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             s.name,
             opt(s.blackout_ms, 2),
             opt(s.total_s, 2),
@@ -929,6 +933,7 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
             c.max,
             c.count,
             opt(s.staging_peak_mib, 1),
+            opt(s.dst_extra_mib, 1),
             count_opt(s.faults_served),
             count_opt(s.pages_pushed),
             per_pushed,
@@ -951,6 +956,7 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     recovery_section(&mut md, r);
     tls_section(&mut md, r);
     crate::peer_report::section(&mut md, r);
+    crate::sweep::section(&mut md, r);
 
     let failed: Vec<_> = r
         .scenarios
@@ -981,7 +987,7 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
 /// What plotters reports when drawing an SVG fails.
 pub type PlotError = plotters::drawing::DrawingAreaErrorKind<std::io::Error>;
 
-fn plot_err(path: &Path) -> impl Fn(PlotError) -> ReportError + '_ {
+pub(crate) fn plot_err(path: &Path) -> impl Fn(PlotError) -> ReportError + '_ {
     move |source| ReportError::Plot {
         path: path.to_path_buf(),
         source,
@@ -1209,6 +1215,7 @@ pub fn draw_plots(dir: &Path, r: &Results) -> Result<Vec<(String, String)>, Repo
             out.push((title, file));
         }
     }
+    out.extend(crate::sweep::draw_plots(dir, r)?);
     for s in ok_scenarios(r).filter(|s| !s.fault_series.is_empty()) {
         let file = format!("plots/latency-time-{}.svg", slug(&s.name));
         let title = format!("Fault latency through the migration: {}", s.name);

@@ -304,6 +304,28 @@ pub struct ScenarioResult {
     /// `slow_faults`); absent when the destination listed none.
     #[serde(default)]
     pub fault_tail: Option<FaultTail>,
+    /// Guest RAM, MiB.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// For a sweep point (`harness run --sweep size`): the scenario it was expanded from
+    /// (`memory_mib` and `vcpus` say which point); absent otherwise.
+    #[serde(default)]
+    pub sweep_of: Option<String>,
+    /// The destination VMM's peak anonymous memory (`RssAnon` of `/proc/PID/status`, sampled
+    /// every 50 ms from its start to its exit), MiB: what it allocates for itself; guest RAM
+    /// is never anonymous.
+    #[serde(default)]
+    pub dst_rss_anon_peak_mib: Option<f64>,
+    /// The destination VMM's peak page-table memory (`VmPTE`), MiB: grows with the guest RAM
+    /// it maps (twice on shmem: the receive alias and the memslot mapping).
+    #[serde(default)]
+    pub dst_pte_peak_mib: Option<f64>,
+    /// **Destination extra memory**, MiB: the peak of anonymous memory plus page tables (one
+    /// sample) plus `staging_peak_mib` (4 KiB staging is shmem, so not in `RssAnon`). What the
+    /// destination host needs beyond the guest RAM itself; KVM's own page tables are not in
+    /// it.
+    #[serde(default)]
+    pub dst_extra_mib: Option<f64>,
 }
 
 /// The faults above the p99 of the total, by phase: how much of their time each phase took,
@@ -560,6 +582,11 @@ impl ScenarioResult {
             raw_loaded_gbps: None,
             fault_phase_us: BTreeMap::new(),
             fault_tail: None,
+            memory_mib: None,
+            sweep_of: None,
+            dst_rss_anon_peak_mib: None,
+            dst_pte_peak_mib: None,
+            dst_extra_mib: None,
         }
     }
 }
@@ -776,10 +803,16 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.peak_link_gbps = pick(|s| s.peak_link_gbps);
         m.paused_ms = pick(|s| s.paused_ms);
         m.dst_paused_ms = pick(|s| s.dst_paused_ms);
-        m.staging_peak_mib = ok
-            .iter()
-            .filter_map(|s| s.staging_peak_mib)
-            .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+        // Memory peaks: the largest of the runs (what a host must have), like the staging peak.
+        let peak = |f: fn(&ScenarioResult) -> Option<f64>| {
+            ok.iter()
+                .filter_map(|s| f(s))
+                .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))))
+        };
+        m.staging_peak_mib = peak(|s| s.staging_peak_mib);
+        m.dst_rss_anon_peak_mib = peak(|s| s.dst_rss_anon_peak_mib);
+        m.dst_pte_peak_mib = peak(|s| s.dst_pte_peak_mib);
+        m.dst_extra_mib = peak(|s| s.dst_extra_mib);
         let sum = |f: fn(&ScenarioResult) -> Option<u64>| {
             let v: Vec<u64> = ok.iter().filter_map(|s| f(s)).collect();
             (!v.is_empty()).then(|| v.iter().sum())

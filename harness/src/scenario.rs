@@ -19,6 +19,7 @@ use crate::limits::{self, EchoServer, LinkLimits, VcpuFaultLimit};
 use crate::netns::{NetnsPair, Side};
 use crate::probe;
 use crate::process::{Line, Proc};
+use crate::procmem::{MemPeaks, MemSampler};
 use crate::results::{self, kind, Results, ScenarioResult, Status, RESULTS_VERSION};
 use crate::secret::SecretFile;
 use migration::relay::{Relay, RelayError};
@@ -267,6 +268,14 @@ pub struct Scenario {
     pub pattern: Pattern,
     pub link: Link,
     pub memory_mib: u64,
+    /// vCPUs of the guest when this scenario sets them (a sweep point), else `--vcpus`.
+    pub vcpus: Option<u32>,
+    /// Guest passes (random pattern) when this scenario sets them (a sweep point), else
+    /// `--passes`.
+    pub passes: Option<u32>,
+    /// The scenario a sweep point was expanded from (its name without the point's suffix);
+    /// `None` for an ordinary scenario. See [`crate::sweep`].
+    pub sweep_of: Option<String>,
 }
 
 impl Scenario {
@@ -290,7 +299,15 @@ impl Scenario {
             pattern,
             link,
             memory_mib,
+            vcpus: None,
+            passes: None,
+            sweep_of: None,
         }
+    }
+
+    /// The vCPUs this scenario runs with under `cfg` (its own, else `--vcpus`).
+    pub fn vcpus_under(&self, cfg: &RunConfig) -> u32 {
+        self.vcpus.unwrap_or(cfg.vcpus)
     }
 
     /// Free huge pages this scenario needs: (page KiB, pages) for source + destination.
@@ -527,6 +544,27 @@ pub struct RunConfig {
     pub throughput_for: Duration,
     /// Longest wait for the guest to start, the migration, and the destination to finish.
     pub phase_timeout: Duration,
+}
+
+impl RunConfig {
+    /// The phase timeout for `memory_mib` of guest RAM: `phase_timeout` per GiB, never less
+    /// than `phase_timeout` (guest start, the push and the guest's passes all grow with the
+    /// RAM size; 1 GiB and below keep the configured value).
+    pub fn phase_timeout_for(&self, memory_mib: u64) -> Duration {
+        let gib = u32::try_from(memory_mib.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        self.phase_timeout.saturating_mul(gib)
+    }
+
+    /// This configuration as scenario `s` runs under it: its vCPUs and passes (a sweep point
+    /// sets them) and a phase timeout scaled to its RAM size.
+    pub fn for_scenario(&self, s: &Scenario) -> RunConfig {
+        RunConfig {
+            vcpus: s.vcpus_under(self),
+            passes: s.passes.unwrap_or(self.passes),
+            phase_timeout: self.phase_timeout_for(s.memory_mib),
+            ..self.clone()
+        }
+    }
 }
 
 /// Errors that end a scenario (recorded in its result) or a whole link.
@@ -853,19 +891,33 @@ pub fn run(
     // The vCPU userfault round trip, measured once per backing it is taken on (see
     // `limits::vcpu_limit_backing`), the first time a scenario needs it.
     let mut vcpu_limits: VcpuLimitCache = std::collections::BTreeMap::new();
-    let mut links: Vec<Link> = Vec::new();
+    // One link set-up (and its limits, measured with as many spinning threads as the guest has
+    // vCPUs) per (link, vCPUs): a sweep runs the same link with several vCPU counts.
+    let mut links: Vec<(Link, u32)> = Vec::new();
     for s in scenarios {
-        if !links.contains(&s.link) {
-            links.push(s.link.clone());
+        let key = (s.link.clone(), s.vcpus_under(cfg));
+        if !links.contains(&key) {
+            links.push(key);
         }
     }
     let mut out = Vec::new();
     let mut index = 0;
-    for link in links {
-        progress.phase(&format!("setting up link {} and measuring it", link.name));
-        let env = LinkEnv::new(&link, cfg);
-        for s in scenarios.iter().filter(|s| s.link == link) {
+    for (link, vcpus) in links {
+        progress.phase(&format!(
+            "setting up link {} and measuring it ({vcpus} vCPU spinner(s))",
+            link.name
+        ));
+        let link_cfg = RunConfig {
+            vcpus,
+            ..cfg.clone()
+        };
+        let env = LinkEnv::new(&link, &link_cfg);
+        for s in scenarios
+            .iter()
+            .filter(|s| s.link == link && s.vcpus_under(cfg) == vcpus)
+        {
             progress.scenario(index, scenarios.len(), &s.name);
+            let scfg = cfg.for_scenario(s);
             let mut r = ScenarioResult::new(
                 &s.name,
                 s.backing.name(),
@@ -873,24 +925,41 @@ pub fn run(
                 &s.link.name,
                 s.pattern.as_str(),
             );
-            r.vcpus = Some(cfg.vcpus);
-            let vcpu = vcpu_limit_for(cfg, s, &mut vcpu_limits, progress);
-            let outcome = match (&env, &qemu) {
-                (Ok(env), Some(qemu)) if s.strategy == Strategy::Qemu => crate::peer::run_qemu_one(
-                    cfg, qemu, env, &uffd, vcpu, s, index, &mut r, progress,
-                ),
-                (Ok(env), _) => run_one(
-                    cfg,
-                    env,
-                    &uffd,
-                    vcpu,
-                    secret.path(),
-                    s,
-                    index,
-                    &mut r,
-                    progress,
-                ),
-                (Err(e), _) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
+            r.vcpus = Some(scfg.vcpus);
+            r.memory_mib = Some(s.memory_mib);
+            r.sweep_of = s.sweep_of.clone();
+            // A sweep point checks, right before it starts, that source and destination still
+            // fit in the memory the host has now (other work may have taken some since the
+            // list was made): a clear "not run" instead of an OOM kill half-way.
+            let unfit = s
+                .sweep_of
+                .as_ref()
+                .and_then(|_| crate::sweep::check_fits(s).err());
+            let outcome = if let Some(why) = unfit {
+                tracing::warn!("SKIPPING {}: {why}", s.name);
+                Err(RunError::Scenario(format!("not run: {why}")))
+            } else {
+                let cfg = &scfg;
+                let vcpu = vcpu_limit_for(cfg, s, &mut vcpu_limits, progress);
+                match (&env, &qemu) {
+                    (Ok(env), Some(qemu)) if s.strategy == Strategy::Qemu => {
+                        crate::peer::run_qemu_one(
+                            cfg, qemu, env, &uffd, vcpu, s, index, &mut r, progress,
+                        )
+                    }
+                    (Ok(env), _) => run_one(
+                        cfg,
+                        env,
+                        &uffd,
+                        vcpu,
+                        secret.path(),
+                        s,
+                        index,
+                        &mut r,
+                        progress,
+                    ),
+                    (Err(e), _) => Err(RunError::Scenario(format!("link {}: {e}", link.name))),
+                }
             };
             if let Err(e) = outcome {
                 r.status = Status::Failed;
@@ -925,11 +994,19 @@ fn vcpu_limit_for<'a>(
     progress: &mut dyn Progress,
 ) -> Result<&'a VcpuFaultLimit, &'a limits::LimitError> {
     let on = limits::vcpu_limit_backing(s.backing.name());
-    let entry = cache.entry(on).or_insert_with(|| {
+    let entry = cache.entry((on, cfg.vcpus)).or_insert_with(|| {
         progress.phase(&format!(
-            "measuring the raw vCPU userfault round trip on {on} (vmm fault-limit)"
+            "measuring the raw vCPU userfault round trip on {on} with {} vCPU(s) (vmm \
+             fault-limit)",
+            cfg.vcpus
         ));
-        let save = cfg.out.join("raw").join(format!("fault-limit-{on}.json"));
+        // One vCPU count per run keeps the file name it always had; a sweep over vCPU counts
+        // measures each and names the file by it.
+        let file = match s.vcpus {
+            None => format!("fault-limit-{on}.json"),
+            Some(v) => format!("fault-limit-{on}-{v}vcpu.json"),
+        };
+        let save = cfg.out.join("raw").join(file);
         limits::vcpu_fault_limit(
             &cfg.vmm,
             &cfg.kernel,
@@ -945,7 +1022,7 @@ fn vcpu_limit_for<'a>(
 
 /// The vCPU userfault round trip per backing it was measured on, or why it could not be.
 type VcpuLimitCache =
-    std::collections::BTreeMap<&'static str, Result<VcpuFaultLimit, limits::LimitError>>;
+    std::collections::BTreeMap<(&'static str, u32), Result<VcpuFaultLimit, limits::LimitError>>;
 
 /// Records this run's limits on this link in `r` (and their histograms): the vCPU userfault
 /// round trip as the guest sees it plus the TCP round trip (the thread one kept beside it).
@@ -1059,6 +1136,8 @@ fn run_one(
         dcmd,
         &raw.join(format!("{}.dst", s.name)),
     )?;
+    // `ip netns exec` execs the vmm, so the pid is the VMM's on every link.
+    let dst_mem = MemSampler::start(dst.pid(), Duration::from_millis(50));
     let t = Instant::now();
     while !is_listening(dst.pid(), port) {
         if dst.try_wait()?.is_some() || t.elapsed() > cfg.phase_timeout {
@@ -1121,12 +1200,19 @@ fn run_one(
         .args(["--cmdline", &cmdline])
         .arg("--api-socket")
         .arg(&sock);
-    progress.phase("starting the source guest");
+    progress.phase(&format!(
+        "starting the source guest ({} MiB, {} vCPU(s); its first pass writes all of it)",
+        s.memory_mib, cfg.vcpus
+    ));
     let mut src = Proc::spawn("source vmm", scmd, &raw.join(format!("{}.src", s.name)))?;
     // Migrate once the guest has written its memory once (first pass done).
     source_first_pass(&mut src, cfg, s, r)?;
 
-    progress.phase("migrating");
+    progress.phase(&format!(
+        "migrating {} MiB (phase timeout {} s)",
+        s.memory_mib,
+        cfg.phase_timeout.as_secs()
+    ));
     let t0 = Instant::now();
     let copies = if relay.is_some() && !env.link.netns {
         2
@@ -1202,7 +1288,10 @@ fn run_one(
         guest_output::json_object(&mig.text(), "the `vmm migrate --json` output")?;
     let summary = MigrateSummary::from(&summary);
 
-    progress.phase("waiting for the destination guest");
+    progress.phase(&format!(
+        "waiting for the destination guest to finish its {} passes",
+        s.pattern.passes_for(cfg.passes)
+    ));
     if cfg.passes == 0 {
         // Count only passes reported by the destination (it prints what ran there).
         dst.wait_for_lines(
@@ -1228,6 +1317,7 @@ fn run_one(
         Err(_) => None,
     };
     fill(dir, r, &summary, &dst_out, &postcopy_passes, stats.as_ref())?;
+    record_dst_memory(r, dst_mem.finish());
     r.status = Status::Ok;
     let mismatches =
         dst_out.mismatches.len() as u64 + dst_out.passes.iter().map(|p| p.mismatches).sum::<u64>();
@@ -1248,6 +1338,18 @@ fn run_one(
     }
     let _ = std::fs::remove_file(&sock);
     Ok(())
+}
+
+/// Records the destination's own memory (see [`crate::procmem`]) in `r`: its peaks and the
+/// destination extra memory (those plus the staging peak, which `r` already holds).
+pub fn record_dst_memory(r: &mut ScenarioResult, peaks: Option<MemPeaks>) {
+    let Some(p) = peaks else {
+        return;
+    };
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    r.dst_rss_anon_peak_mib = Some(mib(p.rss_anon_kb));
+    r.dst_pte_peak_mib = Some(mib(p.pte_kb));
+    r.dst_extra_mib = Some(mib(p.own_kb) + r.staging_peak_mib.unwrap_or(0.0));
 }
 
 /// Why a scenario with a link fault did not measure what it is for, if it did not: the relay
@@ -1616,6 +1718,37 @@ mod tests {
         assert_ne!(found[0].link, Link::loopback());
         let found = by_names(&[names[1].into()]).unwrap();
         assert_eq!(found[0].link.fault, Some(LinkFault::BlackholeOnce));
+    }
+
+    #[test]
+    fn a_scenario_runs_with_its_own_vcpus_passes_and_a_timeout_scaled_to_its_size() {
+        let cfg = RunConfig {
+            vmm: "vmm".into(),
+            kernel: "workload.elf".into(),
+            out: "out".into(),
+            vcpus: 1,
+            passes: 24,
+            post_passes: 2,
+            quick: true,
+            uffd_samples: 1,
+            rtt_samples: 1,
+            throughput_for: Duration::from_secs(1),
+            phase_timeout: Duration::from_secs(120),
+        };
+        let secs = |mib| cfg.phase_timeout_for(mib).as_secs();
+        assert_eq!((secs(64), secs(256), secs(1024)), (120, 120, 120));
+        assert_eq!((secs(1025), secs(4096), secs(8192)), (240, 480, 960));
+        let mut s = quick()[0].clone();
+        let plain = cfg.for_scenario(&s);
+        assert_eq!((plain.vcpus, plain.passes), (1, 24));
+        assert_eq!(plain.phase_timeout, cfg.phase_timeout);
+        s.memory_mib = 8192;
+        s.vcpus = Some(2);
+        s.passes = Some(6);
+        let point = cfg.for_scenario(&s);
+        assert_eq!((point.vcpus, point.passes), (2, 6));
+        assert_eq!(point.phase_timeout, Duration::from_secs(960));
+        assert_eq!(s.vcpus_under(&cfg), 2);
     }
 
     #[test]

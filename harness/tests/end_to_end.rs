@@ -1,7 +1,8 @@
 //! One quick scenario end to end: real source and destination VMM processes, a real migration,
 //! and every field of results.json checked; and the postcopy-recovery scenario (the link reset
 //! once mid-push by a relay in the harness), checked for the reset, the recovery on both sides
-//! and a verified guest. Needs the vmm binary (`HARNESS_VMM`, else
+//! and a verified guest; and a tiny size sweep (two sizes, one vCPU), checked for the sweep's
+//! fields, its report section and plots, and a merge. Needs the vmm binary (`HARNESS_VMM`, else
 //! target/release/vmm or target/debug/vmm of this workspace) and the workload guest
 //! (guest-images/out/workload.elf, `guest-images/build-workload.sh`). Runs as root (huge pages).
 
@@ -85,14 +86,37 @@ fn check_stalls_blocktime_and_loaded_raw(s: &serde_json::Value) {
     assert!(loaded > 0.0, "raw_loaded_gbps {loaded}");
 }
 
-fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
-    let vmm = vmm_binary();
+/// The destination's own memory: sampled (anonymous memory and page tables above zero) and
+/// the extra-memory figure made of them and the staging peak.
+fn check_dst_memory(s: &serde_json::Value) {
+    let anon = number(&s["dst_rss_anon_peak_mib"], "dst_rss_anon_peak_mib");
+    let pte = number(&s["dst_pte_peak_mib"], "dst_pte_peak_mib");
+    let staging = number(&s["staging_peak_mib"], "staging_peak_mib");
+    let extra = number(&s["dst_extra_mib"], "dst_extra_mib");
+    assert!(
+        anon > 0.0 && pte > 0.0,
+        "anon {anon} MiB, page tables {pte} MiB"
+    );
+    // The peak of the sum is at most the sum of the peaks, and at least each part's.
+    assert!(
+        extra <= anon + pte + staging + 1e-9 && extra >= anon.max(pte) + staging - 1e-9,
+        "extra {extra} MiB against anon {anon} + page tables {pte} + staging {staging}"
+    );
+}
+
+fn workload_guest() -> PathBuf {
     let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/workload.elf");
     assert!(
         kernel.is_file(),
         "no workload guest at {}: run guest-images/build-workload.sh",
         kernel.display()
     );
+    kernel
+}
+
+fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
+    let vmm = vmm_binary();
+    let kernel = workload_guest();
     let status = Command::new(env!("CARGO_BIN_EXE_harness"))
         .args([
             "run",
@@ -185,6 +209,11 @@ fn quick_scenario_writes_every_field() {
     }
     assert!(number(&s["total_s"], "total_s") > 0.0);
     assert!(number(&s["throughput_gbps"], "throughput_gbps") > 0.0);
+    // Size and destination memory: recorded for every scenario; a plain one is no sweep point.
+    assert_eq!(number(&s["memory_mib"], "memory_mib"), 256.0);
+    assert_eq!(number(&s["vcpus"], "vcpus"), 1.0);
+    assert!(s["sweep_of"].is_null());
+    check_dst_memory(s);
     for p in ["p50", "max", "count"] {
         number(
             &s["collapse_stall_us"][p],
@@ -416,4 +445,118 @@ fn qemu_scenario_writes_the_same_fields_and_names_the_peer() {
         .path()
         .join(format!("raw/{scenario}.query-migrate.json"))
         .is_file());
+}
+
+/// A tiny size sweep (64 and 128 MiB, 1 vCPU, quick limits) end to end: both points ran, each
+/// carries its size, vCPUs, base scenario and the sweep's figures; the report has the sweep
+/// section with its verdicts and the four sweep plots; a merge of the run with itself keeps
+/// the sweep. Bad sizes fail before any VM starts, saying what is wrong.
+#[test]
+fn size_sweep_writes_its_fields_report_and_plots() {
+    let harness = env!("CARGO_BIN_EXE_harness");
+    let out = tempfile::tempdir().unwrap();
+    let bad = Command::new(harness)
+        .args(["run", "--sweep", "size", "--sizes", "64M,lots", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("bad size \"lots\""), "{err}");
+    assert!(!out.path().join("results.json").exists());
+
+    let base = "shmem-4k-staged-random-loopback";
+    let status = Command::new(harness)
+        .args([
+            "run",
+            "--quick",
+            "--sweep",
+            "size",
+            "--sizes",
+            "128M,64M",
+            "--sweep-vcpus",
+            "1",
+            "--phase-timeout",
+            "40",
+        ])
+        .arg("--vmm")
+        .arg(vmm_binary())
+        .arg("--kernel")
+        .arg(workload_guest())
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "harness run exited with {status}");
+    let text = std::fs::read_to_string(out.path().join("results.json")).unwrap();
+    let res: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let scenarios = res["scenarios"].as_array().unwrap();
+    let names: Vec<_> = scenarios
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [format!("{base}-64m-1vcpu"), format!("{base}-128m-1vcpu")]
+    );
+    for (s, mib) in scenarios.iter().zip([64.0, 128.0]) {
+        assert_eq!(s["status"], "ok", "{}: {}", s["name"], s["error"]);
+        assert_eq!(s["sweep_of"], base);
+        assert_eq!(number(&s["memory_mib"], "memory_mib"), mib);
+        assert_eq!(number(&s["vcpus"], "vcpus"), 1.0);
+        assert!(number(&s["blackout_ms"], "blackout_ms") > 0.0);
+        assert!(number(&s["total_s"], "total_s") > 0.0);
+        for p in ["p50", "p99", "count"] {
+            let v = number(&s["fault_us"][p], &format!("fault_us.{p}"));
+            assert!(v > 0.0, "fault_us.{p} = {v}");
+        }
+        check_dst_memory(s);
+        assert_eq!(s["guest_ok"], true);
+    }
+    // A vCPU count given by the sweep names its fault-limit file.
+    assert!(out
+        .path()
+        .join("raw/fault-limit-shmem-1vcpu.json")
+        .is_file());
+    let check_report = |dir: &Path| {
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(md.contains("## Size sweep"), "{md}");
+        assert!(md.contains("sweep: blackout flat"), "{md}");
+        assert!(md.contains("sweep: fault p99 flat"), "{md}");
+        assert!(md.contains(&format!("| {base} | 128 | 1 |")), "{md}");
+        for plot in [
+            "sweep-blackout",
+            "sweep-total-time",
+            "sweep-fault-latency",
+            "sweep-dst-extra-memory",
+        ] {
+            let svg = std::fs::read_to_string(dir.join(format!("plots/{plot}.svg"))).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("1 vCPU"), "{plot}");
+            assert!(
+                md.contains(&format!("(plots/{plot}.svg)")),
+                "{plot} not in the report"
+            );
+        }
+    };
+    check_report(out.path());
+    // Merged with itself: two runs per point, the sweep fields kept.
+    let merged = tempfile::tempdir().unwrap();
+    let status = Command::new(harness)
+        .arg("merge")
+        .arg("--out")
+        .arg(merged.path())
+        .arg(out.path())
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "harness merge exited with {status}");
+    let text = std::fs::read_to_string(merged.path().join("results.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for s in m["scenarios"].as_array().unwrap() {
+        assert_eq!(number(&s["runs"], "runs"), 2.0);
+        assert_eq!(s["sweep_of"], base);
+        number(&s["memory_mib"], "memory_mib");
+        check_dst_memory(s);
+    }
+    check_report(merged.path());
 }
