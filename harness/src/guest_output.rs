@@ -399,7 +399,7 @@ pub struct DestinationStats {
     /// Faults resolved from data already received (no network).
     pub pages_fetched_local: Option<u64>,
     pub collapses: Option<u64>,
-    /// vCPU pause of each collapse, ns.
+    /// The stall each collapse could cause a vCPU (its freeze), ns.
     #[serde(default)]
     pub collapse_stall_ns: Vec<u64>,
     /// Whole duration of each collapse, ns.

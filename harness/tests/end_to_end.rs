@@ -142,9 +142,9 @@ fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
 #[test]
 fn quick_scenario_writes_every_field() {
     let out = tempfile::tempdir().unwrap();
-    // guest_memfd RAM (256 MiB) received through 4 KiB shmem staging and swapped in at the end:
-    // faults, one "collapse" (the memslot swap) and a staging peak. It takes no huge pages, so
-    // it never waits for the huge page lock other test runs hold for minutes.
+    // guest_memfd RAM (256 MiB) received through 4 KiB shmem staging and mapped in 2 MiB units
+    // after the last page: faults, 128 collapses (freezes) and a staging peak. It takes no huge
+    // pages, so it never waits for the huge page lock other test runs hold for minutes.
     let scenario = "guest-memfd-4k-staged-random-loopback";
     let res = run_scenario(scenario, out.path());
     let scenarios = res["scenarios"].as_array().unwrap();

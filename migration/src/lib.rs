@@ -29,7 +29,7 @@ pub use source::{migrate, CancelError, MigrateOptions, MigrationControl, Progres
 pub use stats::{MigrationSummary, ReceiveSummary};
 pub use transport::Timeouts;
 pub use types::{
-    Backing, ChannelDown, DirtyLog, FetchError, Granularity, MemslotSwap, Mode, PageFetcher,
-    RamRegion, VcpuControl, PAGE_SIZE,
+    Backing, ChannelDown, DirtyLog, FetchError, Granularity, Mode, PageFetcher, RamRegion,
+    PAGE_SIZE,
 };
 pub use types::{PageSet, RamLayout};

@@ -100,25 +100,12 @@ vocabulary! {
 /// typed error, boxed, with its source chain intact.
 pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// Destination: stop/start all vCPUs for a collapse's final step. `pause()` must return only when
-/// every vCPU is out of KVM_RUN or blocked in a userfault (the fault service keeps running).
-pub trait VcpuControl: Send + Sync {
-    fn pause(&self) -> Result<(), HookError>;
-    fn resume(&self);
-}
-
 /// Dirty pages of guest writes since the last call, for one memslot (KVM_GET_DIRTY_LOG bitmap:
 /// bit i = page i of the slot). Used by collapse on the destination and precopy on the source.
 pub trait DirtyLog: Send + Sync {
     fn enable(&self, slot: u32) -> Result<(), HookError>;
     fn disable(&self, slot: u32) -> Result<(), HookError>;
     fn fetch(&self, slot: u32) -> Result<Vec<u64>, HookError>;
-}
-
-/// Destination: swap a guest_memfd region's memslot from the staging mapping to the guest_memfd
-/// (collapse for guest_memfd).
-pub trait MemslotSwap: Send + Sync {
-    fn swap_to_final(&self, region: &RamRegion) -> Result<(), HookError>;
 }
 
 /// Why fetching a page from the source failed.

@@ -11,7 +11,6 @@ use migration::live_stats::{EventLog, MigrationEvent, MigrationInfo, MigrationSt
 use migration::postcopy::PostcopyEngine;
 use migration::source::{CancelError, MigrationControl};
 use migration::types::Granularity;
-use migration::types::{HookError, MemslotSwap, VcpuControl};
 use migration::ReceiveMonitor;
 
 /// Guest RAM of the destination: anonymous mappings the postcopy engine registers with
@@ -88,21 +87,6 @@ impl Drop for AnonRam {
             // SAFETY: our own mapping, no longer used.
             unsafe { libc::munmap(h as *mut libc::c_void, r.size as usize) };
         }
-    }
-}
-
-struct NoVcpus;
-impl VcpuControl for NoVcpus {
-    fn pause(&self) -> Result<(), HookError> {
-        Ok(())
-    }
-    fn resume(&self) {}
-}
-
-struct NoSwap;
-impl MemslotSwap for NoSwap {
-    fn swap_to_final(&self, region: &RamRegion) -> Result<(), HookError> {
-        Err(format!("slot {} is not a guest_memfd region", region.slot).into())
     }
 }
 
@@ -191,9 +175,7 @@ impl DestinationVm for EngineDest {
             self.ram.regions(),
             Granularity::FourK,
             fetcher,
-            Arc::new(NoVcpus),
             Arc::new(NoDirty),
-            Arc::new(NoSwap),
         )
         .map_err(|e| e.to_string())?;
         engine.prepare().map_err(|e| e.to_string())?;

@@ -7,16 +7,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use migration::postcopy::{PostcopyEngine, ServeMode};
 use migration::wire::WireError;
-use migration::{
-    Backing, ChannelDown, DirtyLog, FetchError, Granularity, MemslotSwap, PageFetcher, RamRegion,
-    VcpuControl,
-};
+use migration::{Backing, ChannelDown, DirtyLog, FetchError, Granularity, PageFetcher, RamRegion};
 
 const PAGE: usize = 4096;
 const MIB: usize = 1 << 20;
@@ -97,57 +94,6 @@ impl PageFetcher for TcpFetcher {
                 source,
             })),
         })
-    }
-}
-
-// ---------------------------------------------------------------- simulated vCPUs
-
-/// Pause/resume for simulated vCPU threads: they check `paused` between accesses and park.
-/// A thread blocked in a userfault cannot park until the fault service serves it, so pause()
-/// returning proves the service kept serving.
-#[derive(Default)]
-struct SimVcpus {
-    paused: AtomicBool,
-    parked: AtomicUsize,
-    running: AtomicUsize,
-    pauses: AtomicU64,
-}
-
-impl SimVcpus {
-    fn checkpoint(&self) {
-        if self.paused.load(Ordering::Acquire) {
-            self.parked.fetch_add(1, Ordering::AcqRel);
-            while self.paused.load(Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
-            self.parked.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl VcpuControl for SimVcpus {
-    fn pause(&self) -> Result<(), migration::types::HookError> {
-        self.paused.store(true, Ordering::Release);
-        self.pauses.fetch_add(1, Ordering::Relaxed);
-        let t = Instant::now();
-        while self.parked.load(Ordering::Acquire) < self.running.load(Ordering::Acquire) {
-            if t.elapsed() > Duration::from_secs(10) {
-                self.paused.store(false, Ordering::Release);
-                return Err("simulated vCPUs did not park within 10 s".into());
-            }
-            std::thread::yield_now();
-        }
-        Ok(())
-    }
-    fn resume(&self) {
-        self.paused.store(false, Ordering::Release);
-    }
-}
-
-struct NoSwap;
-impl MemslotSwap for NoSwap {
-    fn swap_to_final(&self, region: &RamRegion) -> Result<(), migration::types::HookError> {
-        Err(format!("slot {} is not a guest_memfd region", region.slot).into())
     }
 }
 
@@ -363,18 +309,9 @@ fn engine(
     region: RamRegion,
     strategy: Granularity,
     fetcher: Arc<dyn PageFetcher>,
-    vcpus: Arc<SimVcpus>,
     dirty: Arc<dyn DirtyLog>,
 ) -> PostcopyEngine {
-    PostcopyEngine::new(
-        vec![region],
-        strategy,
-        fetcher,
-        vcpus,
-        dirty,
-        Arc::new(NoSwap),
-    )
-    .unwrap()
+    PostcopyEngine::new(vec![region], strategy, fetcher, dirty).unwrap()
 }
 
 /// Push every page of the region as a bulk page (optionally only every `step`th page first).
@@ -454,12 +391,10 @@ fn shmem_4k_faults_then_madv_collapse() {
         fetches: AtomicU64::new(0),
         delay: Duration::from_micros(50),
     });
-    let vcpus = Arc::new(SimVcpus::default());
     let mut eng = engine(
         region,
         Granularity::FourK,
         fetcher.clone(),
-        vcpus,
         Arc::new(NoDirty),
     );
     let rep = eng.prepare().unwrap();
@@ -551,7 +486,6 @@ fn anon_missing_copy() {
         region,
         Granularity::FourK,
         fetcher.clone(),
-        Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
     );
     eng.prepare().unwrap();
@@ -583,30 +517,25 @@ fn anon_missing_copy() {
 }
 
 /// A vCPU-like writer: touches `pages` (reads check the source), then keeps writing a counter to
-/// word 1 of each, parking at pause(). Returns the last value written per page.
+/// word 1 of each. Returns the last value written per page.
 fn writer_thread(
-    vcpus: Arc<SimVcpus>,
     host: usize,
     pages: Vec<u64>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<u64>> {
-    vcpus.running.fetch_add(1, Ordering::AcqRel);
     std::thread::spawn(move || {
         for &p in &pages {
-            vcpus.checkpoint();
             check_page(host + p as usize * PAGE, GPA_BASE + p * PAGE as u64, None);
         }
         let mut last = vec![0u64; pages.len()];
         let mut v = 1u64;
         while !stop.load(Ordering::Acquire) {
             for (i, &p) in pages.iter().enumerate() {
-                vcpus.checkpoint();
                 write_word(host + p as usize * PAGE + 8, v);
                 last[i] = v;
                 v += 1;
             }
         }
-        vcpus.running.fetch_sub(1, Ordering::AcqRel);
         last
     })
 }
@@ -628,15 +557,12 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: Backing, mfd_flag
     );
     let (host, alias, region) = (f.host(), f.alias(), f.region.clone());
     let fetcher = TcpFetcher::start();
-    let vcpus = Arc::new(SimVcpus::default());
     let dirty = Arc::new(AllDirty::default());
     let mut eng = PostcopyEngine::new(
         vec![region],
         Granularity::FourK,
         fetcher.clone(),
-        vcpus.clone(),
         dirty.clone(),
-        Arc::new(NoSwap),
     )
     .unwrap();
     let rep = eng.prepare().unwrap();
@@ -656,7 +582,7 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: Backing, mfd_flag
         .collect();
     w_pages.sort_unstable();
     w_pages.dedup();
-    let writer = writer_thread(vcpus.clone(), host, w_pages.clone(), stop.clone());
+    let writer = writer_thread(host, w_pages.clone(), stop.clone());
     // A reader "vCPU" touching pages elsewhere (reads only).
     let r_pages: Vec<u64> = (0..32)
         .map(|i| ppu / 2 + i * 13)
@@ -702,10 +628,9 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: Backing, mfd_flag
     let st = eng.stats();
     let smaps = smaps_of(host);
     println!(
-        "hugetlb {page_kb} kB FourK: collapses {:?}\n stall p50 {} ns max {} ns, staging peak {:.2} MiB, faults {} fetched {} local {} fault p50 {} ns, vcpu pauses {}",
+        "hugetlb {page_kb} kB FourK: collapses {:?}\n stall p50 {} ns max {} ns, staging peak {:.2} MiB, faults {} fetched {} local {} fault p50 {} ns",
         st.collapse_records, st.collapse_stall_p50_ns, st.collapse_stall_max_ns, st.staging_peak_mib,
         st.faults_served, st.pages_fetched, st.pages_served_locally, st.fault_latency_p50_ns,
-        vcpus.pauses.load(Ordering::Relaxed)
     );
     assert_eq!(st.collapses, huge_pages, "every huge page collapses");
     assert!(
@@ -727,16 +652,10 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: Backing, mfd_flag
         .collapse_records
         .iter()
         .any(|r| r.stall_ns > 0 && r.delta_rounds >= 2));
-    // hugetlb swaps freeze the unit instead of pausing every vCPU.
-    assert_eq!(
-        vcpus.pauses.load(Ordering::Relaxed),
-        0,
-        "a hugetlb collapse paused the vCPUs"
-    );
     assert!(st
         .collapse_records
         .iter()
-        .all(|r| r.method == "hugetlb-mmap" && r.pause_ns == 0));
+        .all(|r| r.method == "hugetlb-mmap"));
     assert!(fetcher.fetches.load(Ordering::Relaxed) >= (w_pages.len() + r_pages.len()) as u64);
 }
 
@@ -773,7 +692,6 @@ fn hugetlb_2m_whole_page_baseline() {
         region,
         Granularity::Huge,
         fetcher.clone(),
-        Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
     );
     let rep = eng.prepare().unwrap();
@@ -876,7 +794,6 @@ fn zero_runs_mark_arrived_without_fetching() {
         region,
         Granularity::FourK,
         fetcher.clone(),
-        Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
     );
     eng.prepare().unwrap();
@@ -924,7 +841,6 @@ fn zero_runs_mark_arrived_without_fetching() {
         region,
         Granularity::FourK,
         fetcher.clone(),
-        Arc::new(SimVcpus::default()),
         Arc::new(NoDirty),
     );
     eng.prepare().unwrap();
@@ -961,13 +877,7 @@ fn native_strategy_falls_back_with_reason() {
         fetches: AtomicU64::new(0),
         delay: Duration::ZERO,
     });
-    let eng = engine(
-        region,
-        Granularity::Native,
-        fetcher,
-        Arc::new(SimVcpus::default()),
-        Arc::new(NoDirty),
-    );
+    let eng = engine(region, Granularity::Native, fetcher, Arc::new(NoDirty));
     let plan = &eng.plans()[0];
     println!("native plan: {plan:?}");
     assert!(matches!(plan.mode, ServeMode::Staged(_)));

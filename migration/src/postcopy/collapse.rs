@@ -1,20 +1,24 @@
-//! The collapse engine: once every 4 KiB of a unit arrived, give the guest its huge mapping back.
+//! The collapse engine: once every 4 KiB of a unit arrived, give the guest its final mapping back.
 //!
 //! Staged units (hugetlb, guest_memfd): copy the pages the guest dirtied in the staging into the
-//! final backing, repeat while the delta shrinks, drop the staging PTEs of big units, then swap:
-//! - hugetlb ([`freeze_and_swap`]): no vCPU is paused. The unit is frozen (its lock taken and
-//!   its staging PTEs dropped, so a guest access faults and waits), the last delta copied, the
-//!   huge page mmap(MAP_FIXED) over the range and the range woken. Only a vCPU that touches the
-//!   unit during the freeze waits.
-//! - guest_memfd ([`pause_and_swap`]): the memslot itself changes, so every vCPU is paused (the
-//!   fault service keeps serving) for the last delta and the memslot swap.
+//! final backing, repeat while the delta shrinks, then swap by a freeze ([`freeze_and_swap`]):
+//! no vCPU is paused. The unit is frozen (its lock taken and its staging PTEs dropped, so a guest
+//! access faults and waits), the last delta copied, the final backing (the huge page, or the
+//! guest_memfd's range) mmap(MAP_FIXED) over the unit and the range woken. Only a vCPU that
+//! touches the unit during the freeze waits. The memslot never changes: KVM learns of the new
+//! pages through its MMU notifier, when the old PTEs go.
+//!
+//! When a unit collapses is the plan's decision
+//! ([`super::strategy::RegionPlan::collapse_after_last_page`]): as soon as it is complete (huge
+//! pages back early), or only once every page arrived (guest_memfd: nothing to gain early, and
+//! a freeze beside in-flight faults costs them time).
 //!
 //! The staging is freed off the critical path. shmem units: MADV_COLLAPSE, adjacent complete
 //! units in one call (each call drains every CPU's LRU lists first, which on busy cores was
 //! most of the time).
 //! Runs on its own thread, never on a fault-service thread; every unit reaches it as a
 //! [`UnitDone`] message (native units too: see `native`). The [`Collapser`] holds only the
-//! hooks a collapse uses: the vCPU pause, the dirty log and the memslot swap.
+//! hooks a collapse uses: the dirty log.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use super::strategy::{FinalBacking, ServeMode};
 use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
-use crate::types::{runs_where, DirtyLog, MemslotSwap, VcpuControl, PAGE_SIZE};
+use crate::types::{runs_where, DirtyLog, PAGE_SIZE};
 
 /// A unit whose pages all arrived (the collapse thread's message).
 pub type CollapseJob = UnitDone;
@@ -38,9 +42,7 @@ pub type CollapseJob = UnitDone;
 pub(crate) struct Collapser {
     pub regions: Arc<Regions>,
     pub installer: Arc<dyn Installer>,
-    pub vcpus: Arc<dyn VcpuControl>,
     pub dirty: Arc<dyn DirtyLog>,
-    pub memslots: Arc<dyn MemslotSwap>,
     pub stats: Arc<StatsCollector>,
     pub sup: Arc<Supervisor>,
 }
@@ -62,17 +64,32 @@ impl Collapser {
 
 /// Stop the delta rounds when a round copies at most this many pages.
 const SMALL_DELTA: u64 = 8;
-/// Upper bound on delta rounds before the pause.
+/// Upper bound on delta rounds before the freeze.
 const MAX_ROUNDS: u32 = 10;
-/// Units above this size get their staging PTEs dropped before the pause.
+/// Units above this size get their staging PTEs dropped before the freeze.
 const DONTNEED_ABOVE: u64 = 2 << 20;
 
 /// The collapse thread's loop. Jobs that queued up meanwhile are taken together: shmem units
-/// are collapsed in runs of adjacent units (see [`collapse_shmem_batch`]).
+/// are collapsed in runs of adjacent units (see [`collapse_shmem_batch`]). Units whose plan
+/// says [`super::strategy::RegionPlan::collapse_after_last_page`] wait in `deferred` until
+/// every page arrived.
 pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        jobs.extend(rx.try_iter());
+    let mut deferred: Vec<CollapseJob> = Vec::new();
+    loop {
+        let first = if deferred.is_empty() {
+            match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return,
+            }
+        } else {
+            // The last page's unit may be queued after the last arrival is counted: look again.
+            match rx.recv_timeout(DEFERRED_POLL) {
+                Ok(j) => Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut jobs: Vec<CollapseJob> = first.into_iter().chain(rx.try_iter()).collect();
         // Native units have nothing to copy: settle them at once.
         jobs.retain(|j| {
             let native = shared.regions[j.region].mode().is_native();
@@ -82,6 +99,14 @@ pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
             }
             !native
         });
+        let (later, now): (Vec<_>, Vec<_>) = jobs
+            .into_iter()
+            .partition(|j| shared.regions[j.region].plan.collapse_after_last_page);
+        deferred.extend(later);
+        let mut jobs = now;
+        if !deferred.is_empty() && shared.regions.all_arrived() {
+            jobs.append(&mut deferred);
+        }
         if jobs.is_empty() {
             continue;
         }
@@ -113,6 +138,9 @@ pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
         }
     }
 }
+
+/// How often the collapse thread looks whether every page arrived while it holds deferred units.
+const DEFERRED_POLL: Duration = Duration::from_millis(10);
 
 /// How long the collapse thread lets shmem units accumulate while pages are still arriving.
 const GATHER_FOR: Duration = Duration::from_millis(100);
@@ -444,22 +472,21 @@ fn collapse_staged(
     let t0 = Instant::now();
     let mut delta_pages = Vec::new();
     let mut stall_ns = 0;
-    let (mut pause_ns, mut zap_ns, mut final_delta_ns, mut swap_ns, mut dontneed_ns) =
-        (0, 0, 0, 0, 0);
+    let (mut zap_ns, mut final_delta_ns, mut swap_ns, mut dontneed_ns) = (0, 0, 0, 0);
 
     // A unit the guest never touched has nothing in the staging: swap without pausing (the
     // unit lock keeps faults out; a waiter is woken into the huge mapping).
-    let untouched = r.tracker.staged_in(first, end) == 0 && backing == FinalBacking::Hugetlb;
+    let untouched = r.tracker.staged_in(first, end) == 0;
     if untouched {
         let mut collapsed = r.units[job.unit as usize]
             .write()
             .unwrap_or_else(|p| p.into_inner());
         if r.tracker.staged_in(first, end) == 0 {
             // SAFETY: the unit's range is the engine's; under the unit lock no fault is served
-            // in it, and the guest never touched it (no staging page), so the huge page, which
-            // holds every page that arrived, replaces nothing anyone sees.
+            // in it, and the guest never touched it (no staging page), so the final backing,
+            // which holds every page that arrived, replaces nothing anyone sees.
             unsafe { sys::map_shared_fixed(addr, len as usize, fd, r.region.fd_offset + off) }
-                .map_err(err("mmap(MAP_FIXED) of the hugetlb page"))?;
+                .map_err(err(backing.remap_step()))?;
             *collapsed = true;
         }
         drop(collapsed);
@@ -496,12 +523,8 @@ fn collapse_staged(
             first,
             end,
         };
-        let t = match backing {
-            FinalBacking::Hugetlb => freeze_and_swap(shared, r, job.unit, &u)?,
-            FinalBacking::GuestMemfd => pause_and_swap(shared, r, job.unit, &u)?,
-        };
+        let t = freeze_and_swap(shared, r, job.unit, &u, backing)?;
         delta_pages.push(t.final_delta);
-        pause_ns = t.pause_ns;
         final_delta_ns = t.final_delta_ns;
         swap_ns = t.swap_ns;
         stall_ns = t.stall_ns;
@@ -524,16 +547,12 @@ fn collapse_staged(
         slot,
         unit_offset: off,
         unit_size: len,
-        method: match backing {
-            FinalBacking::Hugetlb => "hugetlb-mmap",
-            FinalBacking::GuestMemfd => "memslot-swap",
-        },
+        method: backing.collapse_method(),
         total_ns,
         stall_ns,
         delta_rounds: delta_pages.len() as u32,
         delta_pages: delta_pages.clone(),
         staged_pages,
-        pause_ns,
         zap_ns,
         final_delta_ns,
         swap_ns,
@@ -546,7 +565,6 @@ fn collapse_staged(
         offset = off,
         size = len,
         stall_ns,
-        pause_ns,
         zap_ns,
         final_delta_ns,
         swap_ns,
@@ -578,9 +596,7 @@ fn collapse_staged(
 struct SwapTimes {
     /// Pages copied in the last delta.
     final_delta: u64,
-    /// Parking every vCPU (pause-based swaps only).
-    pause_ns: u64,
-    /// Dropping the staging PTEs inside the freeze (freeze-based swaps only).
+    /// Dropping the staging PTEs inside the freeze.
     zap_ns: u64,
     final_delta_ns: u64,
     swap_ns: u64,
@@ -617,18 +633,19 @@ fn ns(d: std::time::Duration) -> u64 {
     d.as_nanos() as u64
 }
 
-/// hugetlb: swap without pausing anyone. Take the unit lock (a worker serving a fault in the
+/// Swap a staged unit to its final backing without pausing anyone. Take the unit lock (a worker serving a fault in the
 /// unit then waits for it, so its vCPU does), then drop every staging PTE of the unit (and with
 /// them KVM's mappings, through its MMU notifier): from here any guest access to the unit is a
 /// MINOR userfault whose worker waits on the lock, so the staging cannot change any more and the
-/// last dirty log is exact. Copy that delta, map the huge page over the range, mark the unit
-/// collapsed, unlock, and wake the range. A vCPU waits only if it touches this unit during the
+/// last dirty log is exact. Copy that delta, map the final backing (the huge page, or the
+/// guest_memfd's range) over the range, mark the unit collapsed, unlock, and wake the range. A vCPU waits only if it touches this unit during the
 /// freeze, and at most for the freeze; vCPUs elsewhere never stop.
 fn freeze_and_swap(
     shared: &Collapser,
     r: &Region,
     unit: u64,
     u: &UnitRange,
+    backing: FinalBacking,
 ) -> Result<SwapTimes, PostcopyError> {
     let slot = r.region.slot;
     let err = |what| collapse_error(slot, u.off, what);
@@ -647,9 +664,9 @@ fn freeze_and_swap(
         let t_swap = Instant::now();
         t.final_delta_ns = ns(t_swap - t_zapped);
         // SAFETY: the unit is frozen (its lock held, its staging PTEs dropped): no guest access
-        // or fault is served in it, and the huge page holds every page plus the last delta.
+        // or fault is served in it, and the final backing holds every page plus the last delta.
         unsafe { sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off) }
-            .map_err(err("mmap(MAP_FIXED) of the hugetlb page"))?;
+            .map_err(err(backing.remap_step()))?;
         t.swap_ns = ns(t_swap.elapsed());
         *collapsed = true;
         Ok(())
@@ -685,57 +702,4 @@ fn write_unit_lock(lock: &RwLock<bool>) -> (RwLockWriteGuard<'_, bool>, Instant)
             }
         }
     }
-}
-
-/// guest_memfd: the memslot itself changes (deleted and created again bound to the
-/// guest_memfd), and a vCPU must not run into the gap, so every vCPU is paused (the fault
-/// service keeps serving) around the last delta and the swap.
-fn pause_and_swap(
-    shared: &Collapser,
-    r: &Region,
-    unit: u64,
-    u: &UnitRange,
-) -> Result<SwapTimes, PostcopyError> {
-    let slot = r.region.slot;
-    let mut t = SwapTimes::default();
-    // Every vCPU waits for this section: do not get preempted inside it.
-    let _boost = crate::thread_priority::enter(crate::thread_priority::ThreadRole::Freeze);
-    let t_pause = Instant::now();
-    shared
-        .vcpus
-        .pause()
-        .map_err(|source| PostcopyError::Pause { slot, source })?;
-    let t_paused = Instant::now();
-    t.pause_ns = ns(t_paused - t_pause);
-    let result = (|| -> Result<(), PostcopyError> {
-        let mut collapsed = r.units[unit as usize]
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        let dirty = take_unit_dirty(shared, r, u.first, u.end)?;
-        t.final_delta = copy_delta(r, u.stage_alias, &dirty);
-        let t_swap = Instant::now();
-        t.final_delta_ns = ns(t_swap - t_paused);
-        shared
-            .memslots
-            .swap_to_final(&r.region)
-            .map_err(|source| PostcopyError::MemslotSwap { slot, source })?;
-        // Keep the primary address showing the final memory for the VMM's own accesses (its
-        // devices): map the guest_memfd there too.
-        // SAFETY: every vCPU is paused and the unit lock held: nothing reads or writes the
-        // range, and the guest_memfd holds every page plus the last delta.
-        unsafe { sys::map_shared_fixed(u.addr, u.len, u.fd, r.region.fd_offset + u.off) }.map_err(
-            collapse_error(
-                slot,
-                u.off,
-                "mmap(MAP_FIXED) of the guest_memfd over the staging",
-            ),
-        )?;
-        t.swap_ns = ns(t_swap.elapsed());
-        *collapsed = true;
-        Ok(())
-    })();
-    shared.installer.wake(u.addr, u.len);
-    shared.vcpus.resume();
-    t.stall_ns = ns(t_pause.elapsed());
-    result.map(|()| t)
 }

@@ -3,7 +3,7 @@
 //!
 //! Parts (no cycles: each imports only those below it):
 //! - [`FaultService`] (fault_service) serves userfaults: fetcher, arrivals, installer;
-//! - [`Collapser`] (collapse, native) finishes units: vCPU pause, dirty log, memslot swap;
+//! - [`Collapser`] (collapse, native) finishes units: dirty-log deltas, the freeze and swap;
 //! - [`Arrivals`] (arrival) stores arrived pages and sends completed units as messages;
 //! - [`Installer`] (installer) owns every userfaultfd ioctl and what its errors mean;
 //! - [`Regions`] (region) the fixed regions; [`Supervisor`] (supervisor) stop, fatal error,
@@ -31,10 +31,7 @@ use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
 use crate::live_stats::EngineLive;
-use crate::types::{
-    runs_where, Backing, DirtyLog, Granularity, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
-    PAGE_SIZE,
-};
+use crate::types::{runs_where, Backing, DirtyLog, Granularity, PageFetcher, RamRegion, PAGE_SIZE};
 
 /// Size of the fault worker pool (page fetches for different faults proceed in parallel).
 const FAULT_WORKERS: usize = 4;
@@ -63,9 +60,7 @@ struct Config {
     regions: Vec<RamRegion>,
     plans: Vec<RegionPlan>,
     fetcher: Arc<dyn PageFetcher>,
-    vcpus: Arc<dyn VcpuControl>,
     dirty: Arc<dyn DirtyLog>,
-    memslots: Arc<dyn MemslotSwap>,
 }
 
 /// The parts of a running engine.
@@ -156,19 +151,9 @@ impl PostcopyEngine {
         regions: Vec<RamRegion>,
         strategy: Granularity,
         fetcher: Arc<dyn PageFetcher>,
-        vcpus: Arc<dyn VcpuControl>,
         dirty: Arc<dyn DirtyLog>,
-        memslots: Arc<dyn MemslotSwap>,
     ) -> Result<Self, PostcopyError> {
-        Self::with_native_probe(
-            regions,
-            strategy,
-            probe_native,
-            fetcher,
-            vcpus,
-            dirty,
-            memslots,
-        )
+        Self::with_native_probe(regions, strategy, probe_native, fetcher, dirty)
     }
 
     /// [`PostcopyEngine::new`] with the kernel probe of the native strategy given: `probe`
@@ -179,9 +164,7 @@ impl PostcopyEngine {
         strategy: Granularity,
         probe: impl Fn(&RamRegion) -> Result<(), ProbeError>,
         fetcher: Arc<dyn PageFetcher>,
-        vcpus: Arc<dyn VcpuControl>,
         dirty: Arc<dyn DirtyLog>,
-        memslots: Arc<dyn MemslotSwap>,
     ) -> Result<Self, PostcopyError> {
         let mut plans = Vec::with_capacity(regions.len());
         for r in &regions {
@@ -208,9 +191,7 @@ impl PostcopyEngine {
                 regions,
                 plans,
                 fetcher,
-                vcpus,
                 dirty,
-                memslots,
             })),
             live: Arc::default(),
         })
@@ -349,9 +330,7 @@ impl PostcopyEngine {
         let collapser = Collapser {
             regions: Arc::clone(&regions),
             installer,
-            vcpus: cfg.vcpus,
             dirty: cfg.dirty,
-            memslots: cfg.memslots,
             stats: Arc::clone(&stats),
             sup: Arc::clone(&sup),
         };

@@ -89,12 +89,6 @@ pub enum PostcopyError {
         #[source]
         source: crate::types::HookError,
     },
-    #[error("pausing the vCPUs for the collapse of slot {slot} failed: {source}")]
-    Pause {
-        slot: u32,
-        #[source]
-        source: crate::types::HookError,
-    },
     #[error("collapse of slot {slot} unit at offset {offset:#x}: {what} failed: {source}")]
     Collapse {
         slot: u32,
@@ -116,12 +110,6 @@ pub enum PostcopyError {
         slot: u32,
         what: &'static str,
         source: std::io::Error,
-    },
-    #[error("memslot swap of slot {slot} to its guest_memfd failed: {source}")]
-    MemslotSwap {
-        slot: u32,
-        #[source]
-        source: crate::types::HookError,
     },
     #[error("fetching gpa {gpa:#x} failed for good: {source}")]
     Fetch {

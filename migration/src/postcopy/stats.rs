@@ -19,30 +19,28 @@ pub struct CollapseRecord {
     /// Byte offset of the unit in the region.
     pub unit_offset: u64,
     pub unit_size: u64,
-    /// "hugetlb-mmap" (a freeze of the unit, no vCPU pause), "memslot-swap" (a pause of every
-    /// vCPU), "madv-collapse", or "none (...)" when there was nothing to collapse.
+    /// "hugetlb-mmap" or "guest-memfd-mmap" (a freeze of the unit, no vCPU pause),
+    /// "madv-collapse", or "none (...)" when there was nothing to collapse.
     pub method: &'static str,
-    /// Unit complete → collapsed (delta rounds, freeze or pause, swap; not the off-path free).
+    /// Collapse started → collapsed (delta rounds, freeze, swap; not the off-path free). For a
+    /// unit collapsed only after the last page, the wait for that page is not counted.
     /// shmem units collapsed in one MADV_COLLAPSE call with their neighbours get their share
     /// (the calls' time divided by the units they covered).
     pub total_ns: u64,
-    /// The longest a vCPU can have waited for this collapse: hugetlb, the freeze (unit lock
-    /// taken → woken), which only a vCPU touching the unit waits for; guest_memfd, pause() →
-    /// resume(), which every vCPU waits for; 0 when nothing was frozen or paused.
+    /// The longest a vCPU can have waited for this collapse: the freeze (unit lock taken →
+    /// woken), which only a vCPU touching the unit waits for; 0 when nothing was frozen.
     pub stall_ns: u64,
-    /// Delta copy rounds including the final one in the pause.
+    /// Delta copy rounds including the final one in the freeze.
     pub delta_rounds: u32,
-    /// Pages copied in each round (the last is the one inside the pause).
+    /// Pages copied in each round (the last is the one inside the freeze).
     pub delta_pages: Vec<u64>,
     /// Staging pages of the unit (pages the guest touched before the collapse).
     pub staged_pages: u64,
-    /// Inside the stall: pause() until every vCPU was out of the guest (pause-based swaps).
-    pub pause_ns: u64,
-    /// Inside the stall: dropping the unit's staging PTEs again (freeze-based swaps).
+    /// Inside the stall: dropping the unit's staging PTEs again.
     pub zap_ns: u64,
     /// Inside the stall: final dirty log fetch and delta copy.
     pub final_delta_ns: u64,
-    /// Inside the stall: the swap (mmap(MAP_FIXED) / memslot swap) and the wake.
+    /// Inside the stall: the swap (mmap(MAP_FIXED) of the final backing) and the wake.
     pub swap_ns: u64,
     /// Before the stall: dropping the staging PTEs (MADV_DONTNEED) of big units.
     pub dontneed_ns: u64,
@@ -53,7 +51,7 @@ pub struct CollapseRecord {
 }
 
 impl CollapseRecord {
-    /// A unit that needed no swap and no pause (shmem MADV_COLLAPSE, native hugetlb, units
+    /// A unit that needed no swap and no freeze (shmem MADV_COLLAPSE, native hugetlb, units
     /// skipped as empty): only its place, how, how long and whether it worked.
     pub fn without_swap(
         slot: u32,
@@ -73,7 +71,6 @@ impl CollapseRecord {
             delta_rounds: 0,
             delta_pages: Vec::new(),
             staged_pages: 0,
-            pause_ns: 0,
             zap_ns: 0,
             final_delta_ns: 0,
             swap_ns: 0,

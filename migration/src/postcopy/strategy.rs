@@ -11,13 +11,41 @@ use crate::types::{Backing, Granularity, RamRegion, PAGE_SIZE};
 /// 2 MiB: the THP / collapse unit for shmem regions.
 pub const SHMEM_COLLAPSE_UNIT: u64 = 2 << 20;
 
-/// What the final backing of a staged region is.
+/// 2 MiB: the unit in which a staged guest_memfd region moves to its guest_memfd. A freeze of
+/// one unit takes about as long as a 2 MiB hugetlb unit's (a few hundred microseconds); the
+/// whole region at once was a memslot delete and create with every vCPU paused (about 2 ms
+/// for 256 MiB, most of it KVM zapping its shadow pages).
+pub const GUEST_MEMFD_COLLAPSE_UNIT: u64 = 2 << 20;
+
+/// What the final backing of a staged region is. Either way the collapse maps it over the
+/// staging range (mmap(MAP_FIXED)) under a freeze of the unit; the memslot stays as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinalBacking {
-    /// A hugetlb file: collapse = mmap(MAP_FIXED) of the file over the staging range.
+    /// A hugetlb file: the huge page replaces the unit's 4 KiB staging pages.
     Hugetlb,
-    /// A guest_memfd: collapse = swap the memslot to the guest_memfd (MemslotSwap).
+    /// A guest_memfd (created mmap-able and shared): its range replaces the staging. The
+    /// memslot stays a plain one over the region's address, which now maps the guest_memfd:
+    /// binding the slot to the guest_memfd would mean deleting and re-creating it with every
+    /// vCPU paused.
     GuestMemfd,
+}
+
+impl FinalBacking {
+    /// The collapse method's name in the statistics ([`super::stats::CollapseRecord::method`]).
+    pub fn collapse_method(self) -> &'static str {
+        match self {
+            FinalBacking::Hugetlb => "hugetlb-mmap",
+            FinalBacking::GuestMemfd => "guest-memfd-mmap",
+        }
+    }
+
+    /// The swap step, for an error that names it.
+    pub fn remap_step(self) -> &'static str {
+        match self {
+            FinalBacking::Hugetlb => "mmap(MAP_FIXED) of the hugetlb page",
+            FinalBacking::GuestMemfd => "mmap(MAP_FIXED) of the guest_memfd range",
+        }
+    }
 }
 
 /// How faults and bulk pages of one region are served.
@@ -65,8 +93,14 @@ impl ServeMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionPlan {
     pub mode: ServeMode,
-    /// Collapse / arrival unit in bytes (huge page, 2 MiB shmem range, or the whole region).
+    /// Collapse / arrival unit in bytes (huge page, 2 MiB shmem or guest_memfd range, or the
+    /// whole region).
     pub unit_size: u64,
+    /// Collapse the units only once every page of the migration arrived, instead of each as
+    /// soon as it is complete. guest_memfd: its pages are 4 KiB either way, so collapsing
+    /// early gains the guest nothing, while each freeze beside in-flight faults costs them
+    /// time (mmap lock, KVM's MMU notifier).
+    pub collapse_after_last_page: bool,
     /// Why the plan differs from what the strategy asked for (fallbacks), if it does.
     pub note: Option<String>,
     /// With [`Granularity::Native`] on a region the native path could serve: why it does not
@@ -152,8 +186,15 @@ pub fn plan_region_with(
     let plan = |mode, unit_size| RegionPlan {
         mode,
         unit_size,
+        collapse_after_last_page: mode == ServeMode::Staged(FinalBacking::GuestMemfd),
         note: None,
         native_fallback: None,
+    };
+    let staged_guest_memfd = || {
+        plan(
+            ServeMode::Staged(FinalBacking::GuestMemfd),
+            GUEST_MEMFD_COLLAPSE_UNIT.min(region.size),
+        )
     };
     match region.kind {
         // The kernel's own 4 KiB paths already are the native ones for these backings.
@@ -184,12 +225,12 @@ pub fn plan_region_with(
             },
         },
         Backing::GuestMemfd => match strategy {
-            Granularity::FourK => plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size),
+            Granularity::FourK => staged_guest_memfd(),
             Granularity::Huge => RegionPlan {
                 note: Some(
                     "guest_memfd has no whole-page userfault path; using 4 KiB staging".into(),
                 ),
-                ..plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size)
+                ..staged_guest_memfd()
             },
             Granularity::Native => match probe(region) {
                 Ok(()) => RegionPlan {
@@ -202,10 +243,10 @@ pub fn plan_region_with(
                 },
                 Err(reason) => RegionPlan {
                     note: Some(format!(
-                        "native strategy unavailable ({reason}); fell back to 4 KiB staging + memslot swap"
+                        "native strategy unavailable ({reason}); fell back to 4 KiB staging"
                     )),
                     native_fallback: Some(reason.to_string()),
-                    ..plan(ServeMode::Staged(FinalBacking::GuestMemfd), region.size)
+                    ..staged_guest_memfd()
                 },
             },
         },
@@ -409,17 +450,40 @@ mod tests {
     }
 
     #[test]
-    fn native_on_guest_memfd_registers_it_or_falls_back_to_memslot_swap() {
+    fn native_on_guest_memfd_registers_it_or_falls_back_to_staging_collapsed_after_the_last_page() {
         let r = region(Backing::GuestMemfd, 256 * MIB, 4096);
         let native = plan_region_with(&r, Granularity::Native, |_| Ok(()));
         assert_eq!(native.mode, ServeMode::NativeGuestMemfd);
         assert_eq!(native.native_fallback, None);
+        assert!(!native.collapse_after_last_page);
         let fallback = plan_region_with(&r, Granularity::Native, |_| {
             Err(ProbeError::Other("EINVAL".into()))
         });
         assert_eq!(fallback.mode, ServeMode::Staged(FinalBacking::GuestMemfd));
-        assert_eq!(fallback.unit_size, 256 * MIB);
+        assert_eq!(fallback.unit_size, GUEST_MEMFD_COLLAPSE_UNIT);
+        assert!(fallback.collapse_after_last_page);
         assert_eq!(fallback.native_fallback.as_deref(), Some("EINVAL"));
+        // 4 KiB staging asked for directly: the same units, the same timing; a region smaller
+        // than a unit is one unit.
+        let staged = plan_region_with(&r, Granularity::FourK, never_probed);
+        assert_eq!(
+            (staged.unit_size, staged.collapse_after_last_page),
+            (GUEST_MEMFD_COLLAPSE_UNIT, true)
+        );
+        let small = region(Backing::GuestMemfd, MIB, 4096);
+        assert_eq!(
+            plan_region_with(&small, Granularity::FourK, never_probed).unit_size,
+            MIB
+        );
+        // Huge pages come back early: hugetlb and shmem collapse each unit when complete.
+        for (kind, page) in [(Backing::Hugetlb2m, 2 * MIB), (Backing::Shmem, 4096)] {
+            let p = plan_region_with(
+                &region(kind, 256 * MIB, page),
+                Granularity::FourK,
+                never_probed,
+            );
+            assert!(!p.collapse_after_last_page, "{kind:?}");
+        }
     }
 
     #[test]

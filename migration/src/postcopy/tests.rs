@@ -18,10 +18,7 @@ use super::stats::StatsCollector;
 use super::strategy::{FinalBacking, RegionPlan, ServeMode};
 use super::supervisor::Supervisor;
 use super::PostcopyError;
-use crate::types::{
-    Backing, DirtyLog, FetchError, HookError, MemslotSwap, PageFetcher, RamRegion, VcpuControl,
-    PAGE_SIZE,
-};
+use crate::types::{Backing, DirtyLog, FetchError, PageFetcher, RamRegion, PAGE_SIZE};
 
 const PAGE: usize = PAGE_SIZE as usize;
 const GPA: u64 = 0x1_0000_0000;
@@ -159,6 +156,7 @@ fn plan(mode: ServeMode, unit_size: u64) -> RegionPlan {
     RegionPlan {
         mode,
         unit_size,
+        collapse_after_last_page: false,
         note: None,
         native_fallback: None,
     }
@@ -447,22 +445,6 @@ fn a_stop_makes_a_fault_waiting_for_the_link_give_up() {
 
 // ---------------------------------------------------------------- the collapse
 
-struct NoVcpus(AtomicU64);
-impl VcpuControl for NoVcpus {
-    fn pause(&self) -> Result<(), HookError> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-    fn resume(&self) {}
-}
-
-struct NoSwap;
-impl MemslotSwap for NoSwap {
-    fn swap_to_final(&self, r: &RamRegion) -> Result<(), HookError> {
-        Err(format!("unexpected memslot swap of slot {}", r.slot).into())
-    }
-}
-
 /// Reports the pages in `dirty` once (then nothing), like a dirty log after the guest wrote
 /// them; records enable/disable.
 #[derive(Default)]
@@ -489,19 +471,22 @@ impl DirtyLog for ScriptedDirty {
     }
 }
 
-/// A staged "hugetlb" unit of 2 MiB whose final backing is a memfd (the collapse's
-/// mmap(MAP_FIXED) works the same on it): pages arrive in the final backing, some are staged
-/// and then written by the "guest" through the staging; the collapse must carry those writes
-/// into the final backing, map it over the range, wake the range, free the staging and
-/// finish the region, without pausing any vCPU.
-#[test]
-fn staged_collapse_carries_guest_writes_into_the_final_backing_and_wakes_the_unit() {
+/// A staged unit of 2 MiB whose final backing is a memfd (the collapse's mmap(MAP_FIXED)
+/// works the same on it as on a hugetlb file or a guest_memfd): pages arrive in the final
+/// backing, some are staged and then written by the "guest" through the staging; the collapse
+/// must carry those writes into the final backing, map it over the range, wake the range, free
+/// the staging and finish the region. No vCPU pause exists for it to take.
+fn staged_collapse_case(backing: FinalBacking) {
     const UNIT: usize = 2 << 20;
     let pages = (UNIT / PAGE) as u64;
     let final_fd = memfd(UNIT);
     let alias = super::sys::map_shared(UNIT, final_fd.as_raw_fd(), 0).unwrap();
     let host = anon_map(UNIT);
     let staging = Staging::create_over(5, host, UNIT).unwrap();
+    let (kind, page_size) = match backing {
+        FinalBacking::Hugetlb => (Backing::Hugetlb2m, UNIT as u64),
+        FinalBacking::GuestMemfd => (Backing::GuestMemfd, PAGE_SIZE),
+    };
     let region = RamRegion {
         slot: 5,
         gpa: GPA,
@@ -510,26 +495,18 @@ fn staged_collapse_carries_guest_writes_into_the_final_backing_and_wakes_the_uni
         alias_addr: Some(alias),
         fd: Some(final_fd.as_raw_fd()),
         fd_offset: 0,
-        kind: Backing::Hugetlb2m,
-        page_size: UNIT as u64,
+        kind,
+        page_size,
     };
     let fetcher = Arc::new(Fetcher::default());
-    let rig = rig(
-        Region::new(
-            region,
-            plan(ServeMode::Staged(FinalBacking::Hugetlb), UNIT as u64),
-            Some(staging),
-        ),
-        fetcher,
-    );
+    let mut unit_plan = plan(ServeMode::Staged(backing), UNIT as u64);
+    unit_plan.collapse_after_last_page = backing == FinalBacking::GuestMemfd;
+    let rig = rig(Region::new(region, unit_plan, Some(staging)), fetcher);
     let dirty = Arc::new(ScriptedDirty::default());
-    let vcpus = Arc::new(NoVcpus(AtomicU64::new(0)));
     let collapser = Collapser {
         regions: Arc::clone(&rig.regions),
         installer: rig.installer.clone(),
-        vcpus: vcpus.clone(),
         dirty: dirty.clone(),
-        memslots: Arc::new(NoSwap),
         stats: Arc::clone(&rig.stats),
         sup: Arc::clone(&rig.sup),
     };
@@ -581,18 +558,103 @@ fn staged_collapse_carries_guest_writes_into_the_final_backing_and_wakes_the_uni
     let st = rig.stats.snapshot();
     assert_eq!(st.collapses, 1);
     let rec = &st.collapse_records[0];
-    assert_eq!(rec.method, "hugetlb-mmap");
+    assert_eq!(rec.method, backing.collapse_method());
     assert_eq!(rec.staged_pages, 3);
     assert_eq!(rec.delta_pages.iter().sum::<u64>(), 2);
     assert_eq!(st.staging_current_bytes, 0);
-    assert_eq!(
-        vcpus.0.load(Ordering::Relaxed),
-        0,
-        "a hugetlb collapse paused the vCPUs"
-    );
     assert!(dirty.disabled.load(Ordering::Relaxed));
     assert!(r.done());
     assert!(r.staging.read().unwrap().is_none(), "staging not freed");
+}
+
+#[test]
+fn staged_hugetlb_collapse_carries_guest_writes_into_the_final_backing_and_wakes_the_unit() {
+    staged_collapse_case(FinalBacking::Hugetlb);
+}
+
+#[test]
+fn staged_guest_memfd_collapse_carries_guest_writes_into_the_final_backing_and_wakes_the_unit() {
+    staged_collapse_case(FinalBacking::GuestMemfd);
+}
+
+/// A plan that collapses after the last page: a complete unit waits on the collapse thread
+/// while another unit still misses pages, and collapses together with it once the last page
+/// arrived. A plan without it collapses the complete unit at once.
+#[test]
+fn units_planned_after_the_last_page_wait_for_it() {
+    const UNIT: usize = 2 << 20;
+    for after_last_page in [true, false] {
+        let final_fd = memfd(2 * UNIT);
+        let alias = super::sys::map_shared(2 * UNIT, final_fd.as_raw_fd(), 0).unwrap();
+        let host = anon_map(2 * UNIT);
+        let staging = Staging::create_over(5, host, 2 * UNIT).unwrap();
+        let region = RamRegion {
+            slot: 5,
+            gpa: GPA,
+            size: 2 * UNIT as u64,
+            host_addr: host,
+            alias_addr: Some(alias),
+            fd: Some(final_fd.as_raw_fd()),
+            fd_offset: 0,
+            kind: Backing::GuestMemfd,
+            page_size: PAGE_SIZE,
+        };
+        let mut unit_plan = plan(ServeMode::Staged(FinalBacking::GuestMemfd), UNIT as u64);
+        unit_plan.collapse_after_last_page = after_last_page;
+        let rig = rig(
+            Region::new(region, unit_plan, Some(staging)),
+            Arc::new(Fetcher::default()),
+        );
+        let collapser = Arc::new(Collapser {
+            regions: Arc::clone(&rig.regions),
+            installer: rig.installer.clone(),
+            dirty: Arc::new(ScriptedDirty::default()),
+            stats: Arc::clone(&rig.stats),
+            sup: Arc::clone(&rig.sup),
+        });
+        let r = &rig.regions[0];
+        collapser.ensure_dirty_enabled(0).unwrap();
+        let unit_pages = (UNIT / PAGE) as u64;
+        let arrive = |from: u64| {
+            for p in from..from + unit_pages {
+                let _g = r.tracker.lock_page(p);
+                rig.arrivals
+                    .store_locked(0, p, &pattern(GPA + p * PAGE_SIZE))
+                    .unwrap();
+            }
+            rig.units
+                .lock()
+                .unwrap()
+                .try_recv()
+                .expect("no unit message")
+        };
+        let (tx, rx) = mpsc::channel();
+        tx.send(arrive(0)).unwrap();
+        let c = Arc::clone(&collapser);
+        let thread = std::thread::spawn(move || collapse::run(&c, rx));
+        // Give the collapse thread time to take the first unit (and collapse it, or not).
+        std::thread::sleep(Duration::from_millis(200));
+        let early = rig.stats.snapshot().collapses;
+        assert_eq!(
+            early,
+            u64::from(!after_last_page),
+            "collapses before the last page (after_last_page {after_last_page})"
+        );
+        tx.send(arrive(unit_pages)).unwrap();
+        drop(tx);
+        thread.join().unwrap();
+        assert!(rig.sup.fatal().is_none(), "{:?}", rig.sup.fatal());
+        assert_eq!(rig.stats.snapshot().collapses, 2);
+        assert!(r.done());
+        // Both units now map the final backing.
+        for p in [3, unit_pages + 3] {
+            // SAFETY: the test's own mappings.
+            unsafe { *((alias + p as usize * PAGE) as *mut u64) = 0xabc0 + p };
+            // SAFETY: as above.
+            let seen = unsafe { *((host + p as usize * PAGE) as *const u64) };
+            assert_eq!(seen, 0xabc0 + p, "page {p} does not map the final backing");
+        }
+    }
 }
 
 /// Units of native regions and of regions with nothing to collapse also come as messages and
@@ -612,9 +674,7 @@ fn native_units_settle_on_the_collapse_thread() {
     let collapser = Collapser {
         regions: Arc::clone(&rig.regions),
         installer: rig.installer.clone(),
-        vcpus: Arc::new(NoVcpus(AtomicU64::new(0))),
         dirty: Arc::new(ScriptedDirty::default()),
-        memslots: Arc::new(NoSwap),
         stats: Arc::clone(&rig.stats),
         sup: Arc::clone(&rig.sup),
     };

@@ -14,7 +14,7 @@ use migration::postcopy::{PostcopyEngine, PostcopyStats, ServeMode};
 use migration::stats::{DestinationStats, RegionServe};
 use migration::types::{Granularity, HookError, Mode, PageFetcher, PageSet, PAGE_SIZE};
 
-use super::kvm_hooks::{GuestMemfdSwap, KvmDirtyLog, KvmVcpus, SwappedSlots};
+use super::kvm_hooks::KvmDirtyLog;
 use super::StateBlobError;
 use crate::api::ApiServer;
 use crate::control::{Origin, VmController};
@@ -200,7 +200,8 @@ impl DestSide {
     }
 
     /// Registers every memslot, with dirty logging if `dirty_log`, bound to its guest_memfd if
-    /// `bind` (a staged guest_memfd region runs from a plain slot until its collapse binds it).
+    /// `bind` (a staged guest_memfd region runs from a plain slot; its collapse maps the
+    /// guest_memfd under that slot's address, and the slot stays plain).
     fn register_slots(&self, dirty_log: bool, bind: bool) -> Result<(), MemoryError> {
         let ram = self.vm.ram();
         for i in 0..ram.regions().len() {
@@ -235,20 +236,12 @@ impl DestinationVm for DestSide {
         }
         let t_discard = t0.elapsed();
         let regions = super::ram_regions(self.vm.ram());
-        let swapped = SwappedSlots::default();
         let mut engine = PostcopyEngine::new(
             regions,
             self.strategy,
             fetcher,
-            Arc::new(KvmVcpus(self.vm.clone())),
             Arc::new(KvmDirtyLog {
                 vm: self.vm.clone(),
-                bind_guest_memfd: false,
-                swapped: swapped.clone(),
-            }),
-            Arc::new(GuestMemfdSwap {
-                vm: self.vm.clone(),
-                swapped,
             }),
         )?;
         engine.set_vcpu_tids(self.vm.vcpu_tids());
@@ -256,12 +249,11 @@ impl DestinationVm for DestSide {
         let report = engine.prepare()?;
         if self.dirty_logged {
             // A region the engine does not stage after all (native service) needs no log.
-            let bind = self.vm.ram().backing() != Backing::GuestMemfd;
             for r in &report.regions {
                 if !matches!(r.mode, ServeMode::Staged(_)) {
                     self.vm
                         .ram()
-                        .set_slot(self.vm.fd(), r.slot as usize, false, bind)?;
+                        .set_slot_dirty_log(self.vm.fd(), r.slot as usize, false)?;
                 }
             }
         }

@@ -24,11 +24,7 @@ pub struct SourceSide {
 impl SourceSide {
     pub fn new(vm: Arc<Vm>) -> Self {
         SourceSide {
-            dirty: KvmDirtyLog {
-                vm: vm.clone(),
-                bind_guest_memfd: true,
-                swapped: Default::default(),
-            },
+            dirty: KvmDirtyLog { vm: vm.clone() },
             vm,
         }
     }

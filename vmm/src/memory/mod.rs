@@ -17,6 +17,7 @@ pub mod shmem;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{
     kvm_userspace_memory_region, kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD,
@@ -243,6 +244,11 @@ pub struct GuestRam {
     /// Non-owning vm-memory view over the primary mappings (cloned out by `guest_memory`).
     view: GuestMemoryMmap<()>,
     regions: Vec<Region>,
+    /// Per region: whether its memslot is set bound to the guest_memfd (`KVM_MEM_GUEST_MEMFD`).
+    /// A postcopy destination runs a guest_memfd region from a plain slot for good, so a
+    /// dirty-log toggle must keep whichever binding the slot has
+    /// (see [`GuestRam::set_slot_dirty_log`]).
+    bound: Vec<AtomicBool>,
 }
 
 impl GuestRam {
@@ -268,11 +274,13 @@ impl GuestRam {
             Err(e) => return Err(e),
         };
         let view = Self::build_view(backing, &regions)?;
+        let bound = regions.iter().map(|_| AtomicBool::new(false)).collect();
         Ok(GuestRam {
             backing,
             size,
             view,
             regions,
+            bound,
         })
     }
 
@@ -434,7 +442,12 @@ impl GuestRam {
             size: slot.memory_size,
             flags: slot.flags,
             source,
-        })
+        })?;
+        if let Some(b) = self.bound.get(slot.slot as usize) {
+            let bound = slot.memory_size != 0 && slot.flags & KVM_MEM_GUEST_MEMFD != 0;
+            b.store(bound, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn set_all(&self, vm: &VmFd, dirty_log: bool) -> Result<(), MemoryError> {
@@ -467,7 +480,7 @@ impl GuestRam {
 
     /// Sets memslot `index` alone. With `bind_guest_memfd` false a guest_memfd region is
     /// registered as a plain slot over its primary mapping (the postcopy destination stages it
-    /// there and binds the guest_memfd at collapse: delete the slot, then set it bound).
+    /// there; its collapse maps the guest_memfd over that mapping, and the slot stays plain).
     pub fn set_slot(
         &self,
         vm: &VmFd,
@@ -493,19 +506,22 @@ impl GuestRam {
         self.set_memslot(vm, slot)
     }
 
-    /// Deletes memslot `index` (memory_size 0).
-    pub fn delete_slot(&self, vm: &VmFd, index: usize) -> Result<(), MemoryError> {
-        let r = self.regions.get(index).ok_or(MemoryError::OutOfRange {
-            addr: index as u64,
-            len: 0,
-        })?;
-        let mut slot = self.memslot(index, false).ok_or(MemoryError::OutOfRange {
-            addr: r.guest_addr,
-            len: r.size,
-        })?;
-        slot.flags &= !KVM_MEM_GUEST_MEMFD;
-        slot.memory_size = 0;
-        self.set_memslot(vm, slot)
+    /// Re-sets memslot `index` with (`dirty_log`) or without `KVM_MEM_LOG_DIRTY_PAGES`, bound to
+    /// its guest_memfd exactly if it is bound now (KVM cannot change that binding in place).
+    pub fn set_slot_dirty_log(
+        &self,
+        vm: &VmFd,
+        index: usize,
+        dirty_log: bool,
+    ) -> Result<(), MemoryError> {
+        self.set_slot(vm, index, dirty_log, self.slot_bound(index))
+    }
+
+    /// Whether memslot `index` is set bound to its guest_memfd.
+    pub fn slot_bound(&self, index: usize) -> bool {
+        self.bound
+            .get(index)
+            .is_some_and(|b| b.load(Ordering::Acquire))
     }
 
     /// Deletes every memslot of this RAM from `vm` (memory_size 0), after which `self` may be
