@@ -131,6 +131,9 @@ struct DestinationMaps {
     hugetlb_ram_bytes: u64,
     /// Mappings of the hugetlb guest RAM file with 4 KiB kernel pages (must be none).
     hugetlb_ram_small: Vec<String>,
+    /// Bytes of mappings of a guest_memfd (the VMM's alias, plus the primary guest RAM mapping
+    /// once the collapses mapped it there).
+    guest_memfd_bytes: u64,
 }
 
 /// Reads `pid`'s mappings; `None` if it is gone.
@@ -144,6 +147,9 @@ fn destination_maps(pid: u32) -> Option<DestinationMaps> {
             if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
                 if line.contains("postcopy-staging") {
                     m.staging_left.push(format!("mapped: {line}"));
+                }
+                if line.contains("[kvm-gmem]") {
+                    m.guest_memfd_bytes += hi - lo;
                 }
                 current = line
                     .contains("vmm-guest-ram-hugetlb")
@@ -473,6 +479,29 @@ fn postcopy_shmem_to_hugetlb_1g_at_huge_granularity() {
 fn postcopy_shmem_to_guest_memfd() {
     let m = migrate_workload(&Case::new("shmem", "guest-memfd", "postcopy", "4k"));
     assert_postcopy(&m);
+    // Every 2 MiB unit was mapped to the guest_memfd by a freeze: no memslot swap, no pause.
+    let units = (256 * MIB / PAGE_SIZE_2M) as f64;
+    assert_eq!(
+        num(&m.stats, "collapses"),
+        units,
+        "{}",
+        brief_stats(&m.stats)
+    );
+    assert_eq!(num(&m.stats, "collapse_failures"), 0.0, "{}", m.stats);
+    let methods = m.stats["collapse_methods"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        methods.len() as f64 == units && methods.iter().all(|v| v == "guest-memfd-mmap"),
+        "collapse methods: {methods:?}"
+    );
+    // The primary guest RAM mapping is the guest_memfd now (beside the alias).
+    assert!(
+        m.maps.guest_memfd_bytes >= 2 * 256 * MIB,
+        "only {} bytes of guest_memfd mappings: the primary mapping was not remapped",
+        m.maps.guest_memfd_bytes
+    );
 }
 
 #[test]
