@@ -693,6 +693,73 @@ fn a_received_vm_migrates_on_a_to_b_to_c_to_d_ending_on_hugetlb_1g() {
     );
 }
 
+/// A VM received by postcopy onto guest_memfd runs from plain memslots over the guest_memfd
+/// (the collapse maps it there instead of re-binding the slots), so it can log dirty pages and
+/// migrate on: A (shmem) → B (guest_memfd, postcopy) → C (shmem, hybrid, whose precopy needs
+/// B's dirty log), the guest verifying its memory all the way.
+#[test]
+fn a_vm_received_on_guest_memfd_migrates_on_by_hybrid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_a = dir.path().join("a.sock");
+    let args = workload_source_args("shmem", "256M", 1, 0, &sock_a);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Proc::vmm("A", &args);
+    a.wait_for("first WORKLOAD pass line", BOOT_LIMIT, |out, _| {
+        out.contains("WORKLOAD pass ")
+    });
+    a.wait_for("API socket", BOOT_LIMIT, |_, _| sock_a.exists());
+
+    let port_b = free_port();
+    let (mut b, sock_b, _) = start_hop(dir.path(), "B", "guest-memfd", port_b);
+    vmm::api::Client::new(&sock_a)
+        .send_migration(&send("postcopy", port_b))
+        .unwrap_or_else(|e| panic!("A → B: {e}\n{}\n{}", a.describe(), b.describe()));
+    assert_eq!(
+        a.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        a.describe()
+    );
+    wait_arrived(&mut b, &sock_b);
+    wait_passes(&mut b, 2);
+    assert!(clean(&b.stdout()), "{}", b.describe());
+
+    let port_c = free_port();
+    let (mut c, sock_c, _) = start_hop(dir.path(), "C", "shmem", port_c);
+    let summary = vmm::api::Client::new(&sock_b)
+        .send_migration(&send("hybrid", port_c))
+        .unwrap_or_else(|e| panic!("B → C: {e}\n{}\n{}", b.describe(), c.describe()));
+    assert_eq!(
+        b.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        b.describe()
+    );
+    assert!(
+        summary["pages_sent"].as_f64().unwrap_or(0.0) > 0.0,
+        "B → C sent no page: {summary}"
+    );
+    wait_arrived(&mut c, &sock_c);
+    wait_passes(&mut c, 2);
+    assert!(clean(&c.stdout()), "{}", c.describe());
+    let cfg = vmm::api::Client::new(&sock_c)
+        .info()
+        .unwrap()
+        .config
+        .expect("C's config");
+    assert_eq!(
+        (cfg.backing.name(), cfg.origin.as_str()),
+        ("shmem", "received")
+    );
+    vmm::api::Client::new(&sock_c).shutdown().unwrap();
+    assert_eq!(
+        c.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "{}",
+        c.describe()
+    );
+}
+
 /// A cancel during precopy: the VM runs on at the source, the migration says cancelled, the
 /// destination gives up; a cancel with no migration is refused.
 #[test]
