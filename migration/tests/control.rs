@@ -171,14 +171,10 @@ impl DestinationVm for EngineDest {
         fetcher: Arc<dyn PageFetcher>,
         _present: &PageSet,
     ) -> Result<Arc<dyn PostcopySink>, migration::types::HookError> {
-        let mut engine = PostcopyEngine::new(
-            self.ram.regions(),
-            Granularity::FourK,
-            fetcher,
-            Arc::new(NoDirty),
-        )
-        .map_err(|e| e.to_string())?;
-        engine.prepare().map_err(|e| e.to_string())?;
+        let mut engine =
+            PostcopyEngine::new(self.ram.regions(), Granularity::FourK, Arc::new(NoDirty))
+                .map_err(|e| e.to_string())?;
+        engine.prepare(fetcher).map_err(|e| e.to_string())?;
         let sink = Arc::new(EngineSink {
             engine,
             vcpus: Mutex::new(Vec::new()),

@@ -305,13 +305,8 @@ fn smaps_kb(fields: &[(String, String)], key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn engine(
-    region: RamRegion,
-    strategy: Granularity,
-    fetcher: Arc<dyn PageFetcher>,
-    dirty: Arc<dyn DirtyLog>,
-) -> PostcopyEngine {
-    PostcopyEngine::new(vec![region], strategy, fetcher, dirty).unwrap()
+fn engine(region: RamRegion, strategy: Granularity, dirty: Arc<dyn DirtyLog>) -> PostcopyEngine {
+    PostcopyEngine::new(vec![region], strategy, dirty).unwrap()
 }
 
 /// Push every page of the region as a bulk page (optionally only every `step`th page first).
@@ -391,13 +386,8 @@ fn shmem_4k_faults_then_madv_collapse() {
         fetches: AtomicU64::new(0),
         delay: Duration::from_micros(50),
     });
-    let mut eng = engine(
-        region,
-        Granularity::FourK,
-        fetcher.clone(),
-        Arc::new(NoDirty),
-    );
-    let rep = eng.prepare().unwrap();
+    let mut eng = engine(region, Granularity::FourK, Arc::new(NoDirty));
+    let rep = eng.prepare(fetcher.clone()).unwrap();
     assert_eq!(rep.regions[0].mode, ServeMode::ShmemContinue);
 
     // Two "vCPUs" touch scattered pages before any bulk data: every touch blocks in userfaultfd.
@@ -482,13 +472,8 @@ fn anon_missing_copy() {
         fetches: AtomicU64::new(0),
         delay: Duration::from_micros(20),
     });
-    let mut eng = engine(
-        region,
-        Granularity::FourK,
-        fetcher.clone(),
-        Arc::new(NoDirty),
-    );
-    eng.prepare().unwrap();
+    let mut eng = engine(region, Granularity::FourK, Arc::new(NoDirty));
+    eng.prepare(fetcher.clone()).unwrap();
     // Both threads touch the same pages: each page must be fetched once.
     let pages: Vec<u64> = (0..64).map(|i| i * 5).collect();
     std::thread::scope(|s| {
@@ -558,14 +543,8 @@ fn hugetlb_fourk_collapse(page_kb: u64, huge_pages: u64, kind: Backing, mfd_flag
     let (host, alias, region) = (f.host(), f.alias(), f.region.clone());
     let fetcher = TcpFetcher::start();
     let dirty = Arc::new(AllDirty::default());
-    let mut eng = PostcopyEngine::new(
-        vec![region],
-        Granularity::FourK,
-        fetcher.clone(),
-        dirty.clone(),
-    )
-    .unwrap();
-    let rep = eng.prepare().unwrap();
+    let mut eng = PostcopyEngine::new(vec![region], Granularity::FourK, dirty.clone()).unwrap();
+    let rep = eng.prepare(fetcher.clone()).unwrap();
     assert!(matches!(rep.regions[0].mode, ServeMode::Staged(_)));
     assert_eq!(
         smaps_kb(&smaps_of(host), "KernelPageSize"),
@@ -688,13 +667,8 @@ fn hugetlb_2m_whole_page_baseline() {
         fetches: AtomicU64::new(0),
         delay: Duration::ZERO,
     });
-    let mut eng = engine(
-        region,
-        Granularity::Huge,
-        fetcher.clone(),
-        Arc::new(NoDirty),
-    );
-    let rep = eng.prepare().unwrap();
+    let mut eng = engine(region, Granularity::Huge, Arc::new(NoDirty));
+    let rep = eng.prepare(fetcher.clone()).unwrap();
     assert_eq!(rep.regions[0].mode, ServeMode::HugeWhole);
     // Touch one page of huge page 0: the whole 2 MiB must be fetched and mapped.
     check_page(host + 5 * PAGE, GPA_BASE + 5 * PAGE as u64, None);
@@ -790,13 +764,8 @@ fn zero_runs_mark_arrived_without_fetching() {
         kind: Backing::Shmem,
         page_size: PAGE as u64,
     };
-    let mut eng = engine(
-        region,
-        Granularity::FourK,
-        fetcher.clone(),
-        Arc::new(NoDirty),
-    );
-    eng.prepare().unwrap();
+    let mut eng = engine(region, Granularity::FourK, Arc::new(NoDirty));
+    eng.prepare(fetcher.clone()).unwrap();
     push(&eng);
     eng.wait_complete_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -837,13 +806,8 @@ fn zero_runs_mark_arrived_without_fetching() {
         kind: Backing::Anon,
         page_size: PAGE as u64,
     };
-    let mut eng = engine(
-        region,
-        Granularity::FourK,
-        fetcher.clone(),
-        Arc::new(NoDirty),
-    );
-    eng.prepare().unwrap();
+    let mut eng = engine(region, Granularity::FourK, Arc::new(NoDirty));
+    eng.prepare(fetcher.clone()).unwrap();
     push(&eng);
     eng.wait_complete_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -873,11 +837,7 @@ fn native_strategy_falls_back_with_reason() {
         huge,
     );
     let region = f.region.clone();
-    let fetcher = Arc::new(LocalFetcher {
-        fetches: AtomicU64::new(0),
-        delay: Duration::ZERO,
-    });
-    let eng = engine(region, Granularity::Native, fetcher, Arc::new(NoDirty));
+    let eng = engine(region, Granularity::Native, Arc::new(NoDirty));
     let plan = &eng.plans()[0];
     println!("native plan: {plan:?}");
     assert!(matches!(plan.mode, ServeMode::Staged(_)));

@@ -59,8 +59,10 @@ pub struct PrepareReport {
 struct Config {
     regions: Vec<RamRegion>,
     plans: Vec<RegionPlan>,
-    fetcher: Arc<dyn PageFetcher>,
     dirty: Arc<dyn DirtyLog>,
+    /// Built here, not in prepare(): its histograms take about 2 ms to allocate, which a
+    /// destination can spend before the blackout (see `vmm`'s `DestSide::prebuild_engine`).
+    stats: Arc<StatsCollector>,
 }
 
 /// The parts of a running engine.
@@ -145,15 +147,15 @@ fn validate(region: &RamRegion, plan: &RegionPlan) -> Result<(), PostcopyError> 
 }
 
 impl PostcopyEngine {
-    /// Plan the regions for `strategy` and check they are usable. Nothing is mapped or
-    /// registered yet (see [`PostcopyEngine::prepare`]).
+    /// Plan the regions for `strategy`, check they are usable and allocate the statistics.
+    /// Nothing is mapped or registered yet, and no page source is needed yet (see
+    /// [`PostcopyEngine::prepare`]): a destination builds the engine before the blackout.
     pub fn new(
         regions: Vec<RamRegion>,
         strategy: Granularity,
-        fetcher: Arc<dyn PageFetcher>,
         dirty: Arc<dyn DirtyLog>,
     ) -> Result<Self, PostcopyError> {
-        Self::with_native_probe(regions, strategy, probe_native, fetcher, dirty)
+        Self::with_native_probe(regions, strategy, probe_native, dirty)
     }
 
     /// [`PostcopyEngine::new`] with the kernel probe of the native strategy given: `probe`
@@ -163,7 +165,6 @@ impl PostcopyEngine {
         regions: Vec<RamRegion>,
         strategy: Granularity,
         probe: impl Fn(&RamRegion) -> Result<(), ProbeError>,
-        fetcher: Arc<dyn PageFetcher>,
         dirty: Arc<dyn DirtyLog>,
     ) -> Result<Self, PostcopyError> {
         let mut plans = Vec::with_capacity(regions.len());
@@ -186,14 +187,16 @@ impl PostcopyEngine {
             }
             plans.push(plan);
         }
+        let live = Arc::<EngineLive>::default();
+        let stats = Arc::new(StatsCollector::with_live(Arc::clone(&live)));
         Ok(PostcopyEngine {
             state: State::Configured(Box::new(Config {
                 regions,
                 plans,
-                fetcher,
                 dirty,
+                stats,
             })),
-            live: Arc::default(),
+            live,
         })
     }
 
@@ -219,8 +222,12 @@ impl PostcopyEngine {
     }
 
     /// Before the vCPUs start: map staging where needed, register every region with
-    /// userfaultfd, and start the fault service and the collapse thread.
-    pub fn prepare(&mut self) -> Result<PrepareReport, PostcopyError> {
+    /// userfaultfd, and start the fault service (fetching missing pages with `fetcher`) and
+    /// the collapse thread.
+    pub fn prepare(
+        &mut self,
+        fetcher: Arc<dyn PageFetcher>,
+    ) -> Result<PrepareReport, PostcopyError> {
         let cfg = match std::mem::replace(&mut self.state, State::Stopped) {
             State::Configured(cfg) => cfg,
             other => {
@@ -314,7 +321,7 @@ impl PostcopyEngine {
         let regions = Arc::new(Regions::new(states));
         let uffd = Arc::new(uffd);
         let sup = Arc::new(Supervisor::new()?);
-        let stats = Arc::new(StatsCollector::with_live(Arc::clone(&self.live)));
+        let stats = cfg.stats;
         let installer: Arc<dyn Installer> = Arc::new(UffdInstaller::new(
             Arc::clone(&uffd),
             Arc::clone(&sup),
@@ -345,7 +352,7 @@ impl PostcopyEngine {
         }
         let faults = Arc::new(FaultService::new(
             Arc::clone(&arrivals),
-            cfg.fetcher,
+            fetcher,
             Arc::clone(&stats),
         ));
         let mut threads = fault_service::spawn(&faults, &uffd, FAULT_WORKERS)?;

@@ -115,6 +115,9 @@ struct DestSide {
     vm: Arc<Vm>,
     strategy: Granularity,
     engine: Mutex<Option<Arc<EngineSink>>>,
+    /// Postcopy and hybrid: the engine built before Ready (plans and statistics, about 2 ms),
+    /// which begin_postcopy prepares inside the blackout. None once taken.
+    prebuilt: Mutex<Option<PostcopyEngine>>,
     /// Postcopy and hybrid: the memslots were registered before Ready with dirty logging on
     /// (see `receive`), because the engine is expected to stage.
     dirty_logged: bool,
@@ -199,6 +202,17 @@ impl DestSide {
         }
     }
 
+    /// The postcopy engine over this VM's RAM: plans and statistics, nothing mapped yet.
+    fn build_engine(&self) -> Result<PostcopyEngine, migration::postcopy::PostcopyError> {
+        PostcopyEngine::new(
+            super::ram_regions(self.vm.ram()),
+            self.strategy,
+            Arc::new(KvmDirtyLog {
+                vm: self.vm.clone(),
+            }),
+        )
+    }
+
     /// Registers every memslot, with dirty logging if `dirty_log`, bound to its guest_memfd if
     /// `bind` (a staged guest_memfd region runs from a plain slot; its collapse maps the
     /// guest_memfd under that slot's address, and the slot stays plain).
@@ -235,18 +249,14 @@ impl DestinationVm for DestSide {
             discard_absent_pages(self.vm.ram(), present)?;
         }
         let t_discard = t0.elapsed();
-        let regions = super::ram_regions(self.vm.ram());
-        let mut engine = PostcopyEngine::new(
-            regions,
-            self.strategy,
-            fetcher,
-            Arc::new(KvmDirtyLog {
-                vm: self.vm.clone(),
-            }),
-        )?;
+        let prebuilt = self.prebuilt.lock().ok().and_then(|mut p| p.take());
+        let mut engine = match prebuilt {
+            Some(engine) => engine,
+            None => self.build_engine()?,
+        };
         engine.set_vcpu_tids(self.vm.vcpu_tids());
         let t_new = t0.elapsed();
-        let report = engine.prepare()?;
+        let report = engine.prepare(fetcher)?;
         if self.dirty_logged {
             // A region the engine does not stage after all (native service) needs no log.
             for r in &report.regions {
@@ -525,6 +535,7 @@ pub fn receive(
         vm: vm.clone(),
         strategy,
         engine: Mutex::new(None),
+        prebuilt: Mutex::new(None),
         dirty_logged,
         started: started.clone(),
         ctl: ctl.clone(),
@@ -539,6 +550,16 @@ pub fn receive(
             let e = ReceiveError::Register(source);
             incoming.reject(&e.to_string());
             return Err(e);
+        }
+        // Likewise the engine's plans and statistics. If this fails, begin_postcopy builds it
+        // again and reports the error then (a precopy-only outcome never needs it).
+        match side.build_engine() {
+            Ok(engine) => {
+                if let Ok(mut p) = side.prebuilt.lock() {
+                    *p = Some(engine);
+                }
+            }
+            Err(e) => tracing::debug!("building the postcopy engine before Ready: {e}"),
         }
     }
     let summary = match incoming.receive(&side) {
