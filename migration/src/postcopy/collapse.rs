@@ -474,8 +474,8 @@ fn collapse_staged(
     let mut stall_ns = 0;
     let (mut zap_ns, mut final_delta_ns, mut swap_ns, mut dontneed_ns) = (0, 0, 0, 0);
 
-    // A unit the guest never touched has nothing in the staging: swap without pausing (the
-    // unit lock keeps faults out; a waiter is woken into the huge mapping).
+    // A unit the guest never touched has nothing in the staging: swap without a freeze (the
+    // unit lock keeps faults out; a waiter is woken into the final mapping).
     let untouched = r.tracker.staged_in(first, end) == 0;
     if untouched {
         let mut collapsed = r.units[job.unit as usize]

@@ -632,9 +632,21 @@ fn units_planned_after_the_last_page_wait_for_it() {
         tx.send(arrive(0)).unwrap();
         let c = Arc::clone(&collapser);
         let thread = std::thread::spawn(move || collapse::run(&c, rx));
-        // Give the collapse thread time to take the first unit (and collapse it, or not).
-        std::thread::sleep(Duration::from_millis(200));
-        let early = rig.stats.snapshot().collapses;
+        // Give the collapse thread time to take the first unit (and collapse it, or not): a
+        // unit it may collapse at once is waited for (up to 10 s on a loaded host), one it must
+        // hold back gets 200 ms to show it does not.
+        let wait = Instant::now();
+        let early = loop {
+            let n = rig.stats.snapshot().collapses;
+            let waited = wait.elapsed();
+            if n > 0 || waited >= Duration::from_secs(10) {
+                break n;
+            }
+            if after_last_page && waited >= Duration::from_millis(200) {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         assert_eq!(
             early,
             u64::from(!after_last_page),
