@@ -17,6 +17,7 @@ pub mod thread_priority;
 pub mod tls;
 pub mod transport;
 pub mod types;
+pub mod urgent_client;
 pub mod vocab;
 pub mod wire;
 

@@ -384,7 +384,7 @@ pub struct ReceiveMonitor {
     pub(crate) requests: AtomicU64,
     state_at: Mutex<Option<Instant>>,
     engine: Mutex<Option<Arc<EngineLive>>>,
-    urgent: Mutex<Option<Arc<crate::destination::UrgentClient>>>,
+    urgent: Mutex<Option<Arc<crate::urgent_client::UrgentClient>>>,
     events: Mutex<Option<Arc<dyn EventSink>>>,
 }
 
@@ -477,7 +477,7 @@ impl ReceiveMonitor {
     }
 
     /// The urgent client of this receive (its replies are the postcopy requests).
-    pub(crate) fn attach_urgent(&self, client: Arc<crate::destination::UrgentClient>) {
+    pub(crate) fn attach_urgent(&self, client: Arc<crate::urgent_client::UrgentClient>) {
         *lock(&self.urgent) = Some(client);
     }
 

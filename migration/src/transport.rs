@@ -243,7 +243,8 @@ impl Channel {
         self.reader.set_max_payload(u32::MAX);
     }
 
-    fn new(
+    /// A channel over a connected `stream` (TLS handshake first, if `tls`).
+    pub(crate) fn new(
         stream: TcpStream,
         timeouts: &Timeouts,
         nodelay: bool,

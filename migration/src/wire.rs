@@ -1077,6 +1077,14 @@ impl<R: Read> FrameReader<R> {
         self.last_byte = Instant::now();
     }
 
+    /// How long the stream has been silent, if a liveness window is set and that silence
+    /// reached it (a read would fail with a timeout).
+    pub fn liveness_lapsed(&self) -> Option<Duration> {
+        let live = self.liveness?;
+        let silent = self.last_byte.elapsed();
+        (silent >= live).then_some(silent)
+    }
+
     /// Total bytes read so far.
     pub fn bytes_read(&self) -> u64 {
         self.bytes
