@@ -442,8 +442,10 @@ impl PostcopyEngine {
         };
         // Pages locked at once: consecutive pages have distinct lock stripes (there are more
         // stripes than this), and no other thread holds more than one page lock, so taking
-        // them in a row cannot deadlock.
-        const LOCK_CHUNK: u64 = 64;
+        // them in a row cannot deadlock. Few, so a fault that shares a stripe with one of them
+        // rarely waits, and then only for a 64 KiB write.
+        const LOCK_CHUNK: u64 = 16;
+        const _: () = assert!(LOCK_CHUNK as usize <= super::region_tracker::PAGE_LOCK_STRIPES);
         let mut written = 0u64;
         let mut chunk = first;
         while chunk < first + count {
