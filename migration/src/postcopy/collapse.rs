@@ -104,7 +104,9 @@ pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
             .partition(|j| shared.regions[j.region].plan.collapse_after_last_page);
         deferred.extend(later);
         let mut jobs = now;
-        if !deferred.is_empty() && shared.regions.all_arrived() {
+        if !deferred.is_empty()
+            && (shared.regions.all_arrived() || shared.stats.staging_pages() > STAGING_BUDGET_PAGES)
+        {
             jobs.append(&mut deferred);
         }
         if jobs.is_empty() {
@@ -138,6 +140,11 @@ pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
         }
     }
 }
+
+/// Deferred units wait for the last page only while the staging holds at most this much
+/// (64 MiB): beyond it they collapse at once, which frees their staging. A deferred hugetlb or
+/// guest_memfd unit keeps every page staged that the guest touched; shmem stages nothing.
+pub(crate) const STAGING_BUDGET_PAGES: u64 = (64 << 20) / PAGE_SIZE;
 
 /// How often the collapse thread looks whether every page arrived while it holds deferred units.
 const DEFERRED_POLL: Duration = Duration::from_millis(10);

@@ -241,6 +241,11 @@ impl StatsCollector {
         self.staging_peak_pages.fetch_max(now, Ordering::AcqRel);
     }
 
+    /// Staging pages held now.
+    pub fn staging_pages(&self) -> u64 {
+        self.staging_pages.load(Ordering::Acquire)
+    }
+
     /// Count `n` staging pages freed.
     pub fn staging_sub(&self, n: u64) {
         let _ = self

@@ -583,7 +583,9 @@ fn staged_guest_memfd_collapse_carries_guest_writes_into_the_final_backing_and_w
 #[test]
 fn units_planned_after_the_last_page_wait_for_it() {
     const UNIT: usize = 2 << 20;
-    for after_last_page in [true, false] {
+    // (plan waits for the last page, staging over its budget): an early collapse is allowed
+    // unless the plan waits and the staging is within budget.
+    for (after_last_page, over_budget) in [(true, false), (false, false), (true, true)] {
         let final_fd = memfd(2 * UNIT);
         let alias = super::sys::map_shared(2 * UNIT, final_fd.as_raw_fd(), 0).unwrap();
         let host = anon_map(2 * UNIT);
@@ -628,6 +630,10 @@ fn units_planned_after_the_last_page_wait_for_it() {
                 .try_recv()
                 .expect("no unit message")
         };
+        if over_budget {
+            rig.stats.staging_add(collapse::STAGING_BUDGET_PAGES + 1);
+        }
+        let may_collapse_early = !after_last_page || over_budget;
         let (tx, rx) = mpsc::channel();
         tx.send(arrive(0)).unwrap();
         let c = Arc::clone(&collapser);
@@ -642,15 +648,15 @@ fn units_planned_after_the_last_page_wait_for_it() {
             if n > 0 || waited >= Duration::from_secs(10) {
                 break n;
             }
-            if after_last_page && waited >= Duration::from_millis(200) {
+            if !may_collapse_early && waited >= Duration::from_millis(200) {
                 break n;
             }
             std::thread::sleep(Duration::from_millis(5));
         };
         assert_eq!(
             early,
-            u64::from(!after_last_page),
-            "collapses before the last page (after_last_page {after_last_page})"
+            u64::from(may_collapse_early),
+            "collapses before the last page (after_last_page {after_last_page}, over_budget {over_budget})"
         );
         tx.send(arrive(unit_pages)).unwrap();
         drop(tx);
