@@ -292,6 +292,8 @@ fn collapse_split(
     let addr = r.host_page(first);
     let len = ((end - first) * PAGE_SIZE) as usize;
     let t = Instant::now();
+    // Faults served in these units meanwhile are timed as their collapse stall.
+    r.set_collapsing(Some((head.unit, tail.unit + 1)));
     // SAFETY: a run of complete units of a shmem region the engine serves; MADV_COLLAPSE does
     // not change contents.
     let mut rc = unsafe { sys::madvise(addr, len, libc::MADV_COLLAPSE) };
@@ -309,6 +311,7 @@ fn collapse_split(
         // SAFETY: as above.
         rc = unsafe { sys::madvise(addr, len, libc::MADV_COLLAPSE) };
     }
+    r.set_collapsing(None);
     let share = ns(t.elapsed()) / run.len() as u64;
     for s in &mut spent[base..base + run.len()] {
         *s += share;
@@ -384,14 +387,16 @@ fn finish_shmem_unit(
 ) {
     let r = &shared.regions[job.region];
     let (first, end) = r.tracker.unit_pages(job.unit);
-    shared.stats.collapse(CollapseRecord::without_swap(
+    let mut record = CollapseRecord::without_swap(
         r.region.slot,
         first * PAGE_SIZE,
         (end - first) * PAGE_SIZE,
         method,
         total_ns,
         ok,
-    ));
+    );
+    record.stall_ns = r.take_collapse_wait(job.unit);
+    shared.stats.collapse(record);
     r.unit_settled();
 }
 

@@ -457,6 +457,11 @@ impl FaultService {
         let Some(claim) = self.claim((ri, page), job) else {
             return Ok(()); // the first fault on this page wakes every waiter
         };
+        let unit = r.tracker.unit_of(page);
+        // shmem: a fault in a unit the kernel is collapsing waits for it (see
+        // `Region::collapsing`); seen at its start or its end, its time is that unit's stall.
+        let shmem = r.mode() == ServeMode::ShmemContinue;
+        let mut in_collapse = shmem && r.collapsing_unit(unit);
         let started = Instant::now();
         let mut buf = [0u8; 4096];
         let mut stored = None;
@@ -480,6 +485,10 @@ impl FaultService {
         // waiters; otherwise map it now.
         if !matches!(stored, Some(Stored::Mapped | Stored::Present)) {
             self.installer.map_page(r, page)?;
+        }
+        in_collapse |= shmem && r.collapsing_unit(unit);
+        if in_collapse {
+            r.note_collapse_wait(unit, job.read_at.elapsed().as_nanos() as u64);
         }
         if fetched && stored.is_some() && !outage {
             self.record_phases(job, started, &times, stored_at);

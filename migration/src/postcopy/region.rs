@@ -26,14 +26,29 @@ pub(crate) struct Region {
     pub dirty_enabled: Mutex<bool>,
     /// Dirty bits fetched for the whole memslot but not yet consumed by a unit collapse.
     pub dirty_acc: Mutex<Vec<u64>>,
+    /// shmem: the units `[first, end)` a `MADV_COLLAPSE` works on now, as `first << 32 | end`
+    /// ([`NOT_COLLAPSING`]: none). A vCPU touching them waits for the kernel (page locks).
+    collapsing: AtomicU64,
+    /// shmem, per unit: the longest fault served while the unit was being collapsed, ns: the
+    /// collapse stall a vCPU saw there (shmem has no freeze of its own to time).
+    collapse_waits: Vec<AtomicU64>,
 }
+
+/// [`Region::collapsing`] when no collapse runs.
+const NOT_COLLAPSING: u64 = u64::MAX;
 
 impl Region {
     /// A region about to be served with `plan` (its staging, if any, already created).
     pub fn new(region: RamRegion, plan: RegionPlan, staging: Option<Staging>) -> Self {
         let ppu = (plan.unit_size / PAGE_SIZE).max(1);
         let tracker = RegionTracker::new(region.size / PAGE_SIZE, ppu);
-        let units = (0..tracker.units()).map(|_| RwLock::new(false)).collect();
+        let tracker_units = tracker.units();
+        let collapse_waits = if plan.mode == ServeMode::ShmemContinue {
+            (0..tracker_units).map(|_| AtomicU64::new(0)).collect()
+        } else {
+            Vec::new()
+        };
+        let units = (0..tracker_units).map(|_| RwLock::new(false)).collect();
         let words = (region.size / PAGE_SIZE).div_ceil(64) as usize;
         Region {
             region,
@@ -45,7 +60,35 @@ impl Region {
             finalized: AtomicBool::new(false),
             dirty_enabled: Mutex::new(false),
             dirty_acc: Mutex::new(vec![0; words]),
+            collapsing: AtomicU64::new(NOT_COLLAPSING),
+            collapse_waits,
         }
+    }
+
+    /// shmem: a `MADV_COLLAPSE` of units `[first, end)` starts (`Some`) or ended (`None`).
+    pub fn set_collapsing(&self, units: Option<(u64, u64)>) {
+        let v = units.map_or(NOT_COLLAPSING, |(first, end)| (first << 32) | end);
+        self.collapsing.store(v, Ordering::Release);
+    }
+
+    /// Whether unit `unit` is being collapsed now (shmem).
+    pub fn collapsing_unit(&self, unit: u64) -> bool {
+        let v = self.collapsing.load(Ordering::Acquire);
+        v != NOT_COLLAPSING && (v >> 32..v & 0xffff_ffff).contains(&unit)
+    }
+
+    /// A fault in unit `unit` was served while the unit was being collapsed and took `ns`.
+    pub fn note_collapse_wait(&self, unit: u64, ns: u64) {
+        if let Some(w) = self.collapse_waits.get(unit as usize) {
+            w.fetch_max(ns, Ordering::AcqRel);
+        }
+    }
+
+    /// The longest such fault of unit `unit` so far (and forget it).
+    pub fn take_collapse_wait(&self, unit: u64) -> u64 {
+        self.collapse_waits
+            .get(unit as usize)
+            .map_or(0, |w| w.swap(0, Ordering::AcqRel))
     }
 
     /// The serve mode.

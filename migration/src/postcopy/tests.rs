@@ -331,6 +331,28 @@ fn shmem_fault_writes_the_alias_then_maps_and_completes_the_unit() {
 }
 
 #[test]
+fn a_shmem_fault_served_while_its_unit_collapses_is_that_units_stall() {
+    let fetcher = Arc::new(Fetcher::default());
+    let (region, _fd) = shmem_region(8, 2);
+    let rig = rig(region, fetcher);
+    let r = &rig.regions[0];
+    // Units 1 and 2 (pages 2..6) are being collapsed; pages 0 and 6 lie outside.
+    r.set_collapsing(Some((1, 3)));
+    assert!(!r.collapsing_unit(0) && r.collapsing_unit(1) && r.collapsing_unit(2));
+    assert!(!r.collapsing_unit(3));
+    rig.fault(0);
+    rig.fault(3);
+    rig.fault(6);
+    r.set_collapsing(None);
+    assert!(!r.collapsing_unit(1));
+    assert_eq!(r.take_collapse_wait(0), 0, "unit 0 was not collapsing");
+    assert_eq!(r.take_collapse_wait(3), 0, "unit 3 was not collapsing");
+    let stall = r.take_collapse_wait(1);
+    assert!(stall > 0, "the fault in unit 1 is its stall");
+    assert_eq!(r.take_collapse_wait(1), 0, "taken once");
+}
+
+#[test]
 fn faults_on_a_page_in_flight_join_it_and_are_resolved_by_its_mapping() {
     let gate = Arc::new(Barrier::new(2));
     let fetcher = Arc::new(Fetcher {
