@@ -455,7 +455,7 @@ impl UrgentClient {
                 continue;
             };
             let failed = match rx.as_mut() {
-                Some(r) if r.epoch == epoch => Self::drain_ready(self, r),
+                Some(r) if r.epoch == epoch => self.drain_ready(r),
                 _ => None,
             };
             if let Some(reason) = failed {

@@ -1123,14 +1123,11 @@ impl<R: Read> FrameReader<R> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
                     if allow_idle && got == 0 {
-                        if let Some(live) = self.liveness {
-                            let silent = self.last_byte.elapsed();
-                            if silent >= live {
-                                return Err(WireError::Timeout {
-                                    during,
-                                    waited_ms: silent.as_millis() as u64,
-                                });
-                            }
+                        if let Some(silent) = self.liveness_lapsed() {
+                            return Err(WireError::Timeout {
+                                during,
+                                waited_ms: silent.as_millis() as u64,
+                            });
                         }
                         return Ok(Fill::Idle);
                     }

@@ -112,7 +112,6 @@ pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
         if jobs.is_empty() {
             continue;
         }
-        gather_while_arriving(shared, &rx, &mut jobs);
         if shared.sup.stopping() {
             return;
         }
@@ -148,37 +147,6 @@ pub(crate) const STAGING_BUDGET_PAGES: u64 = (64 << 20) / PAGE_SIZE;
 
 /// How often the collapse thread looks whether every page arrived while it holds deferred units.
 const DEFERRED_POLL: Duration = Duration::from_millis(10);
-
-/// How long the collapse thread lets shmem units accumulate while pages are still arriving.
-const GATHER_FOR: Duration = Duration::from_millis(100);
-
-/// While pages are still arriving (units complete one after another, mostly in address order),
-/// wait up to [`GATHER_FOR`] for more shmem units so that one `MADV_COLLAPSE` call covers
-/// several (see [`collapse_shmem_batch`]); stop early once a full run is queued or every page
-/// arrived.
-fn gather_while_arriving(
-    shared: &Collapser,
-    rx: &mpsc::Receiver<CollapseJob>,
-    jobs: &mut Vec<CollapseJob>,
-) {
-    let shmem =
-        |j: &CollapseJob| matches!(shared.regions[j.region].plan.mode, ServeMode::ShmemContinue);
-    if !jobs.iter().any(shmem) {
-        return;
-    }
-    let deadline = Instant::now() + GATHER_FOR;
-    while (jobs.len() as u64) < SHMEM_RUN_MAX && !shared.regions.all_arrived() {
-        let now = Instant::now();
-        if now >= deadline || shared.sup.stopping() {
-            return;
-        }
-        match rx.recv_timeout((deadline - now).min(Duration::from_millis(10))) {
-            Ok(job) => jobs.push(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
-    }
-}
 
 /// Most shmem units one `MADV_COLLAPSE` call covers.
 const SHMEM_RUN_MAX: u64 = 64;
