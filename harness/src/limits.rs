@@ -69,6 +69,12 @@ pub const REPLY_BYTES: usize = 4096;
 const PAGE: usize = 4096;
 const MODE_ECHO: u8 = b'E';
 const MODE_SINK: u8 = b'S';
+const MODE_SINK_MEMORY: u8 = b'M';
+/// Buffer each side of the memory-to-memory throughput uses ((c'') below): far larger than
+/// any cache here, as guest RAM is, and pre-touched, so no page is allocated while it runs.
+pub const MEMORY_LIMIT_BYTES: usize = 256 << 20;
+/// Size of each write of the throughput measurements.
+const CHUNK: usize = 1 << 20;
 
 /// Errors from limit measurements.
 #[derive(Debug, thiserror::Error)]
@@ -385,13 +391,24 @@ fn serve_conn(mut s: TcpStream) {
                 }
             }
         }
-        MODE_SINK => {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total = 0u64;
+        MODE_SINK | MODE_SINK_MEMORY => {
+            // Sink: into one 1 MiB buffer (cache-hot); memory sink: into a pre-touched
+            // MEMORY_LIMIT_BYTES buffer at a cycling offset, as a destination writes guest RAM.
+            let len = if mode[0] == MODE_SINK {
+                CHUNK
+            } else {
+                MEMORY_LIMIT_BYTES
+            };
+            let mut buf = vec![1u8; len];
+            let (mut total, mut off) = (0u64, 0usize);
             loop {
-                match s.read(&mut buf) {
+                let end = (off + CHUNK).min(len);
+                match s.read(&mut buf[off..end]) {
                     Ok(0) => break,
-                    Ok(n) => total += n as u64,
+                    Ok(n) => {
+                        total += n as u64;
+                        off = if off + n >= len { 0 } else { off + n };
+                    }
                     Err(_) => return,
                 }
             }
@@ -441,13 +458,27 @@ pub fn tcp_round_trip(addr: SocketAddr, samples: usize) -> Result<LatencyHistogr
 /// and wait for the server's byte count. Returns Gbit/s (10^9 bit/s) over the whole exchange,
 /// counting only bytes the server confirmed reading.
 pub fn tcp_throughput(addr: SocketAddr, duration: Duration) -> Result<f64, LimitError> {
+    stream_for(addr, duration, MODE_SINK, CHUNK)
+}
+
+/// Send `CHUNK` writes for `duration` from a `len`-byte buffer, at a cycling offset, to a
+/// server in `mode`; Gbit/s the server confirmed.
+fn stream_for(
+    addr: SocketAddr,
+    duration: Duration,
+    mode: u8,
+    len: usize,
+) -> Result<f64, LimitError> {
     let mut s = connect(addr)?;
     let net = |what: &'static str| move |source| LimitError::Net { what, addr, source };
-    s.write_all(&[MODE_SINK]).map_err(net("sending the mode"))?;
-    let buf = vec![0x3cu8; 1 << 20];
+    s.write_all(&[mode]).map_err(net("sending the mode"))?;
+    let buf = vec![0x3cu8; len];
     let t0 = Instant::now();
+    let mut off = 0;
     while t0.elapsed() < duration {
-        s.write_all(&buf).map_err(net("bulk sending"))?;
+        s.write_all(&buf[off..off + CHUNK])
+            .map_err(net("bulk sending"))?;
+        off = (off + CHUNK) % len;
     }
     s.shutdown(std::net::Shutdown::Write)
         .map_err(net("half-closing"))?;
@@ -510,6 +541,20 @@ pub fn tcp_throughput_loaded(
     tcp_throughput(addr, duration)
 }
 
+/// (c'') Raw TCP from memory to memory: as (c'), with `vcpus` spinning threads beside the
+/// sender, but each side streams through a pre-touched [`MEMORY_LIMIT_BYTES`] buffer instead
+/// of one cache-hot 1 MiB buffer, so every byte is read from and written to RAM, as a
+/// migration's pages are. What is left between this and (c') is the memory traffic, not the
+/// network.
+pub fn tcp_throughput_memory(
+    addr: SocketAddr,
+    duration: Duration,
+    vcpus: u32,
+) -> Result<f64, LimitError> {
+    let _spin = Spinners::start(vcpus)?;
+    stream_for(addr, duration, MODE_SINK_MEMORY, MEMORY_LIMIT_BYTES)
+}
+
 /// The limits of one link.
 #[derive(Clone, Debug)]
 pub struct LinkLimits {
@@ -517,6 +562,8 @@ pub struct LinkLimits {
     pub throughput_gbps: f64,
     /// (c') with `vcpus` spinning threads beside the sender.
     pub loaded_throughput_gbps: f64,
+    /// (c'') memory to memory, with `vcpus` spinning threads beside the sender.
+    pub memory_throughput_gbps: f64,
 }
 
 /// (b), (c) and (c') against a running [`EchoServer`] at `addr`; `vcpus` is the guest's vCPU
@@ -531,6 +578,7 @@ pub fn measure_link(
         tcp_rtt: tcp_round_trip(addr, rtt_samples)?,
         throughput_gbps: tcp_throughput(addr, throughput_for)?,
         loaded_throughput_gbps: tcp_throughput_loaded(addr, throughput_for, vcpus)?,
+        memory_throughput_gbps: tcp_throughput_memory(addr, throughput_for, vcpus)?,
     })
 }
 

@@ -305,6 +305,10 @@ fn main() -> Result<()> {
                 "raw TCP, 1 vCPU spinner      {:.2} Gbit/s",
                 link.loaded_throughput_gbps
             );
+            println!(
+                "raw TCP, memory to memory    {:.2} Gbit/s (1 vCPU spinner)",
+                link.memory_throughput_gbps
+            );
         }
         Cmd::Report { dir } => {
             let res = results::Results::load(&dir)?;

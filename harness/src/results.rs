@@ -294,6 +294,11 @@ pub struct ScenarioResult {
     /// sender (the honest limit while the guest runs), Gbit/s.
     #[serde(default)]
     pub raw_loaded_gbps: Option<f64>,
+    /// Raw TCP from RAM to RAM on the same link, the vCPUs' spinning threads beside the
+    /// sender: (c'') of docs/measuring.md. Between it and `raw_loaded_gbps` lies the memory
+    /// traffic any migration of guest RAM pays; between it and the background, ours.
+    #[serde(default)]
+    pub raw_memory_gbps: Option<f64>,
     /// Per-fault phase timing from the destination (`fault_phase_us` of its stats file):
     /// phase -> summary, us. Empty when the destination does not time phases. After a merge
     /// of several runs: counts summed, mean count-weighted, max the largest, and p50..p99.9
@@ -580,6 +585,7 @@ impl ScenarioResult {
             guest_stall_threshold_us: None,
             blocktime_ms: Vec::new(),
             raw_loaded_gbps: None,
+            raw_memory_gbps: None,
             fault_phase_us: BTreeMap::new(),
             fault_tail: None,
             memory_mib: None,
@@ -780,6 +786,7 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         m.overall_gbps = pick(|s| s.overall_gbps);
         m.raw_throughput_gbps = pick(|s| s.raw_throughput_gbps);
         m.raw_loaded_gbps = pick(|s| s.raw_loaded_gbps);
+        m.raw_memory_gbps = pick(|s| s.raw_memory_gbps);
         m.guest_blocktime_ms = pick(|s| s.guest_blocktime_ms);
         m.peer_blocktime_ms = pick(|s| s.peer_blocktime_ms);
         let per_vcpu = |f: fn(&ScenarioResult) -> &Vec<f64>| -> Vec<f64> {
@@ -918,6 +925,7 @@ mod tests {
             "guest_stall_threshold_us",
             "blocktime_ms",
             "raw_loaded_gbps",
+            "raw_memory_gbps",
             "fault_phase_us",
             "fault_tail",
         ] {
@@ -932,6 +940,7 @@ mod tests {
         );
         assert_eq!(s.outage_fault_us.count, 0);
         assert_eq!((s.guest_stall_us.count, s.raw_loaded_gbps), (0, None));
+        assert_eq!(s.raw_memory_gbps, None);
         assert!(s.blocktime_ms.is_empty() && s.fault_phase_us.is_empty());
     }
 
@@ -1009,6 +1018,7 @@ mod tests {
             let mut res = Results::load(d.path()).unwrap();
             let r = &mut res.scenarios[0];
             r.raw_loaded_gbps = Some(loaded);
+            r.raw_memory_gbps = Some(loaded / 2.0);
             r.blocktime_ms = vec![block, block * 10.0];
             r.fault_phase_us = phases(p50, max, count);
             r.fault_tail = FaultTail::of(&[slow(500.0, 400.0, 50.0), slow(300.0, 20.0, 250.0)]);
@@ -1025,6 +1035,7 @@ mod tests {
         let m = merge_dirs(&inputs, out.path()).unwrap();
         let s = &m.scenarios[0];
         assert_eq!(s.raw_loaded_gbps, Some(9.0));
+        assert_eq!(s.raw_memory_gbps, Some(4.5));
         assert_eq!(s.blocktime_ms, vec![4.0, 40.0]);
         // Stalls: the histograms are added (6 stalls, the 800 ms one is the max).
         assert_eq!(s.guest_stall_us.count, 6);

@@ -1041,6 +1041,7 @@ pub(crate) fn record_limits(
     r.thread_limit_us = Percentiles::us(&thread_limit);
     r.raw_throughput_gbps = Some(env.limits.throughput_gbps);
     r.raw_loaded_gbps = Some(env.limits.loaded_throughput_gbps);
+    r.raw_memory_gbps = Some(env.limits.memory_throughput_gbps);
     results::save_histogram(dir, r, kind::UFFD, uffd)?;
     results::save_histogram(dir, r, kind::TCP_RTT, &env.limits.tcp_rtt)?;
     results::save_histogram(dir, r, kind::THREAD_LIMIT, &thread_limit)?;

@@ -84,6 +84,8 @@ fn check_stalls_blocktime_and_loaded_raw(s: &serde_json::Value) {
     assert!(number(&bt[0], "blocktime_ms[0]") >= 0.0);
     let loaded = number(&s["raw_loaded_gbps"], "raw_loaded_gbps");
     assert!(loaded > 0.0, "raw_loaded_gbps {loaded}");
+    let memory = number(&s["raw_memory_gbps"], "raw_memory_gbps");
+    assert!(memory > 0.0, "raw_memory_gbps {memory}");
 }
 
 /// The destination's own memory: sampled (anonymous memory and page tables above zero) and

@@ -29,8 +29,6 @@ use crate::wire::{
     MigrationConfig, WireError, MAX_PAGES_PER_FRAME, MAX_RUN_PAGES, MAX_STATE_BYTES,
 };
 
-const PAGE: usize = PAGE_SIZE as usize;
-
 /// The VM being migrated away, as the source driver needs it (the VMM implements this).
 pub trait SourceVm {
     /// Guest RAM. Every `host_addr..host_addr+size` must stay mapped and readable until
@@ -448,19 +446,25 @@ impl GuestRam {
         (self.layout.region_of(gpa).unwrap_or(0), gpa)
     }
 
-    /// Copy `dst.len() / 4096` pages starting at global page `index` (all in one region).
-    fn copy_pages(&self, index: u64, dst: &mut [u8]) {
+    /// The guest RAM of `count` pages from global page `index` (all in one region), read in
+    /// place: a Pages frame or a page reply is written to the socket straight from it, with no
+    /// copy in between.
+    fn pages(&self, index: u64, count: u64) -> &[u8] {
         let (ri, gpa) = self.locate(index);
         let r = &self.layout.regions()[ri];
         let offset = gpa - r.gpa;
-        debug_assert!(offset + dst.len() as u64 <= r.size);
+        let len = (count * PAGE_SIZE) as usize;
+        assert!(
+            offset + len as u64 <= r.size,
+            "a page run crosses the end of its region"
+        );
         let src = self.hosts[ri] + offset as usize;
         // SAFETY: SourceVm::ram_regions promises host_addr..host_addr+size is mapped and readable
-        // for the whole migration; the run lies inside the region (checked by the callers, which
-        // build runs from layout pages). The guest may write concurrently: that is what dirty
-        // tracking (precopy) or the paused vCPUs (postcopy) account for, and we copy raw bytes
-        // only.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        // for the whole migration, which outlives this borrow of `self`; the run lies inside the
+        // region (asserted). The guest may write these bytes while they are read (precopy): the
+        // reader takes them as a snapshot of raw bytes, and dirty tracking (precopy) or the
+        // paused vCPUs (postcopy) account for later writes, as for any copy of guest RAM.
+        unsafe { std::slice::from_raw_parts(src as *const u8, len) }
     }
 }
 
@@ -474,9 +478,9 @@ struct PageSender<'a> {
     ram: &'a GuestRam,
     counters: &'a SourceCounters,
     zero_runs: bool,
-    /// Pending data run: first page, page count, region; the bytes are in `data`.
+    /// Pending data run: first page, page count, region. Its bytes are read from guest RAM
+    /// when the frame is written.
     run: Option<(u64, u32, usize)>,
-    data: Vec<u8>,
     /// Pending zero run: first page, count, region.
     zero: Option<(u64, u32, usize)>,
     /// Count pages as bulk push.
@@ -494,7 +498,6 @@ impl<'a> PageSender<'a> {
             counters,
             zero_runs,
             run: None,
-            data: Vec::with_capacity(MAX_PAGES_PER_FRAME as usize * PAGE),
             zero: None,
             push,
             holes: if zero_runs { ram.holes() } else { Vec::new() },
@@ -533,21 +536,14 @@ impl<'a> PageSender<'a> {
             .holes
             .get_mut(region)
             .is_some_and(|h| h.extent(in_region).hole);
-        let zero = hole || {
+        let zero = hole || (self.zero_runs && is_zero(self.ram.pages(index, 1)));
+        if !zero {
             if let Some((first, count, r)) = self.run {
                 if r != region || first + count as u64 != index || count == MAX_PAGES_PER_FRAME {
                     self.flush_data(w)?;
                 }
             }
-            let off = self.data.len();
-            self.data.resize(off + PAGE, 0);
-            self.ram.copy_pages(index, &mut self.data[off..]);
-            let zero = self.zero_runs && is_zero(&self.data[off..]);
-            if zero {
-                self.data.truncate(off);
-            }
-            zero
-        };
+        }
         if zero {
             if let Some((first, count, r)) = self.zero {
                 if r != region || first + count as u64 != index || count == MAX_RUN_PAGES {
@@ -588,14 +584,13 @@ impl<'a> PageSender<'a> {
             w.send(
                 &Message::Pages {
                     gpa,
-                    data: &self.data,
+                    data: self.ram.pages(first, u64::from(count)),
                 },
                 "sending pages",
             )?;
             self.bytes += w.bytes_written() - before;
             SourceCounters::add(&self.counters.bytes_sent, w.bytes_written() - before);
             self.count(count as u64, false);
-            self.data.clear();
         }
         Ok(())
     }
@@ -1658,7 +1653,6 @@ fn urgent_server(
             "reporting an error",
         );
     };
-    let mut page = vec![0u8; PAGE];
     while !push.stop.load(Ordering::Acquire) {
         let (id, gpa) = match reader.poll("waiting for page requests") {
             Ok(None) => continue,
@@ -1684,7 +1678,6 @@ fn urgent_server(
                 return Err(e);
             }
         };
-        ram.copy_pages(index, &mut page);
         {
             let mut w = liveness::lock(writer);
             let before = w.bytes_written();
@@ -1693,7 +1686,7 @@ fn urgent_server(
                     id,
                     gpa,
                     source_ns: got_request.elapsed().as_nanos() as u64,
-                    data: &page,
+                    data: ram.pages(index, 1),
                 },
                 "sending a page reply",
             )?;

@@ -431,6 +431,7 @@ impl PostcopyEngine {
         let fd = match (r.plan.mode, r.region.fd) {
             (ServeMode::ShmemContinue, Some(fd)) => fd,
             _ => {
+                run.arrivals.installer.prepare_bulk(r, first, count)?;
                 let mut written = 0;
                 for (i, page) in data.chunks_exact(PAGE).enumerate() {
                     let page: &[u8; 4096] =

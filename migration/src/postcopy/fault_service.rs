@@ -22,7 +22,6 @@ use super::region::{Region, Regions};
 use super::stats::StatsCollector;
 use super::strategy::ServeMode;
 use super::supervisor::Supervisor;
-use super::sys;
 use super::PostcopyError;
 use crate::thread_priority::{self, ThreadRole};
 use crate::types::{FetchError, FetchTimes, PageFetcher, PAGE_SIZE};
@@ -535,7 +534,6 @@ impl FaultService {
         let final_alias = r.alias_page(page).ok_or(PostcopyError::NoAlias {
             slot: r.region.slot,
         })?;
-        let stage_alias = staging.alias_at(page * PAGE_SIZE);
         let stored_at = {
             let _g = r.tracker.lock_page(page);
             let mut local = true;
@@ -547,10 +545,21 @@ impl FaultService {
                 return Ok(()); // stopping: the fetch gave up
             }
             if !r.tracker.staged(page) {
-                // SAFETY: both aliases cover the region; the page arrived (its final copy is
-                // complete, under the page lock); the staging page is not mapped for the guest
-                // yet (not staged), so nothing else writes it.
-                unsafe { sys::copy_page(final_alias, stage_alias) };
+                // SAFETY: the final alias covers the region and stays mapped for the engine's
+                // lifetime; the page arrived (its final copy is complete, under the page lock,
+                // which every writer of the final page holds), so it does not change while read.
+                let arrived = unsafe {
+                    std::slice::from_raw_parts(final_alias as *const u8, PAGE_SIZE as usize)
+                };
+                // The staging page is not mapped for the guest yet (not staged): nothing else
+                // writes it.
+                staging.write(page * PAGE_SIZE, arrived).map_err(|source| {
+                    PostcopyError::Staging {
+                        slot: r.region.slot,
+                        what: "writing a page into the staging",
+                        source,
+                    }
+                })?;
                 r.tracker.mark_staged(page);
                 self.stats.staging_add(1);
             }

@@ -50,6 +50,12 @@ pub(crate) trait Installer: Send + Sync {
     fn map_huge(&self, r: &Region, first: u64) -> Result<(), PostcopyError>;
     /// Only wake the threads waiting on `[addr, addr + len)`.
     fn wake(&self, addr: usize, len: usize);
+    /// A bulk frame is about to be written page by page into `[first, first + count)` of `r`
+    /// (some of them may have arrived already). Make their final pages present in one call
+    /// where each 4 KiB written through the alias would otherwise take its own page fault.
+    fn prepare_bulk(&self, _r: &Region, _first: u64, _count: u64) -> Result<(), PostcopyError> {
+        Ok(())
+    }
 }
 
 /// The kernel's installer: the engine's userfaultfd.
@@ -262,6 +268,33 @@ impl Installer for UffdInstaller {
             }
         })?;
         self.continue_or_wake(r.region.slot, addr, huge)
+    }
+
+    /// guest_memfd has 4 KiB folios: a write through the alias faults each page in (on this
+    /// host a user page fault also exits to the outer hypervisor), so fault the frame's pages
+    /// in with one MADV_POPULATE_WRITE. hugetlb is prefaulted before Ready, shmem's bulk pages
+    /// are written with pwrite and anonymous ones with UFFDIO_COPY: nothing to do for them.
+    fn prepare_bulk(&self, r: &Region, first: u64, count: u64) -> Result<(), PostcopyError> {
+        use super::strategy::{FinalBacking, ServeMode::*};
+        if !matches!(
+            r.mode(),
+            Staged(FinalBacking::GuestMemfd) | NativeGuestMemfd
+        ) {
+            return Ok(());
+        }
+        let alias = Self::alias(r, first)?;
+        let len = count as usize * PAGE;
+        // SAFETY: the alias covers the region (the caller checked the run lies inside it) and
+        // nothing is registered on it; POPULATE_WRITE only allocates missing pages
+        // (zero-filled), it never changes a page that is there.
+        unsafe { sys::madvise(alias, len, libc::MADV_POPULATE_WRITE) }.map_err(|source| {
+            PostcopyError::Populate {
+                slot: r.region.slot,
+                addr: alias,
+                len,
+                source,
+            }
+        })
     }
 
     fn wake(&self, addr: usize, len: usize) {

@@ -3,7 +3,7 @@
 //! memslot's userspace_addr, so KVM needs no change) plus an alias mapping the engine writes
 //! through. Freed unit by unit as the region collapses.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use super::sys;
 use super::PostcopyError;
@@ -61,6 +61,14 @@ impl Staging {
     /// Address of byte `offset` of the staging alias.
     pub fn alias_at(&self, offset: u64) -> usize {
         self.alias + offset as usize
+    }
+
+    /// Write `data` (whole pages) at byte `offset` of the staging with `pwrite`: the kernel
+    /// allocates the page-cache pages and copies in one call, with no page fault on the alias
+    /// and no zero-fill of a page about to be overwritten whole. The staging is mapped over
+    /// the guest's range MINOR-registered; a write to its page cache raises no userfault.
+    pub fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        sys::pwrite_all(self.fd.as_fd(), data, offset)
     }
 
     /// Free the staging pages of `[offset, offset + len)` (off the critical path: slow for big
