@@ -1,5 +1,5 @@
 //! Two "hosts" made of network namespaces joined by a veth pair, with an optional bandwidth cap
-//! (a TBF qdisc on both ends). Names carry the harness PID so concurrent runs never collide;
+//! (a TBF qdisc on both ends, pfifo_fast inside it). Names carry the harness PID so concurrent runs never collide;
 //! the namespaces (and with them the veth pair and qdiscs) are deleted on drop, on panic
 //! unwinding, and on SIGINT/SIGTERM through [`crate::cleanup`].
 //!
@@ -129,8 +129,26 @@ impl NetnsPair {
                 let rate_s = format!("{rate}mbit");
                 let burst = tbf_burst_bytes(rate).to_string();
                 run(&[
-                    "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate_s,
-                    "burst", &burst, "latency", "50ms",
+                    "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
+                    "rate", &rate_s, "burst", &burst, "latency", "50ms",
+                ])?;
+                // Inside the shaper, this host's default qdisc (pfifo_fast, three priority
+                // bands) instead of TBF's single FIFO: a socket that asks for interactive
+                // priority (the urgent channel) is dequeued ahead of bulk traffic queued in
+                // the shaper, as it is on an unshaped link here.
+                run(&[
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    "1:1",
+                    "handle",
+                    "10:",
+                    "pfifo_fast",
                 ])?;
             }
         }

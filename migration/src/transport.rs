@@ -520,14 +520,38 @@ fn source_handshake(
     }
 }
 
+/// The socket priority (`SO_PRIORITY`) of the urgent channel: `TC_PRIO_INTERACTIVE`, which a
+/// priority-aware qdisc (pfifo_fast, the default here, or prio) queues ahead of the main
+/// channel's bulk pages, so a page reply does not wait behind a queue full of the push. 6 is
+/// the highest priority an unprivileged socket may ask for.
+const URGENT_SOCKET_PRIORITY: libc::c_int = 6;
+
+/// Give a channel's socket the priority of its kind (the main channel keeps the default).
+fn mark_channel(stream: &TcpStream, kind: ChannelKind) -> Result<(), TransportError> {
+    if kind == ChannelKind::Urgent {
+        nix::sys::socket::setsockopt(
+            stream,
+            nix::sys::socket::sockopt::Priority,
+            &URGENT_SOCKET_PRIORITY,
+        )
+        .map_err(|e| TransportError::Socket {
+            what: "SO_PRIORITY",
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}
+
 fn connect_channel(
     addr: SocketAddr,
+    kind: ChannelKind,
     timeouts: &Timeouts,
     nodelay: bool,
     tls: Option<&ClientTls>,
 ) -> Result<Channel, TransportError> {
     let stream = TcpStream::connect_timeout(&addr, timeouts.handshake)
         .map_err(|source| TransportError::Connect { addr, source })?;
+    mark_channel(&stream, kind)?;
     Channel::new(stream, timeouts, nodelay, tls.map(tls::Side::Client))
 }
 
@@ -583,10 +607,10 @@ pub fn reconnect_with(
         handshake: timeouts.recover_handshake,
         ..*timeouts
     };
-    let mut main = connect_channel(addr, &short, true, tls)?;
+    let mut main = connect_channel(addr, ChannelKind::Main, &short, true, tls)?;
     let run = |main: &mut Channel| -> Result<Channel, TransportError> {
         source_handshake(main, ChannelKind::Main, session_id, secret)?;
-        let mut urgent = connect_channel(addr, &short, true, tls)?;
+        let mut urgent = connect_channel(addr, ChannelKind::Urgent, &short, true, tls)?;
         if let Err(e) = source_handshake(&mut urgent, ChannelKind::Urgent, session_id, secret) {
             urgent.shutdown();
             return Err(e);
@@ -637,7 +661,7 @@ pub fn connect_with(
 ) -> Result<Session, TransportError> {
     security.check(&addr)?;
     let secret = security.secret;
-    let mut main = connect_channel(addr, timeouts, true, security.tls)?;
+    let mut main = connect_channel(addr, ChannelKind::Main, timeouts, true, security.tls)?;
     let id = match source_handshake(&mut main, ChannelKind::Main, 0, secret) {
         Ok(id) => id,
         Err(e) => {
@@ -645,7 +669,7 @@ pub fn connect_with(
             return Err(e);
         }
     };
-    let mut urgent = connect_channel(addr, timeouts, true, security.tls)?;
+    let mut urgent = connect_channel(addr, ChannelKind::Urgent, timeouts, true, security.tls)?;
     source_handshake(&mut urgent, ChannelKind::Urgent, id, secret)?;
     main.set_stall_timeout(timeouts.io);
     urgent.set_stall_timeout(timeouts.io);
@@ -730,6 +754,9 @@ impl Acceptor {
                     if self.secret.is_none() && self.tls.is_none() && !peer.ip().is_loopback() {
                         return Err(TransportError::PeerNotLoopback { peer });
                     }
+                    // The kind expected here: a Hello naming another is refused by the
+                    // handshake, before anything of the VM moves.
+                    mark_channel(&stream, channel)?;
                     return Ok(stream);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

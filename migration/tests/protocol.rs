@@ -908,3 +908,21 @@ fn a_destination_silent_after_postcopy_start_pauses_the_source_about_a_second() 
 fn a_destination_silent_after_switchover_pauses_the_source_about_a_second() {
     a_destination_silent_after_the_switchover_frame(Mode::Precopy);
 }
+
+/// The urgent channel's sockets ask for interactive priority on both ends (so a priority-aware
+/// qdisc sends a page reply ahead of queued bulk pages); the main channel keeps the default.
+#[test]
+fn the_urgent_channel_asks_for_interactive_priority_on_both_ends() {
+    use nix::sys::socket::{getsockopt, sockopt::Priority};
+    let acceptor =
+        transport::Acceptor::bind("127.0.0.1:0".parse().unwrap(), None, timeouts()).unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    let dest = std::thread::spawn(move || acceptor.accept().unwrap());
+    let src = transport::connect(addr, None, &timeouts()).unwrap();
+    let dst = dest.join().unwrap();
+    for (side, s) in [("source", &src), ("destination", &dst)] {
+        let prio = |ch: &transport::Channel| getsockopt(&ch.stream_handle().unwrap(), Priority);
+        assert_eq!(prio(&s.urgent).unwrap(), 6, "{side} urgent channel");
+        assert_eq!(prio(&s.main).unwrap(), 0, "{side} main channel");
+    }
+}
