@@ -738,14 +738,16 @@ fn saturating_u32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+/// Median over the runs that measured a figure (None if none did).
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let v: Vec<f64> = values.flatten().collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    (!v.is_empty()).then(|| median(v))
 }
 
 /// Merges several result directories into `out`: scenarios with the same name have their
-/// histograms added (percentiles recomputed from the merged histograms), scalar figures
-/// averaged over the runs that measured them, counters summed, and `runs` counts the inputs.
+/// histograms added (percentiles recomputed from the merged histograms), scalar figures the
+/// median of the runs that measured them (one noisy run does not move it), counters summed,
+/// and `runs` counts the inputs.
 /// The time series of the first run are kept.
 pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsError> {
     let mut merged: Vec<ScenarioResult> = Vec::new();
@@ -779,7 +781,7 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         } else {
             Status::Ok
         };
-        let pick = |f: fn(&ScenarioResult) -> Option<f64>| mean(ok.iter().map(|s| f(s)));
+        let pick = |f: fn(&ScenarioResult) -> Option<f64>| median_of(ok.iter().map(|s| f(s)));
         m.blackout_ms = pick(|s| s.blackout_ms);
         m.total_s = pick(|s| s.total_s);
         m.throughput_gbps = pick(|s| s.throughput_gbps);
@@ -792,7 +794,7 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
         let per_vcpu = |f: fn(&ScenarioResult) -> &Vec<f64>| -> Vec<f64> {
             let n = ok.iter().map(|s| f(s).len()).max().unwrap_or(0);
             (0..n)
-                .filter_map(|i| mean(ok.iter().map(|s| f(s).get(i).copied())))
+                .filter_map(|i| median_of(ok.iter().map(|s| f(s).get(i).copied())))
                 .collect()
         };
         m.blocktime_ms = per_vcpu(|s| &s.blocktime_ms);
@@ -1108,7 +1110,20 @@ mod tests {
     }
 
     #[test]
-    fn merge_adds_histograms_and_averages_scalars() {
+    fn merge_takes_the_median_of_scalars_so_one_outlier_does_not_move_them() {
+        let runs: Vec<_> = [2.0, 4.0, 30.0]
+            .iter()
+            .map(|&b| run_dir(&[10_000], b))
+            .collect();
+        let out = tempfile::tempdir().unwrap();
+        let inputs: Vec<PathBuf> = runs.iter().map(|d| d.path().to_path_buf()).collect();
+        let m = merge_dirs(&inputs, out.path()).unwrap();
+        // The mean would be 12 ms.
+        assert_eq!(m.scenarios[0].blackout_ms, Some(4.0));
+    }
+
+    #[test]
+    fn merge_adds_histograms_and_takes_medians_of_scalars() {
         let a = run_dir(&[10_000, 20_000], 2.0);
         let b = run_dir(&[30_000, 40_000, 50_000], 4.0);
         let out = tempfile::tempdir().unwrap();
