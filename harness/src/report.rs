@@ -354,6 +354,14 @@ fn times(r: f64) -> String {
     }
 }
 
+/// `part` as a whole percentage of `whole` ("-" if either is missing or `whole` is not positive).
+fn percent_of(part: Option<f64>, whole: Option<f64>) -> String {
+    match (part, whole) {
+        (Some(p), Some(w)) if w > 0.0 => format!("{:.0}%", p / w * 100.0),
+        _ => "-".into(),
+    }
+}
+
 fn opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"))
 }
@@ -914,22 +922,13 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in ok_scenarios(r) {
-        let of_raw = match (s.throughput_gbps, s.raw_throughput_gbps) {
-            (Some(t), Some(raw)) if raw > 0.0 => format!("{:.0}%", t / raw * 100.0),
-            _ => "-".into(),
-        };
+        let of_raw = percent_of(s.throughput_gbps, s.raw_throughput_gbps);
         let per_pushed = match (s.faults_served, s.pages_pushed) {
             (Some(f), Some(p)) if p > 0 => format!("{:.4}", f as f64 / p as f64),
             _ => "-".into(),
         };
-        let of_loaded = match (s.throughput_gbps, s.raw_loaded_gbps) {
-            (Some(t), Some(raw)) if raw > 0.0 => format!("{:.0}%", t / raw * 100.0),
-            _ => "-".into(),
-        };
-        let of_memory = match (s.throughput_gbps, s.raw_memory_gbps) {
-            (Some(t), Some(raw)) if raw > 0.0 => format!("{:.0}%", t / raw * 100.0),
-            _ => "-".into(),
-        };
+        let of_loaded = percent_of(s.throughput_gbps, s.raw_loaded_gbps);
+        let of_memory = percent_of(s.throughput_gbps, s.raw_memory_gbps);
         let c = &s.collapse_stall_us;
         let _ = writeln!(
             md,
@@ -1270,10 +1269,7 @@ pub fn compare(a: &Results, b: &Results) -> String {
         md,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    let of_loaded = |s: &ScenarioResult| match (s.throughput_gbps, s.raw_loaded_gbps) {
-        (Some(t), Some(raw)) if raw > 0.0 => format!("{:.0}%", t / raw * 100.0),
-        _ => "-".into(),
-    };
+    let of_loaded = |s: &ScenarioResult| percent_of(s.throughput_gbps, s.raw_loaded_gbps);
     for sa in &a.scenarios {
         let Some(sb) = b.scenarios.iter().find(|s| s.name == sa.name) else {
             let _ = writeln!(md, "| {} | (only in A) ||||||||||||||||", sa.name);
