@@ -383,6 +383,61 @@ fn a_flipped_byte_is_a_tls_error_and_a_link_failure() {
 }
 
 #[test]
+fn an_injected_record_is_refused_and_the_sender_is_told_why() {
+    let g = certs(&["127.0.0.1"]);
+    let acceptor = Acceptor::bind_with(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        Some(server_tls(&g)),
+        false,
+        timeouts(),
+    )
+    .unwrap();
+    let addr = acceptor.local_addr().unwrap();
+    let (told, hold) = std::sync::mpsc::channel::<()>();
+    let dest = std::thread::spawn(move || {
+        let mut s = acceptor.accept().unwrap();
+        let e = s
+            .main
+            .reader
+            .read("reading the injected record")
+            .map(|_| ())
+            .unwrap_err();
+        // Keep the connection until the source has read the alert.
+        let _ = hold.recv();
+        e
+    });
+    let client = client_tls(&g);
+    let mut s = transport::connect_with(
+        addr,
+        transport::ClientSecurity {
+            tls: Some(&client),
+            ..Default::default()
+        },
+        &timeouts(),
+    )
+    .unwrap();
+    // A record of the right form that no key of this session sealed, written past TLS.
+    let mut raw = s.main.writer.get_ref().try_clone().unwrap();
+    let mut record = vec![23u8, 3, 3, 0, 64];
+    record.extend((0..64).map(|i| i as u8));
+    raw.write_all(&record).unwrap();
+    // The destination's alert arrives on the source's channel.
+    let src = s
+        .main
+        .reader
+        .read("reading the destination's alert")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    let _ = told.send(());
+    let dst = dest.join().unwrap().to_string();
+    println!("destination: {dst}\nsource: {src}");
+    assert!(dst.contains("failed authentication"), "{dst}");
+    assert!(src.contains("corrupted"), "{src}");
+}
+
+#[test]
 fn postcopy_over_tls_recovers_from_a_flipped_byte() {
     let g = certs(&["127.0.0.1"]);
     let (l, addr) = tls_listener(Some(server_tls(&g)), None);

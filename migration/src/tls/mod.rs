@@ -1,27 +1,23 @@
 //! TLS 1.3 with mutual certificate authentication on both migration channels (rustls, ring
 //! provider, no session tickets or resumption).
 //!
-//! The handshake runs on the blocking socket; the connection is then split into a read half
-//! and a write half ([`TlsReader`], [`TlsWriter`]) that two threads use at once, like the two
-//! clones of a plain `TcpStream`. They share the rustls connection behind a mutex and a
-//! separate socket-write lock. The reader reads raw bytes from the socket without holding the
-//! connection lock (an idle read never blocks a writer), then decrypts under it. The writer
-//! takes the write lock, then the connection lock, encrypts, releases the connection lock and
-//! writes the records to the socket. Lock order everywhere: write lock, then connection lock,
-//! so records reach the socket in the order they were encrypted.
-//!
-//! The socket's SO_RCVTIMEO/SO_SNDTIMEO stay the polling tick: a read that got no whole record
-//! within one tick returns `WouldBlock` as a plain socket would, and a write that could not
-//! send its records within one tick returns `WouldBlock` too (the records stay queued and go
-//! out first on the next call, which then reports the plaintext as written). A TLS failure (a
-//! record that fails authentication, an alert) is an `io::Error` of kind `InvalidData`, so the
-//! frame layer reports it as an I/O error: a link failure, which postcopy recovers from over a
-//! fresh TLS session.
+//! rustls runs the handshake on the blocking socket (this module: configurations, the
+//! handshake, what each refusal means). It then hands the traffic keys over, and the records
+//! after the handshake are sealed and opened in place by [`record`], in the buffers of the
+//! connection's two halves ([`stream`]: [`TlsReader`], [`TlsWriter`]), as kTLS would do in the
+//! kernel. [`certs`] makes a CA and certificates (`vmm tls-init`).
+
+mod certs;
+pub mod record;
+mod stream;
+
+pub use certs::{generate, generate_pems, Generated};
+pub use stream::{TlsReader, TlsWriter};
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -77,6 +73,18 @@ pub enum TlsError {
         during: &'static str,
         #[source]
         source: io::Error,
+    },
+    #[error("TLS handshake with {peer}: cannot take the traffic keys over from rustls: {source}")]
+    Keys {
+        peer: SocketAddr,
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    #[error("TLS handshake with {peer}: {source}")]
+    RecordLayer {
+        peer: SocketAddr,
+        #[source]
+        source: record::RecordError,
     },
     #[error("TLS handshake with {peer} timed out after {waited_ms} ms")]
     Timeout { peer: SocketAddr, waited_ms: u64 },
@@ -237,6 +245,8 @@ impl ClientTls {
         };
         config.resumption = rustls::client::Resumption::disabled();
         config.enable_early_data = false;
+        // The record layer after the handshake is ours (record.rs).
+        config.enable_secret_extraction = true;
         let server_name = server_name.map(self::server_name).transpose()?;
         Ok(ClientTls {
             config: Arc::new(config),
@@ -306,6 +316,7 @@ impl ServerTls {
         config.send_tls13_tickets = 0;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.max_early_data_size = 0;
+        config.enable_secret_extraction = true;
         Ok(ServerTls {
             config: Arc::new(config),
         })
@@ -406,13 +417,6 @@ fn name_text(n: &ServerName<'_>) -> String {
 #[error("TLS: {0}")]
 pub struct TlsStreamError(pub String);
 
-fn stream_err(e: &rustls::Error, client: bool) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        TlsStreamError(describe(e, client)),
-    )
-}
-
 fn is_tick(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -474,8 +478,20 @@ fn flush_conn(
     write_all_until(sock, &out, deadline, peer, started)
 }
 
+/// The length of the handshake-phase record at the start of `buf` (header included), once its
+/// header is there.
+fn handshake_record_len(buf: &[u8]) -> Option<usize> {
+    let h = buf.get(..record::HEADER_LEN)?;
+    Some(record::HEADER_LEN + u16::from_be_bytes([h[3], h[4]]) as usize)
+}
+
 /// Run the TLS handshake on `sock` (its read/write timeouts are the polling tick) within
-/// `timeout`, then split the connection into a read and a write half.
+/// `timeout`, then take the record layer over from rustls and split the connection into a
+/// read and a write half.
+///
+/// The peer's records are given to rustls one whole record at a time, so that rustls never
+/// holds a record that comes after the handshake: those are the first records of the peer's
+/// data, and the read half opens them.
 pub fn handshake(
     side: Side<'_>,
     sock: &TcpStream,
@@ -501,14 +517,52 @@ pub fn handshake(
     let mut sock_rw = dup(sock)?;
     let started = Instant::now();
     let deadline = started + timeout;
-    let mut raw = vec![0u8; 64 * 1024];
-    let mut first = true;
+    // Room for the largest record a TLS 1.2-style header can announce.
+    let mut raw = vec![0u8; 2 * (record::HEADER_LEN + usize::from(u16::MAX))];
+    let (mut start, mut end) = (0, 0);
+    let handshake_err = |conn: &mut Connection, sock: &mut TcpStream, e: rustls::Error| {
+        // Tell the peer why (the alert rustls queued), best effort.
+        let _ = flush_conn(conn, sock, deadline, peer, started);
+        TlsError::Handshake {
+            peer,
+            reason: describe(&e, client),
+            source: Box::new(e),
+        }
+    };
     while conn.is_handshaking() {
         flush_conn(&mut conn, &mut sock_rw, deadline, peer, started)?;
         if !conn.is_handshaking() {
             break;
         }
-        let n = match sock_rw.read(&mut raw) {
+        if let Some(len) = handshake_record_len(&raw[start..end]) {
+            // A length TLS does not allow: let rustls refuse what is there.
+            let len = if len > record::MAX_RECORD + 2048 {
+                end - start
+            } else {
+                len
+            };
+            if len <= end - start {
+                let mut data = &raw[start..start + len];
+                start += len;
+                while !data.is_empty() {
+                    if let Err(source) = conn.read_tls(&mut data) {
+                        return Err(TlsError::Io {
+                            peer,
+                            during: "reading handshake records",
+                            source,
+                        });
+                    }
+                    if let Err(e) = conn.process_new_packets() {
+                        return Err(handshake_err(&mut conn, &mut sock_rw, e));
+                    }
+                }
+                continue;
+            }
+        }
+        raw.copy_within(start..end, 0);
+        end -= start;
+        start = 0;
+        let n = match sock_rw.read(&mut raw[end..]) {
             Ok(0) => {
                 return Err(TlsError::Io {
                     peer,
@@ -538,7 +592,9 @@ pub fn handshake(
                 })
             }
         };
-        if first && raw[..n].starts_with(&FRAME_MAGIC[..n.min(4)]) {
+        let first = end == 0;
+        end += n;
+        if first && raw[..end].starts_with(&FRAME_MAGIC[..end.min(4)]) {
             return Err(TlsError::PlaintextPeer {
                 peer,
                 what: if client {
@@ -548,414 +604,30 @@ pub fn handshake(
                 },
             });
         }
-        first = false;
-        let mut data = &raw[..n];
-        while !data.is_empty() {
-            if let Err(source) = conn.read_tls(&mut data) {
-                return Err(TlsError::Io {
-                    peer,
-                    during: "reading handshake records",
-                    source,
-                });
-            }
-            if let Err(e) = conn.process_new_packets() {
-                // Tell the peer why (the alert rustls queued), best effort.
-                let _ = flush_conn(&mut conn, &mut sock_rw, deadline, peer, started);
-                return Err(TlsError::Handshake {
-                    peer,
-                    reason: describe(&e, client),
-                    source: Box::new(e),
-                });
-            }
-        }
     }
     flush_conn(&mut conn, &mut sock_rw, deadline, peer, started)?;
-    if let Some(suite) = conn.negotiated_cipher_suite() {
+    let suite = conn.negotiated_cipher_suite();
+    if let Some(suite) = suite {
         tracing::debug!(%peer, suite = ?suite.suite(), "TLS handshake done");
     }
-    conn.set_buffer_limit(None);
-    let shared = Arc::new(Shared {
-        conn: Mutex::new(conn),
-        out: Mutex::new(Outbox {
-            sock: dup(sock)?,
-            buf: Vec::new(),
-            sent: 0,
-            accepted: 0,
-        }),
+    let limit = suite
+        .and_then(|s| s.tls13())
+        .map_or(0, |s| s.common.confidentiality_limit);
+    let keys = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| TlsError::Keys {
+            peer,
+            source: Box::new(e),
+        })?;
+    let record_err = |source| TlsError::RecordLayer { peer, source };
+    let seal = record::Sealer::new(keys.tx.0, keys.tx.1, limit).map_err(record_err)?;
+    let open = record::Opener::new(keys.rx.0, keys.rx.1).map_err(record_err)?;
+    Ok(stream::split(
+        sock_rw,
+        dup(sock)?,
+        &raw[start..end],
+        seal,
+        open,
         client,
-    });
-    Ok((
-        TlsReader {
-            shared: Arc::clone(&shared),
-            sock: sock_rw,
-            raw,
-            pending: 0..0,
-            eof: false,
-        },
-        TlsWriter { shared },
     ))
-}
-
-/// Records encrypted but not yet (fully) on the socket.
-struct Outbox {
-    sock: TcpStream,
-    buf: Vec<u8>,
-    sent: usize,
-    /// Plaintext bytes whose records are in `buf`, not yet reported as written.
-    accepted: usize,
-}
-
-impl Outbox {
-    /// Write queued records until done or one tick passes without progress.
-    fn drain(&mut self) -> io::Result<()> {
-        while self.sent < self.buf.len() {
-            match self.sock.write(&self.buf[self.sent..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.buf.clear();
-        self.sent = 0;
-        Ok(())
-    }
-}
-
-struct Shared {
-    conn: Mutex<Connection>,
-    out: Mutex<Outbox>,
-    client: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    /// Move what rustls has to send (alerts, key updates) into the outbox, and send it.
-    /// Lock order: outbox, then connection.
-    fn flush_pending(&self) -> io::Result<()> {
-        let mut out = lock(&self.out);
-        {
-            let mut c = lock(&self.conn);
-            while c.wants_write() {
-                let _ = c.write_tls(&mut out.buf);
-            }
-        }
-        match out.drain() {
-            Err(e) if is_tick(&e) => Ok(()),
-            other => other,
-        }
-    }
-}
-
-/// The read half of a TLS connection.
-pub struct TlsReader {
-    shared: Arc<Shared>,
-    sock: TcpStream,
-    raw: Vec<u8>,
-    /// Bytes of `raw` read from the socket and not yet given to rustls.
-    pending: std::ops::Range<usize>,
-    eof: bool,
-}
-
-impl TlsReader {
-    /// The socket it reads from.
-    pub fn socket(&self) -> &TcpStream {
-        &self.sock
-    }
-
-    /// Whether bytes read from the socket are still here: records not yet given to rustls, or
-    /// plaintext rustls decrypted and nobody took yet (an error rustls would report counts: a
-    /// read returns it at once).
-    pub fn buffered(&self) -> bool {
-        if !self.pending.is_empty() {
-            return true;
-        }
-        let mut c = lock(&self.shared.conn);
-        c.process_new_packets()
-            .map(|s| s.plaintext_bytes_to_read() > 0)
-            .unwrap_or(true)
-    }
-}
-
-impl Read for TlsReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if out.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            let mut c = lock(&self.shared.conn);
-            match c.reader().read(out) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // EOF without close_notify: the frame layer tells a clean end from a
-                // truncated frame itself.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-                Err(e) => return Err(e),
-            }
-            if self.eof {
-                return Ok(0);
-            }
-            // Feed what was read from the socket but not yet taken, until a record's
-            // plaintext is ready.
-            let mut fed = false;
-            while !self.pending.is_empty() {
-                let mut data = &self.raw[self.pending.clone()];
-                let before = data.len();
-                c.read_tls(&mut data)?;
-                let took = before - data.len();
-                self.pending.start += took;
-                match c.process_new_packets() {
-                    Ok(state) => {
-                        fed = true;
-                        if state.plaintext_bytes_to_read() > 0 || took == 0 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        drop(c);
-                        let _ = self.shared.flush_pending();
-                        return Err(stream_err(&e, self.shared.client));
-                    }
-                }
-            }
-            let wants_write = c.wants_write();
-            drop(c);
-            if wants_write {
-                self.shared.flush_pending()?;
-            }
-            if fed {
-                continue;
-            }
-            // No whole record yet: read more from the socket, without the connection lock
-            // (a writer must not wait for an idle read).
-            match self.sock.read(&mut self.raw) {
-                Ok(0) => {
-                    self.eof = true;
-                    let mut c = lock(&self.shared.conn);
-                    let _ = c.read_tls(&mut &[][..]);
-                    if let Err(e) = c.process_new_packets() {
-                        return Err(stream_err(&e, self.shared.client));
-                    }
-                }
-                Ok(n) => self.pending = 0..n,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// The write half of a TLS connection.
-pub struct TlsWriter {
-    shared: Arc<Shared>,
-}
-
-/// Most plaintext encrypted by one write call: four records. rustls encrypts each record into
-/// a buffer of its own and frees them once written; kept this small, those buffers and the
-/// outbox stay below glibc's trim and mmap thresholds and are reused from the heap. At 1 MiB
-/// per call the heap was trimmed and grown again every frame, and faulting fresh zeroed pages
-/// in took about a third of the sender's CPU (same-run A/B: background 4.5 -> 7.1 Gbit/s).
-const WRITE_CHUNK: usize = 64 << 10;
-
-impl TlsWriter {
-    /// Another handle on the socket it writes to.
-    pub fn socket_handle(&self) -> io::Result<TcpStream> {
-        lock(&self.shared.out).sock.try_clone()
-    }
-
-    fn write_slices(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let mut out = lock(&self.shared.out);
-        if out.accepted > 0 || out.sent < out.buf.len() {
-            // Records of an earlier call that timed out: send them first; the plaintext they
-            // carry is the start of what the caller retries with.
-            out.drain()?;
-            let n = std::mem::take(&mut out.accepted);
-            if n > 0 {
-                return Ok(n);
-            }
-        }
-        let mut taken = 0;
-        {
-            let mut c = lock(&self.shared.conn);
-            for b in bufs {
-                if taken >= WRITE_CHUNK {
-                    break;
-                }
-                let b = &b[..b.len().min(WRITE_CHUNK - taken)];
-                if b.is_empty() {
-                    continue;
-                }
-                c.writer().write_all(b)?;
-                taken += b.len();
-            }
-            while c.wants_write() {
-                let _ = c.write_tls(&mut out.buf);
-            }
-        }
-        match out.drain() {
-            Ok(()) => Ok(taken),
-            Err(e) if is_tick(&e) => {
-                out.accepted = taken;
-                Err(e)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-impl Write for &TlsWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_slices(&[io::IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.write_slices(bufs)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        let mut out = lock(&self.shared.out);
-        out.drain()?;
-        out.accepted = 0;
-        Ok(())
-    }
-}
-
-/// The certificates and keys [`generate`] makes, as PEM text.
-pub struct Generated {
-    pub ca_cert: String,
-    pub ca_key: String,
-    pub server_cert: String,
-    pub server_key: String,
-    pub client_cert: String,
-    pub client_key: String,
-}
-
-fn gen_err(e: rcgen::Error) -> TlsError {
-    TlsError::Generate(e)
-}
-
-/// A CA, a server certificate for `hosts` (IP addresses become IP SANs, other names DNS
-/// SANs) and a client certificate, all signed by that CA. `expired` makes the server and
-/// client certificates expired (for tests).
-pub fn generate_pems(hosts: &[String], expired: bool) -> Result<Generated, TlsError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // A name of its own: a certificate of another CA made the same way is then an unknown
-    // issuer, not a bad signature.
-    ca.distinguished_name.push(
-        DnType::CommonName,
-        format!("vmm migration CA {:016x}", rand::random::<u64>()),
-    );
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    ca.not_after = rcgen::date_time_ymd(2099, 12, 31);
-    let ca_key = KeyPair::generate().map_err(gen_err)?;
-    let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
-
-    let leaf = |names: Vec<String>, cn: &str, eku: ExtendedKeyUsagePurpose| {
-        let mut p = CertificateParams::new(names).map_err(gen_err)?;
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![eku];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2001, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2002, 1, 1);
-        } else {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2099, 12, 31);
-        }
-        let key = KeyPair::generate().map_err(gen_err)?;
-        let cert = p.signed_by(&key, &ca_cert, &ca_key).map_err(gen_err)?;
-        Ok::<_, TlsError>((cert.pem(), key.serialize_pem()))
-    };
-    let (server_cert, server_key) = leaf(
-        hosts.to_vec(),
-        hosts
-            .first()
-            .map(String::as_str)
-            .unwrap_or("vmm destination"),
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )?;
-    let (client_cert, client_key) = leaf(
-        Vec::new(),
-        "vmm migration source",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )?;
-    Ok(Generated {
-        ca_cert: ca_cert.pem(),
-        ca_key: ca_key.serialize_pem(),
-        server_cert,
-        server_key,
-        client_cert,
-        client_key,
-    })
-}
-
-/// `vmm tls-init`: write a CA and server and client certificates for `hosts` into `dir` in
-/// QEMU's layout (keys mode 0600). Refuses to overwrite existing files unless `force`.
-/// Returns the files written.
-pub fn generate(dir: &Path, hosts: &[String], force: bool) -> Result<Vec<PathBuf>, TlsError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if hosts.is_empty() {
-        return Err(TlsError::NoHosts);
-    }
-    for h in hosts {
-        server_name(h)?;
-    }
-    let g = generate_pems(hosts, false)?;
-    let files: [(&str, &str, bool); 6] = [
-        (CA_CERT, &g.ca_cert, false),
-        (CA_KEY, &g.ca_key, true),
-        (SERVER_CERT, &g.server_cert, false),
-        (SERVER_KEY, &g.server_key, true),
-        (CLIENT_CERT, &g.client_cert, false),
-        (CLIENT_KEY, &g.client_key, true),
-    ];
-    if !force {
-        let existing: Vec<PathBuf> = files
-            .iter()
-            .map(|(n, _, _)| dir.join(n))
-            .filter(|p| p.exists())
-            .collect();
-        if !existing.is_empty() {
-            return Err(TlsError::Exists(existing));
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::WriteFile {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let mut written = Vec::new();
-    for (name, pem, secret) in files {
-        let path = dir.join(name);
-        let wf = |source| TlsError::WriteFile {
-            path: path.clone(),
-            source,
-        };
-        let mode = if secret { 0o600 } else { 0o644 };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&path)
-            .map_err(wf)?;
-        // An existing file (with --force) keeps its mode: set it.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(wf)?;
-        f.write_all(pem.as_bytes()).map_err(wf)?;
-        written.push(path);
-    }
-    Ok(written)
 }
