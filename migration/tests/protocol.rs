@@ -60,7 +60,11 @@ fn full_migration(mode: Mode, guest_runs: bool) {
             assert_eq!(summary.faults_served, 0);
         }
         Mode::Postcopy | Mode::Hybrid => {
-            assert!(summary.faults_served > 0, "no urgent request was served");
+            // After a precopy, the postcopy phase may find every page already there (the
+            // guest thread dirtied none in the last round) and fault on none.
+            if mode == Mode::Postcopy {
+                assert!(summary.faults_served > 0, "no urgent request was served");
+            }
             assert_eq!(summary.faults_served, recv.stats.urgent_pages);
             assert_eq!(summary.collapses, 3, "collapses reported in Done");
             assert!(summary.pages_pushed > 0);
