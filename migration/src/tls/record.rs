@@ -14,8 +14,6 @@
 //! limit, see [`Sealer::limit`]), post-handshake authentication and session tickets (the
 //! configurations disable tickets, and a ticket is refused like any other handshake message).
 
-use std::ops::Range;
-
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
 use zeroize::Zeroizing;
@@ -252,33 +250,33 @@ impl Opener {
         })
     }
 
-    /// Decrypt the whole record `record` (header included, as [`record_len`] measured it) in
-    /// place. Returns what it carried and where its content is in `record`.
-    pub fn open(&mut self, record: &mut [u8]) -> Result<(Content, Range<usize>), RecordError> {
+    /// Decrypt the whole record at `buf[at..]` (header included, as [`record_len`] measured
+    /// it), moving its plaintext to the start of `buf` as it goes (in the same pass: `at` may
+    /// be 0, or the record may sit past where its plaintext belongs). Returns what it carried
+    /// and the length of its content, which is then `buf[..len]`.
+    pub fn open(&mut self, buf: &mut [u8], at: usize) -> Result<(Content, usize), RecordError> {
+        let record = &buf[at..];
         let total = match record_len(record) {
             Some(r) => r?,
             None => return Err(RecordError::TooLong { len: record.len() }),
         };
         debug_assert_eq!(total, record.len());
-        let (hdr, body) = record.split_at_mut(HEADER_LEN);
-        let aad: [u8; HEADER_LEN] = [hdr[0], hdr[1], hdr[2], hdr[3], hdr[4]];
+        let aad: [u8; HEADER_LEN] = [record[0], record[1], record[2], record[3], record[4]];
         let plain = self
             .dir
             .key
-            .open_in_place(self.dir.nonce(), Aad::from(aad), body)
+            .open_within(self.dir.nonce(), Aad::from(aad), buf, at + HEADER_LEN..)
             .map_err(|_| RecordError::Decrypt)?;
         self.dir.seq += 1;
         // TLSInnerPlaintext: content, the content type, then zero padding.
-        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
+        let Some(len) = plain.iter().rposition(|&b| b != 0) else {
             return Err(RecordError::NoContentType);
         };
-        let ty = plain[at];
-        let content = HEADER_LEN..HEADER_LEN + at;
-        match ty {
-            APPLICATION_DATA => Ok((Content::Data, content)),
-            ALERT => match plain[..at] {
-                [level, description] => Ok((Content::Alert { level, description }, content)),
-                _ => Err(RecordError::BadAlert { len: at }),
+        match plain[len] {
+            APPLICATION_DATA => Ok((Content::Data, len)),
+            ALERT => match plain[..len] {
+                [level, description] => Ok((Content::Alert { level, description }, len)),
+                _ => Err(RecordError::BadAlert { len }),
             },
             HANDSHAKE => match plain.first() {
                 Some(&KEY_UPDATE) => Err(RecordError::KeyUpdate),
@@ -370,9 +368,9 @@ mod tests {
         let mut at = 0;
         while at < wire.len() {
             let len = record_len(&wire[at..]).unwrap().unwrap();
-            let (content, range) = open.open(&mut wire[at..at + len]).unwrap();
+            let (content, n) = open.open(&mut wire[at..at + len], 0).unwrap();
             assert_eq!(content, Content::Data);
-            got.extend_from_slice(&wire[at..at + len][range]);
+            got.extend_from_slice(&wire[at..at + n]);
             at += len;
         }
         got
@@ -433,6 +431,23 @@ mod tests {
     }
 
     #[test]
+    fn records_open_into_the_place_ahead_of_them() {
+        let (mut c, s) = pair();
+        let (_, mut open) = keys(s);
+        let data = pattern(3 * MAX_PLAINTEXT + 77);
+        let mut wire = records_of(&mut c, &data);
+        let (mut at, mut plain) = (0, 0);
+        while at < wire.len() {
+            let len = record_len(&wire[at..]).unwrap().unwrap();
+            let (content, n) = open.open(&mut wire[plain..at + len], at - plain).unwrap();
+            assert_eq!(content, Content::Data);
+            plain += n;
+            at += len;
+        }
+        assert_eq!(&wire[..plain], &data[..]);
+    }
+
+    #[test]
     fn a_flipped_bit_anywhere_in_a_record_fails_authentication() {
         let (mut c, s) = pair();
         let (_, mut open) = keys(s);
@@ -443,7 +458,7 @@ mod tests {
             let mut w = records_of(&mut c2, &pattern(300));
             w[at] ^= 0x20;
             let r = match record_len(&w) {
-                Some(Ok(len)) if len == w.len() => open2.open(&mut w),
+                Some(Ok(len)) if len == w.len() => open2.open(&mut w, 0),
                 Some(Ok(len)) => Err(RecordError::TooLong { len }),
                 Some(Err(e)) => Err(e),
                 None => unreachable!(),
@@ -461,7 +476,7 @@ mod tests {
         let wire = records_of(&mut c, b"once");
         assert_eq!(open_all(&mut open, wire.clone()), b"once");
         let mut again = wire;
-        assert_eq!(open.open(&mut again), Err(RecordError::Decrypt));
+        assert_eq!(open.open(&mut again, 0), Err(RecordError::Decrypt));
     }
 
     #[test]
