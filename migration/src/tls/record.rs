@@ -480,6 +480,16 @@ mod tests {
     }
 
     #[test]
+    fn a_key_update_from_the_peer_is_refused() {
+        let (mut c, s) = pair();
+        let (_, mut open) = keys(s);
+        c.refresh_traffic_keys().unwrap();
+        let mut wire = records_of(&mut c, b"after");
+        let len = record_len(&wire).unwrap().unwrap();
+        assert_eq!(open.open(&mut wire[..len], 0), Err(RecordError::KeyUpdate));
+    }
+
+    #[test]
     fn headers_that_tls_forbids_are_refused_before_decryption() {
         assert_eq!(record_len(&[23, 3, 3]), None);
         assert_eq!(
