@@ -17,6 +17,8 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadRole {
     /// On a faulting vCPU's critical path: fault service, urgent page requests and replies.
+    /// (SCHED_FIFO for this role was measured worse than nice -10 with a short slice: see
+    /// docs/measuring.md.)
     Urgent,
     /// Background page transfer that may wait for the urgent path.
     Bulk,
