@@ -21,6 +21,7 @@ use super::arrival::Arrivals;
 use super::collapse::{self, Collapser};
 use super::fault_service::{self, FaultService};
 use super::installer::{Installer, UffdInstaller};
+use super::parked::Parked;
 use super::region::{Region, Regions};
 use super::staging::Staging;
 use super::stats::{PostcopyStats, StatsCollector};
@@ -31,10 +32,13 @@ use super::supervisor::Supervisor;
 use super::sys;
 use super::PostcopyError;
 use crate::live_stats::EngineLive;
+use crate::thread_hook::ThreadKind;
 use crate::types::{runs_where, Backing, DirtyLog, Granularity, PageFetcher, RamRegion, PAGE_SIZE};
 
 /// Size of the fault worker pool (page fetches for different faults proceed in parallel).
 const FAULT_WORKERS: usize = 4;
+/// The collapse thread's name.
+const COLLAPSE_THREAD: &str = "postcopy-collapse";
 
 /// What prepare() decided for one region.
 #[derive(Clone, Debug)]
@@ -63,6 +67,9 @@ struct Config {
     /// Built here, not in prepare(): its histograms take about 2 ms to allocate, which a
     /// destination can spend before the blackout (see `vmm`'s `DestSide::prebuild_engine`).
     stats: Arc<StatsCollector>,
+    /// The fault workers and the collapse thread, started here (before the blackout) and
+    /// given their loops by prepare() (see `parked`).
+    parked: Parked,
 }
 
 /// The parts of a running engine.
@@ -189,12 +196,23 @@ impl PostcopyEngine {
         }
         let live = Arc::<EngineLive>::default();
         let stats = Arc::new(StatsCollector::with_live(Arc::clone(&live)));
+        let mut parked = Parked::default();
+        let names = (0..FAULT_WORKERS)
+            .map(|i| (fault_service::worker_name(i), ThreadKind::FaultService))
+            .chain([(COLLAPSE_THREAD.to_owned(), ThreadKind::Collapse)]);
+        for (name, kind) in names {
+            // Without it, prepare() starts the thread itself.
+            if let Err(e) = parked.park(&name, kind) {
+                tracing::debug!("cannot start {name} ahead of the blackout: {e}");
+            }
+        }
         Ok(PostcopyEngine {
             state: State::Configured(Box::new(Config {
                 regions,
                 plans,
                 dirty,
                 stats,
+                parked,
             })),
             live,
         })
@@ -257,16 +275,20 @@ impl PostcopyEngine {
             }
         };
 
+        let t_uffd = Instant::now();
+        let (mut staging_ns, mut register_ns) = (0u64, 0u64);
         let mut states = Vec::with_capacity(cfg.regions.len());
         let mut report = Vec::new();
         for (region, plan) in cfg.regions.iter().zip(cfg.plans.iter()) {
             let len = region.size as usize;
+            let t = Instant::now();
             let staging = match plan.mode {
                 ServeMode::Staged(_) => {
                     Some(Staging::create_over(region.slot, region.host_addr, len)?)
                 }
                 _ => None,
             };
+            staging_ns += t.elapsed().as_nanos() as u64;
             if plan.mode.is_native() {
                 // Served in place: whatever was mapped before (precopy writes of a hybrid
                 // migration) must fault again, so every page not arrived reaches the service.
@@ -280,6 +302,7 @@ impl PostcopyEngine {
                     },
                 )?;
             }
+            let t = Instant::now();
             let mode = match plan.mode {
                 ServeMode::AnonCopy => RegisterMode::MISSING,
                 // What the probe registered: a guest_memfd fault on a page it has not
@@ -295,6 +318,7 @@ impl PostcopyEngine {
                     len,
                     source,
                 })?;
+            register_ns += t.elapsed().as_nanos() as u64;
             report.push(RegionReport {
                 slot: region.slot,
                 kind: region.kind,
@@ -350,23 +374,32 @@ impl PostcopyEngine {
                 collapser.ensure_dirty_enabled(ri)?;
             }
         }
+        let t_threads = Instant::now();
         let faults = Arc::new(FaultService::new(
             Arc::clone(&arrivals),
             fetcher,
             Arc::clone(&stats),
         ));
-        let mut threads = fault_service::spawn(&faults, &uffd, FAULT_WORKERS)?;
+        let mut parked = cfg.parked;
+        let mut threads = fault_service::spawn(&faults, &uffd, FAULT_WORKERS, &mut parked)?;
         threads.push(
-            std::thread::Builder::new()
-                .name("postcopy-collapse".into())
-                .spawn(move || {
-                    crate::thread_hook::started(crate::thread_hook::ThreadKind::Collapse);
-                    collapse::run(&collapser, units_rx)
-                })
+            parked
+                .launch(
+                    COLLAPSE_THREAD,
+                    ThreadKind::Collapse,
+                    Box::new(move || collapse::run(&collapser, units_rx)),
+                )
                 .map_err(|source| PostcopyError::Spawn {
                     what: "collapse",
                     source,
                 })?,
+        );
+        tracing::debug!(
+            staging_us = staging_ns / 1000,
+            register_us = register_ns / 1000,
+            setup_us = (t_threads - t_uffd).as_micros() as u64,
+            threads_us = t_threads.elapsed().as_micros() as u64,
+            "postcopy engine prepared"
         );
         self.state = State::Running(Running {
             regions,

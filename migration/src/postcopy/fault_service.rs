@@ -18,11 +18,13 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 use super::arrival::Arrivals;
 use super::fault_phases::FaultStamps;
 use super::installer::{Installer, Stored};
+use super::parked::Parked;
 use super::region::{Region, Regions};
 use super::stats::StatsCollector;
 use super::strategy::ServeMode;
 use super::supervisor::Supervisor;
 use super::PostcopyError;
+use crate::thread_hook::ThreadKind;
 use crate::thread_priority::{self, ThreadRole};
 use crate::types::{FetchError, FetchTimes, PageFetcher, PAGE_SIZE};
 
@@ -115,10 +117,16 @@ struct Intake {
 /// the reader's place (leader/follower), and the worker that reads a fault serves it, so a
 /// fault costs no hand-off between threads; faults read beyond the first are queued for the
 /// other workers, which look at the queue before they read.
+/// The name of fault worker `i`.
+pub(crate) fn worker_name(i: usize) -> String {
+    format!("postcopy-fault-{i}")
+}
+
 pub(crate) fn spawn(
     service: &Arc<FaultService>,
     uffd: &Arc<Uffd>,
     workers: usize,
+    parked: &mut Parked,
 ) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
     const EVENTS: usize = 64;
     let intake = Arc::new(Intake {
@@ -131,12 +139,12 @@ pub(crate) fn spawn(
         let u = Arc::clone(uffd);
         let intake = Arc::clone(&intake);
         threads.push(
-            std::thread::Builder::new()
-                .name(format!("postcopy-fault-{i}"))
-                .spawn(move || {
-                    crate::thread_hook::started(crate::thread_hook::ThreadKind::FaultService);
-                    worker(&s, &u, &intake)
-                })
+            parked
+                .launch(
+                    &worker_name(i),
+                    ThreadKind::FaultService,
+                    Box::new(move || worker(&s, &u, &intake)),
+                )
                 .map_err(|source| PostcopyError::Spawn {
                     what: "fault worker",
                     source,

@@ -25,6 +25,7 @@ pub mod fault_phases;
 pub mod fault_service;
 mod installer;
 pub mod native;
+mod parked;
 mod region;
 pub mod region_tracker;
 pub mod staging;
