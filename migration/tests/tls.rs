@@ -50,6 +50,20 @@ fn tls_listener(
     (l, addr)
 }
 
+/// A TLS acceptor on loopback with fresh certificates.
+fn tls_acceptor() -> (Generated, Acceptor) {
+    let g = certs(&["127.0.0.1"]);
+    let acceptor = Acceptor::bind_with(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        Some(server_tls(&g)),
+        false,
+        timeouts(),
+    )
+    .unwrap();
+    (g, acceptor)
+}
+
 fn tls_options(mode: Mode, tls: Option<ClientTls>, secret: Option<Secret>) -> MigrateOptions {
     let mut o = options(mode, secret);
     o.tls = tls;
@@ -339,15 +353,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, flip: Option<FlipState>) {
 
 #[test]
 fn a_flipped_byte_is_a_tls_error_and_a_link_failure() {
-    let g = certs(&["127.0.0.1"]);
-    let acceptor = Acceptor::bind_with(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        Some(server_tls(&g)),
-        false,
-        timeouts(),
-    )
-    .unwrap();
+    let (g, acceptor) = tls_acceptor();
     let flipper = Flipper::start(acceptor.local_addr().unwrap());
     let dest = std::thread::spawn(move || {
         let mut s = acceptor.accept().unwrap();
@@ -384,15 +390,7 @@ fn a_flipped_byte_is_a_tls_error_and_a_link_failure() {
 
 #[test]
 fn an_injected_record_is_refused_and_the_sender_is_told_why() {
-    let g = certs(&["127.0.0.1"]);
-    let acceptor = Acceptor::bind_with(
-        "127.0.0.1:0".parse().unwrap(),
-        None,
-        Some(server_tls(&g)),
-        false,
-        timeouts(),
-    )
-    .unwrap();
+    let (g, acceptor) = tls_acceptor();
     let addr = acceptor.local_addr().unwrap();
     let (told, hold) = std::sync::mpsc::channel::<()>();
     let dest = std::thread::spawn(move || {

@@ -12,6 +12,25 @@ pub mod record;
 mod stream;
 
 pub use certs::{generate, generate_pems, Generated};
+
+/// Unit tests: a client and a server configuration from one fresh CA, for 127.0.0.1.
+#[cfg(test)]
+fn test_configs() -> (ClientTls, ServerTls) {
+    let g = generate_pems(&["127.0.0.1".into()], false).unwrap();
+    let client = ClientTls::from_pem(
+        g.ca_cert.as_bytes(),
+        Some((g.client_cert.as_bytes(), g.client_key.as_bytes())),
+        None,
+    )
+    .unwrap();
+    let server = ServerTls::from_pem(
+        g.ca_cert.as_bytes(),
+        g.server_cert.as_bytes(),
+        g.server_key.as_bytes(),
+    )
+    .unwrap();
+    (client, server)
+}
 pub use stream::{TlsReader, TlsWriter};
 
 use std::io::{self, Read, Write};

@@ -293,24 +293,12 @@ mod tests {
     //! The record layer against rustls' own: records this layer seals are read by a rustls
     //! connection, and records rustls writes are opened here, in both roles.
     use super::*;
-    use crate::tls::{self, ClientTls, ServerTls};
+    use crate::tls;
     use rustls::{ClientConnection, Connection, ServerConnection};
     use std::io::{Read, Write};
 
     fn pair() -> (Connection, Connection) {
-        let g = tls::generate_pems(&["127.0.0.1".into()], false).unwrap();
-        let client = ClientTls::from_pem(
-            g.ca_cert.as_bytes(),
-            Some((g.client_cert.as_bytes(), g.client_key.as_bytes())),
-            None,
-        )
-        .unwrap();
-        let server = ServerTls::from_pem(
-            g.ca_cert.as_bytes(),
-            g.server_cert.as_bytes(),
-            g.server_key.as_bytes(),
-        )
-        .unwrap();
+        let (client, server) = tls::test_configs();
         let addr = "127.0.0.1:1".parse().unwrap();
         let mut c: Connection =
             ClientConnection::new(Arc::clone(&client.config), client.name_for(addr))

@@ -453,7 +453,7 @@ impl Write for &TlsWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{generate_pems, handshake, ClientTls, ServerTls, Side};
+    use crate::tls::{handshake, test_configs, Side};
     use std::net::TcpListener;
     use std::time::Duration;
 
@@ -466,19 +466,7 @@ mod tests {
 
     /// A TLS connection over loopback: (client halves, server halves).
     fn connected() -> ((TlsReader, TlsWriter), (TlsReader, TlsWriter)) {
-        let g = generate_pems(&["127.0.0.1".into()], false).unwrap();
-        let client = ClientTls::from_pem(
-            g.ca_cert.as_bytes(),
-            Some((g.client_cert.as_bytes(), g.client_key.as_bytes())),
-            None,
-        )
-        .unwrap();
-        let server = ServerTls::from_pem(
-            g.ca_cert.as_bytes(),
-            g.server_cert.as_bytes(),
-            g.server_key.as_bytes(),
-        )
-        .unwrap();
+        let (client, server) = test_configs();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let srv = std::thread::spawn(move || {
