@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustls::AlertDescription;
 
 use super::record::{self, Content, Opener, RecordError, Sealer, MAX_PLAINTEXT, MAX_RECORD};
-use super::{describe, TlsStreamError};
+use super::{describe, is_tick, TlsStreamError};
 
 /// The alert description of close_notify.
 const CLOSE_NOTIFY: u8 = 0;
@@ -42,13 +42,6 @@ const WRITE_CHUNK: usize = 256 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn is_tick(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 fn stream_error(text: String) -> io::Error {
