@@ -9,6 +9,7 @@
 
 pub mod ioctl;
 pub mod kvm;
+pub mod mount;
 pub mod pagemap;
 pub mod sched;
 pub mod uffd;

@@ -375,6 +375,10 @@ const PROCESS: &[(i64, &str)] = &[
     (libc::SYS_fdatasync, "fdatasync"),
     (libc::SYS_flock, "flock"),
     (libc::SYS_memfd_create, "memfd_create"),
+    // The shmem backing's private huge tmpfs (memory/shmem.rs): a detached mount.
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsconfig, "fsconfig"),
+    (libc::SYS_fsmount, "fsmount"),
     (libc::SYS_dup, "dup"),
     (libc::SYS_dup2, "dup2"),
     (libc::SYS_dup3, "dup3"),

@@ -380,6 +380,20 @@ fn hybrid_shmem_to_shmem() {
 fn postcopy_shmem_to_shmem() {
     let m = migrate_workload(&Case::new("shmem", "shmem", "postcopy", "4k"));
     assert_postcopy(&m);
+    // Every 2 MiB unit collapsed, and the guest's RAM ended mapped by 2 MiB pages (the
+    // destination's smaps also counts its alias, which the prefault maps whole).
+    assert_eq!(num(&m.stats, "collapse_failures"), 0.0, "{}", m.stats);
+    assert_eq!(
+        num(&m.stats, "collapses"),
+        (256 * MIB / PAGE_SIZE_2M) as f64,
+        "not every unit collapsed: {}",
+        m.stats
+    );
+    assert!(
+        num(&m.stats, "smaps_shmem_pmd_kb") >= (256 * MIB / 1024) as f64,
+        "shmem guest RAM not mapped by 2 MiB pages: {}",
+        m.stats
+    );
 }
 
 /// Postcopy from shmem to hugetlb-2m at 4 KiB with `vcpus` vCPUs: every huge page collapses.

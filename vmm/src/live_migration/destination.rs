@@ -329,7 +329,13 @@ fn discard_absent_pages(ram: &GuestRam, present: &PageSet) -> Result<(), Incomin
     }
     for_each_run(ram, present, false, |r, start, count| {
         let (off, len) = (start * PAGE_SIZE, count * PAGE_SIZE);
-        if let Some(fd) = r.raw_fd() {
+        // shmem on 2 MiB folios keeps its page cache: a hole punched in part of a folio would
+        // split it, and the unit's collapse would have to copy it. What a page there holds
+        // from a precopy round stays unreachable: the guest's mapping of it is dropped below,
+        // the engine maps a page only once it arrived, and an arrival overwrites it (a fetched
+        // or bulk page is written, and a zero run rewrites every page that had data; see the
+        // migration crate's destination).
+        if let Some(fd) = r.raw_fd().filter(|_| !r.huge_folios) {
             // Punching a hole in the region's own memfd only drops page cache contents in the
             // given range, which no one else uses yet.
             if let Err(e) = nix::fcntl::fallocate(
@@ -510,7 +516,7 @@ pub fn receive(
         incoming.reject(&msg);
         return Err(ReceiveError::Incompatible(msg));
     }
-    if config.mode != Mode::Precopy && cfg.backing.is_hugetlb() {
+    if config.mode != Mode::Precopy && vm.ram().has_huge_page_cache() {
         // Before Ready: the source still runs while the huge pages are zeroed.
         let t = std::time::Instant::now();
         if let Err(e) = vm.ram().prefault_huge_pages() {

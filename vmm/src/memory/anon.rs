@@ -23,5 +23,6 @@ pub(crate) fn region(guest_addr: u64, size: usize) -> Result<Region, MemoryError
         alias: None,
         fd: None,
         fd_offset: 0,
+        huge_folios: false,
     })
 }

@@ -78,6 +78,8 @@ pub enum MemoryError {
     Hugepages(#[from] HugepageError),
     #[error("memfd_create for {backing} guest memory failed: {source}")]
     Memfd { backing: Backing, source: io::Error },
+    #[error("creating the shmem guest memory file on the VMM's huge tmpfs failed: {source}")]
+    HugeTmpfsFile { source: io::Error },
     #[error("sizing the {backing} guest memory file to {size} bytes failed: {source}")]
     Truncate {
         backing: Backing,
@@ -170,6 +172,9 @@ pub struct Region {
     pub fd: Option<OwnedFd>,
     /// Offset of the region in `fd` (always 0: one file per region).
     pub fd_offset: u64,
+    /// shmem on the VMM's huge tmpfs (see [`shmem`]): the page cache takes 2 MiB folios, so a
+    /// range of it may be one folio that 4 KiB mappings share. false for every other backing.
+    pub huge_folios: bool,
 }
 
 impl Region {
@@ -226,6 +231,7 @@ fn map_file_region(
         alias: Some(alias),
         fd: Some(fd),
         fd_offset: 0,
+        huge_folios: false,
     })
 }
 
@@ -571,24 +577,35 @@ impl GuestRam {
         }
     }
 
-    /// hugetlb only (a no-op for other backings): allocate and zero every huge page now,
-    /// through the alias mapping (MADV_POPULATE_WRITE), instead of at the first write.
+    /// True if guest RAM's page cache is made of huge pages: hugetlb, or shmem on the VMM's huge
+    /// tmpfs ([`Region::huge_folios`]).
+    pub fn has_huge_page_cache(&self) -> bool {
+        self.backing.is_hugetlb() || self.regions.iter().any(|r| r.huge_folios)
+    }
+
+    /// hugetlb, and shmem on 2 MiB folios (a no-op for other backings): allocate and zero every
+    /// huge page now, through the alias mapping (MADV_POPULATE_WRITE), instead of at the first
+    /// write.
     ///
     /// A migration destination calls this before it tells the source it is ready, so the
     /// cost (zeroing all of guest RAM; on this host the outer hypervisor also backs each page
-    /// lazily) is paid while the source still runs, not while vCPUs wait on postcopy faults.
+    /// lazily) is paid while the source still runs, not while vCPUs wait on postcopy faults
+    /// (a 4 KiB fault that allocated a 2 MiB folio would zero all of it first).
     /// It also keeps slow huge-page faults, which hold the mmap lock for their whole duration,
-    /// from delaying the `mmap(MAP_FIXED)` of a collapse. The pages are reserved at mmap time
-    /// anyway, so this costs no memory.
+    /// from delaying the `mmap(MAP_FIXED)` of a collapse. hugetlb pages are reserved at mmap
+    /// time anyway, so this costs no memory; shmem's take the memory the guest will use.
     pub fn prefault_huge_pages(&self) -> Result<(), MemoryError> {
-        if !self.backing.is_hugetlb() {
+        if !self.has_huge_page_cache() {
             return Ok(());
         }
         for r in &self.regions {
             let Some(alias) = &r.alias else { continue };
+            if !(self.backing.is_hugetlb() || r.huge_folios) {
+                continue;
+            }
             // SAFETY: the alias mapping is owned by this region and covers exactly its `len`
-            // bytes; MADV_POPULATE_WRITE only faults pages in (zero-filled hugetlb pages of the
-            // shared file) and does not change their contents; the result is checked.
+            // bytes; MADV_POPULATE_WRITE only faults pages in (zero-filled pages of the shared
+            // file) and does not change their contents; the result is checked.
             let rc = unsafe {
                 libc::madvise(
                     alias.as_ptr() as *mut libc::c_void,

@@ -88,6 +88,52 @@ fn shmem_round_trip() {
     assert_ne!(r.primary.addr(), r.alias.as_ref().unwrap().addr());
 }
 
+/// `ShmemPmdMapped` (kB) of the mapping that starts at `addr`, from /proc/self/smaps.
+fn shmem_pmd_mapped_kb(addr: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let start = format!("{addr:x}-");
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+    assert!(lines.next().is_some(), "no mapping at {addr:#x}");
+    lines
+        .take_while(|l| !l.starts_with("VmFlags"))
+        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ShmemPmdMapped line for {addr:#x}"))
+}
+
+/// As root, shmem guest RAM lives on the VMM's private huge tmpfs: prefaulting it (what a
+/// postcopy destination does before Ready) allocates 2 MiB folios, which the alias maps whole.
+/// Nothing is left mounted: the instance is detached.
+#[test]
+fn shmem_ram_is_on_2m_folios_as_root_and_prefaults_whole() {
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let ram = round_trip(Backing::Shmem, 4 * MIB);
+    let r = &ram.regions()[0];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!r.huge_folios && !ram.has_huge_page_cache());
+        return;
+    }
+    assert!(r.huge_folios && ram.has_huge_page_cache());
+    ram.prefault_huge_pages().unwrap();
+    let alias = r.alias.as_ref().unwrap();
+    assert_eq!(alias.addr() % PAGE_SIZE_2M, 0, "alias not 2 MiB aligned");
+    // What was written before the prefault is still there.
+    let p = ram.alias_ptr(4096, 4).unwrap().unwrap();
+    // SAFETY: 4 bytes inside the live alias mapping.
+    assert_eq!(unsafe { p.cast::<u32>().read_volatile() }, 0xabcd);
+    assert_eq!(
+        shmem_pmd_mapped_kb(alias.addr()),
+        4 * 1024,
+        "the prefaulted alias is not mapped by 2 MiB folios"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        mounts_before,
+        "the huge tmpfs showed up in the mount table"
+    );
+}
+
 #[test]
 fn guest_memfd_round_trip() {
     let ram = round_trip(Backing::GuestMemfd, 4 * MIB);
