@@ -516,10 +516,10 @@ pub fn receive(
         incoming.reject(&msg);
         return Err(ReceiveError::Incompatible(msg));
     }
-    if config.mode != Mode::Precopy && vm.ram().has_huge_page_cache() {
-        // Before Ready: the source still runs while the huge pages are zeroed.
+    if config.mode != Mode::Precopy && vm.ram().prefaults() {
+        // Before Ready: the source still runs while guest RAM is allocated and zeroed.
         let t = std::time::Instant::now();
-        if let Err(e) = vm.ram().prefault_huge_pages() {
+        if let Err(e) = vm.ram().prefault() {
             incoming.reject(&e.to_string());
             return Err(ReceiveError::Vm(e.into()));
         }

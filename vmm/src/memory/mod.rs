@@ -577,30 +577,37 @@ impl GuestRam {
         }
     }
 
-    /// True if guest RAM's page cache is made of huge pages: hugetlb, or shmem on the VMM's huge
-    /// tmpfs ([`Region::huge_folios`]).
-    pub fn has_huge_page_cache(&self) -> bool {
-        self.backing.is_hugetlb() || self.regions.iter().any(|r| r.huge_folios)
+    /// True if [`GuestRam::prefault`] allocates region `r` up front: hugetlb, shmem on 2 MiB
+    /// folios ([`Region::huge_folios`]), and guest_memfd.
+    fn prefaulted(&self, r: &Region) -> bool {
+        self.backing.is_hugetlb() || r.huge_folios || self.backing == Backing::GuestMemfd
     }
 
-    /// hugetlb, and shmem on 2 MiB folios (a no-op for other backings): allocate and zero every
-    /// huge page now, through the alias mapping (MADV_POPULATE_WRITE), instead of at the first
-    /// write.
+    /// True if [`GuestRam::prefault`] has anything to do.
+    pub fn prefaults(&self) -> bool {
+        self.regions
+            .iter()
+            .any(|r| r.alias.is_some() && self.prefaulted(r))
+    }
+
+    /// Allocate and zero guest RAM now, through the alias mapping (MADV_POPULATE_WRITE),
+    /// instead of at the first write: hugetlb, shmem on 2 MiB folios, and guest_memfd (a no-op
+    /// for the others).
     ///
     /// A migration destination calls this before it tells the source it is ready, so the
     /// cost (zeroing all of guest RAM; on this host the outer hypervisor also backs each page
     /// lazily) is paid while the source still runs, not while vCPUs wait on postcopy faults
-    /// (a 4 KiB fault that allocated a 2 MiB folio would zero all of it first).
+    /// (a 4 KiB fault that allocated a 2 MiB folio would zero all of it first) or by the
+    /// postcopy push (a guest_memfd folio per 4 KiB written).
     /// It also keeps slow huge-page faults, which hold the mmap lock for their whole duration,
     /// from delaying the `mmap(MAP_FIXED)` of a collapse. hugetlb pages are reserved at mmap
-    /// time anyway, so this costs no memory; shmem's take the memory the guest will use.
-    pub fn prefault_huge_pages(&self) -> Result<(), MemoryError> {
-        if !self.has_huge_page_cache() {
-            return Ok(());
-        }
+    /// time anyway, so this costs no memory; shmem's and guest_memfd's take the memory the
+    /// guest will use. anon and shmem on 4 KiB folios are left to fill as pages arrive: their
+    /// never-sent pages stay unallocated.
+    pub fn prefault(&self) -> Result<(), MemoryError> {
         for r in &self.regions {
             let Some(alias) = &r.alias else { continue };
-            if !(self.backing.is_hugetlb() || r.huge_folios) {
+            if !self.prefaulted(r) {
                 continue;
             }
             // SAFETY: the alias mapping is owned by this region and covers exactly its `len`

@@ -111,11 +111,11 @@ fn shmem_ram_is_on_2m_folios_as_root_and_prefaults_whole() {
     let r = &ram.regions()[0];
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        assert!(!r.huge_folios && !ram.has_huge_page_cache());
+        assert!(!r.huge_folios && !ram.prefaults());
         return;
     }
-    assert!(r.huge_folios && ram.has_huge_page_cache());
-    ram.prefault_huge_pages().unwrap();
+    assert!(r.huge_folios && ram.prefaults());
+    ram.prefault().unwrap();
     let alias = r.alias.as_ref().unwrap();
     assert_eq!(alias.addr() % PAGE_SIZE_2M, 0, "alias not 2 MiB aligned");
     // What was written before the prefault is still there.
