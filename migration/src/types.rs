@@ -19,7 +19,8 @@ vocabulary! {
     pub enum Backing: u8, "backing" {
         /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
         Anon = "anon" => 0,
-        /// A shmem memfd (`memfd_create`), mapped shared.
+        /// shmem, mapped shared: a file on the VMM's private `huge=always` tmpfs (2 MiB folios), or
+        /// a memfd (`memfd_create`) where that tmpfs cannot be mounted.
         Shmem = "shmem" => 1,
         /// A hugetlbfs memfd with 2 MiB pages.
         Hugetlb2m = "hugetlb-2m" => 2,

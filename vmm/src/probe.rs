@@ -23,7 +23,7 @@ use userfaultfd_sys as uffd_sys;
 
 use crate::memory::guest_memfd::{self, KVM_CAP_GUEST_MEMFD_FLAGS};
 use crate::memory::hugepages::{self, PoolStatus};
-use crate::memory::{hugetlb, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M};
+use crate::memory::{hugetlb, shmem, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M};
 
 /// userfaultfd feature bits and their names (without the `UFFD_FEATURE_` prefix).
 const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
@@ -232,6 +232,13 @@ pub enum Check {
     Failed(String),
 }
 
+impl Check {
+    /// What a report from a VMM that did not know the check says.
+    fn not_probed() -> Check {
+        Check::Skipped("not probed by this vmm".into())
+    }
+}
+
 impl fmt::Display for Check {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (word, detail) = match self {
@@ -251,6 +258,9 @@ pub struct LiveChecks {
     pub hugetlb_4k_continue: Check,
     /// "userfaultfd on guest_memfd".
     pub uffd_on_guest_memfd: Check,
+    /// "shmem guest RAM on 2 MiB folios" (the VMM's private huge tmpfs).
+    #[serde(default = "Check::not_probed")]
+    pub shmem_huge_folios: Check,
 }
 
 /// Everything [`probe`] found.
@@ -282,6 +292,7 @@ pub fn probe() -> ProbeReport {
         checks: LiveChecks {
             hugetlb_4k_continue: check_hugetlb_4k_continue(),
             uffd_on_guest_memfd: check_uffd_on_guest_memfd(),
+            shmem_huge_folios: check_shmem_huge_folios(),
         },
     }
 }
@@ -482,6 +493,47 @@ pub fn check_hugetlb_4k_continue() -> Check {
     run().unwrap_or_else(|e| Check::Failed(e.to_string()))
 }
 
+/// Live check "shmem guest RAM on 2 MiB folios": creates a 4 MiB shmem file the way guest RAM
+/// is made (`memory/shmem.rs`), faults it in through a mapping and reads how much of that
+/// mapping smaps shows PMD-mapped. Unsupported: the file is a memfd (no private huge tmpfs), or
+/// the kernel gave it small folios.
+pub fn check_shmem_huge_folios() -> Check {
+    let run = || -> Result<Check, ProbeError> {
+        let size = 2 * PAGE_SIZE_2M as usize;
+        let (fd, huge) = shmem::create_file(size)?;
+        if !huge {
+            return Ok(Check::Unsupported(
+                "no private huge=always tmpfs (needs CAP_SYS_ADMIN and shmem THP): shmem guest \
+                 RAM is a memfd of 4 KiB folios, and each collapse copies"
+                    .into(),
+            ));
+        }
+        let map = Mapping::shared(fd.as_fd(), 0, size).map_err(io_err("mmap of the shmem file"))?;
+        // SAFETY: the mapping was just made, is owned here and covers `size` bytes;
+        // MADV_POPULATE_WRITE only faults its (zero-filled) pages in.
+        let rc = unsafe { libc::madvise(map.as_ptr().cast(), size, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(io_err("MADV_POPULATE_WRITE of the shmem file")(
+                io::Error::last_os_error(),
+            ));
+        }
+        let kb = shmem::pmd_mapped_kb(map.addr()).map_err(io_err("smaps"))?;
+        Ok(if kb == size as u64 / 1024 {
+            Check::Supported(format!(
+                "a private huge=always tmpfs: {kb} kB of {} kB mapped by 2 MiB folios",
+                size / 1024
+            ))
+        } else {
+            Check::Unsupported(format!(
+                "a private huge=always tmpfs, but only {kb} kB of {} kB mapped by 2 MiB folios \
+                 (no free 2 MiB of memory?)",
+                size / 1024
+            ))
+        })
+    };
+    run().unwrap_or_else(|e| Check::Failed(e.to_string()))
+}
+
 /// Live check "userfaultfd on guest_memfd": asks the migration crate's probe
 /// ([`strategy::probe_uffd_register`]) to register a guest_memfd mapping with userfaultfd MINOR
 /// (and MISSING). EINVAL means guest_memfd cannot be userfault-tracked.
@@ -621,10 +673,15 @@ impl fmt::Display for ProbeReport {
             "  4 KiB UFFDIO_CONTINUE on hugetlb (HGM): {}",
             self.checks.hugetlb_4k_continue
         )?;
-        write!(
+        writeln!(
             f,
             "  userfaultfd on guest_memfd: {}",
             self.checks.uffd_on_guest_memfd
+        )?;
+        write!(
+            f,
+            "  shmem guest RAM on 2 MiB folios: {}",
+            self.checks.shmem_huge_folios
         )
     }
 }
@@ -673,6 +730,7 @@ mod tests {
         for check in [
             &report.checks.hugetlb_4k_continue,
             &report.checks.uffd_on_guest_memfd,
+            &report.checks.shmem_huge_folios,
         ] {
             assert!(
                 matches!(check, Check::Supported(_) | Check::Unsupported(_)),

@@ -88,19 +88,6 @@ fn shmem_round_trip() {
     assert_ne!(r.primary.addr(), r.alias.as_ref().unwrap().addr());
 }
 
-/// `ShmemPmdMapped` (kB) of the mapping that starts at `addr`, from /proc/self/smaps.
-fn shmem_pmd_mapped_kb(addr: u64) -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let start = format!("{addr:x}-");
-    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
-    assert!(lines.next().is_some(), "no mapping at {addr:#x}");
-    lines
-        .take_while(|l| !l.starts_with("VmFlags"))
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no ShmemPmdMapped line for {addr:#x}"))
-}
-
 /// As root, shmem guest RAM lives on the VMM's private huge tmpfs: prefaulting it (what a
 /// postcopy destination does before Ready) allocates 2 MiB folios, which the alias maps whole.
 /// Nothing is left mounted: the instance is detached.
@@ -123,7 +110,7 @@ fn shmem_ram_is_on_2m_folios_as_root_and_prefaults_whole() {
     // SAFETY: 4 bytes inside the live alias mapping.
     assert_eq!(unsafe { p.cast::<u32>().read_volatile() }, 0xabcd);
     assert_eq!(
-        shmem_pmd_mapped_kb(alias.addr()),
+        shmem::pmd_mapped_kb(alias.addr()).unwrap(),
         4 * 1024,
         "the prefaulted alias is not mapped by 2 MiB folios"
     );
