@@ -704,12 +704,20 @@ fn three_second_black_hole_mid_postcopy() {
 #[test]
 fn hybrid_reset_in_the_postcopy_push() {
     let mut rig = Rig::start("shmem", "shmem", "4k", PASSES, &[]);
-    // Two precopy rounds, then a push capped at 16 MB/s: however well the rounds converged
-    // (once only 873 dirty pages, 3.4 MiB, were left for the push, less than a 4 MiB trigger),
-    // the push still runs for a while after the test sees postcopy start.
+    // One precopy round slowed to 64 MB/s (about a second, while the guest rewrites its span),
+    // then a push capped at 16 MB/s: the push has thousands of dirty pages to send and runs for
+    // seconds after the test sees postcopy start. Fast rounds converge too well for this: two
+    // uncapped rounds have left as few as 14 dirty pages (56 KiB, less than the trigger).
     let mig = rig.migrate(
         "hybrid",
-        &["--max-rounds", "2", "--max-postcopy-bandwidth", "16M"],
+        &[
+            "--max-rounds",
+            "1",
+            "--max-bandwidth",
+            "64M",
+            "--max-postcopy-bandwidth",
+            "16M",
+        ],
     );
     rig.wait_postcopy_started(&mig);
     rig.relay.reset_after_bytes(256 * 1024);
