@@ -687,20 +687,15 @@ fn destination_stats(
 
 /// Sums Private_Hugetlb + Shared_Hugetlb and ShmemPmdMapped over this process's mappings (kB).
 pub fn smaps_huge_kb() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let mut hugetlb = 0;
-    let mut pmd = 0;
-    for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(key), Some(val)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let v: u64 = val.parse().unwrap_or(0);
-        match key {
-            "Private_Hugetlb:" | "Shared_Hugetlb:" => hugetlb += v,
-            "ShmemPmdMapped:" | "FilePmdMapped:" => pmd += v,
-            _ => {}
-        }
-    }
-    (hugetlb, pmd)
+    let entries = crate::memory::smaps::read().unwrap_or_default();
+    let sum = |keys: &[&str]| -> u64 {
+        entries
+            .iter()
+            .flat_map(|e| keys.iter().map(move |k| e.field(k)))
+            .sum()
+    };
+    (
+        sum(&["Private_Hugetlb", "Shared_Hugetlb"]),
+        sum(&["ShmemPmdMapped", "FilePmdMapped"]),
+    )
 }

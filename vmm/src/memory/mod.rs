@@ -14,6 +14,7 @@ pub mod hugetlb;
 pub mod layout;
 pub mod mapping;
 pub mod shmem;
+pub mod smaps;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -71,24 +71,19 @@ pub(crate) fn create_file(size: usize) -> Result<(OwnedFd, bool), MemoryError> {
     Ok((fd, huge))
 }
 
-/// `ShmemPmdMapped` (kB) of this process's mapping that starts at `addr`, from
-/// /proc/self/smaps: how much of it the kernel maps by 2 MiB folios.
+/// `ShmemPmdMapped` (kB) of this process's mapping that starts at `addr`: how much of it the
+/// kernel maps by 2 MiB folios.
 pub fn pmd_mapped_kb(addr: u64) -> std::io::Result<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    let start = format!("{addr:x}-");
-    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
-    let not_found = |what: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{what} for {addr:#x} in /proc/self/smaps"),
-        )
-    };
-    lines.next().ok_or_else(|| not_found("no mapping"))?;
-    lines
-        .take_while(|l| !l.starts_with("VmFlags"))
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| not_found("no ShmemPmdMapped line"))
+    super::smaps::read()?
+        .iter()
+        .find(|e| e.start == addr)
+        .map(|e| e.field("ShmemPmdMapped"))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no mapping at {addr:#x} in /proc/self/smaps"),
+            )
+        })
 }
 
 /// Creates one shmem region: its file, the primary mapping and the alias.
