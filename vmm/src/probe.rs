@@ -23,7 +23,7 @@ use userfaultfd_sys as uffd_sys;
 
 use crate::memory::guest_memfd::{self, KVM_CAP_GUEST_MEMFD_FLAGS};
 use crate::memory::hugepages::{self, PoolStatus};
-use crate::memory::{hugetlb, shmem, Backing, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M};
+use crate::memory::{hugetlb, shmem, Backing, GuestRam, Mapping, PAGE_SIZE_1G, PAGE_SIZE_2M};
 
 /// userfaultfd feature bits and their names (without the `UFFD_FEATURE_` prefix).
 const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
@@ -493,32 +493,29 @@ pub fn check_hugetlb_4k_continue() -> Check {
     run().unwrap_or_else(|e| Check::Failed(e.to_string()))
 }
 
-/// Live check "shmem guest RAM on 2 MiB folios": creates a 4 MiB shmem file the way guest RAM
-/// is made (`memory/shmem.rs`), faults it in through a mapping and reads how much of that
-/// mapping smaps shows PMD-mapped. Unsupported: the file is a memfd (no private huge tmpfs), or
-/// the kernel gave it small folios.
+/// Live check "shmem guest RAM on 2 MiB folios": makes 4 MiB of shmem guest RAM the way a VM
+/// does ([`GuestRam::new`]), prefaults it as a postcopy destination does ([`GuestRam::prefault`])
+/// and reads how much of its alias smaps shows PMD-mapped. Unsupported: the file is a memfd (no
+/// private huge tmpfs), or the kernel gave it small folios.
 pub fn check_shmem_huge_folios() -> Check {
     let run = || -> Result<Check, ProbeError> {
-        let size = 2 * PAGE_SIZE_2M as usize;
-        let (fd, huge) = shmem::create_file(size)?;
-        if !huge {
+        let size = 2 * PAGE_SIZE_2M;
+        let vm = match Kvm::new().and_then(|kvm| kvm.create_vm()) {
+            Ok(vm) => vm,
+            Err(e) => return Ok(Check::Skipped(format!("no KVM VM for guest RAM: {e}"))),
+        };
+        let ram = GuestRam::new(Backing::Shmem, size, &vm)?;
+        let region = &ram.regions()[0];
+        let Some(alias) = region.alias.as_ref().filter(|_| region.huge_folios) else {
             return Ok(Check::Unsupported(
                 "no private huge=always tmpfs (needs CAP_SYS_ADMIN and shmem THP): shmem guest \
                  RAM is a memfd of 4 KiB folios, and each collapse copies"
                     .into(),
             ));
-        }
-        let map = Mapping::shared(fd.as_fd(), 0, size).map_err(io_err("mmap of the shmem file"))?;
-        // SAFETY: the mapping was just made, is owned here and covers `size` bytes;
-        // MADV_POPULATE_WRITE only faults its (zero-filled) pages in.
-        let rc = unsafe { libc::madvise(map.as_ptr().cast(), size, libc::MADV_POPULATE_WRITE) };
-        if rc != 0 {
-            return Err(io_err("MADV_POPULATE_WRITE of the shmem file")(
-                io::Error::last_os_error(),
-            ));
-        }
-        let kb = shmem::pmd_mapped_kb(map.addr()).map_err(io_err("smaps"))?;
-        Ok(if kb == size as u64 / 1024 {
+        };
+        ram.prefault()?;
+        let kb = shmem::pmd_mapped_kb(alias.addr()).map_err(io_err("smaps"))?;
+        Ok(if kb == size / 1024 {
             Check::Supported(format!(
                 "a private huge=always tmpfs: {kb} kB of {} kB mapped by 2 MiB folios",
                 size / 1024
