@@ -4,6 +4,7 @@
 //! them on SIGINT, SIGTERM or SIGHUP before the process exits. (Normal teardown is RAII in
 //! the owners; they unregister what they removed.)
 
+use migration::sync::MutexExt;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 
 fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     // A poisoned lock still holds a usable list: teardown must go on.
-    let mut g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = REGISTRY.lock_unpoisoned();
     f(&mut g)
 }
 

@@ -3,6 +3,7 @@
 //! [`crate::cleanup`] while alive.
 
 use crate::cleanup;
+use migration::sync::MutexExt;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -94,7 +95,7 @@ impl Proc {
                 for text in BufReader::new(stdout).lines() {
                     let Ok(text) = text else { break };
                     let _ = writeln!(out_file, "{text}");
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(Line {
+                    lines.lock_unpoisoned().push(Line {
                         at: Instant::now(),
                         text,
                     });
@@ -118,7 +119,7 @@ impl Proc {
 
     /// A copy of every stdout line read so far.
     pub fn lines(&self) -> Vec<Line> {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.lines.lock_unpoisoned().clone()
     }
 
     /// Stdout so far as one text.
@@ -174,8 +175,7 @@ impl Proc {
         loop {
             let n = self
                 .lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .lock_unpoisoned()
                 .iter()
                 .filter(|l| pred(&l.text))
                 .count();

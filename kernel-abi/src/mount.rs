@@ -98,6 +98,22 @@ pub fn detached_mount(fs: &CStr, options: &[(&CStr, &CStr)]) -> Result<OwnedFd, 
         .map_err(|source| MountError::Mount { fs: name(), source })
 }
 
+/// A new unnamed file (`O_TMPFILE`, read-write, close-on-exec) in the root of the mount
+/// `mnt` returned by [`detached_mount`]: it goes when its last descriptor and mapping do.
+pub fn tmpfile(mnt: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: `mnt` is an open directory descriptor and "." a NUL-terminated path; openat
+    // returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::openat(
+            mnt.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            libc::S_IRUSR | libc::S_IWUSR,
+        )
+    };
+    owned(libc::c_long::from(fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

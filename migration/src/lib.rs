@@ -12,6 +12,7 @@ pub mod postcopy;
 pub mod relay;
 pub mod source;
 pub mod stats;
+pub mod sync;
 pub mod thread_hook;
 pub mod thread_priority;
 pub mod tls;

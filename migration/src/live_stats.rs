@@ -8,18 +8,15 @@
 //! Everything the hot paths touch is an atomic; the rest sits behind short mutexes taken at
 //! phase changes and round ends only.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::types::{Mode, PAGE_SIZE};
 use crate::vocab::vocabulary;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
@@ -216,13 +213,13 @@ pub struct EventLog {
 impl EventLog {
     /// The events so far, oldest first.
     pub fn events(&self) -> Vec<MigrationEvent> {
-        lock(&self.events).clone()
+        self.events.lock_unpoisoned().clone()
     }
 }
 
 impl EventSink for EventLog {
     fn emit(&self, e: MigrationEvent) {
-        lock(&self.events).push(e);
+        self.events.lock_unpoisoned().push(e);
     }
 }
 
@@ -404,16 +401,16 @@ impl ReceiveMonitor {
     /// Send this receive's events (and, once attached, its engine's unit-collapsed events) to
     /// `sink`.
     pub fn set_event_sink(&self, sink: Arc<dyn EventSink>) {
-        *lock(&self.events) = Some(sink);
+        *self.events.lock_unpoisoned() = Some(sink);
     }
 
     /// Include a postcopy engine's live figures in [`ReceiveMonitor::info`]; the engine's
     /// events go to this monitor's sink if the engine has none.
     pub fn attach_engine(&self, engine: Arc<EngineLive>) {
-        if let Some(sink) = lock(&self.events).clone() {
+        if let Some(sink) = self.events.lock_unpoisoned().clone() {
             engine.set_event_sink_if_none(sink);
         }
-        *lock(&self.engine) = Some(engine);
+        *self.engine.lock_unpoisoned() = Some(engine);
     }
 
     /// The current status (one atomic load).
@@ -426,12 +423,15 @@ impl ReceiveMonitor {
         let bytes = self.bytes.load(Ordering::Relaxed);
         let pages = self.pages.load(Ordering::Relaxed);
         let zero = self.zero_pages.load(Ordering::Relaxed);
-        let requests = match lock(&self.urgent).as_ref() {
+        let requests = match self.urgent.lock_unpoisoned().as_ref() {
             Some(u) => u.replies(),
             None => self.requests.load(Ordering::Relaxed),
         };
         let bytes = bytes + requests * PAGE_SIZE;
-        let mut info = lock(&self.phases).info(bytes, pages + zero + requests);
+        let mut info = self
+            .phases
+            .lock_unpoisoned()
+            .info(bytes, pages + zero + requests);
         info.ram.duplicate = zero;
         info.ram.normal = pages + requests;
         info.ram.normal_bytes = info.ram.normal * PAGE_SIZE;
@@ -441,14 +441,14 @@ impl ReceiveMonitor {
         if info.status == MigrationStatus::Completed {
             info.ram.remaining = 0;
         }
-        if let Some(e) = lock(&self.engine).as_ref() {
+        if let Some(e) = self.engine.lock_unpoisoned().as_ref() {
             info.merge_engine(e);
         }
         info
     }
 
     pub(crate) fn emit(&self, e: MigrationEvent) {
-        let sink = lock(&self.events).clone();
+        let sink = self.events.lock_unpoisoned().clone();
         emit(&sink, e);
     }
 
@@ -460,36 +460,36 @@ impl ReceiveMonitor {
     /// Waiting for a source (status setup, the clock not running yet).
     pub(crate) fn waiting(&self) {
         self.accepting();
-        lock(&self.phases).started = None;
+        self.phases.lock_unpoisoned().started = None;
     }
 
     /// A source was accepted (status setup, the clock runs from now).
     pub(crate) fn accepting(&self) {
-        let mut p = lock(&self.phases);
+        let mut p = self.phases.lock_unpoisoned();
         p.begin(MigrationStatus::Setup);
         self.set_status(&mut p, MigrationStatus::Setup);
         for c in [&self.bytes, &self.pages, &self.zero_pages, &self.requests] {
             c.store(0, Ordering::Relaxed);
         }
-        *lock(&self.state_at) = None;
-        *lock(&self.engine) = None;
-        *lock(&self.urgent) = None;
+        *self.state_at.lock_unpoisoned() = None;
+        *self.engine.lock_unpoisoned() = None;
+        *self.urgent.lock_unpoisoned() = None;
     }
 
     /// The urgent client of this receive (its replies are the postcopy requests).
     pub(crate) fn attach_urgent(&self, client: Arc<crate::urgent_client::UrgentClient>) {
-        *lock(&self.urgent) = Some(client);
+        *self.urgent.lock_unpoisoned() = Some(client);
     }
 
     /// The source's Config arrived: guest RAM is `total_pages` pages.
     pub(crate) fn config_known(&self, total_pages: u64) {
-        lock(&self.phases).total_pages = total_pages;
+        self.phases.lock_unpoisoned().total_pages = total_pages;
     }
 
     /// Ready went out: precopy (or postcopy's wait for the switchover) begins.
     pub(crate) fn ready(&self, mode: Mode, total_pages: u64) {
         {
-            let mut p = lock(&self.phases);
+            let mut p = self.phases.lock_unpoisoned();
             if p.started.is_none() {
                 p.begin(MigrationStatus::Setup);
             }
@@ -501,18 +501,20 @@ impl ReceiveMonitor {
     }
 
     pub(crate) fn round_received(&self) {
-        lock(&self.phases).rounds += 1;
+        self.phases.lock_unpoisoned().rounds += 1;
     }
 
     pub(crate) fn state_received(&self) {
-        lock(&self.state_at).get_or_insert_with(Instant::now);
+        self.state_at
+            .lock_unpoisoned()
+            .get_or_insert_with(Instant::now);
     }
 
     /// The vCPUs started here.
     pub(crate) fn vm_started(&self, postcopy: bool) {
-        let since = *lock(&self.state_at);
+        let since = *self.state_at.lock_unpoisoned();
         {
-            let mut p = lock(&self.phases);
+            let mut p = self.phases.lock_unpoisoned();
             p.downtime_ms = since.map(|s| ms(s.elapsed()));
             if postcopy {
                 self.set_status(&mut p, MigrationStatus::PostcopyActive);
@@ -525,7 +527,7 @@ impl ReceiveMonitor {
 
     pub(crate) fn paused(&self, reason: String) {
         {
-            let mut p = lock(&self.phases);
+            let mut p = self.phases.lock_unpoisoned();
             p.pause_begins();
             self.set_status(&mut p, MigrationStatus::PostcopyPaused);
         }
@@ -534,7 +536,7 @@ impl ReceiveMonitor {
 
     pub(crate) fn recovered(&self, postcopy: bool) {
         let (attempt, d) = {
-            let mut p = lock(&self.phases);
+            let mut p = self.phases.lock_unpoisoned();
             let d = p.pause_ends(true);
             let s = if postcopy {
                 MigrationStatus::PostcopyActive
@@ -552,7 +554,7 @@ impl ReceiveMonitor {
 
     pub(crate) fn finished(&self, error: Option<String>) {
         let (total_ms, downtime_ms) = {
-            let mut p = lock(&self.phases);
+            let mut p = self.phases.lock_unpoisoned();
             let s = if error.is_some() {
                 MigrationStatus::Failed
             } else {
@@ -560,7 +562,7 @@ impl ReceiveMonitor {
             };
             p.finish(s, error.clone());
             self.set_status(&mut p, s);
-            if let Some(u) = lock(&self.urgent).take() {
+            if let Some(u) = self.urgent.lock_unpoisoned().take() {
                 // Keep the final count, drop the client.
                 self.requests.store(u.replies(), Ordering::Relaxed);
             }
@@ -660,7 +662,7 @@ impl EngineLive {
     /// before the vCPUs run; setting it again resets the blocktime figures.
     pub fn set_vcpu_tids(&self, tids: Vec<i32>) {
         let n = tids.len();
-        *lock(&self.vcpus) = Arc::new(VcpuTable {
+        *self.vcpus.lock_unpoisoned() = Arc::new(VcpuTable {
             tids,
             since: (0..n).map(|_| AtomicU64::new(0)).collect(),
             blocked_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -672,12 +674,12 @@ impl EngineLive {
 
     /// Send unit-collapsed events to `sink`.
     pub fn set_event_sink(&self, sink: Arc<dyn EventSink>) {
-        *lock(&self.events) = Some(sink);
+        *self.events.lock_unpoisoned() = Some(sink);
         self.has_events.store(true, Ordering::Release);
     }
 
     fn set_event_sink_if_none(&self, sink: Arc<dyn EventSink>) {
-        let mut e = lock(&self.events);
+        let mut e = self.events.lock_unpoisoned();
         if e.is_none() {
             *e = Some(sink);
             self.has_events.store(true, Ordering::Release);
@@ -686,7 +688,7 @@ impl EngineLive {
 
     pub(crate) fn emit(&self, e: MigrationEvent) {
         if self.has_events.load(Ordering::Acquire) {
-            let sink = lock(&self.events).clone();
+            let sink = self.events.lock_unpoisoned().clone();
             emit(&sink, e);
         }
     }
@@ -696,7 +698,11 @@ impl EngineLive {
         if tid <= 0 {
             return None;
         }
-        lock(&self.vcpus).tids.iter().position(|&t| t == tid)
+        self.vcpus
+            .lock_unpoisoned()
+            .tids
+            .iter()
+            .position(|&t| t == tid)
     }
 
     /// A userfault of thread `tid` was read at `at`: if `tid` is a vCPU's, it is blocked from
@@ -705,7 +711,7 @@ impl EngineLive {
         if tid <= 0 {
             return None;
         }
-        let table = lock(&self.vcpus).clone();
+        let table = self.vcpus.lock_unpoisoned().clone();
         let vcpu = table.tids.iter().position(|&t| t == tid)?;
         self.block(&table, vcpu, at);
         Some(vcpu)
@@ -718,7 +724,7 @@ impl EngineLive {
     /// vCPU `vcpu` blocked in a userfault read at `at`.
     #[cfg(test)]
     fn vcpu_blocked(&self, vcpu: usize, at: Instant) {
-        let table = lock(&self.vcpus).clone();
+        let table = self.vcpus.lock_unpoisoned().clone();
         self.block(&table, vcpu, at);
     }
 
@@ -737,7 +743,7 @@ impl EngineLive {
 
     /// vCPU `vcpu`'s fault was resolved (woken) at `at`.
     pub(crate) fn vcpu_woken(&self, vcpu: usize, at: Instant) {
-        let table = lock(&self.vcpus).clone();
+        let table = self.vcpus.lock_unpoisoned().clone();
         let Some(slot) = table.since.get(vcpu) else {
             return;
         };
@@ -770,7 +776,8 @@ impl EngineLive {
 
     /// Blocked ns of each vCPU (resolved faults).
     pub fn vcpu_blocked_ns(&self) -> Vec<u64> {
-        lock(&self.vcpus)
+        self.vcpus
+            .lock_unpoisoned()
             .blocked_ns
             .iter()
             .map(|a| a.load(Ordering::Relaxed))

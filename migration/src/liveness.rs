@@ -3,8 +3,9 @@
 //! bound as a dead link (see `FrameReader::set_liveness`). A link that silently drops packets
 //! (no reset, no FIN) is so detected within about the liveness bound, in both directions.
 
+use crate::sync::{CondvarExt, MutexExt};
 use crate::transport::WriteHalf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,12 +14,6 @@ use crate::wire::{FrameWriter, Message};
 /// A frame writer several threads share (the thread that owns the channel's traffic and the
 /// heartbeat thread).
 pub type SharedWriter = Arc<Mutex<FrameWriter<WriteHalf>>>;
-
-/// Locks a shared writer. A thread that panicked while writing leaves at worst a torn frame,
-/// which the peer rejects; the writer itself stays usable.
-pub fn lock(w: &SharedWriter) -> MutexGuard<'_, FrameWriter<WriteHalf>> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The heartbeat thread of one connected stretch of a session; stops when dropped.
 pub struct Heartbeat {
@@ -39,12 +34,9 @@ impl Heartbeat {
             .spawn(move || {
                 crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
                 let (m, cv) = &*flag;
-                let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+                let mut stopped = m.lock_unpoisoned();
                 while !*stopped {
-                    stopped = cv
-                        .wait_timeout(stopped, tick)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    stopped = cv.wait_timeout_unpoisoned(stopped, tick).0;
                     if *stopped {
                         break;
                     }
@@ -68,7 +60,7 @@ impl Heartbeat {
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         let (m, cv) = &*self.stop;
-        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        *m.lock_unpoisoned() = true;
         cv.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

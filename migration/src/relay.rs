@@ -13,12 +13,13 @@
 //! by the pair's two threads, so it is closed exactly when its last owner lets go; a reset first
 //! sets `SO_LINGER {on, 0}` so that this close sends an RST.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -167,7 +168,7 @@ impl Relay {
 
     /// Connection pairs open now.
     pub fn open_connections(&self) -> usize {
-        lock(&self.shared.pairs).len()
+        self.shared.pairs.lock_unpoisoned().len()
     }
 
     /// Connections accepted since start (refused ones included).
@@ -199,7 +200,7 @@ impl Drop for Relay {
         // A pair thread pushes its partner's handle before it exits, so joining in rounds
         // until the list stays empty joins every thread.
         loop {
-            let handles = std::mem::take(&mut *lock(&self.shared.threads));
+            let handles = std::mem::take(&mut *self.shared.threads.lock_unpoisoned());
             if handles.is_empty() {
                 break;
             }
@@ -214,7 +215,7 @@ impl Shared {
     /// Reset every open pair and, if `wait`, wait (bounded) until their sockets are closed.
     /// Forwarding threads call it with `wait == false`: they hold a pair themselves.
     fn reset_all(&self, wait: bool) -> usize {
-        let pairs: Vec<Arc<Pair>> = lock(&self.pairs).values().cloned().collect();
+        let pairs: Vec<Arc<Pair>> = self.pairs.lock_unpoisoned().values().cloned().collect();
         pairs.iter().for_each(|p| p.abort());
         self.resets.fetch_add(1, SeqCst);
         // Once only our clones are left the pairs' threads are gone, and dropping the clones
@@ -265,11 +266,6 @@ impl Pair {
         linger_zero(&self.upstream);
         self.aborted.store(true, SeqCst);
     }
-}
-
-/// Lock a mutex, ignoring poisoning (every critical section leaves the data consistent).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Timeouts and interruptions mean "nothing happened yet, check the flags and retry".
@@ -351,7 +347,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, upstream: SocketAdd
         let spawned = thread::Builder::new()
             .name("relay-up".into())
             .spawn(move || run_pair(&s, id, client, upstream));
-        let mut threads = lock(&shared.threads);
+        let mut threads = shared.threads.lock_unpoisoned();
         threads.retain(|h| !h.is_finished());
         match spawned {
             Ok(handle) => threads.push(handle),
@@ -383,7 +379,7 @@ fn run_pair(shared: &Arc<Shared>, id: u64, client: TcpStream, upstream: SocketAd
         aborted,
         running,
     });
-    lock(&shared.pairs).insert(id, Arc::clone(&pair));
+    shared.pairs.lock_unpoisoned().insert(id, Arc::clone(&pair));
     let (s, p) = (Arc::clone(shared), Arc::clone(&pair));
     let spawned = thread::Builder::new()
         .name("relay-down".into())
@@ -392,7 +388,7 @@ fn run_pair(shared: &Arc<Shared>, id: u64, client: TcpStream, upstream: SocketAd
             finish(&s, id, &p);
         });
     match spawned {
-        Ok(handle) => lock(&shared.threads).push(handle),
+        Ok(handle) => shared.threads.lock_unpoisoned().push(handle),
         Err(e) => {
             tracing::warn!("relay: cannot spawn a forwarding thread: {e}");
             pair.abort();
@@ -407,7 +403,7 @@ fn run_pair(shared: &Arc<Shared>, id: u64, client: TcpStream, upstream: SocketAd
 /// soon as the last `Arc` goes (normally right after this).
 fn finish(shared: &Shared, id: u64, pair: &Pair) {
     if pair.running.fetch_sub(1, SeqCst) == 1 {
-        lock(&shared.pairs).remove(&id);
+        shared.pairs.lock_unpoisoned().remove(&id);
     }
 }
 

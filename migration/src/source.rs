@@ -1,6 +1,7 @@
 //! Source-side protocol driver: precopy rounds, switchover, and the postcopy bulk push (which
 //! moves on to the pages near the latest fault) beside the urgent page server.
 
+use crate::sync::MutexExt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +16,7 @@ use crate::auth::Secret;
 use crate::live_stats::{
     self, EventSink, MigrationEvent, MigrationInfo, MigrationStatus, Phases, TokenBucket,
 };
-use crate::liveness::{self, Heartbeat, SharedWriter};
+use crate::liveness::{Heartbeat, SharedWriter};
 use crate::stats::{MigrationSummary, SourceCounters};
 use crate::thread_priority::{self, ThreadRole};
 use crate::tls::ClientTls;
@@ -111,23 +112,23 @@ impl MigrationControl {
     /// Reconnect to `addr` (from the next recovery attempt on) instead of the address the
     /// migration started with, e.g. over a different network path.
     pub fn retarget(&self, addr: SocketAddr) {
-        *lock(&self.target) = Some(addr);
+        *self.target.lock_unpoisoned() = Some(addr);
     }
 
     /// Where recovery reconnects, if retargeted.
     pub fn target(&self) -> Option<SocketAddr> {
-        *lock(&self.target)
+        *self.target.lock_unpoisoned()
     }
 
     /// The phase the migration is in (None: not started or over).
     pub fn phase(&self) -> Option<Phase> {
-        *lock(&self.phase)
+        *self.phase.lock_unpoisoned()
     }
 
     fn set_phase(&self, phase: Option<Phase>) {
-        *lock(&self.phase) = phase;
+        *self.phase.lock_unpoisoned() = phase;
         if let Some(p) = phase {
-            let mut ph = lock(&self.phases);
+            let mut ph = self.phases.lock_unpoisoned();
             // Terminal states are set by `finish` only; a pause is ended by recover().
             if !ph.status.is_terminal() && ph.paused_since.is_none() {
                 ph.status = p.status();
@@ -141,7 +142,7 @@ impl MigrationControl {
         let bytes = SourceCounters::get(&c.bytes_sent);
         let normal = SourceCounters::get(&c.pages_sent);
         let zero = SourceCounters::get(&c.zero_pages);
-        let mut info = lock(&self.phases).info(bytes, normal + zero);
+        let mut info = self.phases.lock_unpoisoned().info(bytes, normal + zero);
         info.ram.duplicate = zero;
         info.ram.normal = normal;
         info.ram.normal_bytes = normal * PAGE_SIZE;
@@ -160,7 +161,7 @@ impl MigrationControl {
     /// channel is up, and leaves the VM running here. After it the destination runs the VM
     /// (or may), and cancel is refused.
     pub fn cancel(&self) -> Result<(), CancelError> {
-        let p = lock(&self.phases);
+        let p = self.phases.lock_unpoisoned();
         if p.status == MigrationStatus::None || p.status.is_terminal() {
             return Err(CancelError::NotRunning);
         }
@@ -172,7 +173,7 @@ impl MigrationControl {
     }
 
     fn begin(&self, total_pages: u64) {
-        let mut p = lock(&self.phases);
+        let mut p = self.phases.lock_unpoisoned();
         p.begin(MigrationStatus::Setup);
         p.total_pages = total_pages;
         drop(p);
@@ -184,19 +185,15 @@ impl MigrationControl {
     /// The switchover passes its point of no return: from now on cancel is refused. Fails if a
     /// cancel came first.
     fn commit(&self, deadline: Option<Instant>) -> Result<(), SourceError> {
-        let mut p = lock(&self.phases);
+        let mut p = self.phases.lock_unpoisoned();
         check_abort(self, deadline)?;
         p.committed = true;
         Ok(())
     }
 
     fn phases(&self) -> MutexGuard<'_, Phases> {
-        lock(&self.phases)
+        self.phases.lock_unpoisoned()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A cancel or the overall timeout: the error to abort with.
@@ -1284,7 +1281,7 @@ impl Handover<'_> {
         let _heartbeat =
             Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(thread_err("heartbeat"))?;
         let send = |msg: &Message<'_>, during| -> Result<(), WireError> {
-            let mut w = liveness::lock(&main_writer);
+            let mut w = main_writer.lock_unpoisoned();
             let before = w.bytes_written();
             let r = w.send(msg, during);
             SourceCounters::add(&counters.bytes_sent, w.bytes_written() - before);
@@ -1436,7 +1433,7 @@ impl Handover<'_> {
                 if hint != u64::MAX {
                     // Move on to the pages after the latest fault: the guest is likely to want
                     // them next.
-                    sender.flush(&mut liveness::lock(main))?;
+                    sender.flush(&mut main.lock_unpoisoned())?;
                     cursor = hint + 1;
                 }
                 let Some(index) = push.sent.next_absent(cursor) else {
@@ -1444,11 +1441,11 @@ impl Handover<'_> {
                 };
                 if index < cursor {
                     // Wrapped around: finish the pending frame before starting over.
-                    sender.flush(&mut liveness::lock(main))?;
+                    sender.flush(&mut main.lock_unpoisoned())?;
                 }
                 cursor = index + 1;
                 if push.sent.insert(index) {
-                    sender.add(&mut liveness::lock(main), index)?;
+                    sender.add(&mut main.lock_unpoisoned(), index)?;
                     // Only the push is capped: the urgent server answers at full speed.
                     sender.throttle(&mut cap, || Ok(()))?;
                     frames += 1;
@@ -1461,7 +1458,7 @@ impl Handover<'_> {
                     }
                 }
             }
-            sender.flush(&mut liveness::lock(main))?;
+            sender.flush(&mut main.lock_unpoisoned())?;
             Ok(())
         })();
         SourceCounters::add(
@@ -1645,7 +1642,7 @@ fn urgent_server(
     counters: &SourceCounters,
 ) -> Result<(), WireError> {
     let report = |e: &WireError| {
-        let _ = liveness::lock(writer).send(
+        let _ = writer.lock_unpoisoned().send(
             &Message::Error {
                 code: ErrorCode::Protocol,
                 message: e.to_string(),
@@ -1679,7 +1676,7 @@ fn urgent_server(
             }
         };
         {
-            let mut w = liveness::lock(writer);
+            let mut w = writer.lock_unpoisoned();
             let before = w.bytes_written();
             w.send(
                 &Message::PageReply {

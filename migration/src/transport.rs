@@ -3,13 +3,14 @@
 //! session id by the handshake; with TLS configured, each runs over TLS 1.3 with mutual
 //! certificate authentication first (see [`crate::tls`]).
 
+use crate::sync::MutexExt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, AuthError, Role, Secret, Transcript};
-use crate::liveness::{self, SharedWriter};
+use crate::liveness::SharedWriter;
 use crate::tls::{self, ClientTls, ServerTls, TlsError, TlsReader, TlsWriter};
 use crate::wire::{ChannelKind, ErrorCode, FrameReader, FrameWriter, Message, WireError};
 
@@ -362,7 +363,7 @@ pub struct LiveChannel {
 impl LiveChannel {
     /// Send one message.
     pub fn send(&self, msg: &Message<'_>, during: &'static str) -> Result<(), WireError> {
-        liveness::lock(&self.writer).send(msg, during)
+        self.writer.lock_unpoisoned().send(msg, during)
     }
 
     /// Tell the peer why we give up (best effort).
@@ -387,7 +388,7 @@ impl LiveChannel {
     /// where no read or write of ours is waiting.
     pub fn set_liveness(&mut self, t: Duration) {
         self.reader.set_liveness(t);
-        liveness::lock(&self.writer).set_stall_timeout(t);
+        self.writer.lock_unpoisoned().set_stall_timeout(t);
         let ms = u32::try_from(t.as_millis().saturating_mul(2)).unwrap_or(u32::MAX);
         if let Err(e) = nix::sys::socket::setsockopt(
             &self.stream,

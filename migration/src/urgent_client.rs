@@ -16,14 +16,15 @@
 //! fetches fail with `Disconnected` at once and the fault service retries them, so a faulting
 //! vCPU waits and its request is issued again after a recovery.
 
+use crate::sync::{CondvarExt, MutexExt};
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::liveness::{self, SharedWriter};
+use crate::liveness::SharedWriter;
 use crate::thread_priority::{self, ThreadRole};
 use crate::transport::{LiveChannel, ReadHalf};
 use crate::types::{
@@ -75,20 +76,6 @@ struct Pending {
     map: HashMap<u64, Arc<Slot>>,
     /// Why the channel is down, while it is.
     down: Option<ChannelDown>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking holder cannot leave these structures half-updated in a way that matters.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The lock if it is free now (a poisoned one counts as free: see [`lock`]).
-fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(TryLockError::WouldBlock) => None,
-    }
 }
 
 /// The urgent channel of one connected stretch of the session (its write side).
@@ -172,8 +159,8 @@ impl UrgentClient {
         let stream = channel.stream_handle().map_err(std::io::Error::other)?;
         let LiveChannel { reader, writer, .. } = channel;
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        *lock(&self.rx) = Some(Rx { reader, epoch });
-        *lock(&self.link) = Some(UrgentLink {
+        *self.rx.lock_unpoisoned() = Some(Rx { reader, epoch });
+        *self.link.lock_unpoisoned() = Some(UrgentLink {
             writer,
             stream,
             main,
@@ -187,9 +174,9 @@ impl UrgentClient {
                 let _priority = thread_priority::enter(ThreadRole::Urgent);
                 client.watch(epoch)
             })?;
-        lock(&self.watchers).push(handle);
+        self.watchers.lock_unpoisoned().push(handle);
         if !self.closed.load(Ordering::Acquire) {
-            lock(&self.pending).down = None;
+            self.pending.lock_unpoisoned().down = None;
             self.up.notify_all();
         }
         Ok(())
@@ -198,7 +185,7 @@ impl UrgentClient {
     /// The link failed: fail every outstanding fetch (the fault service retries them) and
     /// refuse new ones until the next [`UrgentClient::attach`].
     pub fn detach(&self, reason: ChannelDown) {
-        if let Some(link) = lock(&self.link).take() {
+        if let Some(link) = self.link.lock_unpoisoned().take() {
             let _ = link.stream.shutdown(std::net::Shutdown::Both);
         }
         self.fail_all(reason);
@@ -206,7 +193,7 @@ impl UrgentClient {
 
     /// Why the channel is down, if it is.
     pub fn down_reason(&self) -> Option<ChannelDown> {
-        lock(&self.pending).down.clone()
+        self.pending.lock_unpoisoned().down.clone()
     }
 
     /// Number of replies received so far.
@@ -222,14 +209,14 @@ impl UrgentClient {
     /// [`UrgentClient::fail_all`] if stretch `epoch` is still the current one (a failure seen
     /// on an old stretch's channel says nothing about the new one).
     fn fail_epoch(&self, epoch: u64, reason: ChannelDown) {
-        let p = lock(&self.pending);
+        let p = self.pending.lock_unpoisoned();
         if self.epoch.load(Ordering::Acquire) == epoch {
             self.fail_locked(p, reason);
         }
     }
 
     fn fail_all(&self, reason: ChannelDown) {
-        self.fail_locked(lock(&self.pending), reason);
+        self.fail_locked(self.pending.lock_unpoisoned(), reason);
     }
 
     fn fail_locked(&self, mut p: MutexGuard<'_, Pending>, reason: ChannelDown) {
@@ -237,7 +224,7 @@ impl UrgentClient {
             p.down = Some(reason.clone());
         }
         for (_, slot) in p.map.drain() {
-            *lock(&slot.state) = SlotState::Failed(reason.clone());
+            *slot.state.lock_unpoisoned() = SlotState::Failed(reason.clone());
             slot.cv.notify_all();
         }
     }
@@ -247,7 +234,7 @@ impl UrgentClient {
         self.closed.store(true, Ordering::Release);
         self.detach(reason);
         self.up.notify_all();
-        for h in lock(&self.watchers).drain(..) {
+        for h in self.watchers.lock_unpoisoned().drain(..) {
             let _ = h.join();
         }
     }
@@ -273,7 +260,7 @@ impl UrgentClient {
             ))));
         };
         let read_at = Instant::now();
-        let slot = lock(&self.pending).map.remove(&id);
+        let slot = self.pending.lock_unpoisoned().map.remove(&id);
         let Some(slot) = slot else {
             // A reply to a request that timed out or failed already.
             tracing::debug!(id, gpa, "late page reply dropped");
@@ -294,7 +281,7 @@ impl UrgentClient {
             None
         };
         if let Some(e) = bad {
-            *lock(&slot.state) = SlotState::Failed(e.clone());
+            *slot.state.lock_unpoisoned() = SlotState::Failed(e.clone());
             slot.cv.notify_all();
             return Err(e);
         }
@@ -302,7 +289,7 @@ impl UrgentClient {
             self.received.insert(i);
         }
         self.replies.fetch_add(1, Ordering::Relaxed);
-        let mut state = lock(&slot.state);
+        let mut state = slot.state.lock_unpoisoned();
         if matches!(*state, SlotState::Waiting) {
             // SAFETY: state Waiting under its lock: the fetch's buffer is alive and untouched
             // until it sees the new state (see `Slot::buf`); `data` is one page (checked
@@ -331,7 +318,7 @@ impl UrgentClient {
             tracing::debug!("urgent channel closed: {reason}");
         } else {
             tracing::warn!("urgent channel failed: {reason}");
-            let link = lock(&self.link);
+            let link = self.link.lock_unpoisoned();
             if let Some(l) = link.as_ref().filter(|l| l.epoch == epoch) {
                 let _ = l.stream.shutdown(std::net::Shutdown::Both);
                 if let Some(m) = &l.main {
@@ -346,7 +333,7 @@ impl UrgentClient {
     /// passes or the channel fails.
     fn read_for(&self, rx: &mut Option<Rx>, slot: &Slot, deadline: Instant) -> ReadEnd {
         loop {
-            if !matches!(*lock(&slot.state), SlotState::Waiting) {
+            if !matches!(*slot.state.lock_unpoisoned(), SlotState::Waiting) {
                 return ReadEnd::SlotDone;
             }
             if Instant::now() >= deadline {
@@ -374,12 +361,12 @@ impl UrgentClient {
     /// The reader was let go: wake one fetch still waiting (it takes the reader over), unless
     /// someone holds it already.
     fn hand_on(&self, except: u64) {
-        let p = lock(&self.pending);
+        let p = self.pending.lock_unpoisoned();
         for (id, slot) in p.map.iter() {
             if *id == except {
                 continue;
             }
-            let state = lock(&slot.state);
+            let state = slot.state.lock_unpoisoned();
             if matches!(*state, SlotState::Waiting) {
                 drop(state);
                 slot.cv.notify_all();
@@ -391,7 +378,7 @@ impl UrgentClient {
     /// Wait for the reply to request `id` in `slot`: read the channel while nobody else does,
     /// else sleep until the reader's holder fills the slot or hands the reader on.
     fn await_reply(&self, id: u64, slot: &Slot, deadline: Instant) -> SlotState {
-        let mut state = lock(&slot.state);
+        let mut state = slot.state.lock_unpoisoned();
         loop {
             if !matches!(*state, SlotState::Waiting) {
                 return std::mem::replace(&mut *state, SlotState::Abandoned);
@@ -401,9 +388,9 @@ impl UrgentClient {
                 // Leave `Waiting` under the lock before the buffer can go away.
                 *state = SlotState::Abandoned;
                 drop(state);
-                lock(&self.pending).map.remove(&id);
+                self.pending.lock_unpoisoned().map.remove(&id);
                 // This fetch may have been the one the reader was handed on to.
-                if let Some(rx) = try_lock(&self.rx) {
+                if let Some(rx) = self.rx.try_lock_unpoisoned() {
                     drop(rx);
                     self.hand_on(id);
                 }
@@ -413,7 +400,7 @@ impl UrgentClient {
             // attempt takes the slot's lock to hand it on, so that wake-up cannot be missed.
             // An empty reader (no channel attached, or it failed) is nothing to hold: wait
             // for the failure to reach this slot, or for the next stretch.
-            let leader = try_lock(&self.rx).filter(|rx| rx.is_some());
+            let leader = self.rx.try_lock_unpoisoned().filter(|rx| rx.is_some());
             if let Some(mut rx) = leader {
                 drop(state);
                 let end = self.read_for(&mut rx, slot, deadline);
@@ -422,7 +409,7 @@ impl UrgentClient {
                 if readable {
                     self.hand_on(id);
                 }
-                let mut state_now = lock(&slot.state);
+                let mut state_now = slot.state.lock_unpoisoned();
                 if matches!(end, ReadEnd::SlotDone) {
                     if let SlotState::Filled { .. } = &*state_now {
                         self.own_replies.fetch_add(1, Ordering::Relaxed);
@@ -436,8 +423,7 @@ impl UrgentClient {
             }
             state = slot
                 .cv
-                .wait_timeout(state, FOLLOWER_RECHECK.min(deadline - now))
-                .unwrap_or_else(|e| e.into_inner())
+                .wait_timeout_unpoisoned(state, FOLLOWER_RECHECK.min(deadline - now))
                 .0;
         }
     }
@@ -448,10 +434,10 @@ impl UrgentClient {
     fn watch(&self, epoch: u64) {
         while self.current(epoch) {
             std::thread::sleep(WATCH_EVERY);
-            if !lock(&self.pending).map.is_empty() {
+            if !self.pending.lock_unpoisoned().map.is_empty() {
                 continue; // the fetches read
             }
-            let Some(mut rx) = try_lock(&self.rx) else {
+            let Some(mut rx) = self.rx.try_lock_unpoisoned() else {
                 continue;
             };
             let failed = match rx.as_mut() {
@@ -518,17 +504,13 @@ fn readable_now(half: &ReadHalf) -> bool {
 impl PageFetcher for UrgentClient {
     fn wait_connected(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut p = lock(&self.pending);
+        let mut p = self.pending.lock_unpoisoned();
         while p.down.is_some() && !self.closed.load(Ordering::Acquire) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            p = self
-                .up
-                .wait_timeout(p, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            p = self.up.wait_timeout_unpoisoned(p, left).0;
         }
         p.down.is_none()
     }
@@ -554,7 +536,7 @@ impl PageFetcher for UrgentClient {
             cv: Condvar::new(),
         });
         {
-            let mut p = lock(&self.pending);
+            let mut p = self.pending.lock_unpoisoned();
             if let Some(reason) = &p.down {
                 return Err(FetchError::Disconnected {
                     gpa,
@@ -563,19 +545,22 @@ impl PageFetcher for UrgentClient {
             }
             p.map.insert(id, Arc::clone(&slot));
         }
-        let link = lock(&self.link)
+        let link = self
+            .link
+            .lock_unpoisoned()
             .as_ref()
             .map(|l| (l.writer.clone(), l.epoch));
         let sent = match &link {
-            Some((w, epoch)) => liveness::lock(w)
+            Some((w, epoch)) => w
+                .lock_unpoisoned()
                 .send(&Message::PageRequest { id, gpa }, "sending a page request")
                 .map_err(|e| (ChannelDown::Wire(Arc::new(e)), Some(*epoch))),
             None => Err((ChannelDown::NoLink, None)),
         };
         if let Err((reason, epoch)) = sent {
-            lock(&self.pending).map.remove(&id);
+            self.pending.lock_unpoisoned().map.remove(&id);
             // Leave `Waiting` before returning (nobody may write `buf` after that).
-            *lock(&slot.state) = SlotState::Abandoned;
+            *slot.state.lock_unpoisoned() = SlotState::Abandoned;
             if let Some(epoch) = epoch {
                 // The channel failed under this write: fetches wait for the next one.
                 self.fail_epoch(epoch, reason.clone());

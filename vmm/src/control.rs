@@ -3,6 +3,7 @@
 //! be paused, resumed, shut down and migrated on. Which request is allowed in which state is
 //! decided here, in one place.
 
+use migration::sync::MutexExt;
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,10 +122,6 @@ pub struct VmController {
     capabilities: OnceLock<serde_json::Value>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl VmController {
     pub fn new(
         origin: Origin,
@@ -158,7 +155,7 @@ impl VmController {
 
     /// The incoming migration's statistics source.
     pub fn set_incoming(&self, info: Arc<migration::ReceiveMonitor>) {
-        *lock(&self.incoming) = Some(info);
+        *self.incoming.lock_unpoisoned() = Some(info);
     }
 
     /// The incoming VM's vCPUs run now (pages may still be arriving).
@@ -191,7 +188,7 @@ impl VmController {
 
     /// Why the VM was lost, if a migration lost it.
     pub fn lost(&self) -> Option<MigrateCause> {
-        lock(&self.lost).clone()
+        self.lost.lock_unpoisoned().clone()
     }
 
     /// `vm.shutdown` stopped the VM.
@@ -202,13 +199,15 @@ impl VmController {
     /// The statistics of the outgoing migration in progress (or the last one), else of the
     /// incoming one, else none.
     fn migration_info(&self) -> MigrationInfo {
-        let outgoing = lock(&self.outgoing)
+        let outgoing = self
+            .outgoing
+            .lock_unpoisoned()
             .clone()
-            .or_else(|| lock(&self.last_outgoing).clone());
+            .or_else(|| self.last_outgoing.lock_unpoisoned().clone());
         if let Some(c) = outgoing {
             return c.info();
         }
-        if let Some(m) = lock(&self.incoming).clone() {
+        if let Some(m) = self.incoming.lock_unpoisoned().clone() {
             return m.info();
         }
         MigrationInfo::default()
@@ -216,7 +215,10 @@ impl VmController {
 
     /// The outgoing migration's phase, if one runs.
     pub fn outgoing_phase(&self) -> Option<Phase> {
-        lock(&self.outgoing).as_ref().and_then(|c| c.phase())
+        self.outgoing
+            .lock_unpoisoned()
+            .as_ref()
+            .and_then(|c| c.phase())
     }
 
     fn running_vm(&self) -> Result<&Arc<Vm>, ControlError> {
@@ -238,7 +240,7 @@ impl VmController {
     fn is_stopped(&self) -> bool {
         self.handed_over.load(Ordering::SeqCst)
             || self.shutdown_requested()
-            || lock(&self.lost).is_some()
+            || self.lost.lock_unpoisoned().is_some()
             || self
                 .vm
                 .get()
@@ -251,7 +253,7 @@ impl VmController {
                 "cannot {what}: pages of the incoming migration are still arriving (retry once vm.migration says completed)"
             )));
         }
-        if lock(&self.outgoing).is_some() {
+        if self.outgoing.lock_unpoisoned().is_some() {
             return Err(ControlError::Conflict(format!(
                 "cannot {what}: a migration is in progress"
             )));
@@ -401,7 +403,7 @@ impl VmControl for VmController {
 
     fn resume(&self, force: bool) -> Result<(), ControlError> {
         let vm = self.running_vm()?;
-        if lock(&self.outgoing).is_some() {
+        if self.outgoing.lock_unpoisoned().is_some() {
             return Err(ControlError::Conflict(
                 "a migration is in progress: the VM stays paused until it ends".into(),
             ));
@@ -443,7 +445,7 @@ impl VmControl for VmController {
         self.no_migration_running("migrate")?;
         let control = Arc::new(MigrationControl::default());
         {
-            let mut c = lock(&self.outgoing);
+            let mut c = self.outgoing.lock_unpoisoned();
             if c.is_some() {
                 return Err(ControlError::Conflict(
                     "a migration is in progress already".into(),
@@ -452,7 +454,7 @@ impl VmControl for VmController {
             *c = Some(control.clone());
         }
         let r = m.migrate(&vm, &req, control.clone(), self.events.clone());
-        *lock(&self.last_outgoing) = Some(control);
+        *self.last_outgoing.lock_unpoisoned() = Some(control);
         let r = match r {
             Ok(v) => {
                 self.handed_over.store(true, Ordering::SeqCst);
@@ -465,7 +467,7 @@ impl VmControl for VmController {
                 match e.after {
                     AfterFailure::Resumed => {}
                     AfterFailure::Lost => {
-                        *lock(&self.lost) = Some(e.error.clone());
+                        *self.lost.lock_unpoisoned() = Some(e.error.clone());
                         vm.stop_signal().stop(StopReason::Stopped);
                     }
                     AfterFailure::Unknown => self.outcome_unknown.store(true, Ordering::SeqCst),
@@ -473,7 +475,7 @@ impl VmControl for VmController {
                 Err(ControlError::Failed(e.error.to_string()))
             }
         };
-        lock(&self.outgoing).take();
+        self.outgoing.lock_unpoisoned().take();
         r
     }
 
@@ -482,7 +484,7 @@ impl VmControl for VmController {
     }
 
     fn cancel_migration(&self) -> Result<(), ControlError> {
-        let control = lock(&self.outgoing).clone();
+        let control = self.outgoing.lock_unpoisoned().clone();
         let Some(control) = control else {
             if self.incoming_active.load(Ordering::SeqCst) {
                 return Err(ControlError::Conflict(
@@ -498,7 +500,7 @@ impl VmControl for VmController {
     }
 
     fn retarget(&self, to: &str) -> Result<RetargetReply, ControlError> {
-        let control = lock(&self.outgoing).clone();
+        let control = self.outgoing.lock_unpoisoned().clone();
         let Some(control) = control else {
             return Err(ControlError::Conflict("no migration is in progress".into()));
         };

@@ -5,6 +5,7 @@
 //! unit-collapsed event comes from the collapse thread, or in native mode from the fault worker
 //! that settled the unit), so none is lost when the VMM exits right after.
 
+use migration::sync::MutexExt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
@@ -134,7 +135,7 @@ impl EventMonitor {
             return;
         };
         text.push(b'\n');
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = self.out.lock_unpoisoned();
         if let Err(e) = out.write_all(&text) {
             tracing::warn!("cannot write event '{event}': {e}");
         }

@@ -16,6 +16,7 @@
 //! read -> ioctl done (the VMM side). The loader's own faults (the VMM thread writing the image
 //! before the vCPUs start) are served but not counted: each fault event names its thread.
 
+use migration::sync::MutexExt;
 use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
@@ -237,7 +238,7 @@ impl Write for Captured {
 
 impl Captured {
     fn text(&self) -> String {
-        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = self.0.lock_unpoisoned();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }

@@ -8,6 +8,7 @@
 //! filter allows only the base system calls. So the wake-up is a write(2) to a pipe, which every
 //! role allows (signal-hook's iterator would `send(2)` to a socket pair instead).
 
+use migration::sync::MutexExt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -27,13 +28,13 @@ static INSTALLED: Mutex<bool> = Mutex::new(false);
 
 fn action() -> MutexGuard<'static, Option<Action>> {
     // A panicking action leaves the slot as it was; the next signal may still run it.
-    ACTION.lock().unwrap_or_else(|p| p.into_inner())
+    ACTION.lock_unpoisoned()
 }
 
 /// Installs the handlers for SIGINT and SIGTERM and starts the watcher thread (once per process;
 /// later calls return at once). Until [`on_signal`] sets an action, a signal is only recorded.
 pub fn install() -> io::Result<()> {
-    let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut installed = INSTALLED.lock_unpoisoned();
     if *installed {
         return Ok(());
     }

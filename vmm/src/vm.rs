@@ -1,6 +1,7 @@
 //! A VM: the KVM VM fd, its guest RAM, its devices and its vCPUs, and the VM-wide state
 //! (interrupt controllers, PIT, kvmclock) that migration carries.
 
+use migration::sync::MutexExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -370,7 +371,7 @@ impl Vm {
 
     fn vcpus(&self) -> MutexGuard<'_, Vec<VcpuHandle>> {
         // A poisoned lock means a thread panicked while holding it; the handles are still valid.
-        self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
+        self.vcpus.lock_unpoisoned()
     }
 }
 

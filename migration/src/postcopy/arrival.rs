@@ -3,6 +3,7 @@
 //! thread as a [`UnitDone`] message. The fault service and the bulk path share this; neither
 //! knows how a unit is finished.
 
+use crate::sync::MutexExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -81,8 +82,7 @@ impl Arrivals {
     fn unit_arrived(&self, ri: usize, unit: u64) {
         let sent = self
             .units
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .as_ref()
             .map(|tx| tx.send(UnitDone { region: ri, unit }).is_ok());
         if sent == Some(false) && !self.sup.stopping() {
@@ -96,6 +96,6 @@ impl Arrivals {
 
     /// No more unit messages (the collapse thread ends when it drained them).
     pub fn close(&self) {
-        self.units.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.units.lock_unpoisoned().take();
     }
 }

@@ -20,6 +20,7 @@
 //! [`UnitDone`] message (native units too: see `native`). The [`Collapser`] holds only the
 //! hooks a collapse uses: the dirty log.
 
+use crate::sync::{MutexExt, RwLockExt};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::{RwLock, RwLockWriteGuard, TryLockError};
@@ -51,7 +52,7 @@ impl Collapser {
     /// Enable dirty logging of region `ri` once, before its first staging page is CONTINUEd.
     pub fn ensure_dirty_enabled(&self, ri: usize) -> Result<(), PostcopyError> {
         let r = &self.regions[ri];
-        let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());
+        let mut on = r.dirty_enabled.lock_unpoisoned();
         if !*on {
             self.dirty
                 .enable(r.region.slot)
@@ -376,14 +377,14 @@ fn take_unit_dirty(
     first: u64,
     end: u64,
 ) -> Result<Vec<u64>, PostcopyError> {
-    if !*r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner()) {
+    if !*r.dirty_enabled.lock_unpoisoned() {
         return Ok(Vec::new());
     }
     let fresh = shared
         .dirty
         .fetch(r.region.slot)
         .map_err(PostcopyError::dirty_log(r.region.slot, "fetch"))?;
-    let mut acc = r.dirty_acc.lock().unwrap_or_else(|p| p.into_inner());
+    let mut acc = r.dirty_acc.lock_unpoisoned();
     for (a, f) in acc.iter_mut().zip(fresh.iter()) {
         *a |= *f;
     }
@@ -443,7 +444,7 @@ fn collapse_staged(
     let fd = r.region.fd.ok_or(PostcopyError::NoFinalFd { slot })?;
     let err = |what| collapse_error(slot, off, what);
     let stage_alias = {
-        let st = r.staging.read().unwrap_or_else(|p| p.into_inner());
+        let st = r.staging.read_unpoisoned();
         match st.as_ref() {
             Some(s) => s.alias_at(0),
             None => return Ok(()),
@@ -458,9 +459,7 @@ fn collapse_staged(
     // unit lock keeps faults out; a waiter is woken into the final mapping).
     let untouched = r.tracker.staged_in(first, end) == 0;
     if untouched {
-        let mut collapsed = r.units[job.unit as usize]
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut collapsed = r.units[job.unit as usize].write_unpoisoned();
         if r.tracker.staged_in(first, end) == 0 {
             // SAFETY: the unit's range is the engine's; under the unit lock no fault is served
             // in it, and the guest never touched it (no staging page), so the final backing,
@@ -471,10 +470,7 @@ fn collapse_staged(
         }
         drop(collapsed);
     }
-    if !*r.units[job.unit as usize]
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-    {
+    if !*r.units[job.unit as usize].read_unpoisoned() {
         // Delta rounds while the guest runs.
         let mut prev = u64::MAX;
         loop {
@@ -518,7 +514,7 @@ fn collapse_staged(
 
     // Off the critical path: free the unit's staging.
     let t_free = Instant::now();
-    if let Some(st) = r.staging.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+    if let Some(st) = r.staging.read_unpoisoned().as_ref() {
         st.free_range(off, len)
             .map_err(err("punching the staging hole"))?;
     }
@@ -555,7 +551,7 @@ fn collapse_staged(
         "collapsed"
     );
     if r.units_done.load(std::sync::atomic::Ordering::Acquire) + 1 == r.tracker.units() {
-        let mut on = r.dirty_enabled.lock().unwrap_or_else(|p| p.into_inner());
+        let mut on = r.dirty_enabled.lock_unpoisoned();
         if *on {
             shared
                 .dirty
@@ -565,7 +561,7 @@ fn collapse_staged(
         }
         drop(on);
         // Closing the staging memfd and its alias.
-        r.staging.write().unwrap_or_else(|p| p.into_inner()).take();
+        r.staging.write_unpoisoned().take();
     }
     r.unit_settled();
     Ok(())
@@ -678,7 +674,7 @@ fn write_unit_lock(lock: &RwLock<bool>) -> (RwLockWriteGuard<'_, bool>, Instant)
             }
             Err(TryLockError::WouldBlock) => {
                 let t = Instant::now();
-                return (lock.write().unwrap_or_else(|p| p.into_inner()), t);
+                return (lock.write_unpoisoned(), t);
             }
         }
     }

@@ -9,6 +9,7 @@
 //! - [`Regions`] (region) the fixed regions; [`Supervisor`] (supervisor) stop, fatal error,
 //!   progress.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -330,7 +331,7 @@ impl PostcopyEngine {
             states.push(Region::new(region.clone(), plan.clone(), staging));
         }
 
-        *self.live.slot_gpa.lock().unwrap_or_else(|p| p.into_inner()) = states
+        *self.live.slot_gpa.lock_unpoisoned() = states
             .iter()
             .map(|r| (r.region.slot, r.region.gpa))
             .collect();

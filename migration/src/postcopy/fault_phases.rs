@@ -17,6 +17,7 @@
 //! Faults served locally, faults that joined another, and faults whose fetch failed (an
 //! outage) are not remote faults in this sense and are not recorded here.
 
+use crate::sync::MutexExt;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -168,7 +169,7 @@ impl FaultPhases {
     pub fn record(&self, stamps: &FaultStamps) {
         let ns = stamps.phases_ns();
         let total: u64 = ns.iter().sum();
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock_unpoisoned();
         let Some(inner) = g.as_mut() else { return };
         for (h, v) in inner.phases.iter_mut().zip(ns) {
             h.saturating_record(v.max(1));
@@ -182,7 +183,7 @@ impl FaultPhases {
     /// The distributions and the slowest faults: up to [`MAX_SLOW_FAULTS`] of the kept
     /// records whose total is above the p99 of all totals, slowest first.
     pub fn summary(&self) -> (FaultPhaseSummary, Vec<SlowFault>) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock_unpoisoned();
         let Some(inner) = g.as_ref() else {
             return Default::default();
         };

@@ -6,6 +6,7 @@
 //! The service holds only what it uses: the regions, the arrivals (and through them the
 //! installer), the page fetcher, the statistics and the supervisor.
 
+use crate::sync::{MutexExt, RwLockExt};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -155,7 +156,7 @@ pub(crate) fn spawn(
 }
 
 fn pop(queue: &Mutex<VecDeque<FaultJob>>) -> Option<FaultJob> {
-    queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    queue.lock_unpoisoned().pop_front()
 }
 
 fn worker(service: &FaultService, uffd: &Uffd, intake: &Intake) {
@@ -165,7 +166,7 @@ fn worker(service: &FaultService, uffd: &Uffd, intake: &Intake) {
             service.handle(&job);
             continue;
         }
-        let mut events = intake.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut events = intake.events.lock_unpoisoned();
         // Another reader may have queued faults while this worker waited for its turn.
         let job = match pop(&intake.queue) {
             Some(job) => Some(job),
@@ -252,10 +253,7 @@ fn read_faults(
                             if first.is_none() {
                                 first = Some(job);
                             } else {
-                                queue
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .push_back(job);
+                                queue.lock_unpoisoned().push_back(job);
                             }
                         }
                         None => {
@@ -299,8 +297,7 @@ impl Inflight<'_> {
         let joined = self
             .service
             .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .remove(&self.key)
             .unwrap_or_default();
         if !joined.is_empty() {
@@ -329,11 +326,7 @@ impl Inflight<'_> {
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.service
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.key);
+            self.service.inflight.lock_unpoisoned().remove(&self.key);
         }
     }
 }
@@ -355,7 +348,7 @@ impl FaultService {
     /// joins it and is woken by it: see [`Inflight::served`]).
     fn claim(&self, key: (usize, u64), job: &FaultJob) -> Option<Inflight<'_>> {
         let (read_at, vcpu) = (job.read_at, job.vcpu);
-        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.inflight.lock_unpoisoned();
         if let Some(joined) = map.get_mut(&key) {
             joined.push((read_at, vcpu));
             drop(map);
@@ -521,9 +514,7 @@ impl FaultService {
         let fetched =
             !r.tracker.arrived(page) && self.fetch(r, page, &mut buf, &mut outage, &mut times)?;
         let unit = r.tracker.unit_of(page);
-        let collapsed = r.units[unit as usize]
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let collapsed = r.units[unit as usize].read_unpoisoned();
         if *collapsed {
             // The huge mapping replaced the staging: never touch the freed staging again.
             self.installer.wake(addr, PAGE_SIZE as usize);
@@ -531,7 +522,7 @@ impl FaultService {
             claim.served(outage);
             return Ok(());
         }
-        let staging_guard = r.staging.read().unwrap_or_else(|p| p.into_inner());
+        let staging_guard = r.staging.read_unpoisoned();
         let Some(staging) = staging_guard.as_ref() else {
             self.installer.wake(addr, PAGE_SIZE as usize);
             drop(staging_guard);

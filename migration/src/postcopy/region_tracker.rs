@@ -4,6 +4,7 @@
 //! The arrival bit is the single source of truth for "this page must never be overwritten by a
 //! later copy": once it is set, the guest may have written the page.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::types::AtomicPageSet;
@@ -156,9 +157,7 @@ impl RegionTracker {
         let stripe = (page as usize) % PAGE_LOCK_STRIPES;
         // A poisoned stripe only means another thread panicked while holding it; the bitmap
         // state is atomic and stays consistent, so go on.
-        self.page_locks[stripe]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.page_locks[stripe].lock_unpoisoned()
     }
 
     /// Missing pages in `[first, end)`.

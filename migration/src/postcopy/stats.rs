@@ -1,5 +1,6 @@
 //! Counters and samples the postcopy engine records, and the snapshot it hands out.
 
+use crate::sync::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -270,7 +271,7 @@ impl StatsCollector {
         } else {
             &self.fault_latency
         };
-        log.lock().unwrap_or_else(|p| p.into_inner()).record(ns);
+        log.lock_unpoisoned().record(ns);
     }
 
     /// Record one collapse.
@@ -281,8 +282,7 @@ impl StatsCollector {
             live.collapses_done.fetch_add(1, Ordering::Relaxed);
             let base = live
                 .slot_gpa
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_unpoisoned()
                 .iter()
                 .find(|(s, _)| *s == record.slot)
                 .map(|(_, g)| *g);
@@ -295,16 +295,13 @@ impl StatsCollector {
                 });
             }
         }
-        self.collapses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(record);
+        self.collapses.lock_unpoisoned().push(record);
     }
 
     /// A snapshot.
     pub fn snapshot(&self) -> PostcopyStats {
         let (lat, lat_count, lat_p50, lat_p99, lat_max) = {
-            let log = self.fault_latency.lock().unwrap_or_else(|p| p.into_inner());
+            let log = self.fault_latency.lock_unpoisoned();
             (
                 log.samples.clone(),
                 log.count(),
@@ -313,11 +310,7 @@ impl StatsCollector {
                 log.max(),
             )
         };
-        let records = self
-            .collapses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let records = self.collapses.lock_unpoisoned().clone();
         let mut stalls: Vec<u64> = records
             .iter()
             .filter(|r| r.ok)
@@ -358,12 +351,7 @@ impl StatsCollector {
             fault_latency_p99_ns: lat_p99,
             fault_latency_max_ns: lat_max,
             fault_latency_ns: lat,
-            outage_fault_latency_ns: self
-                .outage_fault_latency
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .samples
-                .clone(),
+            outage_fault_latency_ns: self.outage_fault_latency.lock_unpoisoned().samples.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! timeout), the first fatal error (typed), and the progress condition `wait_complete` sleeps
 //! on (notified by every change that can complete the engine, so nobody polls).
 
+use crate::sync::{CondvarExt, MutexExt};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -77,7 +78,7 @@ impl Supervisor {
 
     /// The progress lock: check the condition under it, then [`Supervisor::wait`].
     pub fn lock(&self) -> MutexGuard<'_, ()> {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+        self.progress.lock_unpoisoned()
     }
 
     /// Sleep until the next progress notification, or `timeout` if given.
@@ -87,16 +88,8 @@ impl Supervisor {
         timeout: Option<Duration>,
     ) -> MutexGuard<'a, ()> {
         match timeout {
-            Some(t) => {
-                self.progress_cv
-                    .wait_timeout(guard, t)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => self
-                .progress_cv
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner()),
+            Some(t) => self.progress_cv.wait_timeout_unpoisoned(guard, t).0,
+            None => self.progress_cv.wait_unpoisoned(guard),
         }
     }
 

@@ -13,10 +13,11 @@
 //! frame layer reports it as an I/O error: a link failure, which postcopy recovers from over a
 //! fresh TLS session.
 
+use crate::sync::MutexExt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use rustls::AlertDescription;
 
@@ -39,10 +40,6 @@ const DIRECT_MIN: usize = 4 * MAX_RECORD;
 /// Most plaintext sealed by one write call (sixteen records). The outbox keeps its capacity
 /// between calls, so no record costs an allocation.
 const WRITE_CHUNK: usize = 256 << 10;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn stream_error(text: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, TlsStreamError(text))
@@ -121,7 +118,7 @@ impl Shared {
     /// Tell the peer why the connection ends (a fatal alert, best effort: at most one tick),
     /// and refuse further writes with `why`.
     fn fail(&self, description: u8, why: &str) {
-        let mut out = lock(&self.out);
+        let mut out = self.out.lock_unpoisoned();
         if out.failed.is_some() {
             return;
         }
@@ -257,7 +254,7 @@ impl TlsReader {
                     self.shared.client,
                 );
                 self.broken = Some(text.clone());
-                lock(&self.shared.out).failed = Some(text.clone());
+                self.shared.out.lock_unpoisoned().failed = Some(text.clone());
                 Err(stream_error(text))
             }
         }
@@ -389,11 +386,11 @@ pub struct TlsWriter {
 impl TlsWriter {
     /// Another handle on the socket it writes to.
     pub fn socket_handle(&self) -> io::Result<TcpStream> {
-        lock(&self.shared.out).sock.try_clone()
+        self.shared.out.lock_unpoisoned().sock.try_clone()
     }
 
     fn write_slices(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let mut out = lock(&self.shared.out);
+        let mut out = self.shared.out.lock_unpoisoned();
         if let Some(text) = &out.failed {
             return Err(stream_error(text.clone()));
         }
@@ -436,7 +433,7 @@ impl Write for &TlsWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let mut out = lock(&self.shared.out);
+        let mut out = self.shared.out.lock_unpoisoned();
         out.drain()?;
         out.accepted = 0;
         Ok(())

@@ -13,13 +13,11 @@
 //! Without `CAP_SYS_ADMIN`, or on a kernel without shmem THP, the file is a plain memfd
 //! (4 KiB folios, which `MADV_COLLAPSE` copies); [`Region::huge_folios`] says which.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 
-use kernel_abi::mount::{detached_mount, MountError};
-use nix::fcntl::{openat, OFlag};
+use kernel_abi::mount::{detached_mount, tmpfile, MountError};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use nix::sys::stat::Mode;
 
 use super::{map_file_region, Backing, MemoryError, Region};
 
@@ -46,17 +44,10 @@ fn huge_tmpfs() -> Result<&'static OwnedFd, &'static MountError> {
 pub(crate) fn create_file(size: usize) -> Result<(OwnedFd, bool), MemoryError> {
     let (fd, huge) = match huge_tmpfs() {
         // An unnamed file on the instance: gone when the last descriptor and mapping are.
-        Ok(mnt) => {
-            let raw = openat(
-                Some(mnt.as_raw_fd()),
-                ".",
-                OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
-                Mode::S_IRUSR | Mode::S_IWUSR,
-            )
-            .map_err(|e| MemoryError::HugeTmpfsFile { source: e.into() })?;
-            // SAFETY: openat just returned `raw` as a new descriptor that nothing else owns.
-            (unsafe { OwnedFd::from_raw_fd(raw) }, true)
-        }
+        Ok(mnt) => (
+            tmpfile(mnt).map_err(|source| MemoryError::HugeTmpfsFile { source })?,
+            true,
+        ),
         Err(_) => {
             let fd = memfd_create(c"vmm-guest-ram-shmem", MemFdCreateFlag::MFD_CLOEXEC).map_err(
                 |e| MemoryError::Memfd {

@@ -12,6 +12,7 @@ pub mod boot_regs;
 pub mod cpuid;
 pub mod state;
 
+use migration::sync::MutexExt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -203,7 +204,7 @@ struct Finished<'a>(&'a Shared);
 
 impl Drop for Finished<'_> {
     fn drop(&mut self) {
-        let mut c = self.0.ctl.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.0.ctl.lock_unpoisoned();
         c.finished = true;
         c.parked = true;
         drop(c);
