@@ -317,6 +317,10 @@ const THREADS: &[(i64, &str)] = &[(libc::SYS_prctl, "prctl"), (libc::SYS_seccomp
 const CHANNEL_IO: &[(i64, &str)] = &[
     (libc::SYS_poll, "poll"),
     (libc::SYS_ppoll, "ppoll"),
+    // The fault workers wait on an epoll instance made for them before they start.
+    (libc::SYS_epoll_wait, "epoll_wait"),
+    (libc::SYS_epoll_pwait, "epoll_pwait"),
+    (libc::SYS_epoll_pwait2, "epoll_pwait2"),
     (libc::SYS_sendto, "sendto"),
     (libc::SYS_recvfrom, "recvfrom"),
     (libc::SYS_sendmsg, "sendmsg"),
@@ -386,9 +390,6 @@ const PROCESS: &[(i64, &str)] = &[
     (libc::SYS_eventfd2, "eventfd2"),
     (libc::SYS_epoll_create1, "epoll_create1"),
     (libc::SYS_epoll_ctl, "epoll_ctl"),
-    (libc::SYS_epoll_wait, "epoll_wait"),
-    (libc::SYS_epoll_pwait, "epoll_pwait"),
-    (libc::SYS_epoll_pwait2, "epoll_pwait2"),
     (libc::SYS_timerfd_create, "timerfd_create"),
     (libc::SYS_timerfd_settime, "timerfd_settime"),
     (libc::SYS_select, "select"),

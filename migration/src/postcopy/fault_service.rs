@@ -1,19 +1,20 @@
-//! The userfaultfd fault service: a small pool of workers; a free worker reads fault events
-//! (poll on the O_NONBLOCK uffd and the supervisor's stop eventfd) and serves the fault it
-//! read itself (fetch over the urgent channel, store the page through the [`Arrivals`], map it
+//! The userfaultfd fault service: a small pool of workers; the kernel wakes one idle worker
+//! per fault (each waits on an epoll of its own holding the O_NONBLOCK uffd as an exclusive
+//! waiter, and the supervisor's stop eventfd), which reads the event and serves the fault
+//! itself (fetch over the urgent channel, store the page through the [`Arrivals`], map it
 //! through the [`Installer`]). It keeps serving while a collapse has the vCPUs paused.
 //!
 //! The service holds only what it uses: the regions, the arrivals (and through them the
 //! installer), the page fetcher, the statistics and the supervisor.
 
 use crate::sync::{MutexExt, RwLockExt};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
 use super::arrival::Arrivals;
@@ -107,44 +108,69 @@ impl FaultService {
     }
 }
 
-/// Where the workers take faults from: the userfaultfd itself (one worker at a time reads it:
-/// whoever holds `events`) and the faults read beyond the first (`queue`).
-struct Intake {
-    events: Mutex<EventBuffer>,
-    queue: Mutex<VecDeque<FaultJob>>,
+/// One worker's wait for faults: an epoll instance of its own holding the userfaultfd
+/// (`EPOLLEXCLUSIVE`) and the supervisor's stop eventfd. Every idle worker waits on its own
+/// instance, and the kernel wakes exactly one of them per fault (the faulting thread's
+/// `wake_up_poll` on the userfaultfd stops at the first exclusive waiter); that worker reads
+/// the event and serves it. No worker wakes another: a leader handing the reader's place on
+/// to a follower cost a wake-up per fault, which on two cores preempted the worker that was
+/// about to serve it (measured: docs/measuring.md, *One wake-up per fault*).
+struct FaultWait {
+    epoll: Epoll,
 }
 
-/// Start `workers` serving threads. There is no separate reader: a worker that is free takes
-/// the reader's place (leader/follower), and the worker that reads a fault serves it, so a
-/// fault costs no hand-off between threads; faults read beyond the first are queued for the
-/// other workers, which look at the queue before they read.
+/// What a worker's epoll reports.
+const UFFD_TOKEN: u64 = 0;
+const STOP_TOKEN: u64 = 1;
+
+impl FaultWait {
+    fn new(uffd: &Uffd, sup: &Supervisor) -> Result<Self, PostcopyError> {
+        let epoll_err = |source: nix::errno::Errno| PostcopyError::FaultService {
+            what: "setting up a fault worker's epoll",
+            source: source.into(),
+        };
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(epoll_err)?;
+        epoll
+            .add(
+                std::os::fd::AsFd::as_fd(uffd),
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, UFFD_TOKEN),
+            )
+            .map_err(epoll_err)?;
+        epoll
+            .add(
+                sup.stop_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, STOP_TOKEN),
+            )
+            .map_err(epoll_err)?;
+        Ok(FaultWait { epoll })
+    }
+}
+
 /// The name of fault worker `i`.
 pub(crate) fn worker_name(i: usize) -> String {
     format!("postcopy-fault-{i}")
 }
 
+/// Start `workers` serving threads. There is no separate reader: each idle worker waits on
+/// the userfaultfd (see [`FaultWait`]), and the worker woken for a fault reads it and serves
+/// it, so a fault costs no hand-off between threads.
 pub(crate) fn spawn(
     service: &Arc<FaultService>,
     uffd: &Arc<Uffd>,
     workers: usize,
     parked: &mut Parked,
 ) -> Result<Vec<JoinHandle<()>>, PostcopyError> {
-    const EVENTS: usize = 64;
-    let intake = Arc::new(Intake {
-        events: Mutex::new(EventBuffer::new(EVENTS)),
-        queue: Mutex::new(VecDeque::with_capacity(EVENTS)),
-    });
     let mut threads = Vec::new();
     for i in 0..workers.max(1) {
         let s = Arc::clone(service);
         let u = Arc::clone(uffd);
-        let intake = Arc::clone(&intake);
+        let wait = FaultWait::new(uffd, &service.sup)?;
         threads.push(
             parked
                 .launch(
                     &worker_name(i),
                     ThreadKind::FaultService,
-                    Box::new(move || worker(&s, &u, &intake)),
+                    Box::new(move || worker(&s, &u, &wait)),
                 )
                 .map_err(|source| PostcopyError::Spawn {
                     what: "fault worker",
@@ -155,73 +181,57 @@ pub(crate) fn spawn(
     Ok(threads)
 }
 
-fn pop(queue: &Mutex<VecDeque<FaultJob>>) -> Option<FaultJob> {
-    queue.lock_unpoisoned().pop_front()
-}
-
-fn worker(service: &FaultService, uffd: &Uffd, intake: &Intake) {
+fn worker(service: &FaultService, uffd: &Uffd, wait: &FaultWait) {
     let _priority = thread_priority::enter(ThreadRole::Urgent);
-    loop {
-        if let Some(job) = pop(&intake.queue) {
-            service.handle(&job);
-            continue;
-        }
-        let mut events = intake.events.lock_unpoisoned();
-        // Another reader may have queued faults while this worker waited for its turn.
-        let job = match pop(&intake.queue) {
-            Some(job) => Some(job),
-            None => read_faults(service, uffd, &mut events, &intake.queue),
-        };
-        drop(events);
-        match job {
-            Some(job) => service.handle(&job),
-            None => return, // stopping, or the userfaultfd failed (reported)
-        }
+    // One event per read: the worker serves what it reads, and a fault left in the queue
+    // wakes (or is found by) another worker.
+    let mut buf = EventBuffer::new(1);
+    while let Some(job) = next_fault(service, uffd, wait, &mut buf) {
+        service.handle(&job);
     }
 }
 
-/// Wait for fault events (poll on the userfaultfd and the stop eventfd) and read them: the
-/// first fault is returned, the others queued. None when stopping or on a fatal error.
-fn read_faults(
+/// Wait for a fault event (on the worker's epoll: the userfaultfd and the stop eventfd) and
+/// read it. None when stopping or on a fatal error (reported).
+fn next_fault(
     service: &FaultService,
     uffd: &Uffd,
+    wait: &FaultWait,
     buf: &mut EventBuffer,
-    queue: &Mutex<VecDeque<FaultJob>>,
 ) -> Option<FaultJob> {
     let sup = &service.sup;
+    let mut ready = [EpollEvent::empty(); 2];
     while !sup.stopping() {
-        let mut fds = [
-            PollFd::new(std::os::fd::AsFd::as_fd(uffd), PollFlags::POLLIN),
-            PollFd::new(sup.stop_fd(), PollFlags::POLLIN),
-        ];
-        let polled = poll(&mut fds, PollTimeout::NONE);
+        let waited = wait.epoll.wait(&mut ready, EpollTimeout::NONE);
         let woke = Instant::now();
-        match polled {
-            Ok(_) => {}
+        let n = match waited {
+            Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 sup.fail(PostcopyError::FaultService {
-                    what: "poll on the userfaultfd",
+                    what: "epoll_wait on the userfaultfd",
                     source: e.into(),
                 });
                 return None;
             }
-        }
+        };
         if sup.stopping() {
             return None;
         }
-        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
-        if revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+        let Some(uffd_ready) = ready[..n].iter().find(|e| e.data() == UFFD_TOKEN) else {
+            continue;
+        };
+        let flags = uffd_ready.events();
+        if flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
             sup.fail(PostcopyError::UffdHangup);
             return None;
         }
-        if !revents.contains(PollFlags::POLLIN) {
+        if !flags.contains(EpollFlags::EPOLLIN) {
             continue;
         }
         let events = match uffd.read_events(buf) {
             Ok(ev) => ev,
-            // Another worker cannot have read them (one reader at a time), but a spurious
-            // wake-up is harmless.
+            // Another worker read it first (its epoll was ready too): wait again.
             Err(userfaultfd::Error::SystemError(nix_errno)) if nix_errno as i32 == libc::EAGAIN => {
                 continue
             }
@@ -231,7 +241,6 @@ fn read_faults(
             }
         };
         let read_at = Instant::now();
-        let mut first = None;
         for ev in events {
             match ev {
                 Ok(Event::Pagefault {
@@ -243,18 +252,13 @@ fn read_faults(
                             service.accept();
                             // UFFD_FEATURE_THREAD_ID: the faulting thread; a vCPU's blocks.
                             let vcpu = service.stats.live.fault_read(thread_id.as_raw(), read_at);
-                            let job = FaultJob {
+                            return Some(FaultJob {
                                 region,
                                 addr,
                                 woke,
                                 read_at,
                                 vcpu,
-                            };
-                            if first.is_none() {
-                                first = Some(job);
-                            } else {
-                                queue.lock_unpoisoned().push_back(job);
-                            }
+                            });
                         }
                         None => {
                             tracing::warn!("userfault at {addr:#x} outside every postcopy region")
@@ -264,9 +268,6 @@ fn read_faults(
                 Ok(other) => tracing::debug!("ignoring userfaultfd event {other:?}"),
                 Err(e) => tracing::warn!("bad userfaultfd event: {e}"),
             }
-        }
-        if first.is_some() {
-            return first;
         }
     }
     None
