@@ -10,7 +10,7 @@
 //!
 //! Module map (each module uses only the ones listed after it):
 //! - `engine`: the public object; plans, prepares and wires the parts below;
-//! - `fault_service`: the uffd reader and the workers serving faults;
+//! - `fault_service`: the fault workers (each waits for, reads and serves its own faults);
 //! - `collapse` (+ `native`): finishing complete units, on the collapse thread;
 //! - `arrival`: storing arrived pages, unit completion messages;
 //! - `installer`: every userfaultfd ioctl and what its errors mean, per serve mode;
