@@ -14,12 +14,22 @@ use vmm::seccomp::{self, Mode, Role, VIOLATION_EXIT};
 /// Set in the child process this test binary starts: which mode and role it filters with.
 const CHILD_ENV: &str = "VMM_SECCOMP_TEST_CHILD";
 
+/// The file the child opens when asked to open one instead of a socket.
+const CHILD_OPENS: &str = "/proc/self/status";
+
 /// In the child: set seccomp up as `vmm run` does, then in a thread narrowed to `role`, open a
-/// TCP socket (no role but main and api may) and exit 0 if that returned.
-fn child(mode: Mode, role: Role) -> ! {
+/// TCP socket (no role but main and api may), or with `open_file` the file [`CHILD_OPENS`],
+/// and exit 0 if that returned.
+fn child(mode: Mode, role: Role, open_file: bool) -> ! {
     seccomp::init(mode).expect("seccomp init");
     let t = std::thread::spawn(move || {
         seccomp::enter(role).expect("entering the role");
+        if open_file {
+            return match std::fs::File::open(CHILD_OPENS) {
+                Ok(_) => 0,
+                Err(_) => -1,
+            };
+        }
         // SAFETY: socket has no memory arguments; the descriptor is closed below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         if fd >= 0 {
@@ -55,6 +65,10 @@ fn child_process() {
     };
     let (mode, role) = spec.split_once(':').expect("mode:role");
     let mode: Mode = mode.parse().expect("mode");
+    let (role, open_file) = match role.strip_suffix("+open") {
+        Some(r) => (r, true),
+        None => (role, false),
+    };
     let role = match role {
         "vcpu" => Role::Vcpu,
         "fault-service" => Role::FaultService,
@@ -62,7 +76,7 @@ fn child_process() {
         "api" => Role::Api,
         other => panic!("role {other}"),
     };
-    child(mode, role);
+    child(mode, role, open_file);
 }
 
 #[test]
@@ -77,6 +91,23 @@ fn a_forbidden_system_call_stops_the_process_and_names_the_thread_role_and_call(
             "{role}: {err}"
         );
     }
+}
+
+#[test]
+fn the_report_names_the_path_and_where_the_call_came_from() {
+    let (code, err) = run_child("on", "vcpu+open");
+    assert_eq!(code, Some(VIOLATION_EXIT), "{err}");
+    assert!(
+        err.contains(&format!("system call {} (openat)", libc::SYS_openat)),
+        "{err}"
+    );
+    assert!(err.contains(&format!("path \"{CHILD_OPENS}\"")), "{err}");
+    // The call is in the C library's open wrapper, and the stack holds this test binary's
+    // std::fs::File::open caller: both named as object+offset.
+    assert!(err.contains("called at libc.so.6+0x"), "{err}");
+    let exe = std::env::current_exe().expect("test binary");
+    let exe = exe.file_name().and_then(|n| n.to_str()).expect("test binary name");
+    assert!(err.contains(&format!(" {exe}+0x")), "{err}");
 }
 
 #[test]

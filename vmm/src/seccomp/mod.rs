@@ -20,6 +20,8 @@
 //! `vfork`, `execve`), and `clone3`, whose flags live in memory a filter cannot read: it fails
 //! with ENOSYS, and the C library falls back to `clone`, whose flags are checked.
 
+mod sigsys;
+
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -165,7 +167,7 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
         return Ok(());
     }
     if mode == Mode::Trap {
-        install_sigsys_handler()?;
+        sigsys::install()?;
     }
     migration::thread_hook::set(migration_thread_started);
     apply(Role::Main, mode)?;
@@ -553,119 +555,6 @@ pub fn syscall_name(nr: i64) -> Option<&'static str> {
         })
 }
 
-// ---------------------------------------------------------------------------------------------
-// The SIGSYS report.
-
-fn install_sigsys_handler() -> Result<(), SeccompError> {
-    // SAFETY: a zeroed sigaction is valid; the handler is an extern "C" fn of the SA_SIGINFO
-    // signature that only calls async-signal-safe functions (write, _exit).
-    let rc = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = sigsys_handler as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(SeccompError::Handler(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// A fixed buffer a signal handler can format into without allocating.
-struct Line {
-    buf: [u8; 320],
-    len: usize,
-}
-
-impl Line {
-    fn push(&mut self, s: &[u8]) {
-        for &b in s {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = b;
-                self.len += 1;
-            }
-        }
-    }
-
-    fn num(&mut self, mut v: u64, base: u64) {
-        let mut digits = [0u8; 20];
-        let mut n = 0;
-        loop {
-            digits[n] = b"0123456789abcdef"[(v % base) as usize];
-            n += 1;
-            v /= base;
-            if v == 0 || n == digits.len() {
-                break;
-            }
-        }
-        while n > 0 {
-            n -= 1;
-            self.push(&[digits[n]]);
-        }
-    }
-}
-
-/// Offset of `si_syscall` in a SIGSYS siginfo on x86_64 (signo, errno, code, padding, then
-/// `_sigsys { void *_call_addr; int _syscall; unsigned _arch; }`).
-const SI_SYSCALL_OFFSET: usize = 24;
-
-extern "C" fn sigsys_handler(
-    _sig: libc::c_int,
-    info: *mut libc::siginfo_t,
-    ctx: *mut libc::c_void,
-) {
-    // SAFETY: the kernel passes a valid siginfo of a SIGSYS (SA_SIGINFO), whose `si_syscall`
-    // int lies at SI_SYSCALL_OFFSET inside the 128-byte siginfo.
-    let nr = unsafe {
-        (info as *const u8)
-            .add(SI_SYSCALL_OFFSET)
-            .cast::<i32>()
-            .read_unaligned()
-    };
-    // SAFETY: with SA_SIGINFO the third argument is the interrupted thread's ucontext; the
-    // first two syscall arguments are in rdi and rsi.
-    let (arg0, arg1) = unsafe {
-        let uc = &*(ctx as *const libc::ucontext_t);
-        (
-            uc.uc_mcontext.gregs[libc::REG_RDI as usize] as u64,
-            uc.uc_mcontext.gregs[libc::REG_RSI as usize] as u64,
-        )
-    };
-    let role = Role::from_code(THREAD_ROLE.with(|r| r.get()));
-    let mut l = Line {
-        buf: [0; 320],
-        len: 0,
-    };
-    l.push(b"vmm: error: seccomp: the ");
-    // A thread that has not narrowed its filter yet runs under its spawner's.
-    l.push(role.map_or("new", |r| r.as_str()).as_bytes());
-    l.push(b" thread (tid ");
-    // gettid is async-signal-safe (a bare system call) and every role allows it.
-    l.num(nix::unistd::gettid().as_raw() as u64, 10);
-    l.push(b") made system call ");
-    l.num(nr as u64, 10);
-    if let Some(name) = syscall_name(nr as i64) {
-        l.push(b" (");
-        l.push(name.as_bytes());
-        l.push(b")");
-    }
-    if nr as i64 == libc::SYS_ioctl {
-        l.push(b" request 0x");
-        l.num(arg1 & 0xffff_ffff, 16);
-    } else if nr as i64 == libc::SYS_clone {
-        l.push(b" flags 0x");
-        l.num(arg0, 16);
-    }
-    l.push(b", which its filter forbids; stopping the VMM (`--seccomp log` lets it through and the kernel logs it)\n");
-    // SAFETY: write and _exit are async-signal-safe and allowed in every role; the buffer lives
-    // on this stack.
-    unsafe {
-        libc::write(2, l.buf.as_ptr().cast(), l.len);
-        libc::_exit(VIOLATION_EXIT);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -739,19 +628,5 @@ mod tests {
             "maybe".parse::<Mode>(),
             Err(SeccompError::UnknownMode(_))
         ));
-    }
-
-    #[test]
-    fn the_report_formats_numbers() {
-        let mut l = Line {
-            buf: [0; 320],
-            len: 0,
-        };
-        l.num(41, 10);
-        l.push(b" ");
-        l.num(0xae80, 16);
-        l.push(b" ");
-        l.num(0, 10);
-        assert_eq!(&l.buf[..l.len], b"41 ae80 0");
     }
 }
