@@ -106,7 +106,10 @@ fn the_report_names_the_path_and_where_the_call_came_from() {
     // std::fs::File::open caller: both named as object+offset.
     assert!(err.contains("called at libc.so.6+0x"), "{err}");
     let exe = std::env::current_exe().expect("test binary");
-    let exe = exe.file_name().and_then(|n| n.to_str()).expect("test binary name");
+    let exe = exe
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("test binary name");
     assert!(err.contains(&format!(" {exe}+0x")), "{err}");
 }
 

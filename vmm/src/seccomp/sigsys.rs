@@ -272,7 +272,11 @@ extern "C" fn sigsys_handler(
                 if b == 0 {
                     break;
                 }
-                let shown = if b.is_ascii_graphic() || b == b' ' { b } else { b'?' };
+                let shown = if b.is_ascii_graphic() || b == b' ' {
+                    b
+                } else {
+                    b'?'
+                };
                 d.push(&[shown]);
             }
             d.push(b"\", ");
