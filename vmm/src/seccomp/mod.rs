@@ -143,6 +143,8 @@ pub enum SeccompError {
     },
     #[error("installing the SIGSYS handler: {0}")]
     Handler(#[source] std::io::Error),
+    #[error("setting malloc's trim threshold (so no thread's free opens a file) failed")]
+    Malloc,
     #[error("seccomp was already set up in this process")]
     AlreadyInitialized,
 }
@@ -169,8 +171,26 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
     if mode == Mode::Trap {
         sigsys::install()?;
     }
+    keep_thread_heaps_from_shrinking()?;
     migration::thread_hook::set(migration_thread_started);
     apply(Role::Main, mode)?;
+    Ok(())
+}
+
+/// glibc's malloc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks the heap of a
+/// thread's arena (`shrink_heap` in malloc/arena.c), on whichever thread frees enough to make
+/// the heap's top reach the trim threshold: a vCPU, fault-service or migration thread, whose
+/// filter forbids opening files, so the VMM stopped on an `openat` of that file about once in
+/// 60 migrations (a vCPU thread ending after its VM migrated away). A thread heap is at most
+/// 64 MiB (HEAP_MAX_SIZE), so with the trim threshold at that size its top never reaches it and
+/// no thread opens the file; freed memory above the main arena's top is trimmed past 64 MiB
+/// instead of 128 KiB, which guest RAM (mapped apart from malloc) does not feel.
+fn keep_thread_heaps_from_shrinking() -> Result<(), SeccompError> {
+    const THREAD_HEAP_MAX: libc::c_int = 64 << 20;
+    // SAFETY: mallopt only sets a malloc parameter; M_TRIM_THRESHOLD takes any int.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, THREAD_HEAP_MAX) } != 1 {
+        return Err(SeccompError::Malloc);
+    }
     Ok(())
 }
 
