@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use crate::auth::Secret;
 use crate::live_stats::{EngineLive, ReceiveMonitor};
-use crate::liveness::Heartbeat;
+use crate::liveness::{Heartbeat, SharedWriter};
 use crate::stats::ReceiveSummary;
 use crate::thread_priority::{self, PriorityGuard, ThreadRole};
 use crate::transport::{Acceptor, Channel, LiveChannel, Timeouts, TransportError};
 use crate::types::{ChannelDown, HookError, Mode, PageFetcher, PageSet, RamLayout, PAGE_SIZE};
-use crate::urgent_client::UrgentClient;
+use crate::urgent_client::{Unwatched, UrgentClient};
 use crate::wire::{
     self, check_run, DoneStats, ErrorCode, Kind, Message, MigrationConfig, WireError, MAX_RUN_PAGES,
 };
@@ -553,12 +553,16 @@ impl Receiver<'_> {
                 }
             }
             Message::Switchover { nonce } => {
-                self.go_live(main, None)?;
+                let writers = self.go_live(main, None)?;
+                self.start_heartbeat(writers)?;
                 self.switchover(vm, main, nonce)?;
             }
             Message::PostcopyStart { nonce } => {
-                self.go_live(main, urgent.as_mut())?;
-                self.postcopy_start(vm, main, urgent, nonce)?;
+                let writers = self.go_live(main, urgent.as_mut())?;
+                let watch = self.postcopy_start(vm, main, urgent, nonce)?;
+                // The threads start once Started is on its way, outside the blackout.
+                self.start_heartbeat(writers)?;
+                watch.watch().map_err(DestinationError::Thread)?;
             }
             other => {
                 return Err(wire::unexpected(
@@ -623,13 +627,13 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    /// The switchover frame arrived: from now on both sides send heartbeats and a silent link
-    /// is a dead one.
+    /// The switchover frame arrived: from now on a silent link is a dead one, and both sides
+    /// send heartbeats (on the writers returned, once [`Receiver::start_heartbeat`] starts them).
     fn go_live(
         &mut self,
         main: &mut LiveChannel,
         urgent: Option<&mut LiveChannel>,
-    ) -> Result<(), DestinationError> {
+    ) -> Result<Vec<SharedWriter>, DestinationError> {
         if self.live {
             return Err(protocol("a second switchover frame"));
         }
@@ -640,6 +644,11 @@ impl Receiver<'_> {
             u.set_liveness(self.timeouts.liveness);
             writers.push(u.writer.clone());
         }
+        Ok(writers)
+    }
+
+    /// Heartbeats on `writers` from now on.
+    fn start_heartbeat(&mut self, writers: Vec<SharedWriter>) -> Result<(), DestinationError> {
         self.heartbeat = Some(
             Heartbeat::start(writers, self.timeouts.heartbeat).map_err(DestinationError::Thread)?,
         );
@@ -803,7 +812,7 @@ impl Receiver<'_> {
         main: &mut LiveChannel,
         urgent: &mut Option<LiveChannel>,
         nonce: u64,
-    ) -> Result<(), DestinationError> {
+    ) -> Result<Unwatched, DestinationError> {
         if self.postcopy.is_some() || self.config.mode == Mode::Precopy {
             return Err(protocol(
                 "PostcopyStart in a precopy migration or sent twice",
@@ -815,8 +824,8 @@ impl Receiver<'_> {
         let t = Instant::now();
         self.take_state()?;
         let client = UrgentClient::new(self.layout().clone(), self.timeouts.io);
-        client
-            .attach(channel, main.stream_handle().ok())
+        let watch = client
+            .attach_unwatched(channel, main.stream_handle().ok())
             .map_err(DestinationError::Thread)?;
         self.monitor.attach_urgent(client.clone());
         let fetcher: Arc<dyn PageFetcher> = client.clone();
@@ -845,7 +854,7 @@ impl Receiver<'_> {
         self.monitor.vm_started(true);
         self.start_ms = t.elapsed().as_secs_f64() * 1000.0;
         main.send(&Message::Started { nonce }, "sending Started")?;
-        Ok(())
+        Ok(watch)
     }
 
     fn finish_postcopy(&mut self, main: &mut LiveChannel) -> Result<(), DestinationError> {

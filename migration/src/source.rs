@@ -1278,8 +1278,6 @@ impl Handover<'_> {
         if !precopy {
             writers.push(urgent_writer.clone());
         }
-        let _heartbeat =
-            Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(thread_err("heartbeat"))?;
         let send = |msg: &Message<'_>, during| -> Result<(), WireError> {
             let mut w = main_writer.lock_unpoisoned();
             let before = w.bytes_written();
@@ -1314,6 +1312,9 @@ impl Handover<'_> {
                 )?;
             }
         }
+        // Started after the switchover frame, so that the blackout does not wait for it.
+        let _heartbeat =
+            Heartbeat::start(writers, opts.timeouts.heartbeat).map_err(thread_err("heartbeat"))?;
         // The urgent server must run before the destination's vCPUs do.
         let push = PushState {
             sent: AtomicPageSet::from_set(held),

@@ -104,6 +104,34 @@ enum ReadEnd {
     Channel,
 }
 
+/// A stretch attached by [`UrgentClient::attach_unwatched`] whose watcher thread has not
+/// started yet.
+#[must_use = "without its watcher, a channel no fetch reads is not watched for failure"]
+pub struct Unwatched {
+    client: Arc<UrgentClient>,
+    epoch: u64,
+}
+
+impl Unwatched {
+    /// Starts the stretch's watcher thread (none once the client was closed or attached anew).
+    pub fn watch(self) -> std::io::Result<()> {
+        let Unwatched { client, epoch } = self;
+        if !client.current(epoch) {
+            return Ok(());
+        }
+        let watcher = Arc::clone(&client);
+        let handle = std::thread::Builder::new()
+            .name("mig-urgent-rx".into())
+            .spawn(move || {
+                crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
+                let _priority = thread_priority::enter(ThreadRole::Urgent);
+                watcher.watch(epoch)
+            })?;
+        client.watchers.lock_unpoisoned().push(handle);
+        Ok(())
+    }
+}
+
 /// The destination's end of the urgent channel (see the module docs).
 pub struct UrgentClient {
     link: Mutex<Option<UrgentLink>>,
@@ -156,6 +184,18 @@ impl UrgentClient {
         channel: LiveChannel,
         main: Option<TcpStream>,
     ) -> std::io::Result<()> {
+        self.attach_unwatched(channel, main)?.watch()
+    }
+
+    /// [`UrgentClient::attach`] without the watcher thread yet: fetches work at once, each
+    /// reading its own reply, and [`Unwatched::watch`] starts the thread that reads the
+    /// channel while no fetch does. The switchover uses it so that the blackout does not wait
+    /// for a thread to start.
+    pub fn attach_unwatched(
+        self: &Arc<Self>,
+        channel: LiveChannel,
+        main: Option<TcpStream>,
+    ) -> std::io::Result<Unwatched> {
         let stream = channel.stream_handle().map_err(std::io::Error::other)?;
         let LiveChannel { reader, writer, .. } = channel;
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
@@ -166,20 +206,14 @@ impl UrgentClient {
             main,
             epoch,
         });
-        let client = Arc::clone(self);
-        let handle = std::thread::Builder::new()
-            .name("mig-urgent-rx".into())
-            .spawn(move || {
-                crate::thread_hook::started(crate::thread_hook::ThreadKind::Channel);
-                let _priority = thread_priority::enter(ThreadRole::Urgent);
-                client.watch(epoch)
-            })?;
-        self.watchers.lock_unpoisoned().push(handle);
         if !self.closed.load(Ordering::Acquire) {
             self.pending.lock_unpoisoned().down = None;
             self.up.notify_all();
         }
-        Ok(())
+        Ok(Unwatched {
+            client: Arc::clone(self),
+            epoch,
+        })
     }
 
     /// The link failed: fail every outstanding fetch (the fault service retries them) and
