@@ -106,6 +106,9 @@ pub struct MigrationControl {
     remaining_pages: AtomicU64,
     /// Cancel asked (checked by the send loop; set only before the point of no return).
     cancel: AtomicBool,
+    /// Why the VM stopped, when it stopped on its own before the switchover (set with
+    /// `cancel`, see [`MigrationControl::vm_stopped`]).
+    vm_stopped: Mutex<Option<String>>,
 }
 
 impl MigrationControl {
@@ -172,6 +175,23 @@ impl MigrationControl {
         Ok(())
     }
 
+    /// The VM stopped on its own (`why`: the guest exited, crashed or reset): there is nothing
+    /// left to hand over. Before the point of no return the migration then ends as a cancel
+    /// would (within milliseconds, telling the destination), with [`SourceError::VmStopped`];
+    /// after it, this is refused like a cancel (the VM was paused then and cannot stop).
+    pub fn vm_stopped(&self, why: String) -> Result<(), CancelError> {
+        let p = self.phases.lock_unpoisoned();
+        if p.status == MigrationStatus::None || p.status.is_terminal() {
+            return Err(CancelError::NotRunning);
+        }
+        if p.committed {
+            return Err(CancelError::PastSwitchover);
+        }
+        *self.vm_stopped.lock_unpoisoned() = Some(why);
+        self.cancel.store(true, Ordering::Release);
+        Ok(())
+    }
+
     fn begin(&self, total_pages: u64) {
         let mut p = self.phases.lock_unpoisoned();
         p.begin(MigrationStatus::Setup);
@@ -179,6 +199,7 @@ impl MigrationControl {
         drop(p);
         self.counters.reset();
         self.cancel.store(false, Ordering::Release);
+        *self.vm_stopped.lock_unpoisoned() = None;
         self.remaining_pages.store(total_pages, Ordering::Relaxed);
     }
 
@@ -199,6 +220,9 @@ impl MigrationControl {
 /// A cancel or the overall timeout: the error to abort with.
 fn check_abort(control: &MigrationControl, deadline: Option<Instant>) -> Result<(), SourceError> {
     if control.cancel.load(Ordering::Acquire) {
+        if let Some(why) = control.vm_stopped.lock_unpoisoned().clone() {
+            return Err(SourceError::VmStopped(why));
+        }
         return Err(SourceError::Cancelled);
     }
     if let Some(d) = deadline {
@@ -356,6 +380,10 @@ pub enum SourceError {
     /// [`MigrationControl::cancel`] before the switchover: the VM runs on here.
     #[error("the migration was cancelled; the VM runs on here")]
     Cancelled,
+    /// The VM stopped on its own before the switchover ([`MigrationControl::vm_stopped`]):
+    /// nothing was handed over.
+    #[error("the VM stopped during the migration ({0}); nothing was handed over")]
+    VmStopped(String),
     /// [`MigrateOptions::timeout`] passed before the switchover: the VM runs on here.
     #[error("the migration did not reach the switchover within its overall timeout; the VM runs on here")]
     Timeout,

@@ -213,6 +213,18 @@ impl VmController {
         MigrationInfo::default()
     }
 
+    /// The VM stopped on its own (the guest exited, crashed or reset): ends an outgoing
+    /// migration still before its switchover at once, saying so (see
+    /// `migration::source::MigrationControl::vm_stopped`). Nothing to do otherwise.
+    pub fn vm_stopped(&self, why: &str) {
+        let control = self.outgoing.lock_unpoisoned().clone();
+        if let Some(control) = control {
+            if control.vm_stopped(why.to_string()).is_ok() {
+                tracing::warn!("the VM stopped ({why}) during its migration: the migration ends");
+            }
+        }
+    }
+
     /// The outgoing migration's phase, if one runs.
     pub fn outgoing_phase(&self) -> Option<Phase> {
         self.outgoing

@@ -156,6 +156,14 @@ pub fn run_until_stopped(
     api: Option<ApiServer>,
 ) -> Result<RunOutcome, LaunchError> {
     let outcome = wait(vm);
+    if matches!(
+        outcome,
+        Ok(RunOutcome::GuestExit(_)) | Err(LaunchError::GuestReset | LaunchError::GuestCrashed(_))
+    ) {
+        // An outgoing migration has nothing left to hand over: it ends now, and its reply (the
+        // API drains replies in flight below) says why.
+        ctl.vm_stopped(&vm.stopped_because());
+    }
     if let Ok(RunOutcome::Signalled(sig)) = &outcome {
         if matches!(
             ctl.outgoing_phase(),

@@ -49,6 +49,9 @@ pub enum VmError {
     Serial(#[from] crate::devices::serial::SerialRestoreError),
     #[error("the {what} lock is poisoned (a thread panicked holding it)")]
     Poisoned { what: &'static str },
+    /// Its vCPUs are gone: the guest exited, crashed or reset, or the VMM stopped it.
+    #[error("the VM is not running: {0}")]
+    NotRunning(String),
 }
 
 /// VM-wide device state: what lives in KVM (PIC, IOAPIC, PIT, kvmclock), the UART, and every
@@ -228,9 +231,29 @@ impl Vm {
         self.stop.clone()
     }
 
-    /// Pauses every vCPU (returns when none is in the guest).
+    /// Why the VM stopped, in words ("the guest exited (code 0)"), or that its vCPUs did.
+    pub fn stopped_because(&self) -> String {
+        match self.stop.reason() {
+            Some(StopReason::GuestExit(code)) => format!("the guest exited (code {code})"),
+            Some(StopReason::Reset) => "the guest reset".into(),
+            Some(StopReason::Crash(c)) => format!("it crashed ({c})"),
+            Some(StopReason::Stopped) => "the VMM stopped it".into(),
+            None => "its vCPUs have stopped".into(),
+        }
+    }
+
+    /// The error for a VM whose vCPU threads are gone (shut down after a stop).
+    fn not_running(&self) -> VmError {
+        VmError::NotRunning(self.stopped_because())
+    }
+
+    /// Pauses every vCPU (returns when none is in the guest). Fails once the vCPUs are gone
+    /// (a VM that stopped has nothing to pause, and no state to hand over).
     pub fn pause(&self) -> Result<(), VmError> {
         let handles = self.vcpus();
+        if handles.len() != usize::from(self.vcpu_count) {
+            return Err(self.not_running());
+        }
         // Kick every vCPU first, then wait: they leave the guest in parallel.
         for v in handles.iter() {
             v.request_pause()?;
@@ -271,6 +294,9 @@ impl Vm {
             Ok(c)
         };
         let handles = self.vcpus();
+        if handles.len() != usize::from(self.vcpu_count) {
+            return Err(self.not_running());
+        }
         let mut vcpus = Vec::with_capacity(handles.len());
         for v in handles.iter() {
             let idx = v.index();

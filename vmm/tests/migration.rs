@@ -908,3 +908,51 @@ fn non_loopback_addresses_need_a_secret() {
     assert!(r.3 < Duration::from_secs(3), "took {:?}", r.3);
     assert_source_still_runs(src);
 }
+
+/// A guest that exits while its precopy runs (rounds capped at 16 MB/s, so the first takes
+/// seconds) leaves nothing to hand over: the migration ends at once, and `vmm migrate` says the
+/// guest exited (it used to see the API connection close, or a state without vCPUs sent for the
+/// destination to refuse); the destination gives up without starting a VM.
+#[test]
+fn a_guest_that_exits_during_precopy_fails_the_migration_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let port = free_port();
+    let mut dst = start_destination("anon", "4k", port, &[]);
+    // About 40 passes of 30 ms: the guest ends a second or so into the migration.
+    let mut src = start_source("anon", "128M", 1, 40, &sock);
+    let r = migrate(
+        &sock,
+        &format!("127.0.0.1:{port}"),
+        "precopy",
+        &["--max-bandwidth", "16M"],
+    );
+    assert!(
+        src.stdout().contains("WORKLOAD RESULT status=ok"),
+        "the guest did not finish during the migration (the test needs it to)\n{}",
+        src.describe()
+    );
+    assert_migrate_failed(
+        &r,
+        &["the vm stopped during the migration (the guest exited (code 0))"],
+    );
+    assert!(
+        r.3 < Duration::from_secs(6),
+        "the migration ran on for {:?} after the guest exited (128 MiB at 16 MB/s takes 8 s)",
+        r.3
+    );
+    assert!(
+        !r.2.contains("vCPUs, this VM"),
+        "a state without vCPUs was sent:\n{}",
+        r.2
+    );
+    let status = src.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", src.describe());
+    let status = dst.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", dst.describe());
+    assert!(
+        !dst.stderr().contains("VM started"),
+        "the destination started a VM\n{}",
+        dst.describe()
+    );
+}
