@@ -164,15 +164,7 @@ impl MigrationControl {
     /// channel is up, and leaves the VM running here. After it the destination runs the VM
     /// (or may), and cancel is refused.
     pub fn cancel(&self) -> Result<(), CancelError> {
-        let p = self.phases.lock_unpoisoned();
-        if p.status == MigrationStatus::None || p.status.is_terminal() {
-            return Err(CancelError::NotRunning);
-        }
-        if p.committed {
-            return Err(CancelError::PastSwitchover);
-        }
-        self.cancel.store(true, Ordering::Release);
-        Ok(())
+        self.end_before_switchover(None)
     }
 
     /// The VM stopped on its own (`why`: the guest exited, crashed or reset): there is nothing
@@ -180,6 +172,12 @@ impl MigrationControl {
     /// would (within milliseconds, telling the destination), with [`SourceError::VmStopped`];
     /// after it, this is refused like a cancel (the VM was paused then and cannot stop).
     pub fn vm_stopped(&self, why: String) -> Result<(), CancelError> {
+        self.end_before_switchover(Some(why))
+    }
+
+    /// Ends the migration at its next check, unless it is not running or past its point of no
+    /// return; `vm_stopped` says why, if the VM stopped.
+    fn end_before_switchover(&self, vm_stopped: Option<String>) -> Result<(), CancelError> {
         let p = self.phases.lock_unpoisoned();
         if p.status == MigrationStatus::None || p.status.is_terminal() {
             return Err(CancelError::NotRunning);
@@ -187,7 +185,9 @@ impl MigrationControl {
         if p.committed {
             return Err(CancelError::PastSwitchover);
         }
-        *self.vm_stopped.lock_unpoisoned() = Some(why);
+        if vm_stopped.is_some() {
+            *self.vm_stopped.lock_unpoisoned() = vm_stopped;
+        }
         self.cancel.store(true, Ordering::Release);
         Ok(())
     }
