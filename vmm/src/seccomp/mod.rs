@@ -143,8 +143,8 @@ pub enum SeccompError {
     },
     #[error("installing the SIGSYS handler: {0}")]
     Handler(#[source] std::io::Error),
-    #[error("setting malloc's trim threshold (so no thread's free opens a file) failed")]
-    Malloc,
+    #[error("setting malloc's {what} (so that malloc opens no file on a filtered thread) failed")]
+    Malloc { what: &'static str },
     #[error("seccomp was already set up in this process")]
     AlreadyInitialized,
 }
@@ -171,25 +171,36 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
     if mode == Mode::Trap {
         sigsys::install()?;
     }
-    keep_thread_heaps_from_shrinking()?;
+    settle_malloc()?;
     migration::thread_hook::set(migration_thread_started);
     apply(Role::Main, mode)?;
     Ok(())
 }
 
-/// glibc's malloc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks the heap of a
-/// thread's arena (`shrink_heap` in malloc/arena.c), on whichever thread frees enough to make
-/// the heap's top reach the trim threshold: a vCPU, fault-service or migration thread, whose
-/// filter forbids opening files, so the VMM stopped on an `openat` of that file about once in
-/// 60 migrations (a vCPU thread ending after its VM migrated away). A thread heap is at most
-/// 64 MiB (HEAP_MAX_SIZE), so with the trim threshold at that size its top never reaches it and
-/// no thread opens the file; freed memory above the main arena's top is trimmed past 64 MiB
-/// instead of 128 KiB, which guest RAM (mapped apart from malloc) does not feel.
-fn keep_thread_heaps_from_shrinking() -> Result<(), SeccompError> {
+/// glibc's malloc reads two files lazily, on whichever thread first needs them, and a filtered
+/// thread may not open files: both stopped migrated VMs now and then. This settles both in
+/// the main thread before any filter is installed:
+/// - `/proc/sys/vm/overcommit_memory`, read the first time it shrinks the heap of a thread's
+///   arena (`shrink_heap` in malloc/arena.c): a vCPU thread ending after its VM migrated away,
+///   about once in 60 migrations. A thread heap is at most 64 MiB (HEAP_MAX_SIZE), so with the
+///   trim threshold at that size its top never reaches it and no heap shrinks; freed memory at
+///   the main arena's top is trimmed past 64 MiB instead of 128 KiB, which guest RAM (mapped
+///   apart from malloc) does not feel.
+/// - `/sys/devices/system/cpu/online`, read to size the arena limit (8 per CPU) once more than
+///   8 arenas exist (`arena_get2`): a heartbeat thread started after the vCPUs and fault
+///   workers ran, before it narrowed its filter. With the limit set here, glibc never reads it.
+fn settle_malloc() -> Result<(), SeccompError> {
     const THREAD_HEAP_MAX: libc::c_int = 64 << 20;
-    // SAFETY: mallopt only sets a malloc parameter; M_TRIM_THRESHOLD takes any int.
-    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, THREAD_HEAP_MAX) } != 1 {
-        return Err(SeccompError::Malloc);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    for (param, value, what) in [
+        (libc::M_TRIM_THRESHOLD, THREAD_HEAP_MAX, "trim threshold"),
+        (libc::M_ARENA_MAX, arenas, "arena limit"),
+    ] {
+        // SAFETY: mallopt only sets a malloc parameter; both take any positive int.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            return Err(SeccompError::Malloc { what });
+        }
     }
     Ok(())
 }
