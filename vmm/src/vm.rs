@@ -242,18 +242,20 @@ impl Vm {
         }
     }
 
-    /// The error for a VM whose vCPU threads are gone (shut down after a stop).
-    fn not_running(&self) -> VmError {
-        VmError::NotRunning(self.stopped_because())
+    /// The vCPU handles, all of them, or the error for a VM whose vCPU threads are gone (shut
+    /// down after a stop).
+    fn running_vcpus(&self) -> Result<MutexGuard<'_, Vec<VcpuHandle>>, VmError> {
+        let handles = self.vcpus();
+        if handles.len() != usize::from(self.vcpu_count) {
+            return Err(VmError::NotRunning(self.stopped_because()));
+        }
+        Ok(handles)
     }
 
     /// Pauses every vCPU (returns when none is in the guest). Fails once the vCPUs are gone
     /// (a VM that stopped has nothing to pause, and no state to hand over).
     pub fn pause(&self) -> Result<(), VmError> {
-        let handles = self.vcpus();
-        if handles.len() != usize::from(self.vcpu_count) {
-            return Err(self.not_running());
-        }
+        let handles = self.running_vcpus()?;
         // Kick every vCPU first, then wait: they leave the guest in parallel.
         for v in handles.iter() {
             v.request_pause()?;
@@ -293,10 +295,7 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("KVM_GET_IRQCHIP", e))?;
             Ok(c)
         };
-        let handles = self.vcpus();
-        if handles.len() != usize::from(self.vcpu_count) {
-            return Err(self.not_running());
-        }
+        let handles = self.running_vcpus()?;
         let mut vcpus = Vec::with_capacity(handles.len());
         for v in handles.iter() {
             let idx = v.index();
