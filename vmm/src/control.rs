@@ -45,6 +45,9 @@ pub type MigrateCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 pub struct MigrateFailure {
     pub error: MigrateCause,
     pub after: AfterFailure,
+    /// The VM's own state ended the migration (its guest exited, reset or crashed), not the
+    /// migration machinery: answered as a conflict (409), not a failure (500).
+    pub vm_stopped: bool,
 }
 
 /// What a `vm.send-migration` request asks for, checked.
@@ -484,7 +487,11 @@ impl VmControl for VmController {
                     }
                     AfterFailure::Unknown => self.outcome_unknown.store(true, Ordering::SeqCst),
                 }
-                Err(ControlError::Failed(e.error.to_string()))
+                if e.vm_stopped {
+                    Err(ControlError::Conflict(e.error.to_string()))
+                } else {
+                    Err(ControlError::Failed(e.error.to_string()))
+                }
             }
         };
         self.outgoing.lock_unpoisoned().take();

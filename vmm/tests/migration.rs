@@ -936,6 +936,12 @@ fn a_guest_that_exits_during_precopy_fails_the_migration_and_says_why() {
         &r,
         &["the vm stopped during the migration (the guest exited (code 0))"],
     );
+    // The VM's state, not the migration, ended it: a conflict, not a server failure.
+    assert!(
+        r.2.contains("(HTTP 409)"),
+        "a stopped VM's migration should be refused as a conflict:\n{}",
+        r.2
+    );
     assert!(
         r.3 < Duration::from_secs(6),
         "the migration ran on for {:?} after the guest exited (128 MiB at 16 MB/s takes 8 s)",

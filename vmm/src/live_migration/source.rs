@@ -109,6 +109,7 @@ impl MigrateHandler for Migrator {
         let fail = |e: MigrateError| MigrateFailure {
             error: Arc::new(e),
             after: AfterFailure::Resumed,
+            vm_stopped: false,
         };
         let to = &req.to;
         let mode = req.mode;
@@ -164,6 +165,7 @@ impl MigrateHandler for Migrator {
             Ok(summary) => Ok(serde_json::to_value(summary)
                 .unwrap_or_else(|e| serde_json::json!({ "summary_error": e.to_string() }))),
             Err(e) => Err(MigrateFailure {
+                vm_stopped: matches!(e, source::SourceError::VmStopped(_)),
                 after: if e.destination_started() {
                     AfterFailure::Lost
                 } else if e.keeps_paused() {
