@@ -253,10 +253,35 @@ impl HostMemory {
     }
 }
 
+/// A sweep point whose source and destination guest RAM, with [`HEADROOM_MIB`], do not fit in
+/// the host's memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "needs {want_mib} MiB ({guest_mib} MiB guest RAM on the source and as much on the \
+     destination{pooled}, plus {headroom} MiB headroom) but the host has {available_mib} MiB \
+     available (MemAvailable)",
+    headroom = HEADROOM_MIB,
+    pooled = if *pooled_mib > 0 {
+        format!(", less {pooled_mib} MiB already free in the huge page pool")
+    } else {
+        String::new()
+    }
+)]
+pub struct DoesNotFit {
+    /// What the point needs from available memory, headroom included.
+    pub want_mib: u64,
+    /// Guest RAM of one side.
+    pub guest_mib: u64,
+    /// Free huge pages already in the pool that count against the need.
+    pub pooled_mib: u64,
+    /// `MemAvailable`.
+    pub available_mib: u64,
+}
+
 /// Whether scenario `s` (source + destination guest RAM, plus [`HEADROOM_MIB`]) fits in
 /// `host`: free huge pages already in the pool count for a hugetlb backing, the rest must
-/// come from available memory. The reason it does not, if it does not.
-pub fn fits_in(s: &Scenario, host: &HostMemory) -> Result<(), String> {
+/// come from available memory.
+pub fn fits_in(s: &Scenario, host: &HostMemory) -> Result<(), DoesNotFit> {
     let need_kb = 2 * (s.memory_mib << 10);
     let pooled_kb = crate::scenario::huge_kib(s.backing).map_or(0, |kib| {
         host.huge_free
@@ -269,26 +294,17 @@ pub fn fits_in(s: &Scenario, host: &HostMemory) -> Result<(), String> {
     if want <= host.available_kb {
         return Ok(());
     }
-    Err(format!(
-        "needs {} MiB ({} MiB guest RAM on the source and as much on the destination{}, plus \
-         {HEADROOM_MIB} MiB headroom) but the host has {} MiB available (MemAvailable)",
-        want >> 10,
-        s.memory_mib,
-        if pooled_kb > 0 {
-            format!(
-                ", less {} MiB already free in the huge page pool",
-                pooled_kb >> 10
-            )
-        } else {
-            String::new()
-        },
-        host.available_kb >> 10
-    ))
+    Err(DoesNotFit {
+        want_mib: want >> 10,
+        guest_mib: s.memory_mib,
+        pooled_mib: pooled_kb >> 10,
+        available_mib: host.available_kb >> 10,
+    })
 }
 
 /// [`fits_in`] the host's memory now (a host whose memory cannot be read is let through: the
 /// VMMs will say what fails).
-pub fn check_fits(s: &Scenario) -> Result<(), String> {
+pub fn check_fits(s: &Scenario) -> Result<(), DoesNotFit> {
     match HostMemory::read() {
         Some(host) => fits_in(s, &host),
         None => Ok(()),
@@ -297,7 +313,7 @@ pub fn check_fits(s: &Scenario) -> Result<(), String> {
 
 /// Splits `points` into those that fit the host's memory now and those that do not (with the
 /// reason).
-pub fn split_fitting(points: Vec<Scenario>) -> (Vec<Scenario>, Vec<(Scenario, String)>) {
+pub fn split_fitting(points: Vec<Scenario>) -> (Vec<Scenario>, Vec<(Scenario, DoesNotFit)>) {
     let host = HostMemory::read();
     let mut fit = Vec::new();
     let mut skipped = Vec::new();
@@ -904,7 +920,7 @@ mod tests {
             huge_free: [(2048, 0), (1 << 20, 0)],
         };
         assert_eq!(fits_in(&pts[0], &host), Ok(()));
-        let why = fits_in(&pts[1], &host).unwrap_err();
+        let why = fits_in(&pts[1], &host).unwrap_err().to_string();
         assert!(
             why.contains("needs 18432 MiB") && why.contains("12288 MiB available"),
             "{why}"
