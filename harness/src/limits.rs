@@ -91,6 +91,8 @@ pub enum LimitError {
     },
     #[error("the userfaultfd server thread panicked")]
     ServerPanicked,
+    #[error("{0} panicked")]
+    Thread(&'static str),
     #[error("UFFDIO_CONTINUE at {page:#x} failed: {source}")]
     Continue {
         page: usize,
@@ -469,13 +471,24 @@ fn stream_for(
     mode: u8,
     len: usize,
 ) -> Result<f64, LimitError> {
+    let t0 = Instant::now();
+    stream_while(addr, &|| t0.elapsed() < duration, mode, len)
+}
+
+/// As [`stream_for`], for as long as `go` says.
+fn stream_while(
+    addr: SocketAddr,
+    go: &dyn Fn() -> bool,
+    mode: u8,
+    len: usize,
+) -> Result<f64, LimitError> {
     let mut s = connect(addr)?;
     let net = |what: &'static str| move |source| LimitError::Net { what, addr, source };
     s.write_all(&[mode]).map_err(net("sending the mode"))?;
     let buf = vec![0x3cu8; len];
     let t0 = Instant::now();
     let mut off = 0;
-    while t0.elapsed() < duration {
+    while go() {
         s.write_all(&buf[off..off + CHUNK])
             .map_err(net("bulk sending"))?;
         off = (off + CHUNK) % len;
@@ -541,6 +554,35 @@ pub fn tcp_throughput_loaded(
     tcp_throughput(addr, duration)
 }
 
+/// (b') The round trip of [`tcp_round_trip`] on a link that is busy the way a postcopy's is:
+/// a raw bulk stream ([`tcp_throughput`]'s 1 MiB writes) runs on a second connection to the
+/// same server, and `vcpus` threads spin ([`Spinners`]). The request and the reply then wait
+/// for CPUs behind the bulk stream's system calls, as a fault's do behind the push: the limit
+/// of the fault tail on this link. Returns the round trips and the bulk stream's Gbit/s.
+pub fn tcp_round_trip_beside_bulk(
+    addr: SocketAddr,
+    samples: usize,
+    vcpus: u32,
+) -> Result<(LatencyHistogram, f64), LimitError> {
+    let _spin = Spinners::start(vcpus)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk = {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("bulk-beside-rtt".into())
+            .spawn(move || stream_while(addr, &|| !stop.load(Ordering::Relaxed), MODE_SINK, CHUNK))
+            .map_err(os("spawning the bulk stream thread"))?
+    };
+    // Let the stream reach its rate before the first sample.
+    std::thread::sleep(Duration::from_millis(50));
+    let rtt = tcp_round_trip(addr, samples);
+    stop.store(true, Ordering::Relaxed);
+    let gbps = bulk
+        .join()
+        .map_err(|_| LimitError::Thread("the bulk stream beside the round trips"))??;
+    Ok((rtt?, gbps))
+}
+
 /// (c'') Raw TCP from memory to memory: as (c'), with `vcpus` spinning threads beside the
 /// sender, but each side streams through a pre-touched [`MEMORY_LIMIT_BYTES`] buffer instead
 /// of one cache-hot 1 MiB buffer, so every byte is read from and written to RAM, as a
@@ -559,6 +601,8 @@ pub fn tcp_throughput_memory(
 #[derive(Clone, Debug)]
 pub struct LinkLimits {
     pub tcp_rtt: LatencyHistogram,
+    /// (b') the same round trip beside a bulk stream and the spinning threads.
+    pub tcp_rtt_loaded: LatencyHistogram,
     pub throughput_gbps: f64,
     /// (c') with `vcpus` spinning threads beside the sender.
     pub loaded_throughput_gbps: f64,
@@ -576,6 +620,7 @@ pub fn measure_link(
 ) -> Result<LinkLimits, LimitError> {
     Ok(LinkLimits {
         tcp_rtt: tcp_round_trip(addr, rtt_samples)?,
+        tcp_rtt_loaded: tcp_round_trip_beside_bulk(addr, rtt_samples, vcpus)?.0,
         throughput_gbps: tcp_throughput(addr, throughput_for)?,
         loaded_throughput_gbps: tcp_throughput_loaded(addr, throughput_for, vcpus)?,
         memory_throughput_gbps: tcp_throughput_memory(addr, throughput_for, vcpus)?,
@@ -734,6 +779,7 @@ mod tests {
         let server = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
         let l = measure_link(server.addr(), 200, Duration::from_millis(300), 1).unwrap();
         assert_eq!(l.tcp_rtt.len(), 200);
+        assert_eq!(l.tcp_rtt_loaded.len(), 200);
         assert!(Percentiles::us(&l.tcp_rtt).p50 > 0.0);
         assert!(l.throughput_gbps > 0.05, "{} Gbit/s", l.throughput_gbps);
         assert!(

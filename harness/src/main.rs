@@ -297,6 +297,12 @@ fn main() -> Result<()> {
             print_p("4 KiB TCP round trip (us)", &Percentiles::us(&link.tcp_rtt));
             let limit = histogram::convolve(&uffd, &link.tcp_rtt)?;
             print_p("limit = uffd + TCP (us)", &Percentiles::us(&limit));
+            print_p(
+                "TCP RTT beside bulk (us)",
+                &Percentiles::us(&link.tcp_rtt_loaded),
+            );
+            let loaded = histogram::convolve(&uffd, &link.tcp_rtt_loaded)?;
+            print_p("loaded limit (us)", &Percentiles::us(&loaded));
             println!(
                 "raw TCP throughput           {:.2} Gbit/s",
                 link.throughput_gbps

@@ -34,6 +34,10 @@ pub mod kind {
     pub const VCPU_UFFD_VMM: &str = "vcpu_uffd_vmm";
     /// Raw 4 KiB request/reply round trip on the link.
     pub const TCP_RTT: &str = "tcp_rtt";
+    /// [`TCP_RTT`] beside a raw bulk stream and spinning threads.
+    pub const TCP_RTT_LOADED: &str = "tcp_rtt_loaded";
+    /// [`LIMIT`]'s userfault round trip convolved with [`TCP_RTT_LOADED`].
+    pub const LOADED_LIMIT: &str = "loaded_limit";
     /// Collapse vCPU stalls.
     pub const COLLAPSE_STALL: &str = "collapse_stall";
     /// Guest first-touch latency before migration (source side).
@@ -129,6 +133,16 @@ pub struct ScenarioResult {
     /// vCPU fault costs more than a thread's), us.
     #[serde(default)]
     pub thread_limit_us: Percentiles,
+    /// The 4 KiB TCP round trip of `tcp_rtt_us`, measured while a raw bulk stream runs on the
+    /// same link and one thread per vCPU spins, us: what the CPUs and the kernel add to a
+    /// round trip when a push is in flight.
+    #[serde(default)]
+    pub tcp_rtt_loaded_us: Percentiles,
+    /// The loaded limit, us: the same userfault round trip as `limit_us` convolved with
+    /// `tcp_rtt_loaded_us` instead of `tcp_rtt_us`. Information beside the limit (the targets
+    /// stay against `limit_us`): how much of a fault tail the platform itself makes.
+    #[serde(default)]
+    pub loaded_limit_us: Percentiles,
     /// Raw vCPU userfault round trip with the page local, as the guest saw it (its first store
     /// to each page; `vmm fault-limit`), us.
     #[serde(default)]
@@ -531,6 +545,8 @@ impl ScenarioResult {
             tcp_rtt_us: Percentiles::default(),
             limit_basis: String::new(),
             thread_limit_us: Percentiles::default(),
+            tcp_rtt_loaded_us: Percentiles::default(),
+            loaded_limit_us: Percentiles::default(),
             vcpu_uffd_rtt_us: Percentiles::default(),
             vcpu_uffd_vmm_us: Percentiles::default(),
             vcpu_uffd_backing: None,
@@ -712,6 +728,12 @@ pub fn summarize_from_histograms(dir: &Path, r: &mut ScenarioResult) -> Result<(
     }
     if let Some(h) = load_histogram(dir, r, kind::THREAD_LIMIT)? {
         r.thread_limit_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::TCP_RTT_LOADED)? {
+        r.tcp_rtt_loaded_us = Percentiles::us(&h);
+    }
+    if let Some(h) = load_histogram(dir, r, kind::LOADED_LIMIT)? {
+        r.loaded_limit_us = Percentiles::us(&h);
     }
     if let Some(h) = load_histogram(dir, r, kind::VCPU_UFFD)? {
         r.vcpu_uffd_rtt_us = Percentiles::us(&h);

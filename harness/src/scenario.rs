@@ -1045,6 +1045,15 @@ pub(crate) fn record_limits(
     results::save_histogram(dir, r, kind::UFFD, uffd)?;
     results::save_histogram(dir, r, kind::TCP_RTT, &env.limits.tcp_rtt)?;
     results::save_histogram(dir, r, kind::THREAD_LIMIT, &thread_limit)?;
+    r.tcp_rtt_loaded_us = Percentiles::us(&env.limits.tcp_rtt_loaded);
+    results::save_histogram(dir, r, kind::TCP_RTT_LOADED, &env.limits.tcp_rtt_loaded)?;
+    let fault_rtt = match vcpu {
+        Ok(v) => &v.guest,
+        Err(_) => uffd,
+    };
+    let loaded_limit = histogram::convolve(fault_rtt, &env.limits.tcp_rtt_loaded)?;
+    r.loaded_limit_us = Percentiles::us(&loaded_limit);
+    results::save_histogram(dir, r, kind::LOADED_LIMIT, &loaded_limit)?;
     let limit = match vcpu {
         Ok(v) => {
             r.limit_basis = "vcpu".into();

@@ -141,6 +141,25 @@ fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// What a failed scenario's processes printed: the last lines of each of its `raw/*.err`
+/// files, so that a failure in CI says why without the run directory.
+fn failure_detail(out: &Path, scenario: &str) -> String {
+    let mut detail = String::new();
+    for part in ["migrate", "src", "dst"] {
+        let path = out.join("raw").join(format!("{scenario}.{part}.err"));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(15)..];
+        detail.push_str(&format!(
+            "\n--- {part} stderr (last lines) ---\n{}",
+            tail.join("\n")
+        ));
+    }
+    detail
+}
+
 #[test]
 fn quick_scenario_writes_every_field() {
     let out = tempfile::tempdir().unwrap();
@@ -152,7 +171,13 @@ fn quick_scenario_writes_every_field() {
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
-    assert_eq!(s["status"], "ok", "scenario failed: {}", s["error"]);
+    assert_eq!(
+        s["status"],
+        "ok",
+        "scenario failed: {}{}",
+        s["error"],
+        failure_detail(out.path(), s["name"].as_str().unwrap_or_default())
+    );
     assert_eq!(s["name"], scenario);
     assert_eq!(s["backing"], "guest-memfd");
     assert_eq!(s["granularity"], "4k");
@@ -185,6 +210,8 @@ fn quick_scenario_writes_every_field() {
         "thread_limit_us",
         "vcpu_uffd_rtt_us",
         "vcpu_uffd_vmm_us",
+        "tcp_rtt_loaded_us",
+        "loaded_limit_us",
     ] {
         for p in PERCENTILES {
             let v = number(&s[field][p], &format!("{field}.{p}"));
@@ -198,6 +225,9 @@ fn quick_scenario_writes_every_field() {
     assert!(p50("limit_us") >= p50("vcpu_uffd_rtt_us"));
     assert!(p50("limit_us") >= p50("tcp_rtt_us"));
     assert!(p50("thread_limit_us") >= p50("uffd_rtt_us"));
+    // The loaded limit is the same vCPU round trip plus the round trip beside a bulk stream.
+    assert!(p50("loaded_limit_us") >= p50("vcpu_uffd_rtt_us"));
+    assert!(p50("loaded_limit_us") >= p50("tcp_rtt_loaded_us"));
     assert!(out.path().join("raw/fault-limit-shmem.json").is_file());
     for field in [
         "blackout_ms",
@@ -299,6 +329,10 @@ fn quick_scenario_writes_every_field() {
     assert!(md.contains("thread limit p50") && md.contains("vCPU uffd p50 guest / VMM"));
     assert!(md.contains("- vCPU userfault round trip on shmem"));
     assert!(md.contains("## Guest stalls (us)") && md.contains("| raw loaded TCP Gbit/s |"));
+    assert!(
+        md.contains("## Faults against a busy link (us)"),
+        "no loaded-limit section in the report"
+    );
     assert!(md.contains("of raw loaded TCP (loopback)"));
     assert!(res["host_checks"].is_object());
     let plots = std::fs::read_dir(out.path().join("plots")).unwrap().count();
@@ -316,7 +350,13 @@ fn reset_scenario_recovers_and_keeps_outage_faults_apart() {
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
-    assert_eq!(s["status"], "ok", "scenario failed: {}", s["error"]);
+    assert_eq!(
+        s["status"],
+        "ok",
+        "scenario failed: {}{}",
+        s["error"],
+        failure_detail(out.path(), s["name"].as_str().unwrap_or_default())
+    );
     assert_eq!(s["name"], scenario);
     assert_eq!(s["link"], "loopback-reset1");
     assert!(s["link_fault"].as_str().unwrap().contains("reset"));
@@ -376,7 +416,13 @@ fn qemu_scenario_writes_the_same_fields_and_names_the_peer() {
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
-    assert_eq!(s["status"], "ok", "scenario failed: {}", s["error"]);
+    assert_eq!(
+        s["status"],
+        "ok",
+        "scenario failed: {}{}",
+        s["error"],
+        failure_detail(out.path(), s["name"].as_str().unwrap_or_default())
+    );
     assert_eq!(s["name"], scenario);
     assert_eq!(s["backing"], "shmem");
     assert_eq!(s["strategy"], "qemu");
