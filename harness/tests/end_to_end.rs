@@ -160,6 +160,17 @@ fn failure_detail(out: &Path, scenario: &str) -> String {
     detail
 }
 
+/// Fails with the scenario's error and its processes' stderr unless it ran.
+fn assert_scenario_ok(s: &serde_json::Value, out: &Path) {
+    assert_eq!(
+        s["status"],
+        "ok",
+        "scenario failed: {}{}",
+        s["error"],
+        failure_detail(out, s["name"].as_str().unwrap_or_default())
+    );
+}
+
 #[test]
 fn quick_scenario_writes_every_field() {
     let out = tempfile::tempdir().unwrap();
@@ -171,13 +182,7 @@ fn quick_scenario_writes_every_field() {
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
-    assert_eq!(
-        s["status"],
-        "ok",
-        "scenario failed: {}{}",
-        s["error"],
-        failure_detail(out.path(), s["name"].as_str().unwrap_or_default())
-    );
+    assert_scenario_ok(s, out.path());
     assert_eq!(s["name"], scenario);
     assert_eq!(s["backing"], "guest-memfd");
     assert_eq!(s["granularity"], "4k");
@@ -350,13 +355,7 @@ fn reset_scenario_recovers_and_keeps_outage_faults_apart() {
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
-    assert_eq!(
-        s["status"],
-        "ok",
-        "scenario failed: {}{}",
-        s["error"],
-        failure_detail(out.path(), s["name"].as_str().unwrap_or_default())
-    );
+    assert_scenario_ok(s, out.path());
     assert_eq!(s["name"], scenario);
     assert_eq!(s["link"], "loopback-reset1");
     assert!(s["link_fault"].as_str().unwrap().contains("reset"));
@@ -416,13 +415,7 @@ fn qemu_scenario_writes_the_same_fields_and_names_the_peer() {
     let scenarios = res["scenarios"].as_array().unwrap();
     assert_eq!(scenarios.len(), 1);
     let s = &scenarios[0];
-    assert_eq!(
-        s["status"],
-        "ok",
-        "scenario failed: {}{}",
-        s["error"],
-        failure_detail(out.path(), s["name"].as_str().unwrap_or_default())
-    );
+    assert_scenario_ok(s, out.path());
     assert_eq!(s["name"], scenario);
     assert_eq!(s["backing"], "shmem");
     assert_eq!(s["strategy"], "qemu");
