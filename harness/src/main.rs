@@ -79,8 +79,9 @@ enum Cmd {
         #[arg(long, default_value = harness::sweep::DEFAULT_VCPUS, requires = "sweep")]
         sweep_vcpus: String,
     },
-    /// Measure and print the limits (userfault round trip, loopback TCP round trip and
-    /// throughput; with --rate-mbit, over a namespace pair with that cap).
+    /// Measure and print the limits (userfault round trip, loopback TCP round trip, alone and
+    /// beside a bulk stream, and throughput; with --rate-mbit, over a namespace pair with that
+    /// cap).
     Limits {
         #[arg(long, default_value_t = 20_000)]
         samples: usize,
