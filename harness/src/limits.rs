@@ -558,12 +558,12 @@ pub fn tcp_throughput_loaded(
 /// a raw bulk stream ([`tcp_throughput`]'s 1 MiB writes) runs on a second connection to the
 /// same server, and `vcpus` threads spin ([`Spinners`]). The request and the reply then wait
 /// for CPUs behind the bulk stream's system calls, as a fault's do behind the push: the limit
-/// of the fault tail on this link. Returns the round trips and the bulk stream's Gbit/s.
+/// of the fault tail on this link.
 pub fn tcp_round_trip_beside_bulk(
     addr: SocketAddr,
     samples: usize,
     vcpus: u32,
-) -> Result<(LatencyHistogram, f64), LimitError> {
+) -> Result<LatencyHistogram, LimitError> {
     let _spin = Spinners::start(vcpus)?;
     let stop = Arc::new(AtomicBool::new(false));
     let bulk = {
@@ -577,10 +577,9 @@ pub fn tcp_round_trip_beside_bulk(
     std::thread::sleep(Duration::from_millis(50));
     let rtt = tcp_round_trip(addr, samples);
     stop.store(true, Ordering::Relaxed);
-    let gbps = bulk
-        .join()
+    bulk.join()
         .map_err(|_| LimitError::Thread("the bulk stream beside the round trips"))??;
-    Ok((rtt?, gbps))
+    rtt
 }
 
 /// (c'') Raw TCP from memory to memory: as (c'), with `vcpus` spinning threads beside the
@@ -620,7 +619,7 @@ pub fn measure_link(
 ) -> Result<LinkLimits, LimitError> {
     Ok(LinkLimits {
         tcp_rtt: tcp_round_trip(addr, rtt_samples)?,
-        tcp_rtt_loaded: tcp_round_trip_beside_bulk(addr, rtt_samples, vcpus)?.0,
+        tcp_rtt_loaded: tcp_round_trip_beside_bulk(addr, rtt_samples, vcpus)?,
         throughput_gbps: tcp_throughput(addr, throughput_for)?,
         loaded_throughput_gbps: tcp_throughput_loaded(addr, throughput_for, vcpus)?,
         memory_throughput_gbps: tcp_throughput_memory(addr, throughput_for, vcpus)?,
