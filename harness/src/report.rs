@@ -584,7 +584,6 @@ fn recovery_section(md: &mut String, r: &Results) {
     }
 }
 
-/// Says what the limit column is made of, with the vCPU round trip(s) of this run.
 /// The guest's faults against the loaded limit: the same userfault round trip with the TCP
 /// round trip measured beside a raw bulk stream and spinning threads (information; the targets
 /// stay against the limit).
@@ -635,6 +634,7 @@ fn loaded_limit_section(md: &mut String, r: &Results) {
     }
 }
 
+/// Says what the limit column is made of, with the vCPU round trip(s) of this run.
 fn limit_explanation(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
