@@ -241,9 +241,19 @@ fn main() -> Result<()> {
                 .iter()
                 .filter(|s| s.status == results::Status::Failed)
                 .count();
+            let skipped = res
+                .scenarios
+                .iter()
+                .filter(|s| s.status == results::Status::Skipped)
+                .count();
             println!(
-                "{} scenarios, {failed} failed; report: {}",
+                "{} scenarios, {failed} failed{}; report: {}",
                 res.scenarios.len(),
+                if skipped > 0 {
+                    format!(", {skipped} not run on this host (report.md says why)")
+                } else {
+                    String::new()
+                },
                 path.display()
             );
         }

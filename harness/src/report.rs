@@ -558,6 +558,7 @@ fn recovery_section(md: &mut String, r: &Results) {
             (_, Some(0)) => "**fault never fired**",
             (Status::Ok, _) => "ok",
             (Status::Failed, _) => "**failed**",
+            (Status::Skipped, _) => "not run",
         };
         let _ = writeln!(
             md,
@@ -849,13 +850,23 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Postcopy latency report\n");
     let ok = ok_scenarios(r).count();
+    let skipped = r
+        .scenarios
+        .iter()
+        .filter(|s| s.status == Status::Skipped)
+        .count();
     let _ = writeln!(
         md,
-        "{} scenarios ({} ok, {} failed){}. Latencies in microseconds; every figure is shown next \
-         to its limit measured in the same run on the same link (see docs/measuring.md).\n",
+        "{} scenarios ({} ok, {} failed{}){}. Latencies in microseconds; every figure is shown \
+         next to its limit measured in the same run on the same link (see docs/measuring.md).\n",
         r.scenarios.len(),
         ok,
-        r.scenarios.len() - ok,
+        r.scenarios.len() - ok - skipped,
+        if skipped > 0 {
+            format!(", {skipped} not run on this host")
+        } else {
+            String::new()
+        },
         if r.quick { ", quick subset" } else { "" }
     );
 
@@ -1038,6 +1049,23 @@ pub fn render_markdown(r: &Results, plots: &[(String, String)]) -> String {
                 "- `{}`: {}",
                 s.name,
                 s.error.as_deref().unwrap_or("no error recorded")
+            );
+        }
+    }
+
+    let not_run: Vec<&ScenarioResult> = r
+        .scenarios
+        .iter()
+        .filter(|s| s.status == Status::Skipped)
+        .collect();
+    if !not_run.is_empty() {
+        let _ = writeln!(md, "\n## Not run on this host\n");
+        for s in not_run {
+            let _ = writeln!(
+                md,
+                "- `{}`: {}",
+                s.name,
+                s.error.as_deref().unwrap_or("no reason recorded")
             );
         }
     }

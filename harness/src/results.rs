@@ -81,6 +81,8 @@ pub enum ResultsError {
 pub enum Status {
     Ok,
     Failed,
+    /// Not run: the host lacks what it needs (`error` says what).
+    Skipped,
 }
 
 /// One scenario's results. Absent measurements are `null`.
@@ -798,10 +800,12 @@ pub fn merge_dirs(inputs: &[PathBuf], out: &Path) -> Result<Results, ResultsErro
             .map(|(_, s)| s)
             .filter(|s| s.status == Status::Ok)
             .collect();
-        m.status = if ok.is_empty() {
-            Status::Failed
-        } else {
+        m.status = if !ok.is_empty() {
             Status::Ok
+        } else if runs.iter().all(|(_, s)| s.status == Status::Skipped) {
+            Status::Skipped
+        } else {
+            Status::Failed
         };
         let pick = |f: fn(&ScenarioResult) -> Option<f64>| median_of(ok.iter().map(|s| f(s)));
         m.blackout_ms = pick(|s| s.blackout_ms);

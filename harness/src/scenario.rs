@@ -854,14 +854,23 @@ pub fn run(
         cfg.out.join("raw").display()
     )))?;
     progress.phase("probing the host");
-    // Recorded, not required: a probe failure leaves `host_checks` empty.
-    let host_checks = match probe::host_checks(&cfg.vmm) {
-        Ok(c) => c,
+    // Recorded, not required: a probe failure leaves `host_checks` empty (and the VMM then
+    // says itself what it cannot do).
+    let host = match probe::host(&cfg.vmm) {
+        Ok(h) => h,
         Err(e) => {
             tracing::warn!("{e}");
             Default::default()
         }
     };
+    let host_checks = host.checks;
+    let gmem_scenarios = scenarios
+        .iter()
+        .filter(|s| s.backing == Backing::GuestMemfd)
+        .count();
+    if let (Some(why), true) = (&host.no_guest_memfd, gmem_scenarios > 0) {
+        tracing::warn!("SKIPPING {gmem_scenarios} guest_memfd scenario(s): {why}");
+    }
     let secret = SecretFile::create(
         std::env::temp_dir().join(format!("harness-{}.secret", std::process::id())),
     )?;
@@ -935,7 +944,15 @@ pub fn run(
                 .sweep_of
                 .as_ref()
                 .and_then(|_| crate::sweep::check_fits(s).err());
-            let outcome = if let Some(why) = unfit {
+            let no_gmem = host
+                .no_guest_memfd
+                .as_ref()
+                .filter(|_| s.backing == Backing::GuestMemfd);
+            let outcome = if let Some(why) = no_gmem {
+                r.status = Status::Skipped;
+                r.error = Some(format!("not run: {why}"));
+                Ok(())
+            } else if let Some(why) = unfit {
                 tracing::warn!("SKIPPING {}: {why}", s.name);
                 Err(RunError::Scenario(format!("not run: {why}")))
             } else {

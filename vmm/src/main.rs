@@ -499,6 +499,9 @@ fn serial_target(s: &str) -> SerialTarget {
 }
 
 fn cmd_receive(a: ReceiveArgs) -> Result<i32> {
+    if a.backing == Backing::GuestMemfd {
+        vmm::memory::guest_memfd::check_host().context("--backing guest-memfd")?;
+    }
     init_seccomp(&a.vm_process.seccomp)?;
     let listen = a
         .listen

@@ -699,6 +699,9 @@ fn a_received_vm_migrates_on_a_to_b_to_c_to_d_ending_on_hugetlb_1g() {
 /// B's dirty log), the guest verifying its memory all the way.
 #[test]
 fn a_vm_received_on_guest_memfd_migrates_on_by_hybrid() {
+    if !guest_memfd_or_refusal() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let sock_a = dir.path().join("a.sock");
     let args = workload_source_args("shmem", "256M", 1, 0, &sock_a);

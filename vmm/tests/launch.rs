@@ -47,6 +47,9 @@ fn workload_on_shmem_1_and_2_vcpus() {
 
 #[test]
 fn workload_on_guest_memfd_1_and_2_vcpus() {
+    if !guest_memfd_or_refusal() {
+        return;
+    }
     workload_runs("guest-memfd", "256M", 1);
     workload_runs("guest-memfd", "256M", 2);
 }

@@ -491,6 +491,9 @@ fn postcopy_shmem_to_hugetlb_1g_at_huge_granularity() {
 
 #[test]
 fn postcopy_shmem_to_guest_memfd() {
+    if !guest_memfd_or_refusal() {
+        return;
+    }
     let m = migrate_workload(&Case::new("shmem", "guest-memfd", "postcopy", "4k"));
     assert_postcopy(&m);
     // Every 2 MiB unit was mapped to the guest_memfd by a freeze: no memslot swap, no pause.

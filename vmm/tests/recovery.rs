@@ -733,6 +733,9 @@ fn hybrid_reset_in_the_postcopy_push() {
 
 #[test]
 fn shmem_to_guest_memfd_reset_mid_push() {
+    if !guest_memfd_or_refusal() {
+        return;
+    }
     let mut rig = Rig::start("shmem", "guest-memfd", "4k", PASSES, &[]);
     rig.relay.reset_after_bytes(STREAM_BYTES / 2);
     let mig = rig.migrate("postcopy", &[]);

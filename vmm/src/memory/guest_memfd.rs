@@ -29,9 +29,33 @@ pub fn flag_names(flags: u64) -> Vec<String> {
         .collect()
 }
 
+/// Whether this host's KVM can give a VM mappable guest_memfds: opens `/dev/kvm` and a VM,
+/// so a destination refuses `--backing guest-memfd` before it listens, not after a source
+/// has started sending.
+pub fn check_host() -> Result<(), MemoryError> {
+    let vm = kvm_ioctls::Kvm::new()
+        .and_then(|kvm| kvm.create_vm())
+        .map_err(MemoryError::HostKvm)?;
+    if !vm.check_extension(kvm_ioctls::Cap::GuestMemfd) {
+        return Err(MemoryError::GuestMemfdUnsupported);
+    }
+    let supported =
+        u64::try_from(vm.check_extension_raw(u64::from(KVM_CAP_GUEST_MEMFD_FLAGS))).unwrap_or(0);
+    if supported & GUEST_MEMFD_FLAGS != GUEST_MEMFD_FLAGS {
+        return Err(MemoryError::GuestMemfdFlagsUnsupported {
+            wanted: GUEST_MEMFD_FLAGS,
+            supported,
+        });
+    }
+    Ok(())
+}
+
 /// Creates a guest_memfd of `size` bytes on `vm` with [`GUEST_MEMFD_FLAGS`], after checking that
-/// the VM supports those flags.
+/// the VM has guest_memfd at all and supports those flags.
 pub fn create(vm: &VmFd, size: u64) -> Result<OwnedFd, MemoryError> {
+    if !vm.check_extension(kvm_ioctls::Cap::GuestMemfd) {
+        return Err(MemoryError::GuestMemfdUnsupported);
+    }
     let supported = vm.check_extension_raw(u64::from(KVM_CAP_GUEST_MEMFD_FLAGS));
     let supported = u64::try_from(supported).unwrap_or(0);
     if supported & GUEST_MEMFD_FLAGS != GUEST_MEMFD_FLAGS {

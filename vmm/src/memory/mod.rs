@@ -97,6 +97,13 @@ pub enum MemoryError {
         source: io::Error,
     },
     #[error(
+        "this host's KVM has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0): use another backing \
+         (anon, shmem, hugetlb-2m or hugetlb-1g); `vmm probe` shows what this host offers"
+    )]
+    GuestMemfdUnsupported,
+    #[error("cannot open /dev/kvm and a VM to check for guest_memfd: {0}")]
+    HostKvm(#[source] kvm_ioctls::Error),
+    #[error(
         "this KVM cannot create guest_memfds with flags {wanted:#x} (MMAP|INIT_SHARED): \
          KVM_CAP_GUEST_MEMFD_FLAGS is {supported:#x}"
     )]

@@ -550,3 +550,36 @@ pub fn start_receive(
     });
     dst
 }
+
+/// Whether this host can run guest_memfd guest RAM. Where its KVM lacks guest_memfd (some hosts
+/// of this kind have none), a test of guest_memfd RAM checks instead what a user there gets:
+/// `vmm run --backing guest-memfd` and `vmm receive --backing guest-memfd` both exit 1 at once,
+/// the second before it listens, each saying that the host's KVM has no guest_memfd. Returns
+/// false after those checks; the caller then ends.
+pub fn guest_memfd_or_refusal() -> bool {
+    let why = match vmm::memory::guest_memfd::check_host() {
+        Ok(()) => return true,
+        Err(e) => e.to_string(),
+    };
+    eprintln!("this host cannot run guest_memfd guest RAM ({why}): checking the refusal instead");
+    let run = workload_run_args("guest-memfd", "256M", 1, "passes=1");
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let receive = ["receive", "--listen", &listen, "--backing", "guest-memfd"];
+    for args in [&run[..], &receive[..]] {
+        let out = run_vmm(args, BOOT_LIMIT);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "vmm {} on a host without guest_memfd: {err}",
+            args[0]
+        );
+        assert!(
+            err.contains(&why) && err.lines().count() == 1,
+            "vmm {} should say in one line why guest_memfd cannot run ({why}): {err}",
+            args[0]
+        );
+    }
+    false
+}
