@@ -47,6 +47,8 @@ pub struct Proc {
     status: Option<ExitStatus>,
     lines: Arc<Mutex<Vec<Line>>>,
     reader: Option<JoinHandle<()>>,
+    /// Where its stderr goes.
+    err_path: PathBuf,
 }
 
 /// Renders a command for messages.
@@ -109,7 +111,17 @@ impl Proc {
             status: None,
             lines,
             reader,
+            err_path,
         })
+    }
+
+    /// The last non-empty line it wrote to stderr so far (for a VMM that stopped: its error).
+    pub fn last_stderr_line(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.err_path).ok()?;
+        text.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_string())
     }
 
     /// The process id.

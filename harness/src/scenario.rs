@@ -1394,6 +1394,15 @@ pub(crate) fn source_first_pass(
     r: &mut ScenarioResult,
 ) -> Result<(), RunError> {
     if !src.wait_for_lines(|l| l.contains("WORKLOAD pass"), 1, cfg.phase_timeout)? {
+        if let Some(status) = src.try_wait()? {
+            return Err(RunError::Scenario(format!(
+                "the source VMM exited ({status}) before its guest finished a pass: {} (see \
+                 raw/{}.src.err)",
+                src.last_stderr_line()
+                    .unwrap_or_else(|| "it printed no error".to_string()),
+                s.name
+            )));
+        }
         return Err(RunError::Scenario(format!(
             "the source guest finished no pass within {:?} (see raw/{}.src.out/.err)",
             cfg.phase_timeout, s.name

@@ -122,8 +122,12 @@ fn run_scenario(scenario: &str, out: &Path) -> serde_json::Value {
 
 /// Runs `harness run --quick --scenario A --scenario B ...` into `out`; returns results.json.
 fn run_scenarios(scenarios: &[&str], out: &Path) -> serde_json::Value {
+    run_scenarios_with(scenarios, &workload_guest(), out)
+}
+
+/// [`run_scenarios`] with another guest kernel.
+fn run_scenarios_with(scenarios: &[&str], kernel: &Path, out: &Path) -> serde_json::Value {
     let vmm = vmm_binary();
-    let kernel = workload_guest();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
     cmd.args(["run", "--quick", "--phase-timeout", "40"]);
     for s in scenarios {
@@ -133,7 +137,7 @@ fn run_scenarios(scenarios: &[&str], out: &Path) -> serde_json::Value {
         .arg("--vmm")
         .arg(&vmm)
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--out")
         .arg(out)
         .status()
@@ -395,6 +399,25 @@ fn quick_scenario_writes_every_field() {
     let plots = std::fs::read_dir(out.path().join("plots")).unwrap().count();
     assert!(plots >= 2, "{plots} plots");
     assert!(Path::new(&out.path().join("raw")).is_dir());
+}
+
+#[test]
+fn a_source_that_cannot_boot_fails_its_scenario_with_the_vmm_error() {
+    let out = tempfile::tempdir().unwrap();
+    let kernel = out.path().join("not-a-kernel");
+    std::fs::write(&kernel, b"short").unwrap();
+    let scenario = "shmem-4k-staged-random-loopback";
+    let res = run_scenarios_with(&[scenario], &kernel, out.path());
+    let s = &res["scenarios"][0];
+    assert_eq!(s["status"], "failed", "{s}");
+    let error = s["error"].as_str().unwrap_or_default();
+    // The VMM's own error, not a wait that timed out.
+    assert!(
+        error
+            .starts_with("the source VMM exited (exit status: 1) before its guest finished a pass")
+            && error.contains("not-a-kernel is neither an ELF"),
+        "{error}"
+    );
 }
 
 #[test]
