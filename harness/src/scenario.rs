@@ -276,6 +276,9 @@ pub struct Scenario {
     /// The scenario a sweep point was expanded from (its name without the point's suffix);
     /// `None` for an ordinary scenario. See [`crate::sweep`].
     pub sweep_of: Option<String>,
+    /// Both VMMs run with `--migration-cpus` (the host's last CPU): bulk threads there, the
+    /// vCPUs and the fault path on the others. Name suffix `-pinned`.
+    pub pinned: bool,
 }
 
 impl Scenario {
@@ -302,7 +305,16 @@ impl Scenario {
             vcpus: None,
             passes: None,
             sweep_of: None,
+            pinned: false,
         }
+    }
+
+    /// The same scenario with the migration's bulk threads on a CPU of their own
+    /// (`--migration-cpus`).
+    pub fn pinned(mut self) -> Self {
+        self.pinned = true;
+        self.name.push_str("-pinned");
+        self
     }
 
     /// The vCPUs this scenario runs with under `cfg` (its own, else `--vcpus`).
@@ -347,6 +359,7 @@ pub fn all() -> Vec<Scenario> {
     }
     v.extend(recovery_scenarios());
     v.extend(tls_scenarios(1024));
+    v.extend(pinned_scenarios([1024; 3]));
     let twins = peer_twins(&v);
     v.extend(twins);
     v
@@ -445,7 +458,49 @@ pub fn quick() -> Vec<Scenario> {
     .into_iter()
     .chain(recovery_scenarios())
     .chain(tls_scenarios(256))
+    .chain(pinned_scenarios([256, 256, 1024]))
     .collect()
+}
+
+/// The 4k-staged loopback scenarios on shmem and hugetlb again, with the migration's bulk
+/// threads on a CPU of their own (`--migration-cpus`): beside the unpinned ones, what pinning
+/// gains on the fault path and costs the background transfer. `mib`: the guest RAM of each
+/// (shmem, hugetlb-2m, hugetlb-1g), as their unpinned twins have it.
+fn pinned_scenarios(mib: [u64; 3]) -> Vec<Scenario> {
+    use Backing::*;
+    [Shmem, Hugetlb2m, Hugetlb1g]
+        .into_iter()
+        .zip(mib)
+        .map(|(b, mib)| {
+            Scenario::new(
+                b,
+                Strategy::FourKStaged,
+                Pattern::Random,
+                Link::loopback(),
+                mib,
+            )
+            .pinned()
+        })
+        .collect()
+}
+
+/// The `--migration-cpus` list of a pinned scenario: the last CPU this process may run on,
+/// if that leaves one CPU per vCPU for the vCPUs and the fault path.
+pub fn pinned_cpu_list(vcpus: u32) -> Result<String, String> {
+    let allowed = migration::cpu_placement::CpuList::allowed().map_err(|e| e.to_string())?;
+    let last = allowed.to_string();
+    let last = last
+        .rsplit([',', '-'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if allowed.len() <= vcpus as usize {
+        return Err(format!(
+            "a CPU of its own for the bulk threads needs more CPUs than the {vcpus} vCPU(s) \
+             (this process may run on {allowed})"
+        ));
+    }
+    Ok(last)
 }
 
 /// Drives a [`LinkFault::BlackholeOnce`]: a thread that waits until enough bytes crossed the
@@ -948,7 +1003,13 @@ pub fn run(
                 .no_guest_memfd
                 .as_ref()
                 .filter(|_| s.backing == Backing::GuestMemfd);
-            let outcome = if let Some(why) = no_gmem {
+            let no_cpu = if s.pinned {
+                pinned_cpu_list(scfg.vcpus).err()
+            } else {
+                None
+            };
+            let outcome = if let Some(why) = no_gmem.cloned().or(no_cpu) {
+                tracing::warn!("SKIPPING {}: {why}", s.name);
                 r.status = Status::Skipped;
                 r.error = Some(format!("not run: {why}"));
                 Ok(())
@@ -1146,6 +1207,14 @@ fn run_one(
         .args(["--granularity", s.strategy.granularity_name()])
         .arg("--stats-json")
         .arg(&stats_path);
+    let pinned = if s.pinned {
+        Some(pinned_cpu_list(cfg.vcpus).map_err(RunError::Scenario)?)
+    } else {
+        None
+    };
+    if let Some(list) = &pinned {
+        dcmd.args(["--migration-cpus", list]);
+    }
     // `vmm` refuses non-loopback addresses without TLS; the netns link is the harness's own:
     // plaintext with a secret, allowed explicitly (with TLS: the secret on top of it).
     if env.link.netns {
@@ -1229,6 +1298,9 @@ fn run_one(
         .args(["--cmdline", &cmdline])
         .arg("--api-socket")
         .arg(&sock);
+    if let Some(list) = &pinned {
+        scmd.args(["--migration-cpus", list]);
+    }
     progress.phase(&format!(
         "starting the source guest ({} MiB, {} vCPU(s); its first pass writes all of it)",
         s.memory_mib, cfg.vcpus
@@ -1674,8 +1746,22 @@ mod tests {
     #[test]
     fn lists_have_unique_names_and_quick_is_a_useful_subset() {
         let all = all();
-        // Ours, native, recovery, TLS, then a QEMU twin of each plain shmem/hugetlb scenario.
-        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 2 + 3 * 3 * 4);
+        // Ours, native, recovery, TLS, pinned, then a QEMU twin of each plain shmem/hugetlb
+        // scenario (a pinned one shares its unpinned twin's).
+        assert_eq!(all.len(), 4 * 2 * 3 * 4 + 3 * 3 + 2 + 2 + 3 + 3 * 3 * 4);
+        // Each pinned scenario beside its unpinned twin of the same size, in both lists.
+        for list in [all.clone(), quick()] {
+            let pinned: Vec<_> = list.iter().filter(|s| s.pinned).collect();
+            assert_eq!(pinned.len(), 3);
+            for p in pinned {
+                let plain = p.name.strip_suffix("-pinned").unwrap();
+                let twin = list.iter().find(|s| s.name == plain);
+                assert!(
+                    twin.is_some_and(|t| t.memory_mib == p.memory_mib && !t.pinned),
+                    "{plain}"
+                );
+            }
+        }
         let qemu: Vec<_> = all
             .iter()
             .filter(|s| s.strategy == Strategy::Qemu)

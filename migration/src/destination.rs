@@ -41,6 +41,11 @@ pub trait DestinationVm {
     ) -> Result<Arc<dyn PostcopySink>, HookError>;
     /// Start the vCPUs.
     fn start(&self) -> Result<(), HookError>;
+    /// Thread ids of the vCPU threads (created by now), for their CPU placement while postcopy
+    /// runs ([`crate::cpu_placement`]); the default: none.
+    fn vcpu_tids(&self) -> Vec<i32> {
+        Vec::new()
+    }
 }
 
 /// What the postcopy engine did, reported back to the source in Done.
@@ -367,6 +372,8 @@ struct Postcopy {
     /// The bulk receive loop (this thread) in the Bulk role while postcopy runs (today the
     /// default priority: the urgent threads are the ones raised; see `thread_priority`).
     _bulk_priority: Option<PriorityGuard>,
+    /// The vCPU threads beside the fault path while postcopy runs, under a CPU placement.
+    _vcpus_placed: crate::cpu_placement::PlacedThreads,
 }
 
 impl Postcopy {
@@ -846,6 +853,7 @@ impl Receiver<'_> {
             sink,
             client,
             _bulk_priority: Some(thread_priority::enter(ThreadRole::Bulk)),
+            _vcpus_placed: crate::cpu_placement::place_threads(&vm.vcpu_tids(), ThreadRole::Vcpu),
         });
         vm.load_state(self.take_state()?)
             .map_err(vm_err("loading device and vCPU state"))?;

@@ -4,6 +4,7 @@
 //! (the postcopy engine's modules and the fault path).
 
 pub mod auth;
+pub mod cpu_placement;
 pub mod destination;
 pub mod latency;
 pub mod live_stats;

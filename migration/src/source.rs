@@ -1448,6 +1448,8 @@ impl Handover<'_> {
     /// The bulk push of every page the destination does not hold, from a cursor that jumps to
     /// the page after the latest fault.
     fn push(&self, main: &SharedWriter, push: &PushState) -> Result<(), SourceError> {
+        // Bulk work: under a CPU placement, on the bulk CPUs for as long as the push runs.
+        let _bulk = thread_priority::enter(ThreadRole::Bulk);
         let (ram, counters) = (self.ram, self.counters);
         let total = ram.layout.total_pages();
         let push_start = Instant::now();

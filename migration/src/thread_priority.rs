@@ -26,6 +26,9 @@ pub enum ThreadRole {
     /// every vCPU) waits for: real-time (SCHED_FIFO, priority 1) so nothing preempts it. Needs
     /// CAP_SYS_NICE; without it the thread keeps its priority.
     Freeze,
+    /// A vCPU thread: its priority is left alone; with a CPU placement
+    /// ([`crate::cpu_placement`]) it runs beside the urgent threads while postcopy runs.
+    Vcpu,
 }
 
 impl ThreadRole {
@@ -36,7 +39,7 @@ impl ThreadRole {
             // +10 was tried: on two cores it starved the background transfer behind the
             // spinning vCPUs (postcopy ran longer, so more faults went remote) without a
             // latency gain that stood out of the noise. Bulk keeps the default.
-            ThreadRole::Bulk | ThreadRole::Freeze => 0,
+            ThreadRole::Bulk | ThreadRole::Freeze | ThreadRole::Vcpu => 0,
         }
     }
 
@@ -44,7 +47,7 @@ impl ThreadRole {
     pub fn slice(self) -> Option<Duration> {
         match self {
             ThreadRole::Urgent => Some(Duration::from_micros(100)),
-            ThreadRole::Bulk | ThreadRole::Freeze => None,
+            ThreadRole::Bulk | ThreadRole::Freeze | ThreadRole::Vcpu => None,
         }
     }
 }
@@ -141,6 +144,8 @@ fn set_realtime() -> Result<libc::sched_attr, PriorityError> {
 #[must_use = "dropping the guard restores the previous priority at once"]
 pub struct PriorityGuard {
     previous: Option<libc::sched_attr>,
+    /// The thread's CPU affinity before its role's placement (None: not placed).
+    previous_cpus: Option<nix::sched::CpuSet>,
     /// Dropping on another thread would change that thread: a guard stays on its thread.
     _not_send: std::marker::PhantomData<*const ()>,
 }
@@ -154,6 +159,9 @@ impl PriorityGuard {
 
 impl Drop for PriorityGuard {
     fn drop(&mut self) {
+        if let Some(cpus) = self.previous_cpus.take() {
+            crate::cpu_placement::restore_thread(current_tid(), &cpus);
+        }
         let Some(mut previous) = self.previous.take() else {
             return;
         };
@@ -171,8 +179,30 @@ impl Drop for PriorityGuard {
 
 /// Give the calling thread `role`'s priority, best effort: without the privilege for a negative
 /// nice value the thread keeps its nice value and gets the rest; any other failure is logged and
-/// leaves the thread as it was. The priority lasts until the guard is dropped.
+/// leaves the thread as it was. Under a CPU placement ([`crate::cpu_placement`]) the thread
+/// also moves to its role's CPUs. Both last until the guard is dropped.
 pub fn enter(role: ThreadRole) -> PriorityGuard {
+    let previous_cpus = crate::cpu_placement::current()
+        .and_then(|p| p.cpus_of(role))
+        .and_then(
+            |cpus| match crate::cpu_placement::set_thread(current_tid(), cpus) {
+                Ok(before) => {
+                    tracing::debug!(target: "migration::cpu_placement", "{role:?} thread on CPUs {cpus}");
+                    Some(before)
+                }
+                Err(e) => {
+                    tracing::warn!("cannot place the {role:?} thread on CPUs {cpus}: {e}");
+                    None
+                }
+            },
+        );
+    if role == ThreadRole::Vcpu {
+        return PriorityGuard {
+            previous: None,
+            previous_cpus,
+            _not_send: std::marker::PhantomData,
+        };
+    }
     let slice = role.slice();
     let result = match role {
         ThreadRole::Freeze => set_realtime(),
@@ -199,6 +229,7 @@ pub fn enter(role: ThreadRole) -> PriorityGuard {
     };
     PriorityGuard {
         previous,
+        previous_cpus,
         _not_send: std::marker::PhantomData,
     }
 }

@@ -197,6 +197,40 @@ fn bad_sizes_and_backings_are_refused_by_the_command_line() {
 }
 
 #[test]
+fn a_bad_migration_cpu_list_is_refused_before_the_vm_starts() {
+    let kernel = image("workload.elf");
+    let allowed = migration::cpu_placement::CpuList::allowed().unwrap();
+    let cases = [
+        (
+            "x".to_string(),
+            "--migration-cpus x: \"x\" is not a CPU number (expected a CPU list such as"
+                .to_string(),
+        ),
+        (
+            "3-1".to_string(),
+            "range \"3-1\" runs backwards".to_string(),
+        ),
+        (
+            allowed.to_string(),
+            format!(
+                "--migration-cpus {allowed}: it leaves no CPU for the vCPUs and the fault path \
+                 (this process may run on {allowed}; name fewer)"
+            ),
+        ),
+        (
+            "1000".to_string(),
+            "--migration-cpus 1000: CPU 1000 is not one this process may run on".to_string(),
+        ),
+    ];
+    for (list, want) in cases {
+        let (code, err) = run_fails(&kernel, "64M", &["--migration-cpus", &list]);
+        assert_eq!(code, Some(1), "{list}: {err}");
+        assert!(err.contains(&want), "{list}: wanted {want:?} in {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
 fn dev_kvm_not_accessible_is_explained() {
     // Drop to an unprivileged user: /dev/kvm is root-only here.
     let kernel = image("workload.elf");

@@ -32,6 +32,8 @@ struct Case {
     /// Passes of the workload: enough that it still runs on the source when the migration
     /// ends, and ends a few seconds later on the destination.
     passes: u32,
+    /// More arguments to both `vmm run` (source) and `vmm receive`.
+    extra: Vec<String>,
 }
 
 impl Case {
@@ -50,6 +52,7 @@ impl Case {
             memory: "256M",
             vcpus: 1,
             passes: 600,
+            extra: Vec::new(),
         }
     }
 }
@@ -64,6 +67,8 @@ struct Migrated {
     maps: DestinationMaps,
     /// The destination's stderr (its log) once it exited.
     dst_stderr: String,
+    /// The source's stderr (its log) once it exited.
+    src_stderr: String,
 }
 
 /// Starts the source VM and waits until its API socket is up and the guest finished a pass.
@@ -188,13 +193,17 @@ fn migrate_workload(case: &Case) -> Migrated {
     let sock = dir.path().join("api.sock");
     let stats_path = dir.path().join("destination.json");
     let port = free_port();
-    let mut dst = start_destination(
-        case.dst,
-        case.granularity,
-        port,
-        &["--stats-json", stats_path.to_str().unwrap()],
+    let mut dst_args = vec!["--stats-json", stats_path.to_str().unwrap()];
+    dst_args.extend(case.extra.iter().map(String::as_str));
+    let mut dst = start_destination(case.dst, case.granularity, port, &dst_args);
+    let mut src = start_workload_source_with(
+        case.src,
+        case.memory,
+        case.vcpus,
+        case.passes,
+        &sock,
+        &case.extra,
     );
-    let mut src = start_source(case.src, case.memory, case.vcpus, case.passes, &sock);
 
     let run = run_migrate(
         &sock,
@@ -284,6 +293,7 @@ fn migrate_workload(case: &Case) -> Migrated {
         stats,
         maps,
         dst_stderr: dst.stderr(),
+        src_stderr: src.stderr(),
     }
 }
 
@@ -487,6 +497,74 @@ fn postcopy_shmem_to_hugetlb_1g_at_huge_granularity() {
     });
     assert_postcopy(&m);
     assert_huge_mapped(&m, 1024 * MIB);
+}
+
+/// `--migration-cpus` on both sides: while postcopy runs, the push, the bulk receive and the
+/// collapse thread on the host's last CPU, the vCPU and the fault path (fault workers, urgent
+/// reader and page server) on the others, each placement logged; the guest verifies its memory
+/// on the destination as in any postcopy.
+#[test]
+fn postcopy_with_the_bulk_threads_on_a_cpu_of_their_own() {
+    let allowed = migration::cpu_placement::CpuList::allowed().unwrap();
+    let all = allowed.to_string();
+    let last = all.rsplit([',', '-']).next().unwrap().to_string();
+    if allowed.len() < 2 {
+        // Nothing would be left for the vCPUs: refused before the VM starts.
+        let out = run_vmm(
+            &["run", "--kernel", "x", "--migration-cpus", &last],
+            BOOT_LIMIT,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "--migration-cpus {last}: it leaves no CPU for the vCPUs"
+            )),
+            "{err}"
+        );
+        return;
+    }
+    let rest = migration::cpu_placement::Placement::new(&last, &allowed)
+        .unwrap()
+        .rest
+        .to_string();
+    let mut case = Case::new("shmem", "hugetlb-2m", "postcopy", "4k");
+    case.extra = [
+        "--migration-cpus",
+        &last,
+        "--log-level",
+        "info,migration::cpu_placement=debug",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _pool = reserve_hugepages(vmm::memory::PAGE_SIZE_2M, 128).unwrap();
+    let m = migrate_workload(&case);
+    assert_postcopy(&m);
+    for (side, log, lines) in [
+        (
+            "destination",
+            &m.dst_stderr,
+            vec![
+                format!("1 Vcpu thread(s) on CPUs {rest}"),
+                format!("Bulk thread on CPUs {last}"),
+                format!("Urgent thread on CPUs {rest}"),
+            ],
+        ),
+        (
+            "source",
+            &m.src_stderr,
+            vec![
+                format!("Bulk thread on CPUs {last}"),
+                format!("Urgent thread on CPUs {rest}"),
+            ],
+        ),
+    ] {
+        for line in lines {
+            assert!(
+                log.contains(&line),
+                "the {side} did not log {line:?}:\n{log}"
+            );
+        }
+    }
 }
 
 #[test]

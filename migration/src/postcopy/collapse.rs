@@ -75,6 +75,8 @@ const DONTNEED_ABOVE: u64 = 2 << 20;
 /// says [`super::strategy::RegionPlan::collapse_after_last_page`] wait in `deferred` until
 /// every page arrived.
 pub(crate) fn run(shared: &Collapser, rx: mpsc::Receiver<CollapseJob>) {
+    // Background work: under a CPU placement, beside the bulk receive, off the vCPUs' CPUs.
+    let _bulk = crate::thread_priority::enter(crate::thread_priority::ThreadRole::Bulk);
     let mut deferred: Vec<CollapseJob> = Vec::new();
     loop {
         let first = if deferred.is_empty() {

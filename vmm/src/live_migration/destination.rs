@@ -306,6 +306,10 @@ impl DestinationVm for DestSide {
         Ok(sink)
     }
 
+    fn vcpu_tids(&self) -> Vec<i32> {
+        self.vm.vcpu_tids()
+    }
+
     fn start(&self) -> Result<(), HookError> {
         let postcopy = self.engine.lock().map(|e| e.is_some()).unwrap_or(false);
         if !postcopy {

@@ -369,6 +369,8 @@ const CHANNEL_IO: &[(i64, &str)] = &[
     (libc::SYS_fallocate, "fallocate"),
     (libc::SYS_sched_getattr, "sched_getattr"),
     (libc::SYS_sched_setattr, "sched_setattr"),
+    // A thread's role placement (`migration::cpu_placement`, `--migration-cpus`).
+    (libc::SYS_sched_setaffinity, "sched_setaffinity"),
     (libc::SYS_setpriority, "setpriority"),
     (libc::SYS_getpriority, "getpriority"),
     (libc::SYS_sched_setscheduler, "sched_setscheduler"),
@@ -446,7 +448,6 @@ const PROCESS: &[(i64, &str)] = &[
     (libc::SYS_getegid, "getegid"),
     (libc::SYS_uname, "uname"),
     (libc::SYS_prlimit64, "prlimit64"),
-    (libc::SYS_sched_setaffinity, "sched_setaffinity"),
     (libc::SYS_clock_getres, "clock_getres"),
     (libc::SYS_gettimeofday, "gettimeofday"),
 ];
