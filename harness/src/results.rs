@@ -332,6 +332,9 @@ pub struct ScenarioResult {
     /// (`memory_mib` and `vcpus` say which point); absent otherwise.
     #[serde(default)]
     pub sweep_of: Option<String>,
+    /// The `--migration-cpus` both VMMs ran with (a `-pinned` scenario); absent otherwise.
+    #[serde(default)]
+    pub migration_cpus: Option<String>,
     /// The destination VMM's peak anonymous memory (`RssAnon` of `/proc/PID/status`, sampled
     /// every 50 ms from its start to its exit), MiB: what it allocates for itself; guest RAM
     /// is never anonymous.
@@ -608,6 +611,7 @@ impl ScenarioResult {
             fault_tail: None,
             memory_mib: None,
             sweep_of: None,
+            migration_cpus: None,
             dst_rss_anon_peak_mib: None,
             dst_pte_peak_mib: None,
             dst_extra_mib: None,

@@ -1215,6 +1215,7 @@ fn run_one(
     if let Some(list) = &pinned {
         dcmd.args(["--migration-cpus", list]);
     }
+    r.migration_cpus = pinned.clone();
     // `vmm` refuses non-loopback addresses without TLS; the netns link is the harness's own:
     // plaintext with a secret, allowed explicitly (with TLS: the secret on top of it).
     if env.link.netns {

@@ -147,6 +147,35 @@ fn run_scenarios_with(scenarios: &[&str], kernel: &Path, out: &Path) -> serde_js
     serde_json::from_str(&text).unwrap()
 }
 
+/// A pinned scenario ran both VMMs with `--migration-cpus` (the host's last CPU, where it has
+/// two or more), each of which said where its threads go, and measured its faults.
+fn check_pinned(res: &serde_json::Value, name: &str, out: &Path) {
+    let s = res["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing from results.json"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        assert_eq!(s["status"], "skipped", "{s}");
+        return;
+    }
+    assert_scenario_ok(s, out);
+    let list = s["migration_cpus"].as_str().expect("migration_cpus");
+    assert!(list.parse::<usize>().is_ok(), "migration_cpus {list:?}");
+    for side in ["src", "dst"] {
+        let log = std::fs::read_to_string(out.join(format!("raw/{name}.{side}.err"))).unwrap();
+        assert!(
+            log.contains(&format!(
+                "migrations keep bulk threads on CPUs {list}, vCPUs and the fault path on"
+            )),
+            "{side} log of {name}:\n{log}"
+        );
+    }
+    assert!(number(&s["fault_us"]["count"], "fault_us.count") > 0.0);
+}
+
 /// A scenario the host cannot run is in results.json as not run, with the reason, and the
 /// report lists it under its own heading; the run as a whole still succeeded.
 fn check_not_run(res: &serde_json::Value, name: &str, why: &str, out: &Path) {
@@ -221,16 +250,19 @@ fn quick_scenario_writes_every_field() {
         None => (gmem, "guest-memfd"),
         Some(_) => ("shmem-4k-staged-random-loopback", "shmem"),
     };
+    // Beside it, a pinned scenario (no huge pages either): both VMMs with `--migration-cpus`.
+    let pinned = "shmem-4k-staged-random-loopback-pinned";
     let res = match &no_gmem {
-        None => run_scenario(scenario, out.path()),
-        Some(_) => run_scenarios(&[scenario, gmem], out.path()),
+        None => run_scenarios(&[scenario, pinned], out.path()),
+        Some(_) => run_scenarios(&[scenario, pinned, gmem], out.path()),
     };
     let scenarios = res["scenarios"].as_array().unwrap();
     if let Some(why) = &no_gmem {
         check_not_run(&res, gmem, why, out.path());
     } else {
-        assert_eq!(scenarios.len(), 1);
+        assert_eq!(scenarios.len(), 2);
     }
+    check_pinned(&res, pinned, out.path());
     let s = scenarios
         .iter()
         .find(|s| s["name"] == scenario)
