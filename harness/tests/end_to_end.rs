@@ -147,15 +147,20 @@ fn run_scenarios_with(scenarios: &[&str], kernel: &Path, out: &Path) -> serde_js
     serde_json::from_str(&text).unwrap()
 }
 
-/// A pinned scenario ran both VMMs with `--migration-cpus` (the host's last CPU, where it has
-/// two or more), each of which said where its threads go, and measured its faults.
-fn check_pinned(res: &serde_json::Value, name: &str, out: &Path) {
-    let s = res["scenarios"]
+/// The scenario called `name` in results.json.
+fn scenario_named<'a>(res: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    res["scenarios"]
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("{name} missing from results.json"));
+        .unwrap_or_else(|| panic!("{name} missing from results.json"))
+}
+
+/// A pinned scenario ran both VMMs with `--migration-cpus` (the host's last CPU, where it has
+/// two or more), each of which said where its threads go, and measured its faults.
+fn check_pinned(res: &serde_json::Value, name: &str, out: &Path) {
+    let s = scenario_named(res, name);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
         assert_eq!(s["status"], "skipped", "{s}");
@@ -179,12 +184,7 @@ fn check_pinned(res: &serde_json::Value, name: &str, out: &Path) {
 /// A scenario the host cannot run is in results.json as not run, with the reason, and the
 /// report lists it under its own heading; the run as a whole still succeeded.
 fn check_not_run(res: &serde_json::Value, name: &str, why: &str, out: &Path) {
-    let s = res["scenarios"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("{name} missing from results.json"));
+    let s = scenario_named(res, name);
     assert_eq!(s["status"], "skipped", "{s}");
     let error = s["error"].as_str().unwrap_or_default();
     assert!(
@@ -263,10 +263,7 @@ fn quick_scenario_writes_every_field() {
         assert_eq!(scenarios.len(), 2);
     }
     check_pinned(&res, pinned, out.path());
-    let s = scenarios
-        .iter()
-        .find(|s| s["name"] == scenario)
-        .expect("the scenario's results");
+    let s = scenario_named(&res, scenario);
     assert_scenario_ok(s, out.path());
     assert_eq!(s["name"], scenario);
     assert_eq!(s["backing"], backing);

@@ -167,9 +167,9 @@ impl Placement {
     pub fn cpus_of(&self, role: ThreadRole) -> Option<&CpuList> {
         match role {
             ThreadRole::Bulk => Some(&self.bulk),
-            ThreadRole::Urgent | ThreadRole::Vcpu => Some(&self.rest),
-            // A collapse's final section stays wherever its (bulk) thread runs.
-            ThreadRole::Freeze => None,
+            // A collapse's freeze: the vCPUs that touch the unit wait for it, so it runs where
+            // they run (their CPUs are idle while they wait), not behind the bulk transfer.
+            ThreadRole::Urgent | ThreadRole::Vcpu | ThreadRole::Freeze => Some(&self.rest),
         }
     }
 }
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(p.cpus_of(ThreadRole::Urgent), Some(&list("0")));
         assert_eq!(p.cpus_of(ThreadRole::Vcpu), Some(&list("0")));
         assert_eq!(p.cpus_of(ThreadRole::Bulk), Some(&list("1")));
-        assert_eq!(p.cpus_of(ThreadRole::Freeze), None);
+        assert_eq!(p.cpus_of(ThreadRole::Freeze), Some(&list("0")));
         let e = Placement::new("0-1", &allowed).unwrap_err();
         assert_eq!(
             e.to_string(),
