@@ -1008,8 +1008,10 @@ pub fn run(
             } else {
                 None
             };
-            let outcome = if let Some(why) = no_gmem.cloned().or(no_cpu) {
+            if let Some(why) = &no_cpu {
                 tracing::warn!("SKIPPING {}: {why}", s.name);
+            }
+            let outcome = if let Some(why) = no_gmem.cloned().or(no_cpu) {
                 r.status = Status::Skipped;
                 r.error = Some(format!("not run: {why}"));
                 Ok(())

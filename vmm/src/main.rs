@@ -169,9 +169,10 @@ struct VmProcessArgs {
     #[arg(long, default_value = "on", value_parser = ["on", "log", "off"])]
     seccomp: String,
     /// While a migration runs, keep its bulk threads (the source's push; the destination's bulk
-    /// receive and collapse) on these CPUs, e.g. "1" or "2-3", and the vCPUs and the fault path
-    /// (fault service, urgent channel) on the others, so that a faulting vCPU never waits for a
-    /// CPU behind bulk copying. Bulk transfer then has only these CPUs. Default: no pinning.
+    /// receive and collapse) on these CPUs, e.g. "1" or "2-3", and the fault path (fault
+    /// service, urgent channel) and, during postcopy, the destination's vCPUs on the others, so
+    /// that a faulting vCPU does not wait for a CPU behind bulk copying. Bulk transfer then has
+    /// only these CPUs; LIST must leave at least one. Default: no pinning.
     #[arg(long, value_name = "LIST")]
     migration_cpus: Option<String>,
 }
