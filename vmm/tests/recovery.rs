@@ -641,8 +641,51 @@ fn reset_late_in_the_push_while_huge_pages_collapse() {
 
 #[test]
 fn five_resets_in_one_migration() {
+    five_resets(&[]);
+}
+
+/// The same with the destination's bulk threads on a CPU of their own (`--migration-cpus`):
+/// the placement lasts through every recovery (each new urgent channel's threads take the
+/// fault path's CPUs again) and the guest's memory arrives intact.
+#[test]
+fn five_resets_with_the_destination_bulk_threads_on_a_cpu_of_their_own() {
+    let allowed = migration::cpu_placement::CpuList::allowed().unwrap();
+    if allowed.len() < 2 {
+        eprintln!("one CPU: --migration-cpus would leave none (refusal: vmm::launch tests)");
+        return;
+    }
+    let all = allowed.to_string();
+    let last = all.rsplit([',', '-']).next().unwrap();
+    let rest = migration::cpu_placement::Placement::new(last, &allowed)
+        .unwrap()
+        .rest
+        .to_string();
+    let log = five_resets(&[
+        "--migration-cpus",
+        last,
+        "--log-level",
+        "info,migration::cpu_placement=debug",
+    ]);
+    let count = |line: &str| log.matches(line).count();
+    assert_eq!(
+        count(&format!("1 Vcpu thread(s) on CPUs {rest}")),
+        1,
+        "{log}"
+    );
+    // The bulk receive loop and the collapse thread.
+    assert!(count(&format!("Bulk thread on CPUs {last}")) >= 2, "{log}");
+    // At least the four fault workers.
+    assert!(
+        count(&format!("Urgent thread on CPUs {rest}")) >= 4,
+        "{log}"
+    );
+}
+
+/// Five resets in one postcopy migration; `dst_extra` goes to `vmm receive`. Returns the
+/// destination's log.
+fn five_resets(dst_extra: &[&str]) -> String {
     let _pages = reserve_hugepages(PAGE_SIZE_2M, 128).expect("reserve 128 x 2 MiB");
-    let mut rig = Rig::start("anon", "hugetlb-2m", "4k", PASSES, &[]);
+    let mut rig = Rig::start("anon", "hugetlb-2m", "4k", PASSES, dst_extra);
     // The first reset 8 MiB into the stream (after the State, in the push), each next one
     // 6 MiB after the previous fired: 38 MiB of the ~64 MiB stream.
     rig.relay.reset_after_bytes(8 * MIB);
@@ -658,6 +701,7 @@ fn five_resets_in_one_migration() {
     let (summary, stats) = rig.finish_recovered(mig, "postcopy", 5);
     assert_eq!(rig.relay.resets(), 5, "{summary}");
     assert_collapsed_2m(&stats);
+    rig.dst.stderr()
 }
 
 // ---- 3: a black-hole: nothing arrives, nothing is reset ----
