@@ -488,12 +488,7 @@ fn pinned_scenarios(mib: [u64; 3]) -> Vec<Scenario> {
 /// if that leaves one CPU per vCPU for the vCPUs and the fault path.
 pub fn pinned_cpu_list(vcpus: u32) -> Result<String, String> {
     let allowed = migration::cpu_placement::CpuList::allowed().map_err(|e| e.to_string())?;
-    let last = allowed.to_string();
-    let last = last
-        .rsplit([',', '-'])
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let last = allowed.last().map(|c| c.to_string()).unwrap_or_default();
     if allowed.len() <= vcpus as usize {
         return Err(format!(
             "a CPU of its own for the bulk threads needs more CPUs than the {vcpus} vCPU(s) \

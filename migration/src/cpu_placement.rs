@@ -90,6 +90,11 @@ impl CpuList {
         ))
     }
 
+    /// The highest-numbered CPU in it.
+    pub fn last(&self) -> Option<usize> {
+        self.0.last().copied()
+    }
+
     /// How many CPUs.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -248,6 +253,7 @@ mod tests {
         assert_eq!(list("1").to_string(), "1");
         assert_eq!(list("0-3").to_string(), "0-3");
         assert_eq!(list("3,1,2,7").to_string(), "1-3,7");
+        assert_eq!(list("3,1,2,7").last(), Some(7));
         assert_eq!(list(" 2 , 0 ").to_string(), "0,2");
         for bad in ["", "x", "1-", "3-1", "-1", "1,,2", "99999"] {
             let e = CpuList::parse(bad).unwrap_err();

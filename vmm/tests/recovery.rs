@@ -654,15 +654,14 @@ fn five_resets_with_the_destination_bulk_threads_on_a_cpu_of_their_own() {
         eprintln!("one CPU: --migration-cpus would leave none (refusal: vmm::launch tests)");
         return;
     }
-    let all = allowed.to_string();
-    let last = all.rsplit([',', '-']).next().unwrap();
-    let rest = migration::cpu_placement::Placement::new(last, &allowed)
+    let last = allowed.last().unwrap().to_string();
+    let rest = migration::cpu_placement::Placement::new(&last, &allowed)
         .unwrap()
         .rest
         .to_string();
     let log = five_resets(&[
         "--migration-cpus",
-        last,
+        &last,
         "--log-level",
         "info,migration::cpu_placement=debug",
     ]);
