@@ -488,10 +488,15 @@ fn stream_while(
     let buf = vec![0x3cu8; len];
     let t0 = Instant::now();
     let mut off = 0;
-    while go() {
+    // At least one chunk: a sender that got its CPU only after `go` turned false (a loaded
+    // host) would otherwise send nothing and report 0 Gbit/s as if measured.
+    loop {
         s.write_all(&buf[off..off + CHUNK])
             .map_err(net("bulk sending"))?;
         off = (off + CHUNK) % len;
+        if !go() {
+            break;
+        }
     }
     s.shutdown(std::net::Shutdown::Write)
         .map_err(net("half-closing"))?;
