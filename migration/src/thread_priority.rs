@@ -26,8 +26,8 @@ pub enum ThreadRole {
     /// every vCPU) waits for: real-time (SCHED_FIFO, priority 1) so nothing preempts it. Needs
     /// CAP_SYS_NICE; without it the thread keeps its priority.
     Freeze,
-    /// A vCPU thread: its priority is left alone; with a CPU placement
-    /// ([`crate::cpu_placement`]) it runs beside the urgent threads while postcopy runs.
+    /// A vCPU thread, placed from outside (`cpu_placement::place_threads`), never through
+    /// [`enter`]: with a CPU placement it runs beside the urgent threads while postcopy runs.
     Vcpu,
 }
 
@@ -196,13 +196,6 @@ pub fn enter(role: ThreadRole) -> PriorityGuard {
                 }
             },
         );
-    if role == ThreadRole::Vcpu {
-        return PriorityGuard {
-            previous: None,
-            previous_cpus,
-            _not_send: std::marker::PhantomData,
-        };
-    }
     let slice = role.slice();
     let result = match role {
         ThreadRole::Freeze => set_realtime(),

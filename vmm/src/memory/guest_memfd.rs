@@ -36,6 +36,11 @@ pub fn check_host() -> Result<(), MemoryError> {
     let vm = kvm_ioctls::Kvm::new()
         .and_then(|kvm| kvm.create_vm())
         .map_err(MemoryError::HostKvm)?;
+    check_vm(&vm)
+}
+
+/// Whether `vm` has guest_memfd at all and supports [`GUEST_MEMFD_FLAGS`].
+fn check_vm(vm: &VmFd) -> Result<(), MemoryError> {
     if !vm.check_extension(kvm_ioctls::Cap::GuestMemfd) {
         return Err(MemoryError::GuestMemfdUnsupported);
     }
@@ -53,17 +58,7 @@ pub fn check_host() -> Result<(), MemoryError> {
 /// Creates a guest_memfd of `size` bytes on `vm` with [`GUEST_MEMFD_FLAGS`], after checking that
 /// the VM has guest_memfd at all and supports those flags.
 pub fn create(vm: &VmFd, size: u64) -> Result<OwnedFd, MemoryError> {
-    if !vm.check_extension(kvm_ioctls::Cap::GuestMemfd) {
-        return Err(MemoryError::GuestMemfdUnsupported);
-    }
-    let supported = vm.check_extension_raw(u64::from(KVM_CAP_GUEST_MEMFD_FLAGS));
-    let supported = u64::try_from(supported).unwrap_or(0);
-    if supported & GUEST_MEMFD_FLAGS != GUEST_MEMFD_FLAGS {
-        return Err(MemoryError::GuestMemfdFlagsUnsupported {
-            wanted: GUEST_MEMFD_FLAGS,
-            supported,
-        });
-    }
+    check_vm(vm)?;
     let raw = vm
         .create_guest_memfd(kvm_create_guest_memfd {
             size,
